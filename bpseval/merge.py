@@ -1,0 +1,292 @@
+"""Merge the shards of one step into exact per-cell sufficient statistics.
+
+Shards are found under a run directory, one step is chosen, the ranks are checked for
+completeness and agreement, duplicate samples (DistributedSampler padding) are dropped by
+`sample_idx`, and every dataset is streamed in row chunks into `CellStats`, per rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bpseval.errors import BpsevalError
+from bpseval.shard import (
+    DatasetLayout,
+    RowChunk,
+    ShardHeader,
+    is_shard_name,
+    iter_rows,
+    read_header,
+    read_sample_idx,
+)
+from bpseval.stats import MIN_RATE, CellStats, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
+
+CHUNK_ELEMENTS = 1 << 20
+"""Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
+RHAT_COPY_RTOL = 4e-3
+"""Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
+
+
+@dataclass
+class MergedDataset:
+    """Statistics of one dataset after merging every rank's rows once."""
+
+    name: str
+    cell_ids: np.ndarray
+    rate_kind: str
+    per_rank: list[CellStats]
+    samples: int
+    duplicates_dropped: int
+
+    @property
+    def total(self) -> CellStats:
+        """The statistics of all ranks together: they add up exactly."""
+        total = CellStats.zeros(len(self.cell_ids))
+        for stats in self.per_rank:
+            total = total + stats
+        return total
+
+
+@dataclass
+class MergedRun:
+    """One step of a run, merged."""
+
+    run_dir: Path
+    step: int
+    world_size: int
+    files: list[Path]
+    datasets: list[MergedDataset]
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_shards(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every finished shard below `run_dir`, sorted; raises BpsevalError when there is none."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise BpsevalError(f"{root}: no such directory. Pass the run directory that holds the shards.")
+    paths = sorted(path for path in root.rglob("*.h5") if is_shard_name(path.name) and path.is_file())
+    if not paths:
+        raise BpsevalError(
+            f"{root}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
+            " during validation, or pass the run directory that holds them."
+        )
+    return paths
+
+
+def select_step(headers: list[ShardHeader], step: int | None, run_dir: Path) -> list[ShardHeader]:
+    """The shards of `step` (default: the latest), one per rank 0..W-1, in rank order."""
+    steps = sorted({header.step for header in headers})
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise BpsevalError(f"{run_dir}: no shard has step {step}; steps found: {', '.join(map(str, steps))}.")
+    chosen = [header for header in headers if header.step == step]
+    sizes = sorted({header.world_size for header in chosen})
+    if len(sizes) > 1:
+        listing = "; ".join(f"{h.path} says {h.world_size}" for h in chosen)
+        raise BpsevalError(
+            f"{run_dir}: step {step} mixes world sizes {sizes} ({listing}). Shards of one step must come"
+            " from one run; move stale shards away or pick another --step."
+        )
+    world_size = sizes[0]
+    by_rank: dict[int, ShardHeader] = {}
+    for header in chosen:
+        if header.rank in by_rank:
+            raise BpsevalError(
+                f"{run_dir}: rank {header.rank} of step {step} appears twice: {by_rank[header.rank].path} and"
+                f" {header.path}. Remove the stale copy."
+            )
+        by_rank[header.rank] = header
+    missing = [rank for rank in range(world_size) if rank not in by_rank]
+    if missing:
+        raise BpsevalError(
+            f"{run_dir}: step {step} has world size {world_size} but no shard for rank"
+            f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} (found ranks"
+            f" {', '.join(map(str, sorted(by_rank)))}). Did a rank crash before writing its shard?"
+        )
+    return [by_rank[rank] for rank in range(world_size)]
+
+
+def merge_run(run_dir: str | os.PathLike[str], step: int | None = None) -> MergedRun:
+    """Find, check and merge the shards of one step of a run."""
+    root = Path(run_dir)
+    headers = [read_header(path) for path in find_shards(root)]
+    shards = select_step(headers, step, root)
+    warnings: list[str] = []
+    datasets = [
+        _merge_dataset(name, parts, len(shards), warnings) for name, parts in _dataset_parts(shards).items()
+    ]
+    return MergedRun(root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
+
+
+def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeader, DatasetLayout]]]:
+    """For each dataset name (sorted), the ranks that have it, checked for agreement."""
+    parts: dict[str, list[tuple[ShardHeader, DatasetLayout]]] = {}
+    for header in shards:
+        for name, layout in header.datasets.items():
+            parts.setdefault(name, []).append((header, layout))
+    for name, group in parts.items():
+        first_header, first = group[0]
+        for header, layout in group[1:]:
+            _check_agree(name, first_header.path, first, header.path, layout)
+    return dict(sorted(parts.items()))
+
+
+def _check_agree(name: str, path_a: Path, a: DatasetLayout, path_b: Path, b: DatasetLayout) -> None:
+    where = f"dataset {name!r}"
+    if a.n_cells != b.n_cells:
+        raise BpsevalError(
+            f"{path_b}: {where} has {b.n_cells} cells but {a.n_cells} in {path_a}. Every rank must write"
+            " all cells of a dataset."
+        )
+    ids_a = a.cell_ids if a.cell_ids is not None else np.arange(a.n_cells)
+    ids_b = b.cell_ids if b.cell_ids is not None else np.arange(b.n_cells)
+    if ids_a.dtype.kind != ids_b.dtype.kind or not np.array_equal(ids_a, ids_b):
+        raise BpsevalError(f"{path_b}: {where} has cell_ids that differ from those in {path_a}.")
+    if a.rate_kind != b.rate_kind:
+        raise BpsevalError(f"{path_b}: {where} has rate_kind {b.rate_kind!r} but {path_a} has {a.rate_kind!r}.")
+    if a.has_sample_idx != b.has_sample_idx:
+        having, lacking = (path_a, path_b) if a.has_sample_idx else (path_b, path_a)
+        raise BpsevalError(
+            f"{lacking}: {where} has no sample_idx but {having} has one; write sample_idx on every rank or on"
+            " none."
+        )
+
+
+def _merge_dataset(
+    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, warnings: list[str]
+) -> MergedDataset:
+    first = parts[0][1]
+    n_cells = first.n_cells
+    dedup = _Deduplicator(name, parts) if first.has_sample_idx else None
+    per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
+    for part, (header, layout) in enumerate(parts):
+        for chunk in iter_rows(header.path, layout, chunk_rows):
+            if dedup is not None:
+                chunk = dedup.filter(part, chunk)
+            try:
+                per_rank[header.rank] = per_rank[header.rank] + batch_stats(
+                    chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
+                )
+            except InvalidValuesError as error:
+                raise _invalid_values_error(header.path, layout, chunk, error, chunk_rows) from None
+    if dedup is not None and dedup.rhat_mismatch:
+        warnings.append(dedup.rhat_mismatch_message())
+    total_rows = sum(layout.n_rows for _, layout in parts)
+    dropped = dedup.dropped if dedup is not None else 0
+    return MergedDataset(
+        name=name,
+        cell_ids=first.cell_ids if first.cell_ids is not None else np.arange(n_cells),
+        rate_kind=first.rate_kind,
+        per_rank=per_rank,
+        samples=total_rows - dropped,
+        duplicates_dropped=dropped,
+    )
+
+
+def _invalid_values_error(
+    path: Path, layout: DatasetLayout, failed: RowChunk, error: InvalidValuesError, chunk_rows: int
+) -> BpsevalError:
+    """The error for bad values, counted over the whole dataset of that shard from the failing chunk on.
+
+    Rows are numbered within the shard's dataset (before duplicates are dropped).
+    """
+    counts: dict[tuple[str, str], InvalidValues] = {}
+    for chunk in iter_rows(path, layout, chunk_rows):
+        if chunk.start < failed.start:
+            continue
+        for problem in find_invalid_values(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind):
+            key = (problem.array, problem.problem)
+            if key in counts:
+                known = counts[key]
+                counts[key] = InvalidValues(known.array, known.problem, known.count + problem.count, known.first_row, known.first_cell)
+            else:
+                counts[key] = InvalidValues(
+                    problem.array, problem.problem, problem.count, problem.first_row + chunk.start, problem.first_cell
+                )
+    problems = list(counts.values()) or error.problems
+    return BpsevalError(f"{path}: dataset {layout.name!r}: {InvalidValuesError(problems)}")
+
+
+class _Deduplicator:
+    """Keeps the first copy of every sample_idx of a dataset across its shards, in rank order.
+
+    Copies must agree on robs and dfs (else BpsevalError); copies whose rhat differs beyond
+    rounding keep the first and are reported as a warning. Only the rows of repeated samples are
+    held in memory.
+    """
+
+    def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]]) -> None:
+        self.name = name
+        self.paths = [header.path for header, _ in parts]
+        indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
+        self.offsets = np.cumsum([0] + [len(index) for index in indices])
+        everything = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        unique, first_position, inverse, counts = np.unique(
+            everything, return_index=True, return_inverse=True, return_counts=True
+        )
+        self.keep = np.zeros(len(everything), dtype=bool)
+        self.keep[first_position] = True
+        self.repeated = counts[inverse] > 1
+        self.dropped = len(everything) - len(unique)
+        self.first_copies: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.rhat_mismatch: list[tuple[int, int, int]] = []
+
+    def filter(self, part: int, chunk: RowChunk) -> RowChunk:
+        """The rows of `chunk` that are first copies; later copies are checked against them."""
+        n_rows = len(chunk.rhat)
+        positions = slice(self.offsets[part] + chunk.start, self.offsets[part] + chunk.start + n_rows)
+        keep, repeated = self.keep[positions], self.repeated[positions]
+        if not repeated.any():
+            return chunk
+        assert chunk.sample_idx is not None
+        weights = (
+            np.ones_like(chunk.rhat, dtype=np.float64)
+            if chunk.weights is None
+            else np.broadcast_to(chunk.weights, chunk.rhat.shape)
+        )
+        for row in np.flatnonzero(repeated):
+            copy = (part, chunk.rhat[row].astype(np.float64), chunk.robs[row].astype(np.float64), weights[row].astype(np.float64))
+            sample = int(chunk.sample_idx[row])
+            if keep[row]:
+                self.first_copies[sample] = copy
+            else:
+                self._compare(sample, self.first_copies[sample], copy)
+        if keep.all():
+            return chunk
+        return RowChunk(
+            chunk.start,
+            chunk.rhat[keep],
+            chunk.robs[keep],
+            None if chunk.weights is None else chunk.weights[keep],
+            chunk.sample_idx[keep],
+        )
+
+    def _compare(self, sample: int, first: tuple, later: tuple) -> None:
+        first_part, rhat_a, robs_a, w_a = first
+        later_part, rhat_b, robs_b, w_b = later
+        valid = w_a > 0
+        if not np.array_equal(w_a, w_b) or not np.array_equal(robs_a[valid], robs_b[valid]):
+            what = "dfs" if not np.array_equal(w_a, w_b) else "robs"
+            raise BpsevalError(
+                f"{self.paths[later_part]}: dataset {self.name!r}: sample_idx {sample} also appears in"
+                f" {self.paths[first_part]} with different {what}. Copies of one sample must be identical:"
+                " check that sample_idx indexes this dataset's validation set."
+            )
+        if not np.allclose(rhat_a[valid], rhat_b[valid], rtol=RHAT_COPY_RTOL, atol=MIN_RATE):
+            self.rhat_mismatch.append((sample, first_part, later_part))
+
+    def rhat_mismatch_message(self) -> str:
+        sample, first_part, later_part = self.rhat_mismatch[0]
+        count = len(self.rhat_mismatch)
+        return (
+            f"dataset {self.name!r}: {count} duplicated sample{'s' if count != 1 else ''} have rhat copies that"
+            f" differ beyond rounding (first: sample_idx {sample} in {self.paths[first_part]} and"
+            f" {self.paths[later_part]}); kept the first copy."
+        )
+

@@ -1,0 +1,475 @@
+"""The HDF5 shard format v1: writing (`ShardWriter`), and reading with validation.
+
+A shard holds what one rank saw in one validation pass ("step"). Root attributes: `format`,
+`format_version`, `rank`, `world_size`, `step` (optional `run_id`, `created_at`,
+`bpseval_version`); one group per dataset at `/datasets/<name>` with `rhat`, `robs` (N, C),
+and optional `dfs` ((N, C), (N, 1) or (N,)), `sample_idx` (N,) and `cell_ids` (C,). The
+README's "Shard format" section is the full contract.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from bpseval._version import __version__
+from bpseval._arrays import to_numpy
+from bpseval.errors import BpsevalError
+from bpseval.stats import RATE_KINDS, as_weights
+
+FORMAT = "bpseval-shard"
+FORMAT_VERSION = 1
+DATASETS_GROUP = "datasets"
+CHUNK_BYTES = 1 << 18
+"""Target size of one HDF5 chunk written by ShardWriter (rows x cells x itemsize)."""
+
+
+def shard_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
+    """Where `ShardWriter` puts the shard of `rank` for `step`."""
+    return Path(run_dir) / f"step-{step:06d}" / f"rank-{rank:04d}.h5"
+
+
+def is_shard_name(name: str) -> bool:
+    """True for a finished shard's file name; hidden or `.tmp` names are writes in progress."""
+    return name.endswith(".h5") and not name.startswith(".")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class _Layout:
+    """What the first `add` of a dataset fixed for the later ones."""
+
+    n_cells: int
+    rate_kind: str
+    dfs_shape_tail: tuple[int, ...] | None
+    has_sample_idx: bool
+
+
+class ShardWriter:
+    """Writes one rank's validation outputs for one step to `<run_dir>/step-SSSSSS/rank-RRRR.h5`.
+
+    Use as a context manager and call `add` once per batch. Batches are appended to chunked,
+    resizable HDF5 datasets, so memory stays bounded by one batch. The file is written under a
+    hidden `.tmp` name and renamed on a clean exit; after an exception the partial file is
+    deleted, so a reader never sees a half-written shard.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        rank: int,
+        world_size: int,
+        step: int = 0,
+        run_id: str | None = None,
+    ) -> None:
+        for name, value in (("rank", rank), ("world_size", world_size), ("step", step)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"ShardWriter: {name} must be an int, not {value!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if step < 0:
+            raise ValueError(f"ShardWriter: step must be >= 0, got {step}")
+        self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
+        self.path = shard_path(run_dir, self.step, self.rank)
+        self._tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self._file: h5py.File | None = None
+        self._layouts: dict[str, _Layout] = {}
+
+    @classmethod
+    def from_process_group(
+        cls, run_dir: str | os.PathLike[str], step: int = 0, run_id: str | None = None, group: Any = None
+    ) -> ShardWriter:
+        """A writer whose rank and world size come from the initialised torch.distributed group."""
+        from bpseval.distributed import rank_and_world_size
+
+        rank, world_size = rank_and_world_size(group)
+        return cls(run_dir, rank, world_size, step=step, run_id=run_id)
+
+    def __enter__(self) -> ShardWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def open(self) -> None:
+        """Create the temporary file and write the root attributes."""
+        if self._file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self._tmp_path, "w")
+        attrs = self._file.attrs
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["rank"] = self.rank
+        attrs["world_size"] = self.world_size
+        attrs["step"] = self.step
+        attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        attrs["bpseval_version"] = __version__
+        if self.run_id is not None:
+            attrs["run_id"] = str(self.run_id)
+        self._file.create_group(DATASETS_GROUP)
+
+    def close(self) -> Path:
+        """Finish the shard: flush, close and atomically rename it into place. Returns its path."""
+        if self._file is None:
+            self.open()
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial shard, leaving no file that looks complete."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp_path.unlink(missing_ok=True)
+
+    def add(
+        self,
+        dataset: str,
+        rhat: Any,
+        robs: Any,
+        dfs: Any = None,
+        sample_idx: Any = None,
+        cell_ids: Any = None,
+        rate_kind: str = "rate",
+    ) -> None:
+        """Append one batch of `dataset`: rhat, robs (samples, cells) and optional mask and identities.
+
+        Accepts numpy arrays or torch tensors on any device; bfloat16 is stored as float32, and
+        nothing is stored at a lower precision than it was given. Raises ValueError, naming the
+        dataset, when shapes or settings disagree with each other or with earlier batches.
+        """
+        self.open()
+        assert self._file is not None
+        if not isinstance(dataset, str) or not dataset or "/" in dataset:
+            raise ValueError(f"dataset name must be a non-empty string without '/', not {dataset!r}")
+        if rate_kind not in RATE_KINDS:
+            raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+        arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
+        n_cells = arrays["rhat"].shape[1]
+        layout = _Layout(
+            n_cells=n_cells,
+            rate_kind=rate_kind,
+            dfs_shape_tail=arrays["dfs"].shape[1:] if "dfs" in arrays else None,
+            has_sample_idx="sample_idx" in arrays,
+        )
+        group_path = f"{DATASETS_GROUP}/{dataset}"
+        known = self._layouts.setdefault(dataset, layout)
+        if known is layout:
+            group = self._file.create_group(group_path)
+            group.attrs["rate_kind"] = rate_kind
+        else:
+            _check_same_layout(dataset, known, layout)
+            group = self._file[group_path]
+        if "cell_ids" in arrays:
+            _store_cell_ids(group, dataset, arrays.pop("cell_ids"))
+        for name, array in arrays.items():
+            _append(group, dataset, name, array)
+
+
+def _batch_arrays(
+    dataset: str, rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any
+) -> dict[str, np.ndarray]:
+    """The batch as numpy arrays in their storage dtypes, with shapes checked against each other."""
+    arrays = {"rhat": _float_array(to_numpy(rhat)), "robs": to_numpy(robs)}
+    if arrays["rhat"].ndim != 2 or arrays["robs"].shape != arrays["rhat"].shape:
+        raise ValueError(
+            f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
+            f" got {arrays['rhat'].shape} and {arrays['robs'].shape}"
+        )
+    n_rows, n_cells = arrays["rhat"].shape
+    if dfs is not None:
+        mask = to_numpy(dfs)
+        try:
+            as_weights(mask, n_rows, n_cells)
+        except BpsevalError as error:
+            raise ValueError(f"dataset {dataset!r}: {error}") from None
+        arrays["dfs"] = mask.astype(np.uint8) if mask.dtype == bool else mask
+    if sample_idx is not None:
+        index = to_numpy(sample_idx)
+        if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(
+                f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
+            )
+        arrays["sample_idx"] = index.astype(np.int64)
+    if cell_ids is not None:
+        ids = np.asarray(cell_ids if not hasattr(cell_ids, "detach") else to_numpy(cell_ids))
+        if ids.shape != (n_cells,):
+            raise ValueError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
+        arrays["cell_ids"] = ids
+    for name in ("robs", "dfs"):
+        if name in arrays and not (np.issubdtype(arrays[name].dtype, np.number)):
+            raise ValueError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
+    return arrays
+
+
+def _float_array(array: np.ndarray) -> np.ndarray:
+    """rhat as float16/32/64; integer predictions become float64 (bool is refused by the caller)."""
+    if np.issubdtype(array.dtype, np.floating):
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float64)
+    raise ValueError(f"rhat must be floating point, got dtype {array.dtype}")
+
+
+def _check_same_layout(dataset: str, known: _Layout, new: _Layout) -> None:
+    if known.n_cells != new.n_cells:
+        raise ValueError(f"dataset {dataset!r}: this batch has {new.n_cells} cells, earlier batches had {known.n_cells}")
+    if known.rate_kind != new.rate_kind:
+        raise ValueError(f"dataset {dataset!r}: rate_kind {new.rate_kind!r} differs from earlier {known.rate_kind!r}")
+    if known.dfs_shape_tail != new.dfs_shape_tail:
+        raise ValueError(
+            f"dataset {dataset!r}: dfs must be given with the same shape on every batch"
+            f" (earlier: {_describe_tail(known.dfs_shape_tail)}, now: {_describe_tail(new.dfs_shape_tail)})"
+        )
+    if known.has_sample_idx != new.has_sample_idx:
+        raise ValueError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
+
+
+def _describe_tail(tail: tuple[int, ...] | None) -> str:
+    return "no dfs" if tail is None else f"(N{''.join(f', {d}' for d in tail)})"
+
+
+def _store_cell_ids(group: h5py.Group, dataset: str, ids: np.ndarray) -> None:
+    """Write cell_ids once; later batches must give the same ones."""
+    is_text = ids.dtype.kind in "USO"
+    values = ids.astype(str) if is_text else ids.astype(np.int64)
+    if "cell_ids" in group:
+        if not np.array_equal(read_cell_ids(group["cell_ids"]), values):
+            raise ValueError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
+        return
+    if is_text:
+        group.create_dataset("cell_ids", data=values.astype(object), dtype=h5py.string_dtype("utf-8"))
+    else:
+        group.create_dataset("cell_ids", data=values)
+
+
+def _append(group: h5py.Group, dataset: str, name: str, array: np.ndarray) -> None:
+    """Append rows to a chunked, resizable HDF5 dataset, creating it on the first batch."""
+    if name not in group:
+        row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+        chunk_rows = int(min(max(CHUNK_BYTES // row_bytes, 16), 1 << 16))
+        group.create_dataset(
+            name,
+            shape=(0, *array.shape[1:]),
+            maxshape=(None, *array.shape[1:]),
+            dtype=array.dtype,
+            chunks=(chunk_rows, *array.shape[1:]),
+        )
+    target = group[name]
+    if array.dtype != target.dtype:
+        if not np.can_cast(array.dtype, target.dtype, "safe"):
+            raise ValueError(
+                f"dataset {dataset!r}: {name} dtype {array.dtype} cannot be stored without loss in the"
+                f" {target.dtype} of earlier batches; give the same dtype on every batch"
+            )
+        array = array.astype(target.dtype)
+    start = target.shape[0]
+    target.resize(start + array.shape[0], axis=0)
+    target[start:] = array
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """One dataset group of a shard, as far as its metadata goes (no rows read)."""
+
+    name: str
+    n_rows: int
+    n_cells: int
+    rate_kind: str
+    dfs_shape: tuple[int, ...] | None
+    has_sample_idx: bool
+    cell_ids: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A shard's root attributes and the layout of its dataset groups, validated."""
+
+    path: Path
+    rank: int
+    world_size: int
+    step: int
+    run_id: str | None
+    datasets: dict[str, DatasetLayout]
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Rows [start, start + len) of one dataset of one shard; `weights` as from `as_weights`."""
+
+    start: int
+    rhat: np.ndarray
+    robs: np.ndarray
+    weights: np.ndarray | None
+    sample_idx: np.ndarray | None
+
+
+@contextmanager
+def open_shard(path: Path) -> Iterator[h5py.File]:
+    """Open a shard for reading; any HDF5 or OS failure becomes a BpsevalError naming the file."""
+    try:
+        handle = h5py.File(path, "r")
+    except (OSError, ValueError) as error:
+        raise BpsevalError(
+            f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
+            " shard; delete or move it out of the run directory."
+        ) from None
+    with handle:
+        yield handle
+
+
+def _short(error: BaseException) -> str:
+    return str(error).split("\n")[0][:200]
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Read and validate a shard's attributes and dataset layouts; raises BpsevalError if invalid."""
+    with open_shard(path) as handle:
+        attrs = handle.attrs
+        fmt = _text_attr(attrs.get("format"))
+        if fmt != FORMAT:
+            raise BpsevalError(
+                f"{path}: not a bpseval shard (root attribute 'format' is {fmt!r}, expected {FORMAT!r})."
+                " Move other .h5 files out of the run directory."
+            )
+        version = _int_attr(path, attrs, "format_version")
+        if version != FORMAT_VERSION:
+            raise BpsevalError(
+                f"{path}: shard format version {version} is not supported (this bpseval reads version"
+                f" {FORMAT_VERSION}); upgrade bpseval or rewrite the shard."
+            )
+        rank, world_size, step = (_int_attr(path, attrs, key) for key in ("rank", "world_size", "step"))
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise BpsevalError(f"{path}: rank {rank} is outside 0..world_size-1 (world_size {world_size}).")
+        group = handle.get(DATASETS_GROUP)
+        if group is not None and not isinstance(group, h5py.Group):
+            raise BpsevalError(f"{path}: /{DATASETS_GROUP} must be a group holding one group per dataset.")
+        datasets = {name: _read_layout(path, name, item) for name, item in (group or {}).items()}
+        run_id = attrs.get("run_id")
+        return ShardHeader(
+            path=path,
+            rank=rank,
+            world_size=world_size,
+            step=step,
+            run_id=None if run_id is None else _text_attr(run_id),
+            datasets=datasets,
+        )
+
+
+def _text_attr(value: Any) -> str | None:
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode("utf-8", errors="replace")
+    return None if value is None else str(value)
+
+
+def _int_attr(path: Path, attrs: h5py.AttributeManager, key: str) -> int:
+    value = attrs.get(key)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise BpsevalError(f"{path}: root attribute {key!r} must be an integer, found {value!r}.")
+    return int(value)
+
+
+def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
+    where = f"{path}: dataset {name!r}"
+    if not isinstance(group, h5py.Group):
+        raise BpsevalError(f"{where}: /{DATASETS_GROUP}/{name} must be a group holding rhat and robs.")
+    for key in ("rhat", "robs"):
+        if not isinstance(group.get(key), h5py.Dataset):
+            raise BpsevalError(f"{where}: missing the {key!r} array; every dataset group needs rhat and robs.")
+    rhat, robs = group["rhat"], group["robs"]
+    if rhat.ndim != 2 or robs.shape != rhat.shape:
+        raise BpsevalError(
+            f"{where}: rhat and robs must both have shape (samples, cells); got {rhat.shape} and {robs.shape}."
+        )
+    for key in ("rhat", "robs", "dfs"):
+        if key in group and group[key].dtype.kind not in "biuf":
+            raise BpsevalError(f"{where}: {key} must be numeric, found dtype {group[key].dtype}.")
+    n_rows, n_cells = rhat.shape
+    dfs_shape = None
+    if "dfs" in group:
+        dfs_shape = group["dfs"].shape
+        if dfs_shape not in ((n_rows, n_cells), (n_rows, 1), (n_rows,)):
+            raise BpsevalError(
+                f"{where}: dfs has shape {dfs_shape} but rhat/robs have shape {rhat.shape}; dfs must be"
+                f" ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)."
+            )
+    has_sample_idx = "sample_idx" in group
+    if has_sample_idx:
+        index = group["sample_idx"]
+        if index.shape != (n_rows,) or index.dtype.kind not in "iu":
+            raise BpsevalError(
+                f"{where}: sample_idx must be integers of shape ({n_rows},), found {index.dtype} {index.shape}."
+            )
+    cell_ids = None
+    if "cell_ids" in group:
+        cell_ids = read_cell_ids(group["cell_ids"])
+        if cell_ids.shape != (n_cells,):
+            raise BpsevalError(f"{where}: cell_ids must have shape ({n_cells},), found {cell_ids.shape}.")
+    rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
+    if rate_kind not in RATE_KINDS:
+        raise BpsevalError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
+    return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, has_sample_idx, cell_ids)
+
+
+def read_cell_ids(array: h5py.Dataset) -> np.ndarray:
+    """cell_ids as int64 or str values."""
+    if h5py.check_string_dtype(array.dtype) is not None:
+        return np.asarray(array.asstr()[()], dtype=str)
+    if array.dtype.kind in "SU":
+        return np.char.decode(array[()], "utf-8") if array.dtype.kind == "S" else array[()]
+    return np.asarray(array[()], dtype=np.int64)
+
+
+def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
+    """The whole sample_idx array of one dataset of a shard."""
+    with open_shard(path) as handle:
+        return _read(path, dataset, handle[DATASETS_GROUP][dataset]["sample_idx"], slice(None)).astype(np.int64)
+
+
+def iter_rows(path: Path, layout: DatasetLayout, chunk_rows: int) -> Iterator[RowChunk]:
+    """Stream one dataset of a shard in chunks of `chunk_rows` rows."""
+    with open_shard(path) as handle:
+        group = handle[DATASETS_GROUP][layout.name]
+        for start in range(0, layout.n_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, layout.n_rows))
+            rhat = _read(path, layout.name, group["rhat"], rows)
+            robs = _read(path, layout.name, group["robs"], rows)
+            dfs = _read(path, layout.name, group["dfs"], rows) if layout.dfs_shape else None
+            index = _read(path, layout.name, group["sample_idx"], rows) if layout.has_sample_idx else None
+            weights = as_weights(dfs, *rhat.shape)
+            yield RowChunk(start, rhat, robs, weights, None if index is None else index.astype(np.int64))
+
+
+def _read(path: Path, dataset: str, array: h5py.Dataset, rows: slice) -> np.ndarray:
+    try:
+        return array[rows]
+    except (OSError, ValueError, KeyError) as error:
+        raise BpsevalError(
+            f"{path}: dataset {dataset!r}: cannot read {array.name.rsplit('/', 1)[-1]} ({_short(error)});"
+            " the file is probably truncated or damaged. Re-run validation to rewrite it."
+        ) from None

@@ -1,0 +1,266 @@
+"""Bits per spike from additive per-cell sufficient statistics: pure numpy, no I/O.
+
+Every entry point (the offline merge of shards, the in-memory `bits_per_spike` and the online
+DDP metric) reduces its data to a `CellStats` with `batch_stats`, adds them up, and scores the
+sum with `cell_scores`. Sums are float64 whatever the input precision.
+
+For cell c, weight w = dfs (entries with w = 0 are ignored, NaN or not) and rate
+λ = max(rhat, MIN_RATE) (or exp(rhat) for log-rates):
+
+    n_valid = #{w > 0}      weight = Σ w      spikes = Σ w·robs      model_ll = Σ w·(robs·ln λ − λ)
+    ll_gain = model_ll − (spikes·ln(spikes/weight) − spikes)         bps = ll_gain / (spikes·ln 2)
+
+The log(robs!) term is the same for the model and the null model and cancels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bpseval._arrays import to_numpy
+from bpseval.errors import BpsevalError
+
+LN2 = math.log(2.0)
+MIN_RATE = 1e-9
+RATE_KINDS = ("rate", "log_rate")
+OK, SILENT, UNCOVERED = "ok", "silent", "uncovered"
+STATUSES = (OK, SILENT, UNCOVERED)
+
+
+@dataclass
+class CellStats:
+    """Additive sufficient statistics of the Poisson log-likelihood, one entry per cell."""
+
+    n_valid: np.ndarray
+    weight: np.ndarray
+    spikes: np.ndarray
+    model_ll: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_cells: int) -> CellStats:
+        """Statistics of no sample at all."""
+        return cls(
+            n_valid=np.zeros(n_cells, dtype=np.int64),
+            weight=np.zeros(n_cells),
+            spikes=np.zeros(n_cells),
+            model_ll=np.zeros(n_cells),
+        )
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.n_valid)
+
+    def __add__(self, other: CellStats) -> CellStats:
+        if other.n_cells != self.n_cells:
+            raise BpsevalError(f"cannot add statistics of {other.n_cells} cells to statistics of {self.n_cells} cells")
+        return CellStats(
+            n_valid=self.n_valid + other.n_valid,
+            weight=self.weight + other.weight,
+            spikes=self.spikes + other.spikes,
+            model_ll=self.model_ll + other.model_ll,
+        )
+
+
+@dataclass(frozen=True)
+class InvalidValues:
+    """`count` entries of `array` are `problem`; the first at (`first_row`, `first_cell`)."""
+
+    array: str
+    problem: str
+    count: int
+    first_row: int
+    first_cell: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.array} has {self.count} {self.problem} value{'s' if self.count != 1 else ''}"
+            f" (first at sample row {self.first_row}, cell {self.first_cell})"
+        )
+
+
+class InvalidValuesError(BpsevalError):
+    """Raised by `batch_stats` when a batch holds values that make the likelihood meaningless."""
+
+    def __init__(self, problems: list[InvalidValues]):
+        self.problems = problems
+        super().__init__("; ".join(p.describe() for p in problems) + FIX_VALUES_HINT)
+
+
+FIX_VALUES_HINT = (
+    ". Fix the model output or the data, or mark those entries invalid with dfs = 0"
+    " (rates must be finite and >= 0, spike counts finite and >= 0, dfs in [0, 1])."
+)
+
+
+def as_weights(dfs: np.ndarray | None, n_rows: int, n_cells: int) -> np.ndarray | None:
+    """The mask as an (n_rows, n_cells) or (n_rows, 1) array, or None when every entry is valid.
+
+    Raises BpsevalError when the shape fits neither; the message names the shapes.
+    """
+    if dfs is None:
+        return None
+    if dfs.shape == (n_rows,):
+        return dfs.reshape(n_rows, 1)
+    if dfs.shape in ((n_rows, n_cells), (n_rows, 1)):
+        return dfs
+    raise BpsevalError(
+        f"dfs has shape {dfs.shape} but rhat/robs have shape {(n_rows, n_cells)};"
+        f" dfs must be ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)"
+    )
+
+
+def batch_stats(
+    rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None = None, rate_kind: str = "rate"
+) -> CellStats:
+    """Sufficient statistics of one (rows, cells) batch, accumulated in float64.
+
+    `weights` is None (all valid) or an (rows, cells) / (rows, 1) array from `as_weights`.
+    Raises InvalidValuesError for NaN/inf/negative values at valid entries or weights outside [0, 1].
+    """
+    n_rows, n_cells = rhat.shape
+    rates = rhat.astype(np.float64)
+    counts = robs.astype(np.float64)
+    if weights is None:
+        n_valid = np.full(n_cells, n_rows, dtype=np.int64)
+        weight = np.full(n_cells, float(n_rows))
+    else:
+        w = weights.astype(np.float64)
+        if not np.all((w >= 0.0) & (w <= 1.0)):
+            raise InvalidValuesError(find_invalid_values(rhat, robs, weights, rate_kind))
+        valid = w > 0.0
+        if not valid.all():
+            valid = np.broadcast_to(valid, rates.shape)
+            rates[~valid] = 0.0 if rate_kind == "log_rate" else 1.0
+            counts[~valid] = 0.0
+        n_valid = np.broadcast_to(valid, rates.shape).sum(axis=0, dtype=np.int64)
+        weight = np.broadcast_to(w, rates.shape).sum(axis=0)
+    if not _values_are_valid(rates, counts, rate_kind):
+        raise InvalidValuesError(find_invalid_values(rhat, robs, weights, rate_kind))
+    if rate_kind == "log_rate":
+        log_rates, rates = rates, np.exp(rates)
+    else:
+        np.maximum(rates, MIN_RATE, out=rates)
+        log_rates = np.log(rates)
+    terms = counts * log_rates
+    terms -= rates
+    if weights is not None:
+        terms *= w
+        counts *= w
+    return CellStats(n_valid=n_valid, weight=weight, spikes=counts.sum(axis=0), model_ll=terms.sum(axis=0))
+
+
+def _values_are_valid(rates: np.ndarray, counts: np.ndarray, rate_kind: str) -> bool:
+    """Cheap whole-batch check; invalid entries have already been filled with harmless values."""
+    if rates.size == 0:
+        return True
+    finite = bool(np.isfinite(rates).all() and np.isfinite(counts).all())
+    return finite and counts.min() >= 0.0 and (rate_kind == "log_rate" or rates.min() >= 0.0)
+
+
+def find_invalid_values(
+    rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, rate_kind: str
+) -> list[InvalidValues]:
+    """Every kind of bad value in a batch, with its count and first (row, cell); slow, for messages."""
+    shape = rhat.shape
+    valid = np.ones(shape, dtype=bool)
+    checks: list[tuple[str, str, np.ndarray]] = []
+    if weights is not None:
+        w = np.broadcast_to(weights, shape)
+        checks.append(("dfs", "outside [0, 1] or NaN", ~((w >= 0) & (w <= 1))))
+        valid = (w > 0) & ~checks[0][2]
+    with np.errstate(invalid="ignore"):
+        checks.append(("rhat", "NaN or infinite", valid & ~np.isfinite(rhat)))
+        if rate_kind == "rate":
+            checks.append(("rhat", "negative", valid & (rhat < 0)))
+        checks.append(("robs", "NaN or infinite", valid & ~np.isfinite(robs)))
+        checks.append(("robs", "negative", valid & (robs < 0)))
+    problems = []
+    for array, problem, bad in checks:
+        count = int(bad.sum())
+        if count:
+            row, cell = np.argwhere(bad)[0]
+            problems.append(InvalidValues(array, problem, count, int(row), int(cell)))
+    return problems
+
+
+@dataclass(frozen=True)
+class CellScores:
+    """Per-cell results derived from `CellStats`: undefined values are NaN."""
+
+    ll_gain: np.ndarray
+    bps: np.ndarray
+    status: np.ndarray
+
+
+def cell_scores(stats: CellStats) -> CellScores:
+    """ll_gain, bits per spike and status (ok / silent / uncovered) of every cell."""
+    covered = stats.n_valid > 0
+    ok = covered & (stats.spikes > 0)
+    spikes = np.where(ok, stats.spikes, 1.0)
+    weight = np.where(ok, stats.weight, 1.0)
+    null_ll = np.where(ok, spikes * np.log(spikes / weight) - spikes, 0.0)
+    ll_gain = np.where(covered, stats.model_ll - null_ll, np.nan)
+    bps = np.where(ok, ll_gain / (spikes * LN2), np.nan)
+    status = np.where(ok, OK, np.where(covered, SILENT, UNCOVERED))
+    return CellScores(ll_gain=ll_gain, bps=bps, status=status)
+
+
+def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> float:
+    """Mean bits per spike over the `ok` cells (NaN when there is none).
+
+    `clamp_negative` reproduces legacy training loops, which clamped each cell at 0 first.
+    """
+    values = bps[status == OK]
+    if clamp_negative:
+        values = np.maximum(values, 0.0)
+    return float(values.mean()) if len(values) else math.nan
+
+
+def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> float:
+    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included (Neural Latents Benchmark)."""
+    covered = status != UNCOVERED
+    total_spikes = float(spikes[covered].sum())
+    return float(ll_gain[covered].sum()) / (LN2 * total_spikes) if total_spikes > 0 else math.nan
+
+
+def status_counts(status: np.ndarray) -> dict[str, int]:
+    """How many cells have each status, every status present as a key."""
+    return {name: int((status == name).sum()) for name in STATUSES}
+
+
+def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
+    """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
+
+    Returns one row per cell with columns cell, n_valid, n, spikes, ll_gain, bps, status; bps is
+    NaN for silent and uncovered cells. Same code path as `bpseval compute`.
+    """
+    if rate_kind not in RATE_KINDS:
+        raise BpsevalError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+    rhat_np, robs_np = to_numpy(rhat), to_numpy(robs)
+    if rhat_np.ndim != 2 or rhat_np.shape != robs_np.shape:
+        raise BpsevalError(
+            f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
+        )
+    weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
+    return cells_frame(batch_stats(rhat_np, robs_np, weights, rate_kind))
+
+
+def cells_frame(stats: CellStats) -> pd.DataFrame:
+    """The per-cell table of one dataset's statistics and scores."""
+    scores = cell_scores(stats)
+    return pd.DataFrame(
+        {
+            "cell": np.arange(stats.n_cells),
+            "n_valid": stats.n_valid,
+            "n": stats.weight,
+            "spikes": stats.spikes,
+            "ll_gain": scores.ll_gain,
+            "bps": scores.bps,
+            "status": scores.status.astype(object),
+        }
+    )
