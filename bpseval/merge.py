@@ -285,8 +285,7 @@ class _Deduplicator:
         sample, first_part, later_part = self.rhat_mismatch[0]
         count = len(self.rhat_mismatch)
         return (
-            f"dataset {self.name!r}: {count} duplicated sample{'s' if count != 1 else ''} have rhat copies that"
-            f" differ beyond rounding (first: sample_idx {sample} in {self.paths[first_part]} and"
+            f"dataset {self.name!r}: rhat differs beyond rounding between the copies of {count} duplicated"
+            f" sample{'s' if count != 1 else ''} (first: sample_idx {sample} in {self.paths[first_part]} and"
             f" {self.paths[later_part]}); kept the first copy."
         )
-

@@ -1,0 +1,70 @@
+"""Shared fixtures: real HDF5 shards built in tmp_path, and a CLI runner with a wide terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bpseval.cli import app
+
+
+def write_raw_shard(
+    path: Path,
+    datasets: dict[str, dict[str, Any]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    step: int = 0,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a shard with plain h5py, as another program following the format would.
+
+    Each dataset maps array names (rhat, robs, dfs, sample_idx, cell_ids) to arrays and may set
+    "rate_kind". `attrs` overrides or adds root attributes (None values delete them).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = {"format": "bpseval-shard", "format_version": 1, "rank": rank, "world_size": world_size, "step": step}
+    root.update(attrs or {})
+    with h5py.File(path, "w") as handle:
+        for key, value in root.items():
+            if value is not None:
+                handle.attrs[key] = value
+        for name, arrays in datasets.items():
+            group = handle.create_group(f"datasets/{name}")
+            for key, value in arrays.items():
+                if key == "rate_kind":
+                    group.attrs[key] = value
+                else:
+                    group.create_dataset(key, data=value)
+    return path
+
+
+def poisson_dataset(seed: int, n_rows: int = 40, n_cells: int = 6, *, with_dfs: bool = True) -> dict[str, np.ndarray]:
+    """A small dataset of predicted rates, Poisson counts and a random mask, reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    rhat = rng.gamma(2.0, 0.5, size=(n_rows, n_cells)).astype(np.float32)
+    arrays = {"rhat": rhat, "robs": rng.poisson(rhat).astype(np.float32)}
+    if with_dfs:
+        arrays["dfs"] = (rng.random((n_rows, n_cells)) > 0.2).astype(np.float32)
+    return arrays
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """A CliRunner whose Rich output is wide enough not to wrap table rows or messages."""
+    return CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+
+
+@pytest.fixture
+def invoke(runner: CliRunner):
+    """Run `bpseval ARGS...` in-process and return the click Result."""
+
+    def run(*args: str):
+        return runner.invoke(app, [str(arg) for arg in args])
+
+    return run
