@@ -28,8 +28,11 @@ from bpseval.stats import RATE_KINDS, as_weights
 FORMAT = "bpseval-shard"
 FORMAT_VERSION = 1
 DATASETS_GROUP = "datasets"
-CHUNK_BYTES = 1 << 18
-"""Target size of one HDF5 chunk written by ShardWriter (rows x cells x itemsize)."""
+CHUNK_BYTES = (1 << 14, 1 << 18)
+"""Smallest and largest HDF5 chunk ShardWriter writes; within them a chunk holds one batch.
+
+Every chunk is allocated in full, so chunks far larger than the data waste disk, and chunks of
+a few rows make reading slow."""
 
 
 def shard_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
@@ -266,7 +269,8 @@ def _append(group: h5py.Group, dataset: str, name: str, array: np.ndarray) -> No
     """Append rows to a chunked, resizable HDF5 dataset, creating it on the first batch."""
     if name not in group:
         row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
-        chunk_rows = int(min(max(CHUNK_BYTES // row_bytes, 16), 1 << 16))
+        smallest, largest = (max(1, limit // row_bytes) for limit in CHUNK_BYTES)
+        chunk_rows = min(max(array.shape[0], smallest), largest)
         group.create_dataset(
             name,
             shape=(0, *array.shape[1:]),
