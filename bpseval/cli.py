@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage (one message on stderr, 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +17,12 @@ from rich.console import Console
 
 from bpseval._version import __version__
 from bpseval.errors import BpsevalError
-from bpseval.report import render_compute, write_csv, write_text
+from bpseval.coverage import check_coverage
+from bpseval.planning import check_cell_coverage, load_masks, plan_to_dict
+from bpseval.report import render_compute, render_coverage, render_plan, write_csv, write_text
 from bpseval.result import evaluate
 
+EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 app = typer.Typer(
@@ -95,6 +99,64 @@ def compute(
         errors.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     if "-" not in (json_path, csv_path):
         render_compute(result, Console(highlight=False))
+
+
+MinSamples = Annotated[int, typer.Option("--min-samples", min=0, help="Flag cells with fewer valid samples than this.")]
+
+
+@app.command()
+def coverage(
+    run_dir: RunDir = Path("."),
+    min_samples: MinSamples = 10,
+    min_spikes: Annotated[
+        Optional[float], typer.Option("--min-spikes", min=0, help="Also flag cells with fewer spikes than this.")
+    ] = None,
+    step: Step = None,
+    json_path: JsonPath = None,
+    csv_path: CsvPath = None,
+) -> None:
+    """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
+    with bad_input_exits():
+        report = check_coverage(run_dir, min_samples, step=step, min_spikes=min_spikes)
+        if csv_path is not None:
+            write_csv(report.cells, csv_path)
+        if json_path is not None:
+            write_text(json.dumps(report.to_dict(), indent=2), json_path)
+    if "-" not in (json_path, csv_path):
+        render_coverage(report, Console(highlight=False))
+    if not report.passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def plan(
+    masks: Annotated[Path, typer.Argument(help="Validation masks: a .npy array, or an HDF5 file of arrays (one per dataset).")],
+    world_size: Annotated[int, typer.Option("--world-size", min=1, help="Number of ranks (GPUs).")] = 1,
+    fraction: Annotated[
+        float, typer.Option("--fraction", min=0.0, max=1.0, help="Fraction of validation batches kept (limit_val_batches).")
+    ] = 1.0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Validation batch size.")] = None,
+    min_samples: MinSamples = 10,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="DistributedSampler(shuffle=True) with this seed (default: no shuffle).")
+    ] = None,
+    json_path: JsonPath = None,
+) -> None:
+    """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
+    with bad_input_exits():
+        plans = {
+            name: check_cell_coverage(
+                mask, world_size=world_size, fraction=fraction, batch_size=batch_size, min_samples=min_samples, seed=seed
+            )
+            for name, mask in load_masks(masks).items()
+        }
+        settings = {"world_size": world_size, "fraction": fraction, "batch_size": batch_size, "min_samples": min_samples, "seed": seed}
+        if json_path is not None:
+            write_text(json.dumps(plan_to_dict(plans, settings), indent=2), json_path)
+    if json_path != "-":
+        render_plan(plans, min_samples, Console(highlight=False))
+    if any(frame["below"].any() for frame in plans.values()):
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def main() -> None:

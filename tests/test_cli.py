@@ -312,10 +312,11 @@ def test_compute_does_not_import_torch(tmp_path):
     assert "overall" in completed.stdout
 
 
-def test_readme_documents_exactly_the_options_of_compute(invoke):
+@pytest.mark.parametrize("command", ["compute", "coverage", "plan"])
+def test_readme_usage_line_lists_exactly_the_options_of_each_command(invoke, command):
     readme = (REPO / "README.md").read_text()
-    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`(--[a-z-]+)", section))
-    help_text = invoke("compute", "--help").output
-    offered = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
-    assert documented - {"--version"} == offered
+    usage = re.search(rf"^bpseval {command} .*$", readme, flags=re.MULTILINE)
+    assert usage, f"README has no usage line for {command}"
+    documented = set(re.findall(r"(--[a-z][a-z-]+)", usage.group(0)))
+    offered = set(re.findall(r"(--[a-z][a-z-]+)", invoke(command, "--help").output)) - {"--help"}
+    assert documented == offered

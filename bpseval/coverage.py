@@ -1,0 +1,109 @@
+"""Coverage of a merged run: valid samples per cell, in total and per rank (`bpseval coverage`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bpseval.merge import MergedRun, merge_run
+from bpseval.stats import SILENT, UNCOVERED, cell_scores
+
+DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
+CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]
+
+
+@dataclass
+class CoverageReport:
+    """Per-dataset coverage summary and the cells that fail the thresholds."""
+
+    min_samples: int
+    min_spikes: float | None
+    step: int
+    world_size: int
+    datasets: pd.DataFrame
+    cells: pd.DataFrame
+
+    @property
+    def passed(self) -> bool:
+        """True when no cell falls below the thresholds."""
+        return self.cells.empty
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of `bpseval coverage --json`."""
+        return {
+            "min_samples": self.min_samples,
+            "min_spikes": self.min_spikes,
+            "step": self.step,
+            "world_size": self.world_size,
+            "datasets": [
+                {key: (value if isinstance(value, str) else int(value)) for key, value in row.items()}
+                for row in self.datasets.to_dict(orient="records")
+            ],
+            "cells": [
+                {
+                    "dataset": row["dataset"],
+                    "cell": int(row["cell"]),
+                    "cell_id": row["cell_id"].item() if isinstance(row["cell_id"], np.generic) else row["cell_id"],
+                    "n_valid": int(row["n_valid"]),
+                    "spikes": float(row["spikes"]),
+                    "per_rank": [int(count) for count in row["per_rank"]],
+                    "status": row["status"],
+                    "reasons": list(row["reasons"]),
+                }
+                for row in self.cells.to_dict(orient="records")
+            ],
+        }
+
+
+def coverage_report(run: MergedRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
+    """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes)."""
+    summaries, flagged = [], []
+    for dataset in run.datasets:
+        total = dataset.total
+        status = cell_scores(total).status
+        per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
+        below = total.n_valid < min_samples
+        few_spikes = total.spikes < min_spikes if min_spikes is not None else np.zeros_like(below)
+        summaries.append(
+            {
+                "name": dataset.name,
+                "cells": len(status),
+                "below": int(below.sum()),
+                "uncovered": int((status == UNCOVERED).sum()),
+                "silent": int((status == SILENT).sum()),
+                "min_n_valid": int(total.n_valid.min()) if len(status) else 0,
+            }
+        )
+        for cell in np.flatnonzero(below | few_spikes):
+            reasons = ["below_min_samples"] * bool(below[cell]) + ["below_min_spikes"] * bool(few_spikes[cell])
+            flagged.append(
+                {
+                    "dataset": dataset.name,
+                    "cell": int(cell),
+                    "cell_id": dataset.cell_ids[cell],
+                    "n_valid": int(total.n_valid[cell]),
+                    "spikes": float(total.spikes[cell]),
+                    "per_rank": per_rank[cell].tolist(),
+                    "status": str(status[cell]),
+                    "reasons": reasons,
+                }
+            )
+    return CoverageReport(
+        min_samples=min_samples,
+        min_spikes=min_spikes,
+        step=run.step,
+        world_size=run.world_size,
+        datasets=pd.DataFrame(summaries, columns=DATASET_COLUMNS),
+        cells=pd.DataFrame(flagged, columns=CELL_COLUMNS),
+    )
+
+
+def check_coverage(
+    run_dir: str | os.PathLike[str], min_samples: int, *, step: int | None = None, min_spikes: float | None = None
+) -> CoverageReport:
+    """Merge one step of `run_dir` (default: the latest) and report its coverage."""
+    return coverage_report(merge_run(run_dir, step), min_samples, min_spikes)

@@ -1,0 +1,167 @@
+"""Predict per-cell coverage of a validation split before training (`bpseval plan`).
+
+`check_cell_coverage` replays what `torch.utils.data.DistributedSampler` (padding, stride over
+ranks, optional seeded shuffle) and a Lightning-style `limit_val_batches` fraction select, and
+counts the valid samples each cell gets, in total and on each rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from bpseval._arrays import to_numpy
+from bpseval.errors import BpsevalError
+
+
+def distributed_sampler_indices(
+    n_samples: int, world_size: int, rank: int, *, seed: int | None = None, epoch: int = 0
+) -> np.ndarray:
+    """The indices `DistributedSampler(num_replicas=world_size, rank=rank, drop_last=False)` yields.
+
+    `seed=None` means `shuffle=False`; otherwise `shuffle=True` with that seed (torch's own
+    generator is used, so torch is imported only then).
+    """
+    if seed is None:
+        order = np.arange(n_samples)
+    else:
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(seed + epoch)
+        order = torch.randperm(n_samples, generator=generator).numpy()
+    per_rank = math.ceil(n_samples / world_size)
+    total = per_rank * world_size
+    if n_samples and total > n_samples:
+        order = np.resize(order, total)  # padding repeats from the start, as DistributedSampler does
+    return order[rank:total:world_size]
+
+
+def limited_batches(n_batches: int, fraction: float) -> int:
+    """How many batches Lightning's `limit_val_batches=fraction` keeps (it refuses 0 of a non-empty loader)."""
+    kept = int(n_batches * fraction)
+    if kept == 0 and n_batches > 0:
+        raise BpsevalError(
+            f"--fraction {fraction} of {n_batches} batches per rank keeps no batch (Lightning refuses this);"
+            f" use a fraction of at least {1.0 / n_batches:.4g} or smaller batches."
+        )
+    return kept
+
+
+def check_cell_coverage(
+    dfs: Any,
+    *,
+    world_size: int = 1,
+    fraction: float = 1.0,
+    batch_size: int | None = None,
+    min_samples: int = 10,
+    seed: int | None = None,
+    epoch: int = 0,
+) -> pd.DataFrame:
+    """Predict how many valid samples each cell gets in a distributed validation pass.
+
+    `dfs` is one dataset's validation mask ((N, C), (N, 1) or (N,); numpy or torch); entries
+    > 0 are valid. The split is the standard `DistributedSampler` (`seed=None`: no shuffle),
+    batched by `batch_size` (None: one batch per sample) and limited to the first
+    `int(fraction * batches)` batches per rank, as Lightning's `limit_val_batches` does.
+
+    Returns one row per cell: `n_valid` (distinct samples, padding duplicates counted once, as
+    `bpseval compute` counts them), `rank_<r>` (what each rank sees, duplicates included),
+    `zero_ranks` (ranks with no valid sample: the condition that crashed legacy loops) and
+    `below` (n_valid < min_samples). The cells below are `frame[frame.below]`.
+    """
+    mask = valid_mask(dfs)
+    if world_size < 1:
+        raise BpsevalError(f"world_size must be >= 1, got {world_size}")
+    if not 0.0 < fraction <= 1.0:
+        raise BpsevalError(f"fraction must be in (0, 1], got {fraction}")
+    if batch_size is not None and batch_size < 1:
+        raise BpsevalError(f"batch_size must be >= 1, got {batch_size}")
+    n_samples, n_cells = mask.shape
+    per_rank_counts = np.zeros((world_size, n_cells), dtype=np.int64)
+    seen = np.zeros(n_samples, dtype=bool)
+    for rank in range(world_size):
+        indices = distributed_sampler_indices(n_samples, world_size, rank, seed=seed, epoch=epoch)
+        n_batches = math.ceil(len(indices) / (batch_size or 1))
+        kept = indices[: limited_batches(n_batches, fraction) * (batch_size or 1)]
+        per_rank_counts[rank] = mask[kept].sum(axis=0)
+        seen[kept] = True
+    frame = pd.DataFrame({"cell": np.arange(n_cells), "n_valid": mask[seen].sum(axis=0)})
+    for rank in range(world_size):
+        frame[f"rank_{rank}"] = per_rank_counts[rank]
+    frame["zero_ranks"] = [list(np.flatnonzero(per_rank_counts[:, cell] == 0)) for cell in range(n_cells)]
+    frame["below"] = frame["n_valid"] < min_samples
+    return frame
+
+
+def valid_mask(dfs: Any) -> np.ndarray:
+    """A boolean (N, C) mask of valid entries from an (N, C), (N, 1) or (N,) array of weights."""
+    values = to_numpy(dfs)
+    if values.ndim == 1:
+        values = values.reshape(-1, 1)
+    if values.ndim != 2:
+        raise BpsevalError(f"a mask must have shape (samples, cells), (samples, 1) or (samples,); got {values.shape}")
+    with np.errstate(invalid="ignore"):
+        return np.asarray(values > 0)
+
+
+def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Validation masks from a `.npy` file (one dataset, named after the file) or an HDF5 file.
+
+    In an HDF5 file every 1-D or 2-D numeric array is one dataset's mask, named by its path.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise BpsevalError(f"{source}: no such file. Pass a .npy or HDF5 file of validation masks.")
+    if source.suffix == ".npy":
+        try:
+            return {source.stem: np.load(source, allow_pickle=False)}
+        except (OSError, ValueError) as error:
+            raise BpsevalError(f"{source}: cannot be read as a .npy array ({error}).") from None
+    masks: dict[str, np.ndarray] = {}
+
+    def collect(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and item.ndim in (1, 2) and item.dtype.kind in "biuf":
+            masks[name] = item[()]
+
+    try:
+        with h5py.File(source, "r") as handle:
+            handle.visititems(collect)
+    except OSError as error:
+        raise BpsevalError(f"{source}: cannot be read as .npy or HDF5 ({str(error).splitlines()[0]}).") from None
+    if not masks:
+        raise BpsevalError(f"{source}: holds no 1-D or 2-D numeric array to use as a mask.")
+    return masks
+
+
+def plan_to_dict(plans: dict[str, pd.DataFrame], settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of `bpseval plan --json`: settings, then per mask its flagged cells."""
+    datasets = []
+    for name, frame in plans.items():
+        rank_columns = [column for column in frame.columns if column.startswith("rank_")]
+        flagged = frame[frame["below"] | (frame["zero_ranks"].map(len) > 0)]
+        datasets.append(
+            {
+                "name": name,
+                "cells": len(frame),
+                "below": int(frame["below"].sum()),
+                "min_n_valid": int(frame["n_valid"].min()) if len(frame) else 0,
+                "flagged": [
+                    {
+                        "cell": int(row["cell"]),
+                        "n_valid": int(row["n_valid"]),
+                        "per_rank": [int(row[column]) for column in rank_columns],
+                        "zero_ranks": [int(rank) for rank in row["zero_ranks"]],
+                        "below": bool(row["below"]),
+                    }
+                    for _, row in flagged.iterrows()
+                ],
+            }
+        )
+    return {**settings, "datasets": datasets}
