@@ -441,11 +441,9 @@ def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
 
 
 def read_cell_ids(array: h5py.Dataset) -> np.ndarray:
-    """cell_ids as int64 or str values."""
-    if h5py.check_string_dtype(array.dtype) is not None:
-        return np.asarray(array.asstr()[()], dtype=str)
-    if array.dtype.kind in "SU":
-        return np.char.decode(array[()], "utf-8") if array.dtype.kind == "S" else array[()]
+    """cell_ids as int64 or str values (byte strings are decoded as UTF-8)."""
+    if array.dtype.kind in "SO" or h5py.check_string_dtype(array.dtype) is not None:
+        return np.asarray(array.asstr("utf-8")[()], dtype=str)
     return np.asarray(array[()], dtype=np.int64)
 
 

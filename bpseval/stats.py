@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from array_api_compat import array_namespace, device
 
 from bpseval._arrays import to_numpy
 from bpseval.errors import BpsevalError
@@ -114,52 +115,58 @@ def as_weights(dfs: np.ndarray | None, n_rows: int, n_cells: int) -> np.ndarray 
     )
 
 
-def batch_stats(
-    rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None = None, rate_kind: str = "rate"
-) -> CellStats:
+def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> CellStats:
     """Sufficient statistics of one (rows, cells) batch, accumulated in float64.
 
-    `weights` is None (all valid) or an (rows, cells) / (rows, 1) array from `as_weights`.
-    Raises InvalidValuesError for NaN/inf/negative values at valid entries or weights outside [0, 1].
+    Works on numpy arrays and on torch tensors alike (through the array API), so the online
+    metric accumulates on the tensors' device with this same code. `weights` is None (all
+    valid) or an (rows, cells) / (rows, 1) array from `as_weights`. Raises InvalidValuesError
+    for NaN/inf/negative values at valid entries or weights outside [0, 1].
     """
-    n_rows, n_cells = rhat.shape
-    rates = rhat.astype(np.float64)
-    counts = robs.astype(np.float64)
+    xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
+    rates, counts = xp.astype(rhat, xp.float64), xp.astype(robs, xp.float64)
+    n_rows, n_cells = rates.shape
     if weights is None:
-        n_valid = np.full(n_cells, n_rows, dtype=np.int64)
-        weight = np.full(n_cells, float(n_rows))
+        w = None
+        n_valid = xp.full((n_cells,), n_rows, dtype=xp.int64, device=device(rates))
+        weight = xp.full((n_cells,), float(n_rows), dtype=xp.float64, device=device(rates))
     else:
-        w = weights.astype(np.float64)
-        if not np.all((w >= 0.0) & (w <= 1.0)):
-            raise InvalidValuesError(find_invalid_values(rhat, robs, weights, rate_kind))
-        valid = w > 0.0
-        if not valid.all():
-            valid = np.broadcast_to(valid, rates.shape)
-            rates[~valid] = 0.0 if rate_kind == "log_rate" else 1.0
-            counts[~valid] = 0.0
-        n_valid = np.broadcast_to(valid, rates.shape).sum(axis=0, dtype=np.int64)
-        weight = np.broadcast_to(w, rates.shape).sum(axis=0)
-    if not _values_are_valid(rates, counts, rate_kind):
-        raise InvalidValuesError(find_invalid_values(rhat, robs, weights, rate_kind))
+        w = xp.astype(weights, xp.float64)
+        if not bool(xp.all((w >= 0.0) & (w <= 1.0))):
+            raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
+        valid = xp.broadcast_to(w > 0.0, rates.shape)
+        rates = xp.where(valid, rates, 0.0 if rate_kind == "log_rate" else 1.0)
+        counts = xp.where(valid, counts, 0.0)
+        n_valid = xp.sum(xp.astype(valid, xp.int64), axis=0)
+        weight = xp.sum(xp.broadcast_to(w, rates.shape), axis=0)
+    if not _values_are_valid(xp, rates, counts, rate_kind):
+        raise InvalidValuesError(
+            find_invalid_values(to_numpy(rhat), to_numpy(robs), None if w is None else to_numpy(weights), rate_kind)
+        )
     if rate_kind == "log_rate":
-        log_rates, rates = rates, np.exp(rates)
+        log_rates, rates = rates, xp.exp(rates)
     else:
-        np.maximum(rates, MIN_RATE, out=rates)
-        log_rates = np.log(rates)
-    terms = counts * log_rates
-    terms -= rates
-    if weights is not None:
-        terms *= w
-        counts *= w
-    return CellStats(n_valid=n_valid, weight=weight, spikes=counts.sum(axis=0), model_ll=terms.sum(axis=0))
+        rates = xp.maximum(rates, xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rates)))
+        log_rates = xp.log(rates)
+    terms = counts * log_rates - rates
+    if w is not None:
+        terms = terms * w
+        counts = counts * w
+    return CellStats(n_valid=n_valid, weight=weight, spikes=xp.sum(counts, axis=0), model_ll=xp.sum(terms, axis=0))
 
 
-def _values_are_valid(rates: np.ndarray, counts: np.ndarray, rate_kind: str) -> bool:
+MAX_LOG_RATE = 700.0
+"""Largest log-rate accepted: exp(709.8) overflows float64."""
+
+
+def _values_are_valid(xp: Any, rates: Any, counts: Any, rate_kind: str) -> bool:
     """Cheap whole-batch check; invalid entries have already been filled with harmless values."""
-    if rates.size == 0:
+    if rates.shape[0] == 0:
         return True
-    finite = bool(np.isfinite(rates).all() and np.isfinite(counts).all())
-    return finite and counts.min() >= 0.0 and (rate_kind == "log_rate" or rates.min() >= 0.0)
+    finite = bool(xp.all(xp.isfinite(rates)) and xp.all(xp.isfinite(counts)))
+    if not finite or bool(xp.min(counts) < 0.0):
+        return False
+    return bool(xp.max(rates) <= MAX_LOG_RATE) if rate_kind == "log_rate" else bool(xp.min(rates) >= 0.0)
 
 
 def find_invalid_values(
@@ -177,6 +184,8 @@ def find_invalid_values(
         checks.append(("rhat", "NaN or infinite", valid & ~np.isfinite(rhat)))
         if rate_kind == "rate":
             checks.append(("rhat", "negative", valid & (rhat < 0)))
+        else:
+            checks.append(("rhat", f"log-rate above {MAX_LOG_RATE:g} (overflowing)", valid & (rhat > MAX_LOG_RATE)))
         checks.append(("robs", "NaN or infinite", valid & ~np.isfinite(robs)))
         checks.append(("robs", "negative", valid & (robs < 0)))
     problems = []
