@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,9 +18,19 @@ from rich.console import Console
 
 from bpseval._version import __version__
 from bpseval.errors import BpsevalError
+from bpseval.compare import CompareSettings, baseline_document, compare_paths
 from bpseval.coverage import check_coverage
 from bpseval.planning import check_cell_coverage, load_masks, plan_to_dict
-from bpseval.report import render_compute, render_coverage, render_plan, write_csv, write_text
+from bpseval.report import (
+    compare_junit,
+    compare_markdown,
+    render_compare,
+    render_compute,
+    render_coverage,
+    render_plan,
+    write_csv,
+    write_text,
+)
 from bpseval.result import evaluate
 
 EXIT_GATE_FAILED = 1
@@ -156,6 +167,75 @@ def plan(
     if json_path != "-":
         render_plan(plans, min_samples, Console(highlight=False))
     if any(frame["below"].any() for frame in plans.values()):
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+class GatedMetric(str, Enum):
+    bps = "bps"
+    bps_pooled = "bps_pooled"
+    both = "both"
+
+
+@app.command()
+def baseline(
+    run_dir: RunDir = Path("."),
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Baseline file to write ([bold]-[/] = stdout).")] = "baseline.json",
+    step: Step = None,
+) -> None:
+    """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
+    with bad_input_exits():
+        result = evaluate(run_dir, step)
+        write_text(json.dumps(baseline_document(result), indent=2, allow_nan=False), output)
+    if output != "-":
+        stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
+
+
+@app.command()
+def compare(
+    run_dir: RunDir = Path("."),
+    baseline_path: Annotated[
+        Path, typer.Option("--baseline", metavar="BASE", help="A baseline JSON (bpseval baseline) or a run directory.")
+    ] = Path("baseline.json"),
+    step: Step = None,
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance of the overall metrics.")] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance of the overall metrics.")] = 0.01,
+    dataset_atol: Annotated[
+        Optional[float], typer.Option("--dataset-atol", min=0.0, help="Absolute tolerance per dataset (default: --atol).")
+    ] = None,
+    dataset_rtol: Annotated[
+        Optional[float], typer.Option("--dataset-rtol", min=0.0, help="Relative tolerance per dataset (default: --rtol).")
+    ] = None,
+    metric: Annotated[GatedMetric, typer.Option("--metric", help="Overall metrics that gate.")] = GatedMetric.both,
+    allow_missing_datasets: Annotated[
+        bool, typer.Option("--allow-missing-datasets", help="Do not fail when a baseline dataset is missing.")
+    ] = False,
+    significance: Annotated[
+        Optional[float],
+        typer.Option("--significance", min=0.0, max=1.0, help="Also require a significant drop: bootstrap interval at this level."),
+    ] = None,
+    blocks: Annotated[int, typer.Option("--blocks", min=2, help="Sample blocks of the paired bootstrap.")] = 100,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    json_path: JsonPath = None,
+    markdown_path: Annotated[Optional[str], typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY).")] = None,
+    junit_path: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")] = None,
+) -> None:
+    """Compare a run with a baseline. Exit 1 if a gated metric or coverage regressed."""
+    settings = CompareSettings(
+        atol=atol, rtol=rtol, dataset_atol=dataset_atol, dataset_rtol=dataset_rtol, metric=metric.value,
+        allow_missing_datasets=allow_missing_datasets, significance=significance, blocks=blocks,
+        bootstrap=bootstrap, seed=seed,
+    )
+    with bad_input_exits():
+        comparison = compare_paths(run_dir, baseline_path, settings, step)
+        for path, text in ((json_path, json.dumps(comparison.to_dict(), indent=2, allow_nan=False)),
+                           (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
+            if path is not None:
+                write_text(text, path)
+    if "-" not in (json_path, markdown_path, junit_path):
+        render_compare(comparison, Console(highlight=False))
+    if not comparison.passed:
+        stderr_console().print(f"Regression: {'; '.join(comparison.reasons)}", highlight=False, markup=False)
         raise typer.Exit(EXIT_GATE_FAILED)
 
 

@@ -7,6 +7,7 @@ completeness and agreement, duplicate samples (DistributedSampler padding) are d
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from bpseval.shard import (
     read_header,
     read_sample_idx,
 )
-from bpseval.stats import MIN_RATE, CellStats, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
+from bpseval.stats import MIN_RATE, STAT_FIELDS, CellStats, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
@@ -41,6 +42,10 @@ class MergedDataset:
     per_rank: list[CellStats]
     samples: int
     duplicates_dropped: int
+    identity: str = ""
+    """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
+    per_block: CellStats | None = None
+    """(blocks, cells) statistics by contiguous sample_idx block, when asked for and sample_idx is present."""
 
     @property
     def total(self) -> CellStats:
@@ -111,14 +116,18 @@ def select_step(headers: list[ShardHeader], step: int | None, run_dir: Path) -> 
     return [by_rank[rank] for rank in range(world_size)]
 
 
-def merge_run(run_dir: str | os.PathLike[str], step: int | None = None) -> MergedRun:
-    """Find, check and merge the shards of one step of a run."""
+def merge_run(run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None) -> MergedRun:
+    """Find, check and merge the shards of one step of a run.
+
+    With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
+    paired bootstrap of `bpseval compare`); datasets without sample_idx get none.
+    """
     root = Path(run_dir)
     headers = [read_header(path) for path in find_shards(root)]
     shards = select_step(headers, step, root)
     warnings: list[str] = []
     datasets = [
-        _merge_dataset(name, parts, len(shards), warnings) for name, parts in _dataset_parts(shards).items()
+        _merge_dataset(name, parts, len(shards), warnings, blocks) for name, parts in _dataset_parts(shards).items()
     ]
     return MergedRun(root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
 
@@ -158,21 +167,28 @@ def _check_agree(name: str, path_a: Path, a: DatasetLayout, path_b: Path, b: Dat
 
 
 def _merge_dataset(
-    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, warnings: list[str]
+    name: str,
+    parts: list[tuple[ShardHeader, DatasetLayout]],
+    world_size: int,
+    warnings: list[str],
+    blocks: int | None = None,
 ) -> MergedDataset:
     first = parts[0][1]
     n_cells = first.n_cells
+    cell_ids = first.cell_ids if first.cell_ids is not None else np.arange(n_cells)
     dedup = _Deduplicator(name, parts) if first.has_sample_idx else None
     per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
+    per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
     chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
     for part, (header, layout) in enumerate(parts):
         for chunk in iter_rows(header.path, layout, chunk_rows):
             if dedup is not None:
                 chunk = dedup.filter(part, chunk)
             try:
-                per_rank[header.rank] = per_rank[header.rank] + batch_stats(
-                    chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
-                )
+                if per_block is None:
+                    per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
+                else:
+                    per_rank[header.rank] += _add_by_block(per_block, chunk, dedup.span, layout.rate_kind)
             except InvalidValuesError as error:
                 raise _invalid_values_error(header.path, layout, chunk, error, chunk_rows) from None
     if dedup is not None and dedup.rhat_mismatch:
@@ -181,12 +197,41 @@ def _merge_dataset(
     dropped = dedup.dropped if dedup is not None else 0
     return MergedDataset(
         name=name,
-        cell_ids=first.cell_ids if first.cell_ids is not None else np.arange(n_cells),
+        cell_ids=cell_ids,
         rate_kind=first.rate_kind,
         per_rank=per_rank,
         samples=total_rows - dropped,
         duplicates_dropped=dropped,
+        identity=_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
+        per_block=per_block,
     )
+
+
+def _add_by_block(per_block: CellStats, chunk: RowChunk, span: int, rate_kind: str) -> CellStats:
+    """Add a chunk's statistics to its sample_idx blocks; returns the chunk's total."""
+    assert chunk.sample_idx is not None
+    n_blocks = per_block.n_valid.shape[0]
+    block_of_row = chunk.sample_idx * n_blocks // span
+    total = CellStats.zeros(per_block.n_cells)
+    for block in np.unique(block_of_row):
+        rows = block_of_row == block
+        weights = None if chunk.weights is None else chunk.weights[rows]
+        stats = batch_stats(chunk.rhat[rows], chunk.robs[rows], weights, rate_kind)
+        for field in STAT_FIELDS:
+            getattr(per_block, field)[block] += getattr(stats, field)
+        total += stats
+    return total
+
+
+def _identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | None, rows: int) -> str:
+    """sha256 of what was scored: dataset, cells, and the distinct sample_idx (or the row count)."""
+    digest = hashlib.sha256(name.encode())
+    digest.update("\0".join(str(cell) for cell in cell_ids).encode())
+    if sample_idx is None:
+        digest.update(f"rows without sample_idx: {rows}".encode())
+    else:
+        digest.update(np.ascontiguousarray(sample_idx, dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def _invalid_values_error(
@@ -225,11 +270,19 @@ class _Deduplicator:
         self.name = name
         self.paths = [header.path for header, _ in parts]
         indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
+        for path, index in zip(self.paths, indices):
+            if len(index) and index.min() < 0:
+                raise BpsevalError(
+                    f"{path}: dataset {name!r}: sample_idx has negative values (e.g. {index.min()}); it must index"
+                    " the dataset's validation set from 0."
+                )
         self.offsets = np.cumsum([0] + [len(index) for index in indices])
         everything = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
         unique, first_position, inverse, counts = np.unique(
             everything, return_index=True, return_inverse=True, return_counts=True
         )
+        self.unique = unique
+        self.span = int(unique[-1]) + 1 if len(unique) else 1
         self.keep = np.zeros(len(everything), dtype=bool)
         self.keep[first_position] = True
         self.repeated = counts[inverse] > 1

@@ -6,12 +6,14 @@ import math
 import sys
 from pathlib import Path
 from typing import TextIO
+from xml.etree import ElementTree
 
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bpseval.compare import Comparison, MetricComparison
 from bpseval.coverage import CoverageReport
 from bpseval.result import Result
 from bpseval.stats import SILENT, UNCOVERED
@@ -145,3 +147,111 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
             counts = [getattr(row, column) for column in rank_columns]
             table.add_row(str(row.cell), str(row.n_valid), *_per_rank_cells(counts), "yes" if row.below else "")
         console.print(table)
+
+
+VERDICT_MARKS = {"regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"}
+COVERAGE_LISTED = 50
+
+
+def _interval_text(metric: MetricComparison) -> str:
+    if metric.interval is None:
+        return "—"
+    low, high = metric.interval
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _delta_text(metric: MetricComparison) -> str:
+    return "—" if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
+
+
+def _verdict_text(metric: MetricComparison) -> str:
+    return VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
+
+
+def render_compare(comparison: Comparison, console: Console) -> None:
+    """The `bpseval compare` report: one row per compared metric, then coverage and the verdict."""
+    significance = comparison.settings.significance
+    interval_title = f"{100 * (1 - significance):g}% interval of Δ" if significance is not None else None
+    table = Table(title=f"bpseval compare · {comparison.mode}", title_justify="left")
+    for name in ("scope", "metric", "baseline", "new", "Δ", "tolerance", *([interval_title] if interval_title else []), "verdict"):
+        table.add_column(name, justify="left" if name in ("scope", "metric", "verdict") else "right", no_wrap=name == "scope")
+    styles = {"regressed": "red", "improved": "green"}
+    for metric in comparison.metrics:
+        table.add_row(
+            escape(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric),
+            format_bps(metric.tolerance), *([_interval_text(metric)] if interval_title else []),
+            f"[{styles.get(metric.verdict, 'default')}]{_verdict_text(metric)}[/]" if metric.gated else _verdict_text(metric),
+        )
+    console.print(table)
+    for note in comparison.notes:
+        console.print(f"note: {escape(note)}")
+    if comparison.new_datasets:
+        console.print(f"new datasets (not in the baseline): {escape(', '.join(comparison.new_datasets))}")
+    regressions = comparison.coverage_regressions
+    for row in regressions.head(COVERAGE_LISTED).itertuples(index=False):
+        console.print(f"[red]✗[/] {escape(row.dataset)} cell {row.cell} (id {escape(str(row.cell_id))}): ok → uncovered")
+    if len(regressions) > COVERAGE_LISTED:
+        console.print(f"  (+{len(regressions) - COVERAGE_LISTED} more cells ok → uncovered)")
+    if comparison.passed:
+        console.print("[green]✓ no regression[/]")
+    else:
+        console.print(f"[red]✗ regression:[/] {escape('; '.join(comparison.reasons))}")
+
+
+def compare_markdown(comparison: Comparison) -> str:
+    """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; coverage capped)."""
+    status = "✓ no regression" if comparison.passed else "✗ regression: " + "; ".join(comparison.reasons)
+    significance = comparison.settings.significance
+    header = ["scope", "metric", "baseline", "new", "Δ", "tolerance"] + (
+        [f"{100 * (1 - significance):g}% interval"] if significance is not None else []
+    ) + ["verdict"]
+    lines = [
+        "### bpseval compare",
+        "",
+        f"**{status}** · mode: {comparison.mode} · baseline: `{comparison.baseline}` · run: `{comparison.run}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for metric in comparison.metrics:
+        cells = [metric.scope.replace("|", "\\|"), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric), format_bps(metric.tolerance)]
+        if significance is not None:
+            cells.append(_interval_text(metric))
+        lines.append("| " + " | ".join(cells + [_verdict_text(metric)]) + " |")
+    regressions = comparison.coverage_regressions
+    if len(regressions):
+        lines += ["", f"{len(regressions)} cells ok in the baseline are now uncovered:"]
+        lines += [f"- {row.dataset} cell {row.cell} (id {row.cell_id})" for row in regressions.head(COVERAGE_LISTED).itertuples(index=False)]
+        if len(regressions) > COVERAGE_LISTED:
+            lines.append(f"- … and {len(regressions) - COVERAGE_LISTED} more")
+    return "\n".join(lines) + "\n"
+
+
+def compare_junit(comparison: Comparison) -> str:
+    """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset."""
+    cases: list[tuple[str, str, str | None]] = []
+    for metric in comparison.metrics:
+        if metric.gated:
+            failure = None
+            if metric.verdict == "regressed":
+                failure = (
+                    f"{metric.label}: {format_bps(metric.base)} → {format_bps(metric.new)} ({_delta_text(metric)},"
+                    f" tolerance {format_bps(metric.tolerance)}, interval {_interval_text(metric)})"
+                )
+            classname = "bpseval.overall" if metric.scope == "overall" else "bpseval.dataset"
+            cases.append((classname, metric.metric if metric.scope == "overall" else f"{metric.scope}.{metric.metric}", failure))
+    regressions = comparison.coverage_regressions
+    for dataset in comparison.coverage_regressions["dataset"].unique():
+        lost = regressions[regressions["dataset"] == dataset]
+        cases.append(("bpseval.coverage", str(dataset), f"{len(lost)} cells ok in the baseline are now uncovered: cells {', '.join(map(str, lost['cell']))}"))
+    for dataset in comparison.missing_datasets:
+        failure = None if comparison.settings.allow_missing_datasets else "dataset missing from the run"
+        cases.append(("bpseval.missing", dataset, failure))
+    suite = ElementTree.Element(
+        "testsuite", name="bpseval compare", tests=str(len(cases)), failures=str(sum(f is not None for *_, f in cases))
+    )
+    for classname, name, failure in cases:
+        case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name)
+        if failure is not None:
+            ElementTree.SubElement(case, "failure", message=failure).text = failure
+    return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,10 +14,10 @@ import pandas as pd
 
 from bpseval._version import __version__
 from bpseval.merge import RHAT_COPY_RTOL, MergedRun, merge_run
-from bpseval.stats import MIN_RATE, OK, cells_frame, mean_bps, pooled_bps, status_counts
+from bpseval.stats import MIN_RATE, OK, STAT_FIELDS, STATUSES, CellStats, cells_frame, mean_bps, pooled_bps, status_counts
 
-DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered"]
-CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "ll_gain", "bps", "status"]
+DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered", "identity"]
+CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Result:
                 "bps": _number(row.bps),
                 "bps_pooled": _number(row.bps_pooled),
                 "cells": {"ok": int(row.ok), "silent": int(row.silent), "uncovered": int(row.uncovered)},
+                "identity": row.identity,
             }
             for row in self.datasets.itertuples(index=False)
         ]
@@ -57,6 +59,7 @@ class Result:
                 "n_valid": int(row.n_valid),
                 "n": _number(row.n),
                 "spikes": _number(row.spikes),
+                "model_ll": _number(row.model_ll),
                 "ll_gain": _number(row.ll_gain),
                 "bps": _number(row.bps),
                 "status": row.status,
@@ -70,11 +73,46 @@ class Result:
             "ranks": self.ranks,
             "files": self.files,
             "settings": self.settings,
+            "identity": self.identity,
             "overall": {key: _plain(value) for key, value in self.overall.items()},
             "datasets": datasets,
             "cells": cells,
             "warnings": self.warnings,
         }
+
+    @property
+    def identity(self) -> str:
+        """Checksum of what was scored (datasets, cells, sample_idx): equal for runs that scored the same samples."""
+        digest = hashlib.sha256()
+        for name, identity in sorted(zip(self.datasets["name"], self.datasets["identity"])):
+            digest.update(f"{name}={identity};".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> Result:
+        """A Result back from its JSON document (`to_dict`); null values become NaN."""
+        datasets = pd.DataFrame(
+            [
+                {**{key: entry.get(key) for key in DATASET_COLUMNS if key not in STATUSES}, **entry["cells"]}
+                for entry in document["datasets"]
+            ],
+            columns=DATASET_COLUMNS,
+        )
+        cells = pd.DataFrame([{key: cell.get(key) for key in CELL_COLUMNS} for cell in document["cells"]], columns=CELL_COLUMNS)
+        for frame, columns in ((datasets, ("bps", "bps_pooled")), (cells, ("n", "spikes", "model_ll", "ll_gain", "bps"))):
+            for column in columns:
+                frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        overall = {key: (math.nan if value is None else value) for key, value in document["overall"].items()}
+        return cls(
+            step=document["step"],
+            world_size=document["world_size"],
+            files=list(document.get("files", [])),
+            settings=dict(document.get("settings", {})),
+            overall=overall,
+            datasets=datasets,
+            cells=cells,
+            warnings=list(document.get("warnings", [])),
+        )
 
     def to_json(self, indent: int | None = 2) -> str:
         """`to_dict` as strict JSON (no NaN or Infinity)."""
@@ -115,34 +153,37 @@ def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:
     ok cell (the others are listed in overall["datasets_without_ok_cells"]). bps_pooled pools
     ll_gain and spikes over covered cells. `clamp_negative` reproduces legacy numbers.
     """
-    cell_tables = []
+    sizes = [len(dataset.cell_ids) for dataset in run.datasets]
+    totals = [dataset.total for dataset in run.datasets]
+    stats = CellStats(*(np.concatenate([getattr(t, name) for t in totals]) for name in STAT_FIELDS)) if totals else CellStats.zeros(0)
+    all_cells = cells_frame(stats)
+    all_cells["cell"] = np.concatenate([np.arange(size) for size in sizes]) if sizes else np.zeros(0, dtype=np.int64)
+    all_cells.insert(0, "dataset", np.repeat([dataset.name for dataset in run.datasets], sizes).astype(object))
+    all_cells.insert(2, "cell_id", pd.Series([cell for d in run.datasets for cell in d.cell_ids.tolist()], dtype=object))
+    bps, ll_gain, spikes = (all_cells[column].to_numpy(float) for column in ("bps", "ll_gain", "spikes"))
+    status = all_cells["status"].to_numpy()
     dataset_rows = []
-    for dataset in run.datasets:
-        cells = cells_frame(dataset.total)
-        cells.insert(0, "dataset", dataset.name)
-        cells.insert(2, "cell_id", pd.Series(list(dataset.cell_ids), dtype=object))
-        cell_tables.append(cells)
-        status = cells["status"].to_numpy()
+    for dataset, start, stop in zip(run.datasets, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes)):
+        cells = slice(start, stop)
         dataset_rows.append(
             {
                 "name": dataset.name,
                 "samples": dataset.samples,
                 "duplicates_dropped": dataset.duplicates_dropped,
-                "bps": mean_bps(cells["bps"].to_numpy(), status, clamp_negative),
-                "bps_pooled": pooled_bps(cells["ll_gain"].to_numpy(), cells["spikes"].to_numpy(), status),
-                **status_counts(status),
+                "identity": dataset.identity,
+                "bps": mean_bps(bps[cells], status[cells], clamp_negative),
+                "bps_pooled": pooled_bps(ll_gain[cells], spikes[cells], status[cells]),
+                **status_counts(status[cells]),
             }
         )
-    all_cells = pd.concat(cell_tables, ignore_index=True) if cell_tables else pd.DataFrame(columns=CELL_COLUMNS)
     datasets = pd.DataFrame(dataset_rows, columns=DATASET_COLUMNS)
     scored = datasets[datasets[OK] > 0]
     overall_bps = float(scored["bps"].mean()) if len(scored) else math.nan
     if clamp_negative and math.isfinite(overall_bps):
         overall_bps = max(overall_bps, 0.0)
-    status = all_cells["status"].to_numpy()
     overall = {
         "bps": overall_bps,
-        "bps_pooled": pooled_bps(all_cells["ll_gain"].to_numpy(float), all_cells["spikes"].to_numpy(float), status),
+        "bps_pooled": pooled_bps(ll_gain, spikes, status),
         "datasets": int(len(scored)),
         "datasets_without_ok_cells": [str(name) for name in datasets.loc[datasets[OK] == 0, "name"]],
         "cells": status_counts(status),

@@ -29,6 +29,7 @@ from bpseval.errors import BpsevalError
 LN2 = math.log(2.0)
 MIN_RATE = 1e-9
 RATE_KINDS = ("rate", "log_rate")
+STAT_FIELDS = ("n_valid", "weight", "spikes", "model_ll")
 OK, SILENT, UNCOVERED = "ok", "silent", "uncovered"
 STATUSES = (OK, SILENT, UNCOVERED)
 
@@ -43,22 +44,22 @@ class CellStats:
     model_ll: np.ndarray
 
     @classmethod
-    def zeros(cls, n_cells: int) -> CellStats:
-        """Statistics of no sample at all."""
+    def zeros(cls, shape: int | tuple[int, ...]) -> CellStats:
+        """Statistics of no sample at all, for `shape` = cells or (blocks, cells)."""
         return cls(
-            n_valid=np.zeros(n_cells, dtype=np.int64),
-            weight=np.zeros(n_cells),
-            spikes=np.zeros(n_cells),
-            model_ll=np.zeros(n_cells),
+            n_valid=np.zeros(shape, dtype=np.int64),
+            weight=np.zeros(shape),
+            spikes=np.zeros(shape),
+            model_ll=np.zeros(shape),
         )
 
     @property
     def n_cells(self) -> int:
-        return len(self.n_valid)
+        return self.n_valid.shape[-1]
 
     def __add__(self, other: CellStats) -> CellStats:
-        if other.n_cells != self.n_cells:
-            raise BpsevalError(f"cannot add statistics of {other.n_cells} cells to statistics of {self.n_cells} cells")
+        if other.n_valid.shape != self.n_valid.shape:
+            raise BpsevalError(f"cannot add statistics of shape {other.n_valid.shape} to shape {self.n_valid.shape}")
         return CellStats(
             n_valid=self.n_valid + other.n_valid,
             weight=self.weight + other.weight,
@@ -245,8 +246,8 @@ def status_counts(status: np.ndarray) -> dict[str, int]:
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
     """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
 
-    Returns one row per cell with columns cell, n_valid, n, spikes, ll_gain, bps, status; bps is
-    NaN for silent and uncovered cells. Same code path as `bpseval compute`.
+    Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
+    status; bps is NaN for silent and uncovered cells. Same code path as `bpseval compute`.
     """
     if rate_kind not in RATE_KINDS:
         raise BpsevalError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
@@ -268,6 +269,7 @@ def cells_frame(stats: CellStats) -> pd.DataFrame:
             "n_valid": stats.n_valid,
             "n": stats.weight,
             "spikes": stats.spikes,
+            "model_ll": stats.model_ll,
             "ll_gain": scores.ll_gain,
             "bps": scores.bps,
             "status": scores.status.astype(object),

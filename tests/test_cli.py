@@ -217,6 +217,10 @@ BAD_INPUTS: dict[str, tuple[Setup, list[str]]] = {
     ),
     "negative robs": (_negative_robs, ["rank0.h5", "robs has 1 negative value (first at sample row 5, cell 4)"]),
     "dfs outside [0, 1]": (_dfs_out_of_range, ["rank0.h5", "dfs has 240 outside [0, 1] or NaN values"]),
+    "negative sample_idx": (
+        lambda run: _valid_shard(run / "rank0.h5", sample_idx=np.arange(40) - 1),
+        ["rank0.h5", "'Allen_2022-04-13'", "sample_idx has negative values (e.g. -1)"],
+    ),
     "conflicting duplicates": (
         _conflicting_duplicates,
         ["rank1.h5", "'Allen_2022-04-13'", "sample_idx 0 also appears in", "rank0.h5", "different robs"],
@@ -312,7 +316,7 @@ def test_compute_does_not_import_torch(tmp_path):
     assert "overall" in completed.stdout
 
 
-@pytest.mark.parametrize("command", ["compute", "coverage", "plan"])
+@pytest.mark.parametrize("command", ["compute", "coverage", "plan", "baseline", "compare"])
 def test_readme_usage_line_lists_exactly_the_options_of_each_command(invoke, command):
     readme = (REPO / "README.md").read_text()
     usage = re.search(rf"^bpseval {command} .*$", readme, flags=re.MULTILINE)

@@ -1,0 +1,378 @@
+"""Compare a run with a baseline: tolerances, coverage, and bootstrap intervals that know the noise.
+
+A metric regresses when `new < base - (atol + rtol * |base|)`; with a significance level, the
+drop must also be significant: its bootstrap interval of the change lies below 0. When both
+sides are run directories that scored the same samples, the bootstrap is paired: the two models'
+per-cell statistics are resampled together over contiguous blocks of sample_idx, so the noise of
+the data cancels and only the difference between the models remains. Otherwise (a baseline JSON,
+or different samples) the bootstrap resamples cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bpseval.errors import BpsevalError
+from bpseval.merge import MergedDataset, MergedRun, merge_run
+from bpseval.result import Result, build_result
+from bpseval.stats import LN2, OK, UNCOVERED
+
+BASELINE_FORMAT = "bpseval-baseline"
+BASELINE_FORMAT_VERSION = 1
+REGRESSED, IMPROVED, UNCHANGED, UNDEFINED = "regressed", "improved", "unchanged", "undefined"
+OVERALL = "overall"
+
+
+# ----------------------------------------------------------------------------------------------
+# The two sides
+
+
+@dataclass
+class Side:
+    """One side of a comparison: its scores and, for a run directory, its per-block statistics."""
+
+    label: str
+    result: Result
+    run: MergedRun | None = None
+
+
+def baseline_document(result: Result) -> dict[str, Any]:
+    """The baseline file: the `compute` JSON (with per-cell sufficient statistics and identity checksums)."""
+    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
+
+
+def load_run(run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None) -> Side:
+    """A run directory as a comparison side, with per-block statistics when `blocks` is given."""
+    run = merge_run(run_dir, step, blocks=blocks)
+    return Side(str(run_dir), build_result(run), run)
+
+
+def load_baseline(path: str | os.PathLike[str], blocks: int | None = None) -> Side:
+    """A baseline: a run directory, or a JSON file written by `bpseval baseline` or `compute --json`."""
+    source = Path(path)
+    if source.is_dir():
+        return load_run(source, blocks=blocks)
+    try:
+        document = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BpsevalError(f"{source}: cannot read the baseline ({error}). Write one with `bpseval baseline RUN -o FILE`.") from None
+    if not isinstance(document, dict) or "overall" not in document or "datasets" not in document:
+        raise BpsevalError(f"{source}: not a bpseval baseline (no 'overall' and 'datasets'). Write one with `bpseval baseline`.")
+    fmt, version = document.get("format", BASELINE_FORMAT), document.get("format_version", BASELINE_FORMAT_VERSION)
+    if fmt != BASELINE_FORMAT or version != BASELINE_FORMAT_VERSION:
+        raise BpsevalError(
+            f"{source}: baseline format {fmt!r} version {version} is not supported (this bpseval reads"
+            f" {BASELINE_FORMAT!r} version {BASELINE_FORMAT_VERSION}); recreate it with `bpseval baseline`."
+        )
+    try:
+        return Side(str(source), Result.from_dict(document))
+    except (KeyError, TypeError, ValueError) as error:
+        raise BpsevalError(f"{source}: the baseline is incomplete or damaged ({error!r}); recreate it with `bpseval baseline`.") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and outcome
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """Tolerances and the statistical gate of `bpseval compare`."""
+
+    atol: float = 0.0
+    rtol: float = 0.01
+    dataset_atol: float | None = None
+    dataset_rtol: float | None = None
+    metric: str = "both"
+    allow_missing_datasets: bool = False
+    significance: float | None = None
+    blocks: int = 100
+    bootstrap: int = 2000
+    seed: int = 0
+
+    def tolerance(self, scope: str, base: float) -> float:
+        if scope == OVERALL:
+            atol, rtol = self.atol, self.rtol
+        else:
+            atol = self.atol if self.dataset_atol is None else self.dataset_atol
+            rtol = self.rtol if self.dataset_rtol is None else self.dataset_rtol
+        return atol + rtol * abs(base)
+
+    def gates(self, scope: str, metric: str) -> bool:
+        """Overall metrics gate as `metric` says; every dataset's bps gates."""
+        if scope != OVERALL:
+            return metric == "bps"
+        return self.metric in ("both", metric)
+
+
+@dataclass
+class MetricComparison:
+    """One compared number, with its verdict."""
+
+    scope: str
+    metric: str
+    base: float
+    new: float
+    tolerance: float
+    interval: tuple[float, float] | None
+    gated: bool
+    verdict: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.scope} {self.metric}" if self.scope == OVERALL else f"dataset {self.scope!r} {self.metric}"
+
+    @property
+    def delta(self) -> float:
+        return self.new - self.base
+
+
+@dataclass
+class Comparison:
+    """Everything `bpseval compare` reports; `passed` decides the exit code."""
+
+    baseline: str
+    run: str
+    mode: str
+    settings: CompareSettings
+    metrics: list[MetricComparison]
+    coverage_regressions: pd.DataFrame
+    missing_datasets: list[str]
+    new_datasets: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reasons(self) -> list[str]:
+        """What regressed, one short phrase each."""
+        reasons = [m.label for m in self.metrics if m.gated and m.verdict == REGRESSED]
+        if len(self.coverage_regressions):
+            count = len(self.coverage_regressions)
+            reasons.append(f"{count} cell{'s' if count != 1 else ''} ok in the baseline now uncovered")
+        if self.missing_datasets and not self.settings.allow_missing_datasets:
+            reasons.append(f"dataset{'s' if len(self.missing_datasets) != 1 else ''} missing: {', '.join(self.missing_datasets)}")
+        return reasons
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of `bpseval compare --json` (null for undefined values)."""
+        return {
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "baseline": self.baseline,
+            "run": self.run,
+            "mode": self.mode,
+            "settings": self.settings.__dict__,
+            "metrics": [
+                {
+                    "scope": m.scope,
+                    "metric": m.metric,
+                    "baseline": _finite(m.base),
+                    "new": _finite(m.new),
+                    "delta": _finite(m.delta),
+                    "tolerance": _finite(m.tolerance),
+                    "interval": None if m.interval is None else [_finite(v) for v in m.interval],
+                    "gated": m.gated,
+                    "verdict": m.verdict,
+                }
+                for m in self.metrics
+            ],
+            "coverage_regressions": [
+                {"dataset": row.dataset, "cell": int(row.cell), "cell_id": _plain_id(row.cell_id)}
+                for row in self.coverage_regressions.itertuples(index=False)
+            ],
+            "missing_datasets": self.missing_datasets,
+            "new_datasets": self.new_datasets,
+            "notes": self.notes,
+        }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _plain_id(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing
+
+
+def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
+    """Compare `new` with `base`: every gated metric, coverage, missing datasets, and intervals."""
+    new_names, base_names = list(new.result.datasets["name"]), list(base.result.datasets["name"])
+    shared = [name for name in base_names if name in set(new_names)]
+    if not shared:
+        raise BpsevalError(
+            f"{new.label} and {base.label} share no dataset (run: {', '.join(new_names) or 'none'}; baseline:"
+            f" {', '.join(base_names) or 'none'}); compare runs of the same model family."
+        )
+    notes: list[str] = []
+    mode, intervals = "tolerance", {}
+    if settings.significance is not None:
+        mode = "paired" if _can_pair(new, base, shared) else "cells"
+        if mode == "cells" and new.run is not None and base.run is not None:
+            notes.append("the runs did not score the same samples (sample_idx or cells differ): bootstrap over cells")
+        rng = np.random.default_rng(settings.seed)
+        bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
+        intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
+    metrics = [
+        _compare_metric(OVERALL, metric, base.result.overall[metric], new.result.overall[metric], intervals, settings)
+        for metric in ("bps", "bps_pooled")
+    ]
+    new_rows, base_rows = new.result.datasets.set_index("name"), base.result.datasets.set_index("name")
+    metrics += [
+        _compare_metric(name, "bps", base_rows.at[name, "bps"], new_rows.at[name, "bps"], intervals, settings)
+        for name in shared
+    ]
+    return Comparison(
+        baseline=base.label,
+        run=new.label,
+        mode=mode,
+        settings=settings,
+        metrics=metrics,
+        coverage_regressions=_coverage_regressions(new.result.cells, base.result.cells, shared),
+        missing_datasets=[name for name in base_names if name not in set(new_names)],
+        new_datasets=[name for name in new_names if name not in set(base_names)],
+        notes=notes,
+    )
+
+
+def _compare_metric(
+    scope: str, metric: str, base: float, new: float, intervals: dict, settings: CompareSettings
+) -> MetricComparison:
+    base, new = float(base), float(new)
+    tolerance = settings.tolerance(scope, base) if math.isfinite(base) else math.nan
+    interval = intervals.get((scope, metric))
+    if not (math.isfinite(base) and math.isfinite(new)):
+        verdict = UNDEFINED
+    elif new - base < -tolerance and (interval is None or interval[1] < 0):
+        verdict = REGRESSED
+    elif new - base > tolerance and (interval is None or interval[0] > 0):
+        verdict = IMPROVED
+    else:
+        verdict = UNCHANGED
+    return MetricComparison(scope, metric, base, new, tolerance, interval, settings.gates(scope, metric), verdict)
+
+
+def _coverage_regressions(new_cells: pd.DataFrame, base_cells: pd.DataFrame, shared: list[str]) -> pd.DataFrame:
+    """Cells `ok` in the baseline and `uncovered` now, matched by dataset and cell_id."""
+    base_ok = base_cells.loc[(base_cells["status"] == OK) & base_cells["dataset"].isin(shared), ["dataset", "cell", "cell_id"]]
+    now_uncovered = new_cells.loc[new_cells["status"] == UNCOVERED, ["dataset", "cell_id"]]
+    lost = set(zip(now_uncovered["dataset"], now_uncovered["cell_id"].astype(str)))
+    keys = zip(base_ok["dataset"], base_ok["cell_id"].astype(str))
+    return base_ok[[key in lost for key in keys]].reset_index(drop=True)
+
+
+def _can_pair(new: Side, base: Side, shared: list[str]) -> bool:
+    """Both are run directories that scored the same samples of every shared dataset, by sample_idx."""
+    if new.run is None or base.run is None:
+        return False
+    new_sets, base_sets = ({d.name: d for d in side.run.datasets} for side in (new, base))
+    return all(_same_samples(new_sets[name], base_sets[name]) for name in shared)
+
+
+def _same_samples(new: MergedDataset, base: MergedDataset) -> bool:
+    """Same sample_idx and cells, and the same valid entries and spikes in every block."""
+    if new.per_block is None or base.per_block is None or new.identity != base.identity:
+        return False
+    return bool(
+        np.array_equal(new.per_block.n_valid, base.per_block.n_valid)
+        and np.allclose(new.per_block.spikes, base.per_block.spikes, rtol=1e-12, atol=0.0)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstraps: each returns, per (scope, metric), the bootstrap replicates of new - base.
+
+
+def _intervals(replicates: dict[tuple[str, str], np.ndarray], significance: float) -> dict[tuple[str, str], tuple[float, float]]:
+    """Two-sided percentile intervals at level 1 - significance (replicates that are NaN are dropped)."""
+    intervals = {}
+    for key, values in replicates.items():
+        values = values[np.isfinite(values)]
+        if len(values):
+            low, high = np.quantile(values, [significance / 2, 1 - significance / 2])
+            intervals[key] = (float(low), float(high))
+    return intervals
+
+
+def _resampling_counts(rng: np.random.Generator, replicates: int, size: int) -> np.ndarray:
+    """How often each of `size` units is drawn, for each bootstrap replicate: shape (replicates, size)."""
+    return rng.multinomial(size, np.full(size, 1.0 / size), size=replicates).astype(np.float64)
+
+
+def _paired_bootstrap(
+    new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
+) -> dict[tuple[str, str], np.ndarray]:
+    """Resample blocks of samples; both models are scored on the same resampled data."""
+    assert new.run is not None and base.run is not None
+    new_sets, base_sets = ({d.name: d for d in side.run.datasets} for side in (new, base))
+    replicates: dict[tuple[str, str], np.ndarray] = {}
+    dataset_deltas, gain_deltas, spike_totals = [], [], []
+    for name in shared:
+        blocks_new, blocks_base = new_sets[name].per_block, base_sets[name].per_block
+        assert blocks_new is not None and blocks_base is not None
+        counts = _resampling_counts(rng, settings.bootstrap, blocks_new.n_valid.shape[0])
+        n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes
+        gain = counts @ (blocks_new.model_ll - blocks_base.model_ll)  # the null model is the same: it cancels
+        ok, covered = (n_valid > 0) & (spikes > 0), n_valid > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_cell = np.where(ok, gain / (np.where(ok, spikes, 1.0) * LN2), 0.0)
+            replicates[(name, "bps")] = per_cell.sum(axis=1) / ok.sum(axis=1)
+        dataset_deltas.append(replicates[(name, "bps")])
+        gain_deltas.append(np.where(covered, gain, 0.0).sum(axis=1))
+        spike_totals.append(np.where(covered, spikes, 0.0).sum(axis=1))
+    replicates[(OVERALL, "bps")] = np.nanmean(np.stack(dataset_deltas), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        replicates[(OVERALL, "bps_pooled")] = np.sum(gain_deltas, axis=0) / (LN2 * np.sum(spike_totals, axis=0))
+    return replicates
+
+
+def _cells_bootstrap(
+    new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
+) -> dict[tuple[str, str], np.ndarray]:
+    """Resample each dataset's cells (the same draw on both sides when their cells match)."""
+    replicates: dict[tuple[str, str], np.ndarray] = {}
+    means = {"new": [], "base": []}
+    pooled = {"new": ([], []), "base": ([], [])}
+    for name in shared:
+        cells = {side: frame[frame["dataset"] == name] for side, frame in (("new", new.result.cells), ("base", base.result.cells))}
+        same_cells = list(cells["new"]["cell_id"].astype(str)) == list(cells["base"]["cell_id"].astype(str))
+        shared_draw = _resampling_counts(rng, settings.bootstrap, len(cells["new"])) if same_cells else None
+        dataset_means = {}
+        for side, frame in cells.items():
+            counts = shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, len(frame))
+            ok = (frame["status"] == OK).to_numpy()
+            covered = (frame["status"] != UNCOVERED).to_numpy()
+            bps = np.where(ok, frame["bps"].to_numpy(float), 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dataset_means[side] = (counts @ bps) / (counts @ ok.astype(float))
+            pooled[side][0].append(counts @ np.where(covered, frame["ll_gain"].to_numpy(float), 0.0))
+            pooled[side][1].append(counts @ np.where(covered, frame["spikes"].to_numpy(float), 0.0))
+            means[side].append(dataset_means[side])
+        replicates[(name, "bps")] = dataset_means["new"] - dataset_means["base"]
+    overall = {side: np.nanmean(np.stack(means[side]), axis=0) for side in means}
+    replicates[(OVERALL, "bps")] = overall["new"] - overall["base"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled_values = {side: np.sum(gains, axis=0) / (LN2 * np.sum(spikes, axis=0)) for side, (gains, spikes) in pooled.items()}
+    replicates[(OVERALL, "bps_pooled")] = pooled_values["new"] - pooled_values["base"]
+    return replicates
+
+
+def compare_paths(
+    run_dir: str | os.PathLike[str], baseline: str | os.PathLike[str], settings: CompareSettings, step: int | None = None
+) -> Comparison:
+    """Load both sides (with block statistics only when a paired test may be needed) and compare."""
+    blocks = settings.blocks if settings.significance is not None else None
+    return compare(load_run(run_dir, step, blocks), load_baseline(baseline, blocks), settings)
