@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bpseval._version import __version__
 from bpseval.errors import BpsevalError
@@ -27,11 +28,13 @@ from bpseval.report import (
     render_compare,
     render_compute,
     render_coverage,
+    merge_progress,
     render_plan,
+    render_runs,
     write_csv,
     write_text,
 )
-from bpseval.result import evaluate
+from bpseval.result import evaluate, runs_frame
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -84,9 +87,25 @@ JsonPath = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=
 CsvPath = Annotated[Optional[str], typer.Option("--csv", metavar="PATH", help="Write the per-cell table as CSV.")]
 
 
+Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Processes that merge datasets in parallel.")]
+Scheduler = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", metavar="ADDRESS", help="Merge on a Dask cluster: its scheduler address, or [bold]local[/]."),
+]
+RunDirs = Annotated[
+    Optional[list[Path]], typer.Argument(help="Run directories (default: .); several give one row per run.", show_default=False)
+]
+
+
+class SortKey(str, Enum):
+    run = "run"
+    bps = "bps"
+    bps_pooled = "bps_pooled"
+
+
 @app.command()
 def compute(
-    run_dir: RunDir = Path("."),
+    run_dirs: RunDirs = None,
     step: Step = None,
     json_path: JsonPath = None,
     csv_path: CsvPath = None,
@@ -97,19 +116,36 @@ def compute(
             help="Reproduce legacy training-loop numbers: clamp each cell's bps at 0 before the means.",
         ),
     ] = False,
+    sort: Annotated[SortKey, typer.Option("--sort", help="Order of the runs when several are given.")] = SortKey.run,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
+    paths = run_dirs or [Path(".")]
     with bad_input_exits():
-        result = evaluate(run_dir, step, clamp_negative=clamp_negative)
+        results = {}
+        for path in paths:
+            with merge_progress(f"{path}") as on_progress:
+                results[str(path)] = evaluate(
+                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+                )
+        table = runs_frame(results, sort.value)
         if csv_path is not None:
-            write_csv(result.cells, csv_path)
+            write_csv(next(iter(results.values())).cells if len(results) == 1 else table, csv_path)
         if json_path is not None:
-            write_text(result.to_json(), json_path)
+            documents = [{"run": run, **result.to_dict()} for run, result in results.items()]
+            text = json.dumps(documents[0] if len(documents) == 1 else {"runs": documents}, indent=2, allow_nan=False)
+            write_text(text, json_path)
     errors = stderr_console()
-    for warning in result.warnings:
-        errors.print(f"[yellow]Warning:[/] {warning}", highlight=False)
+    for run, result in results.items():
+        for warning in result.warnings:
+            where = f"{run}: " if len(results) > 1 else ""
+            errors.print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
     if "-" not in (json_path, csv_path):
-        render_compute(result, Console(highlight=False))
+        if len(results) == 1:
+            render_compute(next(iter(results.values())), Console(highlight=False))
+        else:
+            render_runs(table, Console(highlight=False))
 
 
 MinSamples = Annotated[int, typer.Option("--min-samples", min=0, help="Flag cells with fewer valid samples than this.")]
@@ -125,10 +161,14 @@ def coverage(
     step: Step = None,
     json_path: JsonPath = None,
     csv_path: CsvPath = None,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
-    with bad_input_exits():
-        report = check_coverage(run_dir, min_samples, step=step, min_spikes=min_spikes)
+    with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
+        report = check_coverage(
+            run_dir, min_samples, step=step, min_spikes=min_spikes, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+        )
         if csv_path is not None:
             write_csv(report.cells, csv_path)
         if json_path is not None:
@@ -181,10 +221,12 @@ def baseline(
     run_dir: RunDir = Path("."),
     output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Baseline file to write ([bold]-[/] = stdout).")] = "baseline.json",
     step: Step = None,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
 ) -> None:
     """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
-    with bad_input_exits():
-        result = evaluate(run_dir, step)
+    with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
+        result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
         write_text(json.dumps(baseline_document(result), indent=2, allow_nan=False), output)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
@@ -219,6 +261,8 @@ def compare(
     json_path: JsonPath = None,
     markdown_path: Annotated[Optional[str], typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY).")] = None,
     junit_path: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")] = None,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric or coverage regressed."""
     settings = CompareSettings(
@@ -227,7 +271,7 @@ def compare(
         bootstrap=bootstrap, seed=seed,
     )
     with bad_input_exits():
-        comparison = compare_paths(run_dir, baseline_path, settings, step)
+        comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
         for path, text in ((json_path, json.dumps(comparison.to_dict(), indent=2, allow_nan=False)),
                            (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
             if path is not None:

@@ -49,17 +49,19 @@ def baseline_document(result: Result) -> dict[str, Any]:
     return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
 
 
-def load_run(run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None) -> Side:
+def load_run(
+    run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None, **merge_options: Any
+) -> Side:
     """A run directory as a comparison side, with per-block statistics when `blocks` is given."""
-    run = merge_run(run_dir, step, blocks=blocks)
+    run = merge_run(run_dir, step, blocks=blocks, **merge_options)
     return Side(str(run_dir), build_result(run), run)
 
 
-def load_baseline(path: str | os.PathLike[str], blocks: int | None = None) -> Side:
+def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **merge_options: Any) -> Side:
     """A baseline: a run directory, or a JSON file written by `bpseval baseline` or `compute --json`."""
     source = Path(path)
     if source.is_dir():
-        return load_run(source, blocks=blocks)
+        return load_run(source, blocks=blocks, **merge_options)
     try:
         document = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -371,8 +373,12 @@ def _cells_bootstrap(
 
 
 def compare_paths(
-    run_dir: str | os.PathLike[str], baseline: str | os.PathLike[str], settings: CompareSettings, step: int | None = None
+    run_dir: str | os.PathLike[str],
+    baseline: str | os.PathLike[str],
+    settings: CompareSettings,
+    step: int | None = None,
+    **merge_options: Any,
 ) -> Comparison:
     """Load both sides (with block statistics only when a paired test may be needed) and compare."""
     blocks = settings.blocks if settings.significance is not None else None
-    return compare(load_run(run_dir, step, blocks), load_baseline(baseline, blocks), settings)
+    return compare(load_run(run_dir, step, blocks, **merge_options), load_baseline(baseline, blocks, **merge_options), settings)

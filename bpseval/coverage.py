@@ -103,7 +103,12 @@ def coverage_report(run: MergedRun, min_samples: int, min_spikes: float | None =
 
 
 def check_coverage(
-    run_dir: str | os.PathLike[str], min_samples: int, *, step: int | None = None, min_spikes: float | None = None
+    run_dir: str | os.PathLike[str],
+    min_samples: int,
+    *,
+    step: int | None = None,
+    min_spikes: float | None = None,
+    **merge_options: Any,
 ) -> CoverageReport:
-    """Merge one step of `run_dir` (default: the latest) and report its coverage."""
-    return coverage_report(merge_run(run_dir, step), min_samples, min_spikes)
+    """Merge one step of `run_dir` (default: the latest) and report its coverage (`merge_options`: see merge_run)."""
+    return coverage_report(merge_run(run_dir, step, **merge_options), min_samples, min_spikes)

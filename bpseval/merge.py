@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bpseval.errors import BpsevalError
+from bpseval.parallel import run_tasks
 from bpseval.shard import (
     DatasetLayout,
     RowChunk,
@@ -23,8 +25,9 @@ from bpseval.shard import (
     iter_rows,
     read_header,
     read_sample_idx,
+    read_stats,
 )
-from bpseval.stats import MIN_RATE, STAT_FIELDS, CellStats, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
+from bpseval.stats import MIN_RATE, CellStats, add_by_block, pad_blocks, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
@@ -46,6 +49,7 @@ class MergedDataset:
     """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
     per_block: CellStats | None = None
     """(blocks, cells) statistics by contiguous sample_idx block, when asked for and sample_idx is present."""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> CellStats:
@@ -116,19 +120,54 @@ def select_step(headers: list[ShardHeader], step: int | None, run_dir: Path) -> 
     return [by_rank[rank] for rank in range(world_size)]
 
 
-def merge_run(run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None) -> MergedRun:
+def merge_run(
+    run_dir: str | os.PathLike[str],
+    step: int | None = None,
+    blocks: int | None = None,
+    *,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> MergedRun:
     """Find, check and merge the shards of one step of a run.
 
     With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
-    paired bootstrap of `bpseval compare`); datasets without sample_idx get none.
+    paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
+    merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
     """
     root = Path(run_dir)
     headers = [read_header(path) for path in find_shards(root)]
     shards = select_step(headers, step, root)
-    warnings: list[str] = []
-    datasets = [
-        _merge_dataset(name, parts, len(shards), warnings, blocks) for name, parts in _dataset_parts(shards).items()
-    ]
+    stores = sorted({header.store for header in shards})
+    if len(stores) > 1:
+        raise BpsevalError(
+            f"{root}: step {shards[0].step} mixes raw and stats-only shards"
+            f" ({', '.join(f'{h.path}: {h.store}' for h in shards)}); write one kind per step."
+        )
+    parts = _dataset_parts(shards)
+    sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
+    done = [0]
+
+    def finished(index: int) -> None:
+        done[0] += sizes[index]
+        if on_progress:
+            on_progress(done[0], sum(sizes))
+
+    datasets = run_tasks(
+        _merge_dataset,
+        [(name, group, len(shards), blocks) for name, group in parts.items()],
+        jobs=jobs,
+        scheduler=scheduler,
+        costs=sizes,
+        on_done=finished,
+    )
+    warnings = [warning for dataset in datasets for warning in dataset.warnings]
+    if stores == ["stats"]:
+        warnings.append(
+            "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"
+            " each writer dropped repeats on its own rank only."
+        )
     return MergedRun(root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
 
 
@@ -141,11 +180,16 @@ def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeade
     for name, group in parts.items():
         first_header, first = group[0]
         for header, layout in group[1:]:
-            _check_agree(name, first_header.path, first, header.path, layout)
+            check_agree(name, first_header.path, first, header.path, layout)
     return dict(sorted(parts.items()))
 
 
-def _check_agree(name: str, path_a: Path, a: DatasetLayout, path_b: Path, b: DatasetLayout) -> None:
+def check_agree(name: str, path_a: Path | str, a: DatasetLayout, path_b: Path | str, b: DatasetLayout) -> None:
+    """Raise BpsevalError unless two ranks' layouts of dataset `name` can be merged.
+
+    They must agree on the number of cells, cell_ids, rate_kind and whether sample_idx is given.
+    `path_a`/`path_b` name the two sources in the message (a shard, or a rank for the online metric).
+    """
     where = f"dataset {name!r}"
     if a.n_cells != b.n_cells:
         raise BpsevalError(
@@ -156,6 +200,8 @@ def _check_agree(name: str, path_a: Path, a: DatasetLayout, path_b: Path, b: Dat
     ids_b = b.cell_ids if b.cell_ids is not None else np.arange(b.n_cells)
     if ids_a.dtype.kind != ids_b.dtype.kind or not np.array_equal(ids_a, ids_b):
         raise BpsevalError(f"{path_b}: {where} has cell_ids that differ from those in {path_a}.")
+    if a.block_size != b.block_size:
+        raise BpsevalError(f"{path_b}: {where} has stats blocks of {b.block_size} samples but {path_a} of {a.block_size}.")
     if a.rate_kind != b.rate_kind:
         raise BpsevalError(f"{path_b}: {where} has rate_kind {b.rate_kind!r} but {path_a} has {a.rate_kind!r}.")
     if a.has_sample_idx != b.has_sample_idx:
@@ -167,15 +213,14 @@ def _check_agree(name: str, path_a: Path, a: DatasetLayout, path_b: Path, b: Dat
 
 
 def _merge_dataset(
-    name: str,
-    parts: list[tuple[ShardHeader, DatasetLayout]],
-    world_size: int,
-    warnings: list[str],
-    blocks: int | None = None,
+    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, blocks: int | None = None
 ) -> MergedDataset:
+    """Stream every rank's rows of one dataset once (duplicates dropped) into per-rank statistics."""
     first = parts[0][1]
     n_cells = first.n_cells
     cell_ids = first.cell_ids if first.cell_ids is not None else np.arange(n_cells)
+    if first.store == "stats":
+        return _merge_stats_dataset(name, parts, world_size, cell_ids)
     dedup = _Deduplicator(name, parts) if first.has_sample_idx else None
     per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
     per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
@@ -188,11 +233,13 @@ def _merge_dataset(
                 if per_block is None:
                     per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
                 else:
-                    per_rank[header.rank] += _add_by_block(per_block, chunk, dedup.span, layout.rate_kind)
+                    block_ids = chunk.sample_idx * blocks // dedup.span
+                    per_block, total = add_by_block(
+                        per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
+                    )
+                    per_rank[header.rank] += total
             except InvalidValuesError as error:
                 raise _invalid_values_error(header.path, layout, chunk, error, chunk_rows) from None
-    if dedup is not None and dedup.rhat_mismatch:
-        warnings.append(dedup.rhat_mismatch_message())
     total_rows = sum(layout.n_rows for _, layout in parts)
     dropped = dedup.dropped if dedup is not None else 0
     return MergedDataset(
@@ -204,23 +251,34 @@ def _merge_dataset(
         duplicates_dropped=dropped,
         identity=_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
         per_block=per_block,
+        warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
     )
 
 
-def _add_by_block(per_block: CellStats, chunk: RowChunk, span: int, rate_kind: str) -> CellStats:
-    """Add a chunk's statistics to its sample_idx blocks; returns the chunk's total."""
-    assert chunk.sample_idx is not None
-    n_blocks = per_block.n_valid.shape[0]
-    block_of_row = chunk.sample_idx * n_blocks // span
-    total = CellStats.zeros(per_block.n_cells)
-    for block in np.unique(block_of_row):
-        rows = block_of_row == block
-        weights = None if chunk.weights is None else chunk.weights[rows]
-        stats = batch_stats(chunk.rhat[rows], chunk.robs[rows], weights, rate_kind)
-        for field in STAT_FIELDS:
-            getattr(per_block, field)[block] += getattr(stats, field)
-        total += stats
-    return total
+def _merge_stats_dataset(
+    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, cell_ids: np.ndarray
+) -> MergedDataset:
+    """Add up the stored sums of stats-only shards; their block statistics add up block by block."""
+    per_rank = [CellStats.zeros(len(cell_ids)) for _ in range(world_size)]
+    per_block: CellStats | None = None
+    for header, layout in parts:
+        per_rank[header.rank], blocks = read_stats(header.path, layout)
+        if blocks is not None:
+            if per_block is None:
+                per_block = blocks
+            else:
+                n_blocks = max(per_block.n_valid.shape[0], blocks.n_valid.shape[0])
+                per_block = pad_blocks(per_block, n_blocks) + pad_blocks(blocks, n_blocks)
+    return MergedDataset(
+        name=name,
+        cell_ids=cell_ids,
+        rate_kind=parts[0][1].rate_kind,
+        per_rank=per_rank,
+        samples=sum(layout.n_rows for _, layout in parts),
+        duplicates_dropped=sum(layout.duplicates_dropped for _, layout in parts),
+        identity=_identity(name, cell_ids, None, sum(layout.n_rows for _, layout in parts)),
+        per_block=per_block,
+    )
 
 
 def _identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | None, rows: int) -> str:

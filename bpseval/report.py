@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 from xml.etree import ElementTree
@@ -11,6 +13,7 @@ from xml.etree import ElementTree
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from bpseval.compare import Comparison, MetricComparison
@@ -74,6 +77,29 @@ def _render_cells_with_status(cells: pd.DataFrame, status: str, console: Console
         shown = ", ".join(str(cell) for cell in group["cell"].head(CELLS_LISTED_PER_DATASET))
         more = len(group) - CELLS_LISTED_PER_DATASET
         console.print(f"  {escape(str(dataset))}: cell {shown}" + (f" (+{more} more)" if more > 0 else ""))
+
+
+def render_runs(runs: pd.DataFrame, console: Console) -> None:
+    """Several runs side by side: overall and per-dataset bps, one row per run."""
+    table = Table(title="Bits per spike by run", title_justify="left")
+    for column in runs.columns:
+        table.add_column(escape(column), justify="left" if column == "run" else "right", no_wrap=column == "run")
+    for row in runs.itertuples(index=False):
+        table.add_row(*(format_bps(v) if isinstance(v, float) else escape(str(v)) for v in row))
+    console.print(table)
+
+
+@contextmanager
+def merge_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A Rich progress bar on stderr (only on a terminal): bytes merged, rate and time left."""
+    console = Console(file=sys.stderr)
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("merging {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(escape(label), total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def write_text(text: str, path: str, stdout: TextIO | None = None) -> None:

@@ -141,9 +141,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def evaluate(run_dir: str | os.PathLike[str], step: int | None = None, *, clamp_negative: bool = False) -> Result:
-    """Merge the shards of one step of `run_dir` (default: the latest step) and score them exactly."""
-    return build_result(merge_run(run_dir, step), clamp_negative=clamp_negative)
+def evaluate(
+    run_dir: str | os.PathLike[str], step: int | None = None, *, clamp_negative: bool = False, **merge_options: Any
+) -> Result:
+    """Merge the shards of one step of `run_dir` (default: the latest step) and score them exactly.
+
+    `merge_options` go to `merge_run`: `jobs`, `scheduler`, `on_progress`.
+    """
+    return build_result(merge_run(run_dir, step, **merge_options), clamp_negative=clamp_negative)
 
 
 def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:
@@ -198,3 +203,20 @@ def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:
         cells=all_cells[CELL_COLUMNS],
         warnings=list(run.warnings),
     )
+
+
+def runs_frame(results: dict[str, Result], sort: str = "run") -> pd.DataFrame:
+    """One row per run: step, overall bps and bps_pooled, cell counts, then each dataset's bps.
+
+    `sort` is "run" (by name) or a metric ("bps", "bps_pooled": best first).
+    """
+    rows = []
+    for run, result in results.items():
+        row = {"run": run, "step": result.step, "bps": result.overall["bps"], "bps_pooled": result.overall["bps_pooled"]}
+        row.update(result.overall["cells"])
+        row.update({f"bps[{name}]": bps for name, bps in zip(result.datasets["name"], result.datasets["bps"])})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if sort == "run":
+        return frame.sort_values("run", kind="stable").reset_index(drop=True)
+    return frame.sort_values(sort, ascending=False, na_position="last", kind="stable").reset_index(drop=True)

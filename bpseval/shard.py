@@ -23,11 +23,14 @@ import numpy as np
 from bpseval._version import __version__
 from bpseval._arrays import to_numpy
 from bpseval.errors import BpsevalError
-from bpseval.stats import RATE_KINDS, as_weights
+from bpseval.stats import RATE_KINDS, STAT_FIELDS, CellStats, add_by_block, as_weights, batch_stats
 
 FORMAT = "bpseval-shard"
 FORMAT_VERSION = 1
 DATASETS_GROUP = "datasets"
+STORES = ("raw", "stats")
+DEFAULT_BLOCK_SIZE = 500
+"""Samples per block of a stats-only shard (100 blocks for a 50,000-sample validation set)."""
 CHUNK_BYTES = (1 << 14, 1 << 18)
 """Smallest and largest HDF5 chunk ShardWriter writes; within them a chunk holds one batch.
 
@@ -66,6 +69,11 @@ class ShardWriter:
     resizable HDF5 datasets, so memory stays bounded by one batch. The file is written under a
     hidden `.tmp` name and renamed on a clean exit; after an exception the partial file is
     deleted, so a reader never sees a half-written shard.
+
+    `store="stats"` writes per-cell sufficient statistics instead of raw arrays (a few KB per
+    dataset): in total, and per block of `block_size` consecutive sample_idx for the paired
+    bootstrap of `bpseval compare`. Samples repeated on this rank are dropped by sample_idx;
+    repeats across ranks cannot be seen any more and are not checked.
     """
 
     def __init__(
@@ -75,7 +83,13 @@ class ShardWriter:
         world_size: int,
         step: int = 0,
         run_id: str | None = None,
+        store: str = "raw",
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
+        if store not in STORES:
+            raise ValueError(f"ShardWriter: store must be one of {STORES}, not {store!r}")
+        if block_size < 1:
+            raise ValueError(f"ShardWriter: block_size must be >= 1, got {block_size}")
         for name, value in (("rank", rank), ("world_size", world_size), ("step", step)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"ShardWriter: {name} must be an int, not {value!r}")
@@ -86,8 +100,10 @@ class ShardWriter:
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
         self.path = shard_path(run_dir, self.step, self.rank)
         self._tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self.store, self.block_size = store, int(block_size)
         self._file: h5py.File | None = None
         self._layouts: dict[str, _Layout] = {}
+        self._stats: dict[str, _RankStats] = {}
 
     @classmethod
     def from_process_group(
@@ -123,6 +139,7 @@ class ShardWriter:
         attrs["step"] = self.step
         attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         attrs["bpseval_version"] = __version__
+        attrs["store"] = self.store
         if self.run_id is not None:
             attrs["run_id"] = str(self.run_id)
         self._file.create_group(DATASETS_GROUP)
@@ -132,6 +149,8 @@ class ShardWriter:
         if self._file is None:
             self.open()
         assert self._file is not None
+        for dataset, stats in self._stats.items():
+            stats.write(self._file[f"{DATASETS_GROUP}/{dataset}"], self.block_size)
         self._file.close()
         self._file = None
         os.replace(self._tmp_path, self.path)
@@ -184,8 +203,70 @@ class ShardWriter:
             group = self._file[group_path]
         if "cell_ids" in arrays:
             _store_cell_ids(group, dataset, arrays.pop("cell_ids"))
-        for name, array in arrays.items():
-            _append(group, dataset, name, array)
+        if self.store == "stats":
+            self._stats.setdefault(dataset, _RankStats(n_cells)).add(dataset, arrays, rate_kind, self.block_size)
+        else:
+            for name, array in arrays.items():
+                _append(group, dataset, name, array)
+
+
+@dataclass
+class _RankStats:
+    """One dataset's statistics on this rank, for `store="stats"`: total, per block, and the samples seen."""
+
+    n_cells: int
+    total: CellStats | None = None
+    per_block: CellStats | None = None
+    seen: np.ndarray | None = None
+    samples: int = 0
+    duplicates_dropped: int = 0
+
+    def add(self, dataset: str, arrays: dict[str, np.ndarray], rate_kind: str, block_size: int) -> None:
+        rhat, robs, index = arrays["rhat"], arrays["robs"], arrays.get("sample_idx")
+        weights = as_weights(arrays.get("dfs"), *rhat.shape)
+        if index is not None:
+            if len(index) and index.min() < 0:
+                raise ValueError(f"dataset {dataset!r}: sample_idx must be >= 0")
+            keep = self._first_copies(index)
+            self.duplicates_dropped += int((~keep).sum())
+            rhat, robs, index = rhat[keep], robs[keep], index[keep]
+            weights = None if weights is None else weights[keep]
+        try:
+            if index is None:
+                batch = batch_stats(rhat, robs, weights, rate_kind)
+            else:
+                blocks = self.per_block if self.per_block is not None else CellStats.zeros((0, self.n_cells))
+                self.per_block, batch = add_by_block(blocks, index // block_size, rhat, robs, weights, rate_kind)
+        except BpsevalError as error:
+            raise BpsevalError(f"dataset {dataset!r}: {error}") from None
+        self.total = batch if self.total is None else self.total + batch
+        self.samples += len(rhat)
+
+    def _first_copies(self, index: np.ndarray) -> np.ndarray:
+        """Rows whose sample_idx this rank has not seen before (nor earlier in the batch)."""
+        size = int(index.max()) + 1 if len(index) else 0
+        if self.seen is None or len(self.seen) < size:
+            grown = np.zeros(max(size, 2 * (0 if self.seen is None else len(self.seen))), dtype=bool)
+            if self.seen is not None:
+                grown[: len(self.seen)] = self.seen
+            self.seen = grown
+        keep = np.zeros(len(index), dtype=bool)
+        keep[np.unique(index, return_index=True)[1]] = True
+        keep &= ~self.seen[index]
+        self.seen[index[keep]] = True
+        return keep
+
+    def write(self, group: h5py.Group, block_size: int) -> None:
+        total = self.total if self.total is not None else CellStats.zeros(self.n_cells)
+        for name in STAT_FIELDS:
+            group.create_dataset(name, data=getattr(total, name))
+        group.attrs["samples"] = self.samples
+        group.attrs["duplicates_dropped"] = self.duplicates_dropped
+        if self.per_block is not None:
+            group.attrs["block_size"] = block_size
+            blocks = group.create_group("blocks")
+            for name in STAT_FIELDS:
+                blocks.create_dataset(name, data=getattr(self.per_block, name))
 
 
 def _batch_arrays(
@@ -306,6 +387,13 @@ class DatasetLayout:
     dfs_shape: tuple[int, ...] | None
     has_sample_idx: bool
     cell_ids: np.ndarray | None
+    nbytes: int = 0
+    """Bytes of the arrays a merge reads (for progress and load balance)."""
+    store: str = "raw"
+    block_size: int | None = None
+    """Stats-only shards: samples per block of the stored block statistics (None: no blocks)."""
+    duplicates_dropped: int = 0
+    """Stats-only shards: samples the writer dropped as repeats on its own rank."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +406,7 @@ class ShardHeader:
     step: int
     run_id: str | None
     datasets: dict[str, DatasetLayout]
+    store: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -371,7 +460,11 @@ def read_header(path: Path) -> ShardHeader:
         group = handle.get(DATASETS_GROUP)
         if group is not None and not isinstance(group, h5py.Group):
             raise BpsevalError(f"{path}: /{DATASETS_GROUP} must be a group holding one group per dataset.")
-        datasets = {name: _read_layout(path, name, item) for name, item in (group or {}).items()}
+        store = _text_attr(attrs.get("store", "raw"))
+        if store not in STORES:
+            raise BpsevalError(f"{path}: root attribute 'store' is {store!r}; it must be one of {STORES}.")
+        read_layout = _read_stats_layout if store == "stats" else _read_layout
+        datasets = {name: read_layout(path, name, item) for name, item in (group or {}).items()}
         run_id = attrs.get("run_id")
         return ShardHeader(
             path=path,
@@ -380,6 +473,7 @@ def read_header(path: Path) -> ShardHeader:
             step=step,
             run_id=None if run_id is None else _text_attr(run_id),
             datasets=datasets,
+            store=store,
         )
 
 
@@ -437,7 +531,51 @@ def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
     rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
     if rate_kind not in RATE_KINDS:
         raise BpsevalError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
-    return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, has_sample_idx, cell_ids)
+    nbytes = sum(group[key].nbytes for key in ("rhat", "robs", "dfs", "sample_idx") if key in group)
+    return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, has_sample_idx, cell_ids, nbytes)
+
+
+def _read_stats_layout(path: Path, name: str, group: Any) -> DatasetLayout:
+    """A dataset group of a stats-only shard: per-cell sums, and optional per-block sums."""
+    where = f"{path}: dataset {name!r}"
+    if not isinstance(group, h5py.Group):
+        raise BpsevalError(f"{where}: /{DATASETS_GROUP}/{name} must be a group.")
+    shapes = {key: group[key].shape if isinstance(group.get(key), h5py.Dataset) else None for key in STAT_FIELDS}
+    if None in shapes.values() or len(set(shapes.values())) != 1 or len(shapes["n_valid"]) != 1:
+        raise BpsevalError(
+            f"{where}: a stats-only dataset needs arrays {', '.join(STAT_FIELDS)} of one shape (cells,); found {shapes}."
+        )
+    n_cells = shapes["n_valid"][0]
+    block_size = None
+    if "blocks" in group:
+        block_shapes = {group["blocks"][key].shape for key in STAT_FIELDS if key in group["blocks"]}
+        if len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or next(iter(block_shapes))[1] != n_cells:
+            raise BpsevalError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
+        block_size = _int_attr(path, group.attrs, "block_size")
+    cell_ids = read_cell_ids(group["cell_ids"]) if "cell_ids" in group else None
+    rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
+    samples = _int_attr(path, group.attrs, "samples")
+    dropped = _int_attr(path, group.attrs, "duplicates_dropped")
+    return DatasetLayout(
+        name, samples, n_cells, rate_kind, None, block_size is not None, cell_ids, 0, "stats", block_size, dropped
+    )
+
+
+def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, CellStats | None]:
+    """The per-cell sums of a stats-only dataset, and its per-block sums when stored; checked for sanity."""
+    with open_shard(path) as handle:
+        group = handle[DATASETS_GROUP][layout.name]
+        total = CellStats(*(_read(path, layout.name, group[key], slice(None)) for key in STAT_FIELDS))
+        blocks = None
+        if layout.block_size is not None:
+            blocks = CellStats(*(_read(path, layout.name, group["blocks"][key], slice(None)) for key in STAT_FIELDS))
+    for stats in (total, blocks):
+        if stats is not None and not all(np.isfinite(getattr(stats, key)).all() for key in STAT_FIELDS):
+            raise BpsevalError(f"{path}: dataset {layout.name!r}: stats-only sums hold NaN or infinite values.")
+    return (
+        CellStats(total.n_valid.astype(np.int64), *(getattr(total, key).astype(np.float64) for key in STAT_FIELDS[1:])),
+        blocks,
+    )
 
 
 def read_cell_ids(array: h5py.Dataset) -> np.ndarray:

@@ -111,7 +111,7 @@ def as_weights(dfs: np.ndarray | None, n_rows: int, n_cells: int) -> np.ndarray 
     if dfs.shape in ((n_rows, n_cells), (n_rows, 1)):
         return dfs
     raise BpsevalError(
-        f"dfs has shape {dfs.shape} but rhat/robs have shape {(n_rows, n_cells)};"
+        f"dfs has shape {tuple(dfs.shape)} but rhat/robs have shape {(n_rows, n_cells)};"
         f" dfs must be ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)"
     )
 
@@ -125,35 +125,67 @@ def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rat
     for NaN/inf/negative values at valid entries or weights outside [0, 1].
     """
     xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
-    rates, counts = xp.astype(rhat, xp.float64), xp.astype(robs, xp.float64)
-    n_rows, n_cells = rates.shape
-    if weights is None:
-        w = None
-        n_valid = xp.full((n_cells,), n_rows, dtype=xp.int64, device=device(rates))
-        weight = xp.full((n_cells,), float(n_rows), dtype=xp.float64, device=device(rates))
+    n_rows, n_cells = rhat.shape
+    w = None if weights is None else xp.astype(weights, xp.float64)
+    if w is None:
+        n_valid = xp.full((n_cells,), n_rows, dtype=xp.int64, device=device(rhat))
+        weight = xp.full((n_cells,), float(n_rows), dtype=xp.float64, device=device(rhat))
     else:
-        w = xp.astype(weights, xp.float64)
         if not bool(xp.all((w >= 0.0) & (w <= 1.0))):
             raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
-        valid = xp.broadcast_to(w > 0.0, rates.shape)
-        rates = xp.where(valid, rates, 0.0 if rate_kind == "log_rate" else 1.0)
-        counts = xp.where(valid, counts, 0.0)
-        n_valid = xp.sum(xp.astype(valid, xp.int64), axis=0)
-        weight = xp.sum(xp.broadcast_to(w, rates.shape), axis=0)
+        n_valid = xp.sum(xp.broadcast_to(w > 0.0, rhat.shape), axis=0, dtype=xp.int64)
+        weight = xp.sum(xp.broadcast_to(w, rhat.shape), axis=0)
+    rates, counts = xp.astype(rhat, xp.float64), xp.astype(robs, xp.float64)
     if not _values_are_valid(xp, rates, counts, rate_kind):
-        raise InvalidValuesError(
-            find_invalid_values(to_numpy(rhat), to_numpy(robs), None if w is None else to_numpy(weights), rate_kind)
-        )
+        if w is not None:  # the bad values may all sit at masked entries: make those harmless, look again
+            valid = xp.broadcast_to(w > 0.0, rates.shape)
+            rates = xp.where(valid, rates, 0.0 if rate_kind == "log_rate" else 1.0)
+            counts = xp.where(valid, counts, 0.0)
+        if w is None or not _values_are_valid(xp, rates, counts, rate_kind):
+            raise InvalidValuesError(
+                find_invalid_values(to_numpy(rhat), to_numpy(robs), None if w is None else to_numpy(weights), rate_kind)
+            )
     if rate_kind == "log_rate":
-        log_rates, rates = rates, xp.exp(rates)
+        terms = counts * rates
+        terms -= xp.exp(rates)
     else:
         rates = xp.maximum(rates, xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rates)))
-        log_rates = xp.log(rates)
-    terms = counts * log_rates - rates
-    if w is not None:
-        terms = terms * w
-        counts = counts * w
+        terms = xp.log(rates)
+        terms *= counts
+        terms -= rates
+    if w is not None:  # w = 0 entries hold finite values here, so they add exactly 0
+        terms *= w
+        counts *= w
     return CellStats(n_valid=n_valid, weight=weight, spikes=xp.sum(counts, axis=0), model_ll=xp.sum(terms, axis=0))
+
+
+def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
+    """(blocks, cells) statistics with empty blocks appended up to `n_blocks` (never shortened)."""
+    have = per_block.n_valid.shape[0]
+    if n_blocks <= have:
+        return per_block
+    grown = CellStats.zeros((n_blocks, per_block.n_cells))
+    for name in STAT_FIELDS:
+        getattr(grown, name)[:have] = getattr(per_block, name)
+    return grown
+
+
+def add_by_block(
+    per_block: CellStats, block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate"
+) -> tuple[CellStats, CellStats]:
+    """Add a numpy batch into rows `block_ids` of (blocks, cells) statistics, growing them to fit.
+
+    Returns the updated per-block statistics and the batch's total (the sum of its blocks).
+    """
+    per_block = pad_blocks(per_block, int(block_ids.max()) + 1 if len(block_ids) else 0)
+    total = CellStats.zeros(per_block.n_cells)
+    for block in np.unique(block_ids):
+        rows = block_ids == block
+        stats = batch_stats(rhat[rows], robs[rows], None if weights is None else weights[rows], rate_kind)
+        for name in STAT_FIELDS:
+            getattr(per_block, name)[block] += getattr(stats, name)
+        total += stats
+    return per_block, total
 
 
 MAX_LOG_RATE = 700.0
@@ -161,7 +193,7 @@ MAX_LOG_RATE = 700.0
 
 
 def _values_are_valid(xp: Any, rates: Any, counts: Any, rate_kind: str) -> bool:
-    """Cheap whole-batch check; invalid entries have already been filled with harmless values."""
+    """Cheap whole-batch check that every entry is usable (finite, in range)."""
     if rates.shape[0] == 0:
         return True
     finite = bool(xp.all(xp.isfinite(rates)) and xp.all(xp.isfinite(counts)))

@@ -1,0 +1,93 @@
+"""Run independent per-dataset tasks serially, in local processes, or on a Dask cluster.
+
+Merging a dataset needs only its shards' paths and layouts, and its statistics add up, so the
+datasets of a run are independent tasks. Results come back in task order whatever the backend,
+so the numbers do not depend on it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, TypeVar
+
+from bpseval.errors import BpsevalError
+
+T = TypeVar("T")
+
+
+def run_tasks(
+    function: Callable[..., T],
+    tasks: Sequence[tuple[Any, ...]],
+    *,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    costs: Sequence[float] | None = None,
+    on_done: Callable[[int], None] | None = None,
+) -> list[T]:
+    """`[function(*task) for task in tasks]`, computed with `jobs` processes or on a Dask scheduler.
+
+    `scheduler` is a Dask scheduler address or "local" (a LocalCluster of `jobs` workers).
+    `costs` orders the work (largest first) for load balance; `on_done(i)` is called in this
+    process as task i finishes.
+    """
+    order = sorted(range(len(tasks)), key=lambda i: -(costs[i] if costs else 0))
+    results: dict[int, T] = {}
+    if scheduler is not None:
+        _run_on_dask(function, tasks, order, scheduler, jobs, results, on_done)
+    elif jobs <= 1 or len(tasks) <= 1:
+        for index in order:
+            results[index] = function(*tasks[index])
+            if on_done:
+                on_done(index)
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=_process_context()) as pool:
+            futures = {pool.submit(function, *tasks[index]): index for index in order}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if on_done:
+                    on_done(futures[future])
+    return [results[index] for index in range(len(tasks))]
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe (Linux, torch not loaded: forking its threads can hang), else spawn."""
+    if sys.platform == "linux" and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _run_on_dask(
+    function: Callable[..., T],
+    tasks: Sequence[tuple[Any, ...]],
+    order: list[int],
+    scheduler: str,
+    jobs: int,
+    results: dict[int, T],
+    on_done: Callable[[int], None] | None,
+) -> None:
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+    except ImportError:
+        raise BpsevalError("--scheduler needs Dask: pip install 'bpseval[dask]'") from None
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    else:
+        cluster = None
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as error:
+            raise BpsevalError(f"cannot reach the Dask scheduler at {scheduler} ({error}).") from None
+    try:
+        futures = {client.submit(function, *tasks[index], pure=False): index for index in order}
+        for future in dask_completed(futures):
+            results[futures[future]] = future.result()
+            if on_done:
+                on_done(futures[future])
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

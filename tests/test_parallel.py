@@ -1,0 +1,87 @@
+"""Parallel merging: processes and a real Dask cluster give the numbers of the serial merge, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import bpseval
+from bpseval.merge import merge_run
+from tests.conftest import poisson_dataset
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Three ranks, five datasets of different sizes, with padding duplicates."""
+    root = tmp_path_factory.mktemp("parallel")
+    datasets = {f"Allen_2022-0{i}-01": poisson_dataset(i, n_rows=300 + 50 * i, n_cells=10 + 7 * i) for i in range(1, 6)}
+    for rank in range(3):
+        with bpseval.ShardWriter(root, rank, 3, step=2) as writer:
+            for name, arrays in datasets.items():
+                rows = np.resize(np.arange(len(arrays["rhat"])), 3 * -(-len(arrays["rhat"]) // 3))[rank::3]
+                writer.add(name, *(arrays[key][rows] for key in ("rhat", "robs", "dfs")), sample_idx=rows)
+    return root
+
+
+def as_json(result: bpseval.Result) -> str:
+    return result.to_json()
+
+
+def test_jobs_give_identical_results(run_dir):
+    serial = bpseval.evaluate(run_dir)
+    assert as_json(bpseval.evaluate(run_dir, jobs=2)) == as_json(serial)
+    assert as_json(bpseval.evaluate(run_dir, jobs=4)) == as_json(serial)
+
+
+def test_cli_jobs_option_prints_the_same_json(invoke, run_dir):
+    one, two = (invoke("compute", run_dir, "--jobs", jobs, "--json", "-") for jobs in ("1", "2"))
+    assert one.exit_code == two.exit_code == 0
+    assert one.stdout == two.stdout
+
+
+def test_progress_reports_bytes_up_to_the_total(run_dir):
+    seen = []
+    merge_run(run_dir, on_progress=lambda done, total: seen.append((done, total)))
+    totals = {total for _, total in seen}
+    assert len(seen) == 5 and len(totals) == 1
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1][0] == totals.pop() > 0
+
+
+def test_dask_local_cluster_gives_identical_results(invoke, run_dir):
+    serial = invoke("compute", run_dir, "--json", "-")
+    on_dask = invoke("compute", run_dir, "--scheduler", "local", "--jobs", "2", "--json", "-")
+    assert on_dask.exit_code == 0, on_dask.output
+    assert on_dask.stdout == serial.stdout
+
+
+def test_dask_scheduler_address_on_loopback(run_dir):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        result = bpseval.evaluate(run_dir, scheduler=cluster.scheduler_address)
+    assert as_json(result) == as_json(bpseval.evaluate(run_dir))
+
+
+def test_unreachable_scheduler_exits_2(invoke, run_dir):
+    result = invoke("compute", run_dir, "--scheduler", "tcp://127.0.0.1:1")
+    assert result.exit_code == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in result.stderr
+
+
+def test_several_runs_give_one_row_each_and_sort(invoke, run_dir, tmp_path):
+    worse = tmp_path / "worse"
+    for rank in range(1):
+        with bpseval.ShardWriter(worse, rank, 1) as writer:
+            arrays = poisson_dataset(1, n_rows=350, n_cells=17)
+            writer.add("Allen_2022-01-01", arrays["rhat"] * 3, arrays["robs"], arrays["dfs"])
+    result = invoke("compute", worse, run_dir, "--sort", "bps", "--json", "-")
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [run["run"] for run in runs] == [str(worse), str(run_dir)]
+    table = invoke("compute", worse, run_dir, "--sort", "bps")
+    lines = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    assert str(run_dir) in lines[0] and str(worse) in lines[1]
+    invoke("compute", worse, run_dir, "--csv", tmp_path / "runs.csv")
+    header = (tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["run", "step", "bps", "bps_pooled"] and "bps[Allen_2022-05-01]" in header
