@@ -249,7 +249,7 @@ def _merge_dataset(
         per_rank=per_rank,
         samples=total_rows - dropped,
         duplicates_dropped=dropped,
-        identity=_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
+        identity=dataset_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
         per_block=per_block,
         warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
     )
@@ -276,12 +276,12 @@ def _merge_stats_dataset(
         per_rank=per_rank,
         samples=sum(layout.n_rows for _, layout in parts),
         duplicates_dropped=sum(layout.duplicates_dropped for _, layout in parts),
-        identity=_identity(name, cell_ids, None, sum(layout.n_rows for _, layout in parts)),
+        identity=dataset_identity(name, cell_ids, None, sum(layout.n_rows for _, layout in parts)),
         per_block=per_block,
     )
 
 
-def _identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | None, rows: int) -> str:
+def dataset_identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | None, rows: int) -> str:
     """sha256 of what was scored: dataset, cells, and the distinct sample_idx (or the row count)."""
     digest = hashlib.sha256(name.encode())
     digest.update("\0".join(str(cell) for cell in cell_ids).encode())

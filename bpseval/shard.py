@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from bpseval._version import __version__
 from bpseval._arrays import to_numpy
 from bpseval.errors import BpsevalError
+from bpseval.samples import SeenSamples
 from bpseval.stats import RATE_KINDS, STAT_FIELDS, CellStats, add_by_block, as_weights, batch_stats
 
 FORMAT = "bpseval-shard"
@@ -217,7 +218,7 @@ class _RankStats:
     n_cells: int
     total: CellStats | None = None
     per_block: CellStats | None = None
-    seen: np.ndarray | None = None
+    seen: SeenSamples = field(default_factory=SeenSamples)
     samples: int = 0
     duplicates_dropped: int = 0
 
@@ -227,7 +228,8 @@ class _RankStats:
         if index is not None:
             if len(index) and index.min() < 0:
                 raise ValueError(f"dataset {dataset!r}: sample_idx must be >= 0")
-            keep = self._first_copies(index)
+            keep = self.seen.first_sightings(index)
+            self.seen.add(index[keep])
             self.duplicates_dropped += int((~keep).sum())
             rhat, robs, index = rhat[keep], robs[keep], index[keep]
             weights = None if weights is None else weights[keep]
@@ -241,20 +243,6 @@ class _RankStats:
             raise BpsevalError(f"dataset {dataset!r}: {error}") from None
         self.total = batch if self.total is None else self.total + batch
         self.samples += len(rhat)
-
-    def _first_copies(self, index: np.ndarray) -> np.ndarray:
-        """Rows whose sample_idx this rank has not seen before (nor earlier in the batch)."""
-        size = int(index.max()) + 1 if len(index) else 0
-        if self.seen is None or len(self.seen) < size:
-            grown = np.zeros(max(size, 2 * (0 if self.seen is None else len(self.seen))), dtype=bool)
-            if self.seen is not None:
-                grown[: len(self.seen)] = self.seen
-            self.seen = grown
-        keep = np.zeros(len(index), dtype=bool)
-        keep[np.unique(index, return_index=True)[1]] = True
-        keep &= ~self.seen[index]
-        self.seen[index[keep]] = True
-        return keep
 
     def write(self, group: h5py.Group, block_size: int) -> None:
         total = self.total if self.total is not None else CellStats.zeros(self.n_cells)

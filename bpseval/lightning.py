@@ -1,0 +1,148 @@
+"""Lightning integration: `BPSShardCallback` writes shards and logs the exact bits per spike.
+
+Needs the optional dependency `lightning` (`pip install "bpseval[lightning]"`); the rest of
+bpseval works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bpseval._arrays import is_tensor, to_numpy
+from bpseval.result import Result
+from bpseval.shard import ShardWriter
+from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:
+    raise ImportError(
+        "bpseval.lightning needs Lightning: pip install 'bpseval[lightning]' (or pip install lightning)"
+    ) from error
+
+REQUIRED_KEYS = ("rhat", "robs", "dataset")
+
+
+class BPSShardCallback(pl.Callback):
+    """One shard per rank per validation epoch, and the exact `val_bps_overall` and `val_bps/<dataset>`.
+
+    `validation_step` returns a dict with `rhat`, `robs` (samples, cells), `dataset` (its name,
+    or an int index whose name is then str(index); a collated list or tensor of one value is
+    fine) and optionally `dfs`, `sample_idx`, `cell_ids` and `rate_kind`, as `ShardWriter.add`
+    takes them. To take them from elsewhere, override `batch_outputs`.
+
+    Shards go to `run_dir/step-<epoch>/rank-<r>.h5` on every `every_n_epochs`-th epoch
+    (`(epoch + 1) % every_n_epochs == 0`, as `check_val_every_n_epoch`; 0 = never); a later
+    validation in the same epoch replaces them. With `also_log`, every validation epoch the
+    same tensors feed a `DistributedBPS`, whose exact, global values are logged in float64 on
+    every rank (so ModelCheckpoint and EarlyStopping can monitor `val_bps_overall`; a value is
+    NaN when no cell could be scored). The sanity-check pass is neither written nor logged.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        every_n_epochs: int = 1,
+        also_log: bool = True,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
+    ) -> None:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be an int >= 0, not {every_n_epochs!r}")
+        self.run_dir = run_dir
+        self.every_n_epochs = every_n_epochs
+        self.also_log = also_log
+        self.metric = DistributedBPS(dedup_window)
+        self.result: Result | None = None
+        """The last `DistributedBPS.compute()` result on this rank."""
+        self._writer: ShardWriter | None = None
+        self._active = False
+
+    def batch_outputs(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> Mapping[str, Any] | None:
+        """What to write and score for one validation batch (None skips it); default: `outputs`."""
+        if not isinstance(outputs, Mapping) or any(key not in outputs for key in REQUIRED_KEYS):
+            raise ValueError(
+                "BPSShardCallback: validation_step must return a dict with keys 'rhat', 'robs' and 'dataset'"
+                " (optional: 'dfs', 'sample_idx', 'cell_ids', 'rate_kind'); got"
+                f" {sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}."
+                " Or override BPSShardCallback.batch_outputs."
+            )
+        return outputs
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metric.reset()
+        self._active = not trainer.sanity_checking
+        epoch = trainer.current_epoch
+        if self._active and self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self._writer = ShardWriter(self.run_dir, trainer.global_rank, trainer.world_size, step=epoch)
+            self._writer.open()
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active:
+            return
+        record = self.batch_outputs(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if record is None:
+            return
+        name = dataset_name(record["dataset"])
+        arrays = (record["rhat"], record["robs"], record.get("dfs"), record.get("sample_idx"))
+        options = {"cell_ids": record.get("cell_ids"), "rate_kind": record.get("rate_kind", "rate")}
+        if self._writer is not None:
+            self._writer.add(name, *arrays, **options)
+        if self.also_log:
+            self.metric.update(name, *arrays, **options)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.also_log:
+            self.result = self.metric.compute(step=trainer.current_epoch)
+            values = {"val_bps_overall": self.result.overall["bps"]}
+            values.update({f"val_bps/{row.name}": row.bps for row in self.result.datasets.itertuples(index=False)})
+            for key, value in values.items():
+                # float64 tensor: a Python float would be logged as float32. Already global: no sync.
+                tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
+                pl_module.log(key, tensor, sync_dist=False, batch_size=1)
+        self.metric.reset()
+        self._active = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def dataset_name(value: Any) -> str:
+    """The dataset name of a batch from its `dataset` entry: a name, an index, or a collated batch of one of them."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) or is_tensor(value) or hasattr(value, "shape"):
+        values = list(value) if isinstance(value, (list, tuple)) else to_numpy(value).reshape(-1).tolist()
+        distinct = {dataset_name(item) for item in values}
+        if len(distinct) != 1:
+            raise ValueError(f"a validation batch must hold one dataset, got {sorted(distinct) or 'none'}")
+        return distinct.pop()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"'dataset' must be a name (str) or an index (int), not {value!r}")

@@ -1,0 +1,409 @@
+"""Exact bits per spike inside a torch.distributed job: `DistributedBPS` and `WithSampleIndex`.
+
+`DistributedBPS` is the online twin of "write shards, then `bpseval compute`": each rank reduces
+its batches to per-cell sufficient statistics with `bpseval.stats.batch_stats`, and `compute()`
+gathers every rank's statistics into the `MergedRun` the offline merge builds and scores it with
+the same `build_result`. Both paths share the math, so they agree up to summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from array_api_compat import array_namespace, device
+
+from bpseval._arrays import is_tensor, to_numpy
+from bpseval.errors import BpsevalError
+from bpseval.merge import MergedDataset, MergedRun, check_agree, dataset_identity
+from bpseval.result import Result, build_result
+from bpseval.samples import SeenSamples
+from bpseval.shard import DatasetLayout
+from bpseval.stats import (
+    RATE_KINDS,
+    STAT_FIELDS,
+    CellStats,
+    InvalidValuesError,
+    as_weights,
+    batch_stats,
+    find_invalid_values,
+)
+
+DEFAULT_DEDUP_WINDOW = 8
+"""Samples per dataset and rank whose contributions stay removable until `compute()`."""
+
+
+class DistributedBPS:
+    """Exact per-cell, per-dataset and overall bits per spike over all ranks of a process group.
+
+    `update` once per batch on every rank, `compute()` on every rank after the validation loop
+    (it is a collective: every rank must call it, whatever data it saw), `reset()` before the
+    next pass. Memory is O(cells) per dataset plus one bit per sample index seen; sums are
+    float64 on the device of the tensors given. Without an initialised process group,
+    `compute()` treats the process as the only rank.
+
+    Duplicates, when `sample_idx` is given, follow the offline rule (the first copy in rank
+    order is kept; within a rank, the first occurrence): a rank skips a sample it has already
+    seen at `update` time, and `compute()` removes from each rank the samples that a lower
+    rank also saw. For that, each rank keeps a bitmap of the sample indices it saw, and holds
+    back the per-cell contributions of its last `dedup_window` samples of each dataset (not
+    yet added to its sums). `DistributedSampler` pads by repeating the first samples of its
+    order, and every copy is the last sample of a higher rank than the original, so it is
+    always held back (a window of 1 would do). A duplicate outside the window (a sampler that
+    repeats samples elsewhere) makes `compute()` raise the same BpsevalError on every rank.
+
+    Not checked online (the offline merge of shards does): that copies of a sample agree.
+    """
+
+    def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None) -> None:
+        if not isinstance(dedup_window, int) or dedup_window < 1:
+            raise ValueError(f"dedup_window must be an int >= 1, not {dedup_window!r}")
+        self.dedup_window = dedup_window
+        self.group = group
+        self._datasets: dict[str, _DatasetState] = {}
+
+    def reset(self) -> None:
+        """Forget every batch: start a new validation pass."""
+        self._datasets.clear()
+
+    def update(
+        self,
+        dataset: str,
+        rhat: Any,
+        robs: Any,
+        dfs: Any = None,
+        sample_idx: Any = None,
+        *,
+        cell_ids: Any = None,
+        rate_kind: str = "rate",
+    ) -> None:
+        """Add one batch of `dataset`: rhat, robs (samples, cells), as `ShardWriter.add` takes them.
+
+        Torch tensors on any device, in any float dtype (bfloat16 and float16 included, never
+        rounded further), or numpy arrays. `dfs` is (samples, cells), (samples, 1) or
+        (samples,); `sample_idx` (samples,) non-negative indices into that dataset's validation
+        set. Raises ValueError for inconsistent batches and BpsevalError for invalid values,
+        naming the dataset; a batch that raises leaves the metric unchanged.
+        """
+        if not isinstance(dataset, str) or not dataset or "/" in dataset:
+            raise ValueError(f"dataset name must be a non-empty string without '/', not {dataset!r}")
+        if rate_kind not in RATE_KINDS:
+            raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+        rhat, robs, dfs = (_detached(value) for value in (rhat, robs, dfs))
+        if rhat.ndim != 2 or tuple(robs.shape) != tuple(rhat.shape):
+            raise ValueError(
+                f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
+                f" got {tuple(rhat.shape)} and {tuple(robs.shape)}"
+            )
+        n_rows, n_cells = rhat.shape
+        try:
+            weights = as_weights(dfs, n_rows, n_cells)
+        except BpsevalError as error:
+            raise ValueError(f"dataset {dataset!r}: {error}") from None
+        index = None if sample_idx is None else _sample_index(dataset, sample_idx, n_rows)
+        ids = None if cell_ids is None else _cell_ids(dataset, cell_ids, n_cells)
+        state = self._datasets.get(dataset)
+        if state is not None:
+            state.check_batch(dataset, n_cells, rate_kind, index is not None, ids)
+
+        seen = state.seen if state is not None else SeenSamples()
+        rows = np.arange(n_rows) if index is None else np.flatnonzero(seen.first_sightings(index))
+        if len(rows) < n_rows:
+            rhat, robs, weights = (None if x is None else _take_rows(x, rows) for x in (rhat, robs, weights))
+        try:
+            per_row = _row_stats(rhat, robs, weights, rate_kind)
+        except InvalidValuesError:
+            problems = find_invalid_values(
+                to_numpy(rhat), to_numpy(robs), None if weights is None else to_numpy(weights), rate_kind
+            )
+            problems = [replace(problem, first_row=int(rows[problem.first_row])) for problem in problems]
+            raise BpsevalError(f"dataset {dataset!r}: {InvalidValuesError(problems)}") from None
+
+        if state is None:
+            state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, per_row)
+        state.add(
+            per_row, None if index is None else index[rows], n_rows, self.dedup_window if index is not None else 0
+        )
+        if ids is not None and state.cell_ids is None:
+            state.cell_ids = ids
+
+    def compute(self, step: int = 0) -> Result:
+        """Gather every rank's statistics and score them as `bpseval compute` scores shards.
+
+        Returns the `Result` that `bpseval.evaluate` returns (files=[], `step` as given), the
+        same on every rank. Collective: call it on every rank. Collectives run on the CPU for
+        gloo and on the current CUDA device for NCCL (set it with `torch.cuda.set_device`).
+        The metric's state is not changed.
+        """
+        group = _Collectives(self.group)
+        summaries = group.gather_objects({name: state.summary(name) for name, state in self._datasets.items()})
+        names = sorted(set().union(*summaries))
+        datasets = [self._merge(name, [summary.get(name) for summary in summaries], group) for name in names]
+        return build_result(MergedRun(Path(), step, group.world_size, [], datasets, []))
+
+    def _merge(self, name: str, parts: list[_RankSummary | None], group: _Collectives) -> MergedDataset:
+        """One dataset over all ranks: identical collective calls and decisions on every rank."""
+        present = [(rank, part) for rank, part in enumerate(parts) if part is not None]
+        first_rank, first = present[0]
+        for rank, part in present[1:]:
+            check_agree(name, f"rank {first_rank}", first.layout, f"rank {rank}", part.layout)
+        n_cells = first.layout.n_cells
+        cell_ids = first.layout.cell_ids if first.layout.cell_ids is not None else np.arange(n_cells)
+        given = sum(part.layout.n_rows for _, part in present)
+        dropped = sum(part.skipped for _, part in present)
+        state = self._datasets.get(name)
+        held_back = np.zeros(0 if state is None else len(state.tail_idx), dtype=bool)
+        scored = None
+        if first.layout.has_sample_idx:
+            seen, duplicates = self._cross_rank_duplicates(name, parts, group)
+            scored = np.flatnonzero(seen.any(axis=0))
+            dropped += int(duplicates.sum())
+            if state is not None:
+                held_back = np.isin(state.tail_idx, np.flatnonzero(duplicates[group.rank]))
+        local = CellStats.zeros(n_cells) if state is None else state.total_without(held_back)
+        stacked = group.gather_tensors(
+            torch.stack([torch.as_tensor(getattr(local, f)).to(group.device, torch.float64) for f in STAT_FIELDS])
+        )
+        per_rank = [CellStats(stats[0].astype(np.int64), stats[1], stats[2], stats[3]) for stats in stacked]
+        return MergedDataset(
+            name=name,
+            cell_ids=cell_ids,
+            rate_kind=first.layout.rate_kind,
+            per_rank=per_rank,
+            samples=given - dropped,
+            duplicates_dropped=dropped,
+            identity=dataset_identity(name, cell_ids, scored, given),
+        )
+
+    def _cross_rank_duplicates(
+        self, name: str, parts: list[_RankSummary | None], group: _Collectives
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ranks, indices) bool arrays: the samples each rank saw, and those of them a lower rank saw too.
+
+        Raises BpsevalError, on every rank alike, when one of the latter is not held back.
+        """
+        n_bits = max(part.n_bits for part in parts if part is not None)
+        n_bytes = (n_bits + 7) // 8
+        state = self._datasets.get(name)
+        local = np.zeros(n_bytes, dtype=np.uint8)
+        if state is not None:
+            local[: len(state.seen.bytes)] = state.seen.bytes[:n_bytes]
+        gathered = group.gather_tensors(torch.from_numpy(local).to(group.device)) if n_bytes else [local] * len(parts)
+        seen = np.array([np.unpackbits(bits, count=n_bits, bitorder="little") for bits in gathered], dtype=bool)
+        seen_below = np.logical_or.accumulate(seen, axis=0)
+        duplicates = seen.copy()
+        duplicates[0] = False
+        duplicates[1:] &= seen_below[:-1]
+        for rank, part in enumerate(parts):
+            lost = np.setdiff1d(np.flatnonzero(duplicates[rank]), [] if part is None else part.tail_idx)
+            if len(lost):
+                lower = int(np.flatnonzero(seen[:rank, lost[0]])[0])
+                raise BpsevalError(
+                    f"dataset {name!r}: sample_idx {lost[0]} was scored on rank {lower} and again on rank {rank}"
+                    f" ({len(lost)} such sample{'s' if len(lost) != 1 else ''} on rank {rank}), but not among the"
+                    f" last {self.dedup_window} samples rank {rank} scored, so its contribution can no longer be"
+                    " removed. DistributedBPS removes the padding copies DistributedSampler appends; give each"
+                    " sample to one rank (e.g. bpseval.CellBalancedDistributedSampler), raise dedup_window, or"
+                    " write shards and run `bpseval compute`, which removes any duplicate."
+                )
+        return seen, duplicates
+
+
+class WithSampleIndex(torch.utils.data.Dataset):
+    """A map-style dataset of dict items, each with `sample_idx` (its index here) added.
+
+    Wrap the validation set that the DataLoader indexes; batches then carry
+    `batch["sample_idx"]` for `DistributedBPS.update` and `ShardWriter.add`, so that the
+    padding copies of `DistributedSampler` count once. Other attributes are the wrapped
+    dataset's.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"WithSampleIndex needs dict items, but item {index} is a {type(item).__name__}")
+        if "sample_idx" in item:
+            raise ValueError(f"item {index} already has a 'sample_idx'; WithSampleIndex would overwrite it")
+        return {**item, "sample_idx": index}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet, e.g. while unpickling in a DataLoader worker
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-rank state
+
+
+@dataclass
+class _RankSummary:
+    """What a rank tells the others about one dataset before the statistics are gathered."""
+
+    layout: DatasetLayout
+    skipped: int
+    n_bits: int
+    tail_idx: np.ndarray
+
+
+@dataclass
+class _DatasetState:
+    """One dataset on this rank: sums of the scored rows, plus the held-back per-row statistics."""
+
+    rate_kind: str
+    has_sample_idx: bool
+    cell_ids: np.ndarray | None
+    total: CellStats
+    tail: CellStats
+    tail_idx: np.ndarray
+    seen: SeenSamples
+    rows: int = 0
+    skipped: int = 0
+
+    @classmethod
+    def empty(cls, rate_kind: str, has_sample_idx: bool, like: CellStats) -> _DatasetState:
+        """A state with no rows, whose arrays have the dtype and device of the per-row stats `like`."""
+        tail = _map(lambda rows: rows[:0], like)
+        no_index = np.zeros(0, dtype=np.int64)
+        return cls(rate_kind, has_sample_idx, None, _map(_sum_rows, tail), tail, no_index, SeenSamples())
+
+    @property
+    def n_cells(self) -> int:
+        return self.total.n_valid.shape[0]
+
+    def check_batch(
+        self, dataset: str, n_cells: int, rate_kind: str, has_sample_idx: bool, ids: np.ndarray | None
+    ) -> None:
+        """Raise ValueError when a batch disagrees with the earlier batches of `dataset`."""
+        if n_cells != self.n_cells:
+            raise ValueError(f"dataset {dataset!r}: this batch has {n_cells} cells, earlier batches had {self.n_cells}")
+        if rate_kind != self.rate_kind:
+            raise ValueError(f"dataset {dataset!r}: rate_kind {rate_kind!r} differs from earlier {self.rate_kind!r}")
+        if has_sample_idx != self.has_sample_idx:
+            raise ValueError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
+        if ids is not None and self.cell_ids is not None and not np.array_equal(ids, self.cell_ids):
+            raise ValueError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
+
+    def add(self, per_row: CellStats, index: np.ndarray | None, n_given: int, window: int) -> None:
+        """Append the kept rows' per-row statistics; all but the dataset's last `window` rows go into the sums."""
+        tail = _map(_concat_rows, self.tail, per_row)
+        tail_idx = self.tail_idx if index is None else np.concatenate([self.tail_idx, index])
+        fold = max(0, tail.n_valid.shape[0] - window)
+        self.total = _map(lambda total, rows: total + _sum_rows(rows[:fold]), self.total, tail)
+        self.tail, self.tail_idx = _map(lambda rows: rows[fold:], tail), tail_idx[fold:]
+        if index is not None:
+            self.seen.add(index)
+        self.rows += n_given
+        self.skipped += n_given - per_row.n_valid.shape[0]
+
+    def total_without(self, held_back: np.ndarray) -> CellStats:
+        """The sums with the held-back rows added, except those flagged in `held_back`."""
+        keep = np.flatnonzero(~held_back)
+        return _map(lambda total, rows: total + _sum_rows(_take_rows(rows, keep)), self.total, self.tail)
+
+    def summary(self, name: str) -> _RankSummary:
+        layout = DatasetLayout(name, self.rows, self.n_cells, self.rate_kind, None, self.has_sample_idx, self.cell_ids)
+        return _RankSummary(layout, self.skipped, self.seen.n_bits, self.tail_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
+    """`batch_stats` of each row on its own, as (rows, cells) arrays.
+
+    The batch is flattened into one row in which every entry is its own cell, so one call of
+    the shared implementation yields every entry's contribution; summing over rows gives
+    exactly what `batch_stats` of the batch gives.
+    """
+    n_rows, n_cells = rhat.shape
+    xp = array_namespace(rhat)
+
+    def flat(array: Any) -> Any:  # no entry: a (0, 0) batch, which batch_stats scores as empty
+        return xp.reshape(array, (int(n_rows * n_cells > 0), n_rows * n_cells))
+
+    w = None if weights is None else flat(xp.broadcast_to(weights, (n_rows, n_cells)))
+    entries = batch_stats(flat(rhat), flat(robs), w, rate_kind)
+    return _map(lambda values: xp.reshape(values, (n_rows, n_cells)), entries)
+
+
+def _map(function: Callable[..., Any], *stats: CellStats) -> CellStats:
+    """Apply `function` field by field to one or more CellStats."""
+    return CellStats(**{name: function(*(getattr(s, name) for s in stats)) for name in STAT_FIELDS})
+
+
+def _sum_rows(rows: Any) -> Any:
+    return array_namespace(rows).sum(rows, axis=0)
+
+
+def _concat_rows(first: Any, second: Any) -> Any:
+    return array_namespace(first, second).concat([first, second], axis=0)
+
+
+def _take_rows(array: Any, rows: np.ndarray) -> Any:
+    xp = array_namespace(array)
+    return xp.take(array, xp.asarray(rows, device=device(array)), axis=0)
+
+
+def _detached(value: Any) -> Any:
+    """Tensors without autograd history, other values as numpy arrays; None stays None."""
+    if value is None:
+        return None
+    return value.detach() if is_tensor(value) else np.asarray(value)
+
+
+def _sample_index(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
+    index = to_numpy(sample_idx)
+    if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
+        raise ValueError(
+            f"dataset {dataset!r}: sample_idx must be non-negative integers of shape ({n_rows},),"
+            f" got {index.dtype} {index.shape}"
+        )
+    return index.astype(np.int64)
+
+
+def _cell_ids(dataset: str, cell_ids: Any, n_cells: int) -> np.ndarray:
+    ids = to_numpy(cell_ids)
+    if ids.shape != (n_cells,):
+        raise ValueError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
+    return ids.astype(str) if ids.dtype.kind in "USO" else ids.astype(np.int64)
+
+
+class _Collectives:
+    """The few collectives `compute()` needs; a single process when torch.distributed is not initialised."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.world_size = dist.get_world_size(group) if self.active else 1
+        self.device = torch.device("cpu")
+        if self.active and not {"gloo", "mpi"} & set(str(dist.get_backend(group)).replace(",", ":").split(":")):
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        if not self.active:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
+    def gather_tensors(self, tensor: torch.Tensor) -> list[np.ndarray]:
+        """Every rank's `tensor` (same shape and dtype everywhere), as numpy arrays in rank order."""
+        if not self.active:
+            return [tensor.cpu().numpy()]
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor, group=self.group)
+        return [part.cpu().numpy() for part in gathered]
