@@ -21,6 +21,7 @@ from bpseval._version import __version__
 from bpseval.errors import BpsevalError
 from bpseval.compare import CompareSettings, baseline_document, compare_paths
 from bpseval.coverage import check_coverage
+from bpseval.doctor import diagnose
 from bpseval.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.report import (
     compare_junit,
@@ -28,6 +29,7 @@ from bpseval.report import (
     render_compare,
     render_compute,
     render_coverage,
+    render_doctor,
     merge_progress,
     render_plan,
     render_runs,
@@ -119,9 +121,15 @@ def compute(
     sort: Annotated[SortKey, typer.Option("--sort", help="Order of the runs when several are given.")] = SortKey.run,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    all_steps: Annotated[
+        bool, typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored.")
+    ] = False,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
+    if all_steps:
+        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler)
+        return
     with bad_input_exits():
         results = {}
         for path in paths:
@@ -146,6 +154,34 @@ def compute(
             render_compute(next(iter(results.values())), Console(highlight=False))
         else:
             render_runs(table, Console(highlight=False))
+
+
+def _compute_all_steps(
+    paths: list[Path], step: int | None, json_path: str | None, csv_path: str | None, clamp_negative: bool, jobs: int,
+    scheduler: str | None,
+) -> None:
+    """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
+    from bpseval.steps import evaluate_steps, render_steps
+
+    with bad_input_exits():
+        if len(paths) != 1:
+            raise BpsevalError(f"--all-steps takes one run directory, not {len(paths)}.")
+        if step is not None:
+            raise BpsevalError("--all-steps scores every step: leave out --step.")
+        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler)
+        if csv_path is not None:
+            write_csv(steps.frame(), csv_path)
+        if json_path is not None:
+            write_text(json.dumps(steps.to_dict(str(paths[0])), indent=2, allow_nan=False), json_path)
+    errors = stderr_console()
+    for result in steps.results.values():
+        for warning in result.warnings:
+            errors.print(f"[yellow]Warning:[/] {escape(f'step {result.step}: {warning}')}", highlight=False)
+    if "-" not in (json_path, csv_path):
+        render_steps(steps, Console(highlight=False))
+    else:
+        for number, reason in steps.incomplete.items():
+            errors.print(f"[yellow]Skipped incomplete step {number}:[/] {escape(reason)}", highlight=False)
 
 
 MinSamples = Annotated[int, typer.Option("--min-samples", min=0, help="Flag cells with fewer valid samples than this.")]
@@ -281,6 +317,95 @@ def compare(
     if not comparison.passed:
         stderr_console().print(f"Regression: {'; '.join(comparison.reasons)}", highlight=False, markup=False)
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
+    """Check a run directory without computing: steps, ranks, leftovers, damaged files. Exit 1 on problems."""
+    with bad_input_exits():
+        diagnosis = diagnose(run_dir)
+        if json_path is not None:
+            write_text(json.dumps(diagnosis.to_dict(), indent=2), json_path)
+    if json_path != "-":
+        render_doctor(diagnosis, Console(highlight=False))
+    if diagnosis.status:
+        raise typer.Exit(diagnosis.status)
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+
+
+Baseline = Annotated[
+    Optional[Path],
+    typer.Option("--baseline", metavar="BASE", help="Also compare with a baseline: a baseline JSON or a run directory."),
+]
+
+
+def _print_warnings(result) -> None:
+    for warning in result.warnings:
+        stderr_console().print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
+
+
+@app.command()
+def plot(
+    run_dir: RunDir = Path("."),
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Folder for the pictures (created if needed).")] = ...,
+    step: Step = None,
+    image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format.")] = ImageFormat.png,
+    baseline_path: Baseline = None,
+    min_samples: MinSamples = 10,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
+) -> None:
+    """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline. Needs [bold]bpseval\\[plot][/]."""
+    from bpseval.plot import load_inputs, require_matplotlib, write_plots
+
+    with bad_input_exits():
+        require_matplotlib()
+        inputs = load_inputs(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        written = write_plots(inputs, output, image_format.value)
+    _print_warnings(inputs.result)
+    console = Console(highlight=False)
+    console.print(f"{len(written)} pictures of step {inputs.result.step} written to {escape(str(output))}:", markup=False)
+    for path in written:
+        console.print(f"  {path.name}", markup=False)
+
+
+@app.command()
+def report(
+    run_dir: RunDir = Path("."),
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="The HTML file to write.")] = ...,
+    baseline_path: Baseline = None,
+    step: Step = None,
+    min_samples: MinSamples = 10,
+    jobs: Jobs = 1,
+    scheduler: Scheduler = None,
+) -> None:
+    """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline. Needs [bold]bpseval\\[plot][/]."""
+    from bpseval.html_report import write_report
+    from bpseval.plot import load_inputs, require_matplotlib
+
+    options = [str(run_dir), "-o", str(output)]
+    options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
+    options += ["--step", str(step)] if step is not None else []
+    options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
+    with bad_input_exits():
+        require_matplotlib()
+        inputs = load_inputs(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        path = write_report(inputs, output, _command_line("report", options), run_label=str(run_dir))
+    _print_warnings(inputs.result)
+    size = path.stat().st_size
+    Console(highlight=False).print(f"report of step {inputs.result.step} written to {path} ({size / 1024:.0f} KB)", markup=False)
+
+
+def _command_line(command: str, options: list[str]) -> list[str]:
+    """The command line as typed when this process is `bpseval COMMAND ...`; else rebuilt from the parsed options."""
+    argv = sys.argv
+    if len(argv) > 1 and Path(argv[0]).name in ("bpseval", "cli.py") and argv[1] == command:
+        return ["bpseval", *argv[1:]]
+    return ["bpseval", command, *options]
 
 
 def main() -> None:

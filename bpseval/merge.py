@@ -72,52 +72,146 @@ class MergedRun:
     warnings: list[str] = field(default_factory=list)
 
 
-def find_shards(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every finished shard below `run_dir`, sorted; raises BpsevalError when there is none."""
+@dataclass(frozen=True)
+class RunFiles:
+    """The files below a run directory: finished shards, and writes in progress or left by a crash."""
+
+    shards: list[Path]
+    leftovers: list[Path]
+
+
+def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
+    """Walk `run_dir` (following symlinks that stay inside it) for shards and temporary files.
+
+    Raises BpsevalError for a missing directory and for a symlink that leads outside the run:
+    bpseval reads nothing outside the directory it is given, and skips nothing silently.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise BpsevalError(f"{root}: no such directory. Pass the run directory that holds the shards.")
-    paths = sorted(path for path in root.rglob("*.h5") if is_shard_name(path.name) and path.is_file())
-    if not paths:
+    inside = root.resolve()
+    shards: dict[Path, Path] = {}
+    leftovers: list[Path] = []
+    visited: set[Path] = set()
+    for directory, subdirectories, files in os.walk(root, followlinks=True):
+        here = Path(directory)
+        if here.resolve() in visited:
+            subdirectories[:] = []
+            continue
+        visited.add(here.resolve())
+        for name in subdirectories + files:
+            path = here / name
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                raise BpsevalError(
+                    f"{path}: a symlink to {path.resolve()}, outside the run directory {root}; bpseval reads only"
+                    " files inside it. Copy the data in, or pass the directory it lives in."
+                )
+        for name in files:
+            path = here / name
+            if is_shard_name(name):
+                shards.setdefault(path.resolve(), path)
+            elif name.endswith(".tmp") or (name.startswith(".") and ".h5" in name):
+                leftovers.append(path)
+    return RunFiles(sorted(shards.values()), sorted(leftovers))
+
+
+def find_shards(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every finished shard below `run_dir`, sorted; raises BpsevalError when there is none."""
+    return require_shards(scan_run_dir(run_dir), run_dir)
+
+
+def require_shards(files: RunFiles, run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The shards of a scan; raises BpsevalError, naming any unfinished writes, when there is none."""
+    if not files.shards:
         raise BpsevalError(
-            f"{root}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
+            f"{run_dir}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
             " during validation, or pass the run directory that holds them."
+            + _leftover_note(files.leftovers)
         )
-    return paths
+    return files.shards
 
 
-def select_step(headers: list[ShardHeader], step: int | None, run_dir: Path) -> list[ShardHeader]:
-    """The shards of `step` (default: the latest), one per rank 0..W-1, in rank order."""
-    steps = sorted({header.step for header in headers})
+def _leftover_note(leftovers: list[Path]) -> str:
+    if not leftovers:
+        return ""
+    shown = ", ".join(str(path) for path in leftovers[:5]) + (f" (+{len(leftovers) - 5} more)" if len(leftovers) > 5 else "")
+    return f" Unfinished writes left behind (a writer was killed?): {shown}."
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """The shards of the step to merge, in rank order, and why that step was chosen."""
+
+    shards: list[ShardHeader]
+    notes: list[str]
+
+
+def step_ranks(headers: list[ShardHeader]) -> tuple[list[int], list[int], list[int]]:
+    """For one step's shards: its world sizes, the ranks missing, and the ranks present more than once."""
+    sizes = sorted({header.world_size for header in headers})
+    ranks = [header.rank for header in headers]
+    missing = [rank for rank in range(max(sizes)) if rank not in ranks] if sizes else []
+    repeated = sorted({rank for rank in ranks if ranks.count(rank) > 1})
+    return sizes, missing, repeated
+
+
+def select_step(
+    headers: list[ShardHeader], step: int | None, run_dir: Path, leftovers: list[Path] | None = None
+) -> StepSelection:
+    """The shards of `step` (default: the latest complete one), one per rank 0..W-1, in rank order.
+
+    A step is complete when one world size is used and ranks 0..W-1 are each present once. Without
+    `step`, newer incomplete steps are passed over with a note (their writers may still be running).
+    """
+    by_step: dict[int, list[ShardHeader]] = {}
+    for header in headers:
+        by_step.setdefault(header.step, []).append(header)
+    notes = []
     if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise BpsevalError(f"{run_dir}: no shard has step {step}; steps found: {', '.join(map(str, steps))}.")
-    chosen = [header for header in headers if header.step == step]
-    sizes = sorted({header.world_size for header in chosen})
+        for candidate in sorted(by_step, reverse=True):
+            sizes, missing, repeated = step_ranks(by_step[candidate])
+            if len(sizes) == 1 and not missing and not repeated:
+                step = candidate
+                break
+            notes.append(f"step {candidate} is incomplete ({_describe_ranks(sizes, missing, repeated)}); passed over.")
+        else:
+            step = max(by_step)  # none is complete: report the latest one's problem below
+            notes = []
+    elif step not in by_step:
+        raise BpsevalError(f"{run_dir}: no shard has step {step}; steps found: {', '.join(map(str, sorted(by_step)))}.")
+    chosen = by_step[step]
+    sizes, missing, repeated = step_ranks(chosen)
     if len(sizes) > 1:
         listing = "; ".join(f"{h.path} says {h.world_size}" for h in chosen)
         raise BpsevalError(
             f"{run_dir}: step {step} mixes world sizes {sizes} ({listing}). Shards of one step must come"
             " from one run; move stale shards away or pick another --step."
         )
-    world_size = sizes[0]
-    by_rank: dict[int, ShardHeader] = {}
-    for header in chosen:
-        if header.rank in by_rank:
-            raise BpsevalError(
-                f"{run_dir}: rank {header.rank} of step {step} appears twice: {by_rank[header.rank].path} and"
-                f" {header.path}. Remove the stale copy."
-            )
-        by_rank[header.rank] = header
-    missing = [rank for rank in range(world_size) if rank not in by_rank]
-    if missing:
+    if repeated:
+        paths = [str(h.path) for h in chosen if h.rank == repeated[0]]
         raise BpsevalError(
-            f"{run_dir}: step {step} has world size {world_size} but no shard for rank"
-            f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} (found ranks"
-            f" {', '.join(map(str, sorted(by_rank)))}). Did a rank crash before writing its shard?"
+            f"{run_dir}: rank {repeated[0]} of step {step} appears twice: {' and '.join(paths)}. Remove the stale copy."
         )
-    return [by_rank[rank] for rank in range(world_size)]
+    if missing:
+        found = sorted(h.rank for h in chosen)
+        raise BpsevalError(
+            f"{run_dir}: step {step} has world size {sizes[0]} but no shard for rank"
+            f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} (found ranks"
+            f" {', '.join(map(str, found))}). Did a rank crash before writing its shard?"
+            + _leftover_note(leftovers or [])
+        )
+    return StepSelection(sorted(chosen, key=lambda h: h.rank), notes)
+
+
+def _describe_ranks(sizes: list[int], missing: list[int], repeated: list[int]) -> str:
+    problems = []
+    if len(sizes) > 1:
+        problems.append(f"world sizes {sizes}")
+    if missing:
+        problems.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing")
+    if repeated:
+        problems.append(f"rank{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} twice")
+    return ", ".join(problems)
 
 
 def merge_run(
@@ -137,8 +231,10 @@ def merge_run(
     result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
     """
     root = Path(run_dir)
-    headers = [read_header(path) for path in find_shards(root)]
-    shards = select_step(headers, step, root)
+    files = scan_run_dir(root)
+    headers = [read_header(path) for path in require_shards(files, root)]
+    selection = select_step(headers, step, root, files.leftovers)
+    shards = selection.shards
     stores = sorted({header.store for header in shards})
     if len(stores) > 1:
         raise BpsevalError(
@@ -162,7 +258,7 @@ def merge_run(
         costs=sizes,
         on_done=finished,
     )
-    warnings = [warning for dataset in datasets for warning in dataset.warnings]
+    warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:
         warnings.append(
             "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"

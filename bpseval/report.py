@@ -18,10 +18,19 @@ from rich.table import Table
 
 from bpseval.compare import Comparison, MetricComparison
 from bpseval.coverage import CoverageReport
+from bpseval.doctor import Diagnosis
 from bpseval.result import Result
 from bpseval.stats import SILENT, UNCOVERED
 
 CELLS_LISTED_PER_DATASET = 8
+
+
+def shown(text: object) -> str:
+    """User text safe for the terminal: control characters escaped, Rich markup escaped."""
+    value = str(text)
+    if not value.isprintable():
+        value = value.encode("unicode_escape").decode("ascii")
+    return escape(value)
 
 
 def format_bps(value: float) -> str:
@@ -39,7 +48,7 @@ def render_compute(result: Result, console: Console) -> None:
     table.add_column("bps_pooled", justify="right")
     for row in result.datasets.itertuples(index=False):
         table.add_row(
-            escape(row.name), str(row.ok), str(row.silent), str(row.uncovered), str(row.samples),
+            shown(row.name), str(row.ok), str(row.silent), str(row.uncovered), str(row.samples),
             format_bps(row.bps), format_bps(row.bps_pooled),
         )
     overall, cells = result.overall, result.overall["cells"]
@@ -59,7 +68,7 @@ def render_compute(result: Result, console: Console) -> None:
         _render_cells_with_status(result.cells, status, console)
     excluded = result.overall["datasets_without_ok_cells"]
     if excluded:
-        console.print(f"Left out of the overall bps (no ok cell): {escape(', '.join(excluded))}")
+        console.print(f"Left out of the overall bps (no ok cell): {shown(', '.join(excluded))}")
     dropped = int(result.datasets["duplicates_dropped"].sum())
     console.print(
         f"step {result.step} · world size {result.world_size} · {len(result.files)} shard"
@@ -74,18 +83,18 @@ def _render_cells_with_status(cells: pd.DataFrame, status: str, console: Console
     reason = "no valid sample" if status == UNCOVERED else "no spike: bps undefined"
     console.print(f"[bold]{len(selected)} {status} cell{'s' if len(selected) != 1 else ''}[/] ({reason}):")
     for dataset, group in selected.groupby("dataset", sort=False):
-        shown = ", ".join(str(cell) for cell in group["cell"].head(CELLS_LISTED_PER_DATASET))
+        cells_text = ", ".join(str(cell) for cell in group["cell"].head(CELLS_LISTED_PER_DATASET))
         more = len(group) - CELLS_LISTED_PER_DATASET
-        console.print(f"  {escape(str(dataset))}: cell {shown}" + (f" (+{more} more)" if more > 0 else ""))
+        console.print(f"  {shown(dataset)}: cell {cells_text}" + (f" (+{more} more)" if more > 0 else ""))
 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
     """Several runs side by side: overall and per-dataset bps, one row per run."""
     table = Table(title="Bits per spike by run", title_justify="left")
     for column in runs.columns:
-        table.add_column(escape(column), justify="left" if column == "run" else "right", no_wrap=column == "run")
+        table.add_column(shown(column), justify="left" if column == "run" else "right", no_wrap=column == "run")
     for row in runs.itertuples(index=False):
-        table.add_row(*(format_bps(v) if isinstance(v, float) else escape(str(v)) for v in row))
+        table.add_row(*(format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row))
     console.print(table)
 
 
@@ -98,7 +107,7 @@ def merge_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
         return
     columns = (TextColumn("merging {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(escape(label), total=None)
+        task = progress.add_task(shown(label), total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
@@ -129,7 +138,7 @@ def render_coverage(report: CoverageReport, console: Console) -> None:
     for name in ("dataset", "cells", f"below ({threshold})", "uncovered", "silent", "min n_valid"):
         summary.add_column(name, justify="left" if name == "dataset" else "right")
     for row in report.datasets.itertuples(index=False):
-        summary.add_row(escape(row.name), *(str(v) for v in (row.cells, row.below, row.uncovered, row.silent, row.min_n_valid)))
+        summary.add_row(shown(row.name), *(str(v) for v in (row.cells, row.below, row.uncovered, row.silent, row.min_n_valid)))
     console.print(summary)
     if report.passed:
         console.print(f"[green]✓[/] every cell has at least {report.min_samples} valid samples" + _spikes_clause(report))
@@ -141,7 +150,7 @@ def render_coverage(report: CoverageReport, console: Console) -> None:
         cells.add_column(f"rank {rank}", justify="right")
     for row in report.cells.itertuples(index=False):
         cells.add_row(
-            escape(row.dataset), str(row.cell), escape(str(row.cell_id)), str(row.n_valid), f"{row.spikes:g}",
+            shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), f"{row.spikes:g}",
             *_per_rank_cells(row.per_rank),
         )
     console.print(cells)
@@ -161,7 +170,7 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
         rank_columns = [column for column in frame.columns if column.startswith("rank_")]
         flagged = frame[frame["below"] | (frame["zero_ranks"].map(len) > 0)]
         console.print(
-            f"[bold]{escape(name)}[/]: {len(frame)} cells, {int(frame['below'].sum())} predicted below"
+            f"[bold]{shown(name)}[/]: {len(frame)} cells, {int(frame['below'].sum())} predicted below"
             f" {min_samples} valid samples, smallest n_valid {int(frame['n_valid'].min()) if len(frame) else 0}"
         )
         if flagged.empty:
@@ -204,24 +213,24 @@ def render_compare(comparison: Comparison, console: Console) -> None:
     styles = {"regressed": "red", "improved": "green"}
     for metric in comparison.metrics:
         table.add_row(
-            escape(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric),
+            shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric),
             format_bps(metric.tolerance), *([_interval_text(metric)] if interval_title else []),
             f"[{styles.get(metric.verdict, 'default')}]{_verdict_text(metric)}[/]" if metric.gated else _verdict_text(metric),
         )
     console.print(table)
     for note in comparison.notes:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {shown(note)}")
     if comparison.new_datasets:
-        console.print(f"new datasets (not in the baseline): {escape(', '.join(comparison.new_datasets))}")
+        console.print(f"new datasets (not in the baseline): {shown(', '.join(comparison.new_datasets))}")
     regressions = comparison.coverage_regressions
     for row in regressions.head(COVERAGE_LISTED).itertuples(index=False):
-        console.print(f"[red]✗[/] {escape(row.dataset)} cell {row.cell} (id {escape(str(row.cell_id))}): ok → uncovered")
+        console.print(f"[red]✗[/] {shown(row.dataset)} cell {row.cell} (id {shown(str(row.cell_id))}): ok → uncovered")
     if len(regressions) > COVERAGE_LISTED:
         console.print(f"  (+{len(regressions) - COVERAGE_LISTED} more cells ok → uncovered)")
     if comparison.passed:
         console.print("[green]✓ no regression[/]")
     else:
-        console.print(f"[red]✗ regression:[/] {escape('; '.join(comparison.reasons))}")
+        console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}")
 
 
 def compare_markdown(comparison: Comparison) -> str:
@@ -281,3 +290,31 @@ def compare_junit(comparison: Comparison) -> str:
         if failure is not None:
             ElementTree.SubElement(case, "failure", message=failure).text = failure
     return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
+    """The `bpseval doctor` report: steps with their ranks, then every problem found."""
+    table = Table(title=f"Run directory {shown(str(diagnosis.run_dir))}", title_justify="left")
+    for name in ("step", "complete", "world size", "ranks present", "missing", "twice", "store"):
+        table.add_column(name, justify="right" if name in ("step", "world size") else "left")
+    for step in diagnosis.steps:
+        table.add_row(
+            str(step.step), "[green]yes[/]" if step.complete else "[red]no[/]", "/".join(map(str, step.world_sizes)),
+            _ranges(step.ranks), _ranges(step.missing) or "—", _ranges(step.repeated) or "—", ", ".join(step.stores),
+        )
+    console.print(table)
+    for problem in diagnosis.problems:
+        console.print(f"[red]✗[/] {shown(problem)}", soft_wrap=True)
+    verdict = {0: "[green]✓ healthy[/]", 1: "[yellow]problems found[/] (compute still has a complete step)", 2: "[red]unusable:[/] no complete step"}
+    console.print(verdict[diagnosis.status])
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2, 5"."""
+    parts: list[str] = []
+    for value in values:
+        if parts and parts[-1][1] == value - 1:
+            parts[-1] = (parts[-1][0], value)
+        else:
+            parts.append((value, value))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class ShardWriter:
             raise ValueError(f"ShardWriter: step must be >= 0, got {step}")
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
         self.path = shard_path(run_dir, self.step, self.rank)
-        self._tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        # unique per writer: two writers of one rank (a restarted job) never write into one file
+        self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self.store, self.block_size = store, int(block_size)
         self._file: h5py.File | None = None
         self._layouts: dict[str, _Layout] = {}
@@ -182,8 +184,7 @@ class ShardWriter:
         """
         self.open()
         assert self._file is not None
-        if not isinstance(dataset, str) or not dataset or "/" in dataset:
-            raise ValueError(f"dataset name must be a non-empty string without '/', not {dataset!r}")
+        check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
@@ -255,6 +256,14 @@ class _RankStats:
             blocks = group.create_group("blocks")
             for name in STAT_FIELDS:
                 blocks.create_dataset(name, data=getattr(self.per_block, name))
+
+
+def check_dataset_name(name: Any) -> None:
+    """Dataset names become HDF5 group names and table rows: no path separators, no control characters."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or not name.isprintable():
+        raise ValueError(
+            f"dataset name must be a non-empty printable string without '/' or '\\', not {name!r}"
+        )
 
 
 def _batch_arrays(
@@ -410,16 +419,29 @@ class RowChunk:
 
 @contextmanager
 def open_shard(path: Path) -> Iterator[h5py.File]:
-    """Open a shard for reading; any HDF5 or OS failure becomes a BpsevalError naming the file."""
+    """Open a shard read-only, without HDF5 file locks (shards are immutable once renamed into
+    place, and locks are missing or broken on many shared filesystems).
+
+    Any failure to open or to read becomes a BpsevalError naming the file.
+    """
     try:
-        handle = h5py.File(path, "r")
-    except (OSError, ValueError) as error:
+        handle = h5py.File(path, "r", locking=False)
+    except PermissionError:
+        raise BpsevalError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
+    except Exception as error:
         raise BpsevalError(
             f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
             " shard; delete or move it out of the run directory."
         ) from None
-    with handle:
-        yield handle
+    try:
+        with handle:
+            yield handle
+    except BpsevalError:
+        raise
+    except Exception as error:  # h5py raises many types on damaged files
+        raise BpsevalError(
+            f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
+        ) from None
 
 
 def _short(error: BaseException) -> str:
@@ -445,6 +467,7 @@ def read_header(path: Path) -> ShardHeader:
         rank, world_size, step = (_int_attr(path, attrs, key) for key in ("rank", "world_size", "step"))
         if world_size < 1 or not 0 <= rank < world_size:
             raise BpsevalError(f"{path}: rank {rank} is outside 0..world_size-1 (world_size {world_size}).")
+        _refuse_links_and_foreign_storage(path, handle)
         group = handle.get(DATASETS_GROUP)
         if group is not None and not isinstance(group, h5py.Group):
             raise BpsevalError(f"{path}: /{DATASETS_GROUP} must be a group holding one group per dataset.")
@@ -462,6 +485,45 @@ def read_header(path: Path) -> ShardHeader:
             run_id=None if run_id is None else _text_attr(run_id),
             datasets=datasets,
             store=store,
+        )
+
+
+MAX_CELLS = 1 << 20
+"""More cells than this in one dataset is not a recording: refused before any memory is spent."""
+MAX_COMPRESSION = 2000
+"""gzip cannot compress more than ~1000:1; a larger ratio means chunks that were never written."""
+
+
+def _refuse_links_and_foreign_storage(path: Path, handle: h5py.File) -> None:
+    """Refuse soft and external links, virtual datasets and external storage: a shard is one file."""
+    problems: list[str] = []
+
+    def check_link(name: str, link: Any) -> None:
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            problems.append(f"/{name} is a {type(link).__name__}")
+
+    def check_dataset(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and (item.is_virtual or item.external):
+            problems.append(f"/{name} is a {'virtual dataset' if item.is_virtual else 'dataset with external storage'}")
+
+    handle.visititems_links(check_link)
+    if not problems:
+        handle.visititems(check_dataset)
+    if problems:
+        raise BpsevalError(
+            f"{path}: refers to data outside the file ({'; '.join(problems[:3])}); a shard must hold its own"
+            " arrays. Rewrite it with ShardWriter."
+        )
+
+
+def _check_stored(where: str, array: h5py.Dataset) -> None:
+    """Refuse arrays that declare more data than the file holds (truncated, or built to exhaust memory)."""
+    stored = array.id.get_storage_size()
+    compressed = array.compression is not None or array.scaleoffset is not None
+    if array.nbytes and (stored * (MAX_COMPRESSION if compressed else 1) < array.nbytes):
+        raise BpsevalError(
+            f"{where}: {array.name.rsplit('/', 1)[-1]} declares shape {array.shape} ({array.nbytes} bytes) but the"
+            f" file stores {stored} bytes of it; the shard is truncated or damaged. Re-run validation to rewrite it."
         )
 
 
@@ -492,10 +554,18 @@ def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
         raise BpsevalError(
             f"{where}: rhat and robs must both have shape (samples, cells); got {rhat.shape} and {robs.shape}."
         )
+    for key in ("dfs", "sample_idx", "cell_ids"):
+        if key in group and not isinstance(group[key], h5py.Dataset):
+            raise BpsevalError(f"{where}: {key} must be an array, found a {type(group[key]).__name__}.")
     for key in ("rhat", "robs", "dfs"):
         if key in group and group[key].dtype.kind not in "biuf":
             raise BpsevalError(f"{where}: {key} must be numeric, found dtype {group[key].dtype}.")
     n_rows, n_cells = rhat.shape
+    if n_cells > MAX_CELLS:
+        raise BpsevalError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}); is the array transposed?")
+    for key in ("rhat", "robs", "dfs", "sample_idx", "cell_ids"):
+        if isinstance(group.get(key), h5py.Dataset):
+            _check_stored(where, group[key])
     dfs_shape = None
     if "dfs" in group:
         dfs_shape = group["dfs"].shape
@@ -596,7 +666,7 @@ def iter_rows(path: Path, layout: DatasetLayout, chunk_rows: int) -> Iterator[Ro
 def _read(path: Path, dataset: str, array: h5py.Dataset, rows: slice) -> np.ndarray:
     try:
         return array[rows]
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:
         raise BpsevalError(
             f"{path}: dataset {dataset!r}: cannot read {array.name.rsplit('/', 1)[-1]} ({_short(error)});"
             " the file is probably truncated or damaged. Re-run validation to rewrite it."

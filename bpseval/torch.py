@@ -23,7 +23,7 @@ from bpseval.errors import BpsevalError
 from bpseval.merge import MergedDataset, MergedRun, check_agree, dataset_identity
 from bpseval.result import Result, build_result
 from bpseval.samples import SeenSamples
-from bpseval.shard import DatasetLayout
+from bpseval.shard import DatasetLayout, check_dataset_name
 from bpseval.stats import (
     RATE_KINDS,
     STAT_FIELDS,
@@ -90,8 +90,7 @@ class DistributedBPS:
         set. Raises ValueError for inconsistent batches and BpsevalError for invalid values,
         naming the dataset; a batch that raises leaves the metric unchanged.
         """
-        if not isinstance(dataset, str) or not dataset or "/" in dataset:
-            raise ValueError(f"dataset name must be a non-empty string without '/', not {dataset!r}")
+        check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         rhat, robs, dfs = (_detached(value) for value in (rhat, robs, dfs))

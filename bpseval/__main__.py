@@ -1,0 +1,5 @@
+"""`python -m bpseval` runs the command line."""
+
+from bpseval.cli import main
+
+main()
