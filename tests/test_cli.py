@@ -217,6 +217,12 @@ BAD_INPUTS: dict[str, tuple[Setup, list[str]]] = {
     ),
     "negative robs": (_negative_robs, ["rank0.h5", "robs has 1 negative value (first at sample row 5, cell 4)"]),
     "dfs outside [0, 1]": (_dfs_out_of_range, ["rank0.h5", "dfs has 240 outside [0, 1] or NaN values"]),
+    "log-rate overflow": (
+        lambda run: write_raw_shard(
+            run / "rank0.h5", {"Allen_2022-04-13": {"rhat": np.array([[800.0], [0.0]]), "robs": np.ones((2, 1)), "rate_kind": "log_rate"}}
+        ),
+        ["rank0.h5", "rhat has 1 log-rate above 700 (overflowing) value (first at sample row 0, cell 0)"],
+    ),
     "negative sample_idx": (
         lambda run: _valid_shard(run / "rank0.h5", sample_idx=np.arange(40) - 1),
         ["rank0.h5", "'Allen_2022-04-13'", "sample_idx has negative values (e.g. -1)"],

@@ -43,10 +43,21 @@ def expected_result(tmp_path: Path, world_size: int, step: int) -> bpseval.Resul
 
 def test_killed_writers_never_leave_a_partial_shard(invoke, tmp_path):
     """At least 50 writers killed with SIGKILL while writing: every visible shard is whole; re-runs succeed."""
-    rng = random.Random(0)
+    assert kill_writers(invoke, tmp_path, rounds=4, seed=0) >= 50
+
+
+@pytest.mark.soak
+def test_killed_writers_soak(invoke, tmp_path):
+    """The same with 40 rounds (about 600 kills): `python -m pytest -m soak`."""
+    assert kill_writers(invoke, tmp_path, rounds=40, seed=1) >= 500
+
+
+def kill_writers(invoke, tmp_path: Path, rounds: int, seed: int) -> int:
+    """Start 8 two-rank runs per round, SIGKILL their writers at random points, check, re-run; returns the kills."""
+    rng = random.Random(seed)
     expected = expected_result(tmp_path, 2, 0).to_dict()
     kills = 0
-    for round_ in range(4):
+    for round_ in range(rounds):
         runs = [tmp_path / f"round{round_}-run{i}" for i in range(8)]
         writers = [start_writer(run, rank, 2, 0, pause=0.01) for run in runs for rank in range(2)]
         for process in writers:
@@ -70,7 +81,7 @@ def test_killed_writers_never_leave_a_partial_shard(invoke, tmp_path):
                 write_rank(str(run), rank, 2, 0)
             document = bpseval.evaluate(run).to_dict()
             assert document["datasets"] == expected["datasets"] and document["overall"] == expected["overall"]
-    assert kills >= 50
+    return kills
 
 
 def test_a_reader_sees_the_previous_or_the_new_complete_step_never_a_mixture(invoke, tmp_path):
