@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from bpseval.errors import BpsevalError
-from bpseval.merge import scan_run_dir, step_ranks
-from bpseval.shard import FORMAT_VERSION, ShardHeader, read_header
+from bpseval.merge import read_headers, scan_run_dir, step_ranks
+from bpseval.shard import FORMAT_VERSION, ShardHeader
 
 HEALTHY, PROBLEMS, UNUSABLE = 0, 1, 2
 
@@ -95,11 +95,11 @@ def diagnose(run_dir: str | os.PathLike[str]) -> Diagnosis:
     files = scan_run_dir(root)
     headers: list[ShardHeader] = []
     problems: list[tuple[Path, str]] = []
-    for path in files.shards:
-        try:
-            headers.append(read_header(path))
-        except BpsevalError as error:
-            problems.append((path, str(error).removeprefix(f"{path}: ")))
+    for path, header in zip(files.shards, read_headers(files.shards)):
+        if isinstance(header, BpsevalError):
+            problems.append((path, str(header).removeprefix(f"{path}: ")))
+        else:
+            headers.append(header)
     by_step: dict[int, list[ShardHeader]] = {}
     for header in headers:
         by_step.setdefault(header.step, []).append(header)

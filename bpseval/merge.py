@@ -8,10 +8,13 @@ completeness and agreement, duplicate samples (DistributedSampler padding) are d
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,6 +141,61 @@ def _leftover_note(leftovers: list[Path]) -> str:
     return f" Unfinished writes left behind (a writer was killed?): {shown}."
 
 
+HEADER_TIMEOUT = 30.0
+"""Seconds one shard's metadata may take to read (milliseconds when healthy); BPSEVAL_METADATA_TIMEOUT overrides it."""
+
+
+def read_headers(paths: list[Path], timeout: float | None = None) -> list[ShardHeader | BpsevalError]:
+    """Every shard's header (or the error that makes it unusable), in the order of `paths`.
+
+    HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
+    attribute), which no exception interrupts; so the headers are read in a forked child and a
+    file that takes longer than `timeout` is reported as damaged. Where forking is unsafe (not
+    Linux, or torch loaded in this process: fork next to its threads can deadlock), they are
+    read here, without that bound.
+    """
+    if not paths or sys.platform != "linux" or "torch" in sys.modules:
+        return [_header_or_error(path) for path in paths]
+    if timeout is None:
+        timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
+    child.start()
+    sender.close()
+    headers: list[ShardHeader | BpsevalError] = []
+    try:
+        for path in paths:
+            if not receiver.poll(timeout):
+                headers.append(
+                    BpsevalError(
+                        f"{path}: reading its metadata did not finish within {timeout:g} s; the file is damaged"
+                        " (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
+                    )
+                )
+                break
+            headers.append(receiver.recv())
+    except EOFError:
+        headers.append(BpsevalError(f"{paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged."))
+    finally:
+        child.kill()
+        child.join()
+    return headers + read_headers(paths[len(headers) :], timeout)
+
+
+def _send_headers(paths: list[Path], sender: Any) -> None:
+    for path in paths:
+        sender.send(_header_or_error(path))
+    sender.close()
+
+
+def _header_or_error(path: Path) -> ShardHeader | BpsevalError:
+    try:
+        return read_header(path)
+    except BpsevalError as error:
+        return error
+
+
 @dataclass(frozen=True)
 class StepSelection:
     """The shards of the step to merge, in rank order, and why that step was chosen."""
@@ -232,7 +290,11 @@ def merge_run(
     """
     root = Path(run_dir)
     files = scan_run_dir(root)
-    headers = [read_header(path) for path in require_shards(files, root)]
+    headers = []
+    for header in read_headers(require_shards(files, root)):
+        if isinstance(header, BpsevalError):
+            raise header
+        headers.append(header)
     selection = select_step(headers, step, root, files.leftovers)
     shards = selection.shards
     stores = sorted({header.store for header in shards})

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -163,3 +167,26 @@ def test_every_structural_mutation_alone_gives_its_expected_exit_code(tmp_path):
         assert code == expected, (name, stderr)
         if code == 2:
             assert str(shard) in stderr, (name, stderr)
+
+
+def test_file_on_which_hdf5_loops_forever_is_reported_within_the_time_bound(tmp_path):
+    """Found by atheris (tests/fuzz_shard_reader.py): a corrupt global heap behind a string attribute
+    makes libhdf5 loop forever inside H5Aread. Headers are read in a child process with a timeout."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "hangs_hdf5_global_heap.h5", run / "rank-0000.h5")
+    for command in ("compute", "doctor"):
+        start = time.perf_counter()
+        completed = subprocess.run(
+            [sys.executable, "-m", "bpseval", command, str(run)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "BPSEVAL_METADATA_TIMEOUT": "3"},
+            cwd=Path(__file__).parents[1],
+        )
+        assert time.perf_counter() - start < 30
+        assert completed.returncode == 2, completed.stderr
+        output = completed.stdout + completed.stderr
+        assert "rank-0000.h5: reading its metadata did not finish within 3 s" in output
+        assert "Traceback" not in output
