@@ -77,7 +77,7 @@ def bad_input_exits() -> Iterator[None]:
     try:
         yield
     except (BpsevalError, OSError) as error:
-        stderr_console().print(f"[bold red]Error:[/] {error}", markup=True, highlight=False, emoji=False)
+        stderr_console().print(f"[bold red]Error:[/] {escape(str(error))}", markup=True, highlight=False, emoji=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -161,7 +161,7 @@ def _compute_all_steps(
     scheduler: str | None,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
-    from bpseval.steps import evaluate_steps, render_steps
+    from bpseval.steps import evaluate_steps, incomplete_text, render_steps
 
     with bad_input_exits():
         if len(paths) != 1:
@@ -181,7 +181,7 @@ def _compute_all_steps(
         render_steps(steps, Console(highlight=False))
     else:
         for number, reason in steps.incomplete.items():
-            errors.print(f"[yellow]Skipped incomplete step {number}:[/] {escape(reason)}", highlight=False)
+            errors.print(f"[yellow]Skipped incomplete step:[/] {escape(incomplete_text(number, reason))}", highlight=False)
 
 
 MinSamples = Annotated[int, typer.Option("--min-samples", min=0, help="Flag cells with fewer valid samples than this.")]
@@ -403,7 +403,7 @@ def report(
 def _command_line(command: str, options: list[str]) -> list[str]:
     """The command line as typed when this process is `bpseval COMMAND ...`; else rebuilt from the parsed options."""
     argv = sys.argv
-    if len(argv) > 1 and Path(argv[0]).name in ("bpseval", "cli.py") and argv[1] == command:
+    if len(argv) > 1 and Path(argv[0]).name in ("bpseval", "cli.py", "__main__.py") and argv[1] == command:
         return ["bpseval", *argv[1:]]
     return ["bpseval", command, *options]
 
