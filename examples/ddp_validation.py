@@ -200,6 +200,7 @@ def worker(rank: int, world_size: int, port: int, sessions: dict[str, Session], 
                 f" {world_size} ranks): {legacy.item() / world_size:.4f}"
             )
             print(f"exact bps of the same validation pass: bpseval compute {args.out}")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

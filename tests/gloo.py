@@ -22,6 +22,7 @@ def _entry(rank: int, world_size: int, port: int, function: Callable[..., Any], 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         function(rank, world_size, *args)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
