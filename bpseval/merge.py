@@ -30,7 +30,16 @@ from bpseval.shard import (
     read_sample_idx,
     read_stats,
 )
-from bpseval.stats import MIN_RATE, CellStats, add_by_block, pad_blocks, InvalidValues, InvalidValuesError, batch_stats, find_invalid_values
+from bpseval.stats import (
+    MIN_RATE,
+    CellStats,
+    InvalidValues,
+    InvalidValuesError,
+    add_by_block,
+    blocked_stats,
+    find_invalid_values,
+    pad_blocks,
+)
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
@@ -389,7 +398,7 @@ def _merge_dataset(
                 chunk = dedup.filter(part, chunk)
             try:
                 if per_block is None:
-                    per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
+                    per_rank[header.rank] += blocked_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
                 else:
                     block_ids = chunk.sample_idx * blocks // dedup.span
                     per_block, total = add_by_block(

@@ -16,7 +16,7 @@ The log(robs!) term is the same for the model and the null model and cancels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,30 @@ def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rat
     return CellStats(n_valid=n_valid, weight=weight, spikes=xp.sum(counts, axis=0), model_ll=xp.sum(terms, axis=0))
 
 
+BLOCK_ENTRIES = 1 << 15
+"""Entries per block in `blocked_stats`: float64 temporaries that stay in the CPU cache."""
+
+
+def blocked_stats(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None = None, rate_kind: str = "rate") -> CellStats:
+    """`batch_stats` of a large numpy batch, computed block of rows by block of rows and added up.
+
+    Same numbers (sums in another order); several times faster on large arrays, whose float64
+    temporaries would otherwise stream through memory once per operation.
+    """
+    n_rows, n_cells = rhat.shape
+    rows = max(1, BLOCK_ENTRIES // max(n_cells, 1))
+    if n_rows <= rows:
+        return batch_stats(rhat, robs, weights, rate_kind)
+    total = CellStats.zeros(n_cells)
+    for start in range(0, n_rows, rows):
+        block = slice(start, start + rows)
+        try:
+            total += batch_stats(rhat[block], robs[block], None if weights is None else weights[block], rate_kind)
+        except InvalidValuesError as error:  # number the rows of the whole batch
+            raise InvalidValuesError([replace(p, first_row=p.first_row + start) for p in error.problems]) from None
+    return total
+
+
 def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
     """(blocks, cells) statistics with empty blocks appended up to `n_blocks` (never shortened)."""
     have = per_block.n_valid.shape[0]
@@ -289,7 +313,7 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
             f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
         )
     weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
-    return cells_frame(batch_stats(rhat_np, robs_np, weights, rate_kind))
+    return cells_frame(blocked_stats(rhat_np, robs_np, weights, rate_kind))
 
 
 def cells_frame(stats: CellStats) -> pd.DataFrame:
