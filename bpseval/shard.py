@@ -516,14 +516,14 @@ def _refuse_links_and_foreign_storage(path: Path, handle: h5py.File) -> None:
         )
 
 
-def _check_stored(where: str, array: h5py.Dataset) -> None:
-    """Refuse arrays that declare more data than the file holds (truncated, or built to exhaust memory)."""
-    stored = array.id.get_storage_size()
+def _check_stored(where: str, array: h5py.Dataset, file_size: int) -> None:
+    """Refuse arrays that declare more data than the whole file could hold (truncated, or built to
+    exhaust memory); compared with the file's size, so no chunk index has to be walked."""
     compressed = array.compression is not None or array.scaleoffset is not None
-    if array.nbytes and (stored * (MAX_COMPRESSION if compressed else 1) < array.nbytes):
+    if array.nbytes > file_size * (MAX_COMPRESSION if compressed else 1):
         raise BpsevalError(
             f"{where}: {array.name.rsplit('/', 1)[-1]} declares shape {array.shape} ({array.nbytes} bytes) but the"
-            f" file stores {stored} bytes of it; the shard is truncated or damaged. Re-run validation to rewrite it."
+            f" file holds only {file_size} bytes; the shard is truncated or damaged. Re-run validation to rewrite it."
         )
 
 
@@ -563,9 +563,10 @@ def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
     n_rows, n_cells = rhat.shape
     if n_cells > MAX_CELLS:
         raise BpsevalError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}); is the array transposed?")
+    file_size = path.stat().st_size
     for key in ("rhat", "robs", "dfs", "sample_idx", "cell_ids"):
         if isinstance(group.get(key), h5py.Dataset):
-            _check_stored(where, group[key])
+            _check_stored(where, group[key], file_size)
     dfs_shape = None
     if "dfs" in group:
         dfs_shape = group["dfs"].shape
