@@ -542,56 +542,55 @@ def _int_attr(path: Path, attrs: h5py.AttributeManager, key: str) -> int:
     return int(value)
 
 
+RAW_ARRAYS = ("rhat", "robs", "dfs", "sample_idx", "cell_ids")
+
+
 def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
     where = f"{path}: dataset {name!r}"
     if not isinstance(group, h5py.Group):
         raise BpsevalError(f"{where}: /{DATASETS_GROUP}/{name} must be a group holding rhat and robs.")
+    arrays = {key: group.get(key) for key in RAW_ARRAYS}  # each HDF5 object opened once: lookups are slow
     for key in ("rhat", "robs"):
-        if not isinstance(group.get(key), h5py.Dataset):
+        if not isinstance(arrays[key], h5py.Dataset):
             raise BpsevalError(f"{where}: missing the {key!r} array; every dataset group needs rhat and robs.")
-    rhat, robs = group["rhat"], group["robs"]
+    for key, array in arrays.items():
+        if array is not None and not isinstance(array, h5py.Dataset):
+            raise BpsevalError(f"{where}: {key} must be an array, found a {type(array).__name__}.")
+    present = {key: array for key, array in arrays.items() if array is not None}
+    rhat, robs, dfs, index = present["rhat"], present["robs"], present.get("dfs"), present.get("sample_idx")
     if rhat.ndim != 2 or robs.shape != rhat.shape:
         raise BpsevalError(
             f"{where}: rhat and robs must both have shape (samples, cells); got {rhat.shape} and {robs.shape}."
         )
-    for key in ("dfs", "sample_idx", "cell_ids"):
-        if key in group and not isinstance(group[key], h5py.Dataset):
-            raise BpsevalError(f"{where}: {key} must be an array, found a {type(group[key]).__name__}.")
     for key in ("rhat", "robs", "dfs"):
-        if key in group and group[key].dtype.kind not in "biuf":
-            raise BpsevalError(f"{where}: {key} must be numeric, found dtype {group[key].dtype}.")
+        if key in present and present[key].dtype.kind not in "biuf":
+            raise BpsevalError(f"{where}: {key} must be numeric, found dtype {present[key].dtype}.")
     n_rows, n_cells = rhat.shape
     if n_cells > MAX_CELLS:
         raise BpsevalError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}); is the array transposed?")
     file_size = path.stat().st_size
-    for key in ("rhat", "robs", "dfs", "sample_idx", "cell_ids"):
-        if isinstance(group.get(key), h5py.Dataset):
-            _check_stored(where, group[key], file_size)
-    dfs_shape = None
-    if "dfs" in group:
-        dfs_shape = group["dfs"].shape
-        if dfs_shape not in ((n_rows, n_cells), (n_rows, 1), (n_rows,)):
-            raise BpsevalError(
-                f"{where}: dfs has shape {dfs_shape} but rhat/robs have shape {rhat.shape}; dfs must be"
-                f" ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)."
-            )
-    has_sample_idx = "sample_idx" in group
-    if has_sample_idx:
-        index = group["sample_idx"]
-        if index.shape != (n_rows,) or index.dtype.kind not in "iu":
-            raise BpsevalError(
-                f"{where}: sample_idx must be integers of shape ({n_rows},), found {index.dtype} {index.shape}."
-            )
+    for array in present.values():
+        _check_stored(where, array, file_size)
+    dfs_shape = None if dfs is None else dfs.shape
+    if dfs_shape is not None and dfs_shape not in ((n_rows, n_cells), (n_rows, 1), (n_rows,)):
+        raise BpsevalError(
+            f"{where}: dfs has shape {dfs_shape} but rhat/robs have shape {rhat.shape}; dfs must be"
+            f" ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)."
+        )
+    if index is not None and (index.shape != (n_rows,) or index.dtype.kind not in "iu"):
+        raise BpsevalError(
+            f"{where}: sample_idx must be integers of shape ({n_rows},), found {index.dtype} {index.shape}."
+        )
     cell_ids = None
-    if "cell_ids" in group:
-        cell_ids = read_cell_ids(group["cell_ids"])
+    if "cell_ids" in present:
+        cell_ids = read_cell_ids(present["cell_ids"])
         if cell_ids.shape != (n_cells,):
             raise BpsevalError(f"{where}: cell_ids must have shape ({n_cells},), found {cell_ids.shape}.")
     rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
     if rate_kind not in RATE_KINDS:
         raise BpsevalError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
-    nbytes = sum(group[key].nbytes for key in ("rhat", "robs", "dfs", "sample_idx") if key in group)
-    return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, has_sample_idx, cell_ids, nbytes)
+    nbytes = sum(array.nbytes for key, array in present.items() if key != "cell_ids")
+    return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, index is not None, cell_ids, nbytes)
 
 
 def _read_stats_layout(path: Path, name: str, group: Any) -> DatasetLayout:
