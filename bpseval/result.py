@@ -210,7 +210,7 @@ def runs_frame(results: dict[str, Result], sort: str = "run") -> pd.DataFrame:
 
     `sort` is "run" (by name) or a metric ("bps", "bps_pooled": best first).
     """
-    frame = results_frame(results, key="run").rename(columns={"run_step": "step"}).drop(columns="world_size")
+    frame = results_frame(results, key="run").drop(columns="world_size")
     if sort == "run":
         return frame.sort_values("run", kind="stable").reset_index(drop=True)
     return frame.sort_values(sort, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -220,7 +220,7 @@ def results_frame(results: dict[Any, Result], key: str) -> pd.DataFrame:
     """One row per result, labelled `key` (run or step): its step, world size, overall numbers and dataset bps."""
     rows = []
     for label, result in results.items():
-        row = {key: label, "run_step": result.step, "world_size": result.world_size}
+        row = {key: label, "step": result.step, "world_size": result.world_size}  # key "step" keeps one column
         row.update({"bps": result.overall["bps"], "bps_pooled": result.overall["bps_pooled"], **result.overall["cells"]})
         row.update({f"bps[{name}]": bps for name, bps in zip(result.datasets["name"], result.datasets["bps"])})
         rows.append(row)

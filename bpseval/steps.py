@@ -123,7 +123,7 @@ def steps_frame(results: dict[int, Result]) -> pd.DataFrame:
     """One row per step: step, world size, overall bps and bps_pooled, cells ok/silent/uncovered, then bps[dataset]."""
     if not results:
         return pd.DataFrame(columns=STEP_COLUMNS)
-    frame = results_frame(results, key="step").drop(columns="run_step")
+    frame = results_frame(results, key="step")
     return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 

@@ -64,7 +64,6 @@ def runs(tmp_path_factory):
     degraded = write_run(root / "degraded", data, degraded_rhat)
     slightly = write_run(root / "slightly", data, {name: r * np.float32(1.01) for name, r in good.items()})
     baseline = root / "baseline.json"
-    assert bpseval.cli.app is not None
     return {"root": root, "data": data, "good": good, "base": base, "rerun": rerun, "degraded": degraded,
             "slightly": slightly, "baseline": baseline}
 
