@@ -36,7 +36,7 @@ from bpseval.stats import (
     InvalidValues,
     InvalidValuesError,
     add_by_block,
-    blocked_stats,
+    batch_stats,
     find_invalid_values,
     pad_blocks,
 )
@@ -398,7 +398,7 @@ def _merge_dataset(
                 chunk = dedup.filter(part, chunk)
             try:
                 if per_block is None:
-                    per_rank[header.rank] += blocked_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
+                    per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
                 else:
                     block_ids = chunk.sample_idx * blocks // dedup.span
                     per_block, total = add_by_block(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_numpy_namespace
 
 from bpseval._arrays import to_numpy
 from bpseval.errors import BpsevalError
@@ -117,70 +117,91 @@ def as_weights(dfs: np.ndarray | None, n_rows: int, n_cells: int) -> np.ndarray 
 
 
 def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> CellStats:
-    """Sufficient statistics of one (rows, cells) batch, accumulated in float64.
+    """Sufficient statistics of one (rows, cells) batch of any size, accumulated in float64.
 
     Works on numpy arrays and on torch tensors alike (through the array API), so the online
     metric accumulates on the tensors' device with this same code. `weights` is None (all
     valid) or an (rows, cells) / (rows, 1) array from `as_weights`. Raises InvalidValuesError
-    for NaN/inf/negative values at valid entries or weights outside [0, 1].
+    for NaN/inf/negative values at valid entries or weights outside [0, 1], numbering rows
+    within this batch. Numpy batches are processed in row blocks of about BLOCK_ENTRIES
+    entries, so that float64 temporaries stay in the CPU cache.
     """
     xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
     n_rows, n_cells = rhat.shape
-    w = None if weights is None else xp.astype(weights, xp.float64)
-    if w is None:
-        n_valid = xp.full((n_cells,), n_rows, dtype=xp.int64, device=device(rhat))
-        weight = xp.full((n_cells,), float(n_rows), dtype=xp.float64, device=device(rhat))
-    else:
-        if not bool(xp.all((w >= 0.0) & (w <= 1.0))):
-            raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
-        n_valid = xp.sum(xp.broadcast_to(w > 0.0, rhat.shape), axis=0, dtype=xp.int64)
-        weight = xp.sum(xp.broadcast_to(w, rhat.shape), axis=0)
-    rates, counts = xp.astype(rhat, xp.float64), xp.astype(robs, xp.float64)
-    if not _values_are_valid(xp, rates, counts, rate_kind):
-        if w is not None:  # the bad values may all sit at masked entries: make those harmless, look again
-            valid = xp.broadcast_to(w > 0.0, rates.shape)
-            rates = xp.where(valid, rates, 0.0 if rate_kind == "log_rate" else 1.0)
-            counts = xp.where(valid, counts, 0.0)
-        if w is None or not _values_are_valid(xp, rates, counts, rate_kind):
-            raise InvalidValuesError(
-                find_invalid_values(to_numpy(rhat), to_numpy(robs), None if w is None else to_numpy(weights), rate_kind)
-            )
-    if rate_kind == "log_rate":
-        terms = counts * rates
-        terms -= xp.exp(rates)
-    else:
-        rates = xp.maximum(rates, xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rates)))
-        terms = xp.log(rates)
-        terms *= counts
-        terms -= rates
-    if w is not None:  # w = 0 entries hold finite values here, so they add exactly 0
-        terms *= w
-        counts *= w
-    return CellStats(n_valid=n_valid, weight=weight, spikes=xp.sum(counts, axis=0), model_ll=xp.sum(terms, axis=0))
-
-
-BLOCK_ENTRIES = 1 << 15
-"""Entries per block in `blocked_stats`: float64 temporaries that stay in the CPU cache."""
-
-
-def blocked_stats(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None = None, rate_kind: str = "rate") -> CellStats:
-    """`batch_stats` of a large numpy batch, computed block of rows by block of rows and added up.
-
-    Same numbers (sums in another order); several times faster on large arrays, whose float64
-    temporaries would otherwise stream through memory once per operation.
-    """
-    n_rows, n_cells = rhat.shape
-    rows = max(1, BLOCK_ENTRIES // max(n_cells, 1))
+    rows = max(1, BLOCK_ENTRIES // max(n_cells, 1)) if is_numpy_namespace(xp) else n_rows
     if n_rows <= rows:
-        return batch_stats(rhat, robs, weights, rate_kind)
+        return _block_stats(xp, rhat, robs, weights, rate_kind)
     total = CellStats.zeros(n_cells)
     for start in range(0, n_rows, rows):
         block = slice(start, start + rows)
         try:
-            total += batch_stats(rhat[block], robs[block], None if weights is None else weights[block], rate_kind)
+            total += _block_stats(xp, rhat[block], robs[block], None if weights is None else weights[block], rate_kind)
         except InvalidValuesError as error:  # number the rows of the whole batch
             raise InvalidValuesError([replace(p, first_row=p.first_row + start) for p in error.problems]) from None
     return total
+
+
+BLOCK_ENTRIES = 1 << 16
+"""Entries per row block of a numpy batch: its float64 temporaries (512 KiB) fit in the L2 cache."""
+
+
+def _block_stats(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
+    """`batch_stats` of one block: validate, then the four sums with as few passes as possible.
+
+    Validity is decided from min and max of the inputs as given (NaN propagates through both),
+    so the usual all-valid batch costs no float64 copies; only a failing batch is looked at closely.
+    """
+    n_rows, n_cells = rhat.shape
+    if weights is not None and weights.dtype == xp.bool:
+        weights = xp.astype(weights, xp.float32)
+    if not _weights_are_valid(xp, weights):
+        raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
+    if not _values_are_valid(xp, rhat, robs, rate_kind):
+        rhat, robs = _neutralize_masked_entries(xp, rhat, robs, weights, rate_kind)
+    if weights is None:
+        n_valid = xp.full((n_cells,), n_rows, dtype=xp.int64, device=device(rhat))
+        weight = xp.full((n_cells,), float(n_rows), dtype=xp.float64, device=device(rhat))
+    else:
+        n_valid = xp.sum(xp.broadcast_to(weights > 0, rhat.shape), axis=0, dtype=xp.int64)
+        weight = xp.sum(xp.broadcast_to(weights, rhat.shape), axis=0, dtype=xp.float64)
+    spikes = _weighted_column_sums(xp, robs, weights)
+    if rate_kind == "log_rate":
+        rates = xp.astype(rhat, xp.float64)
+        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64) * rates - xp.exp(rates), weights)
+    else:
+        rates = rhat  # λ = max(rhat, MIN_RATE): only copied when some rate is below MIN_RATE
+        if n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE:
+            rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rhat)))
+        model_ll = _spike_log_rate_sums(xp, rates, robs, weights) - _weighted_column_sums(xp, rates, weights)
+    return CellStats(n_valid=n_valid, weight=weight, spikes=spikes, model_ll=model_ll)
+
+
+def _weighted_column_sums(xp: Any, values: Any, weights: Any) -> Any:
+    """Σ_rows w·values per cell in float64 (Σ values when weights is None)."""
+    if weights is None:
+        return xp.sum(values, axis=0, dtype=xp.float64)
+    if is_numpy_namespace(xp):  # one pass, the float64 casts in numpy's buffers
+        return np.einsum("ij,ij->j", np.broadcast_to(weights, values.shape), values, dtype=np.float64)
+    return xp.sum(xp.astype(weights, xp.float64) * xp.astype(values, xp.float64), axis=0)
+
+
+def _spike_log_rate_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> Any:
+    """Σ_rows w·robs·ln(rates) per cell in float64.
+
+    With numpy the logarithm, the costliest step, is taken only where robs > 0 (a minority of
+    the entries of binned spike counts) and the products are added up per cell by `bincount`;
+    other namespaces compute it densely on their device.
+    """
+    if not is_numpy_namespace(xp):
+        terms = xp.astype(robs, xp.float64) * xp.log(xp.astype(rates, xp.float64))
+        return _weighted_column_sums(xp, terms, weights)
+    n_cells = rates.shape[1]
+    where = np.flatnonzero(robs > 0)
+    terms = np.log(np.ravel(rates)[where], dtype=np.float64)
+    terms *= np.ravel(robs)[where]
+    if weights is not None:
+        terms *= np.ravel(weights)[where] if weights.shape[1] == n_cells else weights[where // n_cells, 0]
+    return np.bincount(where % n_cells, weights=terms, minlength=n_cells)
 
 
 def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
@@ -216,14 +237,46 @@ MAX_LOG_RATE = 700.0
 """Largest log-rate accepted: exp(709.8) overflows float64."""
 
 
-def _values_are_valid(xp: Any, rates: Any, counts: Any, rate_kind: str) -> bool:
-    """Cheap whole-batch check that every entry is usable (finite, in range)."""
-    if rates.shape[0] == 0:
+def _extremes(xp: Any, values: Any) -> tuple[float, float]:
+    """min and max as Python floats (NaN if any value is NaN), compared in float64 whatever the dtype."""
+    return float(xp.min(values)), float(xp.max(values))
+
+
+def _weights_are_valid(xp: Any, weights: Any) -> bool:
+    """Every weight is in [0, 1] (NaN is not)."""
+    if weights is None or weights.shape[0] == 0 or weights.shape[1] == 0:
         return True
-    finite = bool(xp.all(xp.isfinite(rates)) and xp.all(xp.isfinite(counts)))
-    if not finite or bool(xp.min(counts) < 0.0):
+    low, high = _extremes(xp, weights)
+    return low >= 0.0 and high <= 1.0
+
+
+def _values_are_valid(xp: Any, rhat: Any, robs: Any, rate_kind: str) -> bool:
+    """Cheap whole-block check that every entry is usable (finite, in range), from min and max."""
+    if rhat.shape[0] == 0 or rhat.shape[1] == 0:
+        return True
+    low, high = _extremes(xp, robs)
+    if not (low >= 0.0 and high < math.inf):
         return False
-    return bool(xp.max(rates) <= MAX_LOG_RATE) if rate_kind == "log_rate" else bool(xp.min(rates) >= 0.0)
+    low, high = _extremes(xp, rhat)
+    if rate_kind == "log_rate":
+        return low > -math.inf and high <= MAX_LOG_RATE
+    return low >= 0.0 and high < math.inf
+
+
+def _neutralize_masked_entries(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> tuple[Any, Any]:
+    """rhat and robs with harmless values where w = 0, or InvalidValuesError if a valid entry is bad.
+
+    Values at masked entries are ignored, NaN or not; replacing them lets those entries add 0.
+    """
+    if weights is not None:
+        valid = xp.broadcast_to(weights > 0.0, rhat.shape)
+        rhat = xp.where(valid, rhat, 0.0 if rate_kind == "log_rate" else 1.0)
+        robs = xp.where(valid, robs, 0.0)
+        if _values_are_valid(xp, rhat, robs, rate_kind):
+            return rhat, robs
+    raise InvalidValuesError(
+        find_invalid_values(to_numpy(rhat), to_numpy(robs), None if weights is None else to_numpy(weights), rate_kind)
+    )
 
 
 def find_invalid_values(
@@ -313,7 +366,7 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
             f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
         )
     weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
-    return cells_frame(blocked_stats(rhat_np, robs_np, weights, rate_kind))
+    return cells_frame(batch_stats(rhat_np, robs_np, weights, rate_kind))
 
 
 def cells_frame(stats: CellStats) -> pd.DataFrame:
