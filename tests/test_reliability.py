@@ -157,6 +157,24 @@ def test_links_and_foreign_storage_are_refused(invoke, tmp_path, kind):
     assert "rank0.h5: refers to data outside the file" in result.stderr and "Traceback" not in result.output
 
 
+def test_stats_only_sums_stored_outside_the_file_are_refused(invoke, tmp_path):
+    data = poisson_dataset(0)
+    with ShardWriter(tmp_path / "run", 0, 1, store="stats") as writer:
+        writer.add("d", data["rhat"], data["robs"])
+    shard = next((tmp_path / "run").rglob("*.h5"))
+    with h5py.File(tmp_path / "outside.h5", "w") as handle:
+        handle["spikes"] = np.ones(data["rhat"].shape[1])
+    with h5py.File(shard, "a") as handle:
+        group = handle["datasets/d"]
+        layout = h5py.VirtualLayout(shape=group["spikes"].shape, dtype="f8")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "outside.h5"), "spikes", shape=group["spikes"].shape)
+        del group["spikes"]
+        group.create_virtual_dataset("spikes", layout)
+    result = invoke("compute", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert f"{shard}: refers to data outside the file (/datasets/d/spikes is a virtual dataset)" in result.stderr
+
+
 def test_huge_declared_shape_is_refused_without_reading(invoke, tmp_path):
     write_raw_shard(tmp_path / "rank0.h5", {"d": {}})
     with h5py.File(tmp_path / "rank0.h5", "a") as handle:
