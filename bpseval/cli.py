@@ -5,7 +5,6 @@ Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage (one message on stderr, 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,19 +17,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from bpseval._version import __version__
-from bpseval.errors import BpsevalError
 from bpseval.compare import CompareSettings, baseline_document, compare_paths
 from bpseval.coverage import check_coverage
 from bpseval.doctor import diagnose
+from bpseval.errors import BpsevalError
+from bpseval.json_text import json_text
 from bpseval.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.report import (
     compare_junit,
     compare_markdown,
+    merge_progress,
     render_compare,
     render_compute,
     render_coverage,
     render_doctor,
-    merge_progress,
     render_plan,
     render_runs,
     write_csv,
@@ -142,7 +142,7 @@ def compute(
             write_csv(next(iter(results.values())).cells if len(results) == 1 else table, csv_path)
         if json_path is not None:
             documents = [{"run": run, **result.to_dict()} for run, result in results.items()]
-            text = json.dumps(documents[0] if len(documents) == 1 else {"runs": documents}, indent=2, allow_nan=False)
+            text = json_text(documents[0] if len(documents) == 1 else {"runs": documents})
             write_text(text, json_path)
     errors = stderr_console()
     for run, result in results.items():
@@ -172,7 +172,7 @@ def _compute_all_steps(
         if csv_path is not None:
             write_csv(steps.frame(), csv_path)
         if json_path is not None:
-            write_text(json.dumps(steps.to_dict(str(paths[0])), indent=2, allow_nan=False), json_path)
+            write_text(json_text(steps.to_dict(str(paths[0]))), json_path)
     errors = stderr_console()
     for result in steps.results.values():
         for warning in result.warnings:
@@ -208,7 +208,7 @@ def coverage(
         if csv_path is not None:
             write_csv(report.cells, csv_path)
         if json_path is not None:
-            write_text(json.dumps(report.to_dict(), indent=2), json_path)
+            write_text(json_text(report.to_dict()), json_path)
     if "-" not in (json_path, csv_path):
         render_coverage(report, Console(highlight=False))
     if not report.passed:
@@ -239,7 +239,7 @@ def plan(
         }
         settings = {"world_size": world_size, "fraction": fraction, "batch_size": batch_size, "min_samples": min_samples, "seed": seed}
         if json_path is not None:
-            write_text(json.dumps(plan_to_dict(plans, settings), indent=2), json_path)
+            write_text(json_text(plan_to_dict(plans, settings)), json_path)
     if json_path != "-":
         render_plan(plans, min_samples, Console(highlight=False))
     if any(frame["below"].any() for frame in plans.values()):
@@ -263,7 +263,7 @@ def baseline(
     """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
-        write_text(json.dumps(baseline_document(result), indent=2, allow_nan=False), output)
+        write_text(json_text(baseline_document(result)), output)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
 
@@ -308,7 +308,7 @@ def compare(
     )
     with bad_input_exits():
         comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
-        for path, text in ((json_path, json.dumps(comparison.to_dict(), indent=2, allow_nan=False)),
+        for path, text in ((json_path, json_text(comparison.to_dict())),
                            (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
             if path is not None:
                 write_text(text, path)
@@ -325,7 +325,7 @@ def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
     with bad_input_exits():
         diagnosis = diagnose(run_dir)
         if json_path is not None:
-            write_text(json.dumps(diagnosis.to_dict(), indent=2), json_path)
+            write_text(json_text(diagnosis.to_dict()), json_path)
     if json_path != "-":
         render_doctor(diagnosis, Console(highlight=False))
     if diagnosis.status:

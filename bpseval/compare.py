@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 from bpseval.merge import MergedDataset, MergedRun, merge_run
 from bpseval.result import Result, build_result

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from bpseval._lazy import pandas as pd
 from bpseval.merge import MergedRun, merge_run
 from bpseval.stats import SILENT, UNCOVERED, cell_scores
 

@@ -18,8 +18,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
+from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.compare import OVERALL, Comparison
 from bpseval.coverage import coverage_report

@@ -154,16 +154,20 @@ HEADER_TIMEOUT = 30.0
 """Seconds one shard's metadata may take to read (milliseconds when healthy); BPSEVAL_METADATA_TIMEOUT overrides it."""
 
 
-def read_headers(paths: list[Path], timeout: float | None = None) -> list[ShardHeader | BpsevalError]:
+def read_headers(
+    paths: list[Path], timeout: float | None = None, meanwhile: Callable[[], None] | None = None
+) -> list[ShardHeader | BpsevalError]:
     """Every shard's header (or the error that makes it unusable), in the order of `paths`.
 
     HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
     attribute), which no exception interrupts; so the headers are read in a forked child and a
     file that takes longer than `timeout` is reported as damaged. Where forking is unsafe (not
     Linux, or torch loaded in this process: fork next to its threads can deadlock), they are
-    read here, without that bound.
+    read here, without that bound. `meanwhile()` is called once, while the child reads.
     """
     if not paths or sys.platform != "linux" or "torch" in sys.modules:
+        if meanwhile:
+            meanwhile()
         return [_header_or_error(path) for path in paths]
     if timeout is None:
         timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
@@ -172,6 +176,8 @@ def read_headers(paths: list[Path], timeout: float | None = None) -> list[ShardH
     child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
     child.start()
     sender.close()
+    if meanwhile:
+        meanwhile()
     headers: list[ShardHeader | BpsevalError] = []
     try:
         for path in paths:
@@ -289,6 +295,7 @@ def merge_run(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> MergedRun:
     """Find, check and merge the shards of one step of a run.
 
@@ -296,11 +303,14 @@ def merge_run(
     paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
     merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
     result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
+    `meanwhile()` is called once, during the longest wait: on the workers when there are some,
+    else on the child process that reads the headers.
     """
     root = Path(run_dir)
     files = scan_run_dir(root)
+    on_workers = jobs > 1 or scheduler is not None
     headers = []
-    for header in read_headers(require_shards(files, root)):
+    for header in read_headers(require_shards(files, root), meanwhile=None if on_workers else meanwhile):
         if isinstance(header, BpsevalError):
             raise header
         headers.append(header)
@@ -328,6 +338,7 @@ def merge_run(
         scheduler=scheduler,
         costs=sizes,
         on_done=finished,
+        meanwhile=meanwhile if on_workers else None,
     )
     warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:

@@ -26,18 +26,22 @@ def run_tasks(
     scheduler: str | None = None,
     costs: Sequence[float] | None = None,
     on_done: Callable[[int], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> list[T]:
     """`[function(*task) for task in tasks]`, computed with `jobs` processes or on a Dask scheduler.
 
     `scheduler` is a Dask scheduler address or "local" (a LocalCluster of `jobs` workers).
     `costs` orders the work (largest first) for load balance; `on_done(i)` is called in this
-    process as task i finishes.
+    process as task i finishes. `meanwhile()` is called once, while the tasks run elsewhere
+    when they do (before them when they run here).
     """
     order = sorted(range(len(tasks)), key=lambda i: -(costs[i] if costs else 0))
     results: dict[int, T] = {}
     if scheduler is not None:
-        _run_on_dask(function, tasks, order, scheduler, jobs, results, on_done)
+        _run_on_dask(function, tasks, order, scheduler, jobs, results, on_done, meanwhile)
     elif jobs <= 1 or len(tasks) <= 1:
+        if meanwhile:
+            meanwhile()
         for index in order:
             results[index] = function(*tasks[index])
             if on_done:
@@ -45,6 +49,8 @@ def run_tasks(
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=_process_context()) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
+            if meanwhile:
+                meanwhile()
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 if on_done:
@@ -67,9 +73,11 @@ def _run_on_dask(
     jobs: int,
     results: dict[int, T],
     on_done: Callable[[int], None] | None,
+    meanwhile: Callable[[], None] | None,
 ) -> None:
     try:
-        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+        from dask.distributed import Client, LocalCluster
+        from dask.distributed import as_completed as dask_completed
     except ImportError:
         raise BpsevalError("--scheduler needs Dask: pip install 'bpseval[dask]'") from None
     if scheduler == "local":
@@ -83,6 +91,8 @@ def _run_on_dask(
             raise BpsevalError(f"cannot reach the Dask scheduler at {scheduler} ({error}).") from None
     try:
         futures = {client.submit(function, *tasks[index], pure=False): index for index in order}
+        if meanwhile:
+            meanwhile()
         for future in dask_completed(futures):
             results[futures[future]] = future.result()
             if on_done:

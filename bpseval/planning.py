@@ -14,9 +14,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-import pandas as pd
 
 from bpseval._arrays import to_numpy
+from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
+from bpseval._lazy import pandas as pd
 from bpseval.compare import CompareSettings, Comparison, Side, compare, load_baseline
 from bpseval.errors import BpsevalError
 from bpseval.merge import MergedRun

@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import TextIO
 from xml.etree import ElementTree
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
+from bpseval._lazy import pandas as pd
 from bpseval.compare import Comparison, MetricComparison
 from bpseval.coverage import CoverageReport
 from bpseval.doctor import Diagnosis

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from bpseval._lazy import pandas as pd
+from bpseval._lazy import preload_pandas
 from bpseval._version import __version__
+from bpseval.json_text import json_text
 from bpseval.merge import RHAT_COPY_RTOL, MergedRun, merge_run
-from bpseval.stats import MIN_RATE, OK, STAT_FIELDS, STATUSES, CellStats, cells_frame, mean_bps, pooled_bps, status_counts
+from bpseval.stats import (
+    MIN_RATE,
+    OK,
+    STAT_FIELDS,
+    STATUSES,
+    CellStats,
+    cells_frame,
+    mean_bps,
+    pooled_bps,
+    status_counts,
+)
 
 DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered", "identity"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]
@@ -114,9 +125,9 @@ class Result:
             warnings=list(document.get("warnings", [])),
         )
 
-    def to_json(self, indent: int | None = 2) -> str:
-        """`to_dict` as strict JSON (no NaN or Infinity)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def to_json(self) -> str:
+        """`to_dict` as strict JSON (no NaN or Infinity), one line per dataset and per cell."""
+        return json_text(self.to_dict())
 
 
 def _number(value: Any) -> float | None:
@@ -146,9 +157,11 @@ def evaluate(
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest step) and score them exactly.
 
-    `merge_options` go to `merge_run`: `jobs`, `scheduler`, `on_progress`.
+    `merge_options` go to `merge_run`: `jobs`, `scheduler`, `on_progress`. pandas, which the
+    result needs and the merge does not, is imported while the merge waits on other processes.
     """
-    return build_result(merge_run(run_dir, step, **merge_options), clamp_negative=clamp_negative)
+    merged = merge_run(run_dir, step, meanwhile=preload_pandas, **merge_options)
+    return build_result(merged, clamp_negative=clamp_negative)
 
 
 def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:

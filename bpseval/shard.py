@@ -21,11 +21,18 @@ from typing import Any, NoReturn
 import h5py
 import numpy as np
 
-from bpseval._version import __version__
 from bpseval._arrays import to_numpy
+from bpseval._version import __version__
 from bpseval.errors import BpsevalError
 from bpseval.samples import SeenSamples
-from bpseval.stats import RATE_KINDS, STAT_FIELDS, CellStats, add_by_block, as_weights, batch_stats
+from bpseval.stats import (
+    RATE_KINDS,
+    STAT_FIELDS,
+    CellStats,
+    add_by_block,
+    as_weights,
+    batch_stats,
+)
 
 FORMAT = "bpseval-shard"
 FORMAT_VERSION = 1

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from array_api_compat import array_namespace, device, is_numpy_namespace
 
 from bpseval._arrays import to_numpy
+from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 
 LN2 = math.log(2.0)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 from bpseval.merge import MergedRun, find_shards, merge_run, read_headers, select_step
 from bpseval.report import format_bps
