@@ -192,6 +192,7 @@ def manifest_for(scale: Scale) -> dict[str, Any]:
     return {
         "generator_version": GENERATOR_VERSION,
         "shard_format_version": getattr(getattr(bpseval, "shard", None), "FORMAT_VERSION", None),
+        "shard_chunk_bytes": repr(getattr(getattr(bpseval, "shard", None), "CHUNK_BYTES", None)),
         "seed": SEED,
         "batch_rows": BATCH_ROWS,
         "ranks": scale.ranks,
@@ -867,7 +868,7 @@ def print_load(load: dict[str, float]) -> None:
 
 @dataclass(frozen=True)
 class Layout:
-    """A chunk size target (0 = ShardWriter's rule) and an h5py compression setting."""
+    """A chunk size target (0 = one batch per chunk, within 16-256 KiB) and an h5py compression setting."""
 
     chunk_bytes: int
     compression: str
@@ -875,7 +876,7 @@ class Layout:
     @property
     def label(self) -> str:
         if self.chunk_bytes == 0:
-            size = "ShardWriter rule"
+            size = "one batch (16-256 KiB)"
         elif self.chunk_bytes >= MIB:
             size = f"{self.chunk_bytes // MIB} MiB"
         else:
@@ -892,7 +893,7 @@ class Layout:
         }[self.compression]
 
     def chunk_rows(self, array: np.ndarray) -> int:
-        """Rows per chunk of `array`: whole rows, about chunk_bytes (or ShardWriter's rule)."""
+        """Rows per chunk of `array`: whole rows, about chunk_bytes (or one batch, within 16-256 KiB)."""
         row_bytes = max(1, array[0].nbytes)
         if self.chunk_bytes == 0:
             smallest, largest = (max(1, limit // row_bytes) for limit in (1 << 14, 1 << 18))
@@ -947,8 +948,7 @@ def run_hdf5_settings(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
             print(f"{'layout':<34}{'rhat chunk':>12}{'write MB/s':>11}{'[min-max]':>14}{'size MiB':>10}"
                   f"{'ratio':>7}{'read MB/s':>10}{'[min-max]':>14}")
             cases: list[tuple[str, Callable[[Path], Path], str]] = [
-                ("ShardWriter itself", partial(write_with_shard_writer, arrays=arrays),
-                 f"{Layout(0, 'none').chunk_rows(rhat)} rows")
+                ("ShardWriter itself", partial(write_with_shard_writer, arrays=arrays), f"{shard_writer_chunk_rows(rhat)} rows")
             ]
             for chunk_bytes in CHUNK_TARGETS:
                 for compression in COMPRESSIONS:
@@ -975,6 +975,12 @@ def run_hdf5_settings(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
                 "machine_load": load.report(), "results": rows_out}
     print_load(document["machine_load"])
     return document
+
+
+def shard_writer_chunk_rows(rhat: np.ndarray) -> int:
+    """Rows per rhat chunk that this bpseval's ShardWriter writes (a byte target, or older: one batch)."""
+    chunk_bytes = getattr(bpseval.shard, "CHUNK_BYTES", 0)
+    return max(1, chunk_bytes // rhat[0].nbytes) if isinstance(chunk_bytes, int) else Layout(0, "none").chunk_rows(rhat)
 
 
 def write_to(target: Path, arrays: dict[str, np.ndarray], layout: Layout) -> Path:

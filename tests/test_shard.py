@@ -45,6 +45,20 @@ def test_batches_are_appended_with_attributes_and_identities(tmp_path):
     assert list(header.datasets["Allen_2022-04-13"].cell_ids) == ["a", "b", "c", "d", "e", "f"]
 
 
+@pytest.mark.parametrize(("n_cells", "dtype", "rhat_rows"), [(23, np.float32, 2849), (181, np.float32, 362), (1000, np.float64, 32)])
+def test_chunks_hold_whole_rows_of_about_256_kib(tmp_path, n_cells, dtype, rhat_rows):
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path, 0, 1) as writer:
+        for start in range(0, 600, 200):
+            rhat = rng.random((200, n_cells)).astype(dtype)
+            writer.add("d", rhat, np.ones_like(rhat), np.ones_like(rhat), sample_idx=np.arange(start, start + 200))
+    with h5py.File(writer.path) as handle:
+        group = handle["datasets/d"]
+        assert group["rhat"].chunks == group["dfs"].chunks == (rhat_rows, n_cells)
+        assert group["sample_idx"].chunks == (32768,)
+        assert group["rhat"].compression is None
+
+
 def test_torch_tensors_keep_their_precision(tmp_path):
     values = torch.rand(5, 3) * 4
     with ShardWriter(tmp_path, 0, 1) as writer:
