@@ -62,6 +62,13 @@ KERNEL_BLOCK_ELEMENTS = 1 << 14
 MEASUREMENTS = ("read", "kernel", "bpseval", "legacy", "in-memory", "parallel")
 CPU_PROBE = "import numpy as np\nx = np.random.default_rng(0).random(1 << 14) + 0.5\nfor _ in range(20_000): np.log(x)"
 """A CPU-bound, cache-resident numpy loop of about half a second, for the machine's parallel capacity."""
+READ_PROBE = (
+    "import sys, h5py\nfor path in sys.argv[1:]:\n    with h5py.File(path, 'r', locking=False) as handle:\n"
+    "        for group in handle['datasets'].values():\n            for array in group.values():\n"
+    f"                step = max(1, {READ_CHUNK_ELEMENTS} // (array.shape[1] if array.ndim > 1 else 1))\n"
+    "                for start in range(0, len(array), step): array[start : start + step]"
+)
+"""Every array of the shards in argv read in row chunks from the page cache: memory-bound work like the merge's."""
 MIB = 1 << 20
 
 
@@ -426,15 +433,16 @@ def time_kernels(
     return list(timings.values()), results
 
 
-def parallel_capacity() -> float:
-    """How much faster the machine runs two CPU-bound processes than one after the other.
+def parallel_capacity(probe: str = CPU_PROBE, args: tuple[str, ...] = ()) -> float:
+    """How much faster the machine runs two copies of `probe` at once than one after the other.
 
-    Times CPU_PROBE alone, then two copies at once: 2·t(one) / t(two). About 2 on two real
-    cores; the ceiling of any `--jobs 2` speed-up on this machine.
+    Times the probe alone, then two copies at once: 2·t(one) / t(two). About 2 on two real cores
+    for CPU_PROBE (cache-resident work); lower for READ_PROBE when memory bandwidth is shared.
+    Their range brackets the ceiling of any `--jobs 2` speed-up on this machine.
     """
     def wall(copies: int) -> float:
         started = time.perf_counter()
-        processes = [subprocess.Popen([sys.executable, "-c", CPU_PROBE]) for _ in range(copies)]
+        processes = [subprocess.Popen([sys.executable, "-c", probe, *args]) for _ in range(copies)]
         for process in processes:
             process.wait()
         return time.perf_counter() - started
@@ -458,7 +466,7 @@ class ChildRun:
 
 
 class TreeMemorySampler:
-    """Samples the summed PSS of a process and its descendants (Linux /proc) every `interval` s.
+    """Samples the summed PSS of the descendants of a process (Linux /proc) every `interval` s.
 
     ru_maxrss covers one process at a time; with --jobs the workers' memory adds up. PSS
     splits pages shared after fork, so the sum does not count them twice. Peaks shorter than
@@ -478,8 +486,8 @@ class TreeMemorySampler:
         return self.peak_kb / 1024 if self.peak_kb else math.nan
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_kb = max(self.peak_kb, sum(_pss_kb(pid) for pid in _process_tree(self.pid)))
+        while not self._stop.wait(self.interval):  # the descendants of RSS_PROBE: the command's tree
+            self.peak_kb = max(self.peak_kb, sum(_pss_kb(pid) for pid in _process_tree(self.pid)[1:]))
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -512,24 +520,42 @@ def bpseval_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "from bpseval.cli import main; main()", *args]
 
 
+RSS_PROBE = """
+import os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{usage.ru_maxrss} {time.perf_counter() - started}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+"""Runs a command as its own child, then writes that child's ru_maxrss (KB) and wall time to a file.
+
+Linux counts into a process's ru_maxrss the resident memory of the process it was forked from, up
+to its exec (also with vfork). Forked from this small interpreter instead of from the benchmark,
+which holds hundreds of MB of arrays at times, the command's peak RSS is its own."""
+
+
 def run_child(command: list[str], sample_tree: bool = False) -> ChildRun:
-    """Run `command`, timing it and reading its peak RSS with os.wait4 (ru_maxrss, KB on Linux).
+    """Run `command` through RSS_PROBE: its wall time and peak RSS (ru_maxrss from os.wait4).
 
     On Linux ru_maxrss is the largest RSS of the child or of any descendant it waited for (a
-    maximum, not a sum). `sample_tree` also samples the summed PSS of the process tree, which
-    costs CPU: use it on untimed runs only.
+    maximum, not a sum). `sample_tree` also samples the summed PSS of the command's process tree,
+    which costs CPU: use it on untimed runs only.
     """
-    with tempfile.TemporaryFile() as errors:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+    with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as report:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", RSS_PROBE, report.name, *command], stdout=subprocess.DEVNULL, stderr=errors
+        )
         sampler = TreeMemorySampler(process.pid) if sample_tree else None
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
+        process.wait()
         tree_pss = sampler.stop() if sampler else math.nan
-        process.returncode = os.waitstatus_to_exitcode(status)
         errors.seek(0)
         text = errors.read().decode(errors="replace")
-    return ChildRun(seconds, usage.ru_maxrss / 1024, process.returncode, text, tree_pss)
+        max_rss_kb, seconds = report.read().split()
+    return ChildRun(float(seconds), int(max_rss_kb) / 1024, process.returncode, text, tree_pss)
 
 
 def bpseval_jobs_option() -> str:
@@ -664,6 +690,7 @@ def run_shards_benchmark(args: argparse.Namespace, scale_name: str, scale: Scale
     rss: dict[str, list[float]] = {}
     tree_pss_mb: dict[str, float] = {}
     capacity: list[float] = []
+    read_capacity: list[float] = []
     jobs = bpseval_jobs_option() if "bpseval" in measure else "absent"
     variants: dict[str, list[str]] = {"bpseval": []}
     if jobs == "present":
@@ -702,6 +729,7 @@ def run_shards_benchmark(args: argparse.Namespace, scale_name: str, scale: Scale
             timings.setdefault("legacy", Timing("legacy", [], note)).times.append(elapsed * legacy_factor)
         if "parallel" in measure:
             capacity.append(parallel_capacity())
+            read_capacity.append(parallel_capacity(READ_PROBE, tuple(str(path) for path in paths)))
     kernel_results: dict[str, dict[str, np.ndarray]] = {}
     if "kernel" in measure:
         print("kernels ...", flush=True)
@@ -725,8 +753,8 @@ def run_shards_benchmark(args: argparse.Namespace, scale_name: str, scale: Scale
         "in_memory": {name: timing.summary() for name, timing in in_memory.items()},
         "peak_rss_mb": {label: {"max": max(values), "runs": values} for label, values in rss.items()},
         "peak_tree_pss_mb": tree_pss_mb,
-        "parallel_capacity": {"median": statistics.median(capacity), "min": min(capacity), "max": max(capacity),
-                              "runs": capacity} if capacity else None,
+        "parallel_capacity": spread(capacity),
+        "parallel_read_capacity": spread(read_capacity),
         "machine_load": load.report(),
         "legacy_bps": legacy_result,
         "checks": checks,
@@ -736,6 +764,11 @@ def run_shards_benchmark(args: argparse.Namespace, scale_name: str, scale: Scale
     document["targets"] = [asdict(t) | {"met": t.met} for t in compute_targets(scale_name, document)]
     print_report(document, timings, in_memory)
     return document
+
+
+def spread(values: list[float]) -> dict[str, Any] | None:
+    """Median, min, max and the values themselves (None when nothing was measured)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values} if values else None
 
 
 def compute_ratios(timings: dict[str, Timing], in_memory: dict[str, Timing]) -> dict[str, dict[str, float]]:
@@ -840,10 +873,11 @@ def print_report(document: dict[str, Any], timings: dict[str, Timing], in_memory
         pss = document["peak_tree_pss_mb"].get(label, math.nan)
         print(f"peak RSS {label}: {values['max']:.0f} MB (runs: {', '.join(f'{v:.0f}' for v in values['runs'])});"
               f" process tree PSS (sampled on one more run): {pss:.0f} MB")
-    if document["parallel_capacity"]:
-        capacity = document["parallel_capacity"]
-        print(f"machine parallel capacity (2 CPU-bound processes vs 1, the --jobs 2 ceiling): {capacity['median']:.2f}x"
-              f" [{capacity['min']:.2f} - {capacity['max']:.2f}]")
+    for key, what in (("parallel_capacity", "CPU-bound"), ("parallel_read_capacity", "page-cache reading")):
+        if document.get(key):
+            capacity = document[key]
+            print(f"machine parallel capacity, {what} (2 processes vs 1, a --jobs 2 ceiling): {capacity['median']:.2f}x"
+                  f" [{capacity['min']:.2f} - {capacity['max']:.2f}]")
     print_load(document["machine_load"])
     for line in [*document["checks"], *document["notes"]]:
         print(line)

@@ -41,7 +41,7 @@ from bpseval.stats import (
     pad_blocks,
 )
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
 RHAT_COPY_RTOL = 4e-3
 """Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
