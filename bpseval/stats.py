@@ -161,15 +161,16 @@ def _block_stats(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) ->
     if weights is not None:
         weights = xp.broadcast_to(weights, rhat.shape)
     n_valid, weight = _valid_counts(xp, weights, rhat.shape, device(rhat))
-    spikes = _weighted_column_sums(xp, robs, weights)
     if rate_kind == "log_rate":
         rates = xp.astype(rhat, xp.float64)
+        spikes = _weighted_column_sums(xp, robs, weights)
         model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64) * rates - xp.exp(rates), weights)
     else:
         rates = rhat  # λ = max(rhat, MIN_RATE): only copied when some rate is below MIN_RATE
         if n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE:
             rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rhat)))
-        model_ll = _spike_log_rate_sums(xp, rates, robs, weights) - _weighted_column_sums(xp, rates, weights)
+        spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
+        model_ll = spike_log_rates - _weighted_column_sums(xp, rates, weights)
     return CellStats(n_valid=n_valid, weight=weight, spikes=spikes, model_ll=model_ll)
 
 
@@ -197,23 +198,25 @@ def _weighted_column_sums(xp: Any, values: Any, weights: Any) -> Any:
     return xp.sum(xp.astype(weights, xp.float64) * xp.astype(values, xp.float64), axis=0)
 
 
-def _spike_log_rate_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> Any:
-    """Σ_rows w·robs·ln(rates) per cell in float64.
+def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, Any]:
+    """Σ_rows w·robs and Σ_rows w·robs·ln(rates) per cell, in float64.
 
-    With numpy the logarithm, the costliest step, is taken only where robs > 0 (a minority of
-    the entries of binned spike counts) and the products are added up per cell by `bincount`;
-    other namespaces compute it densely on their device.
+    With numpy both are sums over the entries where robs > 0 only (a minority of the entries of
+    binned spike counts), gathered once and added up per cell by `bincount`: the logarithm, the
+    costliest step, is taken there only. Other namespaces compute them densely on their device.
     """
     if not is_numpy_namespace(xp):
         terms = xp.astype(robs, xp.float64) * xp.log(xp.astype(rates, xp.float64))
-        return _weighted_column_sums(xp, terms, weights)
+        return _weighted_column_sums(xp, robs, weights), _weighted_column_sums(xp, terms, weights)
     n_cells = rates.shape[1]
     where = np.flatnonzero(robs > 0)
-    terms = np.log(np.ravel(rates)[where], dtype=np.float64)
-    terms *= np.ravel(robs)[where]
+    cells = where % n_cells
+    spikes = np.ravel(robs)[where].astype(np.float64)
     if weights is not None:
-        terms *= np.ravel(weights)[where]
-    return np.bincount(where % n_cells, weights=terms, minlength=n_cells)
+        spikes *= np.ravel(weights)[where]
+    terms = np.log(np.ravel(rates)[where], dtype=np.float64)
+    terms *= spikes
+    return np.bincount(cells, weights=spikes, minlength=n_cells), np.bincount(cells, weights=terms, minlength=n_cells)
 
 
 def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
