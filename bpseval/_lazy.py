@@ -27,7 +27,7 @@ def lazy_module(name: str) -> ModuleType:
 
 
 def preload_pandas() -> None:
-    """Execute pandas now: for a process that would otherwise wait idle (e.g. on worker processes)."""
+    """Execute pandas now: for a process that would otherwise wait idle (e.g. for its worker processes)."""
     pandas.__version__  # noqa: B018 - the attribute access is what loads it
 
 

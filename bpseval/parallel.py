@@ -49,13 +49,24 @@ def run_tasks(
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=_process_context()) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
-            if meanwhile:
-                meanwhile()
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                if on_done:
-                    on_done(futures[future])
+            _gather(futures, as_completed, results, on_done, meanwhile)
     return [results[index] for index in range(len(tasks))]
+
+
+def _gather(
+    futures: dict[Any, int],
+    completed: Callable[[Any], Any],
+    results: dict[int, Any],
+    on_done: Callable[[int], None] | None,
+    meanwhile: Callable[[], None] | None,
+) -> None:
+    """Call `meanwhile()`, then store each future's result under its task index as it completes."""
+    if meanwhile:
+        meanwhile()
+    for future in completed(futures):
+        results[futures[future]] = future.result()
+        if on_done:
+            on_done(futures[future])
 
 
 def _process_context() -> multiprocessing.context.BaseContext:
@@ -91,12 +102,7 @@ def _run_on_dask(
             raise BpsevalError(f"cannot reach the Dask scheduler at {scheduler} ({error}).") from None
     try:
         futures = {client.submit(function, *tasks[index], pure=False): index for index in order}
-        if meanwhile:
-            meanwhile()
-        for future in dask_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(futures[future])
+        _gather(futures, dask_completed, results, on_done, meanwhile)
     finally:
         client.close()
         if cluster is not None:

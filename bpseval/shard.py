@@ -43,9 +43,10 @@ DEFAULT_BLOCK_SIZE = 500
 CHUNK_BYTES = 1 << 18
 """Bytes per HDF5 chunk ShardWriter writes (whole rows, at least one): 256 KiB.
 
-Measured (benchmarks/README.md): 256 KiB chunks read 1.7x faster than one-batch chunks of
-23 KiB for a 23-cell session and as fast as 1 MiB chunks, and write as fast. Every chunk is
-allocated in full, so a dataset wastes at most one partly filled chunk per array."""
+Measured (benchmarks/README.md, HDF5 settings): for a 23-cell session they read 1.4-1.5x
+faster than one-batch chunks of 23 KiB and write as fast; 1 MiB chunks read a little faster
+still but waste more. Every chunk is allocated in full, so a dataset wastes at most one partly
+filled chunk per array."""
 
 
 def shard_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
