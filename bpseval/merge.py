@@ -22,10 +22,11 @@ from bpseval.errors import BpsevalError
 from bpseval.parallel import run_tasks
 from bpseval.shard import (
     DatasetLayout,
+    DatasetReader,
     RowChunk,
     ShardHeader,
     is_shard_name,
-    iter_rows,
+    open_dataset,
     read_header,
     read_sample_idx,
     read_stats,
@@ -155,15 +156,16 @@ HEADER_TIMEOUT = 30.0
 
 
 def read_headers(
-    paths: list[Path], timeout: float | None = None, meanwhile: Callable[[], None] | None = None
+    paths: list[Path], timeout: float | None = None, meanwhile: Callable[[], None] | None = None, jobs: int = 1
 ) -> list[ShardHeader | BpsevalError]:
     """Every shard's header (or the error that makes it unusable), in the order of `paths`.
 
     HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
-    attribute), which no exception interrupts; so the headers are read in a forked child and a
-    file that takes longer than `timeout` is reported as damaged. Where forking is unsafe (not
-    Linux, or torch loaded in this process: fork next to its threads can deadlock), they are
-    read here, without that bound. `meanwhile()` is called once, while the child reads.
+    attribute), which no exception interrupts; so the headers are read in forked children (up
+    to `jobs`, each reading a contiguous share of `paths`) and a file that takes longer than
+    `timeout` is reported as damaged. Where forking is unsafe (not Linux, or torch loaded in
+    this process: fork next to its threads can deadlock), they are read here, without that
+    bound. `meanwhile()` is called once, while the children read.
     """
     if not paths or sys.platform != "linux" or "torch" in sys.modules:
         if meanwhile:
@@ -171,31 +173,48 @@ def read_headers(
         return [_header_or_error(path) for path in paths]
     if timeout is None:
         timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
-    child.start()
-    sender.close()
+    shares = np.array_split(np.arange(len(paths)), max(1, min(jobs, len(paths))))
+    children = [_HeaderReader([paths[i] for i in share]) for share in shares]
     if meanwhile:
         meanwhile()
-    headers: list[ShardHeader | BpsevalError] = []
-    try:
-        for path in paths:
-            if not receiver.poll(timeout):
-                headers.append(
-                    BpsevalError(
-                        f"{path}: reading its metadata did not finish within {timeout:g} s; the file is damaged"
-                        " (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
+    return [header for child in children for header in child.collect(timeout)]
+
+
+class _HeaderReader:
+    """A forked child that reads the headers of `paths` in order and sends each back as it is read."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        context = multiprocessing.get_context("fork")
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
+        self.child.start()
+        sender.close()
+
+    def collect(self, timeout: float) -> list[ShardHeader | BpsevalError]:
+        """The headers, in order; a file that hangs or crashes the child is reported, and the
+        files after it are read by a new child."""
+        headers: list[ShardHeader | BpsevalError] = []
+        try:
+            for path in self.paths:
+                if not self.receiver.poll(timeout):
+                    headers.append(
+                        BpsevalError(
+                            f"{path}: reading its metadata did not finish within {timeout:g} s; the file is damaged"
+                            " (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
+                        )
                     )
-                )
-                break
-            headers.append(receiver.recv())
-    except EOFError:
-        headers.append(BpsevalError(f"{paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged."))
-    finally:
-        child.kill()
-        child.join()
-    return headers + read_headers(paths[len(headers) :], timeout)
+                    break
+                headers.append(self.receiver.recv())
+        except EOFError:
+            headers.append(
+                BpsevalError(f"{self.paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged.")
+            )
+        finally:
+            self.child.kill()
+            self.child.join()
+            self.receiver.close()
+        return headers + read_headers(self.paths[len(headers) :], timeout)
 
 
 def _send_headers(paths: list[Path], sender: Any) -> None:
@@ -310,7 +329,7 @@ def merge_run(
     files = scan_run_dir(root)
     on_workers = jobs > 1 or scheduler is not None
     headers = []
-    for header in read_headers(require_shards(files, root), meanwhile=None if on_workers else meanwhile):
+    for header in read_headers(require_shards(files, root), meanwhile=None if on_workers else meanwhile, jobs=jobs):
         if isinstance(header, BpsevalError):
             raise header
         headers.append(header)
@@ -404,20 +423,21 @@ def _merge_dataset(
     per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
     chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
     for part, (header, layout) in enumerate(parts):
-        for chunk in iter_rows(header.path, layout, chunk_rows):
-            if dedup is not None:
-                chunk = dedup.filter(part, chunk)
-            try:
-                if per_block is None:
-                    per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
-                else:
-                    block_ids = chunk.sample_idx * blocks // dedup.span
-                    per_block, total = add_by_block(
-                        per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
-                    )
-                    per_rank[header.rank] += total
-            except InvalidValuesError as error:
-                raise _invalid_values_error(header.path, layout, chunk, error, chunk_rows) from None
+        with open_dataset(header.path, layout) as reader:
+            for chunk in reader.rows(chunk_rows):
+                if dedup is not None:
+                    chunk = dedup.filter(part, chunk)
+                try:
+                    if per_block is None:
+                        per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
+                    else:
+                        block_ids = chunk.sample_idx * blocks // dedup.span
+                        per_block, total = add_by_block(
+                            per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
+                        )
+                        per_rank[header.rank] += total
+                except InvalidValuesError as error:
+                    raise _invalid_values_error(reader, chunk, error, chunk_rows) from None
     total_rows = sum(layout.n_rows for _, layout in parts)
     dropped = dedup.dropped if dedup is not None else 0
     return MergedDataset(
@@ -471,14 +491,15 @@ def dataset_identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | N
 
 
 def _invalid_values_error(
-    path: Path, layout: DatasetLayout, failed: RowChunk, error: InvalidValuesError, chunk_rows: int
+    reader: DatasetReader, failed: RowChunk, error: InvalidValuesError, chunk_rows: int
 ) -> BpsevalError:
     """The error for bad values, counted over the whole dataset of that shard from the failing chunk on.
 
     Rows are numbered within the shard's dataset (before duplicates are dropped).
     """
+    layout = reader.layout
     counts: dict[tuple[str, str], InvalidValues] = {}
-    for chunk in iter_rows(path, layout, chunk_rows):
+    for chunk in reader.rows(chunk_rows):
         if chunk.start < failed.start:
             continue
         for problem in find_invalid_values(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind):
@@ -491,7 +512,28 @@ def _invalid_values_error(
                     problem.array, problem.problem, problem.count, problem.first_row + chunk.start, problem.first_cell
                 )
     problems = list(counts.values()) or error.problems
-    return BpsevalError(f"{path}: dataset {layout.name!r}: {InvalidValuesError(problems)}")
+    return BpsevalError(f"{reader.path}: dataset {layout.name!r}: {InvalidValuesError(problems)}")
+
+
+def first_copies(sample_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct values of non-negative `sample_idx` (sorted), which positions hold the first
+    copy of their value, and which hold a value that occurs more than once.
+
+    Counts with `bincount` when the values are dense (the usual 0..N-1, in O(N)); sorts only
+    the repeated values, or everything when the values are sparse.
+    """
+    span = int(sample_idx.max()) + 1 if len(sample_idx) else 0
+    if span <= 4 * len(sample_idx) + 1024:
+        counts = np.bincount(sample_idx, minlength=span)
+        unique = np.flatnonzero(counts)
+        repeated = counts[sample_idx] > 1
+    else:
+        unique, inverse, counts = np.unique(sample_idx, return_inverse=True, return_counts=True)
+        repeated = counts[inverse] > 1
+    keep = ~repeated
+    positions = np.flatnonzero(repeated)
+    keep[positions[np.unique(sample_idx[positions], return_index=True)[1]]] = True
+    return unique, keep, repeated
 
 
 class _Deduplicator:
@@ -505,7 +547,7 @@ class _Deduplicator:
     def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]]) -> None:
         self.name = name
         self.paths = [header.path for header, _ in parts]
-        indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
+        indices = [read_sample_idx(header.path, layout) for header, layout in parts]
         for path, index in zip(self.paths, indices):
             if len(index) and index.min() < 0:
                 raise BpsevalError(
@@ -514,15 +556,9 @@ class _Deduplicator:
                 )
         self.offsets = np.cumsum([0] + [len(index) for index in indices])
         everything = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-        unique, first_position, inverse, counts = np.unique(
-            everything, return_index=True, return_inverse=True, return_counts=True
-        )
-        self.unique = unique
-        self.span = int(unique[-1]) + 1 if len(unique) else 1
-        self.keep = np.zeros(len(everything), dtype=bool)
-        self.keep[first_position] = True
-        self.repeated = counts[inverse] > 1
-        self.dropped = len(everything) - len(unique)
+        self.unique, self.keep, self.repeated = first_copies(everything)
+        self.span = int(self.unique[-1]) + 1 if len(self.unique) else 1
+        self.dropped = len(everything) - len(self.unique)
         self.first_copies: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         self.rhat_mismatch: list[tuple[int, int, int]] = []
 

@@ -432,15 +432,7 @@ def open_shard(path: Path) -> Iterator[h5py.File]:
 
     Any failure to open or to read becomes a BpsevalError naming the file.
     """
-    try:
-        handle = h5py.File(path, "r", locking=False)
-    except PermissionError:
-        raise BpsevalError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
-    except Exception as error:
-        raise BpsevalError(
-            f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
-            " shard; delete or move it out of the run directory."
-        ) from None
+    handle = _open_file(path)
     try:
         with handle:
             yield handle
@@ -449,6 +441,18 @@ def open_shard(path: Path) -> Iterator[h5py.File]:
     except Exception as error:  # h5py raises many types on damaged files
         raise BpsevalError(
             f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
+        ) from None
+
+
+def _open_file(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except PermissionError:
+        raise BpsevalError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
+    except Exception as error:
+        raise BpsevalError(
+            f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
+            " shard; delete or move it out of the run directory."
         ) from None
 
 
@@ -669,27 +673,57 @@ def read_cell_ids(array: h5py.Dataset) -> np.ndarray:
     return np.asarray(array[()], dtype=np.int64)
 
 
-def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
-    """The whole sample_idx array of one dataset of a shard."""
-    with open_shard(path) as handle:
-        return _read(path, dataset, handle[DATASETS_GROUP][dataset]["sample_idx"], slice(None)).astype(np.int64)
+@contextmanager
+def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
+    """One dataset of a shard, opened for its sample_idx and its rows.
+
+    Only opening and reading are turned into BpsevalError here; errors raised by the caller's
+    code inside the block pass through unchanged. Open one shard at a time: HDF5 keeps a chunk
+    cache of up to 8 MiB for every open array.
+    """
+    with _open_file(path) as handle:
+        try:
+            reader = DatasetReader(path, layout, handle[DATASETS_GROUP][layout.name])
+        except Exception as error:
+            raise BpsevalError(
+                f"{path}: dataset {layout.name!r} cannot be opened ({_short(error)}); the shard changed"
+                " since its header was read or is damaged."
+            ) from None
+        yield reader
 
 
-def iter_rows(path: Path, layout: DatasetLayout, chunk_rows: int) -> Iterator[RowChunk]:
-    """Stream one dataset of a shard in chunks of `chunk_rows` rows."""
-    with open_shard(path) as handle:
-        group = handle[DATASETS_GROUP][layout.name]
-        rhat_array, robs_array = group["rhat"], group["robs"]  # looked up once: h5py lookups cost ~0.1 ms
-        dfs_array = group["dfs"] if layout.dfs_shape else None
-        index_array = group["sample_idx"] if layout.has_sample_idx else None
-        for start in range(0, layout.n_rows, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, layout.n_rows))
-            rhat = _read(path, layout.name, rhat_array, rows)
-            robs = _read(path, layout.name, robs_array, rows)
-            dfs = None if dfs_array is None else _read(path, layout.name, dfs_array, rows)
-            index = None if index_array is None else _read(path, layout.name, index_array, rows)
-            weights = as_weights(dfs, *rhat.shape)
-            yield RowChunk(start, rhat, robs, weights, None if index is None else index.astype(np.int64, copy=False))
+def read_sample_idx(path: Path, layout: DatasetLayout) -> np.ndarray:
+    """The whole sample_idx array of one dataset of a shard, as int64."""
+    with open_dataset(path, layout) as reader:
+        return reader.sample_idx()
+
+
+class DatasetReader:
+    """Reads one dataset of an open shard: each array is looked up once (h5py lookups cost ~0.1 ms)."""
+
+    def __init__(self, path: Path, layout: DatasetLayout, group: h5py.Group) -> None:
+        self.path = path
+        self.layout = layout
+        self._rhat, self._robs = group["rhat"], group["robs"]
+        self._dfs = group["dfs"] if layout.dfs_shape else None
+        self._index = group["sample_idx"] if layout.has_sample_idx else None
+
+    def sample_idx(self) -> np.ndarray:
+        """The whole sample_idx array as int64 (for datasets whose layout has one)."""
+        return self._read(self._index, slice(None)).astype(np.int64, copy=False)
+
+    def rows(self, chunk_rows: int) -> Iterator[RowChunk]:
+        """The rows in chunks of `chunk_rows` rows, with their slice of sample_idx."""
+        index = None if self._index is None else self.sample_idx()
+        for start in range(0, self.layout.n_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, self.layout.n_rows))
+            rhat = self._read(self._rhat, rows)
+            robs = self._read(self._robs, rows)
+            dfs = None if self._dfs is None else self._read(self._dfs, rows)
+            yield RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), None if index is None else index[rows])
+
+    def _read(self, array: h5py.Dataset, rows: slice) -> np.ndarray:
+        return _read(self.path, self.layout.name, array, rows)
 
 
 def _read(path: Path, dataset: str, array: h5py.Dataset, rows: slice) -> np.ndarray:
