@@ -1043,7 +1043,7 @@ def write_to(target: Path, arrays: dict[str, np.ndarray], layout: Layout) -> Pat
 PROFILE_GROUPS = (
     ("h5py reads of rhat, robs, dfs (DatasetReader.rows)", ("rows@shard.py",)),
     ("batch_stats", ("batch_stats",)),
-    ("dedup (_Deduplicator, reading sample_idx included)", ("__init__@merge.py", "filter@merge.py")),
+    ("dedup (reading sample_idx, first_copies, filter)", ("read_sample_idx", "first_copies", "filter@merge.py")),
     ("shard headers (read_headers, in forked children)", ("read_headers",)),
     ("identity checksum", ("dataset_identity",)),
     ("result building (build_result)", ("build_result",)),

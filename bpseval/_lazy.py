@@ -1,6 +1,6 @@
 """pandas imported on first use, so that start-up and the merge do not wait for it.
 
-Importing pandas takes about 0.4 s, more than anything else bpseval loads; `bpseval --version`,
+Importing pandas takes 0.2-0.4 s, more than anything else bpseval loads; `bpseval --version`,
 `--help` and the merge of the shards never touch it, and `bpseval compute` imports it while the
 merge runs elsewhere (see `preload_pandas`). Modules write `from bpseval._lazy import pandas as pd`.
 """

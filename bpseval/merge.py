@@ -424,7 +424,7 @@ def _merge_dataset(
     chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
     for part, (header, layout) in enumerate(parts):
         with open_dataset(header.path, layout) as reader:
-            for chunk in reader.rows(chunk_rows):
+            for chunk in reader.rows(chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):
                 if dedup is not None:
                     chunk = dedup.filter(part, chunk)
                 try:
@@ -547,7 +547,7 @@ class _Deduplicator:
     def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]]) -> None:
         self.name = name
         self.paths = [header.path for header, _ in parts]
-        indices = [read_sample_idx(header.path, layout) for header, layout in parts]
+        indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
         for path, index in zip(self.paths, indices):
             if len(index) and index.min() < 0:
                 raise BpsevalError(
@@ -555,12 +555,16 @@ class _Deduplicator:
                     " the dataset's validation set from 0."
                 )
         self.offsets = np.cumsum([0] + [len(index) for index in indices])
-        everything = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-        self.unique, self.keep, self.repeated = first_copies(everything)
+        self.sample_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        self.unique, self.keep, self.repeated = first_copies(self.sample_idx)
         self.span = int(self.unique[-1]) + 1 if len(self.unique) else 1
-        self.dropped = len(everything) - len(self.unique)
+        self.dropped = len(self.sample_idx) - len(self.unique)
         self.first_copies: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         self.rhat_mismatch: list[tuple[int, int, int]] = []
+
+    def sample_idx_of(self, part: int) -> np.ndarray:
+        """The sample_idx of part `part` (read once, here), to slice into its row chunks."""
+        return self.sample_idx[self.offsets[part] : self.offsets[part + 1]]
 
     def filter(self, part: int, chunk: RowChunk) -> RowChunk:
         """The rows of `chunk` that are first copies; later copies are checked against them."""

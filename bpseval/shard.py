@@ -675,7 +675,7 @@ def read_cell_ids(array: h5py.Dataset) -> np.ndarray:
 
 @contextmanager
 def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
-    """One dataset of a shard, opened for its sample_idx and its rows.
+    """One dataset of a shard, opened to read its rows.
 
     Only opening and reading are turned into BpsevalError here; errors raised by the caller's
     code inside the block pass through unchanged. Open one shard at a time: HDF5 keeps a chunk
@@ -692,35 +692,31 @@ def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
         yield reader
 
 
-def read_sample_idx(path: Path, layout: DatasetLayout) -> np.ndarray:
-    """The whole sample_idx array of one dataset of a shard, as int64."""
-    with open_dataset(path, layout) as reader:
-        return reader.sample_idx()
+def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
+    """The whole sample_idx array of one dataset of a shard."""
+    with open_shard(path) as handle:
+        return _read(path, dataset, handle[DATASETS_GROUP][dataset]["sample_idx"], slice(None)).astype(np.int64)
 
 
 class DatasetReader:
-    """Reads one dataset of an open shard: each array is looked up once (h5py lookups cost ~0.1 ms)."""
+    """Reads the rows of one dataset of an open shard: each array is looked up once (h5py lookups cost ~0.1 ms)."""
 
     def __init__(self, path: Path, layout: DatasetLayout, group: h5py.Group) -> None:
         self.path = path
         self.layout = layout
         self._rhat, self._robs = group["rhat"], group["robs"]
         self._dfs = group["dfs"] if layout.dfs_shape else None
-        self._index = group["sample_idx"] if layout.has_sample_idx else None
 
-    def sample_idx(self) -> np.ndarray:
-        """The whole sample_idx array as int64 (for datasets whose layout has one)."""
-        return self._read(self._index, slice(None)).astype(np.int64, copy=False)
-
-    def rows(self, chunk_rows: int) -> Iterator[RowChunk]:
-        """The rows in chunks of `chunk_rows` rows, with their slice of sample_idx."""
-        index = None if self._index is None else self.sample_idx()
+    def rows(self, chunk_rows: int, sample_idx: np.ndarray | None = None) -> Iterator[RowChunk]:
+        """The rows in chunks of `chunk_rows` rows. `sample_idx`, this dataset's whole sample_idx
+        as the caller has already read it, is sliced into the chunks (else they carry none)."""
         for start in range(0, self.layout.n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, self.layout.n_rows))
             rhat = self._read(self._rhat, rows)
             robs = self._read(self._robs, rows)
             dfs = None if self._dfs is None else self._read(self._dfs, rows)
-            yield RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), None if index is None else index[rows])
+            index = None if sample_idx is None else sample_idx[rows]
+            yield RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), index)
 
     def _read(self, array: h5py.Dataset, rows: slice) -> np.ndarray:
         return _read(self.path, self.layout.name, array, rows)
