@@ -3,12 +3,12 @@
 from typing import Any
 
 from bpseval._version import __version__
-from bpseval.coverage import CoverageReport, check_coverage
 from bpseval.errors import BpsevalError
-from bpseval.planning import check_cell_coverage
-from bpseval.result import Result, evaluate
-from bpseval.shard import ShardWriter
-from bpseval.stats import bits_per_spike
+from bpseval.features.coverage import CoverageReport, check_coverage
+from bpseval.features.planning import check_cell_coverage
+from bpseval.kernel.stats import bits_per_spike
+from bpseval.run.result import Result, evaluate
+from bpseval.shard.writer import ShardWriter
 
 __all__ = [
     "BpsevalError",

@@ -16,16 +16,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from bpseval._json import json_text
 from bpseval._version import __version__
-from bpseval.compare import CompareSettings, baseline_document, compare_paths
-from bpseval.coverage import check_coverage
-from bpseval.doctor import diagnose
 from bpseval.errors import BpsevalError
-from bpseval.json_text import json_text
-from bpseval.planning import check_cell_coverage, load_masks, plan_to_dict
-from bpseval.report import (
-    compare_junit,
-    compare_markdown,
+from bpseval.features.compare import CompareSettings, baseline_document, compare_paths
+from bpseval.features.coverage import check_coverage
+from bpseval.features.doctor import diagnose
+from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
+from bpseval.run.result import evaluate, runs_frame
+from bpseval.views.documents import compare_junit, compare_markdown
+from bpseval.views.files import write_csv, write_text
+from bpseval.views.terminal import (
     merge_progress,
     render_compare,
     render_compute,
@@ -33,10 +34,7 @@ from bpseval.report import (
     render_doctor,
     render_plan,
     render_runs,
-    write_csv,
-    write_text,
 )
-from bpseval.result import evaluate, runs_frame
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -161,7 +159,8 @@ def _compute_all_steps(
     scheduler: str | None,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
-    from bpseval.steps import evaluate_steps, incomplete_text, render_steps
+    from bpseval.features.steps import evaluate_steps, incomplete_text
+    from bpseval.views.terminal import render_steps
 
     with bad_input_exits():
         if len(paths) != 1:
@@ -360,11 +359,12 @@ def plot(
     scheduler: Scheduler = None,
 ) -> None:
     """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline. Needs [bold]bpseval\\[plot][/]."""
-    from bpseval.plot import load_inputs, require_matplotlib, write_plots
+    from bpseval.features.overview import load_overview
+    from bpseval.views.plot import require_matplotlib, write_plots
 
     with bad_input_exits():
         require_matplotlib()
-        inputs = load_inputs(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
         written = write_plots(inputs, output, image_format.value)
     _print_warnings(inputs.result)
     console = Console(highlight=False)
@@ -384,8 +384,9 @@ def report(
     scheduler: Scheduler = None,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline. Needs [bold]bpseval\\[plot][/]."""
-    from bpseval.html_report import write_report
-    from bpseval.plot import load_inputs, require_matplotlib
+    from bpseval.features.overview import load_overview
+    from bpseval.views.html import write_report
+    from bpseval.views.plot import require_matplotlib
 
     options = [str(run_dir), "-o", str(output)]
     options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
@@ -393,7 +394,7 @@ def report(
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
     with bad_input_exits():
         require_matplotlib()
-        inputs = load_inputs(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
         path = write_report(inputs, output, _command_line("report", options), run_label=str(run_dir))
     _print_warnings(inputs.result)
     size = path.stat().st_size

@@ -1,5 +1,27 @@
-"""The one exception type bpseval raises for bad input; the CLI turns it into exit code 2."""
+"""bpseval's exceptions: one base type for bad input, a few subclasses where callers need to tell them apart.
+
+Every error bpseval raises for bad input or usage is a `BpsevalError` (a `ValueError`), whose
+message names the file, the dataset or the option, what is wrong and how to fix it; the CLI
+turns it into one line on stderr and exit code 2. A bug in bpseval itself is never relabelled
+as one of these: it surfaces as an ordinary traceback.
+"""
 
 
-class BpsevalError(Exception):
+class BpsevalError(ValueError):
     """Bad input or usage: the message names the file, the dataset, what is wrong and how to fix it."""
+
+
+class ShardError(BpsevalError):
+    """A shard file that cannot be used: unreadable, damaged, not a shard, or holding impossible values."""
+
+
+class RunError(BpsevalError):
+    """A run directory that cannot be scored as asked: no shards, an incomplete or mixed step."""
+
+
+class BaselineError(BpsevalError):
+    """A baseline document that is missing, malformed, or holds values no run could produce."""
+
+
+class ArgumentError(BpsevalError):
+    """An argument to the API (writer, online metric, sampler, callback) or an option that is out of range."""

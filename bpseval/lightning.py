@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from bpseval._arrays import is_tensor, to_numpy
-from bpseval.result import Result
-from bpseval.shard import ShardWriter
+from bpseval.run.result import Result
+from bpseval.shard.writer import ShardWriter
 from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
 
 try:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from bpseval.planning import valid_mask
+from bpseval.features.planning import valid_mask
 
 
 def spread_order(n_samples: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Exact bits per spike inside a torch.distributed job: `DistributedBPS` and `WithSampleIndex`.
 
 `DistributedBPS` is the online twin of "write shards, then `bpseval compute`": each rank reduces
-its batches to per-cell sufficient statistics with `bpseval.stats.batch_stats`, and `compute()`
+its batches to per-cell sufficient statistics with `bpseval.kernel.stats.batch_stats`, and `compute()`
 gathers every rank's statistics into the `MergedRun` the offline merge builds and scores it with
 the same `build_result`. Both paths share the math, so they agree up to summation order.
 """
@@ -20,11 +20,8 @@ from array_api_compat import array_namespace, device
 
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval.errors import BpsevalError
-from bpseval.merge import MergedDataset, MergedRun, check_agree, dataset_identity
-from bpseval.result import Result, build_result
-from bpseval.samples import SeenSamples
-from bpseval.shard import DatasetLayout, check_dataset_name
-from bpseval.stats import (
+from bpseval.kernel.samples import SeenSamples
+from bpseval.kernel.stats import (
     RATE_KINDS,
     STAT_FIELDS,
     CellStats,
@@ -33,6 +30,9 @@ from bpseval.stats import (
     batch_stats,
     find_invalid_values,
 )
+from bpseval.run.merge import MergedDataset, MergedRun, dataset_identity
+from bpseval.run.result import Result, build_result
+from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
 
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -11,11 +10,11 @@ import numpy as np
 import pytest
 
 import bpseval
-from bpseval.compare import CompareSettings, Side, compare
-from bpseval.merge import MergedDataset, MergedRun
-from bpseval.planning import distributed_sampler_indices
-from bpseval.result import Result, build_result
-from bpseval.stats import LN2, STAT_FIELDS, CellStats, batch_stats
+from bpseval.features.compare import CompareSettings, Side, compare
+from bpseval.features.planning import distributed_sampler_indices
+from bpseval.kernel.stats import LN2, STAT_FIELDS, CellStats, batch_stats
+from bpseval.run.merge import MergedDataset, MergedRun
+from bpseval.run.result import Result, build_result
 
 SESSIONS = {"Allen_2022-04-13": 30, "Allen_2022-05-02": 20}
 
@@ -190,7 +189,7 @@ def test_markdown_stays_under_1_mb_with_many_datasets():
         return build_result(MergedRun(Path("."), 0, 1, [], datasets))
 
     comparison = compare(Side("new", result_with(5000, 0.3)), Side("base", result_with(5000, 0.0)), CompareSettings())
-    markdown = bpseval.report.compare_markdown(comparison)
+    markdown = bpseval.views.documents.compare_markdown(comparison)
     assert markdown.count("\n| Session_") == 5000
     assert len(markdown.encode()) < 1_000_000
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bpseval
-from bpseval.merge import merge_run
+from bpseval.run.merge import merge_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "ddp_validation.py"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import bpseval
 from bpseval import ShardWriter
 from bpseval.cli import app
-from bpseval.compare import CompareSettings, compare_paths
+from bpseval.features.compare import CompareSettings, compare_paths
 from tests.conftest import poisson_dataset
 
 pytest.importorskip("matplotlib", reason="the HTML report embeds matplotlib pictures: pip install 'bpseval[plot]'")
@@ -256,6 +256,6 @@ def test_command_line_is_the_one_typed_or_rebuilt_from_the_options(monkeypatch):
     assert _command_line("report", options) == ["bpseval", "report", "runs/a b", "--output=r.html", "-j", "2"]
     monkeypatch.setattr("sys.argv", ["/usr/bin/pytest", "-q"])  # not this command line: rebuilt
     assert _command_line("report", options) == ["bpseval", "report", "runs/a b", "-o", "r.html"]
-    from bpseval.html_report import command_text
+    from bpseval.views.html import command_text
 
     assert command_text(["bpseval", "report", "runs/a b", "-o", "r.html"]) == "bpseval report 'runs/a b' -o r.html"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpseval.merge import first_copies
+from bpseval.run.dedup import first_copies
 from tests.conftest import poisson_dataset, write_raw_shard
 
 HANGS_HDF5 = Path(__file__).parent / "data" / "hangs_hdf5_global_heap.h5"
@@ -21,7 +21,7 @@ HANGS_HDF5 = Path(__file__).parent / "data" / "hangs_hdf5_global_heap.h5"
 READ_HEADERS = """
 import sys
 from pathlib import Path
-from bpseval.merge import read_headers
+from bpseval.run.catalog import read_headers
 headers = read_headers([Path(p) for p in sys.argv[2:]], timeout=2.0, jobs=int(sys.argv[1]))
 for header in headers:
     print(getattr(header, "rank", None), str(header) if isinstance(header, Exception) else "")

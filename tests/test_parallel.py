@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bpseval
-from bpseval.merge import merge_run
+from bpseval.run.merge import merge_run
 from tests.conftest import poisson_dataset
 
 

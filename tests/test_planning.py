@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
-from bpseval.planning import distributed_sampler_indices
+from bpseval.features.planning import distributed_sampler_indices
 
 
 def real_counts(mask, world_size, fraction, batch_size, seed):

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 import bpseval
-from bpseval.compare import CompareSettings, Side, compare
-from bpseval.merge import MergedDataset, MergedRun
-from bpseval.result import build_result
-from bpseval.stats import CellStats, batch_stats
-from bpseval.steps import StepResults
+from bpseval.features.compare import CompareSettings, Side, compare
+from bpseval.features.overview import RunOverview, load_overview
+from bpseval.features.steps import StepResults
+from bpseval.kernel.stats import CellStats, batch_stats
+from bpseval.run.merge import MergedDataset, MergedRun
+from bpseval.run.result import build_result
 from tests.test_steps import DATASETS, multi_step_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ MISSING = "plots need matplotlib: pip install 'bpseval[plot]'"
 
 def test_import_bpseval_does_not_import_matplotlib():
     code = (
-        "import sys, bpseval, bpseval.cli, bpseval.steps, bpseval.plot, bpseval.html_report\n"
+        "import sys, bpseval, bpseval.cli, bpseval.features.steps, bpseval.views.plot, bpseval.views.html\n"
         "loaded = sorted(name for name in sys.modules if name.split('.')[0] == 'matplotlib')\n"
         "assert not loaded, loaded\n"
     )
@@ -45,7 +46,7 @@ def test_without_matplotlib_plot_and_report_exit_2_saying_how_to_install(invoke,
         assert result.stderr.strip() == f"Error: {MISSING}"
         assert "Traceback" not in result.output
         assert not target.exists()  # it failed before merging anything
-    from bpseval.plot import bps_strip_figure
+    from bpseval.views.plot import bps_strip_figure
 
     with pytest.raises(bpseval.BpsevalError, match=r"pip install 'bpseval\[plot\]'"):
         bps_strip_figure(bpseval.evaluate(EXAMPLE))
@@ -69,7 +70,7 @@ def two_step_run(tmp_path_factory) -> Path:
 
 def test_plot_writes_every_picture_at_its_size(invoke, two_step_run, tmp_path):
     pytest.importorskip("matplotlib")
-    from bpseval.plot import DPI, HISTOGRAM_SIZE, WIDE
+    from bpseval.views.plot import DPI, HISTOGRAM_SIZE, WIDE
 
     out = tmp_path / "pictures"
     result = invoke("plot", two_step_run, "-o", out)
@@ -204,7 +205,7 @@ def thirty():
 
 @pytest.mark.filterwarnings("error::UserWarning")  # e.g. "constrained_layout not applied"
 def test_thirty_datasets_are_readable(thirty):
-    from bpseval import plot
+    from bpseval.views import plot
 
     run, result, steps, baseline, comparison = thirty
     assert len(result.datasets) == 30 and 20 <= result.datasets[["ok", "silent", "uncovered"]].sum(axis=1).min()
@@ -235,14 +236,14 @@ def test_thirty_datasets_are_readable(thirty):
 
 def test_dataset_colors_are_distinct_for_40_datasets():
     pytest.importorskip("matplotlib")
-    from bpseval.plot import dataset_colors
+    from bpseval.views.plot import dataset_colors
 
     assert len(set(dataset_colors(40))) == 40
     assert dataset_colors(41)[40] == dataset_colors(41)[0]
 
 
 def test_dataset_file_names_are_safe_and_distinct():
-    from bpseval.plot import dataset_stems
+    from bpseval.views.plot import dataset_stems
 
     stems = dataset_stems(["a b", "a_b", "A_B", "..", "x:y*?", "ok-1.2"])
     assert list(stems.values()) == ["dataset-a_b", "dataset-a_b-2", "dataset-A_B-3", "dataset-unnamed", "dataset-x_y", "dataset-ok-1.2"]
@@ -250,9 +251,9 @@ def test_dataset_file_names_are_safe_and_distinct():
 
 def test_figures_in_memory_from_the_example(tmp_path):
     pytest.importorskip("matplotlib")
-    from bpseval import plot
+    from bpseval.views import plot
 
-    inputs = plot.load_inputs(EXAMPLE)
+    inputs = load_overview(EXAMPLE)
     assert inputs.result.step == 4 and list(inputs.steps.results) == [4]
     made = plot.figures(inputs)
     assert list(made) == ["bps-by-dataset", "bps-vs-rate", "coverage"]  # one step: no picture over steps
@@ -266,7 +267,7 @@ def test_figures_in_memory_from_the_example(tmp_path):
 
 def test_readability_check_sees_crowded_labels_and_covering_legends():
     pytest.importorskip("matplotlib")
-    from bpseval.plot import new_figure
+    from bpseval.views.plot import new_figure
 
     crowded = new_figure(4, 2)
     axes = crowded.add_subplot()
@@ -281,7 +282,7 @@ def test_readability_check_sees_crowded_labels_and_covering_legends():
 @pytest.mark.filterwarnings("error::UserWarning")
 def test_runs_without_ok_cells_or_datasets_still_draw():
     pytest.importorskip("matplotlib")
-    from bpseval import plot
+    from bpseval.views import plot
 
     silent = batch_stats(np.ones((10, 4)), np.zeros((10, 4)), None)
     datasets = [
@@ -290,7 +291,7 @@ def test_runs_without_ok_cells_or_datasets_still_draw():
     ]
     for run in (MergedRun(Path("x"), 0, 1, [Path("a.h5")], datasets), MergedRun(Path("x"), 0, 1, [Path("a.h5")], [])):
         result = build_result(run)
-        inputs = plot.PlotInputs(run, result, StepResults({0: result, 1: result}), baseline=result)
+        inputs = RunOverview(run, result, StepResults({0: result, 1: result}), baseline=result)
         made = plot.figures(inputs)
         assert set(made) == {"bps-by-dataset", "bps-vs-rate", "coverage", "bps-over-steps", "compare-cells"}
         made.update({name: plot.bps_histogram_figure(result, name) for name in result.datasets["name"]})

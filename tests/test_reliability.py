@@ -18,6 +18,7 @@ import pytest
 
 import bpseval
 from bpseval import ShardWriter
+from bpseval.shard.reader import read_header
 from tests.conftest import poisson_dataset, write_raw_shard
 from tests.writer_process import write_rank
 
@@ -70,7 +71,7 @@ def kill_writers(invoke, tmp_path: Path, rounds: int, seed: int) -> int:
             process.wait()
         for run in runs:
             for shard in run.rglob("rank-*.h5"):  # whole and readable, never partial
-                assert bpseval.shard.read_header(shard).datasets["Allen_2022-04-13"].n_rows == 400
+                assert read_header(shard).datasets["Allen_2022-04-13"].n_rows == 400
             if len(list(run.rglob("rank-*.h5"))) < 2:
                 result = invoke("compute", run)
                 assert result.exit_code == 2

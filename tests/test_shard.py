@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
-import subprocess
 from pathlib import Path
 
 import h5py
@@ -14,8 +14,8 @@ import torch
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
-from bpseval.merge import find_shards
-from bpseval.shard import read_header
+from bpseval.run.catalog import find_shards
+from bpseval.shard.reader import read_header
 from tests.conftest import poisson_dataset, write_raw_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
-from bpseval.planning import distributed_sampler_indices
+from bpseval.features.planning import distributed_sampler_indices
 from tests.conftest import poisson_dataset
 
 DATASETS = {"Allen_2022-04-13": poisson_dataset(1, n_rows=2000, n_cells=40), "Allen_2022-05-02": poisson_dataset(2, n_rows=1500, n_cells=23)}

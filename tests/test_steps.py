@@ -13,7 +13,7 @@ import pytest
 
 import bpseval
 from bpseval import ShardWriter
-from bpseval.steps import evaluate_steps, scan_steps
+from bpseval.features.steps import evaluate_steps, scan_steps
 from tests.conftest import poisson_dataset
 
 DATASETS = ("Allen_2022-04-13", "Allen_2022-05-02")

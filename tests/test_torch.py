@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
-from bpseval.result import Result
+from bpseval.run.result import Result
 from bpseval.torch import DistributedBPS, WithSampleIndex
 from tests.gloo import run_gloo
 

@@ -12,16 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
-from bpseval.merge import MergedRun, find_shards, merge_run, read_headers, select_step
-from bpseval.report import format_bps
-from bpseval.result import Result, build_result, results_frame
-from bpseval.shard import ShardHeader
+from bpseval.run.catalog import find_shards, read_headers, select_step
+from bpseval.run.merge import MergedRun, merge_run
+from bpseval.run.result import Result, build_result, results_frame
+from bpseval.shard.format import ShardHeader
 
 STEP_COLUMNS = ["step", "world_size", "bps", "bps_pooled", "ok", "silent", "uncovered"]
 
@@ -144,24 +140,6 @@ def _step_entry(result: Result) -> dict[str, Any]:
     }
 
 
-def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
-    """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
-    title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
-    table = Table(title=title, title_justify="left")
-    for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled"):
-        table.add_column(name, justify="right")
-    for step, result in steps.results.items():
-        cells = result.overall["cells"]
-        table.add_row(
-            str(step), str(result.world_size), str(cells["ok"]), str(cells["silent"]), str(cells["uncovered"]),
-            format_bps(result.overall["bps"]), format_bps(result.overall["bps_pooled"]),
-        )
-    console.print(table)
-    if steps.incomplete:
-        count = len(steps.incomplete)
-        console.print(f"[yellow]{count} incomplete step{'s' if count != 1 else ''} skipped:[/]")
-        for step, reason in steps.incomplete.items():
-            console.print(f"  {escape(incomplete_text(step, reason))}")
 
 
 def incomplete_text(step: int, reason: str) -> str:

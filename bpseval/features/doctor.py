@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from bpseval.errors import BpsevalError
-from bpseval.merge import read_headers, scan_run_dir, step_ranks
-from bpseval.shard import FORMAT_VERSION, ShardHeader
+from bpseval.run.catalog import read_headers, scan_run_dir, step_ranks
+from bpseval.shard.format import FORMAT_VERSION, ShardHeader
 
 HEALTHY, PROBLEMS, UNUSABLE = 0, 1, 2
 

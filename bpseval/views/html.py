@@ -20,11 +20,12 @@ from typing import Any
 
 from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
-from bpseval.compare import OVERALL, Comparison
-from bpseval.coverage import coverage_report
-from bpseval.plot import PlotInputs, bps_histogram_figure, figures, png_bytes
-from bpseval.stats import SILENT, UNCOVERED
-from bpseval.steps import incomplete_text
+from bpseval.features.compare import OVERALL, Comparison
+from bpseval.features.coverage import coverage_report
+from bpseval.features.overview import RunOverview
+from bpseval.features.steps import incomplete_text
+from bpseval.kernel.stats import SILENT, UNCOVERED
+from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
 
 CELLS_LISTED = 400
 """Rows of a cell table shown in full; longer tables say how many more there are."""
@@ -130,7 +131,7 @@ def _image(png: bytes, alt: str, caption: str = "") -> str:
 def command_text(command: Sequence[str] | str | None) -> str:
     """The command line that made the report, quoted for a POSIX shell."""
     if command is None:
-        return "bpseval.html_report.write_report (from Python)"
+        return "bpseval.views.html.write_report (from Python)"
     if isinstance(command, str):
         return command
     return shlex.join([str(part) for part in command])
@@ -140,7 +141,7 @@ def command_text(command: Sequence[str] | str | None) -> str:
 # Sections
 
 
-def _header(inputs: PlotInputs, run_label: str, created: str) -> str:
+def _header(inputs: RunOverview, run_label: str, created: str) -> str:
     result = inputs.result
     shards = _plural(len(result.files), "shard")
     sub = (
@@ -181,7 +182,7 @@ def _reason_summary(comparison: Comparison, shown: int = 5) -> list[str]:
     return summary + [reason for reason in comparison.reasons if reason not in labels]
 
 
-def _cards(inputs: PlotInputs, below: int) -> str:
+def _cards(inputs: RunOverview, below: int) -> str:
     result = inputs.result
     overall, cells = result.overall, result.overall["cells"]
     datasets = len(result.datasets)
@@ -203,7 +204,7 @@ def _cards(inputs: PlotInputs, below: int) -> str:
     return f'<section id="numbers"><div class="cards">{"".join(items)}</div></section>'
 
 
-def _notes(inputs: PlotInputs) -> str:
+def _notes(inputs: RunOverview) -> str:
     result = inputs.result
     notes = [_e(warning) for warning in result.warnings]
     excluded = result.overall.get("datasets_without_ok_cells") or []
@@ -214,7 +215,7 @@ def _notes(inputs: PlotInputs) -> str:
     return "".join(f'<p class="note">{note}</p>' for note in notes)
 
 
-def _dataset_table(inputs: PlotInputs) -> str:
+def _dataset_table(inputs: RunOverview) -> str:
     result = inputs.result
     rows, classes = [], []
     for row in result.datasets.itertuples(index=False):
@@ -259,7 +260,7 @@ def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
     return f"<h3>{title}</h3>" + _table([("dataset", False), ("cells", True), ("cell (id)", False)], rows)
 
 
-def _unscored(inputs: PlotInputs) -> str:
+def _unscored(inputs: RunOverview) -> str:
     cells = inputs.result.cells
     return (
         '<section id="unscored"><h2>Unscored cells</h2>'
@@ -271,7 +272,7 @@ def _unscored(inputs: PlotInputs) -> str:
     )
 
 
-def _coverage(inputs: PlotInputs, report: Any, figure_html: str) -> str:
+def _coverage(inputs: RunOverview, report: Any, figure_html: str) -> str:
     min_samples = inputs.min_samples
     flagged = report.cells
     parts = [
@@ -296,7 +297,7 @@ def _coverage(inputs: PlotInputs, report: Any, figure_html: str) -> str:
     return "".join(parts)
 
 
-def _steps(inputs: PlotInputs, figure_html: str) -> str:
+def _steps(inputs: RunOverview, figure_html: str) -> str:
     steps = inputs.steps
     if len(steps.results) <= 1 and not steps.incomplete:
         return ""
@@ -359,7 +360,7 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     return "".join(parts)
 
 
-def _histograms(inputs: PlotInputs) -> str:
+def _histograms(inputs: RunOverview) -> str:
     items = []
     for name in inputs.result.datasets["name"]:
         png = png_bytes(bps_histogram_figure(inputs.result, name))
@@ -372,7 +373,7 @@ def _histograms(inputs: PlotInputs) -> str:
     )
 
 
-def _provenance(command: str, inputs: PlotInputs, created: str) -> str:
+def _provenance(command: str, inputs: RunOverview, created: str) -> str:
     files = inputs.result.files
     listed = "".join(f"<li><code>{_e(path)}</code></li>" for path in files[:64])
     more = f"<li>… and {len(files) - 64} more</li>" if len(files) > 64 else ""
@@ -390,7 +391,7 @@ def _provenance(command: str, inputs: PlotInputs, created: str) -> str:
 
 
 def render_report(
-    inputs: PlotInputs,
+    inputs: RunOverview,
     command: Sequence[str] | str | None = None,
     *,
     run_label: str | None = None,
@@ -464,7 +465,7 @@ def render_report(
 
 
 def write_report(
-    inputs: PlotInputs,
+    inputs: RunOverview,
     output: str | os.PathLike[str],
     command: Sequence[str] | str | None = None,
     *,

@@ -21,9 +21,9 @@ import numpy as np
 
 from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
-from bpseval.merge import MergedDataset, MergedRun, merge_run
-from bpseval.result import Result, build_result
-from bpseval.stats import LN2, OK, UNCOVERED
+from bpseval.kernel.stats import LN2, OK, UNCOVERED
+from bpseval.run.merge import MergedDataset, MergedRun, merge_run
+from bpseval.run.result import Result, build_result
 
 BASELINE_FORMAT = "bpseval-baseline"
 BASELINE_FORMAT_VERSION = 1

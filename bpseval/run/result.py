@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from bpseval._json import json_text
 from bpseval._lazy import pandas as pd
 from bpseval._lazy import preload_pandas
 from bpseval._version import __version__
-from bpseval.json_text import json_text
-from bpseval.merge import RHAT_COPY_RTOL, MergedRun, merge_run
-from bpseval.stats import (
+from bpseval.kernel.stats import (
     MIN_RATE,
     OK,
     STAT_FIELDS,
@@ -26,6 +25,8 @@ from bpseval.stats import (
     pooled_bps,
     status_counts,
 )
+from bpseval.run.dedup import RHAT_COPY_RTOL
+from bpseval.run.merge import MergedRun, merge_run
 
 DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered", "identity"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]

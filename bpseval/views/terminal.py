@@ -1,14 +1,10 @@
-"""Human and machine output of results: Rich tables, JSON and CSV files."""
+"""Rich tables and progress on the terminal: what every command shows a person."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TextIO
-from xml.etree import ElementTree
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,26 +19,15 @@ from rich.progress import (
 from rich.table import Table
 
 from bpseval._lazy import pandas as pd
-from bpseval.compare import Comparison, MetricComparison
-from bpseval.coverage import CoverageReport
-from bpseval.doctor import Diagnosis
-from bpseval.result import Result
-from bpseval.stats import SILENT, UNCOVERED
+from bpseval.features.compare import Comparison
+from bpseval.features.coverage import CoverageReport
+from bpseval.features.doctor import Diagnosis
+from bpseval.features.steps import StepResults, incomplete_text
+from bpseval.kernel.stats import SILENT, UNCOVERED
+from bpseval.run.result import Result
+from bpseval.views.text import COVERAGE_LISTED, delta_text, format_bps, interval_text, ranges, shown, verdict_text
 
 CELLS_LISTED_PER_DATASET = 8
-
-
-def shown(text: object) -> str:
-    """User text safe for the terminal: control characters escaped, Rich markup escaped."""
-    value = str(text)
-    if not value.isprintable():
-        value = value.encode("unicode_escape").decode("ascii")
-    return escape(value)
-
-
-def format_bps(value: float) -> str:
-    """Bits per spike with 4 decimals; an em dash where it is undefined."""
-    return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def render_compute(result: Result, console: Console) -> None:
@@ -118,21 +103,6 @@ def merge_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
-def write_text(text: str, path: str, stdout: TextIO | None = None) -> None:
-    """Write `text` to `path`, or to stdout when `path` is '-'."""
-    if path == "-":
-        stream = stdout or sys.stdout
-        stream.write(text if text.endswith("\n") else text + "\n")
-        stream.flush()
-    else:
-        Path(path).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-
-
-def write_csv(frame: pd.DataFrame, path: str, stdout: TextIO | None = None) -> None:
-    """The frame as CSV at `path` ('-' = stdout); undefined values are empty fields."""
-    write_text(frame.to_csv(index=False), path, stdout)
-
-
 def _per_rank_cells(counts: list[int]) -> list[str]:
     """Per-rank counts, with the ranks that had no valid sample marked (what crashed legacy loops)."""
     return [f"[red]{count} ✗[/]" if count == 0 else str(count) for count in counts]
@@ -191,25 +161,6 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
         console.print(table)
 
 
-VERDICT_MARKS = {"regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"}
-COVERAGE_LISTED = 50
-
-
-def _interval_text(metric: MetricComparison) -> str:
-    if metric.interval is None:
-        return "—"
-    low, high = metric.interval
-    return f"[{low:+.4f}, {high:+.4f}]"
-
-
-def _delta_text(metric: MetricComparison) -> str:
-    return "—" if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
-
-
-def _verdict_text(metric: MetricComparison) -> str:
-    return VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
-
-
 def render_compare(comparison: Comparison, console: Console) -> None:
     """The `bpseval compare` report: one row per compared metric, then coverage and the verdict."""
     significance = comparison.settings.significance
@@ -220,9 +171,9 @@ def render_compare(comparison: Comparison, console: Console) -> None:
     styles = {"regressed": "red", "improved": "green"}
     for metric in comparison.metrics:
         table.add_row(
-            shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric),
-            format_bps(metric.tolerance), *([_interval_text(metric)] if interval_title else []),
-            f"[{styles.get(metric.verdict, 'default')}]{_verdict_text(metric)}[/]" if metric.gated else _verdict_text(metric),
+            shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), delta_text(metric),
+            format_bps(metric.tolerance), *([interval_text(metric)] if interval_title else []),
+            f"[{styles.get(metric.verdict, 'default')}]{verdict_text(metric)}[/]" if metric.gated else verdict_text(metric),
         )
     console.print(table)
     for note in comparison.notes:
@@ -240,65 +191,6 @@ def render_compare(comparison: Comparison, console: Console) -> None:
         console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}")
 
 
-def compare_markdown(comparison: Comparison) -> str:
-    """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; coverage capped)."""
-    status = "✓ no regression" if comparison.passed else "✗ regression: " + "; ".join(comparison.reasons)
-    significance = comparison.settings.significance
-    header = ["scope", "metric", "baseline", "new", "Δ", "tolerance"] + (
-        [f"{100 * (1 - significance):g}% interval"] if significance is not None else []
-    ) + ["verdict"]
-    lines = [
-        "### bpseval compare",
-        "",
-        f"**{status}** · mode: {comparison.mode} · baseline: `{comparison.baseline}` · run: `{comparison.run}`",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    for metric in comparison.metrics:
-        cells = [metric.scope.replace("|", "\\|"), metric.metric, format_bps(metric.base), format_bps(metric.new), _delta_text(metric), format_bps(metric.tolerance)]
-        if significance is not None:
-            cells.append(_interval_text(metric))
-        lines.append("| " + " | ".join(cells + [_verdict_text(metric)]) + " |")
-    regressions = comparison.coverage_regressions
-    if len(regressions):
-        lines += ["", f"{len(regressions)} cells ok in the baseline are now uncovered:"]
-        lines += [f"- {row.dataset} cell {row.cell} (id {row.cell_id})" for row in regressions.head(COVERAGE_LISTED).itertuples(index=False)]
-        if len(regressions) > COVERAGE_LISTED:
-            lines.append(f"- … and {len(regressions) - COVERAGE_LISTED} more")
-    return "\n".join(lines) + "\n"
-
-
-def compare_junit(comparison: Comparison) -> str:
-    """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset."""
-    cases: list[tuple[str, str, str | None]] = []
-    for metric in comparison.metrics:
-        if metric.gated:
-            failure = None
-            if metric.verdict == "regressed":
-                failure = (
-                    f"{metric.label}: {format_bps(metric.base)} → {format_bps(metric.new)} ({_delta_text(metric)},"
-                    f" tolerance {format_bps(metric.tolerance)}, interval {_interval_text(metric)})"
-                )
-            classname = "bpseval.overall" if metric.scope == "overall" else "bpseval.dataset"
-            cases.append((classname, metric.metric if metric.scope == "overall" else f"{metric.scope}.{metric.metric}", failure))
-    regressions = comparison.coverage_regressions
-    for dataset in comparison.coverage_regressions["dataset"].unique():
-        lost = regressions[regressions["dataset"] == dataset]
-        cases.append(("bpseval.coverage", str(dataset), f"{len(lost)} cells ok in the baseline are now uncovered: cells {', '.join(map(str, lost['cell']))}"))
-    for dataset in comparison.missing_datasets:
-        failure = None if comparison.settings.allow_missing_datasets else "dataset missing from the run"
-        cases.append(("bpseval.missing", dataset, failure))
-    suite = ElementTree.Element(
-        "testsuite", name="bpseval compare", tests=str(len(cases)), failures=str(sum(f is not None for *_, f in cases))
-    )
-    for classname, name, failure in cases:
-        case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name)
-        if failure is not None:
-            ElementTree.SubElement(case, "failure", message=failure).text = failure
-    return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
-
-
 def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     """The `bpseval doctor` report: steps with their ranks, then every problem found."""
     table = Table(title=f"Run directory {shown(str(diagnosis.run_dir))}", title_justify="left")
@@ -307,7 +199,7 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     for step in diagnosis.steps:
         table.add_row(
             str(step.step), "[green]yes[/]" if step.complete else "[red]no[/]", "/".join(map(str, step.world_sizes)),
-            _ranges(step.ranks), _ranges(step.missing) or "—", _ranges(step.repeated) or "—", ", ".join(step.stores),
+            ranges(step.ranks), ranges(step.missing) or "—", ranges(step.repeated) or "—", ", ".join(step.stores),
         )
     console.print(table)
     for problem in diagnosis.problems:
@@ -316,12 +208,21 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     console.print(verdict[diagnosis.status])
 
 
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] as "0-2, 5"."""
-    parts: list[str] = []
-    for value in values:
-        if parts and parts[-1][1] == value - 1:
-            parts[-1] = (parts[-1][0], value)
-        else:
-            parts.append((value, value))
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
+    """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
+    title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
+    table = Table(title=title, title_justify="left")
+    for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled"):
+        table.add_column(name, justify="right")
+    for step, result in steps.results.items():
+        cells = result.overall["cells"]
+        table.add_row(
+            str(step), str(result.world_size), str(cells["ok"]), str(cells["silent"]), str(cells["uncovered"]),
+            format_bps(result.overall["bps"]), format_bps(result.overall["bps_pooled"]),
+        )
+    console.print(table)
+    if steps.incomplete:
+        count = len(steps.incomplete)
+        console.print(f"[yellow]{count} incomplete step{'s' if count != 1 else ''} skipped:[/]")
+        for step, reason in steps.incomplete.items():
+            console.print(f"  {escape(incomplete_text(step, reason))}")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from bpseval._lazy import pandas as pd
-from bpseval.merge import MergedRun, merge_run
-from bpseval.stats import SILENT, UNCOVERED, cell_scores
+from bpseval.kernel.stats import SILENT, UNCOVERED, cell_scores
+from bpseval.run.merge import MergedRun, merge_run
 
 DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]

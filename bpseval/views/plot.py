@@ -16,19 +16,19 @@ import os
 import re
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpseval._lazy import pandas as pd
-from bpseval.compare import CompareSettings, Comparison, Side, compare, load_baseline
 from bpseval.errors import BpsevalError
-from bpseval.merge import MergedRun
-from bpseval.result import Result, build_result
-from bpseval.stats import OK, SILENT, UNCOVERED
-from bpseval.steps import StepResults, _merge_scanned, scan_steps
+from bpseval.features.compare import Comparison
+from bpseval.features.overview import RunOverview
+from bpseval.features.steps import StepResults
+from bpseval.kernel.stats import OK, SILENT, UNCOVERED
+from bpseval.run.merge import MergedRun
+from bpseval.run.result import Result
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -544,46 +544,11 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
 # Everything a picture or a report needs, loaded once
 
 
-@dataclass
-class PlotInputs:
-    """One step of a run merged and scored, every complete step scored, and optionally a baseline."""
-
-    run: MergedRun
-    result: Result
-    steps: StepResults
-    min_samples: int = 10
-    baseline: Result | None = None
-    comparison: Comparison | None = None
 
 
-def load_inputs(
-    run_dir: str | os.PathLike[str],
-    step: int | None = None,
-    *,
-    baseline: str | os.PathLike[str] | None = None,
-    min_samples: int = 10,
-    settings: CompareSettings | None = None,
-    **merge_options: Any,
-) -> PlotInputs:
-    """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`).
-
-    The pictured step must be complete, as for `bpseval compute`. With `baseline` (a baseline
-    JSON or a run directory), the run is compared with it as `bpseval compare` does with `settings`.
-    """
-    scan = scan_steps(run_dir)
-    chosen = scan.choose(step)  # the step `bpseval compute --step` merges, or its error
-    runs = _merge_scanned(run_dir, scan, **merge_options)
-    steps = StepResults({s: build_result(run) for s, run in runs.items()}, scan.incomplete)
-    run, result = runs[chosen], steps.results[chosen]
-    inputs = PlotInputs(run=run, result=result, steps=steps, min_samples=min_samples)
-    if baseline is not None:
-        base = load_baseline(baseline, **merge_options)
-        inputs.baseline = base.result
-        inputs.comparison = compare(Side(str(run_dir), result, run), base, settings or CompareSettings())
-    return inputs
 
 
-def figures(inputs: PlotInputs) -> dict[str, Figure]:
+def figures(inputs: RunOverview) -> dict[str, Figure]:
     """Every overview figure of `inputs` by file stem (the per-dataset histograms are separate)."""
     made = {
         "bps-by-dataset": bps_strip_figure(inputs.result),
@@ -633,7 +598,7 @@ def _metadata(fmt: str) -> dict[str, str]:
     return {"Software": f"bpseval {__version__}"} if fmt == "png" else {"Creator": f"bpseval {__version__}"}
 
 
-def write_plots(inputs: PlotInputs, out_dir: str | os.PathLike[str], fmt: str = "png") -> list[Path]:
+def write_plots(inputs: RunOverview, out_dir: str | os.PathLike[str], fmt: str = "png") -> list[Path]:
     """Write every figure of `inputs` to `out_dir` (created if needed); returns the files written.
 
     Files: bps-by-dataset, bps-vs-rate, coverage, bps-over-steps (more than one step),
@@ -654,7 +619,6 @@ def write_plots(inputs: PlotInputs, out_dir: str | os.PathLike[str], fmt: str = 
 
 __all__ = [
     "DPI",
-    "PlotInputs",
     "bps_histogram_figure",
     "bps_rate_figure",
     "bps_strip_figure",
@@ -662,7 +626,6 @@ __all__ = [
     "coverage_figure",
     "dataset_colors",
     "figures",
-    "load_inputs",
     "matched_cells",
     "png_bytes",
     "require_matplotlib",

@@ -1,0 +1,252 @@
+"""Merge the shards of one step into exact per-cell sufficient statistics.
+
+Every dataset is streamed in row chunks into `CellStats`, per rank, with duplicate samples
+(DistributedSampler padding) dropped by `sample_idx`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bpseval.errors import BpsevalError
+from bpseval.kernel.stats import (
+    CellStats,
+    InvalidValues,
+    InvalidValuesError,
+    add_by_block,
+    batch_stats,
+    find_invalid_values,
+    pad_blocks,
+)
+from bpseval.run.catalog import read_headers, require_shards, scan_run_dir, select_step
+from bpseval.run.dedup import _Deduplicator
+from bpseval.run.parallel import run_tasks
+from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
+from bpseval.shard.reader import DatasetReader, open_dataset, read_stats
+
+CHUNK_ELEMENTS = 1 << 18
+"""Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
+
+
+@dataclass
+class MergedDataset:
+    """Statistics of one dataset after merging every rank's rows once."""
+
+    name: str
+    cell_ids: np.ndarray
+    rate_kind: str
+    per_rank: list[CellStats]
+    samples: int
+    duplicates_dropped: int
+    identity: str = ""
+    """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
+    per_block: CellStats | None = None
+    """(blocks, cells) statistics by contiguous sample_idx block, when asked for and sample_idx is present."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> CellStats:
+        """The statistics of all ranks together: they add up exactly."""
+        total = CellStats.zeros(len(self.cell_ids))
+        for stats in self.per_rank:
+            total = total + stats
+        return total
+
+
+@dataclass
+class MergedRun:
+    """One step of a run, merged."""
+
+    run_dir: Path
+    step: int
+    world_size: int
+    files: list[Path]
+    datasets: list[MergedDataset]
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge_run(
+    run_dir: str | os.PathLike[str],
+    step: int | None = None,
+    blocks: int | None = None,
+    *,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> MergedRun:
+    """Find, check and merge the shards of one step of a run.
+
+    With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
+    paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
+    merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
+    `meanwhile()` is called once, during the longest wait: on the workers when there are some,
+    else on the child process that reads the headers.
+    """
+    root = Path(run_dir)
+    files = scan_run_dir(root)
+    on_workers = jobs > 1 or scheduler is not None
+    headers = []
+    for header in read_headers(require_shards(files, root), meanwhile=None if on_workers else meanwhile, jobs=jobs):
+        if isinstance(header, BpsevalError):
+            raise header
+        headers.append(header)
+    selection = select_step(headers, step, root, files.leftovers)
+    shards = selection.shards
+    stores = sorted({header.store for header in shards})
+    if len(stores) > 1:
+        raise BpsevalError(
+            f"{root}: step {shards[0].step} mixes raw and stats-only shards"
+            f" ({', '.join(f'{h.path}: {h.store}' for h in shards)}); write one kind per step."
+        )
+    parts = _dataset_parts(shards)
+    sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
+    done = [0]
+
+    def finished(index: int) -> None:
+        done[0] += sizes[index]
+        if on_progress:
+            on_progress(done[0], sum(sizes))
+
+    datasets = run_tasks(
+        _merge_dataset,
+        [(name, group, len(shards), blocks) for name, group in parts.items()],
+        jobs=jobs,
+        scheduler=scheduler,
+        costs=sizes,
+        on_done=finished,
+        meanwhile=meanwhile if on_workers else None,
+    )
+    warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
+    if stores == ["stats"]:
+        warnings.append(
+            "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"
+            " each writer dropped repeats on its own rank only."
+        )
+    return MergedRun(root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
+
+
+def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeader, DatasetLayout]]]:
+    """For each dataset name (sorted), the ranks that have it, checked for agreement."""
+    parts: dict[str, list[tuple[ShardHeader, DatasetLayout]]] = {}
+    for header in shards:
+        for name, layout in header.datasets.items():
+            parts.setdefault(name, []).append((header, layout))
+    for name, group in parts.items():
+        first_header, first = group[0]
+        for header, layout in group[1:]:
+            check_agree(name, first_header.path, first, header.path, layout)
+    return dict(sorted(parts.items()))
+
+
+def _merge_dataset(
+    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, blocks: int | None = None
+) -> MergedDataset:
+    """Stream every rank's rows of one dataset once (duplicates dropped) into per-rank statistics."""
+    first = parts[0][1]
+    n_cells = first.n_cells
+    cell_ids = first.cell_ids if first.cell_ids is not None else np.arange(n_cells)
+    if first.store == "stats":
+        return _merge_stats_dataset(name, parts, world_size, cell_ids)
+    dedup = _Deduplicator(name, parts) if first.has_sample_idx else None
+    per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
+    per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
+    for part, (header, layout) in enumerate(parts):
+        with open_dataset(header.path, layout) as reader:
+            for chunk in reader.rows(chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):
+                if dedup is not None:
+                    chunk = dedup.filter(part, chunk)
+                try:
+                    if per_block is None:
+                        per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
+                    else:
+                        block_ids = chunk.sample_idx * blocks // dedup.span
+                        per_block, total = add_by_block(
+                            per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
+                        )
+                        per_rank[header.rank] += total
+                except InvalidValuesError as error:
+                    raise _invalid_values_error(reader, chunk, error, chunk_rows) from None
+    total_rows = sum(layout.n_rows for _, layout in parts)
+    dropped = dedup.dropped if dedup is not None else 0
+    return MergedDataset(
+        name=name,
+        cell_ids=cell_ids,
+        rate_kind=first.rate_kind,
+        per_rank=per_rank,
+        samples=total_rows - dropped,
+        duplicates_dropped=dropped,
+        identity=dataset_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
+        per_block=per_block,
+        warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
+    )
+
+
+def _merge_stats_dataset(
+    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, cell_ids: np.ndarray
+) -> MergedDataset:
+    """Add up the stored sums of stats-only shards; their block statistics add up block by block."""
+    per_rank = [CellStats.zeros(len(cell_ids)) for _ in range(world_size)]
+    per_block: CellStats | None = None
+    for header, layout in parts:
+        per_rank[header.rank], blocks = read_stats(header.path, layout)
+        if blocks is not None:
+            if per_block is None:
+                per_block = blocks
+            else:
+                n_blocks = max(per_block.n_valid.shape[0], blocks.n_valid.shape[0])
+                per_block = pad_blocks(per_block, n_blocks) + pad_blocks(blocks, n_blocks)
+    return MergedDataset(
+        name=name,
+        cell_ids=cell_ids,
+        rate_kind=parts[0][1].rate_kind,
+        per_rank=per_rank,
+        samples=sum(layout.n_rows for _, layout in parts),
+        duplicates_dropped=sum(layout.duplicates_dropped for _, layout in parts),
+        identity=dataset_identity(name, cell_ids, None, sum(layout.n_rows for _, layout in parts)),
+        per_block=per_block,
+    )
+
+
+def dataset_identity(name: str, cell_ids: np.ndarray, sample_idx: np.ndarray | None, rows: int) -> str:
+    """sha256 of what was scored: dataset, cells, and the distinct sample_idx (or the row count)."""
+    digest = hashlib.sha256(name.encode())
+    digest.update("\0".join(str(cell) for cell in cell_ids).encode())
+    if sample_idx is None:
+        digest.update(f"rows without sample_idx: {rows}".encode())
+    else:
+        digest.update(np.ascontiguousarray(sample_idx, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _invalid_values_error(
+    reader: DatasetReader, failed: RowChunk, error: InvalidValuesError, chunk_rows: int
+) -> BpsevalError:
+    """The error for bad values, counted over the whole dataset of that shard from the failing chunk on.
+
+    Rows are numbered within the shard's dataset (before duplicates are dropped).
+    """
+    layout = reader.layout
+    counts: dict[tuple[str, str], InvalidValues] = {}
+    for chunk in reader.rows(chunk_rows):
+        if chunk.start < failed.start:
+            continue
+        for problem in find_invalid_values(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind):
+            key = (problem.array, problem.problem)
+            if key in counts:
+                known = counts[key]
+                counts[key] = InvalidValues(known.array, known.problem, known.count + problem.count, known.first_row, known.first_cell)
+            else:
+                counts[key] = InvalidValues(
+                    problem.array, problem.problem, problem.count, problem.first_row + chunk.start, problem.first_cell
+                )
+    problems = list(counts.values()) or error.problems
+    return BpsevalError(f"{reader.path}: dataset {layout.name!r}: {InvalidValuesError(problems)}")

@@ -1,0 +1,55 @@
+"""How numbers and names are written in every human-readable view: one place for each convention."""
+
+from __future__ import annotations
+
+import math
+
+from rich.markup import escape
+
+from bpseval.features.compare import MetricComparison
+
+
+def shown(text: object) -> str:
+    """User text safe for the terminal: control characters escaped, Rich markup escaped."""
+    value = str(text)
+    if not value.isprintable():
+        value = value.encode("unicode_escape").decode("ascii")
+    return escape(value)
+
+
+def format_bps(value: float) -> str:
+    """Bits per spike with 4 decimals; an em dash where it is undefined."""
+    return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+VERDICT_MARKS = {"regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"}
+
+
+def interval_text(metric: MetricComparison) -> str:
+    if metric.interval is None:
+        return "—"
+    low, high = metric.interval
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
+def delta_text(metric: MetricComparison) -> str:
+    return "—" if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
+
+
+def verdict_text(metric: MetricComparison) -> str:
+    return VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
+
+
+def ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2, 5"."""
+    parts: list[str] = []
+    for value in values:
+        if parts and parts[-1][1] == value - 1:
+            parts[-1] = (parts[-1][0], value)
+        else:
+            parts.append((value, value))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+COVERAGE_LISTED = 50
+"""Cells listed one per line where coverage regressed; the rest are counted."""
