@@ -23,6 +23,7 @@ from bpseval.features.compare import CompareSettings, baseline_document, compare
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
+from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.run.result import evaluate, runs_frame
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import write_csv, write_text
@@ -34,6 +35,7 @@ from bpseval.views.terminal import (
     render_doctor,
     render_plan,
     render_runs,
+    render_steps,
 )
 
 EXIT_GATE_FAILED = 1
@@ -159,9 +161,6 @@ def _compute_all_steps(
     scheduler: str | None,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
-    from bpseval.features.steps import evaluate_steps, incomplete_text
-    from bpseval.views.terminal import render_steps
-
     with bad_input_exits():
         if len(paths) != 1:
             raise BpsevalError(f"--all-steps takes one run directory, not {len(paths)}.")
@@ -181,6 +180,17 @@ def _compute_all_steps(
     else:
         for number, reason in steps.incomplete.items():
             errors.print(f"[yellow]Skipped incomplete step:[/] {escape(incomplete_text(number, reason))}", highlight=False)
+    _exit_if_bad_steps(steps)
+
+
+def _exit_if_bad_steps(steps: StepResults) -> None:
+    """After everything that could be scored was shown: name each step or file that could not be, and exit 2."""
+    if not steps.bad:
+        return
+    errors = stderr_console()
+    for text in [incomplete_text(number, reason) for number, reason in steps.failed.items()] + steps.problems:
+        errors.print(f"[bold red]Error:[/] {escape(text)}", highlight=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 MinSamples = Annotated[int, typer.Option("--min-samples", min=0, help="Flag cells with fewer valid samples than this.")]
@@ -371,6 +381,7 @@ def plot(
     console.print(f"{len(written)} pictures of step {inputs.result.step} written to {escape(str(output))}:", markup=False)
     for path in written:
         console.print(f"  {path.name}", markup=False)
+    _exit_if_bad_steps(inputs.steps)
 
 
 @app.command()
@@ -399,6 +410,7 @@ def report(
     _print_warnings(inputs.result)
     size = path.stat().st_size
     Console(highlight=False).print(f"report of step {inputs.result.step} written to {path} ({size / 1024:.0f} KB)", markup=False)
+    _exit_if_bad_steps(inputs.steps)
 
 
 def _command_line(command: str, options: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
-from bpseval.run.catalog import find_shards
+from bpseval.run.catalog import RunCatalog
 from bpseval.shard.reader import read_header
 from tests.conftest import poisson_dataset, write_raw_shard
 
@@ -145,9 +145,9 @@ def test_shard_appears_only_when_finished(tmp_path):
     names = [path.name for path in in_progress if path.is_file()]
     assert len(names) == 1 and names[0].startswith(".rank-0000.h5.") and names[0].endswith(".tmp")
     with pytest.raises(BpsevalError, match="no shards found"):
-        find_shards(tmp_path / "run")
+        RunCatalog.scan(tmp_path / "run")
     writer.close()
-    assert find_shards(tmp_path / "run") == [writer.path]
+    assert [header.path for header in RunCatalog.scan(tmp_path / "run").shards] == [writer.path]
 
 
 def test_failed_validation_leaves_no_file(tmp_path):
@@ -170,7 +170,7 @@ def test_crashed_writer_process_leaves_no_complete_looking_file(tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=False)
     with pytest.raises(BpsevalError, match="no shards found"):
-        find_shards(tmp_path)
+        RunCatalog.scan(tmp_path)
 
 
 def test_reader_accepts_fixed_length_byte_string_attributes(tmp_path):

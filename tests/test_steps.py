@@ -13,7 +13,8 @@ import pytest
 
 import bpseval
 from bpseval import ShardWriter
-from bpseval.features.steps import evaluate_steps, scan_steps
+from bpseval.features.steps import evaluate_steps
+from bpseval.run.catalog import RunCatalog
 from tests.conftest import poisson_dataset
 
 DATASETS = ("Allen_2022-04-13", "Allen_2022-05-02")
@@ -58,24 +59,26 @@ def test_evaluate_steps_scores_each_complete_step_like_evaluate(tmp_path):
     assert len({round(value, 12) for value in frame["bps"]}) == 3  # the steps really differ
 
 
-def test_scan_steps_reports_mixed_world_sizes_and_repeated_ranks(tmp_path):
+def test_catalog_reports_mixed_world_sizes_and_repeated_ranks(tmp_path):
     run = tmp_path / "run"
     write_step(run, 0)
     write_step(run, 1)
     write_step(run / "stale", 1, ranks=(0,), world_size=3)  # a leftover of a 3-GPU run at step 1
     write_step(run, 2)
     write_step(run / "copy", 2, ranks=(1,))  # rank 1 of step 2 twice
-    scan = scan_steps(run)
-    assert scan.complete == [0]
-    assert "mixes world sizes [2, 3]" in scan.incomplete[1]
-    assert "rank 1 of step 2 appears twice" in scan.incomplete[2]
-    assert not scan.incomplete[1].startswith(str(run))  # the run directory is said once, not per step
+    catalog = RunCatalog.scan(run)
+    assert catalog.complete_steps == [0]
+    assert "mixes world sizes [2, 3]" in catalog.skipped_steps[1]
+    assert "rank 1 of step 2 appears twice" in catalog.skipped_steps[2]
+    assert not catalog.skipped_steps[1].startswith(str(run))  # the run directory is said once, not per step
+    steps = evaluate_steps(catalog)
+    assert list(steps.results) == [0] and list(steps.failed) == [1, 2] and steps.bad
 
 
 def test_no_complete_step_is_bad_input(tmp_path):
     run = tmp_path / "run"
     write_step(run, 5, ranks=(1,))
-    with pytest.raises(bpseval.BpsevalError, match=r"no complete step .*step 5: .*no shard for rank 0"):
+    with pytest.raises(bpseval.BpsevalError, match=r"no complete step .*step 5 .*no shard for rank 0"):
         evaluate_steps(run)
 
 

@@ -7,27 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpseval.errors import BpsevalError
-from bpseval.run.catalog import read_headers, scan_run_dir, step_ranks
-from bpseval.shard.format import FORMAT_VERSION, ShardHeader
+from bpseval.run.catalog import FileProblem, RunCatalog, StepEntry
+from bpseval.shard.format import FORMAT_VERSION
 
 HEALTHY, PROBLEMS, UNUSABLE = 0, 1, 2
-
-
-@dataclass
-class StepReport:
-    """One step: its world size(s), the ranks present, missing and repeated, and how it was stored."""
-
-    step: int
-    world_sizes: list[int]
-    ranks: list[int]
-    missing: list[int]
-    repeated: list[int]
-    stores: list[str]
-
-    @property
-    def complete(self) -> bool:
-        return len(self.world_sizes) == 1 and not self.missing and not self.repeated
 
 
 @dataclass
@@ -35,14 +18,14 @@ class Diagnosis:
     """What `bpseval doctor` found; `status` is the exit code (0 healthy, 1 problems, 2 unusable)."""
 
     run_dir: Path
-    steps: list[StepReport]
+    steps: list[StepEntry]
     leftovers: list[tuple[Path, bool]]
     """Temporary files of unfinished writes, and whether each is stale (older than the newest shard)."""
-    file_problems: list[tuple[Path, str]] = field(default_factory=list)
+    file_problems: list[FileProblem] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
-        found = [f"{path}: {message}" for path, message in self.file_problems]
+        found = [f"{problem.path}: {problem.problem}" for problem in self.file_problems]
         found += [f"step {s.step} is incomplete: {_step_text(s)}" for s in self.steps if not s.complete]
         found += [f"{path}: {'stale ' if stale else ''}temporary file of an unfinished write" for path, stale in self.leftovers]
         return found
@@ -67,50 +50,43 @@ class Diagnosis:
                     "missing": s.missing,
                     "repeated": s.repeated,
                     "stores": s.stores,
+                    "run_ids": s.run_ids,
+                    "missing_count": s.missing_count,
                 }
                 for s in self.steps
             ],
             "leftovers": [{"path": str(path), "stale": stale} for path, stale in self.leftovers],
-            "file_problems": [{"path": str(path), "problem": message} for path, message in self.file_problems],
+            "file_problems": [{"path": str(p.path), "problem": p.problem} for p in self.file_problems],
             "problems": self.problems,
         }
 
 
-def _step_text(step: StepReport) -> str:
+def _step_text(step: StepEntry) -> str:
     parts = [f"world size {'/'.join(map(str, step.world_sizes))}", f"ranks present {step.ranks}"]
     if step.missing:
-        parts.append(f"missing {step.missing}")
+        more = step.missing_count - len(step.missing)
+        parts.append(f"missing {step.missing}" + (f" and {more} more" if more else ""))
     if step.repeated:
         parts.append(f"twice {step.repeated}")
+    if len(step.run_ids) > 1:
+        parts.append(f"{len(step.run_ids)} launches (run_id {', '.join(map(repr, step.run_ids))})")
+    if len(step.stores) > 1:
+        parts.append(f"stores {'/'.join(step.stores)}")
+    if step.problems:
+        parts.append(f"{len(step.problems)} unreadable file{'s' if len(step.problems) > 1 else ''}")
     return ", ".join(parts)
 
 
 def diagnose(run_dir: str | os.PathLike[str]) -> Diagnosis:
-    """Read every shard's header (no arrays) and report steps, ranks, leftovers and damaged files.
+    """Read every shard's header (no arrays) and report steps, ranks, launches, leftovers and unusable files.
 
-    Raises BpsevalError when the directory cannot be used at all (missing, or a symlink out of it).
-    Leftover temporary files are reported, never deleted.
+    Raises RunError when the directory cannot be used at all (missing, no shard, a sweep of
+    several runs, or a symlink out of it). Leftover temporary files are reported, never deleted.
     """
-    root = Path(run_dir)
-    files = scan_run_dir(root)
-    headers: list[ShardHeader] = []
-    problems: list[tuple[Path, str]] = []
-    for path, header in zip(files.shards, read_headers(files.shards)):
-        if isinstance(header, BpsevalError):
-            problems.append((path, str(header).removeprefix(f"{path}: ")))
-        else:
-            headers.append(header)
-    by_step: dict[int, list[ShardHeader]] = {}
-    for header in headers:
-        by_step.setdefault(header.step, []).append(header)
-    steps = []
-    for step, group in sorted(by_step.items()):
-        sizes, missing, repeated = step_ranks(group)
-        ranks = sorted(header.rank for header in group)
-        steps.append(StepReport(step, sizes, ranks, missing, repeated, sorted({header.store for header in group})))
-    newest = max((header.path.stat().st_mtime for header in headers), default=None)
-    leftovers = [(path, newest is not None and _mtime(path) < newest) for path in files.leftovers]
-    return Diagnosis(root, steps, leftovers, problems)
+    catalog = RunCatalog.scan(run_dir)
+    newest = max((header.path.stat().st_mtime for header in catalog.shards), default=None)
+    leftovers = [(path, newest is not None and _mtime(path) < newest) for path in catalog.leftovers]
+    return Diagnosis(catalog.root, list(catalog.steps.values()), leftovers, catalog.problems)
 
 
 def _mtime(path: Path) -> float:

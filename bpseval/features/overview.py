@@ -6,8 +6,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from bpseval.features.compare import CompareSettings, Comparison, Side, compare, load_baseline
-from bpseval.features.steps import StepResults, _merge_scanned, scan_steps
+from bpseval.errors import RunError
+from bpseval.features.compare import (
+    CompareSettings,
+    Comparison,
+    Side,
+    compare,
+    load_baseline,
+)
+from bpseval.features.steps import StepResults, merge_steps
+from bpseval.run.catalog import RunCatalog
 from bpseval.run.merge import MergedRun
 from bpseval.run.result import Result, build_result
 
@@ -35,13 +43,16 @@ def load_overview(
 ) -> RunOverview:
     """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`).
 
-    The pictured step must be complete, as for `bpseval compute`. With `baseline` (a baseline
+    The pictured step must be complete, as for `bpseval compute`; other steps that cannot be
+    scored are listed in `steps` (see `StepResults.bad`). With `baseline` (a baseline
     JSON or a run directory), the run is compared with it as `bpseval compare` does with `settings`.
     """
-    scan = scan_steps(run_dir)
-    chosen = scan.choose(step)  # the step `bpseval compute --step` merges, or its error
-    runs = _merge_scanned(run_dir, scan, **merge_options)
-    steps = StepResults({s: build_result(run) for s, run in runs.items()}, scan.incomplete)
+    catalog = RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
+    chosen = catalog.select(step).entry.step  # the step `bpseval compute --step` merges, or its error
+    runs, steps = merge_steps(catalog, **merge_options)
+    if chosen not in runs:
+        raise RunError(f"{catalog.root}: {steps.failed[chosen]}")
+    steps.results = {number: build_result(merged) for number, merged in runs.items()}
     run, result = runs[chosen], steps.results[chosen]
     inputs = RunOverview(run=run, result=result, steps=steps, min_samples=min_samples)
     if baseline is not None:

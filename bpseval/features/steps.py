@@ -1,51 +1,47 @@
 """Every validation step of a run: which steps are complete, and their scores (`compute --all-steps`).
 
-A step is complete when its shards agree on the world size and hold ranks 0..world_size-1 exactly
-once, as `bpseval compute --step N` requires. Incomplete steps (a crashed rank, a step still being
-written, stale shards of another world size) are listed with the reason, never scored.
+A step is complete when its shards agree on the world size and launch and hold ranks
+0..world_size-1 exactly once, as `bpseval compute --step N` requires. Steps whose ranks are
+still missing (a crashed rank, a step being written) are listed as incomplete; steps that cannot
+be scored for any other reason (damaged files, mixed launches or world sizes, invalid values) are
+listed as failed, and make the command exit 2 once every other step is scored.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bpseval._lazy import pandas as pd
-from bpseval.errors import BpsevalError
-from bpseval.run.catalog import find_shards, read_headers, select_step
-from bpseval.run.merge import MergedRun, merge_run
+from bpseval.errors import BpsevalError, RunError
+from bpseval.run.catalog import RunCatalog, StepSelection
+from bpseval.run.merge import MergedRun, merge_selection
 from bpseval.run.result import Result, build_result, results_frame
-from bpseval.shard.format import ShardHeader
 
 STEP_COLUMNS = ["step", "world_size", "bps", "bps_pooled", "ok", "silent", "uncovered"]
 
 
 @dataclass
-class StepScan:
-    """The steps found under a run directory: complete ones (ascending) and incomplete ones with why."""
-
-    root: Path
-    headers: list[ShardHeader]
-    complete: list[int] = field(default_factory=list)
-    incomplete: dict[int, str] = field(default_factory=dict)
-
-    def choose(self, step: int | None = None) -> int:
-        """The step `bpseval compute --step` would merge (None: its default); raises its BpsevalError if that step is unusable."""
-        return int(select_step(self.headers, step, self.root).shards[0].step)
-
-
-@dataclass
 class StepResults:
-    """The scores of every complete step, ascending, and the incomplete steps with why they were skipped."""
+    """The scores of every complete step (ascending) and every step that could not be scored, with why."""
 
     results: dict[int, Result]
     incomplete: dict[int, str] = field(default_factory=dict)
+    """Steps with ranks missing and nothing else wrong (their writers may still be running)."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Steps that cannot be scored for another reason: bad input."""
+    problems: list[str] = field(default_factory=list)
+    """Unreadable files whose step is unknown: bad input."""
 
     @property
     def steps(self) -> list[int]:
         return list(self.results)
+
+    @property
+    def bad(self) -> bool:
+        """Some step failed or some file could not be read: the command exits 2 after reporting the rest."""
+        return bool(self.failed or self.problems)
 
     def frame(self) -> pd.DataFrame:
         """One row per complete step: overall bps and bps_pooled, cell counts, then each dataset's bps."""
@@ -56,63 +52,48 @@ class StepResults:
         document: dict[str, Any] = {} if run is None else {"run": run}
         document["steps"] = [_step_entry(result) for result in self.results.values()]
         document["incomplete_steps"] = [{"step": step, "reason": reason} for step, reason in self.incomplete.items()]
+        document["failed_steps"] = [{"step": step, "reason": reason} for step, reason in self.failed.items()]
+        document["problems"] = self.problems
         return document
 
 
-def scan_steps(run_dir: str | os.PathLike[str]) -> StepScan:
-    """Read every shard header below `run_dir` once and sort the steps into complete and incomplete.
+def merge_steps(catalog: RunCatalog, **merge_options: Any) -> tuple[dict[int, MergedRun], StepResults]:
+    """Merge every complete step of a scanned run (ascending), each shard header read once for all of them.
 
-    Raises BpsevalError when there is no shard or a shard cannot be read (as `bpseval compute`).
+    Returns the merged steps and a `StepResults` (without scores yet) listing the steps that were
+    not merged. `merge_options` go to `merge_selection` (`jobs`, `scheduler`, `blocks`). Raises
+    RunError when no step could be merged.
     """
-    root = Path(run_dir)
-    headers = []
-    for header in read_headers(find_shards(root)):
-        if isinstance(header, BpsevalError):
-            raise header
-        headers.append(header)
-    scan = StepScan(root, headers)
-    for step in sorted({header.step for header in headers}):
-        try:
-            select_step(headers, step, root)
-        except BpsevalError as error:
-            scan.incomplete[step] = _reason(str(error), root)
+    runs: dict[int, MergedRun] = {}
+    skipped = StepResults({}, problems=[str(problem.error) for problem in catalog.run_problems])
+    for step, entry in catalog.steps.items():
+        if entry.only_incomplete:
+            skipped.incomplete[step] = entry.reason
+        elif not entry.complete:
+            skipped.failed[step] = entry.reason
         else:
-            scan.complete.append(step)
-    return scan
-
-
-def _reason(message: str, root: Path) -> str:
-    """The merge error without the leading run directory (it is the same for every step)."""
-    return message.removeprefix(f"{root}: ")
-
-
-def merge_steps(
-    run_dir: str | os.PathLike[str], **merge_options: Any
-) -> tuple[dict[int, MergedRun], dict[int, str]]:
-    """Merge every complete step of `run_dir` (ascending); also return the incomplete steps with why.
-
-    `merge_options` go to `merge_run` (`jobs`, `scheduler`, `blocks`). Raises BpsevalError when
-    no step is complete.
-    """
-    scan = scan_steps(run_dir)
-    return _merge_scanned(run_dir, scan, **merge_options), scan.incomplete
-
-
-def _merge_scanned(run_dir: str | os.PathLike[str], scan: StepScan, **merge_options: Any) -> dict[int, MergedRun]:
-    if not scan.complete:
-        listing = "; ".join(f"step {step}: {reason}" for step, reason in scan.incomplete.items())
-        raise BpsevalError(f"{run_dir}: no complete step (each step lacks a rank or mixes world sizes). {listing}")
-    return {step: merge_run(run_dir, step, **merge_options) for step in scan.complete}
+            try:
+                runs[step] = merge_selection(catalog, StepSelection(entry, []), **merge_options)
+            except BpsevalError as error:
+                skipped.failed[step] = f"step {step}: {error}"
+    if not runs:
+        listed = "; ".join(incomplete_text(step, reason) for step, reason in {**skipped.incomplete, **skipped.failed}.items())
+        raise RunError(f"{catalog.root}: no complete step could be scored. {listed}".strip())
+    return runs, skipped
 
 
 def evaluate_steps(
-    run_dir: str | os.PathLike[str], *, clamp_negative: bool = False, **merge_options: Any
+    run_dir: str | os.PathLike[str] | RunCatalog, *, clamp_negative: bool = False, **merge_options: Any
 ) -> StepResults:
-    """Score every complete step of `run_dir` exactly, as `evaluate(run_dir, step)` would, step by step."""
-    runs, incomplete = merge_steps(run_dir, **merge_options)
-    return StepResults(
-        {step: build_result(run, clamp_negative=clamp_negative) for step, run in runs.items()}, incomplete
-    )
+    """Score every complete step of a run exactly, as `evaluate(run_dir, step)` would, step by step.
+
+    Steps that cannot be scored are listed in the result (`incomplete`, `failed`), not raised:
+    one bad step does not hide the good ones.
+    """
+    catalog = run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
+    runs, steps = merge_steps(catalog, **merge_options)
+    steps.results = {step: build_result(run, clamp_negative=clamp_negative) for step, run in runs.items()}
+    return steps
 
 
 def steps_frame(results: dict[int, Result]) -> pd.DataFrame:

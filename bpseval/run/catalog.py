@@ -1,44 +1,86 @@
-"""The run catalog: the shards under a run directory, their headers, and which steps are complete."""
+"""The run catalog: one scan of a run directory — its files, every shard's header, its steps and which are complete.
+
+Every command builds one `RunCatalog` and asks it everything: which step to merge, which steps
+are complete, what is wrong with the directory. Each shard's header is read once per command.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import BpsevalError, RunError, ShardError
 from bpseval.shard.format import ShardHeader, is_shard_name
 from bpseval.shard.reader import read_header
+
+STEP_DIRECTORY = re.compile(r"step-(\d+)")
+"""The folder ShardWriter puts a step's shards in (`shard_path`): tells a file's step without opening it."""
+LISTED = 5
+"""Paths or ranks a message lists before it counts the rest."""
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file or folder under the run that cannot be used, and the step it belongs to by its path (None: unknown)."""
+
+    path: Path
+    error: BpsevalError
+    step: int | None
+
+    @property
+    def problem(self) -> str:
+        """The message without the leading path."""
+        return str(self.error).removeprefix(f"{self.path}: ")
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The files below a run directory: finished shards, and writes in progress or left by a crash."""
+    """The files below a run directory: finished shards, writes in progress or left by a crash, and what cannot be used."""
 
     shards: list[Path]
     leftovers: list[Path]
+    problems: list[FileProblem] = field(default_factory=list)
+
+
+def step_of_path(path: Path) -> int | None:
+    """The step a shard belongs to by where ShardWriter puts it (`.../step-SSSSSS/...`), or None."""
+    match = STEP_DIRECTORY.fullmatch(path.parent.name)
+    return int(match[1]) if match else None
 
 
 def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
     """Walk `run_dir` (following symlinks that stay inside it) for shards and temporary files.
 
-    Raises BpsevalError for a missing directory and for a symlink that leads outside the run:
-    bpseval reads nothing outside the directory it is given, and skips nothing silently.
+    Nothing is skipped silently: a folder that cannot be listed and a shard name that is not a
+    regular file (a FIFO, socket or device, which is never opened) are problems of the scan. Raises
+    RunError for a missing directory and for a symlink that leads outside the run: bpseval reads
+    nothing outside the directory it is given.
     """
     root = Path(run_dir)
     if not root.is_dir():
-        raise BpsevalError(f"{root}: no such directory. Pass the run directory that holds the shards.")
+        kind = "is a file, not a directory" if root.exists() else "no such directory"
+        raise RunError(f"{root}: {kind}. Pass the run directory that holds the shards.")
     inside = root.resolve()
     shards: dict[Path, Path] = {}
     leftovers: list[Path] = []
+    problems: list[FileProblem] = []
     visited: set[Path] = set()
-    for directory, subdirectories, files in os.walk(root, followlinks=True):
+
+    def unlistable(error: OSError) -> None:
+        path = Path(error.filename)
+        message = f"{path}: cannot be listed ({error.strerror}); fix its permissions or move it out of the run directory."
+        problems.append(FileProblem(path, RunError(message), None))
+
+    for directory, subdirectories, files in os.walk(root, onerror=unlistable, followlinks=True):
         here = Path(directory)
         if here.resolve() in visited:
             subdirectories[:] = []
@@ -47,40 +89,48 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
         for name in subdirectories + files:
             path = here / name
             if path.is_symlink() and not path.resolve().is_relative_to(inside):
-                raise BpsevalError(
+                raise RunError(
                     f"{path}: a symlink to {path.resolve()}, outside the run directory {root}; bpseval reads only"
                     " files inside it. Copy the data in, or pass the directory it lives in."
                 )
         for name in files:
             path = here / name
             if is_shard_name(name):
-                shards.setdefault(path.resolve(), path)
+                kind = _file_kind(path)
+                if kind is None:
+                    shards.setdefault(path.resolve(), path)
+                else:
+                    message = f"{path}: is {kind}, not a regular file; bpseval never opens it. Move it out of the run."
+                    problems.append(FileProblem(path, ShardError(message), step_of_path(path)))
             elif name.endswith(".tmp") or (name.startswith(".") and ".h5" in name):
                 leftovers.append(path)
-    return RunFiles(sorted(shards.values()), sorted(leftovers))
+    return RunFiles(sorted(shards.values()), sorted(leftovers), sorted(problems, key=lambda p: p.path))
 
 
-def find_shards(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every finished shard below `run_dir`, sorted; raises BpsevalError when there is none."""
-    return require_shards(scan_run_dir(run_dir), run_dir)
+def _file_kind(path: Path) -> str | None:
+    """None for a regular file, else what it is ("a FIFO", "a socket", ...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # vanished since the walk listed it, or a dangling symlink: reading it will say so
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
 
 
-def require_shards(files: RunFiles, run_dir: str | os.PathLike[str]) -> list[Path]:
-    """The shards of a scan; raises BpsevalError, naming any unfinished writes, when there is none."""
-    if not files.shards:
-        raise BpsevalError(
-            f"{run_dir}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
-            " during validation, or pass the run directory that holds them."
-            + _leftover_note(files.leftovers)
-        )
-    return files.shards
-
-
-def _leftover_note(leftovers: list[Path]) -> str:
+def leftover_note(leftovers: list[Path]) -> str:
+    """A sentence naming unfinished writes (at most LISTED of them), or "" when there is none."""
     if not leftovers:
         return ""
-    shown = ", ".join(str(path) for path in leftovers[:5]) + (f" (+{len(leftovers) - 5} more)" if len(leftovers) > 5 else "")
-    return f" Unfinished writes left behind (a writer was killed?): {shown}."
+    return f" Unfinished writes left behind (a writer was killed?): {listing([str(p) for p in leftovers])}."
+
+
+def listing(items: list[str]) -> str:
+    """The first LISTED items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:LISTED])
+    return shown + (f" (+{len(items) - LISTED} more)" if len(items) > LISTED else "")
 
 
 HEADER_TIMEOUT = 30.0
@@ -163,76 +213,241 @@ def _header_or_error(path: Path) -> ShardHeader | BpsevalError:
 
 
 @dataclass(frozen=True)
-class StepSelection:
-    """The shards of the step to merge, in rank order, and why that step was chosen."""
+class StepEntry:
+    """One step of a run: its shards and everything that decides whether it can be merged."""
 
+    step: int
     shards: list[ShardHeader]
+    """In rank order (then path)."""
+    problems: list[FileProblem]
+    """Files of this step (by their folder) that cannot be read."""
+
+    @property
+    def world_sizes(self) -> list[int]:
+        return sorted({header.world_size for header in self.shards})
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(header.rank for header in self.shards)
+
+    @property
+    def missing_count(self) -> int:
+        """Ranks 0..W-1 without a shard (W the largest world size); counted without listing them all."""
+        sizes = self.world_sizes
+        return max(sizes) - len(set(self.ranks)) if sizes else 0
+
+    @property
+    def missing(self) -> list[int]:
+        """The first LISTED missing ranks (a shard may claim any world size: never all of them)."""
+        present, found = set(self.ranks), []
+        for rank in range(max(self.world_sizes, default=0)):
+            if len(found) == LISTED:
+                break
+            if rank not in present:
+                found.append(rank)
+        return found
+
+    @property
+    def repeated(self) -> list[int]:
+        ranks = self.ranks
+        return sorted({rank for previous, rank in zip(ranks, ranks[1:]) if previous == rank})
+
+    @property
+    def run_ids(self) -> list[str | None]:
+        """The distinct run_id attributes of the step's shards (None for a shard without one)."""
+        return sorted({header.run_id for header in self.shards}, key=lambda run_id: (run_id is not None, run_id or ""))
+
+    @property
+    def stores(self) -> list[str]:
+        return sorted({header.store for header in self.shards})
+
+    @property
+    def complete(self) -> bool:
+        """One world size W, ranks 0..W-1 once each, one launch, one kind of store, and every file readable."""
+        return not self.reason
+
+    @property
+    def only_incomplete(self) -> bool:
+        """Ranks are missing and nothing else is wrong: its writers may still be running."""
+        return self.missing_count > 0 and self.reason == self._missing_text()
+
+    @property
+    def reason(self) -> str:
+        """Why the step cannot be merged ("" when it is complete): the first problem found."""
+        if self.problems:
+            first = self.problems[0]
+            more = f" (and {len(self.problems) - 1} more damaged files)" if len(self.problems) > 1 else ""
+            return f"step {self.step}: {first.path}: {first.problem}{more}"
+        sizes = self.world_sizes
+        if len(sizes) > 1:
+            listed = "; ".join(f"{h.path} says {h.world_size}" for h in self.shards[:LISTED])
+            return (
+                f"step {self.step} mixes world sizes {sizes} ({listed}). Shards of one step must come from one"
+                " launch; move stale shards away or pick another --step."
+            )
+        if self.repeated:
+            paths = [str(h.path) for h in self.shards if h.rank == self.repeated[0]]
+            return (
+                f"rank {self.repeated[0]} of step {self.step} appears twice: {' and '.join(paths)}. Remove the stale"
+                " copy (its created_at attribute is the older one)."
+            )
+        if len(self.run_ids) > 1:
+            groups = [
+                f"run_id {run_id!r}: rank{'s' if len(ranks) > 1 else ''} {listing([str(r) for r in ranks])}"
+                for run_id in self.run_ids
+                for ranks in [[h.rank for h in self.shards if h.run_id == run_id]]
+            ]
+            return (
+                f"step {self.step} mixes shards of {len(self.run_ids)} launches ({'; '.join(groups)}): a shard is left"
+                " over from an earlier launch of the job. Move the stale shards away (their created_at attribute"
+                " tells which are older) or pick another --step."
+            )
+        if self.missing_count:
+            return self._missing_text()
+        if len(self.stores) > 1:
+            listed = ", ".join(f"{h.path}: {h.store}" for h in self.shards[:LISTED])
+            return f"step {self.step} mixes raw and stats-only shards ({listed}); write one kind per step."
+        return ""
+
+    def missing_text(self) -> str:
+        """"rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3, 4 and 95 more": the missing ranks, a handful named."""
+        count, shown = self.missing_count, self.missing
+        more = f" and {count - len(shown)} more" if count > len(shown) else ""
+        return f"rank{'s' if count > 1 else ''} {', '.join(map(str, shown))}{more}"
+
+    def _missing_text(self) -> str:
+        return (
+            f"step {self.step} has world size {self.world_sizes[-1]} but no shard for {self.missing_text()} (found"
+            f" ranks {listing([str(rank) for rank in self.ranks]) or 'none'}). Did a rank crash before writing its"
+            " shard?"
+        )
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """The step to merge, and notes on the newer steps passed over to get to it."""
+
+    entry: StepEntry
     notes: list[str]
 
-
-def step_ranks(headers: list[ShardHeader]) -> tuple[list[int], list[int], list[int]]:
-    """For one step's shards: its world sizes, the ranks missing, and the ranks present more than once."""
-    sizes = sorted({header.world_size for header in headers})
-    ranks = [header.rank for header in headers]
-    missing = [rank for rank in range(max(sizes)) if rank not in ranks] if sizes else []
-    repeated = sorted({rank for rank in ranks if ranks.count(rank) > 1})
-    return sizes, missing, repeated
+    @property
+    def shards(self) -> list[ShardHeader]:
+        return self.entry.shards
 
 
-def select_step(
-    headers: list[ShardHeader], step: int | None, run_dir: Path, leftovers: list[Path] | None = None
-) -> StepSelection:
-    """The shards of `step` (default: the latest complete one), one per rank 0..W-1, in rank order.
+@dataclass
+class RunCatalog:
+    """One scan of a run directory: its files, every shard's header (read once), and its steps.
 
-    A step is complete when one world size is used and ranks 0..W-1 are each present once. Without
-    `step`, newer incomplete steps are passed over with a note (their writers may still be running).
+    Every command builds one catalog and asks it which step to merge, which steps are complete
+    and what is wrong; nothing re-reads a header afterwards.
     """
-    by_step: dict[int, list[ShardHeader]] = {}
-    for header in headers:
-        by_step.setdefault(header.step, []).append(header)
-    notes = []
-    if step is None:
-        for candidate in sorted(by_step, reverse=True):
-            sizes, missing, repeated = step_ranks(by_step[candidate])
-            if len(sizes) == 1 and not missing and not repeated:
-                step = candidate
-                break
-            notes.append(f"step {candidate} is incomplete ({_describe_ranks(sizes, missing, repeated)}); passed over.")
-        else:
-            step = max(by_step)  # none is complete: report the latest one's problem below
-            notes = []
-    elif step not in by_step:
-        raise BpsevalError(f"{run_dir}: no shard has step {step}; steps found: {', '.join(map(str, sorted(by_step)))}.")
-    chosen = by_step[step]
-    sizes, missing, repeated = step_ranks(chosen)
-    if len(sizes) > 1:
-        listing = "; ".join(f"{h.path} says {h.world_size}" for h in chosen)
-        raise BpsevalError(
-            f"{run_dir}: step {step} mixes world sizes {sizes} ({listing}). Shards of one step must come"
-            " from one run; move stale shards away or pick another --step."
-        )
-    if repeated:
-        paths = [str(h.path) for h in chosen if h.rank == repeated[0]]
-        raise BpsevalError(
-            f"{run_dir}: rank {repeated[0]} of step {step} appears twice: {' and '.join(paths)}. Remove the stale copy."
-        )
-    if missing:
-        found = sorted(h.rank for h in chosen)
-        raise BpsevalError(
-            f"{run_dir}: step {step} has world size {sizes[0]} but no shard for rank"
-            f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} (found ranks"
-            f" {', '.join(map(str, found))}). Did a rank crash before writing its shard?"
-            + _leftover_note(leftovers or [])
-        )
-    return StepSelection(sorted(chosen, key=lambda h: h.rank), notes)
+
+    root: Path
+    shards: list[ShardHeader]
+    leftovers: list[Path]
+    problems: list[FileProblem]
+    steps: dict[int, StepEntry]
+
+    @classmethod
+    def scan(
+        cls, run_dir: str | os.PathLike[str], *, jobs: int = 1, meanwhile: Callable[[], None] | None = None
+    ) -> RunCatalog:
+        """Walk `run_dir` and read every shard's header once (see `read_headers` for `jobs` and `meanwhile`).
+
+        Raises RunError when the directory is missing, holds no shard, or holds several runs
+        (a sweep); unreadable and damaged files are kept as problems, for the steps they belong to.
+        """
+        root = Path(run_dir)
+        files = scan_run_dir(root)
+        if not files.shards and not files.problems:
+            raise RunError(
+                f"{root}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
+                " during validation, or pass the run directory that holds them." + leftover_note(files.leftovers)
+            )
+        _refuse_sweep(root, files.shards)
+        headers, problems = [], list(files.problems)
+        for path, header in zip(files.shards, read_headers(files.shards, meanwhile=meanwhile, jobs=jobs)):
+            if isinstance(header, BpsevalError):
+                problems.append(FileProblem(path, header, step_of_path(path)))
+            else:
+                headers.append(header)
+        by_step: dict[int, list[ShardHeader]] = {}
+        for header in headers:
+            by_step.setdefault(header.step, []).append(header)
+        for problem in problems:
+            if problem.step is not None:
+                by_step.setdefault(problem.step, [])
+        steps = {
+            step: StepEntry(
+                step,
+                sorted(by_step[step], key=lambda h: (h.rank, str(h.path))),
+                [problem for problem in problems if problem.step == step],
+            )
+            for step in sorted(by_step)
+        }
+        return cls(root, headers, files.leftovers, problems, steps)
+
+    @property
+    def run_problems(self) -> list[FileProblem]:
+        """Problems with files whose step is unknown: any step may be missing a shard because of them."""
+        return [problem for problem in self.problems if problem.step is None]
+
+    @property
+    def complete_steps(self) -> list[int]:
+        return [step for step, entry in self.steps.items() if entry.complete]
+
+    @property
+    def skipped_steps(self) -> dict[int, str]:
+        """Every step that cannot be merged, with why."""
+        return {step: entry.reason for step, entry in self.steps.items() if not entry.complete}
+
+    def select(self, step: int | None = None) -> StepSelection:
+        """The step to merge: `step`, or by default the latest complete one.
+
+        Newer steps whose ranks are still missing are passed over with a note (their writers may
+        still be running); a newer step that is broken otherwise (damaged files, mixed launches or
+        world sizes) is not: it is refused, as is `step` when it cannot be merged. A file whose
+        step is unknown and cannot be read is refused whatever the step.
+        """
+        if self.run_problems:
+            raise self.run_problems[0].error
+        if step is not None:
+            if step not in self.steps:
+                found = ", ".join(map(str, self.steps)) or "none readable"
+                raise RunError(f"{self.root}: no shard has step {step}; steps found: {found}.")
+            return StepSelection(self._require(self.steps[step]), [])
+        notes = []
+        for entry in reversed(self.steps.values()):
+            if entry.complete:
+                return StepSelection(entry, notes)
+            if not entry.only_incomplete:
+                self._require(entry)
+            notes.append(f"step {entry.step} is incomplete ({entry.missing_text()} missing); passed over.")
+        return StepSelection(self._require(list(self.steps.values())[-1]), [])
+
+    def _require(self, entry: StepEntry) -> StepEntry:
+        """`entry` if it can be merged, else the RunError (or the file's own error) saying why."""
+        if entry.problems:
+            raise entry.problems[0].error
+        if not entry.complete:
+            note = leftover_note(self.leftovers) if entry.missing_count else ""
+            raise RunError(f"{self.root}: {entry.reason}{note}")
+        return entry
 
 
-def _describe_ranks(sizes: list[int], missing: list[int], repeated: list[int]) -> str:
-    problems = []
-    if len(sizes) > 1:
-        problems.append(f"world sizes {sizes}")
-    if missing:
-        problems.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing")
-    if repeated:
-        problems.append(f"rank{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} twice")
-    return ", ".join(problems)
+def _refuse_sweep(root: Path, shards: list[Path]) -> None:
+    """Raise RunError when `root` is a folder of runs rather than a run.
+
+    A run's shards sit in `step-SSSSSS` folders directly below it. When `root` has none of its
+    own and its shards sit below several run folders, it is a sweep: merging them as one run
+    would mix runs.
+    """
+    runs = sorted({path.parent.parent for path in shards if step_of_path(path) is not None})
+    if root.resolve() in {run.resolve() for run in runs} or len(runs) < 2:
+        return
+    names = listing([str(run.relative_to(root)) for run in runs])
+    raise RunError(
+        f"{root}: holds {len(runs)} runs, not one ({names}). Pass each run directory itself; to compare them in one"
+        f" table: bpseval compute {root}/*"
+    )

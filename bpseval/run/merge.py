@@ -24,7 +24,7 @@ from bpseval.kernel.stats import (
     find_invalid_values,
     pad_blocks,
 )
-from bpseval.run.catalog import read_headers, require_shards, scan_run_dir, select_step
+from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.dedup import _Deduplicator
 from bpseval.run.parallel import run_tasks
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
@@ -81,31 +81,56 @@ def merge_run(
     on_progress: Callable[[int, int], None] | None = None,
     meanwhile: Callable[[], None] | None = None,
 ) -> MergedRun:
-    """Find, check and merge the shards of one step of a run.
+    """Scan `run_dir` and merge one step of it (default: the latest complete one); see `merge_step`.
+
+    `meanwhile()` is called once, during the longest wait: on the workers when there are some,
+    else on the child processes that read the headers.
+    """
+    on_workers = jobs > 1 or scheduler is not None
+    catalog = RunCatalog.scan(run_dir, jobs=jobs, meanwhile=None if on_workers else meanwhile)
+    return merge_step(
+        catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+        meanwhile=meanwhile if on_workers else None,
+    )
+
+
+def merge_step(
+    catalog: RunCatalog,
+    step: int | None = None,
+    blocks: int | None = None,
+    *,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> MergedRun:
+    """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it).
 
     With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
     paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
     merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
-    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
-    `meanwhile()` is called once, during the longest wait: on the workers when there are some,
-    else on the child process that reads the headers.
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge;
+    `meanwhile()` is called once while the workers merge.
     """
-    root = Path(run_dir)
-    files = scan_run_dir(root)
-    on_workers = jobs > 1 or scheduler is not None
-    headers = []
-    for header in read_headers(require_shards(files, root), meanwhile=None if on_workers else meanwhile, jobs=jobs):
-        if isinstance(header, BpsevalError):
-            raise header
-        headers.append(header)
-    selection = select_step(headers, step, root, files.leftovers)
+    return merge_selection(
+        catalog, catalog.select(step), blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+        meanwhile=meanwhile,
+    )
+
+
+def merge_selection(
+    catalog: RunCatalog,
+    selection: StepSelection,
+    blocks: int | None = None,
+    *,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> MergedRun:
+    """Merge the shards of a selected step (see `merge_step` for the options)."""
     shards = selection.shards
-    stores = sorted({header.store for header in shards})
-    if len(stores) > 1:
-        raise BpsevalError(
-            f"{root}: step {shards[0].step} mixes raw and stats-only shards"
-            f" ({', '.join(f'{h.path}: {h.store}' for h in shards)}); write one kind per step."
-        )
+    stores = selection.entry.stores
     parts = _dataset_parts(shards)
     sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
     done = [0]
@@ -122,15 +147,20 @@ def merge_run(
         scheduler=scheduler,
         costs=sizes,
         on_done=finished,
-        meanwhile=meanwhile if on_workers else None,
+        meanwhile=meanwhile,
     )
-    warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
+    unused = [
+        f"not merged, has unreadable files: {entry.reason}"
+        for entry in catalog.steps.values()
+        if entry.problems and entry.step != selection.entry.step
+    ]
+    warnings = selection.notes + unused + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:
         warnings.append(
             "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"
             " each writer dropped repeats on its own rank only."
         )
-    return MergedRun(root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
+    return MergedRun(catalog.root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
 
 
 def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeader, DatasetLayout]]]:

@@ -12,7 +12,15 @@ import numpy as np
 
 from bpseval.errors import BpsevalError
 from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, CellStats, as_weights
-from bpseval.shard.format import DATASETS_GROUP, FORMAT, FORMAT_VERSION, STORES, DatasetLayout, RowChunk, ShardHeader
+from bpseval.shard.format import (
+    DATASETS_GROUP,
+    FORMAT,
+    FORMAT_VERSION,
+    STORES,
+    DatasetLayout,
+    RowChunk,
+    ShardHeader,
+)
 
 
 @contextmanager

@@ -16,7 +16,14 @@ from bpseval._arrays import to_numpy
 from bpseval._version import __version__
 from bpseval.errors import BpsevalError
 from bpseval.kernel.samples import SeenSamples
-from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, CellStats, add_by_block, as_weights, batch_stats
+from bpseval.kernel.stats import (
+    RATE_KINDS,
+    STAT_FIELDS,
+    CellStats,
+    add_by_block,
+    as_weights,
+    batch_stats,
+)
 from bpseval.shard.format import (
     CHUNK_BYTES,
     DATASETS_GROUP,

@@ -5,7 +5,13 @@ from __future__ import annotations
 from xml.etree import ElementTree
 
 from bpseval.features.compare import Comparison
-from bpseval.views.text import COVERAGE_LISTED, delta_text, format_bps, interval_text, verdict_text
+from bpseval.views.text import (
+    COVERAGE_LISTED,
+    delta_text,
+    format_bps,
+    interval_text,
+    verdict_text,
+)
 
 
 def compare_markdown(comparison: Comparison) -> str:

@@ -150,7 +150,7 @@ def _header(inputs: RunOverview, run_label: str, created: str) -> str:
     )
     links = [("numbers", "Numbers"), ("distribution", "Per-cell bps"), ("datasets", "Datasets"), ("rate", "bps vs rate"),
              ("coverage", "Coverage"), ("unscored", "Unscored cells")]
-    if len(inputs.steps.results) > 1 or inputs.steps.incomplete:
+    if len(inputs.steps.results) > 1 or inputs.steps.incomplete or inputs.steps.bad:
         links.append(("steps", "Steps"))
     if inputs.comparison is not None:
         links.insert(0, ("comparison", "Comparison"))
@@ -299,7 +299,7 @@ def _coverage(inputs: RunOverview, report: Any, figure_html: str) -> str:
 
 def _steps(inputs: RunOverview, figure_html: str) -> str:
     steps = inputs.steps
-    if len(steps.results) <= 1 and not steps.incomplete:
+    if len(steps.results) <= 1 and not (steps.incomplete or steps.bad):
         return ""
     rows, classes = [], []
     for step, result in steps.results.items():
@@ -314,6 +314,10 @@ def _steps(inputs: RunOverview, figure_html: str) -> str:
     if steps.incomplete:
         items = "".join(f"<li>{_e(incomplete_text(step, reason))}</li>" for step, reason in steps.incomplete.items())
         parts.append(f"<h3>{_plural(len(steps.incomplete), 'incomplete step')} (not scored)</h3><ul>{items}</ul>")
+    if steps.bad:
+        failed = [incomplete_text(step, reason) for step, reason in steps.failed.items()] + steps.problems
+        items = "".join(f"<li>{_e(text)}</li>" for text in failed)
+        parts.append(f"<h3 class=\"bad\">{_plural(len(failed), 'step or file')} that could not be scored</h3><ul>{items}</ul>")
     parts.append("</section>")
     return "".join(parts)
 

@@ -25,7 +25,15 @@ from bpseval.features.doctor import Diagnosis
 from bpseval.features.steps import StepResults, incomplete_text
 from bpseval.kernel.stats import SILENT, UNCOVERED
 from bpseval.run.result import Result
-from bpseval.views.text import COVERAGE_LISTED, delta_text, format_bps, interval_text, ranges, shown, verdict_text
+from bpseval.views.text import (
+    COVERAGE_LISTED,
+    delta_text,
+    format_bps,
+    interval_text,
+    ranges,
+    shown,
+    verdict_text,
+)
 
 CELLS_LISTED_PER_DATASET = 8
 
