@@ -16,7 +16,7 @@ from bpseval.run.merge import CHUNK_ELEMENTS
 from bpseval.shard.format import DATASETS_GROUP
 
 RELATIVE_TOLERANCE = 1e-9
-"""How far bpseval's sums may be from the numpy floor's before the benchmark stops (they agree to ~1e-14)."""
+"""How far bpseval's sums may be from the numpy floor's before the benchmark stops."""
 
 
 def read_shards(paths: list[Path], chunked: bool) -> int:

@@ -18,7 +18,7 @@ from bpseval.run.merge import CHUNK_ELEMENTS
 from bpseval.shard.format import DATASETS_GROUP
 
 CPU_PROBE = "import numpy as np\nx = np.random.default_rng(0).random(1 << 14) + 0.5\nfor _ in range(20_000): np.log(x)"
-"""A CPU-bound, cache-resident numpy loop of about half a second, for the machine's parallel capacity."""
+"""A short CPU-bound, cache-resident numpy loop, for the machine's parallel capacity."""
 READ_PROBE = (
     f"import sys, h5py\nfor path in sys.argv[1:]:\n    with h5py.File(path, 'r', locking=False) as handle:\n"
     f"        for group in handle['{DATASETS_GROUP}'].values():\n            for array in group.values():\n"
