@@ -1,0 +1,149 @@
+"""What bpseval is measured against: plain h5py reads (the I/O floor), one naive numpy pass (the
+numpy floor), bpseval's own kernel alone, and the legacy per-rank per-cell loop it replaces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from benchmarks.data import BATCH_ROWS, SEED, DatasetSpec, load_dataset, synthetic_dataset
+from benchmarks.timing import Timing, timed
+from bpseval.kernel.stats import BLOCK_ENTRIES, LN2, MIN_RATE, STAT_FIELDS, CellStats, batch_stats
+from bpseval.run.merge import CHUNK_ELEMENTS
+from bpseval.shard.format import DATASETS_GROUP
+
+RELATIVE_TOLERANCE = 1e-9
+"""How far bpseval's sums may be from the numpy floor's before the benchmark stops."""
+
+
+def read_shards(paths: list[Path], chunked: bool) -> int:
+    """Read every array of every shard with plain h5py; returns the bytes read.
+
+    `chunked` reads rows in blocks of bpseval's merge (CHUNK_ELEMENTS entries); otherwise each
+    array is read whole.
+    """
+    total = 0
+    for path in paths:
+        with h5py.File(path, "r") as handle:
+            for group in handle[DATASETS_GROUP].values():
+                n_cells = group["rhat"].shape[1]
+                step = max(1, CHUNK_ELEMENTS // n_cells) if chunked else None
+                for array in group.values():
+                    for start in range(0, array.shape[0], step or max(1, array.shape[0])):
+                        total += array[start : start + step if step else None].nbytes
+    return total
+
+
+def numpy_floor(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellStats:
+    """The numpy floor: the most direct numpy code for the four per-cell sums, independent of bpseval's.
+
+    n_valid, Σw, Σw·robs and Σw·(robs·ln λ − λ), λ = max(rhat, MIN_RATE), in float64, over the same
+    row blocks as `batch_stats` (BLOCK_ENTRIES entries). No validation: it relies on every value
+    being finite (true of the synthetic data), so entries with w = 0 add 0 without masking.
+    """
+    rows = max(1, BLOCK_ENTRIES // max(1, rhat.shape[1]))
+    total = CellStats.zeros(rhat.shape[1])
+    for start in range(0, len(rhat), rows):
+        block = slice(start, start + rows)
+        w = dfs[block].astype(np.float64)
+        counts = robs[block].astype(np.float64)
+        rates = np.maximum(rhat[block].astype(np.float64), MIN_RATE)
+        total += CellStats(
+            n_valid=np.count_nonzero(w > 0, axis=0),
+            weight=w.sum(axis=0),
+            spikes=(w * counts).sum(axis=0),
+            model_ll=(w * (counts * np.log(rates) - rates)).sum(axis=0),
+        )
+    return total
+
+
+KERNELS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, np.ndarray], CellStats], str]] = {
+    "kernel": (batch_stats, "bpseval.kernel.stats.batch_stats, already in memory"),
+    "numpy floor": (numpy_floor, f"one naive numpy pass per block of {BLOCK_ENTRIES} entries"),
+}
+"""The compute-only measurements: bpseval's kernel and the naive pass it is compared with."""
+
+
+def relative_difference(label: str, got: CellStats, expected: CellStats) -> float:
+    """The worst relative difference of `got`'s sums from `expected`'s; SystemExit when n_valid differs
+    or a sum is off by more than RELATIVE_TOLERANCE."""
+    if not np.array_equal(got.n_valid, expected.n_valid):
+        raise SystemExit(f"{label}: n_valid differs from the numpy floor's")
+    worst = 0.0
+    for key in STAT_FIELDS[1:]:
+        want = getattr(expected, key)
+        worst = max(worst, float(np.max(np.abs(getattr(got, key) - want) / np.maximum(np.abs(want), 1e-300))))
+    if worst > RELATIVE_TOLERANCE:
+        raise SystemExit(f"{label}: statistics differ from the numpy floor's by {worst:.2e} relative")
+    return worst
+
+
+def time_kernels(paths: list[Path], names: list[str], repeat: int) -> tuple[list[Timing], dict[str, CellStats]]:
+    """Time every KERNELS entry over every dataset, one dataset in memory at a time (compute only).
+
+    Repetition i of a kernel is the sum over datasets of its i-th run; the kernels alternate.
+    Returns the timings and each dataset's statistics from the numpy floor, which bpseval's
+    kernel must match.
+    """
+    warm_up = synthetic_dataset(8, BATCH_ROWS, SEED)
+    for function, _ in KERNELS.values():  # untimed: the first call pays for lazy imports
+        function(*warm_up)
+    timings = {label: Timing(label, [0.0] * repeat, note) for label, (_, note) in KERNELS.items()}
+    reference: dict[str, CellStats] = {}
+    for name in names:
+        rhat, robs, dfs, _ = load_dataset(paths, name)
+        results: dict[str, CellStats] = {}
+        for index in range(repeat):
+            for label, (function, _) in KERNELS.items():
+                elapsed, results[label] = timed(function, rhat, robs, dfs)
+                timings[label].times[index] += elapsed
+        relative_difference(f"kernel on {name}", results["kernel"], results["numpy floor"])
+        reference[name] = results["numpy floor"]
+    return list(timings.values()), reference
+
+
+def legacy_cell_bps(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> np.ndarray:
+    """Per-cell bps the way legacy training loops computed it on one rank's arrays.
+
+    Each cell is boolean-masked on its own and scored against its own null (mean-rate) model;
+    a cell without valid samples gets 0.0 (after the crash was patched), the spike count is
+    floored at an epsilon, and negative values are clamped to 0.
+    """
+    values = np.zeros(rhat.shape[1])
+    for cell in range(rhat.shape[1]):
+        valid = dfs[:, cell] > 0
+        counts = robs[valid, cell].astype(np.float64)
+        if counts.size == 0:
+            continue
+        rates = np.maximum(rhat[valid, cell].astype(np.float64), MIN_RATE)
+        null_rate = max(counts.mean(), MIN_RATE)
+        model_ll = np.sum(counts * np.log(rates) - rates)
+        null_ll = np.sum(counts * np.log(null_rate) - null_rate)
+        values[cell] = max((model_ll - null_ll) / (max(counts.sum(), MIN_RATE) * LN2), 0.0)
+    return values
+
+
+def legacy_run(paths: list[Path], names: list[str]) -> float:
+    """Legacy overall bps of `names`: per rank load whole arrays, loop over cells, average per
+    rank, then over ranks, then over datasets."""
+    per_rank: dict[str, list[float]] = {name: [] for name in names}
+    for path in paths:
+        with h5py.File(path, "r") as handle:
+            for name in names:
+                group = handle[DATASETS_GROUP][name]
+                rhat, robs, dfs = (group[key][()] for key in ("rhat", "robs", "dfs"))
+                per_rank[name].append(float(legacy_cell_bps(rhat, robs, dfs).mean()))
+    return float(np.mean([np.mean(values) for values in per_rank.values()]))
+
+
+def legacy_subset(specs: list[DatasetSpec], count: int | None) -> tuple[list[str], float]:
+    """`count` datasets spread over the size range (all when None) and the factor that scales
+    their time to all datasets (total entries / subset entries)."""
+    if count is None or count >= len(specs):
+        return [spec.name for spec in specs], 1.0
+    chosen = [specs[int(i)] for i in np.unique(np.linspace(0, len(specs) - 1, count).round())]
+    entries = sum(spec.cells * spec.samples for spec in specs)
+    return [spec.name for spec in chosen], entries / sum(spec.cells * spec.samples for spec in chosen)

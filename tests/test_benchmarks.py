@@ -1,0 +1,102 @@
+"""The benchmark scripts still run against the library: a refactor of bpseval that breaks them fails here.
+
+Everything runs on two tiny synthetic datasets; the only subprocesses are one `bpseval compute`
+and `benchmarks/run.py --help`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import profiling, run
+from benchmarks.baselines import legacy_run, numpy_floor, read_shards, time_kernels
+from benchmarks.data import SCALES, Scale, cell_counts, dataset_specs, ensure_shards, resolve_scale, shard_paths
+from benchmarks.hdf5_settings import measure_case, write_with_shard_writer
+from benchmarks.shards import sampled_bpseval_run
+from bpseval.kernel.stats import STAT_FIELDS, batch_stats
+from bpseval.shard.format import CHUNK_BYTES
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = resolve_scale(SCALES["small"], datasets=2, cells=12, samples=301, ranks=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shards of two tiny datasets written by the benchmark's generator (through ShardWriter)."""
+    return ensure_shards(TINY, tmp_path_factory.mktemp("bench"))
+
+
+def test_kernel_measurement_times_batch_stats_and_the_floor(tiny_run: Path) -> None:
+    paths, names = shard_paths(tiny_run), [spec.name for spec in dataset_specs(TINY)]
+    timings, reference = time_kernels(paths, names, repeat=1)
+    assert [timing.name for timing in timings] == ["kernel", "numpy floor"]
+    assert all(len(timing.times) == 1 and timing.times[0] > 0 for timing in timings)
+    assert sorted(reference) == names
+    assert int(sum(stats.n_valid.sum() for stats in reference.values())) > 0
+    arrays_bytes = read_shards(paths, chunked=True)
+    assert arrays_bytes == read_shards(paths, chunked=False) > 0
+    assert np.isfinite(legacy_run(paths, names))
+
+
+def test_bpseval_compute_matches_the_floor_and_reports_its_memory(tiny_run: Path) -> None:
+    _, reference = time_kernels(shard_paths(tiny_run), [spec.name for spec in dataset_specs(TINY)], repeat=1)
+    verdict, tree_pss_mb = sampled_bpseval_run(tiny_run, [], reference)
+    assert "matches the numpy floor" in verdict
+    assert tree_pss_mb > 0 or np.isnan(tree_pss_mb)
+
+
+def test_profile_groups_name_functions_that_still_exist(tiny_run: Path) -> None:
+    document = profiling.main(TINY, tiny_run.parent)
+    groups = document["groups_s"]
+    for part in ("h5py reads", "batch_stats", "dedup", "result building", "JSON"):
+        assert next(seconds for label, seconds in groups.items() if label.startswith(part)) > 0, part
+
+
+def test_hdf5_settings_reads_shard_writer_chunks_from_the_file(tmp_path: Path) -> None:
+    cells, samples = 23, 600
+    rng = np.random.default_rng(0)
+    arrays = {key: rng.random((samples, cells), dtype=np.float32) for key in ("rhat", "robs", "dfs")}
+    arrays["sample_idx"] = np.arange(samples, dtype=np.int64)
+    row = measure_case("ShardWriter itself", partial(write_with_shard_writer, arrays=arrays), arrays, tmp_path, 1)
+    assert row["chunk"] == f"{CHUNK_BYTES // (cells * 4)} rows"
+    assert row["raw_bytes"] == sum(array.nbytes for array in arrays.values()) and row["file_bytes"] > 0
+
+
+def test_run_py_starts_as_a_script_and_rejects_unknown_measurements() -> None:
+    started = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert started.returncode == 0, started.stderr
+    assert "hdf5-settings" in started.stdout and "--measure" in started.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--measure", "read,bogus"])
+    assert exit_info.value.code == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 400), cells=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_numpy_floor_agrees_with_batch_stats(rows: int, cells: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rhat = rng.gamma(1.0, 0.2, size=(rows, cells)).astype(np.float32)
+    robs = rng.poisson(rhat).astype(np.float32)
+    dfs = (rng.random((rows, cells)) > 0.3).astype(np.float32)
+    floor, kernel = numpy_floor(rhat, robs, dfs), batch_stats(rhat, robs, dfs)
+    np.testing.assert_array_equal(floor.n_valid, kernel.n_valid)
+    for key in STAT_FIELDS[1:]:
+        np.testing.assert_allclose(getattr(floor, key), getattr(kernel, key), rtol=1e-9, atol=1e-12)
+
+
+@given(datasets=st.integers(1, 40), extra=st.integers(0, 3000), mean_cells=st.integers(1, 200))
+def test_cell_counts_add_up_to_the_scale(datasets: int, extra: int, mean_cells: int) -> None:
+    base = Scale(datasets=5, cells=200, cells_min=20, cells_max=60, samples=10, ranks=2)
+    scale = resolve_scale(base, datasets, datasets * mean_cells + extra, None, None)
+    counts = cell_counts(scale)
+    assert len(counts) == datasets and sum(counts) == scale.cells and min(counts) >= 1
