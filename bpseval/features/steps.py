@@ -125,4 +125,4 @@ def _step_entry(result: Result) -> dict[str, Any]:
 
 def incomplete_text(step: int, reason: str) -> str:
     """One line about an incomplete step: its reason, led by the step number unless the reason starts with it."""
-    return reason if reason.startswith(f"step {step} ") else f"step {step}: {reason}"
+    return reason if reason.startswith((f"step {step} ", f"step {step}:")) else f"step {step}: {reason}"

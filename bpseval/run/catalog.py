@@ -78,7 +78,8 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
     def unlistable(error: OSError) -> None:
         path = Path(error.filename)
         message = f"{path}: cannot be listed ({error.strerror}); fix its permissions or move it out of the run directory."
-        problems.append(FileProblem(path, RunError(message), None))
+        match = STEP_DIRECTORY.fullmatch(path.name)
+        problems.append(FileProblem(path, RunError(message), int(match[1]) if match else None))
 
     for directory, subdirectories, files in os.walk(root, onerror=unlistable, followlinks=True):
         here = Path(directory)
@@ -181,7 +182,7 @@ class _HeaderReader:
             for path in self.paths:
                 if not self.receiver.poll(timeout):
                     headers.append(
-                        BpsevalError(
+                        ShardError(
                             f"{path}: reading its metadata did not finish within {timeout:g} s; the file is damaged"
                             " (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
                         )
@@ -190,7 +191,7 @@ class _HeaderReader:
                 headers.append(self.receiver.recv())
         except EOFError:
             headers.append(
-                BpsevalError(f"{self.paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged.")
+                ShardError(f"{self.paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged.")
             )
         finally:
             self.child.kill()

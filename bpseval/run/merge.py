@@ -112,9 +112,15 @@ def merge_step(
     result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge;
     `meanwhile()` is called once while the workers merge.
     """
+    selection = catalog.select(step)
+    unused = [
+        f"not merged, has unreadable files: {entry.reason}"
+        for entry in catalog.steps.values()
+        if entry.problems and entry.step != selection.entry.step
+    ]
+    selection = StepSelection(selection.entry, selection.notes + unused)
     return merge_selection(
-        catalog, catalog.select(step), blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
-        meanwhile=meanwhile,
+        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, meanwhile=meanwhile
     )
 
 
@@ -149,12 +155,7 @@ def merge_selection(
         on_done=finished,
         meanwhile=meanwhile,
     )
-    unused = [
-        f"not merged, has unreadable files: {entry.reason}"
-        for entry in catalog.steps.values()
-        if entry.problems and entry.step != selection.entry.step
-    ]
-    warnings = selection.notes + unused + [warning for dataset in datasets for warning in dataset.warnings]
+    warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:
         warnings.append(
             "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"

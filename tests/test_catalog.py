@@ -1,0 +1,268 @@
+"""The run catalog: one scan per command, steps judged once, and every fault of a run directory named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bpseval import ShardWriter
+from bpseval.run.catalog import RunCatalog
+from tests.conftest import poisson_dataset, write_raw_shard
+from tests.test_steps import DATASETS, write_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_launch(run: Path, step: int, ranks: tuple[int, ...], run_id: str, world_size: int = 2) -> None:
+    """Shards of `ranks` for `step`, written by one launch of the job (`run_id`)."""
+    for rank in ranks:
+        with ShardWriter(run, rank, world_size, step=step, run_id=run_id) as writer:
+            writer.add("d", **poisson_dataset(10 * step + rank), sample_idx=np.arange(40) + 40 * rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per step
+
+
+def test_a_rank_left_over_from_an_earlier_launch_is_refused_by_every_merging_command(invoke, tmp_path):
+    run = tmp_path / "run"
+    write_launch(run, 0, (0, 1), "launch-a")
+    write_launch(run, 1, (0, 1), "launch-a")
+    write_launch(run, 1, (0,), "launch-b")  # the job restarted, wrote rank 0 of step 1 and died
+    expected = "step 1 mixes shards of 2 launches (run_id 'launch-a': rank 1; run_id 'launch-b': rank 0)"
+    for arguments in (
+        ("compute", run),
+        ("compute", run, "--step", "1"),
+        ("coverage", run),
+        ("baseline", run, "-o", tmp_path / "b.json"),
+        ("compare", run, "--baseline", run),
+    ):
+        result = invoke(*arguments)
+        assert result.exit_code == 2, (arguments, result.output)
+        assert expected in result.stderr and "Traceback" not in result.output
+    assert invoke("compute", run, "--step", "0").exit_code == 0  # the other step is fine
+    all_steps = invoke("compute", run, "--all-steps", "--json", "-")
+    assert all_steps.exit_code == 2 and expected in all_steps.stderr
+    document = json.loads(all_steps.stdout)
+    assert [entry["step"] for entry in document["steps"]] == [0]
+    assert [entry["step"] for entry in document["failed_steps"]] == [1]
+    doctor = invoke("doctor", run, "--json", "-")
+    assert doctor.exit_code == 1  # step 0 is still usable
+    steps = json.loads(doctor.stdout)["steps"]
+    assert steps[1]["complete"] is False and steps[1]["run_ids"] == ["launch-a", "launch-b"]
+
+
+def test_a_run_with_one_run_id_or_none_is_one_launch(tmp_path):
+    write_launch(tmp_path / "a", 0, (0, 1), "same")
+    write_step(tmp_path / "b", 0)  # no run_id at all
+    for run in (tmp_path / "a", tmp_path / "b"):
+        assert RunCatalog.scan(run).complete_steps == [0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of runs
+
+
+def test_a_folder_of_runs_is_recognised_and_never_called_a_stale_copy(invoke, tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("lr-1e-3", "lr-1e-4", "lr-3e-4"):
+        write_step(sweep / name, 0)
+    result = invoke("compute", sweep)
+    assert result.exit_code == 2
+    assert f"{sweep}: holds 3 runs, not one (lr-1e-3, lr-1e-4, lr-3e-4)" in result.stderr
+    assert f"bpseval compute {sweep}/*" in result.stderr and "stale" not in result.stderr
+    assert invoke("doctor", sweep).exit_code == 2
+    several = invoke("compute", *sorted(sweep.iterdir()), "--json", "-")
+    assert several.exit_code == 0 and len(json.loads(several.stdout)["runs"]) == 3
+
+
+def test_stale_copies_inside_a_run_are_not_a_sweep(tmp_path):
+    run = tmp_path / "run"
+    write_step(run, 0)
+    write_step(run / "old", 0, ranks=(1,))  # a copy below the run: its rank 1 appears twice
+    assert "rank 1 of step 0 appears twice" in RunCatalog.scan(run).skipped_steps[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing skipped silently
+
+
+def test_a_fifo_named_like_a_shard_is_never_opened_and_is_named(invoke, tmp_path):
+    run = tmp_path / "run"
+    write_step(run, 0)
+    write_step(run, 1)
+    fifo = run / "step-000001" / "rank-0002.h5"
+    os.mkfifo(fifo)
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "bpseval", "compute", str(run)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert f"{fifo}: is a FIFO, not a regular file; bpseval never opens it" in completed.stderr
+    assert time.perf_counter() - started < 30
+    in_process = invoke("compute", run)  # the in-process path does not open it either
+    assert in_process.exit_code == 2 and "is a FIFO" in in_process.stderr
+    assert invoke("compute", run, "--step", "0").exit_code == 0  # it belongs to step 1 by its folder
+    doctor = invoke("doctor", run)
+    assert doctor.exit_code == 1 and f"{fifo}: is a FIFO" in doctor.stdout
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_command(tmp_path):
+    base = Path(f"/tmp/bpseval-unlistable-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    run = base / "run"
+    write_step(run, 0)
+    write_step(run, 1)
+    try:
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        hidden = run / "step-000001"
+        hidden.chmod(0o000)
+        command = [sys.executable, "-m", "bpseval"]
+        environment = {**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)}
+        if os.geteuid() == 0:  # root lists anything: run as nobody, if nobody can run bpseval here
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+            probe = subprocess.run([*command[:4], sys.executable, "-c", "import bpseval"], capture_output=True, cwd="/", env=environment)
+            if probe.returncode != 0:
+                pytest.skip("root lists every folder, and user nobody cannot import bpseval here")
+        def run_bpseval(*arguments: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*command, *arguments], capture_output=True, text=True, cwd="/", env=environment)
+
+        computed = run_bpseval("compute", str(run))
+        assert computed.returncode == 2, computed.stderr
+        assert f"{hidden}: cannot be listed (Permission denied)" in computed.stderr
+        assert run_bpseval("compute", str(run), "--step", "0").returncode == 0
+        doctor = run_bpseval("doctor", str(run))
+        assert doctor.returncode == 1 and f"{hidden}: cannot be listed" in doctor.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attributes cannot make the tool allocate
+
+
+@pytest.mark.parametrize("world_size", [10**8, np.uint64(2**64 - 1)])
+def test_an_absurd_world_size_is_refused_quickly_naming_a_handful_of_ranks(invoke, tmp_path, world_size):
+    run = tmp_path / "run"
+    write_raw_shard(run / "step-000000" / "rank-0000.h5", {"d": poisson_dataset(0)}, attrs={"world_size": world_size})
+    started = time.perf_counter()
+    result = invoke("compute", run)
+    assert time.perf_counter() - started < 1.0
+    assert result.exit_code == 2
+    more = int(world_size) - 6
+    assert f"no shard for ranks 1, 2, 3, 4, 5 and {more} more (found ranks 0)" in result.stderr
+    doctor = invoke("doctor", run, "--json", "-")
+    step = json.loads(doctor.stdout)["steps"][0]
+    assert step["missing"] == [1, 2, 3, 4, 5] and step["missing_count"] == int(world_size) - 1
+
+
+def test_a_rank_beyond_the_world_size_is_refused(invoke, tmp_path):
+    path = write_raw_shard(tmp_path / "run" / "rank5.h5", {"d": poisson_dataset(0)}, rank=5, world_size=2)
+    result = invoke("compute", tmp_path / "run")
+    assert result.exit_code == 2 and f"{path}: rank 5 is outside 0..world_size-1 (world_size 2)" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# One bad step does not hide the good ones
+
+
+def damaged_middle_step(tmp_path: Path) -> tuple[Path, Path]:
+    run = tmp_path / "run"
+    for step in (0, 1, 2):
+        write_step(run, step)
+    damaged = run / "step-000001" / "rank-0001.h5"
+    damaged.write_bytes(damaged.read_bytes()[:2000])
+    return run, damaged
+
+
+def test_all_steps_scores_every_good_step_then_exits_2_naming_the_bad_one(invoke, tmp_path):
+    run, damaged = damaged_middle_step(tmp_path)
+    result = invoke("compute", run, "--all-steps")
+    assert result.exit_code == 2
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert rows == ["0", "2"]
+    assert f"Error: step 1: {damaged}:" in result.stderr
+    as_json = invoke("compute", run, "--all-steps", "--json", "-")
+    document = json.loads(as_json.stdout)
+    assert as_json.exit_code == 2 and [entry["step"] for entry in document["steps"]] == [0, 2]
+    assert document["failed_steps"][0]["step"] == 1 and str(damaged) in document["failed_steps"][0]["reason"]
+
+
+def test_invalid_values_in_one_step_fail_that_step_only(invoke, tmp_path):
+    run = tmp_path / "run"
+    write_step(run, 0)
+    with ShardWriter(run, 0, 2, step=1) as writer, ShardWriter(run, 1, 2, step=1) as other:
+        arrays = poisson_dataset(1)
+        arrays["dfs"][:] = 1.0
+        arrays["rhat"][3, 2] = np.nan
+        writer.add(DATASETS[0], **arrays)
+        other.add(DATASETS[0], **poisson_dataset(2))
+    result = invoke("compute", run, "--all-steps", "--json", "-")
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert [entry["step"] for entry in document["steps"]] == [0]
+    assert "rhat has 1 NaN or infinite value (first at sample row 3, cell 2)" in document["failed_steps"][0]["reason"]
+
+
+def test_step_option_on_a_good_step_ignores_a_damaged_other_step(invoke, tmp_path):
+    run, damaged = damaged_middle_step(tmp_path)
+    for step in ("0", "2"):
+        result = invoke("compute", run, "--step", step)
+        assert result.exit_code == 0, result.output
+    latest = invoke("compute", run)  # the latest step is good; the damaged older one is said, not hidden
+    assert latest.exit_code == 0 and f"step 1: {damaged}" in latest.stderr
+    assert invoke("compute", run, "--step", "1").exit_code == 2
+
+
+def test_plot_and_report_draw_the_good_steps_then_exit_2(invoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, damaged = damaged_middle_step(tmp_path)
+    pictures = invoke("plot", run, "-o", tmp_path / "pictures")
+    assert pictures.exit_code == 2 and (tmp_path / "pictures" / "bps-over-steps.png").exists()
+    assert f"Error: step 1: {damaged}" in pictures.stderr
+    report = invoke("report", run, "-o", tmp_path / "report.html")
+    assert report.exit_code == 2 and str(damaged) in (tmp_path / "report.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Each header read once per command
+
+COUNT_HEADER_READS = """
+import sys
+import bpseval.run.catalog as catalog
+log = open(sys.argv[1], "a", buffering=1)
+read_header = catalog.read_header
+def counted(path):
+    log.write(f"{path}\\n")
+    return read_header(path)
+catalog.read_header = counted
+from bpseval.cli import app
+app(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("command", ["compute --all-steps", "plot -o {out}", "report -o {out}.html", "doctor"])
+def test_every_shard_header_is_read_once_per_command(tmp_path, command):
+    if command.startswith(("plot", "report")):
+        pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    for step in range(6):
+        write_step(run, step)
+    log = tmp_path / "reads.log"
+    arguments = command.format(out=tmp_path / "out").split()
+    completed = subprocess.run(
+        [sys.executable, "-c", COUNT_HEADER_READS, str(log), arguments[0], str(run), *arguments[1:]],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert completed.returncode == 0, completed.stderr
+    reads = log.read_text().split()
+    assert len(reads) == 12 and len(set(reads)) == 12
