@@ -4,6 +4,7 @@
     python benchmarks/run.py --scale realistic [--repeat 5] [--json results.json]
     python benchmarks/run.py hdf5-settings [--repeat 3]
     python benchmarks/run.py profile --scale realistic
+    python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -26,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import hdf5_settings, profiling, shards  # noqa: E402
+from benchmarks import hdf5_settings, many_steps, profiling, shards  # noqa: E402
 from benchmarks.data import SCALES, resolve_scale  # noqa: E402
 from benchmarks.shards import MEASUREMENTS  # noqa: E402
 
@@ -34,9 +35,9 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="shards", choices=("shards", "hdf5-settings", "profile"),
+    parser.add_argument("mode", nargs="?", default="shards", choices=("shards", "hdf5-settings", "profile", "steps"),
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
-                             " profile: cProfile of the merge")
+                             " profile: cProfile of the merge; steps: --all-steps on many small steps")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--legacy-datasets", type=int,
                         help="time legacy on this many datasets and extrapolate by entries (default: all)")
     parser.add_argument("--in-memory-cells", type=int, default=1000, help="cells of the in-memory dataset")
+    parser.add_argument("--steps", type=int, default=100, help="steps: number of validation steps (default 100)")
     parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings: comma-separated cell counts")
     args = parser.parse_args(argv)
     unknown = set(args.measure) - set(MEASUREMENTS)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     scale = resolve_scale(SCALES[scale_name], args.datasets, args.cells, args.samples, args.ranks)
     if args.mode == "hdf5-settings":
         document = hdf5_settings.main(args, scale)
+    elif args.mode == "steps":
+        document = many_steps.main(args.steps, args.ranks or 4, args.repeat)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,7 @@ def test_headers_come_back_in_order_with_a_hanging_file_reported_whatever_the_ch
     """Five shards with one on which libhdf5 loops forever in the middle: each child reads a share,
     the hanging file is reported after the timeout, and the files after it are still read.
 
-    Run in a fresh interpreter: where torch is loaded (as in this test process) headers are read
-    without forking, and so without the time bound."""
+    Run in a fresh interpreter, as `bpseval compute` runs."""
     paths = [
         write_raw_shard(tmp_path / f"rank-{rank:04d}.h5", {"d": poisson_dataset(rank)}, rank=rank, world_size=5)
         for rank in range(5)
@@ -84,3 +84,19 @@ def test_first_copies_sorts_sparse_values_without_a_table_of_their_span() -> Non
     assert unique.tolist() == [5, 7, 2**62]
     assert keep.tolist() == [True, True, False, True, False]
     assert repeated.tolist() == [True, True, True, False, True]
+
+
+def test_headers_are_read_in_forked_children_with_torch_loaded_too(tmp_path):
+    """In-process callers (a training script, these tests) take the path `bpseval compute` takes:
+    a hanging file is reported after the timeout, not waited on forever."""
+    import torch  # noqa: F401 - loaded in this process, as in a training script
+
+    from bpseval.run.catalog import read_headers
+
+    good = write_raw_shard(tmp_path / "rank-0000.h5", {"d": poisson_dataset(0)}, world_size=2)
+    hanging = tmp_path / "rank-0001.h5"
+    shutil.copy(HANGS_HDF5, hanging)
+    started = time.perf_counter()
+    headers = read_headers([good, hanging], timeout=2.0)
+    assert time.perf_counter() - started < 20
+    assert headers[0].rank == 0 and "did not finish within 2 s" in str(headers[1])

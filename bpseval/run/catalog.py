@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import re
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bpseval.errors import BpsevalError, RunError, ShardError
+from bpseval.run.parallel import START_METHOD
 from bpseval.shard.format import ShardHeader, is_shard_name
 from bpseval.shard.reader import read_header
 
@@ -146,11 +146,11 @@ def read_headers(
     HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
     attribute), which no exception interrupts; so the headers are read in forked children (up
     to `jobs`, each reading a contiguous share of `paths`) and a file that takes longer than
-    `timeout` is reported as damaged. Where forking is unsafe (not Linux, or torch loaded in
-    this process: fork next to its threads can deadlock), they are read here, without that
-    bound. `meanwhile()` is called once, while the children read.
+    `timeout` is reported as damaged. Where bpseval does not fork (START_METHOD is not "fork":
+    not Linux) they are read here, without that bound. `meanwhile()` is called once, while the
+    children read.
     """
-    if not paths or sys.platform != "linux" or "torch" in sys.modules:
+    if not paths or START_METHOD != "fork":
         if meanwhile:
             meanwhile()
         return [_header_or_error(path) for path in paths]

@@ -17,6 +17,11 @@ from bpseval.errors import BpsevalError
 
 T = TypeVar("T")
 
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+"""How bpseval starts worker processes, whatever the caller has imported: fork on Linux, where the
+children only read HDF5 files and run numpy (safe next to torch's threads, as DataLoader workers
+are), spawn elsewhere."""
+
 
 def run_tasks(
     function: Callable[..., T],
@@ -27,13 +32,14 @@ def run_tasks(
     costs: Sequence[float] | None = None,
     on_done: Callable[[int], None] | None = None,
     meanwhile: Callable[[], None] | None = None,
+    start_method: str = START_METHOD,
 ) -> list[T]:
     """`[function(*task) for task in tasks]`, computed with `jobs` processes or on a Dask scheduler.
 
     `scheduler` is a Dask scheduler address or "local" (a LocalCluster of `jobs` workers).
     `costs` orders the work (largest first) for load balance; `on_done(i)` is called in this
     process as task i finishes. `meanwhile()` is called once, while the tasks run elsewhere
-    when they do (before them when they run here).
+    when they do (before them when they run here). `start_method` starts the local processes.
     """
     order = sorted(range(len(tasks)), key=lambda i: -(costs[i] if costs else 0))
     results: dict[int, T] = {}
@@ -47,7 +53,7 @@ def run_tasks(
             if on_done:
                 on_done(index)
     else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=_process_context()) as pool:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context(start_method)) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
             _gather(futures, as_completed, results, on_done, meanwhile)
     return [results[index] for index in range(len(tasks))]
@@ -67,13 +73,6 @@ def _gather(
         results[futures[future]] = future.result()
         if on_done:
             on_done(futures[future])
-
-
-def _process_context() -> multiprocessing.context.BaseContext:
-    """fork where it is safe (Linux, torch not loaded: forking its threads can hang), else spawn."""
-    if sys.platform == "linux" and "torch" not in sys.modules:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def _run_on_dask(
