@@ -168,7 +168,7 @@ def _merge_dataset(
                     if per_block is None:
                         per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
                     else:
-                        block_ids = chunk.sample_idx * blocks // dedup.span
+                        block_ids = sample_blocks(dedup.unique, chunk.sample_idx, blocks)
                         per_block, total = add_by_block(
                             per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
                         )
@@ -188,6 +188,17 @@ def _merge_dataset(
         per_block=per_block,
         warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
     )
+
+
+def sample_blocks(unique: np.ndarray, sample_idx: np.ndarray, blocks: int) -> np.ndarray:
+    """The block of each sample: the dataset's distinct sample_idx (`unique`, sorted), in order, cut into
+    `blocks` contiguous runs of equal size (within one sample).
+
+    Blocks follow the rank of a sample_idx among the distinct values, not the value itself: they do
+    not depend on where sample_idx starts or on gaps in it, and the arithmetic (rank x blocks) stays
+    far below 2^63 whatever the values.
+    """
+    return np.searchsorted(unique, sample_idx) * blocks // max(len(unique), 1)
 
 
 def _merge_stats_dataset(
