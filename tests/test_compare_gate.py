@@ -79,7 +79,9 @@ OVERFLOW = {"rhat": np.full((N_SAMPLES, N_CELLS), 1e307)}  # Σ λ overflows: ll
 
 
 @pytest.mark.parametrize("change", [SILENT, UNCOVERED, OVERFLOW], ids=["silent", "uncovered", "overflow"])
-@pytest.mark.parametrize("significance", [[], ["--significance", "0.05", "--bootstrap", "200"]], ids=["tolerance", "bootstrap"])
+@pytest.mark.parametrize(
+    "significance", [[], ["--significance", "0.05", "--bootstrap", "200"]], ids=["tolerance", "bootstrap"]
+)
 def test_dataset_bps_undefined_in_the_run_is_a_regression_in_every_output(invoke, tmp_path, change, significance):
     base = run_of(tmp_path, "base")
     new = run_of(tmp_path, "new", B=change)
@@ -93,7 +95,10 @@ def test_dataset_bps_undefined_in_the_run_is_a_regression_in_every_output(invoke
     b = next(m for m in document["metrics"] if m["scope"] == "B")
     assert (b["verdict"], b["new"], b["gated"]) == ("regressed", None, True) and b["baseline"] is not None
     assert not document["passed"] and "dataset 'B' bps (undefined in the run)" in document["reasons"]
-    assert any(line.startswith("| B | bps |") and "✗ regressed (now undefined)" in line for line in paths["markdown"].read_text().splitlines())
+    assert any(
+        line.startswith("| B | bps |") and "✗ regressed (now undefined)" in line
+        for line in paths["markdown"].read_text().splitlines()
+    )
     cases = {case.get("name"): case for case in ElementTree.parse(paths["junit"]).getroot().iter("testcase")}
     assert "undefined in the run" in cases["B.bps"].find("failure").get("message")
 
@@ -106,7 +111,9 @@ def test_overall_metrics_undefined_in_the_run_fail_the_gate(invoke, tmp_path, ch
     assert_exit(result, 1)
     reasons = json.loads(result.stdout)["reasons"]
     assert reasons[:3] == [
-        "overall bps (undefined in the run)", "overall bps_pooled (undefined in the run)", "dataset 'A' bps (undefined in the run)"
+        "overall bps (undefined in the run)",
+        "overall bps_pooled (undefined in the run)",
+        "dataset 'A' bps (undefined in the run)",
     ]
 
 
@@ -126,7 +133,10 @@ def test_missing_dataset_fails_in_every_output_unless_allowed(invoke, tmp_path):
     new = run_of(tmp_path, "new", names=("A", "B"))
     result = invoke("compare", new, "--baseline", base, "--json", tmp_path / "c.json", "--junit", tmp_path / "c.xml")
     assert_exit(result, 1)
-    assert "dataset missing: C" in result.stderr and "missing datasets (in the baseline, not in the run): C" in result.stdout
+    assert (
+        "dataset missing: C" in result.stderr
+        and "missing datasets (in the baseline, not in the run): C" in result.stdout
+    )
     assert json.loads((tmp_path / "c.json").read_text())["missing_datasets"] == ["C"]
     cases = {case.get("name"): case for case in ElementTree.parse(tmp_path / "c.xml").getroot().iter("testcase")}
     assert cases["C"].find("failure") is not None
@@ -150,7 +160,11 @@ def test_overall_metrics_compare_the_datasets_both_sides_hold(invoke, tmp_path):
     result = invoke("compare", new, "--baseline", base, "--rtol", "0", "--json", "-")
     assert_exit(result, 0)
     document = json.loads(result.stdout)
-    assert (document["population"], document["shared_datasets"], document["new_datasets"]) == ("shared", ["A"], ["B", "C"])
+    assert (document["population"], document["shared_datasets"], document["new_datasets"]) == (
+        "shared",
+        ["A"],
+        ["B", "C"],
+    )
     overall = {m["metric"]: m for m in document["metrics"] if m["scope"] == "overall"}
     a = next(m for m in document["metrics"] if m["scope"] == "A")
     assert overall["bps"]["new"] == a["new"] and overall["bps"]["baseline"] == a["baseline"]
@@ -158,7 +172,9 @@ def test_overall_metrics_compare_the_datasets_both_sides_hold(invoke, tmp_path):
     whole = json.loads(invoke("compute", new, "--json", "-").stdout)["overall"]
     assert whole["bps"] < a["new"] - 0.1  # the unrestricted overall would have been a regression
     assert any("over the 1 dataset both sides hold" in note for note in document["notes"])
-    assert "note: overall metrics over the 1 dataset both sides hold" in invoke("compare", new, "--baseline", base).stdout
+    assert (
+        "note: overall metrics over the 1 dataset both sides hold" in invoke("compare", new, "--baseline", base).stdout
+    )
 
 
 def test_shared_overall_pools_only_the_shared_datasets_and_bootstraps_them(invoke, tmp_path):
@@ -197,21 +213,21 @@ def gate_runs(tmp_path_factory):
     return run, json.loads((root / "baseline.json").read_text())
 
 
-def _set(path: tuple, value):
+DELETE = object()
+
+
+def _edit(path: tuple, value=DELETE):
+    """A change of a document: set the value at `path`, or delete it."""
+
     def change(document):
         *parents, last = path
         for key in parents:
             document = document[key]
-        document[last] = value
-    return change
+        if value is DELETE:
+            del document[last]
+        else:
+            document[last] = value
 
-
-def _delete(path: tuple):
-    def change(document):
-        *parents, last = path
-        for key in parents:
-            document = document[key]
-        del document[last]
     return change
 
 
@@ -221,26 +237,44 @@ def _drop_cells_of_b(document):
 
 BROKEN = {
     "not an object": (lambda d: d.clear() or d.update({"runs": []}), "not a bpseval baseline"),
-    "overall.bps missing": (_delete(("overall", "bps")), "overall.bps is missing"),
-    "overall a list": (_set(("overall",), [0.1, 0.2]), "overall must be an object, not a list"),
-    "datasets an object": (_set(("datasets",), {"A": {}}), "datasets must be a non-empty list, not an object"),
-    "datasets[1] a list": (_set(("datasets", 1), ["B"]), "datasets[1] must be an object, not a list"),
-    "datasets[1].name missing": (_delete(("datasets", 1, "name")), "datasets[1].name is missing"),
-    "datasets[1].name a number": (_set(("datasets", 1, "name"), 3), "datasets[1].name must be non-empty text, not a number 3"),
-    "datasets[1].name repeated": (_set(("datasets", 1, "name"), "A"), "datasets[1].name repeats datasets[0].name 'A'"),
-    "datasets[0].cells.ok text": (_set(("datasets", 0, "cells", "ok"), "3"), 'datasets[0].cells.ok must be a whole number >= 0, not text "3"'),
-    "datasets[0].cells.ok wrong": (_set(("datasets", 0, "cells", "ok"), 2), "datasets[0].cells does not match its entries in cells"),
-    "step a boolean": (_set(("step",), True), "step must be a whole number >= 0, not a boolean true"),
-    "world_size zero": (_set(("world_size",), 0), "world_size must be a whole number > 0"),
-    "empty cells": (_set(("cells",), []), "cells must be a non-empty list, not an empty list"),
-    "cells[2].status a number": (_set(("cells", 2, "status"), 1), "cells[2].status must be one of ok, silent, uncovered"),
-    "cells[2].status unknown": (_set(("cells", 2, "status"), "great"), "cells[2].status must be one of"),
-    "cells[2].cell_id a float": (_set(("cells", 2, "cell_id"), 2.5), "cells[2].cell_id must be a whole number or text"),
-    "cells[0].dataset unknown": (_set(("cells", 0, "dataset"), "Z"), "cells[0].dataset 'Z' is not the name of any entry"),
-    "cells numbered twice": (_set(("cells", 1, "cell"), 0), "datasets[0] ('A') needs its cells, numbered 0, 1, 2"),
+    "overall.bps missing": (_edit(("overall", "bps")), "overall.bps is missing"),
+    "overall a list": (_edit(("overall",), [0.1, 0.2]), "overall must be an object, not a list"),
+    "datasets an object": (_edit(("datasets",), {"A": {}}), "datasets must be a non-empty list, not an object"),
+    "datasets[1] a list": (_edit(("datasets", 1), ["B"]), "datasets[1] must be an object, not a list"),
+    "datasets[1].name missing": (_edit(("datasets", 1, "name")), "datasets[1].name is missing"),
+    "datasets[1].name a number": (
+        _edit(("datasets", 1, "name"), 3),
+        "datasets[1].name must be non-empty text, not a number 3",
+    ),
+    "datasets[1].name repeated": (_edit(("datasets", 1, "name"), "A"), "datasets[1].name repeats datasets[0].name 'A'"),
+    "datasets[0].cells.ok text": (
+        _edit(("datasets", 0, "cells", "ok"), "3"),
+        'datasets[0].cells.ok must be a whole number >= 0, not text "3"',
+    ),
+    "datasets[0].cells.ok wrong": (
+        _edit(("datasets", 0, "cells", "ok"), 2),
+        "datasets[0].cells does not match its entries in cells",
+    ),
+    "step a boolean": (_edit(("step",), True), "step must be a whole number >= 0, not a boolean true"),
+    "world_size zero": (_edit(("world_size",), 0), "world_size must be a whole number > 0"),
+    "empty cells": (_edit(("cells",), []), "cells must be a non-empty list, not an empty list"),
+    "cells[2].status a number": (
+        _edit(("cells", 2, "status"), 1),
+        "cells[2].status must be one of ok, silent, uncovered",
+    ),
+    "cells[2].status unknown": (_edit(("cells", 2, "status"), "great"), "cells[2].status must be one of"),
+    "cells[2].cell_id a float": (
+        _edit(("cells", 2, "cell_id"), 2.5),
+        "cells[2].cell_id must be a whole number or text",
+    ),
+    "cells[0].dataset unknown": (
+        _edit(("cells", 0, "dataset"), "Z"),
+        "cells[0].dataset 'Z' is not the name of any entry",
+    ),
+    "cells numbered twice": (_edit(("cells", 1, "cell"), 0), "datasets[0] ('A') needs its cells, numbered 0, 1, 2"),
     "a dataset without cells": (_drop_cells_of_b, "datasets[1] ('B') needs its cells"),
-    "files a number": (_set(("files",), 3), "files must be a list of text"),
-    "format_version text": (_set(("format_version",), "1"), "version '1' is not supported"),
+    "files a number": (_edit(("files",), 3), "files must be a list of text"),
+    "format_version text": (_edit(("format_version",), "1"), "version '1' is not supported"),
 }
 
 
@@ -258,14 +292,19 @@ def test_broken_baseline_documents_exit_2_naming_the_field(invoke, gate_runs, tm
 
 @pytest.mark.parametrize(
     ("token", "field"),
-    [("NaN", "overall.bps"), ("Infinity", "datasets[0].bps"), ("-Infinity", "cells[1].ll_gain"), ("1e999", "cells[0].spikes"),
-     ("NaN", "settings.min_rate")],
+    [
+        ("NaN", "overall.bps"),
+        ("Infinity", "datasets[0].bps"),
+        ("-Infinity", "cells[1].ll_gain"),
+        ("1e999", "cells[0].spikes"),
+        ("NaN", "settings.min_rate"),
+    ],
 )
 def test_non_finite_numbers_in_a_baseline_exit_2(invoke, gate_runs, tmp_path, token, field):
     run, document = gate_runs
     marked = copy.deepcopy(document)
     parts = [int(p) if p.isdigit() else p for p in field.replace("[", ".").replace("]", "").split(".")]
-    _set(tuple(parts), "__MARK__")(marked)
+    _edit(tuple(parts), "__MARK__")(marked)
     (tmp_path / "baseline.json").write_text(json.dumps(marked).replace('"__MARK__"', token))
     result = invoke("compare", run, "--baseline", tmp_path / "baseline.json")
     assert_exit(result, 2)
@@ -283,7 +322,9 @@ def _paths(value, prefix=()):
 REPLACEMENTS = [None, True, 0, -1, 2.5, 1e300, "", "ok", "A", [], [1], {}, {"a": 1}, math.nan, math.inf]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_a_mutated_baseline_is_compared_or_refused_never_a_traceback(invoke, gate_runs, tmp_path, data):
     run, document = gate_runs
@@ -291,9 +332,9 @@ def test_a_mutated_baseline_is_compared_or_refused_never_a_traceback(invoke, gat
     path = data.draw(st.sampled_from(paths), label="path")
     mutated = copy.deepcopy(document)
     if isinstance(path[-1], str) and data.draw(st.booleans(), label="delete"):
-        _delete(path)(mutated)
+        _edit(path)(mutated)
     else:
-        _set(path, data.draw(st.sampled_from(REPLACEMENTS), label="value"))(mutated)
+        _edit(path, data.draw(st.sampled_from(REPLACEMENTS), label="value"))(mutated)
     (tmp_path / "baseline.json").write_text(json.dumps(mutated, allow_nan=True))
     result = invoke("compare", run, "--baseline", tmp_path / "baseline.json", "--json", "-")
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
@@ -316,7 +357,9 @@ def test_paired_interval_does_not_depend_on_where_sample_idx_starts(invoke, tmp_
     for first in (0, 10**6, TOP - 3999):
         base_run = write_run(tmp_path / f"base{first}", base, first_index=first)
         new_run = write_run(tmp_path / f"new{first}", new, first_index=first)
-        result = invoke("compare", new_run, "--baseline", base_run, "--significance", "0.05", "--bootstrap", "300", "--json", "-")
+        result = invoke(
+            "compare", new_run, "--baseline", base_run, "--significance", "0.05", "--bootstrap", "300", "--json", "-"
+        )
         assert_exit(result, 1)
         document = json.loads(result.stdout)
         assert document["mode"] == "paired"
@@ -362,7 +405,8 @@ def in_memory_side(label: str, names: list[str], scale: float) -> Side:
 def test_markdown_escapes_names_and_junit_always_parses():
     names = [NASTY, "ctl\x01\x1b\x7f", "surrogate\ud800", "\ufffe"]
     comparison = compare(
-        in_memory_side("run`|<i>", names, 3.0), in_memory_side("base", [*names, "gone<b>"], 1.0),
+        in_memory_side("run`|<i>", names, 3.0),
+        in_memory_side("base", [*names, "gone<b>"], 1.0),
         CompareSettings(allow_missing_datasets=True),
     )
     assert comparison.missing_datasets == ["gone<b>"]
@@ -383,8 +427,12 @@ def test_markdown_escapes_names_and_junit_always_parses():
 def test_cli_documents_of_a_shard_with_control_characters_in_a_name(invoke, tmp_path):
     names = ("V1|<b>*_x_\x01", "plain")
     sessions = {name: session(seed) for seed, name in enumerate(names)}
-    base = write_run(tmp_path / "base", {name: {"rhat": rates, "robs": robs} for name, (rates, robs) in sessions.items()})
-    new = write_run(tmp_path / "new", {name: {"rhat": 3 * rates, "robs": robs} for name, (rates, robs) in sessions.items()})
+    base = write_run(
+        tmp_path / "base", {name: {"rhat": rates, "robs": robs} for name, (rates, robs) in sessions.items()}
+    )
+    new = write_run(
+        tmp_path / "new", {name: {"rhat": 3 * rates, "robs": robs} for name, (rates, robs) in sessions.items()}
+    )
     result = invoke("compare", new, "--baseline", base, "--junit", tmp_path / "c.xml", "--markdown", tmp_path / "c.md")
     assert_exit(result, 1)
     suite = ElementTree.parse(tmp_path / "c.xml").getroot()
