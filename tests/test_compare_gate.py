@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from bpseval import ShardWriter
 from bpseval.cli import app
 from bpseval.errors import ArgumentError
 from bpseval.features.compare import CompareSettings, Side, compare
@@ -366,6 +367,25 @@ def test_paired_interval_does_not_depend_on_where_sample_idx_starts(invoke, tmp_
         intervals[first] = [m["interval"] for m in document["metrics"]]
     assert intervals[0] == intervals[10**6] == intervals[TOP - 3999]
     assert intervals[0][0][1] < 0  # a real interval, not a degenerate one
+
+
+def test_stats_only_shards_interval_does_not_depend_on_where_sample_idx_starts(invoke, tmp_path):
+    """The writer numbers blocks sample_idx // block_size from 0; the merge drops the empty ones before the start."""
+    rates, robs = session(8, n_samples=3000, n_cells=4)
+    intervals = {}
+    for first in (0, 10**6):
+        runs = {}
+        for label, noise in (("base", 0.2), ("new", 0.3)):
+            with ShardWriter(tmp_path / f"{label}{first}", 0, 1, store="stats", block_size=100) as writer:
+                writer.add("A", model(rates, noise, seed=len(label)), robs, sample_idx=np.arange(3000) + first)
+            runs[label] = tmp_path / f"{label}{first}"
+        args = ("--significance", "0.05", "--bootstrap", "300", "--json", "-")
+        result = invoke("compare", runs["new"], "--baseline", runs["base"], *args)
+        assert result.exit_code in (0, 1), result.output
+        document = json.loads(result.stdout)
+        assert document["mode"] == "paired"
+        intervals[first] = [m["interval"] for m in document["metrics"]]
+    assert intervals[0] == intervals[10**6]
 
 
 @settings(max_examples=80, deadline=None)

@@ -16,6 +16,7 @@ import numpy as np
 
 from bpseval.errors import BpsevalError
 from bpseval.kernel.stats import (
+    STAT_FIELDS,
     CellStats,
     InvalidValues,
     InvalidValuesError,
@@ -215,6 +216,10 @@ def _merge_stats_dataset(
             else:
                 n_blocks = max(per_block.n_valid.shape[0], blocks.n_valid.shape[0])
                 per_block = pad_blocks(per_block, n_blocks) + pad_blocks(blocks, n_blocks)
+    if per_block is not None:
+        # The writer numbers blocks sample_idx // block_size from 0: blocks before the dataset's first
+        # sample_idx (or in gaps) hold nothing and would enter the bootstrap as empty units.
+        per_block = CellStats(*(getattr(per_block, name)[per_block.n_valid.sum(axis=1) > 0] for name in STAT_FIELDS))
     return MergedDataset(
         name=name,
         cell_ids=cell_ids,
