@@ -6,6 +6,11 @@ sides are run directories that scored the same samples, the bootstrap is paired:
 per-cell statistics are resampled together over contiguous blocks of sample_idx, so the noise of
 the data cancels and only the difference between the models remains. Otherwise (a baseline JSON,
 or different samples) the bootstrap resamples cells.
+
+The gate fails closed: a metric defined in the baseline and undefined in the run regresses; a
+baseline dataset missing from the run fails unless allowed; the overall metrics are compared over
+the datasets both sides hold; a baseline document that no run could produce is refused
+(`BaselineError`) before it is used.
 """
 
 from __future__ import annotations
