@@ -37,6 +37,7 @@ from bpseval.views.terminal import (
     render_runs,
     render_steps,
 )
+from bpseval.views.text import printable
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -277,6 +278,13 @@ def baseline(
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
 
 
+def _test_level(value: float | None) -> float | None:
+    """--significance is a test level: strictly between 0 and 1 (0 would never flag, 1 always)."""
+    if value is not None and not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"{value:g} is not a test level: give 0 < LEVEL < 1, e.g. 0.05 for a 95% interval.")
+    return value
+
+
 @app.command()
 def compare(
     run_dir: RunDir = Path("."),
@@ -287,10 +295,12 @@ def compare(
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance of the overall metrics.")] = 0.0,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance of the overall metrics.")] = 0.01,
     dataset_atol: Annotated[
-        Optional[float], typer.Option("--dataset-atol", min=0.0, help="Absolute tolerance per dataset (default: --atol).")
+        Optional[float],
+        typer.Option("--dataset-atol", min=0.0, help="Absolute tolerance per dataset (default: --atol)."),
     ] = None,
     dataset_rtol: Annotated[
-        Optional[float], typer.Option("--dataset-rtol", min=0.0, help="Relative tolerance per dataset (default: --rtol).")
+        Optional[float],
+        typer.Option("--dataset-rtol", min=0.0, help="Relative tolerance per dataset (default: --rtol)."),
     ] = None,
     metric: Annotated[GatedMetric, typer.Option("--metric", help="Overall metrics that gate.")] = GatedMetric.both,
     allow_missing_datasets: Annotated[
@@ -298,24 +308,33 @@ def compare(
     ] = False,
     significance: Annotated[
         Optional[float],
-        typer.Option("--significance", min=0.0, max=1.0, help="Also require a significant drop: bootstrap interval at this level."),
+        typer.Option(
+            "--significance", metavar="LEVEL", callback=_test_level,
+            help="Also require a significant drop: the level of the two-sided bootstrap test, 0 < LEVEL < 1;"
+            " the interval shown is the 1 - LEVEL one (0.05: 95%).",
+        ),
     ] = None,
     blocks: Annotated[int, typer.Option("--blocks", min=2, help="Sample blocks of the paired bootstrap.")] = 100,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
     json_path: JsonPath = None,
-    markdown_path: Annotated[Optional[str], typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY).")] = None,
-    junit_path: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")] = None,
+    markdown_path: Annotated[
+        Optional[str],
+        typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+    ] = None,
+    junit_path: Annotated[
+        Optional[str], typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")
+    ] = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
 ) -> None:
-    """Compare a run with a baseline. Exit 1 if a gated metric or coverage regressed."""
-    settings = CompareSettings(
-        atol=atol, rtol=rtol, dataset_atol=dataset_atol, dataset_rtol=dataset_rtol, metric=metric.value,
-        allow_missing_datasets=allow_missing_datasets, significance=significance, blocks=blocks,
-        bootstrap=bootstrap, seed=seed,
-    )
+    """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost."""
     with bad_input_exits():
+        settings = CompareSettings(
+            atol=atol, rtol=rtol, dataset_atol=dataset_atol, dataset_rtol=dataset_rtol, metric=metric.value,
+            allow_missing_datasets=allow_missing_datasets, significance=significance, blocks=blocks,
+            bootstrap=bootstrap, seed=seed,
+        )
         comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
         for path, text in ((json_path, json_text(comparison.to_dict())),
                            (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
@@ -324,7 +343,7 @@ def compare(
     if "-" not in (json_path, markdown_path, junit_path):
         render_compare(comparison, Console(highlight=False))
     if not comparison.passed:
-        stderr_console().print(f"Regression: {'; '.join(comparison.reasons)}", highlight=False, markup=False)
+        stderr_console().print(f"Regression: {printable('; '.join(comparison.reasons))}", highlight=False, markup=False)
         raise typer.Exit(EXIT_GATE_FAILED)
 
 

@@ -6,6 +6,11 @@ sides are run directories that scored the same samples, the bootstrap is paired:
 per-cell statistics are resampled together over contiguous blocks of sample_idx, so the noise of
 the data cancels and only the difference between the models remains. Otherwise (a baseline JSON,
 or different samples) the bootstrap resamples cells.
+
+The gate fails closed: a metric defined in the baseline and undefined in the run regresses; a
+baseline dataset missing from the run fails unless allowed; the overall metrics are compared over
+the datasets both sides hold; a baseline document that no run could produce is refused
+(`BaselineError`) before it is used.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from bpseval._lazy import pandas as pd
-from bpseval.errors import BpsevalError
-from bpseval.kernel.stats import LN2, OK, UNCOVERED
+from bpseval.errors import ArgumentError, BaselineError
+from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED, pooled_bps
 from bpseval.run.merge import MergedDataset, MergedRun, merge_run
 from bpseval.run.result import Result, build_result
 
@@ -63,21 +69,171 @@ def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **mer
     if source.is_dir():
         return load_run(source, blocks=blocks, **merge_options)
     try:
-        document = json.loads(source.read_text(encoding="utf-8"))
+        document = json.loads(source.read_text(encoding="utf-8"), parse_constant=_NonFinite)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BpsevalError(f"{source}: cannot read the baseline ({error}). Write one with `bpseval baseline RUN -o FILE`.") from None
+        raise BaselineError(
+            f"{source}: cannot read the baseline ({error}). Write one with `bpseval baseline RUN -o FILE`."
+        ) from None
+    check_baseline(document, source)
+    return Side(str(source), Result.from_dict(document))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validating a baseline document
+
+
+class _NonFinite:
+    """What json makes of the tokens NaN, Infinity and -Infinity: kept, so that the check can name the field."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+_LEAVES: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: isinstance(v, str) and v != "", "non-empty text"),
+    "text": (lambda v: isinstance(v, str), "text"),
+    "texts": (lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v), "a list of text"),
+    "count": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "positive": (lambda v: _is_int(v) and v > 0, "a whole number > 0"),
+    "number": (_is_finite, "a finite number"),
+    "number or null": (lambda v: v is None or _is_finite(v), "a finite number or null"),
+    "cell id": (lambda v: _is_int(v) or isinstance(v, str), "a whole number or text"),
+    "status": (lambda v: isinstance(v, str) and v in STATUSES, f"one of {', '.join(STATUSES)}"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+
+BASELINE_SCHEMA: dict[str, Any] = {
+    "format?": "text",
+    "format_version?": "count",
+    "step": "count",
+    "world_size": "positive",
+    "files?": "texts",
+    "settings?": "object",
+    "warnings?": "texts",
+    "overall": {"bps": "number or null", "bps_pooled": "number or null"},
+    "datasets": [
+        {
+            "name": "name",
+            "samples": "count",
+            "duplicates_dropped": "count",
+            "bps": "number or null",
+            "bps_pooled": "number or null",
+            "cells": {"ok": "count", "silent": "count", "uncovered": "count"},
+            "identity?": "text",
+        }
+    ],
+    "cells": [
+        {
+            "dataset": "name",
+            "cell": "count",
+            "cell_id": "cell id",
+            "n_valid": "count",
+            "n": "number",
+            "spikes": "number",
+            "model_ll": "number or null",
+            "ll_gain": "number or null",
+            "bps": "number or null",
+            "status": "status",
+        }
+    ],
+}
+"""The baseline document, as `_check_against` reads it: a key ending in "?" may be absent, a list
+holds one or more items of its one element's shape, a string names a leaf in `_LEAVES`. Other keys
+are ignored; "any" is any JSON value without NaN or Infinity (the free-form settings)."""
+
+
+def check_baseline(document: Any, source: Path) -> None:
+    """Refuse a baseline document that no `bpseval baseline` could have written, naming the field.
+
+    The schema walk checks every key and type (NaN and Infinity are refused: undefined is null);
+    then the datasets must have distinct names, and the cells must belong to them, be numbered
+    0..n-1 per dataset, and add up to each dataset's cell counts.
+    """
     if not isinstance(document, dict) or "overall" not in document or "datasets" not in document:
-        raise BpsevalError(f"{source}: not a bpseval baseline (no 'overall' and 'datasets'). Write one with `bpseval baseline`.")
+        raise BaselineError(
+            f"{source}: not a bpseval baseline (no 'overall' and 'datasets'). Write one with `bpseval baseline`."
+        )
     fmt, version = document.get("format", BASELINE_FORMAT), document.get("format_version", BASELINE_FORMAT_VERSION)
     if fmt != BASELINE_FORMAT or version != BASELINE_FORMAT_VERSION:
-        raise BpsevalError(
-            f"{source}: baseline format {fmt!r} version {version} is not supported (this bpseval reads"
+        raise BaselineError(
+            f"{source}: baseline format {fmt!r} version {version!r} is not supported (this bpseval reads"
             f" {BASELINE_FORMAT!r} version {BASELINE_FORMAT_VERSION}); recreate it with `bpseval baseline`."
         )
-    try:
-        return Side(str(source), Result.from_dict(document))
-    except (KeyError, TypeError, ValueError) as error:
-        raise BpsevalError(f"{source}: the baseline is incomplete or damaged ({error!r}); recreate it with `bpseval baseline`.") from None
+
+    def refuse(where: str, problem: str) -> BaselineError:
+        return BaselineError(f"{source}: {where} {problem}; recreate the baseline with `bpseval baseline RUN -o FILE`.")
+
+    _check_against(BASELINE_SCHEMA, document, "", refuse)
+    first_of: dict[str, int] = {}
+    for index, entry in enumerate(document["datasets"]):
+        if entry["name"] in first_of:
+            first = first_of[entry["name"]]
+            raise refuse(f"datasets[{index}].name", f"repeats datasets[{first}].name {entry['name']!r}")
+        first_of[entry["name"]] = index
+    numbers: dict[str, list[int]] = {name: [] for name in first_of}
+    statuses: dict[str, Counter] = {name: Counter() for name in first_of}
+    for index, cell in enumerate(document["cells"]):
+        if cell["dataset"] not in first_of:
+            raise refuse(f"cells[{index}].dataset", f"{cell['dataset']!r} is not the name of any entry of datasets")
+        numbers[cell["dataset"]].append(cell["cell"])
+        statuses[cell["dataset"]][cell["status"]] += 1
+    for name, index in first_of.items():
+        if numbers[name] != list(range(len(numbers[name]))) or not numbers[name]:
+            raise refuse(f"datasets[{index}] ({name!r})", "needs its cells, numbered 0, 1, 2, ... in order, in cells")
+        counts = document["datasets"][index]["cells"]
+        if any(counts[status] != statuses[name][status] for status in STATUSES):
+            listed = ", ".join(f"{statuses[name][status]} {status}" for status in STATUSES)
+            raise refuse(f"datasets[{index}].cells", f"does not match its entries in cells ({listed})")
+
+
+def _check_against(schema: Any, value: Any, where: str, refuse: Any) -> None:
+    """Walk `value` along `schema`, raising `refuse(field, problem)` at the first field that does not fit."""
+    if isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
+        token = value.token if isinstance(value, _NonFinite) else repr(value)
+        raise refuse(where, f"is {token}, which a baseline never holds (an undefined value is null)")
+    if schema == "any":
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            _check_against("any", item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]", refuse)
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise refuse(where or "the document", f"must be an object, not {_kind(value)}")
+        for key, inner in schema.items():
+            name = key.removesuffix("?")
+            path = f"{where}.{name}" if where else name
+            if name in value:
+                _check_against(inner, value[name], path, refuse)
+            elif not key.endswith("?"):
+                raise refuse(path, "is missing")
+    elif isinstance(schema, list):
+        if not isinstance(value, list) or not value:
+            raise refuse(where, f"must be a non-empty list, not {_kind(value)}")
+        for index, item in enumerate(value):
+            _check_against(schema[0], item, f"{where}[{index}]", refuse)
+    else:
+        accepts, expected = _LEAVES[schema]
+        if not accepts(value):
+            raise refuse(where, f"must be {expected}, not {_kind(value)}")
+        if schema == "object":
+            _check_against("any", value, where, refuse)
+
+
+def _kind(value: Any) -> str:
+    """How a wrong value is named in a message: its JSON type, and the value when it is short."""
+    kinds = {dict: "an object", list: "a list", str: "text", bool: "a boolean", type(None): "null"}
+    kind = kinds.get(type(value), "a number")
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    shown = json.dumps(value) if not isinstance(value, (dict, list)) else ""
+    return f"{kind} {shown}" if shown and len(shown) <= 40 else kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +254,13 @@ class CompareSettings:
     blocks: int = 100
     bootstrap: int = 2000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.significance is not None and not 0.0 < self.significance < 1.0:
+            raise ArgumentError(
+                f"significance must be a two-sided test level between 0 and 1 (exclusive), not {self.significance!r};"
+                " e.g. 0.05 shows 95% intervals."
+            )
 
     def tolerance(self, scope: str, base: float) -> float:
         if scope == OVERALL:
@@ -135,6 +298,12 @@ class MetricComparison:
     def delta(self) -> float:
         return self.new - self.base
 
+    @property
+    def reason(self) -> str:
+        """The phrase naming this metric in the reasons of a failed gate."""
+        undefined = self.verdict == REGRESSED and not math.isfinite(self.new)
+        return self.label + (" (undefined in the run)" if undefined else "")
+
 
 @dataclass
 class Comparison:
@@ -148,17 +317,24 @@ class Comparison:
     coverage_regressions: pd.DataFrame
     missing_datasets: list[str]
     new_datasets: list[str]
+    shared_datasets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def population(self) -> str:
+        """"all" when both sides hold the same datasets; "shared" when the overall metrics were restricted to them."""
+        return "shared" if self.missing_datasets or self.new_datasets else "all"
 
     @property
     def reasons(self) -> list[str]:
         """What regressed, one short phrase each."""
-        reasons = [m.label for m in self.metrics if m.gated and m.verdict == REGRESSED]
+        reasons = [m.reason for m in self.metrics if m.gated and m.verdict == REGRESSED]
         if len(self.coverage_regressions):
             count = len(self.coverage_regressions)
             reasons.append(f"{count} cell{'s' if count != 1 else ''} ok in the baseline now uncovered")
         if self.missing_datasets and not self.settings.allow_missing_datasets:
-            reasons.append(f"dataset{'s' if len(self.missing_datasets) != 1 else ''} missing: {', '.join(self.missing_datasets)}")
+            plural = "s" if len(self.missing_datasets) != 1 else ""
+            reasons.append(f"dataset{plural} missing: {', '.join(self.missing_datasets)}")
         return reasons
 
     @property
@@ -192,6 +368,8 @@ class Comparison:
                 {"dataset": row.dataset, "cell": int(row.cell), "cell_id": _plain_id(row.cell_id)}
                 for row in self.coverage_regressions.itertuples(index=False)
             ],
+            "population": self.population,
+            "shared_datasets": self.shared_datasets,
             "missing_datasets": self.missing_datasets,
             "new_datasets": self.new_datasets,
             "notes": self.notes,
@@ -211,15 +389,28 @@ def _plain_id(value: Any) -> Any:
 
 
 def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
-    """Compare `new` with `base`: every gated metric, coverage, missing datasets, and intervals."""
+    """Compare `new` with `base`: every gated metric, coverage, missing datasets, and intervals.
+
+    The overall metrics compare like with like: when the two sides hold different datasets, both
+    are recomputed over the datasets they share (the bootstraps resample those too).
+    """
     new_names, base_names = list(new.result.datasets["name"]), list(base.result.datasets["name"])
     shared = [name for name in base_names if name in set(new_names)]
     if not shared:
-        raise BpsevalError(
+        raise BaselineError(
             f"{new.label} and {base.label} share no dataset (run: {', '.join(new_names) or 'none'}; baseline:"
             f" {', '.join(base_names) or 'none'}); compare runs of the same model family."
         )
+    missing = [name for name in base_names if name not in set(new_names)]
+    added = [name for name in new_names if name not in set(base_names)]
     notes: list[str] = []
+    overall_new, overall_base = new.result.overall, base.result.overall
+    if missing or added:
+        overall_new, overall_base = shared_overall(new.result, shared), shared_overall(base.result, shared)
+        notes.append(
+            f"overall metrics over the {len(shared)} dataset{'s' if len(shared) != 1 else ''} both sides hold"
+            f" ({len(missing)} missing from the run, {len(added)} new in it)"
+        )
     mode, intervals = "tolerance", {}
     if settings.significance is not None:
         mode = "paired" if _can_pair(new, base, shared) else "cells"
@@ -229,7 +420,7 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
         intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
     metrics = [
-        _compare_metric(OVERALL, metric, base.result.overall[metric], new.result.overall[metric], intervals, settings)
+        _compare_metric(OVERALL, metric, overall_base[metric], overall_new[metric], intervals, settings)
         for metric in ("bps", "bps_pooled")
     ]
     new_rows, base_rows = new.result.datasets.set_index("name"), base.result.datasets.set_index("name")
@@ -244,21 +435,42 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         settings=settings,
         metrics=metrics,
         coverage_regressions=_coverage_regressions(new.result.cells, base.result.cells, shared),
-        missing_datasets=[name for name in base_names if name not in set(new_names)],
-        new_datasets=[name for name in new_names if name not in set(base_names)],
+        missing_datasets=missing,
+        new_datasets=added,
+        shared_datasets=shared,
         notes=notes,
     )
+
+
+def shared_overall(result: Result, names: list[str]) -> dict[str, float]:
+    """The overall bps and bps_pooled of `result` as if it held only the datasets `names`.
+
+    As `build_result` defines them: bps is the mean of the bps of those datasets that have an ok
+    cell (clamped at 0 when the result was computed with clamp_negative), bps_pooled pools their
+    covered cells.
+    """
+    datasets = result.datasets[result.datasets["name"].isin(names)]
+    scored = datasets.loc[datasets[OK] > 0, "bps"]
+    bps = float(scored.mean()) if len(scored) else math.nan
+    if result.settings.get("clamp_negative") and math.isfinite(bps):
+        bps = max(bps, 0.0)
+    cells = result.cells[result.cells["dataset"].isin(names)]
+    pooled = pooled_bps(cells["ll_gain"].to_numpy(float), cells["spikes"].to_numpy(float), cells["status"].to_numpy())
+    return {"bps": bps, "bps_pooled": pooled}
 
 
 def _compare_metric(
     scope: str, metric: str, base: float, new: float, intervals: dict, settings: CompareSettings
 ) -> MetricComparison:
+    """The verdict on one number. Undefined in the baseline: nothing to hold the run to (undefined).
+    Defined in the baseline and undefined now (every cell silent or uncovered, or sums that
+    overflowed): regressed, whatever the tolerance or the interval; the gate fails closed."""
     base, new = float(base), float(new)
     tolerance = settings.tolerance(scope, base) if math.isfinite(base) else math.nan
     interval = intervals.get((scope, metric))
-    if not (math.isfinite(base) and math.isfinite(new)):
+    if not math.isfinite(base):
         verdict = UNDEFINED
-    elif new - base < -tolerance and (interval is None or interval[1] < 0):
+    elif not math.isfinite(new) or (new - base < -tolerance and (interval is None or interval[1] < 0)):
         verdict = REGRESSED
     elif new - base > tolerance and (interval is None or interval[0] > 0):
         verdict = IMPROVED
@@ -269,10 +481,11 @@ def _compare_metric(
 
 def _coverage_regressions(new_cells: pd.DataFrame, base_cells: pd.DataFrame, shared: list[str]) -> pd.DataFrame:
     """Cells `ok` in the baseline and `uncovered` now, matched by dataset and cell_id."""
-    base_ok = base_cells.loc[(base_cells["status"] == OK) & base_cells["dataset"].isin(shared), ["dataset", "cell", "cell_id"]]
+    was_ok = (base_cells["status"] == OK) & base_cells["dataset"].isin(shared)
+    base_ok = base_cells.loc[was_ok, ["dataset", "cell", "cell_id"]]
     now_uncovered = new_cells.loc[new_cells["status"] == UNCOVERED, ["dataset", "cell_id"]]
-    lost = set(zip(now_uncovered["dataset"], now_uncovered["cell_id"].astype(str)))
-    keys = zip(base_ok["dataset"], base_ok["cell_id"].astype(str))
+    lost = set(zip(now_uncovered["dataset"], now_uncovered["cell_id"].astype(str), strict=True))
+    keys = zip(base_ok["dataset"], base_ok["cell_id"].astype(str), strict=True)
     return base_ok[[key in lost for key in keys]].reset_index(drop=True)
 
 
@@ -298,7 +511,9 @@ def _same_samples(new: MergedDataset, base: MergedDataset) -> bool:
 # Bootstraps: each returns, per (scope, metric), the bootstrap replicates of new - base.
 
 
-def _intervals(replicates: dict[tuple[str, str], np.ndarray], significance: float) -> dict[tuple[str, str], tuple[float, float]]:
+def _intervals(
+    replicates: dict[tuple[str, str], np.ndarray], significance: float
+) -> dict[tuple[str, str], tuple[float, float]]:
     """Two-sided percentile intervals at level 1 - significance (replicates that are NaN are dropped)."""
     intervals = {}
     for key, values in replicates.items():
@@ -349,7 +564,8 @@ def _cells_bootstrap(
     means = {"new": [], "base": []}
     pooled = {"new": ([], []), "base": ([], [])}
     for name in shared:
-        cells = {side: frame[frame["dataset"] == name] for side, frame in (("new", new.result.cells), ("base", base.result.cells))}
+        frames = (("new", new.result.cells), ("base", base.result.cells))
+        cells = {side: frame[frame["dataset"] == name] for side, frame in frames}
         same_cells = list(cells["new"]["cell_id"].astype(str)) == list(cells["base"]["cell_id"].astype(str))
         shared_draw = _resampling_counts(rng, settings.bootstrap, len(cells["new"])) if same_cells else None
         dataset_means = {}
@@ -367,7 +583,9 @@ def _cells_bootstrap(
     overall = {side: np.nanmean(np.stack(means[side]), axis=0) for side in means}
     replicates[(OVERALL, "bps")] = overall["new"] - overall["base"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        pooled_values = {side: np.sum(gains, axis=0) / (LN2 * np.sum(spikes, axis=0)) for side, (gains, spikes) in pooled.items()}
+        pooled_values = {
+            side: np.sum(gains, axis=0) / (LN2 * np.sum(spikes, axis=0)) for side, (gains, spikes) in pooled.items()
+        }
     replicates[(OVERALL, "bps_pooled")] = pooled_values["new"] - pooled_values["base"]
     return replicates
 
@@ -381,4 +599,5 @@ def compare_paths(
 ) -> Comparison:
     """Load both sides (with block statistics only when a paired test may be needed) and compare."""
     blocks = settings.blocks if settings.significance is not None else None
-    return compare(load_run(run_dir, step, blocks, **merge_options), load_baseline(baseline, blocks, **merge_options), settings)
+    new = load_run(run_dir, step, blocks, **merge_options)
+    return compare(new, load_baseline(baseline, blocks, **merge_options), settings)

@@ -57,7 +57,6 @@ class _Deduplicator:
         self.offsets = np.cumsum([0] + [len(index) for index in indices])
         self.sample_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
         self.unique, self.keep, self.repeated = first_copies(self.sample_idx)
-        self.span = int(self.unique[-1]) + 1 if len(self.unique) else 1
         self.dropped = len(self.sample_idx) - len(self.unique)
         self.first_copies: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         self.rhat_mismatch: list[tuple[int, int, int]] = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from bpseval.errors import BpsevalError
 from bpseval.kernel.stats import (
+    STAT_FIELDS,
     CellStats,
     InvalidValues,
     InvalidValuesError,
@@ -199,7 +200,7 @@ def _merge_dataset(
                     if per_block is None:
                         per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
                     else:
-                        block_ids = chunk.sample_idx * blocks // dedup.span
+                        block_ids = sample_blocks(dedup.unique, chunk.sample_idx, blocks)
                         per_block, total = add_by_block(
                             per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
                         )
@@ -221,6 +222,17 @@ def _merge_dataset(
     )
 
 
+def sample_blocks(unique: np.ndarray, sample_idx: np.ndarray, blocks: int) -> np.ndarray:
+    """The block of each sample: the dataset's distinct sample_idx (`unique`, sorted), in order, cut into
+    `blocks` contiguous runs of equal size (within one sample).
+
+    Blocks follow the rank of a sample_idx among the distinct values, not the value itself: they do
+    not depend on where sample_idx starts or on gaps in it, and the arithmetic (rank x blocks) stays
+    far below 2^63 whatever the values.
+    """
+    return np.searchsorted(unique, sample_idx) * blocks // max(len(unique), 1)
+
+
 def _merge_stats_dataset(
     name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, cell_ids: np.ndarray
 ) -> MergedDataset:
@@ -235,6 +247,10 @@ def _merge_stats_dataset(
             else:
                 n_blocks = max(per_block.n_valid.shape[0], blocks.n_valid.shape[0])
                 per_block = pad_blocks(per_block, n_blocks) + pad_blocks(blocks, n_blocks)
+    if per_block is not None:
+        # The writer numbers blocks sample_idx // block_size from 0: blocks before the dataset's first
+        # sample_idx (or in gaps) hold nothing and would enter the bootstrap as empty units.
+        per_block = CellStats(*(getattr(per_block, name)[per_block.n_valid.sum(axis=1) > 0] for name in STAT_FIELDS))
     return MergedDataset(
         name=name,
         cell_ids=cell_ids,

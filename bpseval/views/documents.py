@@ -1,15 +1,21 @@
-"""Documents for CI: the markdown summary and the JUnit XML of `bpseval compare`."""
+"""Documents for CI: the markdown summary and the JUnit XML of `bpseval compare`.
+
+User text (dataset names, cell ids, paths) is escaped for each format: markdown and HTML syntax
+in the summary, and characters that XML 1.0 forbids in the JUnit file, which therefore always parses.
+"""
 
 from __future__ import annotations
 
 from xml.etree import ElementTree
 
-from bpseval.features.compare import Comparison
+from bpseval.features.compare import OVERALL, REGRESSED, UNDEFINED, Comparison
 from bpseval.views.text import (
     COVERAGE_LISTED,
     delta_text,
     format_bps,
     interval_text,
+    markdown_text,
+    printable,
     verdict_text,
 )
 
@@ -24,50 +30,71 @@ def compare_markdown(comparison: Comparison) -> str:
     lines = [
         "### bpseval compare",
         "",
-        f"**{status}** · mode: {comparison.mode} · baseline: `{comparison.baseline}` · run: `{comparison.run}`",
+        f"**{markdown_text(status)}** · mode: {comparison.mode} · baseline: {markdown_text(comparison.baseline)}"
+        f" · run: {markdown_text(comparison.run)}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for metric in comparison.metrics:
-        cells = [metric.scope.replace("|", "\\|"), metric.metric, format_bps(metric.base), format_bps(metric.new), delta_text(metric), format_bps(metric.tolerance)]
+        cells = [
+            markdown_text(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new),
+            delta_text(metric), format_bps(metric.tolerance),
+        ]
         if significance is not None:
             cells.append(interval_text(metric))
         lines.append("| " + " | ".join(cells + [verdict_text(metric)]) + " |")
+    lines += [""] + [f"- note: {markdown_text(note)}" for note in comparison.notes]
+    listed = (("missing from the run", comparison.missing_datasets), ("new in the run", comparison.new_datasets))
+    for title, names in listed:
+        if names:
+            lines.append(f"- datasets {title}: {', '.join(markdown_text(name) for name in names)}")
     regressions = comparison.coverage_regressions
     if len(regressions):
         lines += ["", f"{len(regressions)} cells ok in the baseline are now uncovered:"]
-        lines += [f"- {row.dataset} cell {row.cell} (id {row.cell_id})" for row in regressions.head(COVERAGE_LISTED).itertuples(index=False)]
+        lines += [
+            f"- {markdown_text(row.dataset)} cell {row.cell} (id {markdown_text(row.cell_id)})"
+            for row in regressions.head(COVERAGE_LISTED).itertuples(index=False)
+        ]
         if len(regressions) > COVERAGE_LISTED:
             lines.append(f"- … and {len(regressions) - COVERAGE_LISTED} more")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def compare_junit(comparison: Comparison) -> str:
-    """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset."""
-    cases: list[tuple[str, str, str | None]] = []
+    """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset.
+
+    A gated metric that regressed (or became undefined) fails; one undefined in the baseline is skipped.
+    """
+    cases: list[tuple[str, str, str, str | None]] = []  # classname, name, outcome ("failure", "skipped", ""), message
     for metric in comparison.metrics:
-        if metric.gated:
-            failure = None
-            if metric.verdict == "regressed":
-                failure = (
-                    f"{metric.label}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
-                    f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
-                )
-            classname = "bpseval.overall" if metric.scope == "overall" else "bpseval.dataset"
-            cases.append((classname, metric.metric if metric.scope == "overall" else f"{metric.scope}.{metric.metric}", failure))
+        if not metric.gated:
+            continue
+        outcome, message = "", None
+        if metric.verdict == REGRESSED:
+            outcome, message = "failure", (
+                f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
+                f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
+            )
+        elif metric.verdict == UNDEFINED:
+            outcome, message = "skipped", f"{metric.label} is undefined in the baseline: nothing to compare"
+        overall = metric.scope == OVERALL
+        name = metric.metric if overall else f"{metric.scope}.{metric.metric}"
+        cases.append(("bpseval.overall" if overall else "bpseval.dataset", name, outcome, message))
     regressions = comparison.coverage_regressions
-    for dataset in comparison.coverage_regressions["dataset"].unique():
+    for dataset in regressions["dataset"].unique():
         lost = regressions[regressions["dataset"] == dataset]
-        cases.append(("bpseval.coverage", str(dataset), f"{len(lost)} cells ok in the baseline are now uncovered: cells {', '.join(map(str, lost['cell']))}"))
-    for dataset in comparison.missing_datasets:
-        failure = None if comparison.settings.allow_missing_datasets else "dataset missing from the run"
-        cases.append(("bpseval.missing", dataset, failure))
+        message = f"{len(lost)} cells ok in the baseline are now uncovered: cells {', '.join(map(str, lost['cell']))}"
+        cases.append(("bpseval.coverage", str(dataset), "failure", message))
+    missing = ("", None) if comparison.settings.allow_missing_datasets else ("failure", "dataset missing from the run")
+    cases += [("bpseval.missing", dataset, *missing) for dataset in comparison.missing_datasets]
+    failures = sum(outcome == "failure" for _, _, outcome, _ in cases)
+    skipped = sum(outcome == "skipped" for _, _, outcome, _ in cases)
     suite = ElementTree.Element(
-        "testsuite", name="bpseval compare", tests=str(len(cases)), failures=str(sum(f is not None for *_, f in cases))
+        "testsuite", name="bpseval compare", tests=str(len(cases)), failures=str(failures), skipped=str(skipped)
     )
-    for classname, name, failure in cases:
-        case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name)
-        if failure is not None:
-            ElementTree.SubElement(case, "failure", message=failure).text = failure
+    for classname, name, outcome, message in cases:
+        case = ElementTree.SubElement(suite, "testcase", classname=classname, name=printable(name))
+        if outcome:
+            ElementTree.SubElement(case, outcome, message=printable(message)).text = printable(message)
     return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -172,22 +172,26 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
 def render_compare(comparison: Comparison, console: Console) -> None:
     """The `bpseval compare` report: one row per compared metric, then coverage and the verdict."""
     significance = comparison.settings.significance
-    interval_title = f"{100 * (1 - significance):g}% interval of Δ" if significance is not None else None
+    intervals = [f"{100 * (1 - significance):g}% interval of Δ"] if significance is not None else []
     table = Table(title=f"bpseval compare · {comparison.mode}", title_justify="left")
-    for name in ("scope", "metric", "baseline", "new", "Δ", "tolerance", *([interval_title] if interval_title else []), "verdict"):
-        table.add_column(name, justify="left" if name in ("scope", "metric", "verdict") else "right", no_wrap=name == "scope")
+    for name in ("scope", "metric", "baseline", "new", "Δ", "tolerance", *intervals, "verdict"):
+        left = name in ("scope", "metric", "verdict")
+        table.add_column(name, justify="left" if left else "right", no_wrap=name == "scope")
     styles = {"regressed": "red", "improved": "green"}
     for metric in comparison.metrics:
+        verdict = verdict_text(metric)
         table.add_row(
             shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), delta_text(metric),
-            format_bps(metric.tolerance), *([interval_text(metric)] if interval_title else []),
-            f"[{styles.get(metric.verdict, 'default')}]{verdict_text(metric)}[/]" if metric.gated else verdict_text(metric),
+            format_bps(metric.tolerance), *([interval_text(metric)] if intervals else []),
+            f"[{styles.get(metric.verdict, 'default')}]{verdict}[/]" if metric.gated else verdict,
         )
     console.print(table)
     for note in comparison.notes:
         console.print(f"note: {shown(note)}")
-    if comparison.new_datasets:
-        console.print(f"new datasets (not in the baseline): {shown(', '.join(comparison.new_datasets))}")
+    for title, names in (("missing datasets (in the baseline, not in the run)", comparison.missing_datasets),
+                         ("new datasets (not in the baseline)", comparison.new_datasets)):
+        if names:
+            console.print(f"{title}: {shown(', '.join(names))}")
     regressions = comparison.coverage_regressions
     for row in regressions.head(COVERAGE_LISTED).itertuples(index=False):
         console.print(f"[red]✗[/] {shown(row.dataset)} cell {row.cell} (id {shown(str(row.cell_id))}): ok → uncovered")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import math
+import re
 
 from rich.markup import escape
 
@@ -17,12 +19,32 @@ def shown(text: object) -> str:
     return escape(value)
 
 
+def printable(text: object) -> str:
+    """`text` with each character that is not printable (control characters, lone surrogates, U+FFFE) written
+    as its Python escape, e.g. \\x01: safe in any file, and valid XML 1.0 (which forbids those characters)."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in str(text))
+
+
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]|~$]|_(?![^\W_])|(?<![^\W_])_")
+"""Characters that markdown (GitHub flavour: tables, strikethrough, math) may read as syntax inside a line.
+An underscore between two letters or digits cannot open or close emphasis (CommonMark), so Allen_2022 stays."""
+
+
+def markdown_text(text: object) -> str:
+    """User text (dataset names, cell ids, paths) as literal text in markdown: unprintable characters
+    escaped, markdown punctuation backslash-escaped, and &, <, > as HTML entities."""
+    escaped = _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match.group(), printable(text))
+    return html.escape(escaped, quote=False)
+
+
 def format_bps(value: float) -> str:
     """Bits per spike with 4 decimals; an em dash where it is undefined."""
     return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-VERDICT_MARKS = {"regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"}
+VERDICT_MARKS = {
+    "regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"
+}
 
 
 def interval_text(metric: MetricComparison) -> str:
@@ -37,7 +59,10 @@ def delta_text(metric: MetricComparison) -> str:
 
 
 def verdict_text(metric: MetricComparison) -> str:
-    return VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
+    """The verdict mark, saying when a regression is a value that became undefined, and when it does not gate."""
+    undefined = metric.verdict == "regressed" and not math.isfinite(metric.new)
+    suffix = (" (now undefined)" if undefined else "") + ("" if metric.gated else " (not gated)")
+    return VERDICT_MARKS[metric.verdict] + suffix
 
 
 def ranges(values: list[int]) -> str:
