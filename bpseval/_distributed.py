@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import os
+import secrets
 from typing import Any
 
 from bpseval.errors import BpsevalError
@@ -21,3 +24,30 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
             " or pass rank and world_size to ShardWriter yourself (0 and 1 for a single process)."
         )
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+_RUN_IDS: dict[Any, str] = {}
+"""The id made for each process group, so that every shard of one launch records the same one."""
+
+
+def shared_run_id(group: Any = None) -> str:
+    """An id that every rank of this launch records, so that shards of different launches can be told apart.
+
+    torchrun's TORCHELASTIC_RUN_ID when it is set (its default "none" is no id: every launch has
+    it); otherwise one made on the first rank of `group` and broadcast, which works for gloo and
+    NCCL alike, once per process group: the first call is a collective that every rank of `group`
+    must make, later ones return the same id.
+    """
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if elastic not in ("", "none"):
+        return elastic
+    import torch.distributed as dist
+
+    key = group if group is not None else dist.group.WORLD
+    if key not in _RUN_IDS:
+        made = [None]
+        if dist.get_rank(group) == 0:
+            made[0] = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"  # noqa: UP017
+        dist.broadcast_object_list(made, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        _RUN_IDS[key] = str(made[0])
+    return _RUN_IDS[key]

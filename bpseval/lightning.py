@@ -85,7 +85,10 @@ class BPSShardCallback(pl.Callback):
         self._active = not trainer.sanity_checking
         epoch = trainer.current_epoch
         if self._active and self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
-            self._writer = ShardWriter(self.run_dir, trainer.global_rank, trainer.world_size, step=epoch)
+            # overwrite: a second validation in the same epoch replaces that epoch's shard (documented)
+            self._writer = ShardWriter(
+                self.run_dir, trainer.global_rank, trainer.world_size, step=epoch, overwrite=True
+            )
             self._writer.open()
 
     def on_validation_batch_end(

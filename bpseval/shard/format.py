@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import ArgumentError, BpsevalError
 
 FORMAT = "bpseval-shard"
 
@@ -54,11 +54,16 @@ def is_shard_name(name: str) -> bool:
 
 
 def check_dataset_name(name: Any) -> None:
-    """Dataset names become HDF5 group names and table rows: no path separators, no control characters."""
+    """Dataset names become HDF5 group names and table rows: no path separators, no control characters.
+
+    `.` and `..` are refused too: in HDF5 they name the group itself and its parent, not a new group.
+    """
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or not name.isprintable():
-        raise ValueError(
+        raise ArgumentError(
             f"dataset name must be a non-empty printable string without '/' or '\\', not {name!r}"
         )
+    if name in (".", ".."):
+        raise ArgumentError(f"dataset name {name!r} is not allowed: HDF5 reads it as a path; give the session's name")
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,9 @@ def check_agree(name: str, path_a: Path | str, a: DatasetLayout, path_b: Path | 
     if ids_a.dtype.kind != ids_b.dtype.kind or not np.array_equal(ids_a, ids_b):
         raise BpsevalError(f"{path_b}: {where} has cell_ids that differ from those in {path_a}.")
     if a.block_size != b.block_size:
-        raise BpsevalError(f"{path_b}: {where} has stats blocks of {b.block_size} samples but {path_a} of {a.block_size}.")
+        raise BpsevalError(
+            f"{path_b}: {where} has stats blocks of {b.block_size} samples but {path_a} of {a.block_size}."
+        )
     if a.rate_kind != b.rate_kind:
         raise BpsevalError(f"{path_b}: {where} has rate_kind {b.rate_kind!r} but {path_a} has {a.rate_kind!r}.")
     if a.has_sample_idx != b.has_sample_idx:

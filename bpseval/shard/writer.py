@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval._version import __version__
-from bpseval.errors import BpsevalError
+from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
     RATE_KINDS,
@@ -34,7 +37,8 @@ from bpseval.shard.format import (
     check_dataset_name,
     shard_path,
 )
-from bpseval.shard.reader import read_cell_ids
+
+INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -47,13 +51,141 @@ class _Layout:
     has_sample_idx: bool
 
 
+@dataclass
+class _Written:
+    """One dataset group being written: what its first batch fixed, and its HDF5 objects, looked up once."""
+
+    layout: _Layout
+    group: h5py.Group
+    arrays: dict[str, h5py.Dataset] = field(default_factory=dict)
+    cell_ids: np.ndarray | None = None
+
+
+class _GuardedFile:
+    """The temporary file as HDF5 sees it, through h5py's file-object driver; an I/O error never reaches HDF5.
+
+    libhdf5 cannot recover from a failed write: closing the file fails again, and the library
+    crashes at exit. So the first OSError (disk full, I/O error) is recorded instead of raised,
+    and from then on writes are kept in memory (`overlay`, read back consistently) so that
+    HDF5 finishes its operation and closes cleanly. The writer checks `failure` after every
+    step and deletes the file. Memory after a failure is bounded by what HDF5 still flushes:
+    the rest of the batch being written and its caches.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failure: OSError | None = None
+        self.overlay: list[tuple[int, bytes]] = []
+        self._file = open(path, "xb+", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
+        self._position = 0
+        self._size = 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._position = offset + (self._size if whence == os.SEEK_END else self._position if whence else 0)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.failure is None:
+            try:
+                self._file.seek(self._position)
+                done = 0
+                while done < len(view):
+                    done += self._file.write(view[done:])
+            except OSError as error:
+                self.failure = error
+        if self.failure is not None:
+            self.overlay.append((self._position, bytes(view)))
+        self._position += len(view)
+        self._size = max(self._size, self._position)
+        return len(view)
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill `buffer` from the current position: zeros past the end, as HDF5's own driver does."""
+        view = memoryview(buffer).cast("B")
+        start, done = self._position, 0
+        try:
+            self._file.seek(start)
+            while done < len(view) and (got := self._file.readinto(view[done:])):
+                done += got
+        except OSError as error:
+            self.failure = self.failure or error
+        if done < len(view):
+            view[done:] = bytes(len(view) - done)
+        for offset, piece in self.overlay:  # later writes over earlier ones, as on a disk
+            low, high = max(offset, start), min(offset + len(piece), start + len(view))
+            if low < high:
+                view[low - start : high - start] = piece[low - offset : high - offset]
+        self._position += len(view)
+        return len(view)
+
+    def read(self, size: int) -> bytes:
+        """h5py recognises a file object by `read` (and then uses `readinto`)."""
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def truncate(self, size: int) -> int:
+        if self.failure is None:
+            try:
+                self._file.truncate(size)
+            except OSError as error:
+                self.failure = error
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered here; `finish` makes the data durable."""
+
+    def finish(self) -> None:
+        """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
+        try:
+            if self.failure is None:
+                os.fsync(self._file.fileno())
+        except OSError as error:
+            self.failure = error
+        self.discard()
+
+    def discard(self) -> None:
+        """Close the file without caring whether its data reached the disk."""
+        try:
+            self._file.close()
+        except OSError as error:
+            self.failure = self.failure or error
+
+
+_PROCESS_LOCK = threading.Lock()
+_OPEN_HERE: set[Path] = set()
+"""Shard paths a writer of this process is writing now."""
+_FINISHED_HERE: dict[Path, tuple[int, int, int, int]] = {}
+"""Shard paths this process renamed into place, with the (device, inode, size, mtime) they had then."""
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class ShardWriter:
     """Writes one rank's validation outputs for one step to `<run_dir>/step-SSSSSS/rank-RRRR.h5`.
 
-    Use as a context manager and call `add` once per batch. Batches are appended to chunked,
-    resizable HDF5 datasets, so memory stays bounded by one batch. The file is written under a
-    hidden `.tmp` name and renamed on a clean exit; after an exception the partial file is
-    deleted, so a reader never sees a half-written shard.
+    Use as a context manager, once, and call `add` once per batch, for every loader of the
+    validation pass. Batches are appended to chunked, resizable HDF5 datasets, so memory stays
+    bounded by one batch. The file is written under a hidden `.tmp` name, made durable and
+    renamed on a clean exit; after an exception, or when the disk fills or a write fails
+    (`OSError` from that `add` or from the end of the block), the partial file is deleted and
+    an earlier shard at the final path stays as it was.
+
+    One process writes each shard once: a second writer of the same run directory, step and
+    rank in this process is refused while the first one's shard is still in place, unless
+    `overwrite=True` (validation run again for that step). Separate processes (a restarted
+    job) replace the shard: the last rename wins, whole.
 
     `store="stats"` writes per-cell sufficient statistics instead of raw arrays (a few KB per
     dataset): in total, and per block of `block_size` consecutive sample_idx for the paired
@@ -70,38 +202,62 @@ class ShardWriter:
         run_id: str | None = None,
         store: str = "raw",
         block_size: int = DEFAULT_BLOCK_SIZE,
+        overwrite: bool = False,
     ) -> None:
         if store not in STORES:
-            raise ValueError(f"ShardWriter: store must be one of {STORES}, not {store!r}")
+            raise ArgumentError(f"ShardWriter: store must be one of {STORES}, not {store!r}")
         if block_size < 1:
-            raise ValueError(f"ShardWriter: block_size must be >= 1, got {block_size}")
+            raise ArgumentError(f"ShardWriter: block_size must be >= 1, got {block_size}")
         for name, value in (("rank", rank), ("world_size", world_size), ("step", step)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"ShardWriter: {name} must be an int, not {value!r}")
+                raise ArgumentError(f"ShardWriter: {name} must be an int, not {value!r}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ArgumentError(
+                f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         if step < 0:
-            raise ValueError(f"ShardWriter: step must be >= 0, got {step}")
+            raise ArgumentError(f"ShardWriter: step must be >= 0, got {step}")
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
         self.path = shard_path(run_dir, self.step, self.rank)
         # unique per writer: two writers of one rank (a restarted job) never write into one file
         self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        self.store, self.block_size = store, int(block_size)
+        self.store, self.block_size, self.overwrite = store, int(block_size), bool(overwrite)
+        self._state = "new"
+        """new -> open -> finished, or -> discarded (exception, abort, failed write)."""
+        self._entered = False
+        self._claim: Path | None = None
+        self._io: _GuardedFile | None = None
         self._file: h5py.File | None = None
-        self._layouts: dict[str, _Layout] = {}
+        self._written: dict[str, _Written] = {}
         self._stats: dict[str, _RankStats] = {}
 
     @classmethod
     def from_process_group(
-        cls, run_dir: str | os.PathLike[str], step: int = 0, run_id: str | None = None, group: Any = None
+        cls,
+        run_dir: str | os.PathLike[str],
+        step: int = 0,
+        run_id: str | None = None,
+        group: Any = None,
+        **options: Any,
     ) -> ShardWriter:
-        """A writer whose rank and world size come from the initialised torch.distributed group."""
-        from bpseval._distributed import rank_and_world_size
+        """A writer whose rank and world size come from the initialised torch.distributed group.
+
+        Without `run_id`, every rank records the same one: torchrun's TORCHELASTIC_RUN_ID, else
+        an id made on the group's first rank and broadcast (then this is a collective call that
+        every rank of `group` must make). `options` go to `ShardWriter` (store, block_size, overwrite).
+        """
+        from bpseval._distributed import rank_and_world_size, shared_run_id
 
         rank, world_size = rank_and_world_size(group)
-        return cls(run_dir, rank, world_size, step=step, run_id=run_id)
+        return cls(run_dir, rank, world_size, step=step, run_id=run_id or shared_run_id(group), **options)
 
     def __enter__(self) -> ShardWriter:
+        if self._entered or self._state in ("finished", "discarded"):
+            raise ArgumentError(
+                f"ShardWriter for {self.path}: a writer is used in one `with` block only (this one was"
+                " already entered or closed); create a new ShardWriter for each validation pass."
+            )
+        self._entered = True
         self.open()
         return self
 
@@ -112,42 +268,65 @@ class ShardWriter:
             self.abort()
 
     def open(self) -> None:
-        """Create the temporary file and write the root attributes."""
-        if self._file is not None:
+        """Create the temporary file and write the root attributes (once; later calls do nothing)."""
+        if self._state == "open":
             return
+        self._check_usable("open()")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self._tmp_path, "w")
-        attrs = self._file.attrs
-        attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["rank"] = self.rank
-        attrs["world_size"] = self.world_size
-        attrs["step"] = self.step
-        attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        attrs["bpseval_version"] = __version__
-        attrs["store"] = self.store
-        if self.run_id is not None:
-            attrs["run_id"] = str(self.run_id)
-        self._file.create_group(DATASETS_GROUP)
+        self._claim_path()
+        try:
+            self._io = _GuardedFile(self._tmp_path)
+        except OSError as error:
+            self._discard()
+            raise self._write_error(error, "creating its temporary file") from error
+        self._state = "open"
+        with self._writing("creating its temporary file"):
+            self._file = h5py.File(self._io, "w")
+            attrs = self._file.attrs
+            attrs["format"] = FORMAT
+            attrs["format_version"] = FORMAT_VERSION
+            attrs["rank"] = self.rank
+            attrs["world_size"] = self.world_size
+            attrs["step"] = self.step
+            attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
+            attrs["bpseval_version"] = __version__
+            attrs["store"] = self.store
+            if self.run_id is not None:
+                attrs["run_id"] = str(self.run_id)
+            self._file.create_group(DATASETS_GROUP)
 
     def close(self) -> Path:
-        """Finish the shard: flush, close and atomically rename it into place. Returns its path."""
-        if self._file is None:
-            self.open()
-        assert self._file is not None
-        for dataset, stats in self._stats.items():
-            stats.write(self._file[f"{DATASETS_GROUP}/{dataset}"], self.block_size)
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp_path, self.path)
+        """Finish the shard: flush, fsync and atomically rename it into place. Returns its path.
+
+        Closing a finished writer again returns the same path and changes nothing.
+        """
+        if self._state == "finished":
+            return self.path
+        self.open()
+        assert self._file is not None and self._io is not None
+        with self._writing("finishing the shard (writing its last chunks to disk)"):
+            for dataset, stats in self._stats.items():
+                stats.write(self._written[dataset].group, self.block_size)
+            self._file.close()
+            self._io.finish()
+        try:
+            os.replace(self._tmp_path, self.path)
+        except OSError as error:
+            self._discard()
+            raise self._write_error(error, f"renaming it into place from {self._tmp_path.name}") from error
+        self._file = self._io = None
+        self._state = "finished"
+        with _PROCESS_LOCK:
+            _OPEN_HERE.discard(self._claim)
+            finished = _fingerprint(self.path)
+            if self._claim is not None and finished is not None:
+                _FINISHED_HERE[self._claim] = finished
         return self.path
 
     def abort(self) -> None:
-        """Drop the partial shard, leaving no file that looks complete."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._tmp_path.unlink(missing_ok=True)
+        """Drop the partial shard, leaving no file that looks complete (a finished shard is kept)."""
+        if self._state != "finished":
+            self._discard()
 
     def add(
         self,
@@ -162,37 +341,118 @@ class ShardWriter:
         """Append one batch of `dataset`: rhat, robs (samples, cells) and optional mask and identities.
 
         Accepts numpy arrays or torch tensors on any device; bfloat16 is stored as float32, and
-        nothing is stored at a lower precision than it was given. Raises ValueError, naming the
-        dataset, when shapes or settings disagree with each other or with earlier batches.
+        nothing is stored at a lower precision than it was given. Raises ArgumentError, naming the
+        dataset, when shapes, values or settings disagree with each other or with earlier batches
+        (nothing of the batch is written then), and OSError when writing fails (the partial shard
+        is deleted then).
         """
-        self.open()
+        if self._state != "open":
+            self._check_usable("add()")
+            self.open()
         assert self._file is not None
         check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
-            raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+            raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
-        n_cells = arrays["rhat"].shape[1]
         layout = _Layout(
-            n_cells=n_cells,
+            n_cells=arrays["rhat"].shape[1],
             rate_kind=rate_kind,
             dfs_shape_tail=arrays["dfs"].shape[1:] if "dfs" in arrays else None,
             has_sample_idx="sample_idx" in arrays,
         )
-        group_path = f"{DATASETS_GROUP}/{dataset}"
-        known = self._layouts.setdefault(dataset, layout)
-        if known is layout:
-            group = self._file.create_group(group_path)
-            group.attrs["rate_kind"] = rate_kind
-        else:
-            _check_same_layout(dataset, known, layout)
-            group = self._file[group_path]
-        if "cell_ids" in arrays:
-            _store_cell_ids(group, dataset, arrays.pop("cell_ids"))
+        written = self._written.get(dataset)
+        if written is not None:
+            _check_same_layout(dataset, written.layout, layout)
+        ids = arrays.pop("cell_ids", None)
+        if ids is not None:
+            ids = _checked_cell_ids(dataset, ids, None if written is None else written.cell_ids)
         if self.store == "stats":
-            self._stats.setdefault(dataset, _RankStats(n_cells)).add(dataset, arrays, rate_kind, self.block_size)
-        else:
-            for name, array in arrays.items():
-                _append(group, dataset, name, array)
+            stats = self._stats.get(dataset) or _RankStats(layout.n_cells)
+            update = stats.prepare(dataset, arrays, rate_kind, self.block_size)
+        elif written is not None:
+            arrays = {name: _storable(written.arrays.get(name), dataset, name, array) for name, array in arrays.items()}
+        with self._writing(f"adding a batch of dataset {dataset!r}"):
+            if written is None:
+                group = self._file.create_group(f"{DATASETS_GROUP}/{dataset}")
+                group.attrs["rate_kind"] = rate_kind
+                written = self._written[dataset] = _Written(layout, group)
+            if ids is not None and written.cell_ids is None:
+                _store_cell_ids(written.group, ids)
+                written.cell_ids = ids
+            if self.store == "stats":
+                stats.commit(update)
+                self._stats[dataset] = stats
+            else:
+                for name, array in arrays.items():
+                    written.arrays[name] = _append(written.group, written.arrays.get(name), name, array)
+
+    def _check_usable(self, call: str) -> None:
+        if self._state == "finished":
+            raise ArgumentError(
+                f"ShardWriter for {self.path}: {call} after the shard was finished (its `with` block ended"
+                " or close() was called); nothing more can go into it. Call add() inside the `with` block,"
+                " for every loader of the validation pass."
+            )
+        if self._state == "discarded":
+            raise ArgumentError(
+                f"ShardWriter for {self.path}: {call} after the shard was discarded (an exception, a failed"
+                " write or abort()); its batches are gone. Start a new ShardWriter to write this step again."
+            )
+
+    def _claim_path(self) -> None:
+        """Refuse to replace a shard this process wrote, or is writing, at the same path (unless overwrite)."""
+        claim = self.path.resolve()
+        with _PROCESS_LOCK:
+            finished = _FINISHED_HERE.get(claim)
+            taken = claim in _OPEN_HERE or (finished is not None and finished == _fingerprint(claim))
+            if taken and not self.overwrite:
+                raise ArgumentError(
+                    f"{self.path}: this process already wrote (or is writing) the shard of rank {self.rank} for"
+                    f" step {self.step}; a second ShardWriter would replace it and lose its batches. Write every"
+                    " validation loader into one shard: one ShardWriter for the whole validation pass, and"
+                    " add(dataset=<the loader's dataset name>, ...) for each loader's batches. To replace the"
+                    " shard on purpose (validation run again for this step), pass overwrite=True."
+                )
+            _OPEN_HERE.add(claim)
+            self._claim = claim
+
+    def _discard(self) -> None:
+        """Close and delete the temporary file, whatever state it is in; the writer cannot be used again."""
+        file, stream = self._file, self._io
+        self._file = self._io = None
+        self._state = "discarded"
+        try:
+            if file is not None and file.id.valid:
+                file.close()  # cannot fail on I/O: _GuardedFile never reports an error to HDF5
+        finally:
+            if stream is not None:
+                stream.discard()
+            self._tmp_path.unlink(missing_ok=True)
+            with _PROCESS_LOCK:
+                _OPEN_HERE.discard(self._claim)
+
+    @contextmanager
+    def _writing(self, doing: str) -> Iterator[None]:
+        """One step of writing: on an exception in it, or a write that failed during it, the shard is discarded."""
+        try:
+            yield
+        except BaseException:
+            if self._io is None or self._io.failure is None:
+                self._discard()
+                raise
+        failure = self._io.failure if self._io is not None else None
+        if failure is not None:
+            self._discard()
+            raise self._write_error(failure, doing) from failure
+
+    def _write_error(self, error: OSError, doing: str) -> OSError:
+        """The OSError to raise: same errno (so same subclass), naming the shard, what failed and what to do."""
+        message = (
+            f"{self.path}: {error.strerror or error} while {doing}. The shard was not written and its temporary"
+            f" file was removed; an earlier shard at this path is untouched. Free disk space or fix the"
+            " filesystem, then run this validation again."
+        )
+        return OSError(error.errno, message) if error.errno is not None else OSError(message)
 
 
 @dataclass
@@ -206,27 +466,32 @@ class _RankStats:
     samples: int = 0
     duplicates_dropped: int = 0
 
-    def add(self, dataset: str, arrays: dict[str, np.ndarray], rate_kind: str, block_size: int) -> None:
+    def prepare(self, dataset: str, arrays: dict[str, np.ndarray], rate_kind: str, block_size: int) -> _StatsUpdate:
+        """The batch's statistics, without changing anything yet: a batch with bad values leaves no trace."""
         rhat, robs, index = arrays["rhat"], arrays["robs"], arrays.get("sample_idx")
         weights = as_weights(arrays.get("dfs"), *rhat.shape)
+        dropped = 0
         if index is not None:
-            if len(index) and index.min() < 0:
-                raise ValueError(f"dataset {dataset!r}: sample_idx must be >= 0")
             keep = self.seen.first_sightings(index)
-            self.seen.add(index[keep])
-            self.duplicates_dropped += int((~keep).sum())
+            dropped = int((~keep).sum())
             rhat, robs, index = rhat[keep], robs[keep], index[keep]
             weights = None if weights is None else weights[keep]
         try:
             if index is None:
-                batch = batch_stats(rhat, robs, weights, rate_kind)
-            else:
-                blocks = self.per_block if self.per_block is not None else CellStats.zeros((0, self.n_cells))
-                self.per_block, batch = add_by_block(blocks, index // block_size, rhat, robs, weights, rate_kind)
+                return _StatsUpdate(batch_stats(rhat, robs, weights, rate_kind), self.per_block, None, len(rhat), 0)
+            blocks = self.per_block if self.per_block is not None else CellStats.zeros((0, self.n_cells))
+            per_block, batch = add_by_block(blocks, index // block_size, rhat, robs, weights, rate_kind)
         except BpsevalError as error:
-            raise BpsevalError(f"dataset {dataset!r}: {error}") from None
-        self.total = batch if self.total is None else self.total + batch
-        self.samples += len(rhat)
+            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
+        return _StatsUpdate(batch, per_block, index, len(rhat), dropped)
+
+    def commit(self, update: _StatsUpdate) -> None:
+        self.total = update.batch if self.total is None else self.total + update.batch
+        self.per_block = update.per_block
+        if update.index is not None:
+            self.seen.add(update.index)
+        self.samples += update.samples
+        self.duplicates_dropped += update.dropped
 
     def write(self, group: h5py.Group, block_size: int) -> None:
         total = self.total if self.total is not None else CellStats.zeros(self.n_cells)
@@ -241,13 +506,24 @@ class _RankStats:
                 blocks.create_dataset(name, data=getattr(self.per_block, name))
 
 
+@dataclass(frozen=True)
+class _StatsUpdate:
+    """One batch's contribution to `_RankStats`, computed before anything is changed."""
+
+    batch: CellStats
+    per_block: CellStats | None
+    index: np.ndarray | None
+    samples: int
+    dropped: int
+
+
 def _batch_arrays(
     dataset: str, rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any
 ) -> dict[str, np.ndarray]:
-    """The batch as numpy arrays in their storage dtypes, with shapes checked against each other."""
-    arrays = {"rhat": _float_array(to_numpy(rhat)), "robs": to_numpy(robs)}
+    """The batch as numpy arrays in their storage dtypes, with shapes and sample_idx checked."""
+    arrays = {"rhat": _float_array(dataset, to_numpy(rhat)), "robs": to_numpy(robs)}
     if arrays["rhat"].ndim != 2 or arrays["robs"].shape != arrays["rhat"].shape:
-        raise ValueError(
+        raise ArgumentError(
             f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
             f" got {arrays['rhat'].shape} and {arrays['robs'].shape}"
         )
@@ -257,87 +533,123 @@ def _batch_arrays(
         try:
             as_weights(mask, n_rows, n_cells)
         except BpsevalError as error:
-            raise ValueError(f"dataset {dataset!r}: {error}") from None
+            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
         arrays["dfs"] = mask.astype(np.uint8) if mask.dtype == bool else mask
     if sample_idx is not None:
-        index = to_numpy(sample_idx)
-        if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer):
-            raise ValueError(
-                f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
-            )
-        arrays["sample_idx"] = index.astype(np.int64)
+        arrays["sample_idx"] = _sample_index(dataset, to_numpy(sample_idx), n_rows)
     if cell_ids is not None:
         ids = np.asarray(cell_ids if not hasattr(cell_ids, "detach") else to_numpy(cell_ids))
         if ids.shape != (n_cells,):
-            raise ValueError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
+            raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
         arrays["cell_ids"] = ids
     for name in ("robs", "dfs"):
         if name in arrays and not (np.issubdtype(arrays[name].dtype, np.number)):
-            raise ValueError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
+            raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
     return arrays
 
 
-def _float_array(array: np.ndarray) -> np.ndarray:
-    """rhat as float16/32/64; integer predictions become float64 (bool is refused by the caller)."""
+def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
+    """sample_idx as int64: integers of shape (n_rows,), in [0, 2^63 - 1] (never wrapped or truncated)."""
+    if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer):
+        raise ArgumentError(
+            f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
+        )
+    if len(index) and (index.min() < 0 or index.max() > INT64_MAX):
+        bad = index[(index < 0) | (index > INT64_MAX)]
+        raise ArgumentError(
+            f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
+            f" set), got {len(bad)} value(s) outside, e.g. {bad[0]}"
+        )
+    return index.astype(np.int64)
+
+
+def _float_array(dataset: str, array: np.ndarray) -> np.ndarray:
+    """rhat as float16/32/64; integer predictions become float64."""
     if np.issubdtype(array.dtype, np.floating):
         return array
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.float64)
-    raise ValueError(f"rhat must be floating point, got dtype {array.dtype}")
+    raise ArgumentError(f"dataset {dataset!r}: rhat must be floating point, got dtype {array.dtype}")
 
 
 def _check_same_layout(dataset: str, known: _Layout, new: _Layout) -> None:
     if known.n_cells != new.n_cells:
-        raise ValueError(f"dataset {dataset!r}: this batch has {new.n_cells} cells, earlier batches had {known.n_cells}")
+        raise ArgumentError(
+            f"dataset {dataset!r}: this batch has {new.n_cells} cells, earlier batches had {known.n_cells}"
+        )
     if known.rate_kind != new.rate_kind:
-        raise ValueError(f"dataset {dataset!r}: rate_kind {new.rate_kind!r} differs from earlier {known.rate_kind!r}")
+        raise ArgumentError(
+            f"dataset {dataset!r}: rate_kind {new.rate_kind!r} differs from earlier {known.rate_kind!r}"
+        )
     if known.dfs_shape_tail != new.dfs_shape_tail:
-        raise ValueError(
+        raise ArgumentError(
             f"dataset {dataset!r}: dfs must be given with the same shape on every batch"
             f" (earlier: {_describe_tail(known.dfs_shape_tail)}, now: {_describe_tail(new.dfs_shape_tail)})"
         )
     if known.has_sample_idx != new.has_sample_idx:
-        raise ValueError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
+        raise ArgumentError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
 
 
 def _describe_tail(tail: tuple[int, ...] | None) -> str:
     return "no dfs" if tail is None else f"(N{''.join(f', {d}' for d in tail)})"
 
 
-def _store_cell_ids(group: h5py.Group, dataset: str, ids: np.ndarray) -> None:
-    """Write cell_ids once; later batches must give the same ones."""
-    is_text = ids.dtype.kind in "USO"
-    values = ids.astype(str) if is_text else ids.astype(np.int64)
-    if "cell_ids" in group:
-        if not np.array_equal(read_cell_ids(group["cell_ids"]), values):
-            raise ValueError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
-        return
-    if is_text:
-        group.create_dataset("cell_ids", data=values.astype(object), dtype=h5py.string_dtype("utf-8"))
+def _checked_cell_ids(dataset: str, ids: np.ndarray, earlier: np.ndarray | None) -> np.ndarray:
+    """cell_ids as stored: UTF-8 strings or int64 (floats only when integral); the same as earlier batches'."""
+    if ids.dtype.kind in "USO":
+        values = ids.astype(str)
+    elif ids.dtype.kind in "iub" or (ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all()):
+        if len(ids) and not (ids.min() >= np.iinfo(np.int64).min and ids.max() <= INT64_MAX):
+            raise ArgumentError(f"dataset {dataset!r}: cell_ids must fit in int64, got values up to {ids.max()}")
+        values = ids.astype(np.int64)
     else:
-        group.create_dataset("cell_ids", data=values)
-
-
-def _append(group: h5py.Group, dataset: str, name: str, array: np.ndarray) -> None:
-    """Append rows to a chunked, resizable HDF5 dataset, creating it on the first batch."""
-    if name not in group:
-        row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
-        chunk_rows = max(1, CHUNK_BYTES // row_bytes)
-        group.create_dataset(
-            name,
-            shape=(0, *array.shape[1:]),
-            maxshape=(None, *array.shape[1:]),
-            dtype=array.dtype,
-            chunks=(chunk_rows, *array.shape[1:]),
+        raise ArgumentError(
+            f"dataset {dataset!r}: cell_ids must be integers or strings; got {ids.dtype} values that are not whole"
+            " numbers (e.g. 1.5 or NaN), which would be truncated. Give the ids as integers or strings."
         )
-    target = group[name]
-    if array.dtype != target.dtype:
-        if not np.can_cast(array.dtype, target.dtype, "safe"):
-            raise ValueError(
-                f"dataset {dataset!r}: {name} dtype {array.dtype} cannot be stored without loss in the"
-                f" {target.dtype} of earlier batches; give the same dtype on every batch"
-            )
-        array = array.astype(target.dtype)
+    if earlier is not None and (earlier.dtype.kind != values.dtype.kind or not np.array_equal(earlier, values)):
+        raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
+    return values
+
+
+def _store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:
+    if ids.dtype.kind == "U":
+        group.create_dataset("cell_ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
+    else:
+        group.create_dataset("cell_ids", data=ids)
+
+
+def _storable(stored: h5py.Dataset | None, dataset: str, name: str, array: np.ndarray) -> np.ndarray:
+    """`array` in the dtype of the rows already stored under `name`, refused when that would lose precision."""
+    target = array.dtype if stored is None else stored.dtype
+    if array.dtype == target:
+        return array
+    if not np.can_cast(array.dtype, target, "safe"):
+        raise ArgumentError(
+            f"dataset {dataset!r}: {name} dtype {array.dtype} cannot be stored without loss in the"
+            f" {target} of earlier batches; give the same dtype on every batch"
+        )
+    return array.astype(target)
+
+
+def _append(group: h5py.Group, target: h5py.Dataset | None, name: str, array: np.ndarray) -> h5py.Dataset:
+    """Append rows to a chunked, resizable HDF5 dataset, creating it on the first batch.
+
+    A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
+    """
+    if target is None:
+        tail = array.shape[1:]
+        row_bytes = max(1, int(np.prod(tail, dtype=np.int64)) * array.dtype.itemsize)
+        chunk_rows = max(1, CHUNK_BYTES // row_bytes)
+        target = group.create_dataset(
+            name,
+            shape=(0, *tail),
+            maxshape=(None, *(size or None for size in tail)),
+            dtype=array.dtype,
+            chunks=(chunk_rows, *(size or 1 for size in tail)),
+        )
     start = target.shape[0]
     target.resize(start + array.shape[0], axis=0)
-    target[start:] = array
+    if array.size:
+        target[start:] = array
+    return target
