@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_launch(run: Path, step: int, ranks: tuple[int, ...], run_id: str, world_size: int = 2) -> None:
-    """Shards of `ranks` for `step`, written by one launch of the job (`run_id`)."""
+    """Shards of `ranks` for `step`, written by one launch of the job (`run_id`): a new launch replaces shards."""
     for rank in ranks:
-        with ShardWriter(run, rank, world_size, step=step, run_id=run_id) as writer:
+        with ShardWriter(run, rank, world_size, step=step, run_id=run_id, overwrite=True) as writer:
             writer.add("d", **poisson_dataset(10 * step + rank), sample_idx=np.arange(40) + 40 * rank)
 
 
