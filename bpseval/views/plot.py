@@ -159,8 +159,13 @@ def _legend_layout(labels: Sequence[str], width: float = WIDE) -> tuple[int, int
     return columns, math.ceil(len(labels) / columns) if labels else 0
 
 
-def _dataset_legend(figure: Figure, handles: list[Any], labels: list[str], columns: int) -> None:
-    """The legend of the datasets' colours, under the axes and as wide as the figure."""
+def _dataset_legend(figure: Figure, entries: list[tuple[Any, str]], columns: int) -> None:
+    """The legend of the datasets' colours, under the axes and as wide as the figure.
+
+    `entries` are (artist, label) pairs, given to matplotlib explicitly: when it collects the
+    labels itself, it hides those starting with `_`, and a dataset may well be named `_pilot`.
+    """
+    handles, labels = [handle for handle, _ in entries], [label for _, label in entries]
     figure.legend(
         handles, labels, loc="outside lower center", ncols=columns, fontsize=8, markerscale=1.4, frameon=False,
         title="dataset", title_fontsize=8, columnspacing=1.2, handletextpad=0.3,
@@ -312,24 +317,23 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     clipped = np.clip(bps, *_edges(low, high))
     beyond_all = (bps < low) | (bps > high)
     names = ok["dataset"].to_numpy()
+    entries = []
     for name in datasets:
         mask = names == name
         beyond = mask & beyond_all
-        axes.scatter(
-            rate[mask & ~beyond], bps[mask & ~beyond], s=14, color=colors[name], alpha=0.8, linewidths=0, label=_text(name)
-        )
+        dots = axes.scatter(rate[mask & ~beyond], bps[mask & ~beyond], s=14, color=colors[name], alpha=0.8, linewidths=0)
+        entries.append((dots, _text(name)))
         if beyond.any():
             for side, marker in ((bps < low, "v"), (bps > high, "^")):
                 if (beyond & side).any():
                     axes.scatter(rate[beyond & side], clipped[beyond & side], s=28, marker=marker, color=colors[name], zorder=3)
-    few = None
     if min_samples is not None:
         below = ok["n_valid"].to_numpy() < min_samples
         if below.any():
-            few = axes.scatter(
-                rate[below], clipped[below], s=60, facecolors="none", edgecolors="black", linewidths=1.0,
-                label=f"< {min_samples} {SAMPLES_LABEL}", zorder=4,
+            rings = axes.scatter(
+                rate[below], clipped[below], s=60, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4
             )
+            entries.append((rings, f"< {min_samples} {SAMPLES_LABEL}"))
     axes.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
     axes.set_xscale("log")
     if not len(ok):
@@ -346,12 +350,7 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     if beyond_all.any():
         note += f"; {_count(int(beyond_all.sum()), 'cell')} beyond the axis, drawn at its edge (▼ ▲)"
     axes.set_title(f"Per-cell bits per spike against firing rate · step {result.step}\n{note}", fontsize=10, loc="left")
-    handles, labels = axes.get_legend_handles_labels()
-    if few is not None:
-        index = labels.index(few.get_label())
-        handles.append(handles.pop(index))
-        labels.append(labels.pop(index))
-    _dataset_legend(figure, handles, labels, columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
@@ -457,13 +456,15 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
     top.set_ylabel(BPS_LABEL)
     top.set_title(f"Bits per spike over {_count(len(steps), 'validation step')}", fontsize=10, loc="left")
     top.legend(loc="best", fontsize=8, frameon=False)
+    entries = []
     for color, name in zip(dataset_colors(len(names)), names):
         values = []
         for step in steps:
             frame = results[step].datasets
             match = frame.loc[frame["name"] == name, "bps"]
             values.append(float(match.iloc[0]) if len(match) else math.nan)
-        bottom.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color=color, label=_text(name))
+        (line,) = bottom.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color=color)
+        entries.append((line, _text(name)))
     bottom.set_ylabel(f"dataset {BPS_LABEL}")
     bottom.set_xlabel("validation step")
     for axes in (top, bottom):
@@ -471,7 +472,7 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
         axes.set_axisbelow(True)
         axes.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
     bottom.xaxis.get_major_locator().set_params(integer=True)
-    _dataset_legend(figure, *bottom.get_legend_handles_labels(), columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
@@ -503,13 +504,15 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
     x, y = both_ok["bps_base"].to_numpy(float), both_ok["bps_new"].to_numpy(float)
     low, high = _robust_limits(np.concatenate([x, y]), (0.0,))
     edges = _edges(low, high)
+    entries = []
     for name in datasets:
         mask = (both_ok["dataset"] == name).to_numpy()
-        axes.scatter(
-            np.clip(x[mask], *edges), np.clip(y[mask], *edges), s=14, alpha=0.8, linewidths=0, color=colors[name],
-            label=_text(name),
+        dots = axes.scatter(
+            np.clip(x[mask], *edges), np.clip(y[mask], *edges), s=14, alpha=0.8, linewidths=0, color=colors[name]
         )
-    axes.plot([low, high], [low, high], color="#444444", linewidth=1, linestyle="--", label="no change (diagonal)")
+        entries.append((dots, _text(name)))
+    (diagonal,) = axes.plot([low, high], [low, high], color="#444444", linewidth=1, linestyle="--")
+    entries.append((diagonal, "no change (diagonal)"))
     axes.set_xlim(low, high)
     axes.set_ylim(low, high)
     axes.set_aspect("equal")
@@ -536,7 +539,7 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
             if comparison.missing_datasets:
                 headline += f", {_count(len(comparison.missing_datasets), 'dataset')} missing"
     axes.set_title(_text(headline), fontsize=10, loc="left")
-    _dataset_legend(figure, *axes.get_legend_handles_labels(), columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
