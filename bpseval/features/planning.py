@@ -25,7 +25,10 @@ MAX_WORLD_SIZE = 1 << 16
 any real validation job it would only exhaust memory (a typo such as 10**9 must fail at once)."""
 MASK_KINDS = "biuf"
 """numpy dtype kinds a mask may have: bool, integers, floats."""
-KIND_NAMES = {"c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects", "V": "records", "M": "dates", "m": "durations"}
+KIND_NAMES = {
+    "c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+    "V": "records", "M": "dates", "m": "durations",
+}
 
 
 def distributed_sampler_indices(
