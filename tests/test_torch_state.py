@@ -189,7 +189,9 @@ BAD_STATES = {
     "version as text": (mutate(("version",), "1"), "state['version'] must be int"),
     "foreign dict": (mutate(("format",), "torchmetrics"), "state['format'] is 'torchmetrics'"),
     "no datasets": (mutate(("datasets",), KeyError), "state['datasets'] is missing"),
-    "bad dataset name": (lambda s: s["datasets"].update({"a/b": s["datasets"]["A"]}), "state['datasets']['a/b'] is not"),
+    "bad dataset name": (
+        lambda s: s["datasets"].update({"a/b": s["datasets"]["A"]}), "state['datasets']['a/b'] is not a dataset name"
+    ),
     "unknown rate_kind": (mutate((*A, "rate_kind"), "log"), "['A']['rate_kind'] must be one of"),
     "sample_idx as int": (mutate((*A, "sample_idx"), 1), "['A']['sample_idx'] must be bool"),
     "missing field": (mutate((*A, "total", "weight"), KeyError), "['A']['total']['weight'] is missing"),
