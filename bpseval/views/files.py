@@ -35,9 +35,11 @@ def write_csv(frame: pd.DataFrame, path: str, stdout: TextIO | None = None) -> N
 
     Text cells and column names that begin like a formula (dataset names, cell ids, run names
     come from the data) are made inert, so that opening the file in a spreadsheet runs nothing.
+    Lines end in CRLF, as RFC 4180 says: then a text cell holding a carriage return is quoted too
+    (with '\n' line ends Python's csv writer leaves a bare '\r' unquoted, which splits the row).
     """
     safe = frame.rename(columns=inert)
     for column, dtype in safe.dtypes.items():
         if not pd.api.types.is_numeric_dtype(dtype):
             safe[column] = safe[column].map(inert)
-    write_text(safe.to_csv(index=False), path, stdout)
+    write_text(safe.to_csv(index=False, lineterminator="\r\n"), path, stdout)
