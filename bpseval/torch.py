@@ -61,6 +61,8 @@ class DistributedBPS:
     repeats samples elsewhere) makes `compute()` raise the same BpsevalError on every rank.
 
     Not checked online (the offline merge of shards does): that copies of a sample agree.
+
+    `state_dict()` / `load_state_dict()` checkpoint and resume each rank's state mid-validation.
     """
 
     def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None) -> None:
