@@ -22,7 +22,7 @@ from bpseval.errors import BpsevalError
 from bpseval.features.compare import CompareSettings, baseline_document, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
-from bpseval.features.planning import MAX_WORLD_SIZE, check_cell_coverage, load_masks, plan_to_dict
+from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.run.result import evaluate, runs_frame
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import write_csv, write_text
@@ -217,9 +217,7 @@ def coverage(
 @app.command()
 def plan(
     masks: Annotated[Path, typer.Argument(help="Validation masks: a .npy array, or an HDF5 file of arrays (one per dataset).")],
-    world_size: Annotated[
-        int, typer.Option("--world-size", min=1, max=MAX_WORLD_SIZE, help="Number of ranks (GPUs).")
-    ] = 1,
+    world_size: Annotated[int, typer.Option("--world-size", min=1, help="Number of ranks (GPUs).")] = 1,
     fraction: Annotated[
         float, typer.Option("--fraction", min=0.0, max=1.0, help="Fraction of validation batches kept (limit_val_batches).")
     ] = 1.0,

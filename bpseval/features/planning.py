@@ -93,7 +93,8 @@ def check_cell_coverage(
     """
     if not 1 <= world_size <= MAX_WORLD_SIZE:
         raise ArgumentError(
-            f"world size must be between 1 and {MAX_WORLD_SIZE} (the ranks of the validation job), got {world_size}"
+            f"--world-size {world_size} is out of range: give the number of ranks of the validation job,"
+            f" between 1 and {MAX_WORLD_SIZE}."
         )
     if not 0.0 < fraction <= 1.0:
         raise ArgumentError(f"fraction must be in (0, 1], got {fraction}")
