@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bpseval._arrays import is_tensor, to_numpy
+from bpseval.errors import ArgumentError
 from bpseval.run.result import Result
 from bpseval.shard.writer import ShardWriter
 from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
@@ -51,7 +52,7 @@ class BPSShardCallback(pl.Callback):
         dedup_window: int = DEFAULT_DEDUP_WINDOW,
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be an int >= 0, not {every_n_epochs!r}")
+            raise ArgumentError(f"every_n_epochs must be an int >= 0, not {every_n_epochs!r}")
         self.run_dir = run_dir
         self.every_n_epochs = every_n_epochs
         self.also_log = also_log
@@ -72,7 +73,7 @@ class BPSShardCallback(pl.Callback):
     ) -> Mapping[str, Any] | None:
         """What to write and score for one validation batch (None skips it); default: `outputs`."""
         if not isinstance(outputs, Mapping) or any(key not in outputs for key in REQUIRED_KEYS):
-            raise ValueError(
+            raise ArgumentError(
                 "BPSShardCallback: validation_step must return a dict with keys 'rhat', 'robs' and 'dataset'"
                 " (optional: 'dfs', 'sample_idx', 'cell_ids', 'rate_kind'); got"
                 f" {sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}."
@@ -144,8 +145,8 @@ def dataset_name(value: Any) -> str:
         values = list(value) if isinstance(value, (list, tuple)) else to_numpy(value).reshape(-1).tolist()
         distinct = {dataset_name(item) for item in values}
         if len(distinct) != 1:
-            raise ValueError(f"a validation batch must hold one dataset, got {sorted(distinct) or 'none'}")
+            raise ArgumentError(f"a validation batch must hold one dataset, got {sorted(distinct) or 'none'}")
         return distinct.pop()
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"'dataset' must be a name (str) or an index (int), not {value!r}")
+    raise ArgumentError(f"'dataset' must be a name (str) or an index (int), not {value!r}")

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from bpseval.errors import ArgumentError
 from bpseval.features.planning import valid_mask
 
 
@@ -72,11 +73,16 @@ class CellBalancedDistributedSampler(Sampler[int]):
     ) -> None:
         if num_replicas is None or rank is None:
             if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError("pass num_replicas and rank, or initialise torch.distributed first")
+                raise ArgumentError(
+                    "CellBalancedDistributedSampler: pass num_replicas and rank, or initialise torch.distributed first"
+                )
             num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
             rank = dist.get_rank() if rank is None else rank
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+            raise ArgumentError(
+                f"CellBalancedDistributedSampler: rank {rank} is outside 0..{num_replicas - 1}"
+                f" (num_replicas {num_replicas})"
+            )
         self.mask = valid_mask(dfs)
         self.num_replicas, self.rank, self.shuffle, self.seed = num_replicas, rank, shuffle, seed
         self.epoch = 0

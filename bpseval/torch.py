@@ -19,7 +19,7 @@ import torch.distributed as dist
 from array_api_compat import array_namespace, device
 
 from bpseval._arrays import is_tensor, to_numpy
-from bpseval.errors import BpsevalError
+from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
     RATE_KINDS,
@@ -36,6 +36,9 @@ from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
 
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
+STATE_FORMAT = "bpseval.torch.DistributedBPS"
+STATE_VERSION = 1
+"""Version of the `state_dict()` layout; `load_state_dict` refuses any other."""
 
 
 class DistributedBPS:
@@ -58,11 +61,13 @@ class DistributedBPS:
     repeats samples elsewhere) makes `compute()` raise the same BpsevalError on every rank.
 
     Not checked online (the offline merge of shards does): that copies of a sample agree.
+
+    `state_dict()` / `load_state_dict()` checkpoint and resume each rank's state mid-validation.
     """
 
     def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None) -> None:
         if not isinstance(dedup_window, int) or dedup_window < 1:
-            raise ValueError(f"dedup_window must be an int >= 1, not {dedup_window!r}")
+            raise ArgumentError(f"dedup_window must be an int >= 1, not {dedup_window!r}")
         self.dedup_window = dedup_window
         self.group = group
         self._datasets: dict[str, _DatasetState] = {}
@@ -87,15 +92,18 @@ class DistributedBPS:
         Torch tensors on any device, in any float dtype (bfloat16 and float16 included, never
         rounded further), or numpy arrays. `dfs` is (samples, cells), (samples, 1) or
         (samples,); `sample_idx` (samples,) non-negative indices into that dataset's validation
-        set. Raises ValueError for inconsistent batches and BpsevalError for invalid values,
-        naming the dataset; a batch that raises leaves the metric unchanged.
+        set. Raises ArgumentError (a BpsevalError, itself a ValueError) for inconsistent batches
+        and invalid values, naming the dataset; a batch that raises leaves the metric unchanged.
         """
-        check_dataset_name(dataset)
+        try:
+            check_dataset_name(dataset)
+        except ValueError as error:
+            raise ArgumentError(str(error)) from None
         if rate_kind not in RATE_KINDS:
-            raise ValueError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+            raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         rhat, robs, dfs = (_detached(value) for value in (rhat, robs, dfs))
         if rhat.ndim != 2 or tuple(robs.shape) != tuple(rhat.shape):
-            raise ValueError(
+            raise ArgumentError(
                 f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
                 f" got {tuple(rhat.shape)} and {tuple(robs.shape)}"
             )
@@ -103,7 +111,7 @@ class DistributedBPS:
         try:
             weights = as_weights(dfs, n_rows, n_cells)
         except BpsevalError as error:
-            raise ValueError(f"dataset {dataset!r}: {error}") from None
+            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
         index = None if sample_idx is None else _sample_index(dataset, sample_idx, n_rows)
         ids = None if cell_ids is None else _cell_ids(dataset, cell_ids, n_cells)
         state = self._datasets.get(dataset)
@@ -121,7 +129,7 @@ class DistributedBPS:
                 to_numpy(rhat), to_numpy(robs), None if weights is None else to_numpy(weights), rate_kind
             )
             problems = [replace(problem, first_row=int(rows[problem.first_row])) for problem in problems]
-            raise BpsevalError(f"dataset {dataset!r}: {InvalidValuesError(problems)}") from None
+            raise ArgumentError(f"dataset {dataset!r}: {InvalidValuesError(problems)}") from None
 
         if state is None:
             state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, per_row)
@@ -144,6 +152,42 @@ class DistributedBPS:
         names = sorted(set().union(*summaries))
         datasets = [self._merge(name, [summary.get(name) for summary in summaries], group) for name in names]
         return build_result(MergedRun(Path(), step, group.world_size, [], datasets, []))
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state, to checkpoint with `torch.save` and resume with `load_state_dict`.
+
+        Plain data only (str, int, bool, None, lists of str, dicts and CPU or device tensors), so
+        `torch.load(path, weights_only=True)` reads it back. Layout, version `STATE_VERSION`:
+        `{"format", "version", "datasets": {name: {"rate_kind", "sample_idx" (bool), "cell_ids"
+        (int64 tensor, list of str or None), "arrays" ("torch" or "numpy": what `update` was
+        given), "total": {field: (cells,)}, "tail": {field: (rows, cells)} (the held-back
+        samples), "tail_idx", "seen" (sorted int64 sample indices), "rows", "skipped"}}}`,
+        fields as in `CellStats` (n_valid int64, the others float64). Each rank saves its own;
+        the state is a copy, later updates do not change it.
+        """
+        datasets = {name: state.to_state() for name, state in self._datasets.items()}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "datasets": datasets}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this rank's state by one `state_dict()` returned (on the same rank of the job being resumed).
+
+        Raises ArgumentError naming the key when `state` is of another version or malformed; the
+        metric is then unchanged. `dedup_window` and `group` stay this metric's own.
+        """
+        reader = _StateReader("state")
+        if reader.get(state, "format", str) != STATE_FORMAT:
+            raise reader.error("format", f"is {state['format']!r}, not {STATE_FORMAT!r}")
+        version = reader.get(state, "version", int)
+        if version != STATE_VERSION:
+            raise reader.error(
+                "version", f"is {version}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval that"
+                " saved it"
+            )
+        datasets, inner = reader.get(state, "datasets", Mapping), reader.child("datasets")
+        self._datasets = {
+            name: _DatasetState.from_state(name, inner.get(datasets, name, Mapping), inner.child(name))
+            for name in datasets
+        }
 
     def _merge(self, name: str, parts: list[_RankSummary | None], group: _Collectives) -> MergedDataset:
         """One dataset over all ranks: identical collective calls and decisions on every rank."""
@@ -233,7 +277,7 @@ class WithSampleIndex(torch.utils.data.Dataset):
         if not isinstance(item, Mapping):
             raise TypeError(f"WithSampleIndex needs dict items, but item {index} is a {type(item).__name__}")
         if "sample_idx" in item:
-            raise ValueError(f"item {index} already has a 'sample_idx'; WithSampleIndex would overwrite it")
+            raise ArgumentError(f"item {index} already has a 'sample_idx'; WithSampleIndex would overwrite it")
         return {**item, "sample_idx": index}
 
     def __getattr__(self, name: str) -> Any:
@@ -284,15 +328,17 @@ class _DatasetState:
     def check_batch(
         self, dataset: str, n_cells: int, rate_kind: str, has_sample_idx: bool, ids: np.ndarray | None
     ) -> None:
-        """Raise ValueError when a batch disagrees with the earlier batches of `dataset`."""
+        """Raise ArgumentError when a batch disagrees with the earlier batches of `dataset`."""
         if n_cells != self.n_cells:
-            raise ValueError(f"dataset {dataset!r}: this batch has {n_cells} cells, earlier batches had {self.n_cells}")
+            raise ArgumentError(
+                f"dataset {dataset!r}: this batch has {n_cells} cells, earlier batches had {self.n_cells}"
+            )
         if rate_kind != self.rate_kind:
-            raise ValueError(f"dataset {dataset!r}: rate_kind {rate_kind!r} differs from earlier {self.rate_kind!r}")
+            raise ArgumentError(f"dataset {dataset!r}: rate_kind {rate_kind!r} differs from earlier {self.rate_kind!r}")
         if has_sample_idx != self.has_sample_idx:
-            raise ValueError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
+            raise ArgumentError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
         if ids is not None and self.cell_ids is not None and not np.array_equal(ids, self.cell_ids):
-            raise ValueError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
+            raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
 
     def add(self, per_row: CellStats, index: np.ndarray | None, n_given: int, window: int) -> None:
         """Append the kept rows' per-row statistics; all but the dataset's last `window` rows go into the sums."""
@@ -311,13 +357,141 @@ class _DatasetState:
         keep = np.flatnonzero(~held_back)
         return _map(lambda total, rows: total + _sum_rows(_take_rows(rows, keep)), self.total, self.tail)
 
+    def to_state(self) -> dict[str, Any]:
+        """This dataset's part of `DistributedBPS.state_dict()`: copies, as tensors, lists and scalars."""
+        cell_ids = self.cell_ids
+        if cell_ids is not None:
+            cell_ids = cell_ids.tolist() if cell_ids.dtype.kind == "U" else torch.from_numpy(cell_ids.copy())
+        return {
+            "rate_kind": self.rate_kind,
+            "sample_idx": self.has_sample_idx,
+            "cell_ids": cell_ids,
+            "arrays": "torch" if is_tensor(self.total.n_valid) else "numpy",
+            "total": {field: _tensor_copy(getattr(self.total, field)) for field in STAT_FIELDS},
+            "tail": {field: _tensor_copy(getattr(self.tail, field)) for field in STAT_FIELDS},
+            "tail_idx": torch.from_numpy(self.tail_idx.copy()),
+            "seen": torch.from_numpy(self.seen.indices()),
+            "rows": self.rows,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_state(cls, name: str, state: Mapping[str, Any], reader: _StateReader) -> _DatasetState:
+        """The dataset state `to_state()` describes, after checking every key (ArgumentError naming it)."""
+        try:
+            check_dataset_name(name)
+        except ValueError as error:
+            raise reader.error("", f"is not a dataset name: {error}") from None
+        rate_kind = reader.get(state, "rate_kind", str)
+        if rate_kind not in RATE_KINDS:
+            raise reader.error("rate_kind", f"must be one of {RATE_KINDS}, not {rate_kind!r}")
+        has_sample_idx = reader.get(state, "sample_idx", bool)
+        arrays = reader.get(state, "arrays", str)
+        if arrays not in ("torch", "numpy"):
+            raise reader.error("arrays", f"must be 'torch' or 'numpy', not {arrays!r}")
+        total = reader.stats(state, "total", 1)
+        n_cells = total.n_valid.shape[0]
+        tail = reader.stats(state, "tail", 2, n_cells)
+        n_held = tail.n_valid.shape[0]
+        if total.n_valid.device != tail.n_valid.device:
+            raise reader.error("tail", f"is on {tail.n_valid.device}, 'total' on {total.n_valid.device}")
+        tail_idx = reader.indices(state, "tail_idx")
+        seen = reader.indices(state, "seen")
+        if len(tail_idx) != n_held or (n_held and not has_sample_idx):
+            raise reader.error("tail_idx", f"holds {len(tail_idx)} sample indices for {n_held} held-back rows")
+        if (len(seen) and not has_sample_idx) or np.any(np.diff(seen) <= 0) or not np.isin(tail_idx, seen).all():
+            raise reader.error("seen", "must be the sorted, distinct indices of the samples scored (tail_idx included)")
+        rows, skipped = reader.get(state, "rows", int), reader.get(state, "skipped", int)
+        if not 0 <= skipped <= rows:
+            raise reader.error("skipped", f"must be between 0 and rows ({rows}), got {skipped}")
+        if arrays == "numpy":
+            total, tail = (_map(lambda values: values.cpu().numpy(), stats) for stats in (total, tail))
+        return cls(
+            rate_kind, has_sample_idx, reader.cell_ids(state, n_cells), total, tail, tail_idx,
+            SeenSamples.from_indices(seen), rows, skipped,
+        )
+
     def summary(self, name: str) -> _RankSummary:
         layout = DatasetLayout(name, self.rows, self.n_cells, self.rate_kind, None, self.has_sample_idx, self.cell_ids)
         return _RankSummary(layout, self.skipped, self.seen.n_bits, self.tail_idx)
 
 
+class _StateReader:
+    """Reads one level of a `state_dict()`, raising ArgumentError that names the key path on anything malformed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def child(self, key: str) -> _StateReader:
+        return _StateReader(f"{self.path}[{key!r}]")
+
+    def error(self, key: str, problem: str) -> ArgumentError:
+        where = self.child(key).path if key else self.path
+        return ArgumentError(
+            f"DistributedBPS.load_state_dict: {where} {problem}. Pass a dict that DistributedBPS.state_dict() made."
+        )
+
+    def get(self, state: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+        """`state[key]`, which must be an instance of `kind` (an int is not a bool, and a bool is not an int)."""
+        if not isinstance(state, Mapping):
+            raise self.error("", f"must be a dict, not {type(state).__name__}")
+        if key not in state:
+            raise self.error(key, "is missing")
+        value = state[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.error(key, f"must be {names}, not {type(value).__name__}")
+        return value
+
+    def tensor(self, state: Any, key: str, dtype: torch.dtype, ndim: int) -> torch.Tensor:
+        value = self.get(state, key, torch.Tensor)
+        if value.dtype != dtype or value.ndim != ndim:
+            raise self.error(key, f"must be a {ndim}-D {dtype} tensor, not {value.ndim}-D {value.dtype}")
+        return value
+
+    def stats(self, state: Any, key: str, ndim: int, n_cells: int | None = None) -> CellStats:
+        """Statistics with one row per cell (`ndim` 1) or per held-back sample (`ndim` 2), on one device."""
+        fields, inner = self.get(state, key, Mapping), self.child(key)
+        values = {
+            field: inner.tensor(fields, field, torch.int64 if field == "n_valid" else torch.float64, ndim)
+            for field in STAT_FIELDS
+        }
+        first = values["n_valid"]
+        shape = (*first.shape[:-1], first.shape[-1] if n_cells is None else n_cells)
+        for field, value in values.items():
+            if tuple(value.shape) != shape or value.device != first.device:
+                problem = f"has shape {tuple(value.shape)} on {value.device}, not {shape} on {first.device}"
+                raise inner.error(field, problem)
+        return CellStats(**values)
+
+    def indices(self, state: Any, key: str) -> np.ndarray:
+        values = self.tensor(state, key, torch.int64, 1).cpu().numpy()
+        if (values < 0).any():
+            raise self.error(key, "holds negative sample indices")
+        return values
+
+    def cell_ids(self, state: Any, n_cells: int) -> np.ndarray | None:
+        ids = self.get(state, "cell_ids", (torch.Tensor, list, type(None)))
+        if ids is None:
+            return None
+        if isinstance(ids, list):
+            if not all(isinstance(value, str) for value in ids):
+                raise self.error("cell_ids", "must be an int64 tensor or a list of str")
+            values = np.array(ids, dtype=str)
+        else:
+            values = self.tensor(state, "cell_ids", torch.int64, 1).cpu().numpy()
+        if values.shape != (n_cells,):
+            raise self.error("cell_ids", f"holds {len(values)} ids for {n_cells} cells")
+        return values
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _tensor_copy(values: Any) -> torch.Tensor:
+    """A copy of a numpy array or tensor as a tensor (same device), sharing no memory with the metric."""
+    return values.detach().clone() if is_tensor(values) else torch.from_numpy(np.array(values))
 
 
 def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
@@ -366,7 +540,7 @@ def _detached(value: Any) -> Any:
 def _sample_index(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
     index = to_numpy(sample_idx)
     if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
-        raise ValueError(
+        raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be non-negative integers of shape ({n_rows},),"
             f" got {index.dtype} {index.shape}"
         )
@@ -376,7 +550,7 @@ def _sample_index(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
 def _cell_ids(dataset: str, cell_ids: Any, n_cells: int) -> np.ndarray:
     ids = to_numpy(cell_ids)
     if ids.shape != (n_cells,):
-        raise ValueError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
+        raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
     return ids.astype(str) if ids.dtype.kind in "USO" else ids.astype(np.int64)
 
 

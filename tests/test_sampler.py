@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
 from bpseval import CellBalancedDistributedSampler, ShardWriter
+from bpseval.errors import ArgumentError
 from tests.gloo import run_gloo
 
 
@@ -70,9 +71,9 @@ def test_with_shuffle_the_order_changes_with_the_epoch_but_not_the_set():
 
 
 def test_rank_and_world_size_come_from_the_process_group_or_must_be_given():
-    with pytest.raises(RuntimeError, match="pass num_replicas and rank"):
+    with pytest.raises(ArgumentError, match="pass num_replicas and rank"):
         CellBalancedDistributedSampler(np.ones((4, 1)))
-    with pytest.raises(ValueError, match="outside 0..1"):
+    with pytest.raises(ArgumentError, match="outside 0..1"):
         CellBalancedDistributedSampler(np.ones((4, 1)), num_replicas=2, rank=2)
 
 

@@ -17,7 +17,18 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval._lazy import pandas as pd
-from bpseval.errors import BpsevalError
+from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.shard.format import FORMAT
+
+MAX_WORLD_SIZE = 1 << 16
+"""Largest world size `plan` predicts for: the per-rank table has one column per rank, so far beyond
+any real validation job it would only exhaust memory (a typo such as 10**9 must fail at once)."""
+MASK_KINDS = "biuf"
+"""numpy dtype kinds a mask may have: bool, integers, floats."""
+KIND_NAMES = {
+    "c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+    "V": "records", "M": "dates", "m": "durations",
+}
 
 
 def distributed_sampler_indices(
@@ -28,6 +39,11 @@ def distributed_sampler_indices(
     `seed=None` means `shuffle=False`; otherwise `shuffle=True` with that seed (torch's own
     generator is used, so torch is imported only then).
     """
+    return _padded_order(n_samples, world_size, seed, epoch)[rank::world_size]
+
+
+def _padded_order(n_samples: int, world_size: int, seed: int | None, epoch: int) -> np.ndarray:
+    """The order `DistributedSampler` deals out, padded to a multiple of `world_size`: rank r gets `[r::world_size]`."""
     if seed is None:
         order = np.arange(n_samples)
     else:
@@ -36,11 +52,10 @@ def distributed_sampler_indices(
         generator = torch.Generator()
         generator.manual_seed(seed + epoch)
         order = torch.randperm(n_samples, generator=generator).numpy()
-    per_rank = math.ceil(n_samples / world_size)
-    total = per_rank * world_size
+    total = math.ceil(n_samples / world_size) * world_size
     if n_samples and total > n_samples:
         order = np.resize(order, total)  # padding repeats from the start, as DistributedSampler does
-    return order[rank:total:world_size]
+    return order
 
 
 def limited_batches(n_batches: int, fraction: float) -> int:
@@ -76,25 +91,27 @@ def check_cell_coverage(
     `zero_ranks` (ranks with no valid sample: the condition that crashed legacy loops) and
     `below` (n_valid < min_samples). The cells below are `frame[frame.below]`.
     """
-    mask = valid_mask(dfs)
-    if world_size < 1:
-        raise BpsevalError(f"world_size must be >= 1, got {world_size}")
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise ArgumentError(
+            f"--world-size {world_size} is out of range: give the number of ranks of the validation job,"
+            f" between 1 and {MAX_WORLD_SIZE}."
+        )
     if not 0.0 < fraction <= 1.0:
-        raise BpsevalError(f"fraction must be in (0, 1], got {fraction}")
+        raise ArgumentError(f"fraction must be in (0, 1], got {fraction}")
     if batch_size is not None and batch_size < 1:
-        raise BpsevalError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    mask = valid_mask(dfs)
     n_samples, n_cells = mask.shape
-    per_rank_counts = np.zeros((world_size, n_cells), dtype=np.int64)
+    order = _padded_order(n_samples, world_size, seed, epoch)
+    per_rank = len(order) // world_size  # every rank gets as many indices, so keeps as many batches
+    n_batches = math.ceil(per_rank / (batch_size or 1))
+    kept_rows = min(per_rank, limited_batches(n_batches, fraction) * (batch_size or 1))
+    kept = order[: kept_rows * world_size].reshape(kept_rows, world_size)  # column r: what rank r sees, in order
+    per_rank_counts = mask[kept].sum(axis=0, dtype=np.int64)  # (ranks, cells)
     seen = np.zeros(n_samples, dtype=bool)
-    for rank in range(world_size):
-        indices = distributed_sampler_indices(n_samples, world_size, rank, seed=seed, epoch=epoch)
-        n_batches = math.ceil(len(indices) / (batch_size or 1))
-        kept = indices[: limited_batches(n_batches, fraction) * (batch_size or 1)]
-        per_rank_counts[rank] = mask[kept].sum(axis=0)
-        seen[kept] = True
-    frame = pd.DataFrame({"cell": np.arange(n_cells), "n_valid": mask[seen].sum(axis=0)})
-    for rank in range(world_size):
-        frame[f"rank_{rank}"] = per_rank_counts[rank]
+    seen[kept] = True
+    ranks = {f"rank_{rank}": per_rank_counts[rank] for rank in range(world_size)}
+    frame = pd.DataFrame({"cell": np.arange(n_cells), "n_valid": mask[seen].sum(axis=0), **ranks})
     frame["zero_ranks"] = [list(np.flatnonzero(per_rank_counts[:, cell] == 0)) for cell in range(n_cells)]
     frame["below"] = frame["n_valid"] < min_samples
     return frame
@@ -103,40 +120,67 @@ def check_cell_coverage(
 def valid_mask(dfs: Any) -> np.ndarray:
     """A boolean (N, C) mask of valid entries from an (N, C), (N, 1) or (N,) array of weights."""
     values = to_numpy(dfs)
+    if values.dtype.kind not in MASK_KINDS:
+        raise ArgumentError(f"a mask must hold real numbers (bool, int or float), not {_kind_name(values.dtype)}")
     if values.ndim == 1:
         values = values.reshape(-1, 1)
     if values.ndim != 2:
-        raise BpsevalError(f"a mask must have shape (samples, cells), (samples, 1) or (samples,); got {values.shape}")
+        raise ArgumentError(f"a mask must have shape (samples, cells), (samples, 1) or (samples,); got {values.shape}")
     with np.errstate(invalid="ignore"):
         return np.asarray(values > 0)
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    return KIND_NAMES.get(dtype.kind, f"dtype {dtype}")
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Validation masks from a `.npy` file (one dataset, named after the file) or an HDF5 file.
 
-    In an HDF5 file every 1-D or 2-D numeric array is one dataset's mask, named by its path.
+    In an HDF5 file every 1-D or 2-D array of real numbers is one dataset's mask, named by its
+    path; other arrays are passed over, except complex ones, which can only be a mistake. A
+    bpseval shard is refused: its coverage is what `bpseval coverage` measures.
     """
     source = Path(path)
     if not source.is_file():
         raise BpsevalError(f"{source}: no such file. Pass a .npy or HDF5 file of validation masks.")
     if source.suffix == ".npy":
         try:
-            return {source.stem: np.load(source, allow_pickle=False)}
+            mask = np.load(source, allow_pickle=False)
         except (OSError, ValueError) as error:
-            raise BpsevalError(f"{source}: cannot be read as a .npy array ({error}).") from None
+            raise BpsevalError(
+                f"{source}: cannot be read as a .npy array of numbers ({error}). Save the mask with"
+                " np.save as a bool, int or float array."
+            ) from None
+        if mask.dtype.kind not in MASK_KINDS:
+            raise BpsevalError(
+                f"{source}: holds {_kind_name(mask.dtype)}, not a mask; save it as a bool, int or float array"
+                " (entries > 0 are valid)."
+            )
+        return {source.stem: mask}
     masks: dict[str, np.ndarray] = {}
 
     def collect(name: str, item: Any) -> None:
-        if isinstance(item, h5py.Dataset) and item.ndim in (1, 2) and item.dtype.kind in "biuf":
+        if not isinstance(item, h5py.Dataset) or item.ndim not in (1, 2):
+            return
+        if item.dtype.kind == "c":
+            raise BpsevalError(f"{source}: array {name!r} holds complex numbers; a mask holds real numbers.")
+        if item.dtype.kind in MASK_KINDS:
             masks[name] = item[()]
 
     try:
         with h5py.File(source, "r") as handle:
+            declared = handle.attrs.get("format")
+            if isinstance(declared, (str, bytes)) and declared in (FORMAT, FORMAT.encode()):
+                raise BpsevalError(
+                    f"{source}: is a bpseval shard, not a file of validation masks. `bpseval plan` predicts coverage"
+                    " before training; to measure the coverage of shards, use `bpseval coverage RUN_DIR`."
+                )
             handle.visititems(collect)
     except OSError as error:
         raise BpsevalError(f"{source}: cannot be read as .npy or HDF5 ({str(error).splitlines()[0]}).") from None
     if not masks:
-        raise BpsevalError(f"{source}: holds no 1-D or 2-D numeric array to use as a mask.")
+        raise BpsevalError(f"{source}: holds no 1-D or 2-D array of real numbers to use as a mask.")
     return masks
 
 

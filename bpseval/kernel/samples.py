@@ -37,3 +37,14 @@ class SeenSamples:
             grown[: len(self.bytes)] = self.bytes
             self.bytes = grown
         np.bitwise_or.at(self.bytes, index >> 3, (1 << (index & 7)).astype(np.uint8))
+
+    def indices(self) -> np.ndarray:
+        """The indices in the set, sorted, as int64: a form that does not depend on how the set is stored."""
+        return np.flatnonzero(np.unpackbits(self.bytes, count=self.n_bits, bitorder="little")).astype(np.int64)
+
+    @classmethod
+    def from_indices(cls, indices: np.ndarray) -> SeenSamples:
+        """The set of the given non-negative int64 indices (the inverse of `indices()`)."""
+        seen = cls()
+        seen.add(np.asarray(indices, dtype=np.int64))
+        return seen

@@ -159,8 +159,13 @@ def _legend_layout(labels: Sequence[str], width: float = WIDE) -> tuple[int, int
     return columns, math.ceil(len(labels) / columns) if labels else 0
 
 
-def _dataset_legend(figure: Figure, handles: list[Any], labels: list[str], columns: int) -> None:
-    """The legend of the datasets' colours, under the axes and as wide as the figure."""
+def _dataset_legend(figure: Figure, entries: list[tuple[Any, str]], columns: int) -> None:
+    """The legend of the datasets' colours, under the axes and as wide as the figure.
+
+    `entries` are (artist, label) pairs, given to matplotlib explicitly: when it collects the
+    labels itself, it hides those starting with `_`, and a dataset may well be named `_pilot`.
+    """
+    handles, labels = [handle for handle, _ in entries], [label for _, label in entries]
     figure.legend(
         handles, labels, loc="outside lower center", ncols=columns, fontsize=8, markerscale=1.4, frameon=False,
         title="dataset", title_fontsize=8, columnspacing=1.2, handletextpad=0.3,
@@ -187,7 +192,8 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
     """The distribution of one dataset's per-cell bps (ok cells), with its mean and pooled bps marked."""
     rows = result.datasets[result.datasets["name"] == dataset]
     if rows.empty:
-        raise BpsevalError(f"dataset {dataset!r} is not in the result (datasets: {', '.join(result.datasets['name'])}).")
+        known = ", ".join(result.datasets["name"])
+        raise BpsevalError(f"dataset {dataset!r} is not in the result (datasets: {known}).")
     row = next(rows.itertuples(index=False))
     values = _ok_bps(result, dataset)
     figure = new_figure(*HISTOGRAM_SIZE)
@@ -213,10 +219,14 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
     axes.axvline(0.0, color="#999999", linestyle=":", linewidth=1)
     handles = []
     if math.isfinite(row.bps):
-        handles.append(axes.axvline(row.bps, color=MEAN_COLOR, linewidth=2, label=f"bps (mean of ok cells) {row.bps:.3f}"))
+        label = f"bps (mean of ok cells) {row.bps:.3f}"
+        handles.append(axes.axvline(row.bps, color=MEAN_COLOR, linewidth=2, label=label))
     if math.isfinite(row.bps_pooled):
         handles.append(
-            axes.axvline(row.bps_pooled, color=POOLED_COLOR, linewidth=2, linestyle="--", label=f"bps_pooled {row.bps_pooled:.3f}")
+            axes.axvline(
+                row.bps_pooled, color=POOLED_COLOR, linewidth=2, linestyle="--",
+                label=f"bps_pooled {row.bps_pooled:.3f}",
+            )
         )
     axes.yaxis.get_major_locator().set_params(integer=True)
     if handles:
@@ -248,7 +258,9 @@ def bps_strip_figure(result: Result) -> Figure:
         axes.scatter(cells[inside], jitter[inside], s=9, color=colors[position], alpha=0.7, linewidths=0)
         for mask, edge, marker in ((cells < low, left, "<"), (cells > high, right, ">")):
             if mask.any():
-                axes.scatter(np.full(mask.sum(), edge), jitter[mask], s=24, marker=marker, color=colors[position], zorder=3)
+                axes.scatter(
+                    np.full(mask.sum(), edge), jitter[mask], s=24, marker=marker, color=colors[position], zorder=3
+                )
         outside += int((~inside).sum())
         axes.plot([row.bps, row.bps], [position - 0.36, position + 0.36], color=MEAN_COLOR, linewidth=2.2)
         axes.plot([row.bps_pooled], [position], marker="D", markersize=5, color=POOLED_COLOR, markeredgecolor="white")
@@ -264,7 +276,8 @@ def bps_strip_figure(result: Result) -> Figure:
     axes.set_axisbelow(True)
     counts = axes.twinx()
     counts.set_ylim(axes.get_ylim())
-    counts.set_yticks(range(count), labels=[_status_counts(row) for row in datasets.itertuples(index=False)], fontsize=8 if count > 12 else 9)
+    status_labels = [_status_counts(row) for row in datasets.itertuples(index=False)]
+    counts.set_yticks(range(count), labels=status_labels, fontsize=8 if count > 12 else 9)
     counts.tick_params(axis="y", length=0)
     cells = overall["cells"]
     axes.set_title(
@@ -284,7 +297,10 @@ def bps_strip_figure(result: Result) -> Figure:
     ]
     if outside:
         handles.append(
-            Line2D([], [], marker="<", linestyle="", color="#777777", markersize=5, label=f"{_count(outside, 'cell')} beyond the axis (at its edge)")
+            Line2D(
+                [], [], marker="<", linestyle="", color="#777777", markersize=5,
+                label=f"{_count(outside, 'cell')} beyond the axis (at its edge)",
+            )
         )
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     return figure
@@ -301,7 +317,7 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     `min_samples`, cells with fewer valid samples are ringed in black.
     """
     datasets = list(result.datasets["name"])
-    colors = dict(zip(datasets, dataset_colors(len(datasets))))
+    colors = dict(zip(datasets, dataset_colors(len(datasets)), strict=True))
     ok = result.cells[result.cells["status"] == OK]
     rate = (ok["spikes"].to_numpy(float) / ok["n"].to_numpy(float)) if len(ok) else np.zeros(0)
     bps = ok["bps"].to_numpy(float)
@@ -312,24 +328,25 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     clipped = np.clip(bps, *_edges(low, high))
     beyond_all = (bps < low) | (bps > high)
     names = ok["dataset"].to_numpy()
+    entries = []
     for name in datasets:
         mask = names == name
         beyond = mask & beyond_all
-        axes.scatter(
-            rate[mask & ~beyond], bps[mask & ~beyond], s=14, color=colors[name], alpha=0.8, linewidths=0, label=_text(name)
-        )
+        shown = mask & ~beyond
+        dots = axes.scatter(rate[shown], bps[shown], s=14, color=colors[name], alpha=0.8, linewidths=0)
+        entries.append((dots, _text(name)))
         if beyond.any():
             for side, marker in ((bps < low, "v"), (bps > high, "^")):
                 if (beyond & side).any():
-                    axes.scatter(rate[beyond & side], clipped[beyond & side], s=28, marker=marker, color=colors[name], zorder=3)
-    few = None
+                    edge = beyond & side
+                    axes.scatter(rate[edge], clipped[edge], s=28, marker=marker, color=colors[name], zorder=3)
     if min_samples is not None:
         below = ok["n_valid"].to_numpy() < min_samples
         if below.any():
-            few = axes.scatter(
-                rate[below], clipped[below], s=60, facecolors="none", edgecolors="black", linewidths=1.0,
-                label=f"< {min_samples} {SAMPLES_LABEL}", zorder=4,
+            rings = axes.scatter(
+                rate[below], clipped[below], s=60, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4
             )
+            entries.append((rings, f"< {min_samples} {SAMPLES_LABEL}"))
     axes.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
     axes.set_xscale("log")
     if not len(ok):
@@ -342,16 +359,13 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     axes.grid(color="#eeeeee")
     axes.set_axisbelow(True)
     silent, uncovered = result.overall["cells"]["silent"], result.overall["cells"]["uncovered"]
-    note = f"{len(ok)} ok cells" + (f"; not shown: {silent} silent, {uncovered} uncovered" if silent or uncovered else "")
+    note = f"{len(ok)} ok cells"
+    if silent or uncovered:
+        note += f"; not shown: {silent} silent, {uncovered} uncovered"
     if beyond_all.any():
         note += f"; {_count(int(beyond_all.sum()), 'cell')} beyond the axis, drawn at its edge (▼ ▲)"
     axes.set_title(f"Per-cell bits per spike against firing rate · step {result.step}\n{note}", fontsize=10, loc="left")
-    handles, labels = axes.get_legend_handles_labels()
-    if few is not None:
-        index = labels.index(few.get_label())
-        handles.append(handles.pop(index))
-        labels.append(labels.pop(index))
-    _dataset_legend(figure, handles, labels, columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
@@ -425,7 +439,10 @@ def coverage_figure(run: MergedRun, min_samples: int = 10) -> Figure:
     )
     handles = [
         Patch(facecolor=ZERO_COLOR, label="0 valid samples on that rank"),
-        Patch(facecolor="none", edgecolor=BELOW_COLOR, linewidth=1.4, label=f"cell below {min_samples} {SAMPLES_LABEL} in total"),
+        Patch(
+            facecolor="none", edgecolor=BELOW_COLOR, linewidth=1.4,
+            label=f"cell below {min_samples} {SAMPLES_LABEL} in total",
+        ),
         Patch(facecolor="white", edgecolor="#cccccc", label="no such cell (dataset has fewer cells)"),
     ]
     figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
@@ -457,13 +474,15 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
     top.set_ylabel(BPS_LABEL)
     top.set_title(f"Bits per spike over {_count(len(steps), 'validation step')}", fontsize=10, loc="left")
     top.legend(loc="best", fontsize=8, frameon=False)
-    for color, name in zip(dataset_colors(len(names)), names):
+    entries = []
+    for color, name in zip(dataset_colors(len(names)), names, strict=True):
         values = []
         for step in steps:
             frame = results[step].datasets
             match = frame.loc[frame["name"] == name, "bps"]
             values.append(float(match.iloc[0]) if len(match) else math.nan)
-        bottom.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color=color, label=_text(name))
+        (line,) = bottom.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color=color)
+        entries.append((line, _text(name)))
     bottom.set_ylabel(f"dataset {BPS_LABEL}")
     bottom.set_xlabel("validation step")
     for axes in (top, bottom):
@@ -471,7 +490,7 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
         axes.set_axisbelow(True)
         axes.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
     bottom.xaxis.get_major_locator().set_params(integer=True)
-    _dataset_legend(figure, *bottom.get_legend_handles_labels(), columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
@@ -480,13 +499,17 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
 
 
 def matched_cells(new: Result, base: Result) -> pd.DataFrame:
-    """Cells of the datasets both sides scored, matched by dataset and cell_id: dataset, cell_id, bps_base, bps_new, status_base, status_new."""
+    """Cells of the datasets both sides scored, matched by dataset and cell_id.
+
+    Columns: dataset, cell_id, bps_base, bps_new, status_base, status_new.
+    """
     keys = ["dataset", "key"]
     sides = []
     for result, suffix in ((base, "_base"), (new, "_new")):
         cells = result.cells[["dataset", "cell_id", "bps", "status"]].copy()
         cells["key"] = cells["cell_id"].astype(str)
-        sides.append(cells.rename(columns={"bps": f"bps{suffix}", "status": f"status{suffix}", "cell_id": f"cell_id{suffix}"}))
+        renamed = {"bps": f"bps{suffix}", "status": f"status{suffix}", "cell_id": f"cell_id{suffix}"}
+        sides.append(cells.rename(columns=renamed))
     merged = sides[0].merge(sides[1], on=keys, how="inner")
     return merged.rename(columns={"cell_id_new": "cell_id"}).drop(columns=["cell_id_base", "key"])
 
@@ -496,20 +519,22 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
     pairs = matched_cells(new, base)
     both_ok = pairs[(pairs["status_base"] == OK) & (pairs["status_new"] == OK)]
     datasets = [name for name in base.datasets["name"] if name in set(both_ok["dataset"])]
-    colors = dict(zip(datasets, dataset_colors(len(datasets))))
+    colors = dict(zip(datasets, dataset_colors(len(datasets)), strict=True))
     columns, rows = _legend_layout([*datasets, "no change (diagonal)"])
     figure = new_figure(WIDE, 7.0 + LEGEND_ROW * rows)
     axes = figure.add_subplot()
     x, y = both_ok["bps_base"].to_numpy(float), both_ok["bps_new"].to_numpy(float)
     low, high = _robust_limits(np.concatenate([x, y]), (0.0,))
     edges = _edges(low, high)
+    entries = []
     for name in datasets:
         mask = (both_ok["dataset"] == name).to_numpy()
-        axes.scatter(
-            np.clip(x[mask], *edges), np.clip(y[mask], *edges), s=14, alpha=0.8, linewidths=0, color=colors[name],
-            label=_text(name),
+        dots = axes.scatter(
+            np.clip(x[mask], *edges), np.clip(y[mask], *edges), s=14, alpha=0.8, linewidths=0, color=colors[name]
         )
-    axes.plot([low, high], [low, high], color="#444444", linewidth=1, linestyle="--", label="no change (diagonal)")
+        entries.append((dots, _text(name)))
+    (diagonal,) = axes.plot([low, high], [low, high], color="#444444", linewidth=1, linestyle="--")
+    entries.append((diagonal, "no change (diagonal)"))
     axes.set_xlim(low, high)
     axes.set_ylim(low, high)
     axes.set_aspect("equal")
@@ -532,11 +557,13 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
         if comparison.passed:
             headline += "no regression"
         else:
-            headline += f"REGRESSION: {regressed} of {len(gated)} gated metrics" + (f", {_count(lost, 'cell')} lost coverage" if lost else "")
+            headline += f"REGRESSION: {regressed} of {len(gated)} gated metrics"
+            if lost:
+                headline += f", {_count(lost, 'cell')} lost coverage"
             if comparison.missing_datasets:
                 headline += f", {_count(len(comparison.missing_datasets), 'dataset')} missing"
     axes.set_title(_text(headline), fontsize=10, loc="left")
-    _dataset_legend(figure, *axes.get_legend_handles_labels(), columns)
+    _dataset_legend(figure, entries, columns)
     return figure
 
 
