@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpseval
-OK, OVERFLOW = "ok", "overflow"
 from tests.conftest import write_raw_shard
+
+OK, OVERFLOW = "ok", "overflow"  # literals: the tests must run (and fail) on code without the overflow status
 
 # ----------------------------------------------------------------------------------------------
 # Item 4: float64 sums that are not finite make a cell `overflow`, never an `ok` cell without bps

@@ -106,7 +106,8 @@ class Result:
         """A Result back from its JSON document (`to_dict`); null values become NaN."""
         datasets = pd.DataFrame(
             [
-                {**{key: entry.get(key) for key in DATASET_COLUMNS if key not in STATUSES}, OVERFLOW: 0, **entry["cells"]}
+                {**{key: entry.get(key) for key in DATASET_COLUMNS if key not in STATUSES}, OVERFLOW: 0}
+                | entry["cells"]
                 for entry in document["datasets"]
             ],
             columns=DATASET_COLUMNS,
@@ -224,9 +225,9 @@ def _overflow_warnings(cells: pd.DataFrame) -> list[str]:
     """One warning per dataset with `overflow` cells: why its numbers and the overall ones are undefined."""
     overflowed = cells[cells["status"] == OVERFLOW]
     return [
-        f"dataset {name!r}: {len(group)} cell{'s' if len(group) != 1 else ''} (first: cell_id {group['cell_id'].iloc[0]})"
-        " with float64 sums, ll_gain or bps that are not finite (status overflow: spike counts or log-rates too large,"
-        " or spike counts too small to divide by); bps and bps_pooled of the dataset and of the run are undefined."
+        f"dataset {name!r}: {len(group)} cell{'s' if len(group) != 1 else ''}"
+        f" (first: cell_id {group['cell_id'].iloc[0]}) with float64 sums, ll_gain or bps that are not finite"
+        " (status overflow: spike counts or log-rates too large, or spike counts too small to divide by); bps and bps_pooled of the dataset and of the run are undefined."
         for name, group in overflowed.groupby("dataset", sort=False)
     ]
 
