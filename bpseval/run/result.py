@@ -227,7 +227,8 @@ def _overflow_warnings(cells: pd.DataFrame) -> list[str]:
     return [
         f"dataset {name!r}: {len(group)} cell{'s' if len(group) != 1 else ''}"
         f" (first: cell_id {group['cell_id'].iloc[0]}) with float64 sums, ll_gain or bps that are not finite"
-        " (status overflow: spike counts or log-rates too large, or spike counts too small to divide by); bps and bps_pooled of the dataset and of the run are undefined."
+        " (status overflow: spike counts or log-rates too large, or spike counts too small to divide by);"
+        " bps and bps_pooled of the dataset and of the run are undefined."
         for name, group in overflowed.groupby("dataset", sort=False)
     ]
 
