@@ -30,8 +30,12 @@ LN2 = math.log(2.0)
 MIN_RATE = 1e-9
 RATE_KINDS = ("rate", "log_rate")
 STAT_FIELDS = ("n_valid", "weight", "spikes", "model_ll")
-OK, SILENT, UNCOVERED = "ok", "silent", "uncovered"
-STATUSES = (OK, SILENT, UNCOVERED)
+OK, SILENT, UNCOVERED, OVERFLOW = "ok", "silent", "uncovered", "overflow"
+STATUSES = (OK, SILENT, UNCOVERED, OVERFLOW)
+"""`overflow`: a covered cell whose float64 sums, ll_gain or bps are not finite (extreme but finite inputs,
+e.g. spike counts near 1e308, log-rates near 700 over many samples, subnormal spike counts). Its bps is
+undefined, and so are the bps and bps_pooled of its dataset and of the whole run: no number is reported
+that silently leaves it out."""
 
 
 @dataclass
@@ -126,6 +130,11 @@ def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rat
     within this batch. Numpy batches are processed in row blocks of about BLOCK_ENTRIES
     entries, so that float64 temporaries stay in the CPU cache.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
+        return _batch_stats(rhat, robs, weights, rate_kind)
+
+
+def _batch_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
     xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
     n_rows, n_cells = rhat.shape
     rows = max(1, BLOCK_ENTRIES // max(n_cells, 1)) if is_numpy_namespace(xp) else n_rows
@@ -332,23 +341,34 @@ class CellScores:
 
 
 def cell_scores(stats: CellStats) -> CellScores:
-    """ll_gain, bits per spike and status (ok / silent / uncovered) of every cell."""
+    """ll_gain, bits per spike and status (ok / silent / uncovered / overflow) of every cell.
+
+    The sums can overflow only after many finite batches were added, so finiteness is checked
+    here, on the final sums: a covered cell whose sums, ll_gain or bps are not finite is `overflow`
+    (ll_gain and bps NaN), never an `ok` cell without a number.
+    """
     covered = stats.n_valid > 0
     ok = covered & (stats.spikes > 0)
     spikes = np.where(ok, stats.spikes, 1.0)
     weight = np.where(ok, stats.weight, 1.0)
-    null_ll = np.where(ok, spikes * np.log(spikes / weight) - spikes, 0.0)
-    ll_gain = np.where(covered, stats.model_ll - null_ll, np.nan)
-    bps = np.where(ok, ll_gain / (spikes * LN2), np.nan)
-    status = np.where(ok, OK, np.where(covered, SILENT, UNCOVERED))
+    with np.errstate(all="ignore"):
+        null_ll = np.where(ok, spikes * np.log(spikes / weight) - spikes, 0.0)
+        ll_gain = np.where(covered, stats.model_ll - null_ll, np.nan)
+        bps = np.where(ok, ll_gain / (spikes * LN2), np.nan)
+    finite = np.isfinite(stats.weight) & np.isfinite(stats.spikes) & np.isfinite(ll_gain) & (np.isfinite(bps) | ~ok)
+    overflow = covered & ~finite
+    ll_gain[overflow], bps[overflow] = np.nan, np.nan
+    status = np.where(overflow, OVERFLOW, np.where(ok, OK, np.where(covered, SILENT, UNCOVERED)))
     return CellScores(ll_gain=ll_gain, bps=bps, status=status)
 
 
 def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> float:
-    """Mean bits per spike over the `ok` cells (NaN when there is none).
+    """Mean bits per spike over the `ok` cells (NaN when there is none, or when a cell overflowed).
 
     `clamp_negative` reproduces legacy training loops, which clamped each cell at 0 first.
     """
+    if (status == OVERFLOW).any():
+        return math.nan
     values = bps[status == OK]
     if clamp_negative:
         values = np.maximum(values, 0.0)
@@ -356,10 +376,18 @@ def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) 
 
 
 def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> float:
-    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included (Neural Latents Benchmark)."""
+    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included (Neural Latents Benchmark).
+
+    NaN when a cell overflowed or the pooled sums themselves are not finite."""
+    if (status == OVERFLOW).any():
+        return math.nan
     covered = status != UNCOVERED
     total_spikes = float(spikes[covered].sum())
-    return float(ll_gain[covered].sum()) / (LN2 * total_spikes) if total_spikes > 0 else math.nan
+    if not 0 < total_spikes < math.inf:
+        return math.nan
+    with np.errstate(all="ignore"):
+        pooled = float(ll_gain[covered].sum()) / (LN2 * total_spikes)
+    return pooled if math.isfinite(pooled) else math.nan
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:
@@ -371,7 +399,7 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
     """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
 
     Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
-    status; bps is NaN for silent and uncovered cells. Same code path as `bpseval compute`.
+    status; bps is NaN for silent, uncovered and overflow cells. Same code path as `bpseval compute`.
     """
     if rate_kind not in RATE_KINDS:
         raise BpsevalError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")

@@ -17,6 +17,7 @@ from bpseval._version import __version__
 from bpseval.kernel.stats import (
     MIN_RATE,
     OK,
+    OVERFLOW,
     STAT_FIELDS,
     STATUSES,
     CellStats,
@@ -28,7 +29,7 @@ from bpseval.kernel.stats import (
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.merge import MergedRun, merge_run
 
-DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered", "identity"]
+DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", *STATUSES, "identity"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]
 
 
@@ -58,7 +59,7 @@ class Result:
                 "duplicates_dropped": int(row.duplicates_dropped),
                 "bps": _number(row.bps),
                 "bps_pooled": _number(row.bps_pooled),
-                "cells": {"ok": int(row.ok), "silent": int(row.silent), "uncovered": int(row.uncovered)},
+                "cells": {status: int(getattr(row, status)) for status in STATUSES},
                 "identity": row.identity,
             }
             for row in self.datasets.itertuples(index=False)
@@ -105,7 +106,8 @@ class Result:
         """A Result back from its JSON document (`to_dict`); null values become NaN."""
         datasets = pd.DataFrame(
             [
-                {**{key: entry.get(key) for key in DATASET_COLUMNS if key not in STATUSES}, **entry["cells"]}
+                {**{key: entry.get(key) for key in DATASET_COLUMNS if key not in STATUSES}, OVERFLOW: 0}
+                | entry["cells"]
                 for entry in document["datasets"]
             ],
             columns=DATASET_COLUMNS,
@@ -197,7 +199,7 @@ def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:
         )
     datasets = pd.DataFrame(dataset_rows, columns=DATASET_COLUMNS)
     scored = datasets[datasets[OK] > 0]
-    overall_bps = float(scored["bps"].mean()) if len(scored) else math.nan
+    overall_bps = float(scored["bps"].mean()) if len(scored) and not (status == OVERFLOW).any() else math.nan
     if clamp_negative and math.isfinite(overall_bps):
         overall_bps = max(overall_bps, 0.0)
     overall = {
@@ -215,8 +217,20 @@ def build_result(run: MergedRun, clamp_negative: bool = False) -> Result:
         overall=overall,
         datasets=datasets,
         cells=all_cells[CELL_COLUMNS],
-        warnings=list(run.warnings),
+        warnings=list(run.warnings) + _overflow_warnings(all_cells),
     )
+
+
+def _overflow_warnings(cells: pd.DataFrame) -> list[str]:
+    """One warning per dataset with `overflow` cells: why its numbers and the overall ones are undefined."""
+    overflowed = cells[cells["status"] == OVERFLOW]
+    return [
+        f"dataset {name!r}: {len(group)} cell{'s' if len(group) != 1 else ''}"
+        f" (first: cell_id {group['cell_id'].iloc[0]}) with float64 sums, ll_gain or bps that are not finite"
+        " (status overflow: spike counts or log-rates too large, or spike counts too small to divide by);"
+        " bps and bps_pooled of the dataset and of the run are undefined."
+        for name, group in overflowed.groupby("dataset", sort=False)
+    ]
 
 
 def runs_frame(results: dict[str, Result], sort: str = "run") -> pd.DataFrame:

@@ -1,16 +1,21 @@
-"""Reading shards with validation: headers, row chunks, stored sums; every defect becomes a ShardError naming the file."""
+"""Reading shards with validation: headers, row chunks, stored sums; every defect becomes a ShardError naming the file.
+
+Only the exceptions that h5py raises on damaged files, caught around the h5py calls themselves,
+become "damaged shard" errors: a bug in bpseval's own code surfaces as its own traceback.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import h5py
 import numpy as np
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import BpsevalError, ShardError
 from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, CellStats, as_weights
 from bpseval.shard.format import (
     DATASETS_GROUP,
@@ -22,33 +27,42 @@ from bpseval.shard.format import (
     ShardHeader,
 )
 
+H5PY_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+"""What h5py raises on damaged files; caught only around h5py calls."""
+
+
+@contextmanager
+def _h5py_errors(path: Path) -> Iterator[None]:
+    """Turn an h5py failure inside the block (which must hold h5py calls only) into a ShardError naming the file."""
+    try:
+        yield
+    except BpsevalError:
+        raise
+    except H5PY_ERRORS as error:
+        raise ShardError(
+            f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
+        ) from None
+
 
 @contextmanager
 def open_shard(path: Path) -> Iterator[h5py.File]:
     """Open a shard read-only, without HDF5 file locks (shards are immutable once renamed into
     place, and locks are missing or broken on many shared filesystems).
 
-    Any failure to open or to read becomes a BpsevalError naming the file.
+    A file that cannot be opened is a ShardError naming it. Errors raised inside the block pass
+    through unchanged: the reading code catches h5py's failures around the h5py calls themselves.
     """
-    handle = _open_file(path)
-    try:
-        with handle:
-            yield handle
-    except BpsevalError:
-        raise
-    except Exception as error:  # h5py raises many types on damaged files
-        raise BpsevalError(
-            f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
-        ) from None
+    with _open_file(path) as handle:
+        yield handle
 
 
 def _open_file(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except PermissionError:
-        raise BpsevalError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
-    except Exception as error:
-        raise BpsevalError(
+        raise ShardError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
+    except H5PY_ERRORS as error:
+        raise ShardError(
             f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
             " shard; delete or move it out of the run directory."
         ) from None
@@ -61,39 +75,43 @@ def _short(error: BaseException) -> str:
 def read_header(path: Path) -> ShardHeader:
     """Read and validate a shard's attributes and dataset layouts; raises BpsevalError if invalid."""
     with open_shard(path) as handle:
-        attrs = handle.attrs
-        fmt = _text_attr(attrs.get("format"))
+        attrs = _attrs(path, handle, ("format", "format_version", "rank", "world_size", "step", "store", "run_id"))
+        fmt = _text_attr(attrs["format"])
         if fmt != FORMAT:
-            raise BpsevalError(
+            raise ShardError(
                 f"{path}: not a bpseval shard (root attribute 'format' is {fmt!r}, expected {FORMAT!r})."
                 " Move other .h5 files out of the run directory."
             )
         version = _int_attr(path, attrs, "format_version")
         if version != FORMAT_VERSION:
-            raise BpsevalError(
+            raise ShardError(
                 f"{path}: shard format version {version} is not supported (this bpseval reads version"
                 f" {FORMAT_VERSION}); upgrade bpseval or rewrite the shard."
             )
         rank, world_size, step = (_int_attr(path, attrs, key) for key in ("rank", "world_size", "step"))
         if world_size < 1 or not 0 <= rank < world_size:
-            raise BpsevalError(f"{path}: rank {rank} is outside 0..world_size-1 (world_size {world_size}).")
+            raise ShardError(f"{path}: rank {rank} is outside 0..world_size-1 (world_size {world_size}).")
         _refuse_links(path, handle)
-        group = handle.get(DATASETS_GROUP)
+        with _h5py_errors(path):
+            group = handle.get(DATASETS_GROUP)
         if group is not None and not isinstance(group, h5py.Group):
-            raise BpsevalError(f"{path}: /{DATASETS_GROUP} must be a group holding one group per dataset.")
-        store = _text_attr(attrs.get("store", "raw"))
+            raise ShardError(f"{path}: /{DATASETS_GROUP} must be a group holding one group per dataset.")
+        store = _text_attr(attrs["store"] if attrs["store"] is not None else "raw")
         if store not in STORES:
-            raise BpsevalError(f"{path}: root attribute 'store' is {store!r}; it must be one of {STORES}.")
+            raise ShardError(f"{path}: root attribute 'store' is {store!r}; it must be one of {STORES}.")
         read_layout = _read_stats_layout if store == "stats" else _read_layout
+        with _h5py_errors(path):
+            items = list(group.items()) if group is not None else []
         datasets = {}
-        for name, item in (group or {}).items():
+        file_size = path.stat().st_size
+        for name, item in items:
             if not isinstance(name, str):  # h5py gives bytes for a name that is not valid UTF-8
-                raise BpsevalError(
+                raise ShardError(
                     f"{path}: dataset name {name!r} is not valid UTF-8 text; the shard is damaged. Re-run validation"
                     " to rewrite it."
                 )
-            datasets[name] = read_layout(path, name, item)
-        run_id = attrs.get("run_id")
+            datasets[name] = read_layout(path, name, item, file_size)
+        run_id = attrs["run_id"]
         return ShardHeader(
             path=path,
             rank=rank,
@@ -109,8 +127,16 @@ MAX_CELLS = 1 << 20
 """More cells than this in one dataset is not a recording: refused before any memory is spent."""
 
 
-MAX_COMPRESSION = 2000
-"""gzip cannot compress more than ~1000:1; a larger ratio means chunks that were never written."""
+MAX_COMPRESSION = 100
+"""Largest ratio of declared to stored bytes accepted for a compressed array larger than FREE_BYTES.
+
+Measured with gzip level 9: float rates 1.1-1.2:1, sparse spike counts 35-52:1, sample_idx
+0..N-1 5:1 (59:1 with shuffle); only constant arrays compress more (~700:1), and those are
+accepted up to FREE_BYTES. So a 1 MB shard makes bpseval read at most ~100 MB per array."""
+
+
+FREE_BYTES = 1 << 24
+"""Arrays declaring up to 16 MiB are read whatever their compression: cheap in memory and time."""
 
 
 LINK_KINDS = {h5py.h5l.TYPE_SOFT: "SoftLink", h5py.h5l.TYPE_EXTERNAL: "ExternalLink"}
@@ -127,36 +153,88 @@ def _refuse_links(path: Path, handle: h5py.File) -> None:
         if info.type != h5py.h5l.TYPE_HARD:
             problems.append(f"/{name.decode(errors='replace')} is a {LINK_KINDS.get(info.type, 'user-defined link')}")
 
-    handle.id.links.visit(check_link, info=True)
+    with _h5py_errors(path):
+        handle.id.links.visit(check_link, info=True)
     if problems:
         _refuse_foreign_data(path, problems)
 
 
-def _refuse_foreign_storage(path: Path, array: h5py.Dataset) -> None:
+@dataclass(frozen=True)
+class _ArrayInfo:
+    """What the checks need to know of one HDF5 array, read with h5py calls only."""
+
+    location: str
+    """Its path inside the file, e.g. /datasets/d/rhat."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    foreign: str | None
+    """"virtual dataset" or "dataset with external storage" when its data is outside the file."""
+    filtered: bool
+    stored: int
+    """Bytes allocated in the file for its data (compressed chunks count as stored)."""
+    missing_chunks: int
+    """Chunks of a chunked array that were never written: they read as the fill value, not as data."""
+
+    @property
+    def name(self) -> str:
+        return self.location.rsplit("/", 1)[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+def _array_info(path: Path, array: h5py.Dataset) -> _ArrayInfo:
+    with _h5py_errors(path):
+        location, shape, dtype = array.name, tuple(array.shape), array.dtype
+        foreign = "virtual dataset" if array.is_virtual else "dataset with external storage" if array.external else None
+        if foreign is not None:
+            return _ArrayInfo(location, shape, dtype, foreign, False, 0, 0)
+        plist = array.id.get_create_plist()
+        filtered = plist.get_nfilters() > 0
+        stored = array.id.get_storage_size()
+        chunks = array.chunks
+        written = array.id.get_num_chunks() if chunks is not None else 0
+    expected = 0 if chunks is None else int(np.prod([-(-n // c) for n, c in zip(shape, chunks, strict=True)]))
+    return _ArrayInfo(location, shape, dtype, None, filtered, stored, max(0, expected - written))
+
+
+def _refuse_foreign_storage(path: Path, info: _ArrayInfo) -> None:
     """Refuse an array read from outside the file: a virtual dataset or one with external storage."""
-    if array.is_virtual or array.external:
-        kind = "virtual dataset" if array.is_virtual else "dataset with external storage"
-        _refuse_foreign_data(path, [f"{array.name} is a {kind}"])
+    if info.foreign is not None:
+        _refuse_foreign_data(path, [f"{info.location} is a {info.foreign}"])
 
 
 def _refuse_foreign_data(path: Path, problems: list[str]) -> NoReturn:
-    raise BpsevalError(
+    raise ShardError(
         f"{path}: refers to data outside the file ({'; '.join(problems[:3])}); a shard must hold its own"
         " arrays. Rewrite it with ShardWriter."
     )
 
 
-def _check_stored(path: Path, where: str, array: h5py.Dataset, file_size: int) -> None:
-    """Refuse arrays stored outside the file, or declaring more data than the whole file could hold
-    (truncated, or built to exhaust memory); compared with the file's size, so no chunk index has
-    to be walked."""
-    _refuse_foreign_storage(path, array)
-    compressed = array.compression is not None or array.scaleoffset is not None
-    if array.nbytes > file_size * (MAX_COMPRESSION if compressed else 1):
-        raise BpsevalError(
-            f"{where}: {array.name.rsplit('/', 1)[-1]} declares shape {array.shape} ({array.nbytes} bytes) but the"
-            f" file holds only {file_size} bytes; the shard is truncated or damaged. Re-run validation to rewrite it."
+def _check_stored(path: Path, where: str, info: _ArrayInfo, file_size: int) -> None:
+    """Refuse arrays stored outside the file, or declaring more data than they store: unwritten chunks
+    (which read as the fill value), more than the file holds (truncated), or a compression ratio no
+    real data has (built to make the reader allocate or spin). Bounds memory and time by the file size."""
+    _refuse_foreign_storage(path, info)
+    stored = min(info.stored, file_size)
+    if not info.filtered and info.nbytes > file_size:
+        problem = f"the file holds only {file_size} bytes"
+    elif info.missing_chunks and info.nbytes:
+        problem = f"{info.missing_chunks} of its chunks were never written (they would read as fill values)"
+    elif not info.filtered and info.nbytes > stored:
+        problem = f"only {stored} bytes of it are stored in the file"
+    elif info.filtered and info.nbytes > max(FREE_BYTES, MAX_COMPRESSION * stored):
+        problem = (
+            f"it is stored compressed in {stored} bytes, a ratio above {MAX_COMPRESSION}:1 that no recorded data"
+            " reaches"
         )
+    else:
+        return
+    raise ShardError(
+        f"{where}: {info.name} declares shape {info.shape} ({info.nbytes} bytes) but {problem}; the shard is"
+        " truncated, damaged or not written by ShardWriter. Re-run validation to rewrite it (uncompressed)."
+    )
 
 
 def _text_attr(value: Any) -> str | None:
@@ -165,111 +243,207 @@ def _text_attr(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _int_attr(path: Path, attrs: h5py.AttributeManager, key: str) -> int:
+def _attrs(path: Path, item: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The attributes `keys` of an HDF5 object (None where absent), read with h5py calls only."""
+    with _h5py_errors(path):
+        return {key: item.attrs.get(key) for key in keys}
+
+
+def _members(path: Path, group: h5py.Group, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The members `keys` of a group (None where absent); each HDF5 object opened once (lookups are slow)."""
+    with _h5py_errors(path):
+        present = set(group)
+        return {key: group[key] if key in present else None for key in keys}
+
+
+def _int_attr(path: Path, attrs: dict[str, Any], key: str) -> int:
     value = attrs.get(key)
     if isinstance(value, np.ndarray) and value.size == 1:
         value = value.reshape(()).item()
     if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-        raise BpsevalError(f"{path}: root attribute {key!r} must be an integer, found {value!r}.")
+        raise ShardError(f"{path}: attribute {key!r} must be an integer, found {value!r}.")
     return int(value)
 
 
 RAW_ARRAYS = ("rhat", "robs", "dfs", "sample_idx", "cell_ids")
 
 
-def _read_layout(path: Path, name: str, group: Any) -> DatasetLayout:
+def _read_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
     where = f"{path}: dataset {name!r}"
     if not isinstance(group, h5py.Group):
-        raise BpsevalError(f"{where}: /{DATASETS_GROUP}/{name} must be a group holding rhat and robs.")
-    members = set(group)  # each HDF5 object opened once and only if present: lookups are slow
-    arrays = {key: group[key] if key in members else None for key in RAW_ARRAYS}
+        raise ShardError(f"{where}: /{DATASETS_GROUP}/{name} must be a group holding rhat and robs.")
+    arrays = _members(path, group, RAW_ARRAYS)
     for key in ("rhat", "robs"):
         if not isinstance(arrays[key], h5py.Dataset):
-            raise BpsevalError(f"{where}: missing the {key!r} array; every dataset group needs rhat and robs.")
+            raise ShardError(f"{where}: missing the {key!r} array; every dataset group needs rhat and robs.")
     for key, array in arrays.items():
         if array is not None and not isinstance(array, h5py.Dataset):
-            raise BpsevalError(f"{where}: {key} must be an array, found a {type(array).__name__}.")
-    present = {key: array for key, array in arrays.items() if array is not None}
-    rhat, robs, dfs, index = present["rhat"], present["robs"], present.get("dfs"), present.get("sample_idx")
-    if rhat.ndim != 2 or robs.shape != rhat.shape:
-        raise BpsevalError(
+            raise ShardError(f"{where}: {key} must be an array, found a {type(array).__name__}.")
+    info = {key: _array_info(path, array) for key, array in arrays.items() if array is not None}
+    rhat, robs, dfs, index = info["rhat"], info["robs"], info.get("dfs"), info.get("sample_idx")
+    if len(rhat.shape) != 2 or robs.shape != rhat.shape:
+        raise ShardError(
             f"{where}: rhat and robs must both have shape (samples, cells); got {rhat.shape} and {robs.shape}."
         )
     for key in ("rhat", "robs", "dfs"):
-        if key in present and present[key].dtype.kind not in "biuf":
-            raise BpsevalError(f"{where}: {key} must be numeric, found dtype {present[key].dtype}.")
+        if key in info and info[key].dtype.kind not in "biuf":
+            raise ShardError(f"{where}: {key} must be numeric, found dtype {info[key].dtype}.")
     n_rows, n_cells = rhat.shape
     if n_cells > MAX_CELLS:
-        raise BpsevalError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}); is the array transposed?")
-    file_size = path.stat().st_size
-    for array in present.values():
+        raise ShardError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}); is the array transposed?")
+    for array in info.values():
         _check_stored(path, where, array, file_size)
     dfs_shape = None if dfs is None else dfs.shape
     if dfs_shape is not None and dfs_shape not in ((n_rows, n_cells), (n_rows, 1), (n_rows,)):
-        raise BpsevalError(
+        raise ShardError(
             f"{where}: dfs has shape {dfs_shape} but rhat/robs have shape {rhat.shape}; dfs must be"
             f" ({n_rows}, {n_cells}), ({n_rows}, 1) or ({n_rows},)."
         )
     if index is not None and (index.shape != (n_rows,) or index.dtype.kind not in "iu"):
-        raise BpsevalError(
+        raise ShardError(
             f"{where}: sample_idx must be integers of shape ({n_rows},), found {index.dtype} {index.shape}."
         )
-    cell_ids = None
-    if "cell_ids" in present:
-        cell_ids = read_cell_ids(present["cell_ids"])
-        if cell_ids.shape != (n_cells,):
-            raise BpsevalError(f"{where}: cell_ids must have shape ({n_cells},), found {cell_ids.shape}.")
-    rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
+    cell_ids = _read_cell_ids(path, where, arrays["cell_ids"], n_cells, file_size)
+    rate_kind = _text_attr(_attrs(path, group, ("rate_kind",))["rate_kind"] or "rate")
     if rate_kind not in RATE_KINDS:
-        raise BpsevalError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
-    nbytes = sum(array.nbytes for key, array in present.items() if key != "cell_ids")
+        raise ShardError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
+    nbytes = sum(array.nbytes for key, array in info.items() if key != "cell_ids")
     return DatasetLayout(name, n_rows, n_cells, rate_kind, dfs_shape, index is not None, cell_ids, nbytes)
 
 
-def _read_stats_layout(path: Path, name: str, group: Any) -> DatasetLayout:
+def _read_cell_ids(path: Path, where: str, array: Any, n_cells: int, file_size: int) -> np.ndarray | None:
+    """A dataset's cell_ids (None when absent), checked to hold one id per cell."""
+    if array is None:
+        return None
+    if not isinstance(array, h5py.Dataset):
+        raise ShardError(f"{where}: cell_ids must be an array, found a {type(array).__name__}.")
+    _check_stored(path, where, _array_info(path, array), file_size)
+    with _h5py_errors(path):
+        cell_ids = read_cell_ids(array)
+    if cell_ids.shape != (n_cells,):
+        raise ShardError(f"{where}: cell_ids must have shape ({n_cells},), found {cell_ids.shape}.")
+    return cell_ids
+
+
+def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
     """A dataset group of a stats-only shard: per-cell sums, and optional per-block sums."""
     where = f"{path}: dataset {name!r}"
     if not isinstance(group, h5py.Group):
-        raise BpsevalError(f"{where}: /{DATASETS_GROUP}/{name} must be a group.")
-    shapes = {key: group[key].shape if isinstance(group.get(key), h5py.Dataset) else None for key in STAT_FIELDS}
+        raise ShardError(f"{where}: /{DATASETS_GROUP}/{name} must be a group.")
+    members = _members(path, group, (*STAT_FIELDS, "blocks", "cell_ids"))
+    arrays = {key: _array_info(path, members[key]) for key in STAT_FIELDS if isinstance(members[key], h5py.Dataset)}
+    shapes = {key: arrays[key].shape if key in arrays else None for key in STAT_FIELDS}
     if None in shapes.values() or len(set(shapes.values())) != 1 or len(shapes["n_valid"]) != 1:
-        raise BpsevalError(
-            f"{where}: a stats-only dataset needs arrays {', '.join(STAT_FIELDS)} of one shape (cells,); found {shapes}."
+        raise ShardError(
+            f"{where}: a stats-only dataset needs arrays {', '.join(STAT_FIELDS)} of one shape (cells,);"
+            f" found {shapes}."
         )
     n_cells = shapes["n_valid"][0]
+    if n_cells > MAX_CELLS:
+        raise ShardError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}).")
+    attrs = _attrs(path, group, ("block_size", "rate_kind", "samples", "duplicates_dropped"))
     block_size = None
-    if "blocks" in group:
-        block_shapes = {group["blocks"][key].shape for key in STAT_FIELDS if key in group["blocks"]}
-        if len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or next(iter(block_shapes))[1] != n_cells:
-            raise BpsevalError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
-        block_size = _int_attr(path, group.attrs, "block_size")
-    read_later = [*STAT_FIELDS, *(f"blocks/{key}" for key in STAT_FIELDS if block_size is not None), "cell_ids"]
-    for key in read_later:
-        if key in group:
-            _refuse_foreign_storage(path, group[key])
-    cell_ids = read_cell_ids(group["cell_ids"]) if "cell_ids" in group else None
-    rate_kind = _text_attr(group.attrs.get("rate_kind", "rate"))
-    samples = _int_attr(path, group.attrs, "samples")
-    dropped = _int_attr(path, group.attrs, "duplicates_dropped")
+    if members["blocks"] is not None:
+        blocks = _members(path, members["blocks"], STAT_FIELDS) if isinstance(members["blocks"], h5py.Group) else {}
+        block_arrays = {key: _array_info(path, item) for key, item in blocks.items() if isinstance(item, h5py.Dataset)}
+        block_shapes = {array.shape for array in block_arrays.values()}
+        if len(block_arrays) != len(STAT_FIELDS) or len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or (
+            next(iter(block_shapes))[1] != n_cells
+        ):
+            raise ShardError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
+        arrays.update({f"blocks/{key}": array for key, array in block_arrays.items()})
+        block_size = _int_attr(path, attrs, "block_size")
+        if block_size < 1:
+            raise ShardError(f"{where}: attribute 'block_size' is {block_size}; it must be >= 1.")
+    for key, array in arrays.items():
+        _check_stored(path, where, array, file_size)
+        if array.dtype.kind not in "biuf":
+            raise ShardError(f"{where}: {key} must be numeric, found dtype {array.dtype}.")
+    cell_ids = _read_cell_ids(path, where, members["cell_ids"], n_cells, file_size)
+    rate_kind = _text_attr(attrs["rate_kind"] or "rate")
+    if rate_kind not in RATE_KINDS:
+        raise ShardError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
+    samples, dropped = _int_attr(path, attrs, "samples"), _int_attr(path, attrs, "duplicates_dropped")
+    if samples < 0 or dropped < 0:
+        raise ShardError(f"{where}: attributes samples ({samples}) and duplicates_dropped ({dropped}) must be >= 0.")
     return DatasetLayout(
         name, samples, n_cells, rate_kind, None, block_size is not None, cell_ids, 0, "stats", block_size, dropped
     )
 
 
 def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, CellStats | None]:
-    """The per-cell sums of a stats-only dataset, and its per-block sums when stored; checked for sanity."""
+    """The per-cell sums of a stats-only dataset, and its per-block sums when stored.
+
+    Refuses (ShardError naming the file, dataset, field and first cell) sums that no data could
+    produce: see `_check_sums`.
+    """
     with open_shard(path) as handle:
-        group = handle[DATASETS_GROUP][layout.name]
-        total = CellStats(*(_read(path, layout.name, group[key], slice(None)) for key in STAT_FIELDS))
-        blocks = None
-        if layout.block_size is not None:
-            blocks = CellStats(*(_read(path, layout.name, group["blocks"][key], slice(None)) for key in STAT_FIELDS))
-    for stats in (total, blocks):
-        if stats is not None and not all(np.isfinite(getattr(stats, key)).all() for key in STAT_FIELDS):
-            raise BpsevalError(f"{path}: dataset {layout.name!r}: stats-only sums hold NaN or infinite values.")
-    return (
-        CellStats(total.n_valid.astype(np.int64), *(getattr(total, key).astype(np.float64) for key in STAT_FIELDS[1:])),
-        blocks,
+        with _h5py_errors(path):
+            group = handle[DATASETS_GROUP][layout.name]
+            arrays = {key: group[key] for key in STAT_FIELDS}
+            if layout.block_size is not None:
+                arrays.update({f"blocks/{key}": group["blocks"][key] for key in STAT_FIELDS})
+        values = {key: _read(path, layout.name, array, slice(None)) for key, array in arrays.items()}
+    where = f"{path}: dataset {layout.name!r}"
+    total = _checked_sums(where, "", values, layout.n_rows)
+    blocks = None
+    if layout.block_size is not None:
+        blocks = _checked_sums(where, "blocks/", values, layout.block_size)
+        _check_blocks_add_up(where, total, blocks)
+    return total, blocks
+
+
+SUM_RTOL = 1e-9
+"""Relative difference between float64 sums of the same values added in different orders that counts as rounding."""
+
+
+def _checked_sums(where: str, prefix: str, values: dict[str, np.ndarray], samples: int) -> CellStats:
+    """The stored sums `prefix + field` as CellStats, refused unless some data could have produced them.
+
+    Per cell (and per block row): all finite; n_valid a whole number in [0, samples]; weight and
+    spikes >= 0; weight <= n_valid (each weight is at most 1); no spikes, weight or model_ll without
+    a valid sample; no spikes without weight. `samples` is the rows the sums cover at most.
+    """
+    n_valid, weight, spikes, model_ll = (np.asarray(values[prefix + key], dtype=np.float64) for key in STAT_FIELDS)
+    name = {key: prefix + key for key in STAT_FIELDS}
+    slack = SUM_RTOL * n_valid
+    sums = dict(zip(STAT_FIELDS, (n_valid, weight, spikes, model_ll), strict=True))
+    checks = [
+        *((name[key], "is NaN or infinite", ~np.isfinite(array)) for key, array in sums.items()),
+        (name["n_valid"], "is negative or not a whole number", (n_valid < 0) | (n_valid != np.floor(n_valid))),
+        (name["n_valid"], f"exceeds the {samples} samples the sums cover", n_valid > samples),
+        (name["weight"], "is negative", weight < 0),
+        (name["spikes"], "is negative", spikes < 0),
+        (name["weight"], "exceeds n_valid (every weight is at most 1)", weight > n_valid + slack),
+        (name["spikes"], "is positive while weight is 0", (spikes > 0) & (weight == 0)),
+        (name["model_ll"], "is not 0 while n_valid is 0", (model_ll != 0) & (n_valid == 0)),
+    ]
+    with np.errstate(invalid="ignore"):
+        for field, problem, bad in checks:
+            if bad.any():
+                _refuse_sums(where, field, problem, bad)
+    return CellStats(n_valid.astype(np.int64), weight, spikes, model_ll)
+
+
+def _check_blocks_add_up(where: str, total: CellStats, blocks: CellStats) -> None:
+    """The block sums must add up to the totals: n_valid exactly, the float sums up to rounding."""
+    for key in STAT_FIELDS:
+        per_block, whole = getattr(blocks, key), getattr(total, key)
+        difference = np.abs(per_block.sum(axis=0) - whole)
+        scale = np.abs(per_block).sum(axis=0) + np.abs(whole)
+        bad = difference != 0 if key == "n_valid" else difference > SUM_RTOL * scale
+        if bad.any():
+            _refuse_sums(where, f"blocks/{key}", f"does not add up to {key} (off by {difference[bad][0]:.6g})", bad)
+
+
+def _refuse_sums(where: str, field: str, problem: str, bad: np.ndarray) -> NoReturn:
+    position = np.argwhere(bad)[0]
+    cell = f"cell {position[-1]}" + (f" of block {position[0]}" if bad.ndim == 2 else "")
+    count = int(bad.sum())
+    raise ShardError(
+        f"{where}: stored {field} {problem} at {cell} ({count} entr{'ies' if count != 1 else 'y'}); no data gives"
+        " such sums, so the stats-only shard is damaged or was not written by ShardWriter. Re-run validation to"
+        " rewrite it."
     )
 
 
@@ -284,15 +458,15 @@ def read_cell_ids(array: h5py.Dataset) -> np.ndarray:
 def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
     """One dataset of a shard, opened to read its rows.
 
-    Only opening and reading are turned into BpsevalError here; errors raised by the caller's
+    Only opening and reading are turned into ShardError here; errors raised by the caller's
     code inside the block pass through unchanged. Open one shard at a time: HDF5 keeps a chunk
     cache of up to 8 MiB for every open array.
     """
     with _open_file(path) as handle:
         try:
             reader = DatasetReader(path, layout, handle[DATASETS_GROUP][layout.name])
-        except Exception as error:
-            raise BpsevalError(
+        except H5PY_ERRORS as error:
+            raise ShardError(
                 f"{path}: dataset {layout.name!r} cannot be opened ({_short(error)}); the shard changed"
                 " since its header was read or is damaged."
             ) from None
@@ -300,9 +474,11 @@ def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
 
 
 def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
-    """The whole sample_idx array of one dataset of a shard."""
+    """The whole sample_idx array of one dataset of a shard (bounded by the header's `_check_stored`)."""
     with open_shard(path) as handle:
-        return _read(path, dataset, handle[DATASETS_GROUP][dataset]["sample_idx"], slice(None)).astype(np.int64)
+        with _h5py_errors(path):
+            array = handle[DATASETS_GROUP][dataset]["sample_idx"]
+        return _read(path, dataset, array, slice(None)).astype(np.int64)
 
 
 class DatasetReader:
@@ -332,8 +508,8 @@ class DatasetReader:
 def _read(path: Path, dataset: str, array: h5py.Dataset, rows: slice) -> np.ndarray:
     try:
         return array[rows]
-    except Exception as error:
-        raise BpsevalError(
+    except H5PY_ERRORS as error:
+        raise ShardError(
             f"{path}: dataset {dataset!r}: cannot read {array.name.rsplit('/', 1)[-1]} ({_short(error)});"
             " the file is probably truncated or damaged. Re-run validation to rewrite it."
         ) from None
