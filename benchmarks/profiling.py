@@ -22,7 +22,7 @@ PROFILE_GROUPS = (
     ("dedup (reading sample_idx, first_copies, filter)", ("read_sample_idx", "first_copies", "filter@run/dedup.py")),
     ("shard headers (read_headers, in forked children)", ("read_headers",)),
     ("identity checksum", ("dataset_identity",)),
-    ("result building (build_result)", ("build_result",)),
+    ("scoring (score_run)", ("score_run",)),
     ("JSON (to_json)", ("to_json",)),
 )
 """Parts of the run and the functions ("name" or "name@path suffix") whose cumulative time is theirs."""

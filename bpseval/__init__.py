@@ -3,12 +3,12 @@
 from typing import Any
 
 from bpseval._version import __version__
+from bpseval.api import bits_per_spike, evaluate
 from bpseval.errors import BpsevalError
 from bpseval.features.coverage import CoverageReport, check_coverage
 from bpseval.features.planning import check_cell_coverage
-from bpseval.kernel.stats import bits_per_spike
-from bpseval.run.result import Result, evaluate
 from bpseval.shard.writer import ShardWriter
+from bpseval.views.result import Result
 
 __all__ = [
     "BpsevalError",

@@ -1,22 +1,46 @@
-"""The text of every JSON document bpseval writes: strict, indented, one line per flat record."""
+"""The one JSON encoder of bpseval: plain values (undefined numbers as null), strict text, one line per record."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+import numpy as np
 
 INDENT = "  "
 
 
+def plain(value: Any) -> Any:
+    """`value` with numpy scalars and arrays turned into Python values, and non-finite floats into None.
+
+    Every document bpseval writes goes through here, so none holds NaN or Infinity: an undefined
+    number is null, never a number.
+    """
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(item) for item in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.str_):
+        return str(value)
+    return value
+
+
 def json_text(document: Any) -> str:
-    """`document` as strict JSON (NaN and infinity are refused: undefined values must be None).
+    """`document` (through `plain`) as strict JSON: undefined numbers are null.
 
     Containers are indented by two spaces, except flat records (a dict or list holding no
     container, e.g. one cell's numbers), which take one line each: a document of thousands of
     cells stays readable and diffable, and each record is encoded by json's C encoder (an
     indented `json.dumps` runs in pure Python, about 10x slower).
     """
-    return _render(document, "")
+    return _render(plain(document), "")
 
 
 def _render(value: Any, indent: str) -> str:

@@ -1,8 +1,8 @@
-"""pandas imported on first use, so that start-up and the merge do not wait for it.
+"""pandas imported on first use: only the frames and the CSV files need it.
 
-Importing pandas takes 0.2-0.4 s, more than anything else bpseval loads; `bpseval --version`,
-`--help` and the merge of the shards never touch it, and `bpseval compute` imports it while the
-merge runs elsewhere (see `preload_pandas`). Modules write `from bpseval._lazy import pandas as pd`.
+Importing pandas costs more than anything else bpseval loads; `bpseval --version`, `--help`, the
+merge and the tables and JSON of `bpseval compute` never touch it. Modules write
+`from bpseval._lazy import pandas as pd`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ def lazy_module(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def preload_pandas() -> None:
-    """Execute pandas now: for a process that would otherwise wait idle (e.g. for its worker processes)."""
-    pandas.__version__  # noqa: B018 - the attribute access is what loads it
 
 
 pandas = lazy_module("pandas")

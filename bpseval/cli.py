@@ -18,15 +18,17 @@ from rich.markup import escape
 
 from bpseval._json import json_text
 from bpseval._version import __version__
+from bpseval.api import evaluate
 from bpseval.errors import BpsevalError
-from bpseval.features.compare import CompareSettings, baseline_document, compare_paths
+from bpseval.features.compare import CompareSettings, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
-from bpseval.run.result import evaluate, runs_frame
+from bpseval.run.scored import ScoredRun
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import write_csv, write_text
+from bpseval.views.result import baseline_document, runs_frame, steps_frame
 from bpseval.views.terminal import (
     merge_progress,
     render_compare,
@@ -138,7 +140,7 @@ def compute(
                 results[str(path)] = evaluate(
                     path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress
                 )
-        table = runs_frame(results, sort.value)
+        table = runs_frame({run: result.scored for run, result in results.items()}, sort.value)
         if csv_path is not None:
             write_csv(next(iter(results.values())).cells if len(results) == 1 else table, csv_path)
         if json_path is not None:
@@ -152,7 +154,7 @@ def compute(
             errors.print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
     if "-" not in (json_path, csv_path):
         if len(results) == 1:
-            render_compute(next(iter(results.values())), Console(highlight=False))
+            render_compute(next(iter(results.values())).scored, Console(highlight=False))
         else:
             render_runs(table, Console(highlight=False))
 
@@ -169,7 +171,7 @@ def _compute_all_steps(
             raise BpsevalError("--all-steps scores every step: leave out --step.")
         steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler)
         if csv_path is not None:
-            write_csv(steps.frame(), csv_path)
+            write_csv(steps_frame(steps), csv_path)
         if json_path is not None:
             write_text(json_text(steps.to_dict(str(paths[0]))), json_path)
     errors = stderr_console()
@@ -371,8 +373,8 @@ Baseline = Annotated[
 ]
 
 
-def _print_warnings(result) -> None:
-    for warning in result.warnings:
+def _print_warnings(scored: ScoredRun) -> None:
+    for warning in scored.warnings:
         stderr_console().print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
 
 
@@ -395,9 +397,9 @@ def plot(
         require_matplotlib()
         inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
         written = write_plots(inputs, output, image_format.value)
-    _print_warnings(inputs.result)
+    _print_warnings(inputs.scored)
     console = Console(highlight=False)
-    console.print(f"{len(written)} pictures of step {inputs.result.step} written to {escape(str(output))}:", markup=False)
+    console.print(f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False)
     for path in written:
         console.print(f"  {path.name}", markup=False)
     _exit_if_bad_steps(inputs.steps)
@@ -426,9 +428,9 @@ def report(
         require_matplotlib()
         inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
         path = write_report(inputs, output, _command_line("report", options), run_label=str(run_dir))
-    _print_warnings(inputs.result)
+    _print_warnings(inputs.scored)
     size = path.stat().st_size
-    Console(highlight=False).print(f"report of step {inputs.result.step} written to {path} ({size / 1024:.0f} KB)", markup=False)
+    Console(highlight=False).print(f"report of step {inputs.scored.step} written to {path} ({size / 1024:.0f} KB)", markup=False)
     _exit_if_bad_steps(inputs.steps)
 
 

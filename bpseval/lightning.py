@@ -14,9 +14,9 @@ import torch
 
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval.errors import ArgumentError
-from bpseval.run.result import Result
 from bpseval.shard.writer import ShardWriter
 from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
+from bpseval.views.result import Result
 
 try:
     import lightning.pytorch as pl
@@ -122,7 +122,7 @@ class BPSShardCallback(pl.Callback):
             self._writer = None
         if self.also_log:
             self.result = self.metric.compute(step=trainer.current_epoch)
-            values = {"val_bps_overall": self.result.overall["bps"]}
+            values = {"val_bps_overall": self.result.overall.bps}
             values.update({f"val_bps/{row.name}": row.bps for row in self.result.datasets.itertuples(index=False)})
             for key, value in values.items():
                 # float64 tensor: a Python float would be logged as float32. Already global: no sync.

@@ -2,15 +2,14 @@
 
 `DistributedBPS` is the online twin of "write shards, then `bpseval compute`": each rank reduces
 its batches to per-cell sufficient statistics with `bpseval.kernel.stats.batch_stats`, and `compute()`
-gathers every rank's statistics into the `MergedRun` the offline merge builds and scores it with
-the same `build_result`. Both paths share the math, so they agree up to summation order.
+gathers every rank's statistics into the `MergedDataset`s the offline merge builds and scores them
+with the same `score`. Both paths share the math, so they agree up to summation order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +29,10 @@ from bpseval.kernel.stats import (
     batch_stats,
     find_invalid_values,
 )
-from bpseval.run.merge import MergedDataset, MergedRun, dataset_identity
-from bpseval.run.result import Result, build_result
+from bpseval.run.merge import MergedDataset, dataset_identity
+from bpseval.run.scored import score
 from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
+from bpseval.views.result import Result
 
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
@@ -151,7 +151,7 @@ class DistributedBPS:
         summaries = group.gather_objects({name: state.summary(name) for name, state in self._datasets.items()})
         names = sorted(set().union(*summaries))
         datasets = [self._merge(name, [summary.get(name) for summary in summaries], group) for name in names]
-        return build_result(MergedRun(Path(), step, group.world_size, [], datasets, []))
+        return Result(score(datasets, step=step, world_size=group.world_size))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state, to checkpoint with `torch.save` and resume with `load_state_dict`.

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from benchmarks import profiling, run
 from benchmarks.baselines import legacy_run, numpy_floor, read_shards, time_kernels
-from benchmarks.data import SCALES, Scale, cell_counts, dataset_specs, ensure_shards, resolve_scale, shard_paths
+from benchmarks.data import (
+    SCALES,
+    Scale,
+    cell_counts,
+    dataset_specs,
+    ensure_shards,
+    resolve_scale,
+    shard_paths,
+)
 from benchmarks.hdf5_settings import measure_case, write_with_shard_writer
 from benchmarks.shards import sampled_bpseval_run
 from bpseval.kernel.stats import STAT_FIELDS, batch_stats
@@ -56,7 +64,7 @@ def test_bpseval_compute_matches_the_floor_and_reports_its_memory(tiny_run: Path
 def test_profile_groups_name_functions_that_still_exist(tiny_run: Path) -> None:
     document = profiling.main(TINY, tiny_run.parent)
     groups = document["groups_s"]
-    for part in ("h5py reads", "batch_stats", "dedup", "result building", "JSON"):
+    for part in ("h5py reads", "batch_stats", "dedup", "scoring", "JSON"):
         assert next(seconds for label, seconds in groups.items() if label.startswith(part)) > 0, part
 
 

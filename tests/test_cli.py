@@ -50,8 +50,8 @@ def test_compute_prints_table_and_unscored_cells(invoke, tmp_path):
     expected = bpseval.evaluate(tmp_path / "run")
     out = result.stdout
     assert "Allen_2022-04-13" in out and "overall" in out
-    assert f"{expected.overall['bps']:.4f}" in out
-    assert f"{expected.overall['bps_pooled']:.4f}" in out
+    assert f"{expected.overall.bps:.4f}" in out
+    assert f"{expected.overall.bps_pooled:.4f}" in out
     assert "2 uncovered cells (no valid sample):" in out
     assert "Allen_2022-04-13: cell 0" in out
     assert "2 silent cells (no spike: bps undefined):" in out
@@ -113,8 +113,8 @@ def test_clamp_negative_reproduces_legacy_mean_and_says_so(invoke, tmp_path):
     clamped = bpseval.evaluate(tmp_path, clamp_negative=True)
     per_cell = plain.cells["bps"].to_numpy()
     assert (per_cell[:2] < 0).all()
-    assert plain.overall["bps"] == pytest.approx(per_cell.mean())
-    assert clamped.overall["bps"] == pytest.approx(np.maximum(per_cell, 0).mean())
+    assert plain.overall.bps == pytest.approx(per_cell.mean())
+    assert clamped.overall.bps == pytest.approx(np.maximum(per_cell, 0).mean())
     result = invoke("compute", tmp_path, "--clamp-negative")
     assert "--clamp-negative is on" in result.stdout
     assert json.loads(invoke("compute", tmp_path, "--clamp-negative", "--json", "-").stdout)["settings"]["clamp_negative"]

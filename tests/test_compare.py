@@ -14,7 +14,7 @@ from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.features.planning import distributed_sampler_indices
 from bpseval.kernel.stats import LN2, STAT_FIELDS, CellStats, batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
-from bpseval.run.result import Result, build_result
+from bpseval.run.scored import ScoredRun, score_run
 
 SESSIONS = {"Allen_2022-04-13": 30, "Allen_2022-05-02": 20}
 
@@ -182,11 +182,11 @@ def test_junit_and_markdown_outputs_parse(invoke, runs, baseline_file, tmp_path)
 
 
 def test_markdown_stays_under_1_mb_with_many_datasets():
-    def result_with(n_datasets: int, shift: float) -> Result:
+    def result_with(n_datasets: int, shift: float) -> ScoredRun:
         rng = np.random.default_rng(0)
         stats = [batch_stats(rng.gamma(2, 0.5, (50, 3)) * (1 + shift), rng.poisson(1.0, (50, 3))) for _ in range(n_datasets)]
         datasets = [MergedDataset(f"Session_{i:05d}_with_a_long_name", np.arange(3), "rate", [s], 50, 0) for i, s in enumerate(stats)]
-        return build_result(MergedRun(Path("."), 0, 1, [], datasets))
+        return score_run(MergedRun(Path("."), 0, 1, [], datasets))
 
     comparison = compare(Side("new", result_with(5000, 0.3)), Side("base", result_with(5000, 0.0)), CompareSettings())
     markdown = bpseval.views.documents.compare_markdown(comparison)
@@ -229,7 +229,7 @@ def blocked_side(label: str, rhat: np.ndarray, robs: np.ndarray, blocks: int) ->
     total = batch_stats(rhat, robs)
     dataset = MergedDataset("d", np.arange(robs.shape[1]), "rate", [total], len(robs), 0, identity="same", per_block=per_block)
     run = MergedRun(Path(label), 0, 1, [], [dataset])
-    return Side(label, build_result(run), run)
+    return Side(label, score_run(run))
 
 
 def true_delta(rates: np.ndarray, rhat_new: np.ndarray, rhat_base: np.ndarray) -> float:

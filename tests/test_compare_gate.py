@@ -20,7 +20,7 @@ from bpseval.errors import ArgumentError
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun, sample_blocks
-from bpseval.run.result import build_result
+from bpseval.run.scored import score_run
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.text import printable
 from tests.conftest import write_raw_shard
@@ -419,7 +419,7 @@ def in_memory_side(label: str, names: list[str], scale: float) -> Side:
         rates = rng.gamma(2.0, 0.5, (50, 3))
         stats = batch_stats(rates * scale, rng.poisson(rates))
         datasets.append(MergedDataset(name, np.array([f"id{name}"] * 3, dtype=object), "rate", [stats], 50, 0))
-    return Side(label, build_result(MergedRun(Path(label), 0, 1, [], datasets)))
+    return Side(label, score_run(MergedRun(Path(label), 0, 1, [], datasets)))
 
 
 def test_markdown_escapes_names_and_junit_always_parses():

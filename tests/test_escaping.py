@@ -156,7 +156,7 @@ def test_report_escapes_dataset_names_and_cell_ids_everywhere(tmp_path):
     parser.feed(html)
     parser.close()
     assert "script" not in parser.tags and "i" not in parser.tags and "b" not in parser.tags
-    assert parser.tags.count("img") == len(inputs.result.datasets) + 5  # only the report's own pictures
+    assert parser.tags.count("img") == len(inputs.scored.datasets) + 5  # only the report's own pictures
     assert not any(name.startswith("on") for name, _ in parser.attributes) and parser.comments == []
     text = " ".join(parser.text)
     for value in (SCRIPT, QUOTED, GONE, NEW, *SCRIPT_IDS):

@@ -57,14 +57,14 @@ def test_example_has_a_cell_uncovered_on_one_rank_only(fresh_run: Path) -> None:
 def test_example_overall_bps_is_finite(fresh_run: Path) -> None:
     result = bpseval.evaluate(fresh_run)
     assert result.world_size == 2
-    assert math.isfinite(result.overall["bps"])
+    assert math.isfinite(result.overall.bps)
 
 
 def test_committed_output_matches_the_script(fresh_run: Path) -> None:
     """examples/runs/exp1 is what the script writes now; if this fails, re-run the example into it."""
     fresh, committed = bpseval.evaluate(fresh_run), bpseval.evaluate(COMMITTED_RUN)
     assert fresh.step == committed.step
-    assert fresh.overall["bps"] == pytest.approx(committed.overall["bps"], rel=SUMMARY_RTOL)
+    assert fresh.overall.bps == pytest.approx(committed.overall.bps, rel=SUMMARY_RTOL)
     assert list(fresh.datasets["name"]) == list(committed.datasets["name"])
     np.testing.assert_allclose(fresh.datasets["bps"], committed.datasets["bps"], rtol=SUMMARY_RTOL, atol=0)
     for column in ("dataset", "cell_id", "n_valid", "status"):

@@ -220,7 +220,7 @@ def test_compressed_shards_of_real_data_are_read(tmp_path) -> None:
         for key, value in arrays.items():
             handle.create_dataset(f"datasets/d/{key}", data=value, compression="gzip", shuffle=True)
     plain, packed = bpseval.evaluate(tmp_path / "plain"), bpseval.evaluate(tmp_path / "gzip")
-    assert packed.overall["bps"] == plain.overall["bps"]
+    assert packed.overall.bps == plain.overall.bps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_example_report_is_self_contained_and_complete(example_report):
     checker = check_page(html)
     text = page_text(checker)
     result = bpseval.evaluate(EXAMPLE)
-    assert f"{result.overall['bps']:.4f}" in text and f"{result.overall['bps_pooled']:.4f}" in text
+    assert f"{result.overall.bps:.4f}" in text and f"{result.overall.bps_pooled:.4f}" in text
     for row in result.datasets.itertuples(index=False):
         assert f"{row.name} {row.ok} {row.silent} {row.uncovered} {row.samples} {row.duplicates_dropped} {row.bps:.4f} {row.bps_pooled:.4f}" in text
     # the unscored cells, and the thinly covered ones with their per-rank counts

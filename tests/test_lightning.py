@@ -115,12 +115,12 @@ def test_the_logged_metric_is_bpseval_compute_of_that_epochs_shards(lightning_ru
     assert log.index.tolist() == list(range(EPOCHS))
     for epoch in range(EPOCHS):
         offline = bpseval.evaluate(run_dir, step=epoch)
-        assert log.loc[epoch, "val_bps_overall"] == pytest.approx(offline.overall["bps"], rel=1e-12)
+        assert log.loc[epoch, "val_bps_overall"] == pytest.approx(offline.overall.bps, rel=1e-12)
         for row in offline.datasets.itertuples():
             assert log.loc[epoch, f"val_bps/{row.name}"] == pytest.approx(row.bps, rel=1e-12)
         assert offline.datasets["samples"].tolist() == [2 * VAL_BATCH] * 2  # one batch per rank and session
     assert final["val_bps_overall"].dtype == torch.float64
-    assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall["bps"], rel=1e-12)
+    assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall.bps, rel=1e-12)
 
 
 def test_the_seed_scenario_cell_is_scored_although_rank_0_has_no_valid_sample(lightning_run):

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from bpseval import ShardWriter
 from bpseval.errors import ArgumentError, BpsevalError
-from bpseval.features.planning import MAX_WORLD_SIZE, check_cell_coverage, distributed_sampler_indices, load_masks
+from bpseval.features.planning import (
+    MAX_WORLD_SIZE,
+    check_cell_coverage,
+    distributed_sampler_indices,
+    load_masks,
+)
 from tests.conftest import poisson_dataset
 
 

@@ -17,7 +17,8 @@ from bpseval.features.overview import RunOverview, load_overview
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import CellStats, batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
-from bpseval.run.result import build_result
+from bpseval.run.scored import score_run
+from bpseval.views.result import Result
 from tests.test_steps import DATASETS, multi_step_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,13 +195,12 @@ def readability_problems(figure) -> list[str]:
 @pytest.fixture(scope="module")
 def thirty():
     pytest.importorskip("matplotlib")
-    run = synthetic_run()
-    result = build_result(run)
-    steps = StepResults({step: build_result(synthetic_run(step=step, seed=step, scale=0.2 + 0.05 * step)) for step in range(4)})
-    baseline = build_result(synthetic_run(seed=0, scale=0.1))  # a better model: the run regresses
-    comparison = compare(Side("run", result, run), Side("baseline.json", baseline), CompareSettings())
+    run = score_run(synthetic_run())
+    steps = StepResults({step: score_run(synthetic_run(step=step, seed=step, scale=0.2 + 0.05 * step)) for step in range(4)})
+    baseline = score_run(synthetic_run(seed=0, scale=0.1))  # a better model: the run regresses
+    comparison = compare(Side("run", run), Side("baseline.json", baseline), CompareSettings())
     assert not comparison.passed and len(comparison.reasons) > 20  # a long list of regressed datasets
-    return run, result, steps, baseline, comparison
+    return run, Result(run), steps, Result(baseline), comparison
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # e.g. "constrained_layout not applied"
@@ -209,7 +209,7 @@ def test_thirty_datasets_are_readable(thirty):
 
     run, result, steps, baseline, comparison = thirty
     assert len(result.datasets) == 30 and 20 <= result.datasets[["ok", "silent", "uncovered"]].sum(axis=1).min()
-    assert result.overall["cells"]["silent"] > 0 and result.overall["cells"]["uncovered"] > 0
+    assert result.overall.cells["silent"] > 0 and result.overall.cells["uncovered"] > 0
     made = {
         "strip": plot.bps_strip_figure(result),
         "rate": plot.bps_rate_figure(result, 10),
@@ -254,7 +254,7 @@ def test_figures_in_memory_from_the_example(tmp_path):
     from bpseval.views import plot
 
     inputs = load_overview(EXAMPLE)
-    assert inputs.result.step == 4 and list(inputs.steps.results) == [4]
+    assert inputs.scored.step == 4 and list(inputs.steps.results) == [4]
     made = plot.figures(inputs)
     assert list(made) == ["bps-by-dataset", "bps-vs-rate", "coverage"]  # one step: no picture over steps
     png = plot.png_bytes(made["bps-by-dataset"])
@@ -262,7 +262,7 @@ def test_figures_in_memory_from_the_example(tmp_path):
     # the strip plot marks each dataset's bps (black bar) at the value `compute` prints
     strip = made["bps-by-dataset"].axes[0]
     bars = [line.get_xdata()[0] for line in strip.get_lines() if line.get_linewidth() == pytest.approx(2.2)]
-    assert bars == pytest.approx(list(inputs.result.datasets["bps"]))
+    assert bars == pytest.approx([dataset.bps for dataset in inputs.scored.datasets])
 
 
 def test_readability_check_sees_crowded_labels_and_covering_legends():
@@ -290,8 +290,9 @@ def test_runs_without_ok_cells_or_datasets_still_draw():
         MergedDataset("quiet", np.arange(4), "rate", [silent], 10, 0, "b"),
     ]
     for run in (MergedRun(Path("x"), 0, 1, [Path("a.h5")], datasets), MergedRun(Path("x"), 0, 1, [Path("a.h5")], [])):
-        result = build_result(run)
-        inputs = RunOverview(run, result, StepResults({0: result, 1: result}), baseline=result)
+        scored = score_run(run)
+        result = Result(scored)
+        inputs = RunOverview(scored, StepResults({0: scored, 1: scored}), baseline=scored)
         made = plot.figures(inputs)
         assert set(made) == {"bps-by-dataset", "bps-vs-rate", "coverage", "bps-over-steps", "compare-cells"}
         made.update({name: plot.bps_histogram_figure(result, name) for name in result.datasets["name"]})

@@ -206,7 +206,7 @@ def assert_results_agree(got: bpseval.Result, want: bpseval.Result, data: list[D
         for key in ("bps", "bps_pooled"):
             assert _close(float(g.at[name, key]), float(w.at[name, key]), slack), (name, key)
     for key in ("bps", "bps_pooled"):
-        assert _close(float(got.overall[key]), float(want.overall[key]), slack), key
+        assert _close(float(got.overall.to_dict()[key]), float(want.overall.to_dict()[key]), slack), key
 
 
 # ----------------------------------------------------------------------------------------------

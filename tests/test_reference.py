@@ -274,7 +274,7 @@ def report_from_result(result: bpseval.Result) -> dict:
         }
         for row in result.cells.to_dict("records")
     }
-    overall = {key: _value(result.overall[key]) for key in ("bps", "bps_pooled")}
+    overall = {key: _value(result.overall.to_dict()[key]) for key in ("bps", "bps_pooled")}
     return dict(step=result.step, datasets=datasets, cells=cells, overall=overall, n_cell_rows=len(result.cells))
 
 

@@ -152,6 +152,6 @@ def test_full_pass_bps_is_the_same_with_either_sampler(scenario_run):
     plain, balanced = bpseval.evaluate(scenario_run, step=2), bpseval.evaluate(scenario_run, step=3)
     assert plain.datasets["duplicates_dropped"].tolist() == [0] and balanced.datasets["samples"].tolist() == [N_SAMPLES]
     np.testing.assert_allclose(balanced.cells["bps"], plain.cells["bps"], rtol=1e-12)
-    assert balanced.overall["bps"] == pytest.approx(plain.overall["bps"], rel=1e-12)
+    assert balanced.overall.bps == pytest.approx(plain.overall.bps, rel=1e-12)
     reference = bpseval.bits_per_spike(*scenario_data().values())
     np.testing.assert_allclose(balanced.cells["bps"], reference["bps"], rtol=1e-12)

@@ -32,7 +32,7 @@ def test_same_numbers_as_raw_shards(tmp_path):
     raw, stats = bpseval.evaluate(write(tmp_path / "raw", "raw", 3)), bpseval.evaluate(write(tmp_path / "stats", "stats", 3))
     pd.testing.assert_frame_equal(raw.datasets.drop(columns="identity"), stats.datasets.drop(columns="identity"), rtol=1e-12)
     pd.testing.assert_frame_equal(raw.cells, stats.cells, rtol=1e-12)
-    assert stats.overall["bps"] == pytest.approx(raw.overall["bps"], rel=1e-12)
+    assert stats.overall.bps == pytest.approx(raw.overall.bps, rel=1e-12)
     raw_cov = bpseval.check_coverage(tmp_path / "raw", 10_000)
     stats_cov = bpseval.check_coverage(tmp_path / "stats", 10_000)
     assert raw_cov.cells["per_rank"].tolist() == stats_cov.cells["per_rank"].tolist()

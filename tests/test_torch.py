@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
-from bpseval.run.result import Result
 from bpseval.torch import DistributedBPS, WithSampleIndex
+from bpseval.views.result import Result
 from tests.gloo import run_gloo
 
 BATCH = 4
@@ -161,11 +161,11 @@ def assert_same_scores(online: Result, offline: Result, rtol: float = 1e-9) -> N
     np.testing.assert_allclose(
         online.datasets[DATASET_CLOSE].to_numpy(float), offline.datasets[DATASET_CLOSE].to_numpy(float), rtol=rtol
     )
-    for key, value in offline.overall.items():
+    for key, value in offline.overall.to_dict().items():
         if isinstance(value, float):
-            assert online.overall[key] == pytest.approx(value, rel=rtol, nan_ok=True), key
+            assert online.overall.to_dict()[key] == pytest.approx(value, rel=rtol, nan_ok=True), key
         else:
-            assert online.overall[key] == value, key
+            assert online.overall.to_dict()[key] == value, key
     assert (online.step, online.world_size, online.files) == (offline.step, offline.world_size, [])
 
 

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bpseval import CellBalancedDistributedSampler
 from bpseval.errors import ArgumentError, BpsevalError
-from bpseval.run.result import Result
 from bpseval.torch import STATE_VERSION, DistributedBPS, WithSampleIndex
+from bpseval.views.result import Result
 from tests.gloo import run_gloo
 
 Call = tuple[str, dict[str, Any]]
@@ -103,8 +103,8 @@ def resume_worker(rank: int, world_size: int, out: str) -> None:
 
 def assert_same_result(actual: Result, expected: Result) -> None:
     for key in ("bps", "bps_pooled"):
-        assert actual.overall[key] == pytest.approx(expected.overall[key], rel=0, abs=1e-12, nan_ok=True)
-    assert actual.overall["cells"] == expected.overall["cells"]
+        assert actual.overall.to_dict()[key] == pytest.approx(expected.overall.to_dict()[key], rel=0, abs=1e-12, nan_ok=True)
+    assert actual.overall.cells == expected.overall.cells
     for frame, other in ((actual.datasets, expected.datasets), (actual.cells, expected.cells)):
         pd.testing.assert_frame_equal(frame, other, check_exact=False, rtol=0, atol=1e-12)
 
@@ -119,7 +119,7 @@ def test_resuming_mid_validation_from_a_checkpoint_gives_the_uninterrupted_numbe
     # the run has what makes resuming hard: padding copies across ranks and repeats within a rank
     dropped = dict(zip(whole.datasets["name"], whole.datasets["duplicates_dropped"], strict=True))
     assert dropped["A"] == 1 and dropped["C"] == 2 * 2 * 3 and dropped["B"] == 0
-    assert np.isfinite(whole.overall["bps"])
+    assert np.isfinite(whole.overall.bps)
     state = torch.load(tmp_path / "state-0.pt", weights_only=True)
     assert state["version"] == STATE_VERSION and len(state["datasets"]["A"]["tail_idx"]) > 0
 

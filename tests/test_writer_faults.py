@@ -252,7 +252,7 @@ def test_a_dataset_without_cells_is_written_read_and_scored_as_one_with_no_cells
     assert (layout.n_cells, layout.n_rows if store == "raw" else 6) == (0, 6)
     result = bpseval.evaluate(tmp_path)
     rows = result.datasets.set_index("name")
-    assert rows.loc["empty", "samples"] == 6 and result.overall["datasets_without_ok_cells"] == ["empty"]
+    assert rows.loc["empty", "samples"] == 6 and result.overall.datasets_without_ok_cells == ["empty"]
     assert set(result.cells["dataset"]) == {"full"}
 
 

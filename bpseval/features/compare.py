@@ -25,11 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from bpseval._json import plain
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, BaselineError
-from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED, pooled_bps
-from bpseval.run.merge import MergedDataset, MergedRun, merge_run
-from bpseval.run.result import Result, build_result
+from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
+from bpseval.run.merge import merge_run
+from bpseval.run.scored import (
+    Overall,
+    ScoredDataset,
+    ScoredRun,
+    overall_of,
+    score_run,
+    scored_from_document,
+)
 
 BASELINE_FORMAT = "bpseval-baseline"
 BASELINE_FORMAT_VERSION = 1
@@ -43,24 +51,17 @@ OVERALL = "overall"
 
 @dataclass
 class Side:
-    """One side of a comparison: its scores and, for a run directory, its per-block statistics."""
+    """One side of a comparison: a label and a scored run (with per-block statistics when merged with blocks)."""
 
     label: str
-    result: Result
-    run: MergedRun | None = None
-
-
-def baseline_document(result: Result) -> dict[str, Any]:
-    """The baseline file: the `compute` JSON (with per-cell sufficient statistics and identity checksums)."""
-    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
+    scored: ScoredRun
 
 
 def load_run(
     run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None, **merge_options: Any
 ) -> Side:
     """A run directory as a comparison side, with per-block statistics when `blocks` is given."""
-    run = merge_run(run_dir, step, blocks=blocks, **merge_options)
-    return Side(str(run_dir), build_result(run), run)
+    return Side(str(run_dir), score_run(merge_run(run_dir, step, blocks=blocks, **merge_options)))
 
 
 def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **merge_options: Any) -> Side:
@@ -75,7 +76,7 @@ def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **mer
             f"{source}: cannot read the baseline ({error}). Write one with `bpseval baseline RUN -o FILE`."
         ) from None
     check_baseline(document, source)
-    return Side(str(source), Result.from_dict(document))
+    return Side(str(source), scored_from_document(document))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +119,11 @@ BASELINE_SCHEMA: dict[str, Any] = {
     "files?": "texts",
     "settings?": "object",
     "warnings?": "texts",
-    "overall": {"bps": "number or null", "bps_pooled": "number or null"},
+    "overall": {
+        "bps": "number or null",
+        "bps_pooled": "number or null",
+        "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count"},
+    },
     "datasets": [
         {
             "name": "name",
@@ -126,7 +131,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "duplicates_dropped": "count",
             "bps": "number or null",
             "bps_pooled": "number or null",
-            "cells": {"ok": "count", "silent": "count", "uncovered": "count"},
+            "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count"},
             "identity?": "text",
         }
     ],
@@ -189,7 +194,7 @@ def check_baseline(document: Any, source: Path) -> None:
         if numbers[name] != list(range(len(numbers[name]))) or not numbers[name]:
             raise refuse(f"datasets[{index}] ({name!r})", "needs its cells, numbered 0, 1, 2, ... in order, in cells")
         counts = document["datasets"][index]["cells"]
-        if any(counts[status] != statuses[name][status] for status in STATUSES):
+        if any(counts.get(status, 0) != statuses[name][status] for status in STATUSES):
             listed = ", ".join(f"{statuses[name][status]} {status}" for status in STATUSES)
             raise refuse(f"datasets[{index}].cells", f"does not match its entries in cells ({listed})")
 
@@ -343,7 +348,7 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of `bpseval compare --json` (null for undefined values)."""
-        return {
+        return plain({
             "passed": self.passed,
             "reasons": self.reasons,
             "baseline": self.baseline,
@@ -354,18 +359,18 @@ class Comparison:
                 {
                     "scope": m.scope,
                     "metric": m.metric,
-                    "baseline": _finite(m.base),
-                    "new": _finite(m.new),
-                    "delta": _finite(m.delta),
-                    "tolerance": _finite(m.tolerance),
-                    "interval": None if m.interval is None else [_finite(v) for v in m.interval],
+                    "baseline": m.base,
+                    "new": m.new,
+                    "delta": m.delta,
+                    "tolerance": m.tolerance,
+                    "interval": m.interval,
                     "gated": m.gated,
                     "verdict": m.verdict,
                 }
                 for m in self.metrics
             ],
             "coverage_regressions": [
-                {"dataset": row.dataset, "cell": int(row.cell), "cell_id": _plain_id(row.cell_id)}
+                {"dataset": row.dataset, "cell": row.cell, "cell_id": row.cell_id}
                 for row in self.coverage_regressions.itertuples(index=False)
             ],
             "population": self.population,
@@ -373,15 +378,7 @@ class Comparison:
             "missing_datasets": self.missing_datasets,
             "new_datasets": self.new_datasets,
             "notes": self.notes,
-        }
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _plain_id(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+        })
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +391,7 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
     The overall metrics compare like with like: when the two sides hold different datasets, both
     are recomputed over the datasets they share (the bootstraps resample those too).
     """
-    new_names, base_names = list(new.result.datasets["name"]), list(base.result.datasets["name"])
+    new_names, base_names = new.scored.names, base.scored.names
     shared = [name for name in base_names if name in set(new_names)]
     if not shared:
         raise BaselineError(
@@ -404,9 +401,9 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
     missing = [name for name in base_names if name not in set(new_names)]
     added = [name for name in new_names if name not in set(base_names)]
     notes: list[str] = []
-    overall_new, overall_base = new.result.overall, base.result.overall
+    overall_new, overall_base = new.scored.overall, base.scored.overall
     if missing or added:
-        overall_new, overall_base = shared_overall(new.result, shared), shared_overall(base.result, shared)
+        overall_new, overall_base = shared_overall(new.scored, shared), shared_overall(base.scored, shared)
         notes.append(
             f"overall metrics over the {len(shared)} dataset{'s' if len(shared) != 1 else ''} both sides hold"
             f" ({len(missing)} missing from the run, {len(added)} new in it)"
@@ -414,18 +411,17 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
     mode, intervals = "tolerance", {}
     if settings.significance is not None:
         mode = "paired" if _can_pair(new, base, shared) else "cells"
-        if mode == "cells" and new.run is not None and base.run is not None:
+        if mode == "cells" and new.scored.source is not None and base.scored.source is not None:
             notes.append("the runs did not score the same samples (sample_idx or cells differ): bootstrap over cells")
         rng = np.random.default_rng(settings.seed)
         bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
         intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
     metrics = [
-        _compare_metric(OVERALL, metric, overall_base[metric], overall_new[metric], intervals, settings)
+        _compare_metric(OVERALL, metric, getattr(overall_base, metric), getattr(overall_new, metric), intervals, settings)
         for metric in ("bps", "bps_pooled")
     ]
-    new_rows, base_rows = new.result.datasets.set_index("name"), base.result.datasets.set_index("name")
     metrics += [
-        _compare_metric(name, "bps", base_rows.at[name, "bps"], new_rows.at[name, "bps"], intervals, settings)
+        _compare_metric(name, "bps", base.scored.dataset(name).bps, new.scored.dataset(name).bps, intervals, settings)
         for name in shared
     ]
     return Comparison(
@@ -434,7 +430,7 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         mode=mode,
         settings=settings,
         metrics=metrics,
-        coverage_regressions=_coverage_regressions(new.result.cells, base.result.cells, shared),
+        coverage_regressions=_coverage_regressions(new.scored, base.scored, shared),
         missing_datasets=missing,
         new_datasets=added,
         shared_datasets=shared,
@@ -442,21 +438,9 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
     )
 
 
-def shared_overall(result: Result, names: list[str]) -> dict[str, float]:
-    """The overall bps and bps_pooled of `result` as if it held only the datasets `names`.
-
-    As `build_result` defines them: bps is the mean of the bps of those datasets that have an ok
-    cell (clamped at 0 when the result was computed with clamp_negative), bps_pooled pools their
-    covered cells.
-    """
-    datasets = result.datasets[result.datasets["name"].isin(names)]
-    scored = datasets.loc[datasets[OK] > 0, "bps"]
-    bps = float(scored.mean()) if len(scored) else math.nan
-    if result.settings.get("clamp_negative") and math.isfinite(bps):
-        bps = max(bps, 0.0)
-    cells = result.cells[result.cells["dataset"].isin(names)]
-    pooled = pooled_bps(cells["ll_gain"].to_numpy(float), cells["spikes"].to_numpy(float), cells["status"].to_numpy())
-    return {"bps": bps, "bps_pooled": pooled}
+def shared_overall(scored: ScoredRun, names: list[str]) -> Overall:
+    """The overall numbers of `scored` as if it held only the datasets `names` (as `overall_of` defines them)."""
+    return overall_of([scored.dataset(name) for name in names], scored.settings.clamp_negative)
 
 
 def _compare_metric(
@@ -479,25 +463,26 @@ def _compare_metric(
     return MetricComparison(scope, metric, base, new, tolerance, interval, settings.gates(scope, metric), verdict)
 
 
-def _coverage_regressions(new_cells: pd.DataFrame, base_cells: pd.DataFrame, shared: list[str]) -> pd.DataFrame:
+def _coverage_regressions(new: ScoredRun, base: ScoredRun, shared: list[str]) -> pd.DataFrame:
     """Cells `ok` in the baseline and `uncovered` now, matched by dataset and cell_id."""
-    was_ok = (base_cells["status"] == OK) & base_cells["dataset"].isin(shared)
-    base_ok = base_cells.loc[was_ok, ["dataset", "cell", "cell_id"]]
-    now_uncovered = new_cells.loc[new_cells["status"] == UNCOVERED, ["dataset", "cell_id"]]
-    lost = set(zip(now_uncovered["dataset"], now_uncovered["cell_id"].astype(str), strict=True))
-    keys = zip(base_ok["dataset"], base_ok["cell_id"].astype(str), strict=True)
-    return base_ok[[key in lost for key in keys]].reset_index(drop=True)
+    rows = []
+    for name in shared:
+        before, now = base.dataset(name), new.dataset(name)
+        uncovered = {str(cell_id) for cell_id, status in zip(now.cell_ids, now.scores.status, strict=True) if status == UNCOVERED}
+        rows += [
+            {"dataset": name, "cell": cell, "cell_id": cell_id}
+            for cell, (cell_id, status) in enumerate(zip(before.cell_ids.tolist(), before.scores.status, strict=True))
+            if status == OK and str(cell_id) in uncovered
+        ]
+    return pd.DataFrame(rows, columns=["dataset", "cell", "cell_id"])
 
 
 def _can_pair(new: Side, base: Side, shared: list[str]) -> bool:
     """Both are run directories that scored the same samples of every shared dataset, by sample_idx."""
-    if new.run is None or base.run is None:
-        return False
-    new_sets, base_sets = ({d.name: d for d in side.run.datasets} for side in (new, base))
-    return all(_same_samples(new_sets[name], base_sets[name]) for name in shared)
+    return all(_same_samples(new.scored.dataset(name), base.scored.dataset(name)) for name in shared)
 
 
-def _same_samples(new: MergedDataset, base: MergedDataset) -> bool:
+def _same_samples(new: ScoredDataset, base: ScoredDataset) -> bool:
     """Same sample_idx and cells, and the same valid entries and spikes in every block."""
     if new.per_block is None or base.per_block is None or new.identity != base.identity:
         return False
@@ -533,12 +518,10 @@ def _paired_bootstrap(
     new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
 ) -> dict[tuple[str, str], np.ndarray]:
     """Resample blocks of samples; both models are scored on the same resampled data."""
-    assert new.run is not None and base.run is not None
-    new_sets, base_sets = ({d.name: d for d in side.run.datasets} for side in (new, base))
     replicates: dict[tuple[str, str], np.ndarray] = {}
     dataset_deltas, gain_deltas, spike_totals = [], [], []
     for name in shared:
-        blocks_new, blocks_base = new_sets[name].per_block, base_sets[name].per_block
+        blocks_new, blocks_base = new.scored.dataset(name).per_block, base.scored.dataset(name).per_block
         assert blocks_new is not None and blocks_base is not None
         counts = _resampling_counts(rng, settings.bootstrap, blocks_new.n_valid.shape[0])
         n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes
@@ -564,20 +547,19 @@ def _cells_bootstrap(
     means = {"new": [], "base": []}
     pooled = {"new": ([], []), "base": ([], [])}
     for name in shared:
-        frames = (("new", new.result.cells), ("base", base.result.cells))
-        cells = {side: frame[frame["dataset"] == name] for side, frame in frames}
-        same_cells = list(cells["new"]["cell_id"].astype(str)) == list(cells["base"]["cell_id"].astype(str))
-        shared_draw = _resampling_counts(rng, settings.bootstrap, len(cells["new"])) if same_cells else None
+        datasets = {"new": new.scored.dataset(name), "base": base.scored.dataset(name)}
+        same_cells = [str(c) for c in datasets["new"].cell_ids] == [str(c) for c in datasets["base"].cell_ids]
+        shared_draw = _resampling_counts(rng, settings.bootstrap, datasets["new"].n_cells) if same_cells else None
         dataset_means = {}
-        for side, frame in cells.items():
-            counts = shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, len(frame))
-            ok = (frame["status"] == OK).to_numpy()
-            covered = (frame["status"] != UNCOVERED).to_numpy()
-            bps = np.where(ok, frame["bps"].to_numpy(float), 0.0)
+        for side, dataset in datasets.items():
+            draw = shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, dataset.n_cells)
+            status = dataset.scores.status
+            ok, covered = status == OK, status != UNCOVERED
+            bps = np.where(ok, dataset.scores.bps, 0.0)
             with np.errstate(invalid="ignore", divide="ignore"):
-                dataset_means[side] = (counts @ bps) / (counts @ ok.astype(float))
-            pooled[side][0].append(counts @ np.where(covered, frame["ll_gain"].to_numpy(float), 0.0))
-            pooled[side][1].append(counts @ np.where(covered, frame["spikes"].to_numpy(float), 0.0))
+                dataset_means[side] = (draw @ bps) / (draw @ ok.astype(float))
+            pooled[side][0].append(draw @ np.where(covered, dataset.scores.ll_gain, 0.0))
+            pooled[side][1].append(draw @ np.where(covered, dataset.stats.spikes, 0.0))
             means[side].append(dataset_means[side])
         replicates[(name, "bps")] = dataset_means["new"] - dataset_means["base"]
     overall = {side: np.nanmean(np.stack(means[side]), axis=0) for side in means}

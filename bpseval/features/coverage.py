@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from bpseval._json import plain
 from bpseval._lazy import pandas as pd
-from bpseval.kernel.stats import SILENT, UNCOVERED, cell_scores
-from bpseval.run.merge import MergedRun, merge_run
+from bpseval.kernel.stats import SILENT, UNCOVERED
+from bpseval.run.merge import merge_run
+from bpseval.run.scored import ScoredRun, score_run
 
 DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]
@@ -34,37 +36,24 @@ class CoverageReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of `bpseval coverage --json`."""
-        return {
-            "min_samples": self.min_samples,
-            "min_spikes": self.min_spikes,
-            "step": self.step,
-            "world_size": self.world_size,
-            "datasets": [
-                {key: (value if isinstance(value, str) else int(value)) for key, value in row.items()}
-                for row in self.datasets.to_dict(orient="records")
-            ],
-            "cells": [
-                {
-                    "dataset": row["dataset"],
-                    "cell": int(row["cell"]),
-                    "cell_id": row["cell_id"].item() if isinstance(row["cell_id"], np.generic) else row["cell_id"],
-                    "n_valid": int(row["n_valid"]),
-                    "spikes": float(row["spikes"]),
-                    "per_rank": [int(count) for count in row["per_rank"]],
-                    "status": row["status"],
-                    "reasons": list(row["reasons"]),
-                }
-                for row in self.cells.to_dict(orient="records")
-            ],
-        }
+        return plain(
+            {
+                "min_samples": self.min_samples,
+                "min_spikes": self.min_spikes,
+                "step": self.step,
+                "world_size": self.world_size,
+                "datasets": self.datasets.to_dict(orient="records"),
+                "cells": self.cells.to_dict(orient="records"),
+            }
+        )
 
 
-def coverage_report(run: MergedRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
+def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
     """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes)."""
     summaries, flagged = [], []
     for dataset in run.datasets:
-        total = dataset.total
-        status = cell_scores(total).status
+        total = dataset.stats
+        status = dataset.scores.status
         per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
         below = total.n_valid < min_samples
         few_spikes = total.spikes < min_spikes if min_spikes is not None else np.zeros_like(below)
@@ -111,4 +100,4 @@ def check_coverage(
     **merge_options: Any,
 ) -> CoverageReport:
     """Merge one step of `run_dir` (default: the latest) and report its coverage (`merge_options`: see merge_run)."""
-    return coverage_report(merge_run(run_dir, step, **merge_options), min_samples, min_spikes)
+    return coverage_report(score_run(merge_run(run_dir, step, **merge_options)), min_samples, min_spikes)

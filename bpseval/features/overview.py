@@ -16,19 +16,17 @@ from bpseval.features.compare import (
 )
 from bpseval.features.steps import StepResults, merge_steps
 from bpseval.run.catalog import RunCatalog
-from bpseval.run.merge import MergedRun
-from bpseval.run.result import Result, build_result
+from bpseval.run.scored import ScoredRun, score_run
 
 
 @dataclass
 class RunOverview:
     """One step of a run merged and scored, every complete step scored, and optionally a baseline."""
 
-    run: MergedRun
-    result: Result
+    scored: ScoredRun
     steps: StepResults
     min_samples: int = 10
-    baseline: Result | None = None
+    baseline: ScoredRun | None = None
     comparison: Comparison | None = None
 
 
@@ -52,11 +50,11 @@ def load_overview(
     runs, steps = merge_steps(catalog, **merge_options)
     if chosen not in runs:
         raise RunError(f"{catalog.root}: {steps.failed[chosen]}")
-    steps.results = {number: build_result(merged) for number, merged in runs.items()}
-    run, result = runs[chosen], steps.results[chosen]
-    inputs = RunOverview(run=run, result=result, steps=steps, min_samples=min_samples)
+    steps.results = {number: score_run(merged) for number, merged in runs.items()}
+    scored = steps.results[chosen]
+    inputs = RunOverview(scored=scored, steps=steps, min_samples=min_samples)
     if baseline is not None:
         base = load_baseline(baseline, **merge_options)
-        inputs.baseline = base.result
-        inputs.comparison = compare(Side(str(run_dir), result, run), base, settings or CompareSettings())
+        inputs.baseline = base.scored
+        inputs.comparison = compare(Side(str(run_dir), scored), base, settings or CompareSettings())
     return inputs

@@ -13,20 +13,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpseval._lazy import pandas as pd
+from bpseval._json import plain
 from bpseval.errors import BpsevalError, RunError
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.merge import MergedRun, merge_selection
-from bpseval.run.result import Result, build_result, results_frame
-
-STEP_COLUMNS = ["step", "world_size", "bps", "bps_pooled", "ok", "silent", "uncovered"]
+from bpseval.run.scored import ScoredRun, score_run
 
 
 @dataclass
 class StepResults:
     """The scores of every complete step (ascending) and every step that could not be scored, with why."""
 
-    results: dict[int, Result]
+    results: dict[int, ScoredRun]
     incomplete: dict[int, str] = field(default_factory=dict)
     """Steps with ranks missing and nothing else wrong (their writers may still be running)."""
     failed: dict[int, str] = field(default_factory=dict)
@@ -42,10 +40,6 @@ class StepResults:
     def bad(self) -> bool:
         """Some step failed or some file could not be read: the command exits 2 after reporting the rest."""
         return bool(self.failed or self.problems)
-
-    def frame(self) -> pd.DataFrame:
-        """One row per complete step: overall bps and bps_pooled, cell counts, then each dataset's bps."""
-        return steps_frame(self.results)
 
     def to_dict(self, run: str | None = None) -> dict[str, Any]:
         """The JSON document of `bpseval compute --all-steps --json` (null where a value is undefined)."""
@@ -92,35 +86,26 @@ def evaluate_steps(
     """
     catalog = run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     runs, steps = merge_steps(catalog, **merge_options)
-    steps.results = {step: build_result(run, clamp_negative=clamp_negative) for step, run in runs.items()}
+    steps.results = {step: score_run(run, clamp_negative=clamp_negative) for step, run in runs.items()}
     return steps
 
 
-def steps_frame(results: dict[int, Result]) -> pd.DataFrame:
-    """One row per step: step, world size, overall bps and bps_pooled, cells ok/silent/uncovered, then bps[dataset]."""
-    if not results:
-        return pd.DataFrame(columns=STEP_COLUMNS)
-    frame = results_frame(results, key="step")
-    return frame.sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def _step_entry(result: Result) -> dict[str, Any]:
-    document = result.to_dict()
-    return {
-        "step": result.step,
-        "world_size": result.world_size,
-        "files": document["files"],
-        "bps": document["overall"]["bps"],
-        "bps_pooled": document["overall"]["bps_pooled"],
-        "cells": document["overall"]["cells"],
-        "datasets": [
-            {"name": entry["name"], "bps": entry["bps"], "bps_pooled": entry["bps_pooled"], "cells": entry["cells"]}
-            for entry in document["datasets"]
-        ],
-        "warnings": document["warnings"],
-    }
-
-
+def _step_entry(scored: ScoredRun) -> dict[str, Any]:
+    return plain(
+        {
+            "step": scored.step,
+            "world_size": scored.world_size,
+            "files": scored.files,
+            "bps": scored.overall.bps,
+            "bps_pooled": scored.overall.bps_pooled,
+            "cells": scored.overall.cells,
+            "datasets": [
+                {"name": dataset.name, "bps": dataset.bps, "bps_pooled": dataset.bps_pooled, "cells": dataset.cells}
+                for dataset in scored.datasets
+            ],
+            "warnings": scored.warnings,
+        }
+    )
 
 
 def incomplete_text(step: int, reason: str) -> str:

@@ -23,7 +23,6 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_namespace
 
 from bpseval._arrays import to_numpy
-from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 
 LN2 = math.log(2.0)
@@ -393,37 +392,3 @@ def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> f
 def status_counts(status: np.ndarray) -> dict[str, int]:
     """How many cells have each status, every status present as a key."""
     return {name: int((status == name).sum()) for name in STATUSES}
-
-
-def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
-    """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
-
-    Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
-    status; bps is NaN for silent, uncovered and overflow cells. Same code path as `bpseval compute`.
-    """
-    if rate_kind not in RATE_KINDS:
-        raise BpsevalError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
-    rhat_np, robs_np = to_numpy(rhat), to_numpy(robs)
-    if rhat_np.ndim != 2 or rhat_np.shape != robs_np.shape:
-        raise BpsevalError(
-            f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
-        )
-    weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
-    return cells_frame(batch_stats(rhat_np, robs_np, weights, rate_kind))
-
-
-def cells_frame(stats: CellStats) -> pd.DataFrame:
-    """The per-cell table of one dataset's statistics and scores."""
-    scores = cell_scores(stats)
-    return pd.DataFrame(
-        {
-            "cell": np.arange(stats.n_cells),
-            "n_valid": stats.n_valid,
-            "n": stats.weight,
-            "spikes": stats.spikes,
-            "model_ll": stats.model_ll,
-            "ll_gain": scores.ll_gain,
-            "bps": scores.bps,
-            "status": scores.status.astype(object),
-        }
-    )

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import re
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +138,7 @@ HEADER_TIMEOUT = 30.0
 
 
 def read_headers(
-    paths: list[Path], timeout: float | None = None, meanwhile: Callable[[], None] | None = None, jobs: int = 1
+    paths: list[Path], timeout: float | None = None, jobs: int = 1
 ) -> list[ShardHeader | BpsevalError]:
     """Every shard's header (or the error that makes it unusable), in the order of `paths`.
 
@@ -147,19 +146,14 @@ def read_headers(
     attribute), which no exception interrupts; so the headers are read in forked children (up
     to `jobs`, each reading a contiguous share of `paths`) and a file that takes longer than
     `timeout` is reported as damaged. Where bpseval does not fork (START_METHOD is not "fork":
-    not Linux) they are read here, without that bound. `meanwhile()` is called once, while the
-    children read.
+    not Linux) they are read here, without that bound.
     """
     if not paths or START_METHOD != "fork":
-        if meanwhile:
-            meanwhile()
         return [_header_or_error(path) for path in paths]
     if timeout is None:
         timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
     shares = np.array_split(np.arange(len(paths)), max(1, min(jobs, len(paths))))
     children = [_HeaderReader([paths[i] for i in share]) for share in shares]
-    if meanwhile:
-        meanwhile()
     return [header for child in children for header in child.collect(timeout)]
 
 
@@ -351,10 +345,8 @@ class RunCatalog:
     steps: dict[int, StepEntry]
 
     @classmethod
-    def scan(
-        cls, run_dir: str | os.PathLike[str], *, jobs: int = 1, meanwhile: Callable[[], None] | None = None
-    ) -> RunCatalog:
-        """Walk `run_dir` and read every shard's header once (see `read_headers` for `jobs` and `meanwhile`).
+    def scan(cls, run_dir: str | os.PathLike[str], *, jobs: int = 1) -> RunCatalog:
+        """Walk `run_dir` and read every shard's header once, in up to `jobs` child processes (`read_headers`).
 
         Raises RunError when the directory is missing, holds no shard, or holds several runs
         (a sweep); unreadable and damaged files are kept as problems, for the steps they belong to.
@@ -368,7 +360,7 @@ class RunCatalog:
             )
         _refuse_sweep(root, files.shards)
         headers, problems = [], list(files.problems)
-        for path, header in zip(files.shards, read_headers(files.shards, meanwhile=meanwhile, jobs=jobs)):
+        for path, header in zip(files.shards, read_headers(files.shards, jobs=jobs)):
             if isinstance(header, BpsevalError):
                 problems.append(FileProblem(path, header, step_of_path(path)))
             else:

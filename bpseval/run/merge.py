@@ -80,19 +80,10 @@ def merge_run(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-    meanwhile: Callable[[], None] | None = None,
 ) -> MergedRun:
-    """Scan `run_dir` and merge one step of it (default: the latest complete one); see `merge_step`.
-
-    `meanwhile()` is called once, during the longest wait: on the workers when there are some,
-    else on the child processes that read the headers.
-    """
-    on_workers = jobs > 1 or scheduler is not None
-    catalog = RunCatalog.scan(run_dir, jobs=jobs, meanwhile=None if on_workers else meanwhile)
-    return merge_step(
-        catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
-        meanwhile=meanwhile if on_workers else None,
-    )
+    """Scan `run_dir` and merge one step of it (default: the latest complete one); see `merge_step`."""
+    catalog = RunCatalog.scan(run_dir, jobs=jobs)
+    return merge_step(catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
 
 
 def merge_step(
@@ -103,15 +94,13 @@ def merge_step(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-    meanwhile: Callable[[], None] | None = None,
 ) -> MergedRun:
     """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it).
 
     With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
     paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
     merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
-    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge;
-    `meanwhile()` is called once while the workers merge.
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
     """
     selection = catalog.select(step)
     unused = [
@@ -121,7 +110,7 @@ def merge_step(
     ]
     selection = StepSelection(selection.entry, selection.notes + unused)
     return merge_selection(
-        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, meanwhile=meanwhile
+        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress
     )
 
 
@@ -133,7 +122,6 @@ def merge_selection(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-    meanwhile: Callable[[], None] | None = None,
 ) -> MergedRun:
     """Merge the shards of a selected step (see `merge_step` for the options)."""
     shards = selection.shards
@@ -154,7 +142,6 @@ def merge_selection(
         scheduler=scheduler,
         costs=sizes,
         on_done=finished,
-        meanwhile=meanwhile,
     )
     warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:

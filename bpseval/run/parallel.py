@@ -31,23 +31,19 @@ def run_tasks(
     scheduler: str | None = None,
     costs: Sequence[float] | None = None,
     on_done: Callable[[int], None] | None = None,
-    meanwhile: Callable[[], None] | None = None,
     start_method: str = START_METHOD,
 ) -> list[T]:
     """`[function(*task) for task in tasks]`, computed with `jobs` processes or on a Dask scheduler.
 
     `scheduler` is a Dask scheduler address or "local" (a LocalCluster of `jobs` workers).
     `costs` orders the work (largest first) for load balance; `on_done(i)` is called in this
-    process as task i finishes. `meanwhile()` is called once, while the tasks run elsewhere
-    when they do (before them when they run here). `start_method` starts the local processes.
+    process as task i finishes. `start_method` starts the local processes.
     """
     order = sorted(range(len(tasks)), key=lambda i: -(costs[i] if costs else 0))
     results: dict[int, T] = {}
     if scheduler is not None:
-        _run_on_dask(function, tasks, order, scheduler, jobs, results, on_done, meanwhile)
+        _run_on_dask(function, tasks, order, scheduler, jobs, results, on_done)
     elif jobs <= 1 or len(tasks) <= 1:
-        if meanwhile:
-            meanwhile()
         for index in order:
             results[index] = function(*tasks[index])
             if on_done:
@@ -55,7 +51,7 @@ def run_tasks(
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context(start_method)) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
-            _gather(futures, as_completed, results, on_done, meanwhile)
+            _gather(futures, as_completed, results, on_done)
     return [results[index] for index in range(len(tasks))]
 
 
@@ -64,11 +60,8 @@ def _gather(
     completed: Callable[[Any], Any],
     results: dict[int, Any],
     on_done: Callable[[int], None] | None,
-    meanwhile: Callable[[], None] | None,
 ) -> None:
-    """Call `meanwhile()`, then store each future's result under its task index as it completes."""
-    if meanwhile:
-        meanwhile()
+    """Store each future's result under its task index as it completes."""
     for future in completed(futures):
         results[futures[future]] = future.result()
         if on_done:
@@ -83,7 +76,6 @@ def _run_on_dask(
     jobs: int,
     results: dict[int, T],
     on_done: Callable[[int], None] | None,
-    meanwhile: Callable[[], None] | None,
 ) -> None:
     try:
         from dask.distributed import Client, LocalCluster
@@ -101,7 +93,7 @@ def _run_on_dask(
             raise BpsevalError(f"cannot reach the Dask scheduler at {scheduler} ({error}).") from None
     try:
         futures = {client.submit(function, *tasks[index], pure=False): index for index in order}
-        _gather(futures, dask_completed, results, on_done, meanwhile)
+        _gather(futures, dask_completed, results, on_done)
     finally:
         client.close()
         if cluster is not None:

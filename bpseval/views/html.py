@@ -26,6 +26,7 @@ from bpseval.features.overview import RunOverview
 from bpseval.features.steps import incomplete_text
 from bpseval.kernel.stats import SILENT, UNCOVERED
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
+from bpseval.views.result import Result
 
 CELLS_LISTED = 400
 """Rows of a cell table shown in full; longer tables say how many more there are."""
@@ -141,8 +142,7 @@ def command_text(command: Sequence[str] | str | None) -> str:
 # Sections
 
 
-def _header(inputs: RunOverview, run_label: str, created: str) -> str:
-    result = inputs.result
+def _header(inputs: RunOverview, result: Result, run_label: str, created: str) -> str:
     shards = _plural(len(result.files), "shard")
     sub = (
         f"run <code>{_e(run_label)}</code> · step {result.step} · world size {result.world_size} · {shards}"
@@ -182,9 +182,8 @@ def _reason_summary(comparison: Comparison, shown: int = 5) -> list[str]:
     return summary + [reason for reason in comparison.reasons if reason not in labels]
 
 
-def _cards(inputs: RunOverview, below: int) -> str:
-    result = inputs.result
-    overall, cells = result.overall, result.overall["cells"]
+def _cards(inputs: RunOverview, result: Result, below: int) -> str:
+    overall, cells = result.overall, result.overall.cells
     datasets = len(result.datasets)
 
     def card(label: str, value: str, unit: str = "", css: str = "") -> str:
@@ -192,10 +191,10 @@ def _cards(inputs: RunOverview, below: int) -> str:
         return f'<div class="card {css}"><div class="label">{label}</div><div class="value">{value}</div>{unit_html}</div>'
 
     items = [
-        card("overall bps", _bps(overall["bps"]), "bits/spike · mean over datasets"),
-        card("overall bps_pooled", _bps(overall["bps_pooled"]), "bits/spike · all cells pooled"),
-        card("datasets scored", f"{overall['datasets']}<span class=\"unit\"> / {datasets}</span>", "with at least one ok cell",
-             "alert" if overall["datasets"] < datasets else ""),
+        card("overall bps", _bps(overall.bps), "bits/spike · mean over datasets"),
+        card("overall bps_pooled", _bps(overall.bps_pooled), "bits/spike · all cells pooled"),
+        card("datasets scored", f"{overall.datasets}<span class=\"unit\"> / {datasets}</span>", "with at least one ok cell",
+             "alert" if overall.datasets < datasets else ""),
         card("cells ok", str(cells["ok"]), "scored"),
         card("cells silent", str(cells[SILENT]), "no spike: bps undefined", "alert" if cells[SILENT] else ""),
         card("cells uncovered", str(cells[UNCOVERED]), "no valid sample", "bad" if cells[UNCOVERED] else ""),
@@ -204,10 +203,9 @@ def _cards(inputs: RunOverview, below: int) -> str:
     return f'<section id="numbers"><div class="cards">{"".join(items)}</div></section>'
 
 
-def _notes(inputs: RunOverview) -> str:
-    result = inputs.result
+def _notes(inputs: RunOverview, result: Result) -> str:
     notes = [_e(warning) for warning in result.warnings]
-    excluded = result.overall.get("datasets_without_ok_cells") or []
+    excluded = result.overall.datasets_without_ok_cells
     if excluded:
         notes.append("Left out of the overall bps (no ok cell): " + _e(", ".join(map(str, excluded))))
     if result.settings.get("clamp_negative"):
@@ -215,8 +213,7 @@ def _notes(inputs: RunOverview) -> str:
     return "".join(f'<p class="note">{note}</p>' for note in notes)
 
 
-def _dataset_table(inputs: RunOverview) -> str:
-    result = inputs.result
+def _dataset_table(inputs: RunOverview, result: Result) -> str:
     rows, classes = [], []
     for row in result.datasets.itertuples(index=False):
         rows.append([
@@ -225,10 +222,10 @@ def _dataset_table(inputs: RunOverview) -> str:
             str(row.samples), str(row.duplicates_dropped), _bps(row.bps), _bps(row.bps_pooled),
         ])
         classes.append("")
-    cells = result.overall["cells"]
+    cells = result.overall.cells
     rows.append([
         "overall", str(cells["ok"]), str(cells[SILENT]), str(cells[UNCOVERED]), str(int(result.datasets["samples"].sum())),
-        str(int(result.datasets["duplicates_dropped"].sum())), _bps(result.overall["bps"]), _bps(result.overall["bps_pooled"]),
+        str(int(result.datasets["duplicates_dropped"].sum())), _bps(result.overall.bps), _bps(result.overall.bps_pooled),
     ])
     classes.append("total")
     header = [("dataset", False), ("ok", True), ("silent", True), ("uncovered", True), ("samples", True),
@@ -260,8 +257,8 @@ def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
     return f"<h3>{title}</h3>" + _table([("dataset", False), ("cells", True), ("cell (id)", False)], rows)
 
 
-def _unscored(inputs: RunOverview) -> str:
-    cells = inputs.result.cells
+def _unscored(inputs: RunOverview, result: Result) -> str:
+    cells = result.cells
     return (
         '<section id="unscored"><h2>Unscored cells</h2>'
         "<p class=\"muted\">These cells have no bps and are left out of the dataset means (cell = index within the"
@@ -272,7 +269,7 @@ def _unscored(inputs: RunOverview) -> str:
     )
 
 
-def _coverage(inputs: RunOverview, report: Any, figure_html: str) -> str:
+def _coverage(inputs: RunOverview, result: Result, report: Any, figure_html: str) -> str:
     min_samples = inputs.min_samples
     flagged = report.cells
     parts = [
@@ -284,7 +281,7 @@ def _coverage(inputs: RunOverview, report: Any, figure_html: str) -> str:
     else:
         shown = flagged.head(CELLS_LISTED)
         header = [("dataset", False), ("cell", True), ("cell_id", True), ("valid samples", True), ("spikes", True), ("status", False)]
-        header += [(f"rank {rank}", True) for rank in range(inputs.result.world_size)]
+        header += [(f"rank {rank}", True) for rank in range(result.world_size)]
         rows = []
         for row in shown.itertuples(index=False):
             per_rank = ['<span class="zero">0 ✗</span>' if count == 0 else str(count) for count in row.per_rank]
@@ -297,20 +294,20 @@ def _coverage(inputs: RunOverview, report: Any, figure_html: str) -> str:
     return "".join(parts)
 
 
-def _steps(inputs: RunOverview, figure_html: str) -> str:
+def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
     steps = inputs.steps
     if len(steps.results) <= 1 and not (steps.incomplete or steps.bad):
         return ""
     rows, classes = [], []
     for step, result in steps.results.items():
-        cells = result.overall["cells"]
+        cells = result.overall.cells
         rows.append([str(step), str(result.world_size), str(cells["ok"]), str(cells[SILENT]), str(cells[UNCOVERED]),
-                     _bps(result.overall["bps"]), _bps(result.overall["bps_pooled"])])
-        classes.append("chosen" if step == inputs.result.step else "")
+                     _bps(result.overall.bps), _bps(result.overall.bps_pooled)])
+        classes.append("chosen" if step == result.step else "")
     header = [("step", True), ("world size", True), ("ok", True), ("silent", True), ("uncovered", True), ("bps", True), ("bps_pooled", True)]
     parts = ['<section id="steps"><h2>Bits per spike over steps</h2>', figure_html]
     parts.append(_table(header, rows, row_classes=classes, scroll=len(rows) > 20))
-    parts.append(f"<p class=\"muted\">The highlighted step ({inputs.result.step}) is the one the rest of this page shows.</p>")
+    parts.append(f"<p class=\"muted\">The highlighted step ({result.step}) is the one the rest of this page shows.</p>")
     if steps.incomplete:
         items = "".join(f"<li>{_e(incomplete_text(step, reason))}</li>" for step, reason in steps.incomplete.items())
         parts.append(f"<h3>{_plural(len(steps.incomplete), 'incomplete step')} (not scored)</h3><ul>{items}</ul>")
@@ -364,10 +361,10 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     return "".join(parts)
 
 
-def _histograms(inputs: RunOverview) -> str:
+def _histograms(inputs: RunOverview, result: Result) -> str:
     items = []
-    for name in inputs.result.datasets["name"]:
-        png = png_bytes(bps_histogram_figure(inputs.result, name))
+    for name in result.datasets["name"]:
+        png = png_bytes(bps_histogram_figure(result, name))
         items.append(_image(png, f"Distribution of per-cell bits/spike of dataset {name}"))
     return (
         '<section id="histograms"><h2>Per-cell bps of each dataset</h2>'
@@ -377,15 +374,15 @@ def _histograms(inputs: RunOverview) -> str:
     )
 
 
-def _provenance(command: str, inputs: RunOverview, created: str) -> str:
-    files = inputs.result.files
+def _provenance(command: str, result: Result, created: str) -> str:
+    files = result.files
     listed = "".join(f"<li><code>{_e(path)}</code></li>" for path in files[:64])
     more = f"<li>… and {len(files) - 64} more</li>" if len(files) > 64 else ""
     return (
         '<footer id="provenance">'
         f"<p>Made by <code>{_e(command)}</code></p>"
         f"<p>bpseval {_e(__version__)} · Python {_e(platform.python_version())} · {_e(created)}</p>"
-        f"<details><summary>{_plural(len(files), 'shard')} of step {inputs.result.step}</summary><ul>{listed}{more}</ul></details>"
+        f"<details><summary>{_plural(len(files), 'shard')} of step {result.step}</summary><ul>{listed}{more}</ul></details>"
         "</footer>"
     )
 
@@ -406,17 +403,17 @@ def render_report(
     `command` is the command line that made it (shown at the bottom, with the bpseval version);
     `run_label` names the run (default: the merged run's directory).
     """
-    result = inputs.result
-    run_label = run_label if run_label is not None else str(inputs.run.run_dir)
+    result = Result(inputs.scored)
+    run_label = run_label if run_label is not None else str(inputs.scored.source)
     created_text = (created or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d %H:%M %Z").strip()
-    report = coverage_report(inputs.run, inputs.min_samples)
-    made = figures(inputs)
+    report = coverage_report(inputs.scored, inputs.min_samples)
+    made = figures(inputs, result)
     pictures = {stem: png_bytes(figure) for stem, figure in made.items()}
-    body = [_header(inputs, run_label, created_text)]
+    body = [_header(inputs, result, run_label, created_text)]
     if inputs.comparison is not None:
         body.append(_verdict(inputs.comparison))
-    body.append(_cards(inputs, len(report.cells)))
-    body.append(_notes(inputs))
+    body.append(_cards(inputs, result, len(report.cells)))
+    body.append(_notes(inputs, result))
     if inputs.comparison is not None:
         body.append(_comparison(
             inputs.comparison,
@@ -432,7 +429,7 @@ def render_report(
         )
         + "</section>"
     )
-    body.append(_dataset_table(inputs))
+    body.append(_dataset_table(inputs, result))
     body.append(
         '<section id="rate"><h2>Bits per spike against firing rate</h2>'
         + _image(
@@ -443,19 +440,19 @@ def render_report(
         + "</section>"
     )
     body.append(_coverage(
-        inputs, report,
+        inputs, result, report,
         _image(pictures["coverage"], "Valid samples per cell and rank",
                f"Valid samples of every cell on every rank; grey: none on that rank; red outline: fewer than"
                f" {inputs.min_samples} valid samples in total."),
     ))
-    body.append(_unscored(inputs))
+    body.append(_unscored(inputs, result))
     if "bps-over-steps" in pictures:
         steps_html = _image(pictures["bps-over-steps"], "Bits per spike over validation steps")
     else:
         steps_html = ""
-    body.append(_steps(inputs, steps_html))
-    body.append(_histograms(inputs))
-    body.append(_provenance(command_text(command), inputs, created_text))
+    body.append(_steps(inputs, result, steps_html))
+    body.append(_histograms(inputs, result))
+    body.append(_provenance(command_text(command), result, created_text))
     title = f"bpseval report · {run_label} · step {result.step}"
     return (
         "<!DOCTYPE html>\n"

@@ -1,6 +1,6 @@
 """Pictures of a scored run: per-cell bps, bps against rate, coverage per rank, bps over steps, run vs baseline.
 
-Every `*_figure` function takes library objects (a `Result`, a `MergedRun`, per-step Results, a
+Every `*_figure` function takes library objects (a `Result`, a `ScoredRun`, per-step scored runs, a
 `Comparison`) and returns a matplotlib `Figure`; `write_plots` writes them all to a folder.
 matplotlib is an optional extra (`pip install 'bpseval[plot]'`) and is imported only when a
 figure is made: `import bpseval` never imports it. Figures are drawn on the Agg canvas directly
@@ -27,8 +27,8 @@ from bpseval.features.compare import Comparison
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
-from bpseval.run.merge import MergedRun
-from bpseval.run.result import Result
+from bpseval.run.scored import ScoredRun
+from bpseval.views.result import Result
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -266,8 +266,8 @@ def bps_strip_figure(result: Result) -> Figure:
         axes.plot([row.bps_pooled], [position], marker="D", markersize=5, color=POOLED_COLOR, markeredgecolor="white")
     axes.axvline(0.0, color="#999999", linestyle=":", linewidth=1)
     overall = result.overall
-    if math.isfinite(overall["bps"]):
-        axes.axvline(overall["bps"], color=MEAN_COLOR, linestyle="--", linewidth=1, alpha=0.6)
+    if math.isfinite(overall.bps):
+        axes.axvline(overall.bps, color=MEAN_COLOR, linestyle="--", linewidth=1, alpha=0.6)
     axes.set_xlim(low, high)
     axes.set_ylim(max(count, 1) - 0.5, -0.5)
     axes.set_yticks(range(count), labels=[_text(name) for name in datasets["name"]], fontsize=8 if count > 12 else 9)
@@ -279,10 +279,10 @@ def bps_strip_figure(result: Result) -> Figure:
     status_labels = [_status_counts(row) for row in datasets.itertuples(index=False)]
     counts.set_yticks(range(count), labels=status_labels, fontsize=8 if count > 12 else 9)
     counts.tick_params(axis="y", length=0)
-    cells = overall["cells"]
+    cells = overall.cells
     axes.set_title(
-        f"Per-cell bits per spike · step {result.step} · overall bps {_format(overall['bps'])},"
-        f" bps_pooled {_format(overall['bps_pooled'])} · {cells['ok']} ok, {cells['silent']} silent,"
+        f"Per-cell bits per spike · step {result.step} · overall bps {_format(overall.bps)},"
+        f" bps_pooled {_format(overall.bps_pooled)} · {cells['ok']} ok, {cells['silent']} silent,"
         f" {cells['uncovered']} uncovered cells",
         fontsize=10,
         loc="left",
@@ -358,7 +358,7 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     axes.set_ylabel(f"{BPS_LABEL} (per cell)")
     axes.grid(color="#eeeeee")
     axes.set_axisbelow(True)
-    silent, uncovered = result.overall["cells"]["silent"], result.overall["cells"]["uncovered"]
+    silent, uncovered = result.overall.cells["silent"], result.overall.cells["uncovered"]
     note = f"{len(ok)} ok cells"
     if silent or uncovered:
         note += f"; not shown: {silent} silent, {uncovered} uncovered"
@@ -373,7 +373,7 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
 # Coverage: valid samples per cell per rank
 
 
-def coverage_figure(run: MergedRun, min_samples: int = 10) -> Figure:
+def coverage_figure(run: ScoredRun, min_samples: int = 10) -> Figure:
     """Valid samples per cell (x) and rank (one row per rank), datasets stacked top to bottom.
 
     A rank where a cell had no valid sample is grey; a cell with fewer than `min_samples` valid
@@ -391,7 +391,7 @@ def coverage_figure(run: MergedRun, min_samples: int = 10) -> Figure:
     for index, dataset in enumerate(run.datasets):
         for rank, stats in enumerate(dataset.per_rank):
             counts[index * world + rank, : len(stats.n_valid)] = stats.n_valid
-        total = dataset.total.n_valid
+        total = dataset.stats.n_valid
         below_cells += [(index, int(cell)) for cell in np.flatnonzero(total < min_samples)]
     row_height = max(0.3 / world, 0.1)
     figure = new_figure(WIDE, max(3.2, row_height * world * len(names) + 2.0))
@@ -453,22 +453,22 @@ def coverage_figure(run: MergedRun, min_samples: int = 10) -> Figure:
 # bps over steps
 
 
-def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
+def steps_figure(results: dict[int, ScoredRun] | StepResults) -> Figure:
     """bps over validation steps: overall bps and bps_pooled on top, every dataset's bps below."""
     if isinstance(results, StepResults):
         results = results.results
     steps = sorted(results)
     if not steps:
         raise BpsevalError("no step to plot")
-    latest = list(results[steps[-1]].datasets["name"])
-    names = latest + sorted({name for result in results.values() for name in result.datasets["name"]} - set(latest))
+    latest = results[steps[-1]].names
+    names = latest + sorted({name for scored in results.values() for name in scored.names} - set(latest))
     columns, rows = _legend_layout(names)
     figure = new_figure(WIDE, 6.6 + LEGEND_ROW * rows)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1, 1.6])
     overall = [results[step].overall for step in steps]
-    top.plot(steps, [o["bps"] for o in overall], marker="o", color=MEAN_COLOR, linewidth=2, label="overall bps")
+    top.plot(steps, [o.bps for o in overall], marker="o", color=MEAN_COLOR, linewidth=2, label="overall bps")
     top.plot(
-        steps, [o["bps_pooled"] for o in overall], marker="D", color=POOLED_COLOR, linewidth=1.5, linestyle="--",
+        steps, [o.bps_pooled for o in overall], marker="D", color=POOLED_COLOR, linewidth=1.5, linestyle="--",
         label="overall bps_pooled",
     )
     top.set_ylabel(BPS_LABEL)
@@ -476,11 +476,7 @@ def steps_figure(results: dict[int, Result] | StepResults) -> Figure:
     top.legend(loc="best", fontsize=8, frameon=False)
     entries = []
     for color, name in zip(dataset_colors(len(names)), names, strict=True):
-        values = []
-        for step in steps:
-            frame = results[step].datasets
-            match = frame.loc[frame["name"] == name, "bps"]
-            values.append(float(match.iloc[0]) if len(match) else math.nan)
+        values = [results[step].dataset(name).bps if name in results[step].names else math.nan for step in steps]
         (line,) = bottom.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color=color)
         entries.append((line, _text(name)))
     bottom.set_ylabel(f"dataset {BPS_LABEL}")
@@ -575,17 +571,21 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
 
 
 
-def figures(inputs: RunOverview) -> dict[str, Figure]:
-    """Every overview figure of `inputs` by file stem (the per-dataset histograms are separate)."""
+def figures(inputs: RunOverview, result: Result | None = None) -> dict[str, Figure]:
+    """Every overview figure of `inputs` by file stem (the per-dataset histograms are separate).
+
+    `result` is `Result(inputs.scored)` when the caller already has it (its frames are built once).
+    """
+    result = result if result is not None else Result(inputs.scored)
     made = {
-        "bps-by-dataset": bps_strip_figure(inputs.result),
-        "bps-vs-rate": bps_rate_figure(inputs.result, inputs.min_samples),
-        "coverage": coverage_figure(inputs.run, inputs.min_samples),
+        "bps-by-dataset": bps_strip_figure(result),
+        "bps-vs-rate": bps_rate_figure(result, inputs.min_samples),
+        "coverage": coverage_figure(inputs.scored, inputs.min_samples),
     }
     if len(inputs.steps.results) > 1:
         made["bps-over-steps"] = steps_figure(inputs.steps)
     if inputs.baseline is not None:
-        made["compare-cells"] = compare_figure(inputs.result, inputs.baseline, inputs.comparison)
+        made["compare-cells"] = compare_figure(result, Result(inputs.baseline), inputs.comparison)
     return made
 
 
@@ -637,10 +637,10 @@ def write_plots(inputs: RunOverview, out_dir: str | os.PathLike[str], fmt: str =
     if folder.exists() and not folder.is_dir():
         raise BpsevalError(f"{folder}: exists and is not a directory; pass a folder for the pictures.")
     folder.mkdir(parents=True, exist_ok=True)
-    written = [save_figure(figure, folder / f"{stem}.{fmt}", fmt) for stem, figure in figures(inputs).items()]
-    stems = dataset_stems(list(inputs.result.datasets["name"]))
-    for name, stem in stems.items():
-        written.append(save_figure(bps_histogram_figure(inputs.result, name), folder / f"{stem}.{fmt}", fmt))
+    result = Result(inputs.scored)
+    written = [save_figure(figure, folder / f"{stem}.{fmt}", fmt) for stem, figure in figures(inputs, result).items()]
+    for name, stem in dataset_stems(inputs.scored.names).items():
+        written.append(save_figure(bps_histogram_figure(result, name), folder / f"{stem}.{fmt}", fmt))
     return written
 
 

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -23,8 +24,8 @@ from bpseval.features.compare import Comparison
 from bpseval.features.coverage import CoverageReport
 from bpseval.features.doctor import Diagnosis
 from bpseval.features.steps import StepResults, incomplete_text
-from bpseval.kernel.stats import SILENT, UNCOVERED
-from bpseval.run.result import Result
+from bpseval.kernel.stats import OVERFLOW, SILENT, STATUSES, UNCOVERED
+from bpseval.run.scored import ScoredRun
 from bpseval.views.text import (
     COVERAGE_LISTED,
     delta_text,
@@ -38,54 +39,61 @@ from bpseval.views.text import (
 CELLS_LISTED_PER_DATASET = 8
 
 
-def render_compute(result: Result, console: Console) -> None:
-    """The `bpseval compute` report: one row per dataset, the overall row, then unscored cells."""
-    table = Table(title=f"Bits per spike · step {result.step}", title_justify="left")
+def render_compute(scored: ScoredRun, console: Console) -> None:
+    """The `bpseval compute` report: one row per dataset, the overall row, then the cells without a number."""
+    table = Table(title=f"Bits per spike · step {scored.step}", title_justify="left")
     table.add_column("dataset")
-    for name in ("ok", "silent", "uncovered", "samples"):
+    shown_statuses = [status for status in STATUSES if status != OVERFLOW or scored.overall.cells[OVERFLOW]]
+    for name in (*shown_statuses, "samples"):
         table.add_column(name, justify="right")
     table.add_column("bps", justify="right")
     table.add_column("bps_pooled", justify="right")
-    for row in result.datasets.itertuples(index=False):
+    for dataset in scored.datasets:
         table.add_row(
-            shown(row.name), str(row.ok), str(row.silent), str(row.uncovered), str(row.samples),
-            format_bps(row.bps), format_bps(row.bps_pooled),
+            shown(dataset.name), *(str(dataset.cells[status]) for status in shown_statuses), str(dataset.samples),
+            format_bps(dataset.bps), format_bps(dataset.bps_pooled),
         )
-    overall, cells = result.overall, result.overall["cells"]
+    overall = scored.overall
     table.add_section()
     table.add_row(
-        "[bold]overall[/]", str(cells["ok"]), str(cells["silent"]), str(cells["uncovered"]),
-        str(int(result.datasets["samples"].sum())),
-        f"[bold]{format_bps(overall['bps'])}[/]", f"[bold]{format_bps(overall['bps_pooled'])}[/]",
+        "[bold]overall[/]", *(str(overall.cells[status]) for status in shown_statuses), str(scored.samples),
+        f"[bold]{format_bps(overall.bps)}[/]", f"[bold]{format_bps(overall.bps_pooled)}[/]",
     )
     console.print(table)
-    if result.settings.get("clamp_negative"):
+    if scored.settings.clamp_negative:
         console.print(
             "[yellow]--clamp-negative is on:[/] per-cell values were clamped at 0 before the means"
             " (legacy numbers, biased upwards)."
         )
-    for status in (UNCOVERED, SILENT):
-        _render_cells_with_status(result.cells, status, console)
-    excluded = result.overall["datasets_without_ok_cells"]
-    if excluded:
-        console.print(f"Left out of the overall bps (no ok cell): {shown(', '.join(excluded))}")
-    dropped = int(result.datasets["duplicates_dropped"].sum())
+    for status in (OVERFLOW, UNCOVERED, SILENT):
+        _render_cells_with_status(scored, status, console)
+    if overall.datasets_without_ok_cells:
+        console.print(f"Left out of the overall bps (no ok cell): {shown(', '.join(overall.datasets_without_ok_cells))}")
+    dropped = scored.duplicates_dropped
     console.print(
-        f"step {result.step} · world size {result.world_size} · {len(result.files)} shard"
-        f"{'s' if len(result.files) != 1 else ''}" + (f" · {dropped} duplicate samples dropped" if dropped else "")
+        f"step {scored.step} · world size {scored.world_size} · {len(scored.files)} shard"
+        f"{'s' if len(scored.files) != 1 else ''}" + (f" · {dropped} duplicate samples dropped" if dropped else "")
     )
 
 
-def _render_cells_with_status(cells: pd.DataFrame, status: str, console: Console) -> None:
-    selected = cells[cells["status"] == status]
-    if selected.empty:
+CELL_REASONS = {
+    UNCOVERED: "no valid sample",
+    SILENT: "no spike: bps undefined",
+    OVERFLOW: "sums not finite in float64: bps undefined, and so are its dataset's and the overall numbers",
+}
+
+
+def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) -> None:
+    listed = [(dataset.name, np.flatnonzero(dataset.scores.status == status)) for dataset in scored.datasets]
+    listed = [(name, cells) for name, cells in listed if len(cells)]
+    count = sum(len(cells) for _, cells in listed)
+    if not count:
         return
-    reason = "no valid sample" if status == UNCOVERED else "no spike: bps undefined"
-    console.print(f"[bold]{len(selected)} {status} cell{'s' if len(selected) != 1 else ''}[/] ({reason}):")
-    for dataset, group in selected.groupby("dataset", sort=False):
-        cells_text = ", ".join(str(cell) for cell in group["cell"].head(CELLS_LISTED_PER_DATASET))
-        more = len(group) - CELLS_LISTED_PER_DATASET
-        console.print(f"  {shown(dataset)}: cell {cells_text}" + (f" (+{more} more)" if more > 0 else ""))
+    console.print(f"[bold]{count} {status} cell{'s' if count != 1 else ''}[/] ({CELL_REASONS[status]}):")
+    for name, cells in listed:
+        cells_text = ", ".join(str(cell) for cell in cells[:CELLS_LISTED_PER_DATASET])
+        more = len(cells) - CELLS_LISTED_PER_DATASET
+        console.print(f"  {shown(name)}: cell {cells_text}" + (f" (+{more} more)" if more > 0 else ""))
 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
@@ -227,10 +235,10 @@ def render_steps(steps: StepResults, console: Console, run: str | None = None) -
     for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled"):
         table.add_column(name, justify="right")
     for step, result in steps.results.items():
-        cells = result.overall["cells"]
+        cells = result.overall.cells
         table.add_row(
             str(step), str(result.world_size), str(cells["ok"]), str(cells["silent"]), str(cells["uncovered"]),
-            format_bps(result.overall["bps"]), format_bps(result.overall["bps_pooled"]),
+            format_bps(result.overall.bps), format_bps(result.overall.bps_pooled),
         )
     console.print(table)
     if steps.incomplete:

@@ -1,0 +1,56 @@
+"""The Python entry points that return frames or a `Result`: `evaluate` a run directory, `bits_per_spike` in memory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from bpseval._arrays import to_numpy
+from bpseval._lazy import pandas as pd
+from bpseval.errors import ArgumentError
+from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
+from bpseval.run.merge import merge_run
+from bpseval.run.scored import score_run
+from bpseval.views.result import Result
+
+
+def evaluate(
+    run_dir: str | os.PathLike[str], step: int | None = None, *, clamp_negative: bool = False, **merge_options: Any
+) -> Result:
+    """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
+
+    `merge_options` go to `merge_run`: `jobs`, `scheduler`, `on_progress`, `blocks`.
+    """
+    return Result(score_run(merge_run(run_dir, step, **merge_options), clamp_negative=clamp_negative))
+
+
+def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
+    """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
+
+    Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
+    status; bps is NaN for silent, uncovered and overflow cells. Same code path as `bpseval compute`.
+    """
+    if rate_kind not in RATE_KINDS:
+        raise ArgumentError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+    rhat_np, robs_np = to_numpy(rhat), to_numpy(robs)
+    if rhat_np.ndim != 2 or rhat_np.shape != robs_np.shape:
+        raise ArgumentError(
+            f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
+        )
+    weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
+    stats = batch_stats(rhat_np, robs_np, weights, rate_kind)
+    scores = cell_scores(stats)
+    return pd.DataFrame(
+        {
+            "cell": np.arange(stats.n_cells),
+            "n_valid": stats.n_valid,
+            "n": stats.weight,
+            "spikes": stats.spikes,
+            "model_ll": stats.model_ll,
+            "ll_gain": scores.ll_gain,
+            "bps": scores.bps,
+            "status": scores.status.astype(object),
+        }
+    )

@@ -1,0 +1,295 @@
+"""The scored run: per dataset its merged statistics and per-cell scores, a typed overall, and the settings.
+
+Every output (tables, JSON, CSV, figures, the compare gate) is a view of a `ScoredRun`. The
+offline merge (`score_run`), the online `DistributedBPS.compute()` and a baseline JSON all
+produce one, through `score`: one place decides what a dataset's and the run's numbers are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bpseval.kernel.stats import (
+    MIN_RATE,
+    OK,
+    OVERFLOW,
+    STATUSES,
+    CellScores,
+    CellStats,
+    cell_scores,
+    mean_bps,
+    pooled_bps,
+    status_counts,
+)
+from bpseval.run.dedup import RHAT_COPY_RTOL
+from bpseval.run.merge import MergedDataset, MergedRun
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What changes the numbers besides the data."""
+
+    clamp_negative: bool = False
+    """Reproduce legacy training loops: clamp each cell's bps at 0 before the means (biased upwards)."""
+    min_rate: float = MIN_RATE
+    duplicate_rhat_rtol: float = RHAT_COPY_RTOL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clamp_negative": self.clamp_negative,
+            "min_rate": self.min_rate,
+            "duplicate_rhat_rtol": self.duplicate_rhat_rtol,
+        }
+
+
+@dataclass(frozen=True)
+class ScoredDataset:
+    """One dataset: its statistics over all ranks, every cell's scores, and its summary numbers."""
+
+    name: str
+    cell_ids: np.ndarray
+    stats: CellStats
+    scores: CellScores
+    samples: int
+    duplicates_dropped: int
+    identity: str
+    """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
+    bps: float
+    """Mean bps over the ok cells (NaN when there is none, or a cell overflowed)."""
+    bps_pooled: float
+    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included."""
+    cells: dict[str, int]
+    """How many cells have each status."""
+    per_rank: list[CellStats] = field(default_factory=list)
+    """Each rank's statistics (empty when not known: a baseline document)."""
+    per_block: CellStats | None = None
+    """(blocks, cells) statistics by contiguous sample_idx block, when asked for."""
+    rate_kind: str = "rate"
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_ids)
+
+    @property
+    def has_ok_cells(self) -> bool:
+        return self.cells[OK] > 0
+
+
+@dataclass(frozen=True)
+class Overall:
+    """The run's numbers: bps is the mean of the datasets' bps, bps_pooled pools every covered cell."""
+
+    bps: float
+    bps_pooled: float
+    datasets: int
+    """Datasets with an ok cell, which the overall bps averages."""
+    datasets_without_ok_cells: list[str]
+    cells: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bps": self.bps,
+            "bps_pooled": self.bps_pooled,
+            "datasets": self.datasets,
+            "datasets_without_ok_cells": list(self.datasets_without_ok_cells),
+            "cells": dict(self.cells),
+        }
+
+
+@dataclass(frozen=True)
+class ScoredRun:
+    """One step of a run, scored: what every view shows and every gate decides on."""
+
+    step: int
+    world_size: int
+    files: list[str]
+    datasets: list[ScoredDataset]
+    overall: Overall
+    settings: ScoreSettings
+    warnings: list[str] = field(default_factory=list)
+    source: str | None = None
+    """The run directory it was merged from (None: the online metric or a document)."""
+
+    def dataset(self, name: str) -> ScoredDataset:
+        """The dataset called `name` (KeyError when there is none)."""
+        for dataset in self.datasets:
+            if dataset.name == name:
+                return dataset
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [dataset.name for dataset in self.datasets]
+
+    @property
+    def samples(self) -> int:
+        return sum(dataset.samples for dataset in self.datasets)
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return sum(dataset.duplicates_dropped for dataset in self.datasets)
+
+    @property
+    def identity(self) -> str:
+        """Checksum of what was scored (datasets, cells, sample_idx): equal for runs that scored the same samples."""
+        digest = hashlib.sha256()
+        for name, identity in sorted((dataset.name, dataset.identity) for dataset in self.datasets):
+            digest.update(f"{name}={identity};".encode())
+        return digest.hexdigest()
+
+
+def score_dataset(
+    merged: MergedDataset, clamp_negative: bool = False, stats: CellStats | None = None
+) -> ScoredDataset:
+    """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up)."""
+    total = merged.total if stats is None else stats
+    scores = cell_scores(total)
+    return ScoredDataset(
+        name=merged.name,
+        cell_ids=merged.cell_ids,
+        stats=total,
+        scores=scores,
+        samples=merged.samples,
+        duplicates_dropped=merged.duplicates_dropped,
+        identity=merged.identity,
+        bps=mean_bps(scores.bps, scores.status, clamp_negative),
+        bps_pooled=pooled_bps(scores.ll_gain, total.spikes, scores.status),
+        cells=status_counts(scores.status),
+        per_rank=list(merged.per_rank),
+        per_block=merged.per_block,
+        rate_kind=merged.rate_kind,
+    )
+
+
+def overall_of(datasets: Sequence[ScoredDataset], clamp_negative: bool = False) -> Overall:
+    """The overall numbers of `datasets` (all of a run's, or the ones two runs share).
+
+    bps is the mean of the datasets' bps over those with an ok cell (undefined when any cell
+    overflowed); bps_pooled pools ll_gain and spikes over every covered cell.
+    """
+    with_ok = [dataset for dataset in datasets if dataset.has_ok_cells]
+    overflowed = any(dataset.cells[OVERFLOW] for dataset in datasets)
+    bps = math.nan if overflowed or not with_ok else float(np.mean([dataset.bps for dataset in with_ok]))
+    if clamp_negative and math.isfinite(bps):
+        bps = max(bps, 0.0)
+    status = np.concatenate([dataset.scores.status for dataset in datasets]) if datasets else np.zeros(0, dtype=str)
+    ll_gain = np.concatenate([dataset.scores.ll_gain for dataset in datasets]) if datasets else np.zeros(0)
+    spikes = np.concatenate([dataset.stats.spikes for dataset in datasets]) if datasets else np.zeros(0)
+    return Overall(
+        bps=bps,
+        bps_pooled=pooled_bps(ll_gain, spikes, status),
+        datasets=len(with_ok),
+        datasets_without_ok_cells=[dataset.name for dataset in datasets if not dataset.has_ok_cells],
+        cells=status_counts(status),
+    )
+
+
+def score(
+    datasets: Sequence[MergedDataset],
+    *,
+    step: int,
+    world_size: int,
+    files: Sequence[str] = (),
+    warnings: Sequence[str] = (),
+    source: str | None = None,
+    clamp_negative: bool = False,
+) -> ScoredRun:
+    """Score merged datasets into a `ScoredRun`: the one path from sums to every reported number."""
+    scored = [score_dataset(dataset, clamp_negative) for dataset in datasets]
+    return ScoredRun(
+        step=step,
+        world_size=world_size,
+        files=list(files),
+        datasets=scored,
+        overall=overall_of(scored, clamp_negative),
+        settings=ScoreSettings(clamp_negative=clamp_negative),
+        warnings=list(warnings),
+        source=source,
+    )
+
+
+def score_run(run: MergedRun, clamp_negative: bool = False) -> ScoredRun:
+    """Score one merged step of a run directory."""
+    return score(
+        run.datasets,
+        step=run.step,
+        world_size=run.world_size,
+        files=[str(path) for path in run.files],
+        warnings=run.warnings,
+        source=str(run.run_dir),
+        clamp_negative=clamp_negative,
+    )
+
+
+def stats_from_cells(cells: Sequence[dict[str, Any]]) -> CellStats:
+    """A dataset's per-cell statistics back from the JSON records of its cells (n is the weight)."""
+    return CellStats(
+        n_valid=np.array([cell["n_valid"] for cell in cells], dtype=np.int64),
+        weight=np.array([cell["n"] for cell in cells], dtype=np.float64),
+        spikes=np.array([cell["spikes"] for cell in cells], dtype=np.float64),
+        model_ll=np.array([_number(cell["model_ll"]) for cell in cells], dtype=np.float64),
+    )
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+
+def scored_from_document(document: dict[str, Any]) -> ScoredRun:
+    """A ScoredRun back from the JSON document of `bpseval compute --json` (a baseline), numbers as written.
+
+    Nothing is re-scored: per-cell and per-dataset numbers are the document's own (null becomes
+    NaN). There are no per-rank or per-block statistics. The caller validates the document.
+    """
+    cells_by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for cell in document["cells"]:
+        cells_by_dataset.setdefault(cell["dataset"], []).append(cell)
+    datasets = []
+    for entry in document["datasets"]:
+        cells = sorted(cells_by_dataset.get(entry["name"], []), key=lambda cell: cell["cell"])
+        datasets.append(
+            ScoredDataset(
+                name=entry["name"],
+                cell_ids=np.array([cell["cell_id"] for cell in cells], dtype=object),
+                stats=stats_from_cells(cells),
+                scores=CellScores(
+                    ll_gain=np.array([_number(cell["ll_gain"]) for cell in cells], dtype=np.float64),
+                    bps=np.array([_number(cell["bps"]) for cell in cells], dtype=np.float64),
+                    status=np.array([cell["status"] for cell in cells], dtype=object),
+                ),
+                samples=int(entry["samples"]),
+                duplicates_dropped=int(entry["duplicates_dropped"]),
+                identity=str(entry.get("identity", "")),
+                bps=_number(entry["bps"]),
+                bps_pooled=_number(entry["bps_pooled"]),
+                cells={status: int(entry["cells"].get(status, 0)) for status in STATUSES},
+            )
+        )
+    overall = document["overall"]
+    settings = document.get("settings", {})
+    return ScoredRun(
+        step=int(document["step"]),
+        world_size=int(document["world_size"]),
+        files=[str(path) for path in document.get("files", [])],
+        datasets=datasets,
+        overall=Overall(
+            bps=_number(overall["bps"]),
+            bps_pooled=_number(overall["bps_pooled"]),
+            datasets=int(overall.get("datasets", sum(dataset.has_ok_cells for dataset in datasets))),
+            datasets_without_ok_cells=[str(name) for name in overall.get("datasets_without_ok_cells", [])],
+            cells={status: int(overall["cells"].get(status, 0)) for status in STATUSES},
+        ),
+        settings=ScoreSettings(
+            clamp_negative=bool(settings.get("clamp_negative", False)),
+            min_rate=float(settings.get("min_rate", MIN_RATE)),
+            duplicate_rhat_rtol=float(settings.get("duplicate_rhat_rtol", RHAT_COPY_RTOL)),
+        ),
+        warnings=[str(warning) for warning in document.get("warnings", [])],
+    )

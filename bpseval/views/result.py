@@ -1,0 +1,216 @@
+"""`Result`: a scored run as pandas frames and as the JSON document of `bpseval compute --json`.
+
+A view of `ScoredRun`: the frames are built on first use, so a command that only prints tables
+or JSON never imports pandas.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from bpseval._json import json_text, plain
+from bpseval._lazy import pandas as pd
+from bpseval._version import __version__
+from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION
+from bpseval.features.steps import StepResults
+from bpseval.kernel.stats import STATUSES
+from bpseval.run.scored import Overall, ScoredRun, scored_from_document
+
+DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", *STATUSES, "identity"]
+CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]
+
+
+class Result:
+    """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
+
+    Undefined values are NaN in the frames and null in JSON.
+    """
+
+    def __init__(self, scored: ScoredRun) -> None:
+        self.scored = scored
+
+    def __repr__(self) -> str:
+        return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
+
+    @property
+    def step(self) -> int:
+        return self.scored.step
+
+    @property
+    def world_size(self) -> int:
+        return self.scored.world_size
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.world_size))
+
+    @property
+    def files(self) -> list[str]:
+        return self.scored.files
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.scored.settings.to_dict()
+
+    @property
+    def overall(self) -> Overall:
+        return self.scored.overall
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.scored.warnings
+
+    @property
+    def identity(self) -> str:
+        """Checksum of what was scored (datasets, cells, sample_idx): equal for runs that scored the same samples."""
+        return self.scored.identity
+
+    @cached_property
+    def datasets(self) -> pd.DataFrame:
+        """One row per dataset: samples, duplicates dropped, bps, bps_pooled, cells per status, identity."""
+        rows = [
+            {
+                "name": dataset.name,
+                "samples": dataset.samples,
+                "duplicates_dropped": dataset.duplicates_dropped,
+                "bps": dataset.bps,
+                "bps_pooled": dataset.bps_pooled,
+                **dataset.cells,
+                "identity": dataset.identity,
+            }
+            for dataset in self.scored.datasets
+        ]
+        return pd.DataFrame(rows, columns=DATASET_COLUMNS)
+
+    @cached_property
+    def cells(self) -> pd.DataFrame:
+        """One row per cell of every dataset: its sums, ll_gain, bps and status."""
+        datasets = self.scored.datasets
+        sizes = [dataset.n_cells for dataset in datasets]
+
+        def joined(values: list[np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype=dtype)
+
+        return pd.DataFrame(
+            {
+                "dataset": np.repeat([dataset.name for dataset in datasets], sizes).astype(object),
+                "cell": joined([np.arange(size) for size in sizes], np.int64),
+                "cell_id": pd.Series([cell for dataset in datasets for cell in dataset.cell_ids.tolist()], dtype=object),
+                "n_valid": joined([dataset.stats.n_valid for dataset in datasets], np.int64),
+                "n": joined([dataset.stats.weight for dataset in datasets], np.float64),
+                "spikes": joined([dataset.stats.spikes for dataset in datasets], np.float64),
+                "model_ll": joined([dataset.stats.model_ll for dataset in datasets], np.float64),
+                "ll_gain": joined([dataset.scores.ll_gain for dataset in datasets], np.float64),
+                "bps": joined([dataset.scores.bps for dataset in datasets], np.float64),
+                "status": joined([dataset.scores.status for dataset in datasets], object),
+            },
+            columns=CELL_COLUMNS,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of `bpseval compute --json`, with None where a value is undefined."""
+        scored = self.scored
+        datasets = [
+            {
+                "name": dataset.name,
+                "samples": dataset.samples,
+                "duplicates_dropped": dataset.duplicates_dropped,
+                "bps": dataset.bps,
+                "bps_pooled": dataset.bps_pooled,
+                "cells": dataset.cells,
+                "identity": dataset.identity,
+            }
+            for dataset in scored.datasets
+        ]
+        cells = [
+            {
+                "dataset": dataset.name,
+                "cell": cell,
+                "cell_id": cell_id,
+                "n_valid": n_valid,
+                "n": weight,
+                "spikes": spikes,
+                "model_ll": model_ll,
+                "ll_gain": ll_gain,
+                "bps": bps,
+                "status": status,
+            }
+            for dataset in scored.datasets
+            for cell, (cell_id, n_valid, weight, spikes, model_ll, ll_gain, bps, status) in enumerate(
+                zip(
+                    dataset.cell_ids.tolist(),
+                    dataset.stats.n_valid.tolist(),
+                    dataset.stats.weight.tolist(),
+                    dataset.stats.spikes.tolist(),
+                    dataset.stats.model_ll.tolist(),
+                    dataset.scores.ll_gain.tolist(),
+                    dataset.scores.bps.tolist(),
+                    dataset.scores.status.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+        return plain(
+            {
+                "bpseval_version": __version__,
+                "step": scored.step,
+                "world_size": scored.world_size,
+                "ranks": self.ranks,
+                "files": scored.files,
+                "settings": self.settings,
+                "identity": scored.identity,
+                "overall": scored.overall.to_dict(),
+                "datasets": datasets,
+                "cells": cells,
+                "warnings": scored.warnings,
+            }
+        )
+
+    def to_json(self) -> str:
+        """`to_dict` as strict JSON (no NaN or Infinity), one line per dataset and per cell."""
+        return json_text(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> Result:
+        """A Result back from its JSON document (`to_dict`), numbers as they were written; null becomes NaN."""
+        return cls(scored_from_document(document))
+
+
+def baseline_document(result: Result) -> dict[str, Any]:
+    """The baseline file: the `compute` JSON (with per-cell sufficient statistics and identity checksums)."""
+    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
+
+
+STEP_COLUMNS = ["step", "world_size", "bps", "bps_pooled", *STATUSES]
+
+
+def steps_frame(steps: StepResults) -> pd.DataFrame:
+    """One row per scored step: world size, overall bps and bps_pooled, cells per status, then bps[dataset]."""
+    if not steps.results:
+        return pd.DataFrame(columns=STEP_COLUMNS)
+    return scored_frame(steps.results, key="step").sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def runs_frame(runs: dict[str, ScoredRun], sort: str = "run") -> pd.DataFrame:
+    """One row per run: step, overall bps and bps_pooled, cells per status, then each dataset's bps.
+
+    `sort` is "run" (by name) or a metric ("bps", "bps_pooled": best first).
+    """
+    frame = scored_frame(runs, key="run").drop(columns="world_size")
+    if sort == "run":
+        return frame.sort_values("run", kind="stable").reset_index(drop=True)
+    return frame.sort_values(sort, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def scored_frame(runs: dict[Any, ScoredRun], key: str) -> pd.DataFrame:
+    """One row per scored run, labelled `key` (run or step): step, world size, overall numbers and dataset bps."""
+    rows = []
+    for label, scored in runs.items():
+        row = {key: label, "step": scored.step, "world_size": scored.world_size}  # key "step" keeps one column
+        row.update({"bps": scored.overall.bps, "bps_pooled": scored.overall.bps_pooled, **scored.overall.cells})
+        row.update({f"bps[{dataset.name}]": dataset.bps for dataset in scored.datasets})
+        rows.append(row)
+    return pd.DataFrame(rows)
