@@ -209,8 +209,19 @@ def score(
         datasets=scored,
         overall=overall_of(scored, clamp_negative),
         settings=ScoreSettings(clamp_negative=clamp_negative),
-        warnings=list(warnings),
+        warnings=[*warnings, *(_overflow_warning(dataset) for dataset in scored if dataset.cells[OVERFLOW])],
         source=source,
+    )
+
+
+def _overflow_warning(dataset: ScoredDataset) -> str:
+    """Why a dataset's numbers, and the run's, are undefined: its `overflow` cells."""
+    count = dataset.cells[OVERFLOW]
+    first = dataset.cell_ids[np.flatnonzero(dataset.scores.status == OVERFLOW)[0]]
+    return (
+        f"dataset {dataset.name!r}: {count} cell{'s' if count != 1 else ''} (first: cell_id {first}) with float64"
+        " sums, ll_gain or bps that are not finite (status overflow: spike counts or log-rates too large, or spike"
+        " counts too small to divide by); bps and bps_pooled of the dataset and of the run are undefined."
     )
 
 
