@@ -46,14 +46,14 @@ class DistributedBPS:
 
     `update` once per batch on every rank, `compute()` on every rank after the validation loop
     (it is a collective: every rank must call it, whatever data it saw), `reset()` before the
-    next pass. Memory is O(cells) per dataset plus one bit per sample index seen; sums are
+    next pass. Memory is O(cells) per dataset plus 8 bytes per sample seen; sums are
     float64 on the device of the tensors given. Without an initialised process group,
     `compute()` treats the process as the only rank.
 
     Duplicates, when `sample_idx` is given, follow the offline rule (the first copy in rank
     order is kept; within a rank, the first occurrence): a rank skips a sample it has already
     seen at `update` time, and `compute()` removes from each rank the samples that a lower
-    rank also saw. For that, each rank keeps a bitmap of the sample indices it saw, and holds
+    rank also saw. For that, each rank keeps the sorted sample indices it saw, and holds
     back the per-cell contributions of its last `dedup_window` samples of each dataset (not
     yet added to its sums). `DistributedSampler` pads by repeating the first samples of its
     order, and every copy is the last sample of a higher rank than the original, so it is
@@ -203,11 +203,10 @@ class DistributedBPS:
         held_back = np.zeros(0 if state is None else len(state.tail_idx), dtype=bool)
         scored = None
         if first.layout.has_sample_idx:
-            seen, duplicates = self._cross_rank_duplicates(name, parts, group)
-            scored = np.flatnonzero(seen.any(axis=0))
-            dropped += int(duplicates.sum())
+            scored, duplicates = self._cross_rank_duplicates(name, parts, group)
+            dropped += sum(len(repeats) for repeats in duplicates)
             if state is not None:
-                held_back = np.isin(state.tail_idx, np.flatnonzero(duplicates[group.rank]))
+                held_back = np.isin(state.tail_idx, duplicates[group.rank])
         local = CellStats.zeros(n_cells) if state is None else state.total_without(held_back)
         stacked = group.gather_tensors(
             torch.stack([torch.as_tensor(getattr(local, f)).to(group.device, torch.float64) for f in STAT_FIELDS])
@@ -225,27 +224,29 @@ class DistributedBPS:
 
     def _cross_rank_duplicates(
         self, name: str, parts: list[_RankSummary | None], group: _Collectives
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(ranks, indices) bool arrays: the samples each rank saw, and those of them a lower rank saw too.
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The samples scored on any rank (sorted), and for each rank those of its samples a lower rank saw too.
 
-        Raises BpsevalError, on every rank alike, when one of the latter is not held back.
+        Gathers each rank's sorted sample indices (padded to the longest with -1), so memory and
+        traffic follow the samples seen, not the largest index. Raises BpsevalError, on every rank
+        alike, when a duplicate is not held back.
         """
-        n_bits = max(part.n_bits for part in parts if part is not None)
-        n_bytes = (n_bits + 7) // 8
+        longest = max(part.n_seen for part in parts if part is not None)
         state = self._datasets.get(name)
-        local = np.zeros(n_bytes, dtype=np.uint8)
+        local = np.full(longest, -1, dtype=np.int64)
         if state is not None:
-            local[: len(state.seen.bytes)] = state.seen.bytes[:n_bytes]
-        gathered = group.gather_tensors(torch.from_numpy(local).to(group.device)) if n_bytes else [local] * len(parts)
-        seen = np.array([np.unpackbits(bits, count=n_bits, bitorder="little") for bits in gathered], dtype=bool)
-        seen_below = np.logical_or.accumulate(seen, axis=0)
-        duplicates = seen.copy()
-        duplicates[0] = False
-        duplicates[1:] &= seen_below[:-1]
+            mine = state.seen.indices()
+            local[: len(mine)] = mine
+        gathered = group.gather_tensors(torch.from_numpy(local).to(group.device)) if longest else [local] * len(parts)
+        seen = [values[: 0 if part is None else part.n_seen] for values, part in zip(gathered, parts, strict=True)]
+        duplicates, below = [], np.zeros(0, dtype=np.int64)
+        for values in seen:
+            duplicates.append(np.intersect1d(values, below, assume_unique=True))
+            below = np.union1d(below, values)
         for rank, part in enumerate(parts):
-            lost = np.setdiff1d(np.flatnonzero(duplicates[rank]), [] if part is None else part.tail_idx)
+            lost = np.setdiff1d(duplicates[rank], [] if part is None else part.tail_idx)
             if len(lost):
-                lower = int(np.flatnonzero(seen[:rank, lost[0]])[0])
+                lower = next(other for other in range(rank) if np.isin(lost[0], seen[other]))
                 raise BpsevalError(
                     f"dataset {name!r}: sample_idx {lost[0]} was scored on rank {lower} and again on rank {rank}"
                     f" ({len(lost)} such sample{'s' if len(lost) != 1 else ''} on rank {rank}), but not among the"
@@ -254,7 +255,7 @@ class DistributedBPS:
                     " sample to one rank (e.g. bpseval.CellBalancedDistributedSampler), raise dedup_window, or"
                     " write shards and run `bpseval compute`, which removes any duplicate."
                 )
-        return seen, duplicates
+        return below, duplicates
 
 
 class WithSampleIndex(torch.utils.data.Dataset):
@@ -296,7 +297,7 @@ class _RankSummary:
 
     layout: DatasetLayout
     skipped: int
-    n_bits: int
+    n_seen: int
     tail_idx: np.ndarray
 
 
@@ -413,7 +414,7 @@ class _DatasetState:
 
     def summary(self, name: str) -> _RankSummary:
         layout = DatasetLayout(name, self.rows, self.n_cells, self.rate_kind, None, self.has_sample_idx, self.cell_ids)
-        return _RankSummary(layout, self.skipped, self.seen.n_bits, self.tail_idx)
+        return _RankSummary(layout, self.skipped, len(self.seen), self.tail_idx)
 
 
 class _StateReader:

@@ -106,18 +106,26 @@ def edit(path: Path, key: str, change: Callable[[np.ndarray], None]) -> None:
 
 
 IMPOSSIBLE_SUMS = {
-    "negative n_valid": ("n_valid", lambda v: v.__setitem__(2, -1), "n_valid is negative or not a whole number at cell 2"),
+    "negative n_valid": (
+        "n_valid", lambda v: v.__setitem__(2, -1), "n_valid is negative or not a whole number at cell 2"
+    ),
     "fractional n_valid": ("n_valid", lambda v: v.__setitem__(1, 3.5), "n_valid is negative or not a whole number"),
     "n_valid above samples": ("n_valid", lambda v: v.__setitem__(3, 21), "n_valid exceeds the 20 samples"),
     "negative weight": ("weight", lambda v: v.__setitem__(0, -0.5), "weight is negative at cell 0"),
     "weight above n_valid": ("weight", lambda v: v.__setitem__(1, 50.0), "weight exceeds n_valid"),
     "negative spikes": ("spikes", lambda v: v.__setitem__(2, -3.0), "spikes is negative at cell 2"),
     "NaN model_ll": ("model_ll", lambda v: v.__setitem__(0, np.nan), "model_ll is NaN or infinite"),
-    "block n_valid above block size": ("blocks/n_valid", lambda v: v.__setitem__((1, 0), 11), "blocks/n_valid exceeds the 10"),
-    "block spikes with zero weight": (
-        "blocks/spikes", lambda v: v.__setitem__((0, 4), 2.0), "blocks/spikes is positive while weight is 0 at cell 4 of block 0"
+    "block n_valid above block size": (
+        "blocks/n_valid", lambda v: v.__setitem__((1, 0), 11), "blocks/n_valid exceeds the 10"
     ),
-    "blocks not adding up": ("blocks/model_ll", lambda v: v.__setitem__((1, 3), v[1, 3] - 1.0), "blocks/model_ll does not add up"),
+    "block spikes with zero weight": (
+        "blocks/spikes",
+        lambda v: v.__setitem__((0, 4), 2.0),
+        "blocks/spikes is positive while weight is 0 at cell 4 of block 0",
+    ),
+    "blocks not adding up": (
+        "blocks/model_ll", lambda v: v.__setitem__((1, 3), v[1, 3] - 1.0), "blocks/model_ll does not add up"
+    ),
 }
 
 
@@ -168,7 +176,8 @@ def bomb_shard(path: Path, kind: str, target: str) -> None:
                 group.create_dataset(key, shape=shape, dtype=dtype)
                 continue
             chunks = (chunk_rows, *shape[1:])
-            array = group.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks, compression="gzip", compression_opts=1)
+            gzip = {"compression": "gzip", "compression_opts": 1}
+            array = group.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks, **gzip)
             zeros = np.zeros(chunks, dtype=dtype)
             for start in range(0, n_rows if kind == "gzip" else 1, chunk_rows):
                 array[start : start + chunk_rows] = zeros[: n_rows - start]
@@ -191,7 +200,8 @@ def test_arrays_declaring_far_more_than_they_store_are_refused_fast_and_small(tm
     bomb_shard(path, kind, "rhat")
     assert path.stat().st_size < 10_000_000
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    command = [sys.executable, "-c", CHILD, str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     code, elapsed, peak_mb = out.stdout.split("\n", 1)[0].split()
     message = out.stdout.split("\n", 1)[1]
     assert int(code) == 2, message

@@ -1,4 +1,4 @@
-"""Which sample indices a rank has already scored: a growable bitmap, one bit per index."""
+"""Which sample indices a rank has already scored: a sorted set, memory proportional to the samples seen."""
 
 from __future__ import annotations
 
@@ -7,19 +7,37 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _empty() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class SeenSamples:
-    """A set of non-negative sample indices as a bitmap (little-endian bit order, as np.packbits)."""
+    """A set of non-negative sample indices, 8 bytes per index seen whatever the largest index.
 
-    bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
-    n_bits: int = 0
-    """One past the largest index added."""
+    Held as a sorted array plus a smaller sorted array of recent additions, merged when the
+    latter grows past a quarter of the former, so that adding N indices in batches costs
+    O(N log N) in all and membership is two binary searches.
+    """
+
+    sorted: np.ndarray = field(default_factory=_empty)
+    recent: np.ndarray = field(default_factory=_empty)
+
+    def __len__(self) -> int:
+        return len(self.sorted) + len(self.recent)
+
+    def indices(self) -> np.ndarray:
+        """Every index added, sorted, each once."""
+        self._merge()
+        return self.sorted
+
+    @classmethod
+    def from_indices(cls, indices: np.ndarray) -> SeenSamples:
+        """The set of the given distinct, sorted, non-negative indices (the inverse of `indices()`)."""
+        return cls(sorted=np.asarray(indices, dtype=np.int64).copy())
 
     def contains(self, index: np.ndarray) -> np.ndarray:
-        inside = index < 8 * len(self.bytes)
-        found = np.zeros(len(index), dtype=bool)
-        found[inside] = (self.bytes[index[inside] >> 3] >> (index[inside] & 7)) & 1 == 1
-        return found
+        return _member(self.sorted, index) | _member(self.recent, index)
 
     def first_sightings(self, index: np.ndarray) -> np.ndarray:
         """Rows of `index` not seen before, nor earlier in `index` itself (nothing is added)."""
@@ -30,21 +48,18 @@ class SeenSamples:
     def add(self, index: np.ndarray) -> None:
         if not len(index):
             return
-        self.n_bits = max(self.n_bits, int(index.max()) + 1)
-        needed = (self.n_bits + 7) // 8
-        if needed > len(self.bytes):  # double, so that growing costs O(samples) in all
-            grown = np.zeros(max(needed, 2 * len(self.bytes)), dtype=np.uint8)
-            grown[: len(self.bytes)] = self.bytes
-            self.bytes = grown
-        np.bitwise_or.at(self.bytes, index >> 3, (1 << (index & 7)).astype(np.uint8))
+        self.recent = np.union1d(self.recent, np.asarray(index, dtype=np.int64))
+        if len(self.recent) > max(1024, len(self.sorted) // 4):
+            self._merge()
 
-    def indices(self) -> np.ndarray:
-        """The indices in the set, sorted, as int64: a form that does not depend on how the set is stored."""
-        return np.flatnonzero(np.unpackbits(self.bytes, count=self.n_bits, bitorder="little")).astype(np.int64)
+    def _merge(self) -> None:
+        if len(self.recent):
+            self.sorted, self.recent = np.union1d(self.sorted, self.recent), _empty()
 
-    @classmethod
-    def from_indices(cls, indices: np.ndarray) -> SeenSamples:
-        """The set of the given non-negative int64 indices (the inverse of `indices()`)."""
-        seen = cls()
-        seen.add(np.asarray(indices, dtype=np.int64))
-        return seen
+
+def _member(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """For each entry of `index`, whether the sorted array `values` holds it."""
+    if not len(values):
+        return np.zeros(len(index), dtype=bool)
+    position = np.minimum(np.searchsorted(values, index), len(values) - 1)
+    return values[position] == index

@@ -9,7 +9,7 @@ from bpseval.kernel.stats import (
     MIN_RATE,
 )
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader
-from bpseval.shard.reader import read_sample_idx
+from bpseval.shard.reader import open_dataset, read_sample_idx
 
 RHAT_COPY_RTOL = 4e-3
 """Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
@@ -40,15 +40,18 @@ class _Deduplicator:
     """Keeps the first copy of every sample_idx of a dataset across its shards, in rank order.
 
     Copies must agree on robs and dfs (else BpsevalError); copies whose rhat differs beyond
-    rounding keep the first and are reported as a warning. Only the rows of repeated samples are
-    held in memory.
+    rounding keep the first and are reported as a warning. No copy is held in memory: the first
+    copies of a chunk's later copies are read back from their shard in ranges of at most
+    `window` rows, so memory stays bounded by a chunk even when every rank saw every sample.
     """
 
-    def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]]) -> None:
+    def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]], window: int) -> None:
         self.name = name
+        self.parts = parts
         self.paths = [header.path for header, _ in parts]
+        self.window = window
         indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
-        for path, index in zip(self.paths, indices):
+        for path, index in zip(self.paths, indices, strict=True):
             if len(index) and index.min() < 0:
                 raise BpsevalError(
                     f"{path}: dataset {name!r}: sample_idx has negative values (e.g. {index.min()}); it must index"
@@ -58,62 +61,99 @@ class _Deduplicator:
         self.sample_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
         self.unique, self.keep, self.repeated = first_copies(self.sample_idx)
         self.dropped = len(self.sample_idx) - len(self.unique)
-        self.first_copies: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.rhat_mismatch: list[tuple[int, int, int]] = []
+        later = np.flatnonzero(~self.keep)
+        self.later_positions = later
+        """Positions (over all parts) of the copies that are not first, sorted, and of their first copies."""
+        _, first_index, inverse = np.unique(self.sample_idx[self.repeated], return_index=True, return_inverse=True)
+        first_of_repeated = np.flatnonzero(self.repeated)[first_index][inverse]
+        self.first_positions = first_of_repeated[~self.keep[self.repeated]]
+        self.rhat_mismatches = 0
+        self.first_rhat_mismatch: tuple[int, int, int] | None = None
 
     def sample_idx_of(self, part: int) -> np.ndarray:
         """The sample_idx of part `part` (read once, here), to slice into its row chunks."""
         return self.sample_idx[self.offsets[part] : self.offsets[part + 1]]
 
     def filter(self, part: int, chunk: RowChunk) -> RowChunk:
-        """The rows of `chunk` that are first copies; later copies are checked against them."""
+        """The rows of `chunk` that are first copies; later copies are checked against their first copies."""
         n_rows = len(chunk.rhat)
-        positions = slice(self.offsets[part] + chunk.start, self.offsets[part] + chunk.start + n_rows)
-        keep, repeated = self.keep[positions], self.repeated[positions]
-        if not repeated.any():
-            return chunk
-        assert chunk.sample_idx is not None
-        weights = (
-            np.ones_like(chunk.rhat, dtype=np.float64)
-            if chunk.weights is None
-            else np.broadcast_to(chunk.weights, chunk.rhat.shape)
-        )
-        for row in np.flatnonzero(repeated):
-            copy = (part, chunk.rhat[row].astype(np.float64), chunk.robs[row].astype(np.float64), weights[row].astype(np.float64))
-            sample = int(chunk.sample_idx[row])
-            if keep[row]:
-                self.first_copies[sample] = copy
-            else:
-                self._compare(sample, self.first_copies[sample], copy)
+        begin = self.offsets[part] + chunk.start
+        keep = self.keep[begin : begin + n_rows]
         if keep.all():
             return chunk
+        lo, hi = np.searchsorted(self.later_positions, [begin, begin + n_rows])
+        rows = self.later_positions[lo:hi] - begin
+        firsts = self.first_positions[lo:hi]
+        first_parts = np.searchsorted(self.offsets, firsts, side="right") - 1
+        for first_part in np.unique(first_parts):
+            selected = first_parts == first_part
+            self._compare(first_part, firsts[selected] - self.offsets[first_part], part, chunk, rows[selected])
         return RowChunk(
             chunk.start,
             chunk.rhat[keep],
             chunk.robs[keep],
             None if chunk.weights is None else chunk.weights[keep],
-            chunk.sample_idx[keep],
+            None if chunk.sample_idx is None else chunk.sample_idx[keep],
         )
 
-    def _compare(self, sample: int, first: tuple, later: tuple) -> None:
-        first_part, rhat_a, robs_a, w_a = first
-        later_part, rhat_b, robs_b, w_b = later
+    def _compare(self, first_part: int, first_rows: np.ndarray, part: int, chunk: RowChunk, rows: np.ndarray) -> None:
+        """Compare later copies (`rows` of `chunk`) with their first copies (`first_rows` of part `first_part`).
+
+        The first copies are read in ranges of at most `window` rows of their shard."""
+        header, layout = self.parts[first_part]
+        order = np.argsort(first_rows, kind="stable")
+        with open_dataset(header.path, layout) as reader:
+            start = 0
+            while start < len(order):
+                low = first_rows[order[start]]
+                stop = start + int(np.searchsorted(first_rows[order[start:]], low + self.window))
+                stop = max(stop, start + 1)
+                taken = order[start:stop]
+                first = reader.row_range(int(low), int(first_rows[taken].max()) + 1)
+                self._check_copies(first_part, part, first, first_rows[taken] - low, chunk, rows[taken])
+                start = stop
+
+    def _check_copies(
+        self, first_part: int, part: int, first: RowChunk, first_rows: np.ndarray, later: RowChunk, rows: np.ndarray
+    ) -> None:
+        w_a, w_b = (_weights(chunk, picked) for chunk, picked in ((first, first_rows), (later, rows)))
+        robs_a, robs_b = first.robs[first_rows].astype(np.float64), later.robs[rows].astype(np.float64)
+        rhat_a, rhat_b = first.rhat[first_rows].astype(np.float64), later.rhat[rows].astype(np.float64)
         valid = w_a > 0
-        if not np.array_equal(w_a, w_b) or not np.array_equal(robs_a[valid], robs_b[valid]):
-            what = "dfs" if not np.array_equal(w_a, w_b) else "robs"
+        dfs_differ = (w_a != w_b).any(axis=1)
+        robs_differ = ((robs_a != robs_b) & valid).any(axis=1)
+        if (dfs_differ | robs_differ).any():
+            row = int(np.flatnonzero(dfs_differ | robs_differ)[0])
             raise BpsevalError(
-                f"{self.paths[later_part]}: dataset {self.name!r}: sample_idx {sample} also appears in"
-                f" {self.paths[first_part]} with different {what}. Copies of one sample must be identical:"
-                " check that sample_idx indexes this dataset's validation set."
+                f"{self.paths[part]}: dataset {self.name!r}: sample_idx {later.sample_idx[rows[row]]} also appears in"
+                f" {self.paths[first_part]} with different {'dfs' if dfs_differ[row] else 'robs'}. Copies of one"
+                " sample must be identical: check that sample_idx indexes this dataset's validation set."
             )
-        if not np.allclose(rhat_a[valid], rhat_b[valid], rtol=RHAT_COPY_RTOL, atol=MIN_RATE):
-            self.rhat_mismatch.append((sample, first_part, later_part))
+        close = np.isclose(rhat_a, rhat_b, rtol=RHAT_COPY_RTOL, atol=MIN_RATE)
+        mismatch = (~close & valid).any(axis=1)
+        if mismatch.any():
+            if self.first_rhat_mismatch is None:
+                sample = int(later.sample_idx[rows[np.flatnonzero(mismatch)[0]]])
+                self.first_rhat_mismatch = (sample, first_part, part)
+            self.rhat_mismatches += int(mismatch.sum())
+
+    @property
+    def rhat_mismatch(self) -> bool:
+        return self.rhat_mismatches > 0
 
     def rhat_mismatch_message(self) -> str:
-        sample, first_part, later_part = self.rhat_mismatch[0]
-        count = len(self.rhat_mismatch)
+        assert self.first_rhat_mismatch is not None
+        sample, first_part, later_part = self.first_rhat_mismatch
+        count = self.rhat_mismatches
         return (
             f"dataset {self.name!r}: rhat differs beyond rounding between the copies of {count} duplicated"
             f" sample{'s' if count != 1 else ''} (first: sample_idx {sample} in {self.paths[first_part]} and"
             f" {self.paths[later_part]}); kept the first copy."
         )
+
+
+def _weights(chunk: RowChunk, rows: np.ndarray) -> np.ndarray:
+    """The weights of `rows` of `chunk` as a float64 (rows, cells) array (1 where dfs is absent)."""
+    if chunk.weights is None:
+        return np.ones((len(rows), chunk.rhat.shape[1]))
+    return np.broadcast_to(chunk.weights[rows], (len(rows), chunk.rhat.shape[1])).astype(np.float64)

@@ -174,10 +174,10 @@ def _merge_dataset(
     cell_ids = first.cell_ids if first.cell_ids is not None else np.arange(n_cells)
     if first.store == "stats":
         return _merge_stats_dataset(name, parts, world_size, cell_ids)
-    dedup = _Deduplicator(name, parts) if first.has_sample_idx else None
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
+    dedup = _Deduplicator(name, parts, chunk_rows) if first.has_sample_idx else None
     per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
     per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
-    chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
     for part, (header, layout) in enumerate(parts):
         with open_dataset(header.path, layout) as reader:
             for chunk in reader.rows(chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):

@@ -495,11 +495,15 @@ class DatasetReader:
         as the caller has already read it, is sliced into the chunks (else they carry none)."""
         for start in range(0, self.layout.n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, self.layout.n_rows))
-            rhat = self._read(self._rhat, rows)
-            robs = self._read(self._robs, rows)
-            dfs = None if self._dfs is None else self._read(self._dfs, rows)
-            index = None if sample_idx is None else sample_idx[rows]
-            yield RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), index)
+            yield self.row_range(rows.start, rows.stop, None if sample_idx is None else sample_idx[rows])
+
+    def row_range(self, start: int, stop: int, sample_idx: np.ndarray | None = None) -> RowChunk:
+        """Rows [start, stop) (a bounded range: the caller keeps it to about one chunk)."""
+        rows = slice(start, stop)
+        rhat = self._read(self._rhat, rows)
+        robs = self._read(self._robs, rows)
+        dfs = None if self._dfs is None else self._read(self._dfs, rows)
+        return RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), sample_idx)
 
     def _read(self, array: h5py.Dataset, rows: slice) -> np.ndarray:
         return _read(self.path, self.layout.name, array, rows)
