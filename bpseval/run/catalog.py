@@ -362,8 +362,10 @@ class RunCatalog:
         root = Path(run_dir)
         files = scan_run_dir(root)
         if not files.shards and not files.problems:
+            empty = sorted(path.name for path in root.iterdir() if STEP_DIRECTORY.fullmatch(path.name) and path.is_dir())
+            holds = f"; its step folders hold none: {listing(empty)}" if empty else ""
             raise RunError(
-                f"{root}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
+                f"{root}: no shards found (no *.h5 file below it{holds}). Write shards with bpseval.ShardWriter"
                 " during validation, or pass the run directory that holds them." + leftover_note(files.leftovers)
             )
         _refuse_sweep(root, files.shards)
