@@ -362,7 +362,7 @@ class RunCatalog:
         root = Path(run_dir)
         files = scan_run_dir(root)
         if not files.shards and not files.problems:
-            empty = sorted(path.name for path in root.iterdir() if STEP_DIRECTORY.fullmatch(path.name) and path.is_dir())
+            empty = sorted(p.name for p in root.iterdir() if p.is_dir() and STEP_DIRECTORY.fullmatch(p.name))
             holds = f"; its step folders hold none: {listing(empty)}" if empty else ""
             raise RunError(
                 f"{root}: no shards found (no *.h5 file below it{holds}). Write shards with bpseval.ShardWriter"

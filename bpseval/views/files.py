@@ -49,35 +49,44 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike[str] | None], *, folde
 
 def _check_output_path(path: Path, option: str, *, folder: bool) -> None:
     """One output path: right kind (file or folder), writable, or creatable; ArgumentError saying what to do."""
-    if os.path.exists(path):
-        if folder and not os.path.isdir(path):
+    target = destination(path)
+    if not os.path.exists(target):
+        ancestor = next(parent for parent in target.parents if os.path.exists(parent))
+        if not os.path.isdir(ancestor):
             raise ArgumentError(
-                f"{option} {path}: is not a directory (it is a file); pass the folder to write into"
-                " (it is created if needed)."
+                f"{option} {path}: cannot be created, because {ancestor} is a file, not a directory; pass a path"
+                " under a directory."
             )
-        if not folder and os.path.isdir(path):
+        if not os.access(ancestor, os.W_OK | os.X_OK):
             raise ArgumentError(
-                f"{option} {path}: is a directory, not a file; pass the path of the file to write, e.g. a new"
-                " file name inside it."
-            )
-        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
-            kind = "directory" if folder else "file"
-            raise ArgumentError(
-                f"{option} {path}: the {kind} exists and cannot be written (permission denied); fix its permissions"
-                " or pass another path."
+                f"{option} {path}: cannot be created, because the directory {ancestor} is not writable"
+                " (permission denied); pass a path in a directory you can write to."
             )
         return
-    ancestor = next(parent for parent in path.absolute().parents if os.path.exists(parent))
-    if not os.path.isdir(ancestor):
+    if not folder and os.path.isdir(target):
         raise ArgumentError(
-            f"{option} {path}: cannot be created, because {ancestor} is a file, not a directory; pass a path"
-            " under a directory."
+            f"{option} {path}: is a directory, not a file; pass the path of the file to write, e.g. a new"
+            " file name inside it."
         )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if folder and not os.path.isdir(target):
         raise ArgumentError(
-            f"{option} {path}: cannot be created, because the directory {ancestor} is not writable (permission"
-            " denied); pass a path in a directory you can write to."
+            f"{option} {path}: is not a directory (it is a file); pass the folder to write into"
+            " (it is created if needed)."
         )
+    if not os.access(target, os.W_OK | (os.X_OK if folder else 0)):
+        raise ArgumentError(
+            f"{option} {path}: the {'directory' if folder else 'file'} exists and cannot be written (permission"
+            " denied); fix its permissions or pass another path."
+        )
+
+
+def destination(path: str | os.PathLike[str]) -> Path:
+    """Where writing `path` goes: the path itself when it exists (a file, /dev/stdout), else its resolved form.
+
+    Missing folders are made when writing, so a `..` after one of them steps back lexically
+    (`new/../r.json` is `r.json`), as `os.path.realpath` reads it; symlinks are followed.
+    """
+    return Path(path) if os.path.exists(path) else Path(os.path.realpath(path))
 
 
 def write_text(text: str, path: str, stdout: TextIO | None = None, *, append: bool = False) -> None:
@@ -91,13 +100,13 @@ def write_text(text: str, path: str, stdout: TextIO | None = None, *, append: bo
         stream.write(text)
         stream.flush()
         return
-    target = Path(path)
+    target = destination(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("a" if append else "w", encoding="utf-8") as handle:
             handle.write(text)
     except OSError as error:
-        raise ArgumentError(f"{target}: cannot be written ({error.strerror}); pass a path you can write to.") from None
+        raise ArgumentError(f"{path}: cannot be written ({error.strerror}); pass a path you can write to.") from None
 
 
 def inert(value: Any) -> Any:
