@@ -378,7 +378,11 @@ def compare(
     json_path: JsonPath = None,
     markdown_path: Annotated[
         str | None,
-        typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+        typer.Option(
+            "--markdown",
+            metavar="PATH",
+            help="Write a markdown summary (under GitHub Actions it is also appended to $GITHUB_STEP_SUMMARY).",
+        ),
     ] = None,
     junit_path: Annotated[
         str | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")

@@ -260,3 +260,20 @@ def test_doctor_on_a_run_with_only_empty_step_folders_says_so(invoke, tmp_path):
     result = invoke("doctor", tmp_path / "run")
     assert result.exit_code == 2 and result.stdout == ""
     assert "no shards found" in result.stderr and "its step folders hold none: step-000003" in result.stderr
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through any permission bits")
+def test_outputs_without_write_permission_fail_before_any_shard_is_read(invoke, tmp_path, damaged_run):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "old.json").write_text("{}")
+    (locked / "old.json").chmod(0o444)
+    locked.chmod(0o555)
+    try:
+        missing = invoke("compute", damaged_run, "--json", locked / "new" / "r.json")
+        assert missing.exit_code == 2 and f"the directory {locked} is not writable" in missing.stderr
+        existing = invoke("compute", damaged_run, "--json", locked / "old.json")
+        assert existing.exit_code == 2 and "the file exists and cannot be written" in existing.stderr
+        assert DAMAGED not in missing.stderr + existing.stderr
+    finally:
+        locked.chmod(0o755)
