@@ -5,12 +5,13 @@ Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage (one message on stderr, 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,7 +20,7 @@ from rich.markup import escape
 from bpseval._json import json_text
 from bpseval._version import __version__
 from bpseval.api import evaluate
-from bpseval.errors import BpsevalError
+from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.features.compare import CompareSettings, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
@@ -27,7 +28,7 @@ from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_d
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.run.scored import ScoredRun
 from bpseval.views.documents import compare_junit, compare_markdown
-from bpseval.views.files import write_csv, write_text
+from bpseval.views.files import check_outputs, write_csv, write_text
 from bpseval.views.result import baseline_document, runs_frame, steps_frame
 from bpseval.views.terminal import (
     merge_progress,
@@ -84,25 +85,30 @@ def bad_input_exits() -> Iterator[None]:
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
-RunDir = Annotated[
-    Path, typer.Argument(help="Run directory; shards are found in it and below it.", show_default=True)
-]
-Step = Annotated[Optional[int], typer.Option("--step", help="Validation step to use (default: the latest).")]
-JsonPath = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Write JSON here ([bold]-[/] = stdout).")]
-CsvPath = Annotated[Optional[str], typer.Option("--csv", metavar="PATH", help="Write the per-cell table as CSV.")]
+RunDir = Annotated[Path, typer.Argument(help="Run directory; shards are found in it and below it.", show_default=True)]
+Step = Annotated[int | None, typer.Option("--step", help="Validation step to use (default: the latest).")]
+JsonPath = Annotated[str | None, typer.Option("--json", metavar="PATH", help="Write JSON here ([bold]-[/] = stdout).")]
+CsvPath = Annotated[str | None, typer.Option("--csv", metavar="PATH", help="Write the per-cell table as CSV.")]
 
 
 Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Processes that merge datasets in parallel.")]
 Scheduler = Annotated[
-    Optional[str],
-    typer.Option("--scheduler", metavar="ADDRESS", help="Merge on a Dask cluster: its scheduler address, or [bold]local[/]."),
+    str | None,
+    typer.Option(
+        "--scheduler", metavar="ADDRESS", help="Merge on a Dask cluster: its scheduler address, or [bold]local[/]."
+    ),
 ]
 RunDirs = Annotated[
-    Optional[list[Path]], typer.Argument(help="Run directories (default: .); several give one row per run.", show_default=False)
+    list[Path] | None,
+    typer.Argument(help="Run directories (default: .); several give one row per run.", show_default=False),
 ]
 
 
-class SortKey(str, Enum):
+class Choice(str, Enum):  # noqa: UP042 (StrEnum is Python 3.11+, bpseval supports 3.10)
+    """The values of an option that takes one of a few words."""
+
+
+class SortKey(Choice):
     run = "run"
     bps = "bps"
     bps_pooled = "bps_pooled"
@@ -125,11 +131,14 @@ def compute(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     all_steps: Annotated[
-        bool, typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored.")
+        bool,
+        typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored."),
     ] = False,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
+    with bad_input_exits():
+        check_outputs({"--json": json_path, "--csv": csv_path})
     if all_steps:
         _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler)
         return
@@ -160,7 +169,12 @@ def compute(
 
 
 def _compute_all_steps(
-    paths: list[Path], step: int | None, json_path: str | None, csv_path: str | None, clamp_negative: bool, jobs: int,
+    paths: list[Path],
+    step: int | None,
+    json_path: str | None,
+    csv_path: str | None,
+    clamp_negative: bool,
+    jobs: int,
     scheduler: str | None,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
@@ -182,7 +196,9 @@ def _compute_all_steps(
         render_steps(steps, Console(highlight=False))
     else:
         for number, reason in steps.incomplete.items():
-            errors.print(f"[yellow]Skipped incomplete step:[/] {escape(incomplete_text(number, reason))}", highlight=False)
+            errors.print(
+                f"[yellow]Skipped incomplete step:[/] {escape(incomplete_text(number, reason))}", highlight=False
+            )
     _exit_if_bad_steps(steps)
 
 
@@ -204,7 +220,7 @@ def coverage(
     run_dir: RunDir = Path("."),
     min_samples: MinSamples = 10,
     min_spikes: Annotated[
-        Optional[float], typer.Option("--min-spikes", min=0, help="Also flag cells with fewer spikes than this.")
+        float | None, typer.Option("--min-spikes", min=0, help="Also flag cells with fewer spikes than this.")
     ] = None,
     step: Step = None,
     json_path: JsonPath = None,
@@ -213,9 +229,17 @@ def coverage(
     scheduler: Scheduler = None,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
+    with bad_input_exits():
+        check_outputs({"--json": json_path, "--csv": csv_path})
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         report = check_coverage(
-            run_dir, min_samples, step=step, min_spikes=min_spikes, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+            run_dir,
+            min_samples,
+            step=step,
+            min_spikes=min_spikes,
+            jobs=jobs,
+            scheduler=scheduler,
+            on_progress=on_progress,
         )
         if csv_path is not None:
             write_csv(report.cells, csv_path)
@@ -229,27 +253,43 @@ def coverage(
 
 @app.command()
 def plan(
-    masks: Annotated[Path, typer.Argument(help="Validation masks: a .npy array, or an HDF5 file of arrays (one per dataset).")],
+    masks: Annotated[
+        Path, typer.Argument(help="Validation masks: a .npy array, or an HDF5 file of arrays (one per dataset).")
+    ],
     world_size: Annotated[int, typer.Option("--world-size", min=1, help="Number of ranks (GPUs).")] = 1,
     fraction: Annotated[
-        float, typer.Option("--fraction", min=0.0, max=1.0, help="Fraction of validation batches kept (limit_val_batches).")
+        float,
+        typer.Option("--fraction", min=0.0, max=1.0, help="Fraction of validation batches kept (limit_val_batches)."),
     ] = 1.0,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Validation batch size.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Validation batch size.")] = None,
     min_samples: MinSamples = 10,
     seed: Annotated[
-        Optional[int], typer.Option("--seed", help="DistributedSampler(shuffle=True) with this seed (default: no shuffle).")
+        int | None,
+        typer.Option("--seed", help="DistributedSampler(shuffle=True) with this seed (default: no shuffle)."),
     ] = None,
     json_path: JsonPath = None,
 ) -> None:
     """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
     with bad_input_exits():
+        check_outputs({"--json": json_path})
         plans = {
             name: check_cell_coverage(
-                mask, world_size=world_size, fraction=fraction, batch_size=batch_size, min_samples=min_samples, seed=seed
+                mask,
+                world_size=world_size,
+                fraction=fraction,
+                batch_size=batch_size,
+                min_samples=min_samples,
+                seed=seed,
             )
             for name, mask in load_masks(masks).items()
         }
-        settings = {"world_size": world_size, "fraction": fraction, "batch_size": batch_size, "min_samples": min_samples, "seed": seed}
+        settings = {
+            "world_size": world_size,
+            "fraction": fraction,
+            "batch_size": batch_size,
+            "min_samples": min_samples,
+            "seed": seed,
+        }
         if json_path is not None:
             write_text(json_text(plan_to_dict(plans, settings)), json_path)
     if json_path != "-":
@@ -258,7 +298,7 @@ def plan(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-class GatedMetric(str, Enum):
+class GatedMetric(Choice):
     bps = "bps"
     bps_pooled = "bps_pooled"
     both = "both"
@@ -267,12 +307,28 @@ class GatedMetric(str, Enum):
 @app.command()
 def baseline(
     run_dir: RunDir = Path("."),
-    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Baseline file to write ([bold]-[/] = stdout).")] = "baseline.json",
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Baseline file to write ([bold]-[/] = stdout). [default: baseline.json]",
+        ),
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", metavar="PATH", help="The same as -o: the baseline is the JSON document.")
+    ] = None,
     step: Step = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
 ) -> None:
     """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
+    with bad_input_exits():
+        if output is not None and json_path is not None:
+            raise ArgumentError("-o and --json both name the baseline file (the same JSON document); give one of them.")
+        output = output or json_path or "baseline.json"
+        check_outputs({"-o/--output" if json_path is None else "--json": output})
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
         write_text(json_text(baseline_document(result)), output)
@@ -297,11 +353,11 @@ def compare(
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance of the overall metrics.")] = 0.0,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance of the overall metrics.")] = 0.01,
     dataset_atol: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--dataset-atol", min=0.0, help="Absolute tolerance per dataset (default: --atol)."),
     ] = None,
     dataset_rtol: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--dataset-rtol", min=0.0, help="Relative tolerance per dataset (default: --rtol)."),
     ] = None,
     metric: Annotated[GatedMetric, typer.Option("--metric", help="Overall metrics that gate.")] = GatedMetric.both,
@@ -309,9 +365,11 @@ def compare(
         bool, typer.Option("--allow-missing-datasets", help="Do not fail when a baseline dataset is missing.")
     ] = False,
     significance: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
-            "--significance", metavar="LEVEL", callback=_test_level,
+            "--significance",
+            metavar="LEVEL",
+            callback=_test_level,
             help="Also require a significant drop: the level of the two-sided bootstrap test, 0 < LEVEL < 1;"
             " the interval shown is the 1 - LEVEL one (0.05: 95%).",
         ),
@@ -321,27 +379,53 @@ def compare(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
     json_path: JsonPath = None,
     markdown_path: Annotated[
-        Optional[str],
-        typer.Option("--markdown", metavar="PATH", help="Write a markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+        str | None,
+        typer.Option(
+            "--markdown",
+            metavar="PATH",
+            help="Write a markdown summary (under GitHub Actions it is also appended to $GITHUB_STEP_SUMMARY).",
+        ),
     ] = None,
     junit_path: Annotated[
-        Optional[str], typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")
+        str | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML: a testcase per gated metric.")
     ] = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
 ) -> None:
-    """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost."""
+    """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost.
+
+    Under GitHub Actions ($GITHUB_STEP_SUMMARY set) the markdown summary is also appended to the job summary.
+    """
+    summary, markdown_path = _step_summary(markdown_path)
     with bad_input_exits():
+        check_outputs(
+            {"--json": json_path, "--markdown": markdown_path, "--junit": junit_path, "$GITHUB_STEP_SUMMARY": summary}
+        )
         settings = CompareSettings(
-            atol=atol, rtol=rtol, dataset_atol=dataset_atol, dataset_rtol=dataset_rtol, metric=metric.value,
-            allow_missing_datasets=allow_missing_datasets, significance=significance, blocks=blocks,
-            bootstrap=bootstrap, seed=seed,
+            atol=atol,
+            rtol=rtol,
+            dataset_atol=dataset_atol,
+            dataset_rtol=dataset_rtol,
+            metric=metric.value,
+            allow_missing_datasets=allow_missing_datasets,
+            significance=significance,
+            blocks=blocks,
+            bootstrap=bootstrap,
+            seed=seed,
         )
         comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
-        for path, text in ((json_path, json_text(comparison.to_dict())),
-                           (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
+        for path, text in (
+            (json_path, json_text(comparison.to_dict())),
+            (markdown_path, compare_markdown(comparison)),
+            (junit_path, compare_junit(comparison)),
+        ):
             if path is not None:
                 write_text(text, path)
+        if summary is not None:
+            write_text("\n" + compare_markdown(comparison), summary, append=True)
+            stderr_console().print(
+                f"markdown summary appended to $GITHUB_STEP_SUMMARY ({summary})", highlight=False, markup=False
+            )
     if "-" not in (json_path, markdown_path, junit_path):
         render_compare(comparison, Console(highlight=False))
     if not comparison.passed:
@@ -349,10 +433,26 @@ def compare(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
+def _step_summary(markdown_path: str | None) -> tuple[str | None, str | None]:
+    """GitHub Actions' job summary file ($GITHUB_STEP_SUMMARY; None when unset), and --markdown unless it is that file.
+
+    A `--markdown "$GITHUB_STEP_SUMMARY"` (the older recipe) is then appended once rather than written twice.
+    """
+    summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    if (
+        summary is not None
+        and markdown_path not in (None, "-")
+        and os.path.realpath(markdown_path) == os.path.realpath(summary)
+    ):
+        return summary, None
+    return summary, markdown_path
+
+
 @app.command()
 def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
     """Check a run directory without computing: steps, ranks, leftovers, damaged files. Exit 1 on problems."""
     with bad_input_exits():
+        check_outputs({"--json": json_path})
         diagnosis = diagnose(run_dir)
         if json_path is not None:
             write_text(json_text(diagnosis.to_dict()), json_path)
@@ -362,14 +462,16 @@ def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
         raise typer.Exit(diagnosis.status)
 
 
-class ImageFormat(str, Enum):
+class ImageFormat(Choice):
     png = "png"
     svg = "svg"
 
 
 Baseline = Annotated[
-    Optional[Path],
-    typer.Option("--baseline", metavar="BASE", help="Also compare with a baseline: a baseline JSON or a run directory."),
+    Path | None,
+    typer.Option(
+        "--baseline", metavar="BASE", help="Also compare with a baseline: a baseline JSON or a run directory."
+    ),
 ]
 
 
@@ -381,7 +483,9 @@ def _print_warnings(scored: ScoredRun) -> None:
 @app.command()
 def plot(
     run_dir: RunDir = Path("."),
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Folder for the pictures (created if needed).")] = ...,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="DIR", help="Folder for the pictures (created if needed).")
+    ] = ...,
     step: Step = None,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format.")] = ImageFormat.png,
     baseline_path: Baseline = None,
@@ -389,17 +493,23 @@ def plot(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
 ) -> None:
-    """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline. Needs [bold]bpseval\\[plot][/]."""
+    """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline.
+    Needs [bold]bpseval\\[plot][/]."""
     from bpseval.features.overview import load_overview
     from bpseval.views.plot import require_matplotlib, write_plots
 
     with bad_input_exits():
+        check_outputs({"-o/--output": output}, folders={"-o/--output"})
         require_matplotlib()
-        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        inputs = load_overview(
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler
+        )
         written = write_plots(inputs, output, image_format.value)
     _print_warnings(inputs.scored)
     console = Console(highlight=False)
-    console.print(f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False)
+    console.print(
+        f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False
+    )
     for path in written:
         console.print(f"  {path.name}", markup=False)
     _exit_if_bad_steps(inputs.steps)
@@ -408,29 +518,39 @@ def plot(
 @app.command()
 def report(
     run_dir: RunDir = Path("."),
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="The HTML file to write.")] = ...,
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="PATH", help="The HTML file to write ([bold]-[/] = stdout).")
+    ] = ...,
     baseline_path: Baseline = None,
     step: Step = None,
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
 ) -> None:
-    """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline. Needs [bold]bpseval\\[plot][/]."""
+    """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline.
+    Needs [bold]bpseval\\[plot][/]."""
     from bpseval.features.overview import load_overview
-    from bpseval.views.html import write_report
+    from bpseval.views.html import render_report
     from bpseval.views.plot import require_matplotlib
 
-    options = [str(run_dir), "-o", str(output)]
+    options = [str(run_dir), "-o", output]
     options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
     with bad_input_exits():
+        check_outputs({"-o/--output": output})
         require_matplotlib()
-        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
-        path = write_report(inputs, output, _command_line("report", options), run_label=str(run_dir))
+        inputs = load_overview(
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler
+        )
+        html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
+        write_text(html, output)
     _print_warnings(inputs.scored)
-    size = path.stat().st_size
-    Console(highlight=False).print(f"report of step {inputs.scored.step} written to {path} ({size / 1024:.0f} KB)", markup=False)
+    console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
+    size = len(html.encode()) / 1024
+    console.print(
+        f"report of step {inputs.scored.step} written to {output} ({size:.0f} KB)", highlight=False, markup=False
+    )
     _exit_if_bad_steps(inputs.steps)
 
 

@@ -142,8 +142,14 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     bpseval shard is refused: its coverage is what `bpseval coverage` measures.
     """
     source = Path(path)
+    if source.is_dir():
+        raise BpsevalError(
+            f"{source}: is a directory, not a file. Pass the mask file (.npy or HDF5); for the shards of a run,"
+            " use `bpseval coverage RUN_DIR`."
+        )
     if not source.is_file():
-        raise BpsevalError(f"{source}: no such file. Pass a .npy or HDF5 file of validation masks.")
+        what = "no such file" if not source.exists() else "not a regular file"
+        raise BpsevalError(f"{source}: {what}. Pass a .npy or HDF5 file of validation masks.")
     if source.suffix == ".npy":
         try:
             mask = np.load(source, allow_pickle=False)

@@ -354,8 +354,10 @@ class RunCatalog:
         root = Path(run_dir)
         files = scan_run_dir(root)
         if not files.shards and not files.problems:
+            empty = sorted(p.name for p in root.iterdir() if p.is_dir() and STEP_DIRECTORY.fullmatch(p.name))
+            holds = f"; its step folders hold none: {listing(empty)}" if empty else ""
             raise RunError(
-                f"{root}: no shards found (no *.h5 file below it). Write shards with bpseval.ShardWriter"
+                f"{root}: no shards found (no *.h5 file below it{holds}). Write shards with bpseval.ShardWriter"
                 " during validation, or pass the run directory that holds them." + leftover_note(files.leftovers)
             )
         _refuse_sweep(root, files.shards)
