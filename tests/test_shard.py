@@ -52,7 +52,8 @@ def test_chunks_hold_whole_rows_of_about_256_kib(tmp_path, n_cells, dtype, rhat_
     with ShardWriter(tmp_path, 0, 1) as writer:
         for start in range(0, n_rows, 200):
             rhat = rng.random((min(200, n_rows - start), n_cells)).astype(dtype)
-            writer.add("d", rhat, np.ones_like(rhat), np.ones_like(rhat), sample_idx=np.arange(start, start + len(rhat)))
+            index = np.arange(start, start + len(rhat))
+            writer.add("d", rhat, np.ones_like(rhat), np.ones_like(rhat), sample_idx=index)
     with h5py.File(writer.path) as handle:
         group = handle["datasets/d"]
         assert group["rhat"].chunks == group["dfs"].chunks == (rhat_rows, n_cells)
