@@ -45,6 +45,10 @@ QUEUE_BYTES = 1 << 26
 """Bytes of batches a background writer holds (queued or being written) before `add` waits: 64 MiB.
 
 A single batch larger than this is still taken, alone, when nothing else is queued."""
+SYNC_BYTES = 1 << 22
+"""A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
+
+The fsync at the end of the `with` block, which the loop waits for, then has little left to write."""
 
 
 @dataclass
@@ -226,6 +230,7 @@ class _GuardedFile:
         self._file = open(path, "xb+", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
         self._position = 0
         self._size = 0
+        self._unsynced = 0
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._position = offset + (self._size if whence == os.SEEK_END else self._position if whence else 0)
@@ -242,6 +247,7 @@ class _GuardedFile:
                 done = 0
                 while done < len(view):
                     done += self._file.write(view[done:])
+                self._unsynced += done
             except OSError as error:
                 self.failure = error
         if self.failure is not None:
@@ -286,6 +292,15 @@ class _GuardedFile:
 
     def flush(self) -> None:
         """Nothing is buffered here; `finish` makes the data durable."""
+
+    def sync_written(self, every: int) -> None:
+        """Flush the data written so far to disk once `every` bytes await it; an error is recorded in `failure`."""
+        if self.failure is None and self._unsynced >= every:
+            try:
+                getattr(os, "fdatasync", os.fsync)(self._file.fileno())
+            except OSError as error:
+                self.failure = error
+            self._unsynced = 0
 
     def finish(self) -> None:
         """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
@@ -334,9 +349,11 @@ class ShardWriter:
 
     `background=True` writes on a thread of its own: `add` checks and copies the batch on the
     caller's thread (for CUDA tensors, the copy to the host) and queues it; it waits only when
-    QUEUE_BYTES (64 MiB) of batches are queued. A write that fails raises its error at the next
-    `add` or at the end of the `with` block, with the shard discarded as above; no batch is
-    dropped silently. With `store="stats"` nothing is written before the end, so it changes nothing.
+    QUEUE_BYTES (64 MiB) of batches are queued. The thread also flushes the data to disk as it
+    goes (every SYNC_BYTES), so the end of the block has little left to wait for. A write that
+    fails raises its error at the next `add` or at the end of the `with` block, with the shard
+    discarded as above; no batch is dropped silently. With `store="stats"` nothing is written
+    before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -558,7 +575,12 @@ class ShardWriter:
         else:  # the caller may reuse its buffers: the queue holds copies
             given = (rhat, robs, dfs, sample_idx)
             arrays = {name: _private(array, given) for name, array in arrays.items()}
-            store = partial(self._store, dataset, rate_kind, new_ids, arrays)
+
+            def store() -> None:
+                assert self._io is not None
+                self._store(dataset, rate_kind, new_ids, arrays)
+                self._io.sync_written(SYNC_BYTES)
+
             self._worker.submit(partial(self._attempt, doing, store), sum(array.nbytes for array in arrays.values()))
             self._raise_failure(self._worker.error)
         if self.store == "stats":
