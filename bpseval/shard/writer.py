@@ -77,7 +77,7 @@ class _Column:
     chunk, not per batch), the last partial one at `finish`. An array that never fills a chunk is
     written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
     not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
-    when a row is larger), allocated on the first batch; rows are copied into it, so the caller
+    when a row is larger), allocated when first needed; rows are copied into it, so the caller
     may reuse its buffers as soon as `append` returns.
     """
 
