@@ -5,6 +5,7 @@
     python benchmarks/run.py hdf5-settings [--repeat 3]
     python benchmarks/run.py profile --scale realistic
     python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
+    python benchmarks/run.py writer [--repeat 5] [--hdf5-cells 181,23]
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -14,7 +15,9 @@ per-cell loop, the in-memory `bpseval.bits_per_spike` on one (samples, 1000) dat
 machine's capacity to run two processes at once; it also counts the CPU other processes used
 meanwhile. `hdf5-settings` (benchmarks/hdf5_settings.py) times writing and reading one dataset's
 arrays under several chunk shapes and compressions. `profile` (benchmarks/profiling.py) runs the
-merge under cProfile. benchmarks/README.md explains every measurement and gives results.
+merge under cProfile. `writer` (benchmarks/writer.py) times ShardWriter, synchronous and with
+background=True, against plain h5py appends and torch.save. benchmarks/README.md explains every
+measurement and gives results.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import hdf5_settings, many_steps, profiling, shards  # noqa: E402
+from benchmarks import hdf5_settings, many_steps, profiling, shards, writer  # noqa: E402
 from benchmarks.data import SCALES, resolve_scale  # noqa: E402
 from benchmarks.shards import MEASUREMENTS  # noqa: E402
 
@@ -35,9 +38,11 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="shards", choices=("shards", "hdf5-settings", "profile", "steps"),
+    parser.add_argument("mode", nargs="?", default="shards",
+                        choices=("shards", "hdf5-settings", "profile", "steps", "writer"),
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
-                             " profile: cProfile of the merge; steps: --all-steps on many small steps")
+                             " profile: cProfile of the merge; steps: --all-steps on many small steps;"
+                             " writer: ShardWriter against plain h5py and torch.save")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time legacy on this many datasets and extrapolate by entries (default: all)")
     parser.add_argument("--in-memory-cells", type=int, default=1000, help="cells of the in-memory dataset")
     parser.add_argument("--steps", type=int, default=100, help="steps: number of validation steps (default 100)")
-    parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings: comma-separated cell counts")
+    parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings, writer: comma-separated cell counts")
     args = parser.parse_args(argv)
     unknown = set(args.measure) - set(MEASUREMENTS)
     if unknown:
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         document = hdf5_settings.main(args, scale)
     elif args.mode == "steps":
         document = many_steps.main(args.steps, args.ranks or 4, args.repeat)
+    elif args.mode == "writer":
+        document = writer.main(args, scale)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import profiling, run
+from benchmarks import profiling, run, writer
 from benchmarks.baselines import legacy_run, numpy_floor, read_shards, time_kernels
 from benchmarks.data import (
     SCALES,
@@ -69,13 +69,22 @@ def test_profile_groups_name_functions_that_still_exist(tiny_run: Path) -> None:
 
 
 def test_hdf5_settings_reads_shard_writer_chunks_from_the_file(tmp_path: Path) -> None:
-    cells, samples = 23, 600
+    cells, samples = 23, 3000  # more rows than one 256 KiB chunk: a smaller array is written contiguous
     rng = np.random.default_rng(0)
     arrays = {key: rng.random((samples, cells), dtype=np.float32) for key in ("rhat", "robs", "dfs")}
     arrays["sample_idx"] = np.arange(samples, dtype=np.int64)
     row = measure_case("ShardWriter itself", partial(write_with_shard_writer, arrays=arrays), arrays, tmp_path, 1)
     assert row["chunk"] == f"{CHUNK_BYTES // (cells * 4)} rows"
     assert row["raw_bytes"] == sum(array.nbytes for array in arrays.values()) and row["file_bytes"] > 0
+
+
+def test_writer_mode_times_every_variant_and_its_ratios(tmp_path: Path) -> None:
+    args = run.parse_args(["writer", "--repeat", "1", "--hdf5-cells", "7", "--data-dir", str(tmp_path)])
+    document = writer.main(args, resolve_scale(SCALES["small"], None, None, 600, None))
+    (result,) = document["results"]
+    assert result["cells"] == 7 and all(timing["median"] > 0 for timing in result["timings"].values())
+    assert result["ratios"]["ShardWriter / plain h5py throughput"]["target"] == ">= 0.8"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_py_starts_as_a_script_and_rejects_unknown_measurements() -> None:

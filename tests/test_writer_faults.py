@@ -1,4 +1,7 @@
-"""ShardWriter under faults and misuse: full disks, failed renames, reuse, two shards at one path, bad input, run_id."""
+"""ShardWriter under faults and misuse: full disks, failed renames, reuse, two shards at one path, bad input, run_id.
+
+The fault and misuse tests run with the synchronous writer and with `background=True`.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ def mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "background"])
+def background(request: pytest.FixtureRequest) -> bool:
+    """ShardWriter's `background` option: every test taking it runs both ways."""
+    return request.param
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: room for one small shard and not much more. Needs root (the tests and CI run as root)."""
@@ -59,9 +68,12 @@ def earlier_shard(run_dir: Path) -> tuple[Path, bytes]:
     return writer.path, writer.path.read_bytes()
 
 
-def run_training_process(run_dir: Path, mode: str, elsewhere: Path) -> tuple[dict, subprocess.CompletedProcess]:
+def run_training_process(
+    run_dir: Path, mode: str, elsewhere: Path, background: bool
+) -> tuple[dict, subprocess.CompletedProcess]:
     process = subprocess.run(
-        [sys.executable, "-m", "tests.writer_fault_process", str(run_dir), mode, str(elsewhere)],
+        [sys.executable, "-m", "tests.writer_fault_process", str(run_dir), mode, str(elsewhere)]
+        + (["bg"] if background else []),
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     lines = process.stdout.splitlines()
@@ -77,13 +89,13 @@ def run_training_process(run_dir: Path, mode: str, elsewhere: Path) -> tuple[dic
     ],
 )
 def test_a_failed_write_raises_oserror_removes_its_file_and_keeps_the_earlier_shard(
-    small_disk, tmp_path, mode, code, words
+    small_disk, tmp_path, mode, code, words, background
 ):
     run_dir = small_disk / "run"
     shard, before = earlier_shard(run_dir)
     if mode == "rename":  # a mount point cannot be replaced by rename(2): EBUSY, as on some network filesystems
         mount("--bind", str(shard), str(shard))
-    report, process = run_training_process(run_dir, mode, tmp_path / "elsewhere")
+    report, process = run_training_process(run_dir, mode, tmp_path / "elsewhere", background)
     assert process.returncode == 0, process.stderr  # alive: no crash, no segfault (a negative code)
     assert process.stderr == ""  # no "Exception ignored", no HDF5 diagnostics, no traceback
     assert process.stdout.splitlines()[1:] == ["alive"]
@@ -95,11 +107,11 @@ def test_a_failed_write_raises_oserror_removes_its_file_and_keeps_the_earlier_sh
     assert read_header(tmp_path / "elsewhere" / "step-000000" / "rank-0000.h5").datasets[DATASET].n_rows == 64
 
 
-def test_a_full_disk_when_the_file_is_created_is_an_oserror_and_leaves_nothing(small_disk):
+def test_a_full_disk_when_the_file_is_created_is_an_oserror_and_leaves_nothing(small_disk, background):
     from tests.writer_fault_process import fill_disk
 
     fill_disk(small_disk / "filler")
-    writer = ShardWriter(small_disk / "run", 0, 1)
+    writer = ShardWriter(small_disk / "run", 0, 1, background=background)
     with pytest.raises(OSError, match="No space left on device") as caught, writer:
         writer.add(DATASET, **poisson_dataset(0))
     assert caught.value.errno == errno.ENOSPC and str(writer.path) in str(caught.value)
@@ -112,8 +124,8 @@ def test_a_full_disk_when_the_file_is_created_is_an_oserror_and_leaves_nothing(s
 # misuse
 
 
-def test_a_writer_is_used_in_one_with_block_and_refuses_later_use(tmp_path):
-    writer = ShardWriter(tmp_path, 0, 1)
+def test_a_writer_is_used_in_one_with_block_and_refuses_later_use(tmp_path, background):
+    writer = ShardWriter(tmp_path, 0, 1, background=background)
     with writer:
         writer.add(DATASET, **poisson_dataset(0))
         with pytest.raises(ArgumentError, match="one `with` block only"), writer:
@@ -128,8 +140,8 @@ def test_a_writer_is_used_in_one_with_block_and_refuses_later_use(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["rank-0000.h5"]  # no stray temp file
 
 
-def test_add_after_an_exception_is_refused_and_writes_nothing(tmp_path):
-    writer = ShardWriter(tmp_path, 0, 1)
+def test_add_after_an_exception_is_refused_and_writes_nothing(tmp_path, background):
+    writer = ShardWriter(tmp_path, 0, 1, background=background)
     with pytest.raises(RuntimeError), writer:
         writer.add(DATASET, **poisson_dataset(0))
         raise RuntimeError("validation crashed")
@@ -140,11 +152,11 @@ def test_add_after_an_exception_is_refused_and_writes_nothing(tmp_path):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_one_with_block_per_loader_is_refused_and_keeps_the_first_shard(tmp_path):
-    with ShardWriter(tmp_path, 0, 1, step=3) as writer:
+def test_one_with_block_per_loader_is_refused_and_keeps_the_first_shard(tmp_path, background):
+    with ShardWriter(tmp_path, 0, 1, step=3, background=background) as writer:
         writer.add("loader_a", **poisson_dataset(0))
     first = writer.path.read_bytes()
-    with pytest.raises(ArgumentError) as caught, ShardWriter(tmp_path, 0, 1, step=3) as again:
+    with pytest.raises(ArgumentError) as caught, ShardWriter(tmp_path, 0, 1, step=3, background=background) as again:
         again.add("loader_b", **poisson_dataset(1))
     message = str(caught.value)
     assert str(writer.path) in message and "already wrote" in message
@@ -160,10 +172,10 @@ def test_one_with_block_per_loader_is_refused_and_keeps_the_first_shard(tmp_path
     assert list(read_header(writer.path).datasets) == ["loader_b"]
 
 
-def test_two_writers_of_one_path_open_at_once_in_one_process_are_refused(tmp_path):
-    with ShardWriter(tmp_path, 1, 2) as first:
+def test_two_writers_of_one_path_open_at_once_in_one_process_are_refused(tmp_path, background):
+    with ShardWriter(tmp_path, 1, 2, background=background) as first:
         with pytest.raises(ArgumentError, match="already wrote \\(or is writing\\)"):
-            ShardWriter(tmp_path, 1, 2).open()
+            ShardWriter(tmp_path, 1, 2, background=background).open()
         first.add(DATASET, **poisson_dataset(0))
     assert read_header(first.path).datasets[DATASET].n_rows == 40
 
@@ -222,9 +234,9 @@ def test_dot_names_are_refused_naming_them(tmp_path, name):
         writer.add(name, np.ones((1, 1)), np.ones((1, 1)))
 
 
-def test_a_refused_batch_leaves_every_array_of_the_dataset_with_the_same_rows(tmp_path):
+def test_a_refused_batch_leaves_every_array_of_the_dataset_with_the_same_rows(tmp_path, background):
     """robs is refused after rhat would have been appended: nothing of the batch is written."""
-    with ShardWriter(tmp_path, 0, 1) as writer:
+    with ShardWriter(tmp_path, 0, 1, background=background) as writer:
         writer.add("d", np.ones((2, 3), np.float32), np.ones((2, 3), np.float32))
         with pytest.raises(ArgumentError, match="robs dtype float64 cannot be stored without loss"):
             writer.add("d", np.ones((5, 3), np.float32), np.ones((5, 3), np.float64))

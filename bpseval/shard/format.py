@@ -35,12 +35,14 @@ DEFAULT_BLOCK_SIZE = 500
 
 
 CHUNK_BYTES = 1 << 18
-"""Bytes per HDF5 chunk ShardWriter writes (whole rows, at least one): 256 KiB.
+"""Bytes per HDF5 chunk of an array ShardWriter writes (whole rows, at least one): 256 KiB.
 
 Measured (benchmarks/README.md, HDF5 settings): for a 23-cell session they read 1.4-1.5x
 faster than one-batch chunks of 23 KiB and write as fast; 1 MiB chunks read a little faster
-still but waste more. Every chunk is allocated in full, so a dataset wastes at most one partly
-filled chunk per array."""
+still but waste more. Every chunk is allocated in full, so an array wastes at most one partly
+filled chunk. An array smaller than one chunk is not chunked at all: ShardWriter stages rows in
+memory until they fill a chunk, and writes an array that never does as one contiguous block of
+exactly its size."""
 
 
 def shard_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import secrets
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,14 @@ from bpseval.shard.format import (
 )
 
 INT64_MAX = np.iinfo(np.int64).max
+QUEUE_BYTES = 1 << 26
+"""Bytes of batches a background writer holds (queued or being written) before `add` waits: 64 MiB.
+
+A single batch larger than this is still taken, alone, when nothing else is queued."""
+SYNC_BYTES = 1 << 22
+"""A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
+
+The fsync at the end of the `with` block, which the loop waits for, then has little left to write."""
 
 
 @dataclass
@@ -53,12 +63,153 @@ class _Layout:
 
 @dataclass
 class _Written:
-    """One dataset group being written: what its first batch fixed, and its HDF5 objects, looked up once."""
+    """One dataset as `add` checks it: what its first batch fixed (layout, stored dtypes) and its cell_ids."""
 
     layout: _Layout
-    group: h5py.Group
-    arrays: dict[str, h5py.Dataset] = field(default_factory=dict)
+    dtypes: dict[str, np.dtype]
     cell_ids: np.ndarray | None = None
+
+
+class _Column:
+    """One array of a dataset group, its rows staged in memory until they fill an HDF5 chunk.
+
+    Only whole chunks of about CHUNK_BYTES are written while the pass runs (one HDF5 call per
+    chunk, not per batch), the last partial one at `finish`. An array that never fills a chunk is
+    written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
+    not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
+    when a row is larger), allocated when first needed; rows are copied into it, so the caller
+    may reuse its buffers as soon as `append` returns.
+    """
+
+    def __init__(self, name: str, first: np.ndarray) -> None:
+        self.name, self.dtype, self.tail = name, first.dtype, first.shape[1:]
+        self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
+        self.stage: np.ndarray | None = None
+        self.staged = 0
+        self.target: h5py.Dataset | None = None
+        self.written = 0
+
+    def append(self, group: h5py.Group, rows: np.ndarray) -> None:
+        """Take `rows`: whole chunks go to the file straight from `rows` when the stage is empty."""
+        start = 0
+        while start < len(rows):
+            if self.staged == 0 and len(rows) - start >= self.chunk_rows:
+                stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
+                self._write(group, rows[start:stop])
+                start = stop
+                continue
+            if self.stage is None:
+                self.stage = np.empty((self.chunk_rows, *self.tail), self.dtype)
+            taken = min(self.chunk_rows - self.staged, len(rows) - start)
+            self.stage[self.staged : self.staged + taken] = rows[start : start + taken]
+            self.staged, start = self.staged + taken, start + taken
+            if self.staged == self.chunk_rows:
+                self._write(group, self.stage)
+                self.staged = 0
+
+    def finish(self, group: h5py.Group) -> None:
+        """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
+        rows = self.stage[: self.staged] if self.stage is not None else np.empty((0, *self.tail), self.dtype)
+        if self.target is None:
+            group.create_dataset(self.name, data=rows)
+        elif len(rows):
+            self._write(group, rows)
+        self.stage, self.staged = None, 0
+
+    def _write(self, group: h5py.Group, rows: np.ndarray) -> None:
+        """Append rows to the chunked, resizable dataset, created on the first full chunk.
+
+        A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
+        """
+        if self.target is None:
+            self.target = group.create_dataset(
+                self.name,
+                shape=(0, *self.tail),
+                maxshape=(None, *(size or None for size in self.tail)),
+                dtype=self.dtype,
+                chunks=(self.chunk_rows, *(size or 1 for size in self.tail)),
+            )
+        end = self.written + len(rows)
+        self.target.resize(end, axis=0)
+        if rows.size:
+            self.target[self.written : end] = rows
+        self.written = end
+
+
+@dataclass
+class _Stored:
+    """One dataset group in the file and its arrays; touched only by the thread that writes."""
+
+    group: h5py.Group
+    columns: dict[str, _Column] = field(default_factory=dict)
+
+    def finish(self) -> None:
+        for column in self.columns.values():
+            column.finish(self.group)
+
+
+_Job = Callable[[], "BaseException | None"]
+
+
+class _Worker:
+    """A thread running a writer's writes in order, holding at most `limit` bytes of batches.
+
+    `submit` waits while the queued and running batches plus the new one would exceed `limit` (a
+    batch larger than `limit` is taken when nothing else is queued). A job returns the error the
+    writer must raise, or None; the first error stops the thread, drops the jobs queued after it
+    and stays in `error`, and `submit` stops waiting then.
+    """
+
+    def __init__(self, name: str, limit: int = QUEUE_BYTES) -> None:
+        self.error: BaseException | None = None
+        self._limit = limit
+        self._jobs: deque[tuple[_Job, int]] = deque()
+        self._held = 0
+        self._stopping = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job, nbytes: int) -> None:
+        """Queue `job` (holding `nbytes` of arrays), waiting while the queue is full; not when it failed."""
+        with self._changed:
+            while self.error is None and self._held and self._held + nbytes > self._limit:
+                self._changed.wait()
+            if self.error is None:
+                self._jobs.append((job, nbytes))
+                self._held += nbytes
+                self._changed.notify_all()
+
+    def stop(self, drop: bool) -> BaseException | None:
+        """End the thread after the queued jobs (or after the running one, with `drop`); the first error."""
+        with self._changed:
+            self._stopping = True
+            if drop:
+                self._jobs.clear()
+            self._changed.notify_all()
+        self._thread.join()
+        return self.error
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._jobs and not self._stopping:
+                    self._changed.wait()
+                if not self._jobs:
+                    return
+                job, nbytes = self._jobs.popleft()
+            try:
+                error = job()
+            except BaseException as unexpected:  # a bug in the job itself: reported like a failed write
+                error = unexpected
+            with self._changed:
+                self._held -= nbytes
+                if error is not None:
+                    self.error = error
+                    self._jobs.clear()
+                self._changed.notify_all()
+            if error is not None:
+                return
 
 
 class _GuardedFile:
@@ -79,6 +230,7 @@ class _GuardedFile:
         self._file = open(path, "xb+", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
         self._position = 0
         self._size = 0
+        self._unsynced = 0
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._position = offset + (self._size if whence == os.SEEK_END else self._position if whence else 0)
@@ -95,6 +247,7 @@ class _GuardedFile:
                 done = 0
                 while done < len(view):
                     done += self._file.write(view[done:])
+                self._unsynced += done
             except OSError as error:
                 self.failure = error
         if self.failure is not None:
@@ -140,6 +293,15 @@ class _GuardedFile:
     def flush(self) -> None:
         """Nothing is buffered here; `finish` makes the data durable."""
 
+    def sync_written(self, every: int) -> None:
+        """Flush the data written so far to disk once `every` bytes await it; an error is recorded in `failure`."""
+        if self.failure is None and self._unsynced >= every:
+            try:
+                getattr(os, "fdatasync", os.fsync)(self._file.fileno())
+            except OSError as error:
+                self.failure = error
+            self._unsynced = 0
+
     def finish(self) -> None:
         """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
         try:
@@ -176,11 +338,22 @@ class ShardWriter:
     """Writes one rank's validation outputs for one step to `<run_dir>/step-SSSSSS/rank-RRRR.h5`.
 
     Use as a context manager, once, and call `add` once per batch, for every loader of the
-    validation pass. Batches are appended to chunked, resizable HDF5 datasets, so memory stays
-    bounded by one batch. The file is written under a hidden `.tmp` name, made durable and
-    renamed on a clean exit; after an exception, or when the disk fills or a write fails
-    (`OSError` from that `add` or from the end of the block), the partial file is deleted and
-    an earlier shard at the final path stays as it was.
+    validation pass. Rows are staged per array until they fill a chunk of about 256 KiB, then
+    written as whole chunks of a resizable HDF5 dataset; an array that never fills a chunk is
+    written at the end as one contiguous block of its own size, so small shards stay small.
+    Memory: one batch, plus less than one chunk per array (under 1 MiB per dataset). The file
+    is written under a hidden `.tmp` name, made durable and renamed on a clean exit; after an
+    exception, or when the disk fills or a write fails (`OSError` from that `add` or from the
+    end of the block), the partial file is deleted and an earlier shard at the final path stays
+    as it was.
+
+    `background=True` writes on a thread of its own: `add` checks and copies the batch on the
+    caller's thread (for CUDA tensors, the copy to the host) and queues it; it waits only when
+    QUEUE_BYTES (64 MiB) of batches are queued. The thread also flushes the data to disk as it
+    goes (every SYNC_BYTES), so the end of the block has little left to wait for. A write that
+    fails raises its error at the next `add` or at the end of the `with` block, with the shard
+    discarded as above; no batch is dropped silently. With `store="stats"` nothing is written
+    before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -203,6 +376,7 @@ class ShardWriter:
         store: str = "raw",
         block_size: int = DEFAULT_BLOCK_SIZE,
         overwrite: bool = False,
+        background: bool = False,
     ) -> None:
         if store not in STORES:
             raise ArgumentError(f"ShardWriter: store must be one of {STORES}, not {store!r}")
@@ -222,6 +396,7 @@ class ShardWriter:
         # unique per writer: two writers of one rank (a restarted job) never write into one file
         self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self.store, self.block_size, self.overwrite = store, int(block_size), bool(overwrite)
+        self.background = bool(background) and store == "raw"
         self._state = "new"
         """new -> open -> finished, or -> discarded (exception, abort, failed write)."""
         self._entered = False
@@ -229,7 +404,9 @@ class ShardWriter:
         self._io: _GuardedFile | None = None
         self._file: h5py.File | None = None
         self._written: dict[str, _Written] = {}
+        self._stored: dict[str, _Stored] = {}
         self._stats: dict[str, _RankStats] = {}
+        self._worker: _Worker | None = None
 
     @classmethod
     def from_process_group(
@@ -244,7 +421,8 @@ class ShardWriter:
 
         Without `run_id`, every rank records the same one: torchrun's TORCHELASTIC_RUN_ID, else
         an id made on the group's first rank and broadcast (then this is a collective call that
-        every rank of `group` must make). `options` go to `ShardWriter` (store, block_size, overwrite).
+        every rank of `group` must make). `options` go to `ShardWriter` (store, block_size, overwrite,
+        background).
         """
         from bpseval._distributed import rank_and_world_size, shared_run_id
 
@@ -280,20 +458,25 @@ class ShardWriter:
             self._discard()
             raise self._write_error(error, "creating its temporary file") from error
         self._state = "open"
-        with self._writing("creating its temporary file"):
-            self._file = h5py.File(self._io, "w")
-            attrs = self._file.attrs
-            attrs["format"] = FORMAT
-            attrs["format_version"] = FORMAT_VERSION
-            attrs["rank"] = self.rank
-            attrs["world_size"] = self.world_size
-            attrs["step"] = self.step
-            attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
-            attrs["bpseval_version"] = __version__
-            attrs["store"] = self.store
-            if self.run_id is not None:
-                attrs["run_id"] = str(self.run_id)
-            self._file.create_group(DATASETS_GROUP)
+        self._run("creating its temporary file", self._create_file)
+        if self.background:
+            self._worker = _Worker(f"bpseval ShardWriter rank {self.rank} step {self.step}")
+
+    def _create_file(self) -> None:
+        assert self._io is not None
+        self._file = h5py.File(self._io, "w")
+        attrs = self._file.attrs
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["rank"] = self.rank
+        attrs["world_size"] = self.world_size
+        attrs["step"] = self.step
+        attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
+        attrs["bpseval_version"] = __version__
+        attrs["store"] = self.store
+        if self.run_id is not None:
+            attrs["run_id"] = str(self.run_id)
+        self._file.create_group(DATASETS_GROUP)
 
     def close(self) -> Path:
         """Finish the shard: flush, fsync and atomically rename it into place. Returns its path.
@@ -303,12 +486,10 @@ class ShardWriter:
         if self._state == "finished":
             return self.path
         self.open()
-        assert self._file is not None and self._io is not None
-        with self._writing("finishing the shard (writing its last chunks to disk)"):
-            for dataset, stats in self._stats.items():
-                stats.write(self._written[dataset].group, self.block_size)
-            self._file.close()
-            self._io.finish()
+        if self._worker is not None:  # every queued batch is written first
+            worker, self._worker = self._worker, None
+            self._raise_failure(worker.stop(drop=False))
+        self._run("finishing the shard (writing its last chunks to disk)", self._finish_file)
         try:
             os.replace(self._tmp_path, self.path)
         except OSError as error:
@@ -322,6 +503,15 @@ class ShardWriter:
             if self._claim is not None and finished is not None:
                 _FINISHED_HERE[self._claim] = finished
         return self.path
+
+    def _finish_file(self) -> None:
+        assert self._file is not None and self._io is not None
+        for dataset, stats in self._stats.items():
+            stats.write(self._stored[dataset].group, self.block_size)
+        for stored in self._stored.values():
+            stored.finish()
+        self._file.close()
+        self._io.finish()
 
     def abort(self) -> None:
         """Drop the partial shard, leaving no file that looks complete (a finished shard is kept)."""
@@ -341,15 +531,17 @@ class ShardWriter:
         """Append one batch of `dataset`: rhat, robs (samples, cells) and optional mask and identities.
 
         Accepts numpy arrays or torch tensors on any device; bfloat16 is stored as float32, and
-        nothing is stored at a lower precision than it was given. Raises ArgumentError, naming the
-        dataset, when shapes, values or settings disagree with each other or with earlier batches
-        (nothing of the batch is written then), and OSError when writing fails (the partial shard
-        is deleted then).
+        nothing is stored at a lower precision than it was given. The caller may reuse its buffers
+        once `add` returns. Raises ArgumentError, naming the dataset, when shapes, values or settings
+        disagree with each other or with earlier batches (nothing of the batch is written then),
+        and OSError when writing fails (the partial shard is deleted then); with `background=True`,
+        the OSError of an earlier batch's write.
         """
         if self._state != "open":
             self._check_usable("add()")
             self.open()
-        assert self._file is not None
+        if self._worker is not None:
+            self._raise_failure(self._worker.error)
         check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
@@ -369,22 +561,45 @@ class ShardWriter:
         if self.store == "stats":
             stats = self._stats.get(dataset) or _RankStats(layout.n_cells)
             update = stats.prepare(dataset, arrays, rate_kind, self.block_size)
+            arrays = {}
         elif written is not None:
-            arrays = {name: _storable(written.arrays.get(name), dataset, name, array) for name, array in arrays.items()}
-        with self._writing(f"adding a batch of dataset {dataset!r}"):
-            if written is None:
-                group = self._file.create_group(f"{DATASETS_GROUP}/{dataset}")
-                group.attrs["rate_kind"] = rate_kind
-                written = self._written[dataset] = _Written(layout, group)
-            if ids is not None and written.cell_ids is None:
-                _store_cell_ids(written.group, ids)
-                written.cell_ids = ids
-            if self.store == "stats":
-                stats.commit(update)
-                self._stats[dataset] = stats
-            else:
-                for name, array in arrays.items():
-                    written.arrays[name] = _append(written.group, written.arrays.get(name), name, array)
+            arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
+        if written is None:
+            written = self._written[dataset] = _Written(layout, {name: array.dtype for name, array in arrays.items()})
+        new_ids = ids if ids is not None and written.cell_ids is None else None
+        if new_ids is not None:
+            written.cell_ids = new_ids
+        doing = f"adding a batch of dataset {dataset!r}"
+        if self._worker is None:
+            self._run(doing, partial(self._store, dataset, rate_kind, new_ids, arrays))
+        else:  # the caller may reuse its buffers: the queue holds copies
+            given = (rhat, robs, dfs, sample_idx)
+            arrays = {name: _private(array, given) for name, array in arrays.items()}
+
+            def store() -> None:
+                assert self._io is not None
+                self._store(dataset, rate_kind, new_ids, arrays)
+                self._io.sync_written(SYNC_BYTES)
+
+            self._worker.submit(partial(self._attempt, doing, store), sum(array.nbytes for array in arrays.values()))
+            self._raise_failure(self._worker.error)
+        if self.store == "stats":
+            stats.commit(update)
+            self._stats[dataset] = stats
+
+    def _store(self, dataset: str, rate_kind: str, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
+        """The file's side of `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
+        stored = self._stored.get(dataset)
+        if stored is None:
+            assert self._file is not None
+            group = self._file.create_group(f"{DATASETS_GROUP}/{dataset}")
+            group.attrs["rate_kind"] = rate_kind
+            stored = self._stored[dataset] = _Stored(group)
+        if cell_ids is not None:
+            _store_cell_ids(stored.group, cell_ids)
+        for name, array in arrays.items():
+            column = stored.columns.get(name) or stored.columns.setdefault(name, _Column(name, array))
+            column.append(stored.group, array)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -418,6 +633,9 @@ class ShardWriter:
 
     def _discard(self) -> None:
         """Close and delete the temporary file, whatever state it is in; the writer cannot be used again."""
+        if self._worker is not None:  # its queued batches are dropped with the file
+            worker, self._worker = self._worker, None
+            worker.stop(drop=True)
         file, stream = self._file, self._io
         self._file = self._io = None
         self._state = "discarded"
@@ -431,19 +649,32 @@ class ShardWriter:
             with _PROCESS_LOCK:
                 _OPEN_HERE.discard(self._claim)
 
-    @contextmanager
-    def _writing(self, doing: str) -> Iterator[None]:
-        """One step of writing: on an exception in it, or a write that failed during it, the shard is discarded."""
+    def _run(self, doing: str, action: Callable[[], None]) -> None:
+        """One step of writing, on this thread: on an exception or a failed write, the shard is discarded."""
+        self._raise_failure(self._attempt(doing, action))
+
+    def _attempt(self, doing: str, action: Callable[[], None]) -> BaseException | None:
+        """Run `action`; the error to raise if it raised or a write failed during it, else None.
+
+        Runs on the background thread too, so it changes nothing but the file: the caller discards.
+        """
         try:
-            yield
-        except BaseException:
+            action()
+        except BaseException as error:
             if self._io is None or self._io.failure is None:
-                self._discard()
-                raise
+                return error
         failure = self._io.failure if self._io is not None else None
-        if failure is not None:
+        if failure is None:
+            return None
+        error = self._write_error(failure, doing)
+        error.__cause__ = failure
+        return error
+
+    def _raise_failure(self, error: BaseException | None) -> None:
+        """Discard the shard and raise `error`, if there is one."""
+        if error is not None:
             self._discard()
-            raise self._write_error(failure, doing) from failure
+            raise error
 
     def _write_error(self, error: OSError, doing: str) -> OSError:
         """The OSError to raise: same errno (so same subclass), naming the shard, what failed and what to do."""
@@ -619,9 +850,8 @@ def _store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:
         group.create_dataset("cell_ids", data=ids)
 
 
-def _storable(stored: h5py.Dataset | None, dataset: str, name: str, array: np.ndarray) -> np.ndarray:
-    """`array` in the dtype of the rows already stored under `name`, refused when that would lose precision."""
-    target = array.dtype if stored is None else stored.dtype
+def _storable(target: np.dtype, dataset: str, name: str, array: np.ndarray) -> np.ndarray:
+    """`array` in the dtype `target` of the earlier batches' `name`, refused when that would lose precision."""
     if array.dtype == target:
         return array
     if not np.can_cast(array.dtype, target, "safe"):
@@ -632,24 +862,8 @@ def _storable(stored: h5py.Dataset | None, dataset: str, name: str, array: np.nd
     return array.astype(target)
 
 
-def _append(group: h5py.Group, target: h5py.Dataset | None, name: str, array: np.ndarray) -> h5py.Dataset:
-    """Append rows to a chunked, resizable HDF5 dataset, creating it on the first batch.
-
-    A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
-    """
-    if target is None:
-        tail = array.shape[1:]
-        row_bytes = max(1, int(np.prod(tail, dtype=np.int64)) * array.dtype.itemsize)
-        chunk_rows = max(1, CHUNK_BYTES // row_bytes)
-        target = group.create_dataset(
-            name,
-            shape=(0, *tail),
-            maxshape=(None, *(size or None for size in tail)),
-            dtype=array.dtype,
-            chunks=(chunk_rows, *(size or 1 for size in tail)),
-        )
-    start = target.shape[0]
-    target.resize(start + array.shape[0], axis=0)
-    if array.size:
-        target[start:] = array
-    return target
+def _private(array: np.ndarray, given: tuple[Any, ...]) -> np.ndarray:
+    """`array`, or a copy of it when it may share memory with what the caller gave (a numpy array, a CPU tensor)."""
+    if array.flags.owndata and not any(array is value for value in given):
+        return array
+    return array.copy()
