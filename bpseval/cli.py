@@ -95,6 +95,10 @@ Scheduler = Annotated[
     Optional[str],
     typer.Option("--scheduler", metavar="ADDRESS", help="Merge on a Dask cluster: its scheduler address, or [bold]local[/]."),
 ]
+NoCache = Annotated[
+    bool,
+    typer.Option("--no-cache", help="Merge every step from its shards: neither read nor write the merge cache."),
+]
 RunDirs = Annotated[
     Optional[list[Path]], typer.Argument(help="Run directories (default: .); several give one row per run.", show_default=False)
 ]
@@ -125,18 +129,20 @@ def compute(
     all_steps: Annotated[
         bool, typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored.")
     ] = False,
+    no_cache: NoCache = False,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
     if all_steps:
-        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler)
+        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler, not no_cache)
         return
     with bad_input_exits():
         results = {}
         for path in paths:
             with merge_progress(f"{path}") as on_progress:
                 results[str(path)] = evaluate(
-                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+                    cache=not no_cache,
                 )
         table = runs_frame(results, sort.value)
         if csv_path is not None:
@@ -159,7 +165,7 @@ def compute(
 
 def _compute_all_steps(
     paths: list[Path], step: int | None, json_path: str | None, csv_path: str | None, clamp_negative: bool, jobs: int,
-    scheduler: str | None,
+    scheduler: str | None, cache: bool,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
     with bad_input_exits():
@@ -167,7 +173,7 @@ def _compute_all_steps(
             raise BpsevalError(f"--all-steps takes one run directory, not {len(paths)}.")
         if step is not None:
             raise BpsevalError("--all-steps scores every step: leave out --step.")
-        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler)
+        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, cache=cache)
         if csv_path is not None:
             write_csv(steps.frame(), csv_path)
         if json_path is not None:
@@ -209,11 +215,13 @@ def coverage(
     csv_path: CsvPath = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         report = check_coverage(
-            run_dir, min_samples, step=step, min_spikes=min_spikes, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+            run_dir, min_samples, step=step, min_spikes=min_spikes, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+            cache=not no_cache,
         )
         if csv_path is not None:
             write_csv(report.cells, csv_path)
@@ -269,10 +277,11 @@ def baseline(
     step: Step = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
-        result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
+        result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache)
         write_text(json_text(baseline_document(result)), output)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
@@ -327,6 +336,7 @@ def compare(
     ] = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost."""
     with bad_input_exits():
@@ -335,7 +345,9 @@ def compare(
             allow_missing_datasets=allow_missing_datasets, significance=significance, blocks=blocks,
             bootstrap=bootstrap, seed=seed,
         )
-        comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
+        comparison = compare_paths(
+            run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler, cache=not no_cache
+        )
         for path, text in ((json_path, json_text(comparison.to_dict())),
                            (markdown_path, compare_markdown(comparison)), (junit_path, compare_junit(comparison))):
             if path is not None:
@@ -386,6 +398,7 @@ def plot(
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline. Needs [bold]bpseval\\[plot][/]."""
     from bpseval.features.overview import load_overview
@@ -393,7 +406,10 @@ def plot(
 
     with bad_input_exits():
         require_matplotlib()
-        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        inputs = load_overview(
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            cache=not no_cache,
+        )
         written = write_plots(inputs, output, image_format.value)
     _print_warnings(inputs.result)
     console = Console(highlight=False)
@@ -412,6 +428,7 @@ def report(
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline. Needs [bold]bpseval\\[plot][/]."""
     from bpseval.features.overview import load_overview
@@ -422,9 +439,13 @@ def report(
     options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
+    options += ["--no-cache"] if no_cache else []
     with bad_input_exits():
         require_matplotlib()
-        inputs = load_overview(run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler)
+        inputs = load_overview(
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            cache=not no_cache,
+        )
         path = write_report(inputs, output, _command_line("report", options), run_label=str(run_dir))
     _print_warnings(inputs.result)
     size = path.stat().st_size
