@@ -21,6 +21,7 @@ is one warning on the `bpseval.cache` logger, once per directory, and the comman
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -134,7 +135,8 @@ class StepCache:
                     archive.writestr(name, buffer.getvalue())
             os.replace(temporary, self.path)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             if self.path.parent not in _warned:
                 _warned.add(self.path.parent)
                 logger.warning(
