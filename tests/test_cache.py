@@ -242,6 +242,7 @@ CORRUPTIONS = {
     "a .npy array": lambda path: np.save(open(path, "wb"), np.arange(3)),  # noqa: SIM115 - closed by np.save's caller
     "a flipped data byte": flip_a_data_byte,
     "an older cache format": lambda path: rewrite_entry(path, older_format),
+    "a header that is not an object": lambda path: rewrite_entry(path, lambda n, d: b"[1]" if n == "meta.json" else d),
     "statistics of the wrong shape": lambda path: rewrite_entry(path, fewer_cells),
     "another step's entry": lambda path: shutil.copy(path.with_name("step-000001.npz"), path),
     "a directory": lambda path: (path.unlink(), path.mkdir()),

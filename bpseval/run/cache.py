@@ -44,10 +44,10 @@ from bpseval.shard.format import FORMAT_VERSION, DatasetLayout, ShardHeader
 CACHE_FORMAT = 1
 """Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt."""
 CACHE_DIRECTORY = ".bpseval-cache"
-"""The cache folder inside a writable run directory (hidden: the catalog's walk finds no shard in it)."""
+"""The cache folder inside a writable run directory: the catalog walks into it and finds no `*.h5` file there."""
 _STAT_DTYPES = {"n_valid": np.dtype(np.int64), "weight": np.dtype(np.float64), "spikes": np.dtype(np.float64),
                 "model_ll": np.dtype(np.float64)}
-_UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, zipfile.BadZipFile)
+_UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
 """What reading a damaged or foreign entry can raise (BadZipFile: truncated, garbage or a failed CRC-32)."""
 
 logger = logging.getLogger(__name__)
