@@ -6,6 +6,7 @@
     python benchmarks/run.py profile --scale realistic
     python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
     python benchmarks/run.py writer [--repeat 5] [--hdf5-cells 181,23]
+    python benchmarks/run.py cache --steps 30 --samples 20000 --repeat 3
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -30,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import hdf5_settings, many_steps, profiling, shards, writer  # noqa: E402
+from benchmarks import cache, hdf5_settings, many_steps, profiling, shards, writer  # noqa: E402
 from benchmarks.data import SCALES, resolve_scale  # noqa: E402
 from benchmarks.shards import MEASUREMENTS  # noqa: E402
 
@@ -38,11 +39,12 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="shards",
-                        choices=("shards", "hdf5-settings", "profile", "steps", "writer"),
+    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache")
+    parser.add_argument("mode", nargs="?", default="shards", choices=modes,
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
                              " profile: cProfile of the merge; steps: --all-steps on many small steps;"
-                             " writer: ShardWriter against plain h5py and torch.save")
+                             " writer: ShardWriter against plain h5py and torch.save;"
+                             " cache: --all-steps run again with the merge cache")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--legacy-datasets", type=int,
                         help="time legacy on this many datasets and extrapolate by entries (default: all)")
     parser.add_argument("--in-memory-cells", type=int, default=1000, help="cells of the in-memory dataset")
-    parser.add_argument("--steps", type=int, default=100, help="steps: number of validation steps (default 100)")
+    parser.add_argument("--steps", type=int, help="steps, cache: number of validation steps (default 100, 30)")
     parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings, writer: comma-separated cell counts")
     args = parser.parse_args(argv)
     unknown = set(args.measure) - set(MEASUREMENTS)
@@ -68,15 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen mode and write its JSON document when asked."""
     args = parse_args(argv)
-    scale_name = args.scale or ("small" if args.mode == "shards" else "realistic")
+    scale_name = args.scale or ("small" if args.mode in ("shards", "cache") else "realistic")
     overridden = any(getattr(args, key) for key in ("datasets", "cells", "samples", "ranks"))
     scale = resolve_scale(SCALES[scale_name], args.datasets, args.cells, args.samples, args.ranks)
     if args.mode == "hdf5-settings":
         document = hdf5_settings.main(args, scale)
     elif args.mode == "steps":
-        document = many_steps.main(args.steps, args.ranks or 4, args.repeat)
+        document = many_steps.main(args.steps or 100, args.ranks or 4, args.repeat)
     elif args.mode == "writer":
         document = writer.main(args, scale)
+    elif args.mode == "cache":
+        document = cache.main(scale, args.steps or 30, args.repeat, args.data_dir)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

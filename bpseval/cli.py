@@ -98,6 +98,10 @@ Scheduler = Annotated[
         "--scheduler", metavar="ADDRESS", help="Merge on a Dask cluster: its scheduler address, or [bold]local[/]."
     ),
 ]
+NoCache = Annotated[
+    bool,
+    typer.Option("--no-cache", help="Merge every step from its shards: neither read nor write the merge cache."),
+]
 RunDirs = Annotated[
     list[Path] | None,
     typer.Argument(help="Run directories (default: .); several give one row per run.", show_default=False),
@@ -134,20 +138,22 @@ def compute(
         bool,
         typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored."),
     ] = False,
+    no_cache: NoCache = False,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
     with bad_input_exits():
         check_outputs({"--json": json_path, "--csv": csv_path})
     if all_steps:
-        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler)
+        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler, not no_cache)
         return
     with bad_input_exits():
         results = {}
         for path in paths:
             with merge_progress(f"{path}") as on_progress:
                 results[str(path)] = evaluate(
-                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+                    cache=not no_cache,
                 )
         table = runs_frame({run: result.scored for run, result in results.items()}, sort.value)
         if csv_path is not None:
@@ -176,6 +182,7 @@ def _compute_all_steps(
     clamp_negative: bool,
     jobs: int,
     scheduler: str | None,
+    cache: bool,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
     with bad_input_exits():
@@ -183,7 +190,7 @@ def _compute_all_steps(
             raise BpsevalError(f"--all-steps takes one run directory, not {len(paths)}.")
         if step is not None:
             raise BpsevalError("--all-steps scores every step: leave out --step.")
-        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler)
+        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, cache=cache)
         if csv_path is not None:
             write_csv(steps_frame(steps), csv_path)
         if json_path is not None:
@@ -227,6 +234,7 @@ def coverage(
     csv_path: CsvPath = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
     with bad_input_exits():
@@ -240,6 +248,7 @@ def coverage(
             jobs=jobs,
             scheduler=scheduler,
             on_progress=on_progress,
+            cache=not no_cache,
         )
         if csv_path is not None:
             write_csv(report.cells, csv_path)
@@ -322,6 +331,7 @@ def baseline(
     step: Step = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Write a baseline for `bpseval compare`: the compute JSON with per-cell statistics and identity checksums."""
     with bad_input_exits():
@@ -330,7 +340,7 @@ def baseline(
         output = output or json_path or "baseline.json"
         check_outputs({"-o/--output" if json_path is None else "--json": output})
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
-        result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
+        result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache)
         write_text(json_text(baseline_document(result)), output)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
@@ -391,6 +401,7 @@ def compare(
     ] = None,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost.
 
@@ -413,7 +424,9 @@ def compare(
             bootstrap=bootstrap,
             seed=seed,
         )
-        comparison = compare_paths(run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler)
+        comparison = compare_paths(
+            run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler, cache=not no_cache
+        )
         for path, text in (
             (json_path, json_text(comparison.to_dict())),
             (markdown_path, compare_markdown(comparison)),
@@ -492,6 +505,7 @@ def plot(
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -502,7 +516,8 @@ def plot(
         check_outputs({"-o/--output": output}, folders={"-o/--output"})
         require_matplotlib()
         inputs = load_overview(
-            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            cache=not no_cache,
         )
         written = write_plots(inputs, output, image_format.value)
     _print_warnings(inputs.scored)
@@ -526,6 +541,7 @@ def report(
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -537,11 +553,13 @@ def report(
     options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
+    options += ["--no-cache"] if no_cache else []
     with bad_input_exits():
         check_outputs({"-o/--output": output})
         require_matplotlib()
         inputs = load_overview(
-            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler
+            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            cache=not no_cache,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from bpseval.run.dedup import _Deduplicator
 from bpseval.run.parallel import run_tasks
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
 from bpseval.shard.reader import DatasetReader, open_dataset, read_stats
+
+if TYPE_CHECKING:
+    from bpseval.run.cache import StepCache
 
 CHUNK_ELEMENTS = 1 << 18
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
@@ -70,6 +74,8 @@ class MergedRun:
     files: list[Path]
     datasets: list[MergedDataset]
     warnings: list[str] = field(default_factory=list)
+    cached: bool = False
+    """True when the datasets came from the merge cache (`bpseval.run.cache`) instead of the shards' rows."""
 
 
 def merge_run(
@@ -80,10 +86,11 @@ def merge_run(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    cache: bool = False,
 ) -> MergedRun:
     """Scan `run_dir` and merge one step of it (default: the latest complete one); see `merge_step`."""
     catalog = RunCatalog.scan(run_dir, jobs=jobs)
-    return merge_step(catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress)
+    return merge_step(catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=cache)
 
 
 def merge_step(
@@ -94,13 +101,16 @@ def merge_step(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    cache: bool = False,
 ) -> MergedRun:
     """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it).
 
     With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
     paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
     merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
-    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge.
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge. With `cache`,
+    a step merged before from the same shards with the same settings is read from the merge cache
+    (`bpseval.run.cache`), bit for bit, and a step merged now is stored there.
     """
     selection = catalog.select(step)
     unused = [
@@ -110,7 +120,7 @@ def merge_step(
     ]
     selection = StepSelection(selection.entry, selection.notes + unused)
     return merge_selection(
-        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress
+        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=cache
     )
 
 
@@ -122,6 +132,7 @@ def merge_selection(
     jobs: int = 1,
     scheduler: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    cache: bool = False,
 ) -> MergedRun:
     """Merge the shards of a selected step (see `merge_step` for the options)."""
     shards = selection.shards
@@ -135,21 +146,37 @@ def merge_selection(
         if on_progress:
             on_progress(done[0], sum(sizes))
 
-    datasets = run_tasks(
-        _merge_dataset,
-        [(name, group, len(shards), blocks) for name, group in parts.items()],
-        jobs=jobs,
-        scheduler=scheduler,
-        costs=sizes,
-        on_done=finished,
-    )
+    entry = _cache_entry(catalog.root, shards, blocks) if cache else None
+    stored = entry.load(parts) if entry else None
+    if stored is None:
+        datasets = run_tasks(
+            _merge_dataset,
+            [(name, group, len(shards), blocks) for name, group in parts.items()],
+            jobs=jobs,
+            scheduler=scheduler,
+            costs=sizes,
+            on_done=finished,
+        )
+        if entry:
+            entry.save(datasets)
+    else:
+        datasets = stored
     warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
     if stores == ["stats"]:
         warnings.append(
             "stats-only shards: samples repeated across ranks (DistributedSampler padding) were not checked;"
             " each writer dropped repeats on its own rank only."
         )
-    return MergedRun(catalog.root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings)
+    return MergedRun(
+        catalog.root, shards[0].step, len(shards), [h.path for h in shards], datasets, warnings, stored is not None
+    )
+
+
+def _cache_entry(root: Path, shards: list[ShardHeader], blocks: int | None) -> StepCache | None:
+    """The merge-cache entry of a step's shards (None when a shard cannot be stat'ed: the merge says why)."""
+    from bpseval.run.cache import StepCache  # imported here: the cache module is built on this module's types
+
+    return StepCache.of(root, shards, blocks)
 
 
 def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeader, DatasetLayout]]]:

@@ -1,0 +1,387 @@
+"""The merge cache (`bpseval.run.cache`): re-scoring merges only changed steps, and a cached number is the merged one.
+
+Everything runs on real shards in tmp_path; "fresh" always means the same merge with `cache=False`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bpseval import ShardWriter
+from bpseval.features.steps import merge_steps
+from bpseval.kernel.stats import STAT_FIELDS
+from bpseval.run.cache import CACHE_DIRECTORY, cache_directory
+from bpseval.run.catalog import RunCatalog
+from bpseval.run.merge import MergedRun, merge_run
+from tests.conftest import poisson_dataset
+from tests.test_steps import write_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_same_merge(cached: MergedRun, fresh: MergedRun) -> None:
+    """Every field of two merges equal, arrays to the last bit and of the same dtype."""
+    assert (cached.step, cached.world_size, cached.files, cached.warnings) == (
+        fresh.step, fresh.world_size, fresh.files, fresh.warnings
+    )
+    assert len(cached.datasets) == len(fresh.datasets)
+    for a, b in zip(cached.datasets, fresh.datasets, strict=True):
+        assert (a.name, a.rate_kind, a.samples, a.duplicates_dropped, a.identity, a.warnings) == (
+            b.name, b.rate_kind, b.samples, b.duplicates_dropped, b.identity, b.warnings
+        )
+        assert a.cell_ids.dtype == b.cell_ids.dtype and np.array_equal(a.cell_ids, b.cell_ids)
+        assert (a.per_block is None) == (b.per_block is None)
+        pairs = list(zip(a.per_rank, b.per_rank, strict=True)) + ([(a.per_block, b.per_block)] if b.per_block else [])
+        for x, y in pairs:
+            for field in STAT_FIELDS:
+                u, v = getattr(x, field), getattr(y, field)
+                assert u.dtype == v.dtype and u.shape == v.shape and u.tobytes() == v.tobytes()
+
+
+def write_messy_step(run: Path, step: int, seed: int = 0, store: str = "raw") -> None:
+    """Two ranks: dataset "a" with string cell ids and sample_idx, rank 1 repeating sample 0 with another rhat
+    (dropped, with a warning naming both shards); dataset "b" without sample_idx on rank 0 only."""
+    base = poisson_dataset(seed, n_rows=40, n_cells=5)
+    for rank in (0, 1):
+        arrays = {key: values[20 * rank : 20 * rank + 20] for key, values in base.items()}
+        sample_idx = np.arange(20 * rank, 20 * rank + 20)
+        if rank == 1 and store == "raw":
+            arrays = {key: np.concatenate([values, base[key][:1] * (1.5 if key == "rhat" else 1)])
+                      for key, values in arrays.items()}
+            sample_idx = np.append(sample_idx, 0)
+        with ShardWriter(run, rank, 2, step=step, store=store, block_size=8) as writer:
+            writer.add("a", **arrays, sample_idx=sample_idx, cell_ids=np.array([f"unit {i}" for i in range(5)]))
+            if rank == 0:
+                writer.add("b", **poisson_dataset(seed + 1, n_rows=10, n_cells=3))
+
+
+def entries(run: Path) -> list[Path]:
+    return sorted((run / CACHE_DIRECTORY).glob("*.npz"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit-identical numbers
+
+
+@pytest.mark.parametrize("store", ["raw", "stats"])
+@pytest.mark.parametrize("blocks", [None, 4])
+def test_cached_numbers_are_bit_identical_to_a_fresh_merge(tmp_path, store, blocks):
+    run = tmp_path / "run"
+    write_messy_step(run, 3, store=store)
+    first = merge_run(run, blocks=blocks, cache=True)
+    second = merge_run(run, blocks=blocks, cache=True)
+    assert (first.cached, second.cached) == (False, True)
+    assert_same_merge(second, merge_run(run, blocks=blocks))
+    if store == "raw":
+        assert any("rhat differs beyond rounding" in warning for warning in second.warnings)
+
+
+def test_warnings_of_a_cached_step_name_the_shards_as_this_command_reached_them(tmp_path):
+    run = tmp_path / "run"
+    write_messy_step(run, 0)
+    merge_run(run, cache=True)
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    through_link = merge_run(link, cache=True)
+    assert through_link.cached
+    assert_same_merge(through_link, merge_run(link))
+    assert str(link / "step-000000" / "rank-0001.h5") in " ".join(through_link.warnings)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    world_size=st.integers(1, 3),
+    cells=st.integers(0, 4),
+    rows=st.integers(0, 30),
+    indexed=st.booleans(),
+    blocks=st.sampled_from([None, 3]),
+    log_rate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_run_comes_back_from_the_cache_bit_for_bit(world_size, cells, rows, indexed, blocks, log_rate, seed):
+    with tempfile.TemporaryDirectory() as directory:
+        run = Path(directory) / "run"
+        for rank in range(world_size):
+            arrays = poisson_dataset(seed + rank, n_rows=rows, n_cells=cells)
+            if log_rate:
+                arrays["rhat"] = np.log(arrays["rhat"])
+            with ShardWriter(run, rank, world_size, step=seed) as writer:
+                sample_idx = np.arange(rows) * world_size + rank if indexed else None
+                writer.add("d", **arrays, sample_idx=sample_idx,
+                           rate_kind="log_rate" if log_rate else "rate")
+        merge_run(run, blocks=blocks, cache=True)
+        cached = merge_run(run, blocks=blocks, cache=True)
+        assert cached.cached
+        assert_same_merge(cached, merge_run(run, blocks=blocks))
+
+
+def test_an_entry_without_blocks_does_not_serve_a_request_with_blocks(tmp_path):
+    run = tmp_path / "run"
+    write_messy_step(run, 0)
+    merge_run(run, cache=True)
+    with_blocks = merge_run(run, blocks=5, cache=True)
+    assert not with_blocks.cached and with_blocks.datasets[0].per_block is not None
+    assert_same_merge(with_blocks, merge_run(run, blocks=5))
+    assert merge_run(run, cache=True).cached and merge_run(run, blocks=5, cache=True).cached  # both kept
+    assert merge_run(run, blocks=6, cache=True).cached is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Only what changed is merged again
+
+
+def test_a_second_pass_merges_nothing_and_a_new_step_only_itself(tmp_path):
+    run = tmp_path / "run"
+    for step in range(30):
+        write_step(run, step, n_cells=3)
+    first, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    second, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    assert not any(merged.cached for merged in first.values())
+    assert all(merged.cached for merged in second.values()) and len(second) == 30
+    write_step(run, 30, n_cells=3)
+    third, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    assert [step for step, merged in third.items() if not merged.cached] == [30]
+    fresh, _ = merge_steps(RunCatalog.scan(run))
+    for step in fresh:
+        assert_same_merge(third[step], fresh[step])
+
+
+@pytest.mark.parametrize("how", ["replaced", "in place"])
+def test_a_rewritten_shard_of_an_earlier_step_is_merged_again_even_with_its_old_times(tmp_path, how):
+    """Same size, mtime set back: the new inode (replaced) or the new ctime (written in place) changes the key."""
+    run = tmp_path / "run"
+    write_step(run, 0)
+    write_step(run, 1)
+    before, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    shard = run / "step-000000" / "rank-0000.h5"
+    old = shard.stat()
+    if how == "replaced":
+        with ShardWriter(run, 0, 2, step=0, overwrite=True) as writer:
+            for index, name in enumerate(("Allen_2022-04-13", "Allen_2022-05-02")):
+                arrays = poisson_dataset(999 + index)
+                if index == 1:
+                    arrays["dfs"][:, 0] = 0.0
+                writer.add(name, **arrays, sample_idx=np.arange(40))
+    else:
+        with h5py.File(shard, "r+") as handle:
+            rhat = handle["datasets/Allen_2022-04-13/rhat"]
+            rhat[...] = rhat[...] * np.float32(1.7)
+    os.utime(shard, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = shard.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert (new.st_ino != old.st_ino) == (how == "replaced")
+    after, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    assert not after[0].cached and after[1].cached
+    fresh, _ = merge_steps(RunCatalog.scan(run))
+    assert_same_merge(after[0], fresh[0])
+    old_ll = before[0].datasets[0].total.model_ll
+    assert not np.array_equal(after[0].datasets[0].total.model_ll, old_ll)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt, mismatched, unwritable, concurrent
+
+
+def rewrite_entry(path: Path, change) -> None:
+    """Rewrite a cache entry's members through `change(name, data) -> data`, as a valid zip."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, change(name, data))
+
+
+def older_format(name: str, data: bytes) -> bytes:
+    if name != "meta.json":
+        return data
+    meta = json.loads(data)
+    meta["key"]["cache_format"] = 0
+    return json.dumps(meta).encode()
+
+
+def fewer_cells(name: str, data: bytes) -> bytes:
+    """A forged entry whose key matches but whose statistics lack a cell."""
+    if not name.startswith("0/per_rank/"):
+        return data
+    buffer = io.BytesIO()
+    np.save(buffer, np.load(io.BytesIO(data))[:, :-1])
+    return buffer.getvalue()
+
+
+def flip_a_data_byte(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("0/per_rank/model_ll.npy")
+    data = bytearray(path.read_bytes())
+    offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - 3
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "empty": lambda path: path.write_bytes(b""),
+    "garbage": lambda path: path.write_bytes(os.urandom(5000)),
+    "a pickle": lambda path: path.write_bytes(b"\x80\x04\x95" + os.urandom(100)),
+    "a .npy array": lambda path: np.save(open(path, "wb"), np.arange(3)),  # noqa: SIM115 - closed by np.save's caller
+    "a flipped data byte": flip_a_data_byte,
+    "an older cache format": lambda path: rewrite_entry(path, older_format),
+    "a header that is not an object": lambda path: rewrite_entry(path, lambda n, d: b"[1]" if n == "meta.json" else d),
+    "statistics of the wrong shape": lambda path: rewrite_entry(path, fewer_cells),
+    "another step's entry": lambda path: shutil.copy(path.with_name("step-000001.npz"), path),
+    "a directory": lambda path: (path.unlink(), path.mkdir()),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_or_mismatched_entry_is_ignored_and_rebuilt(tmp_path, corruption):
+    run = tmp_path / "run"
+    write_messy_step(run, 0)
+    write_messy_step(run, 1, seed=5)
+    merge_steps(RunCatalog.scan(run), cache=True)
+    entry = run / CACHE_DIRECTORY / "step-000000.npz"
+    CORRUPTIONS[corruption](entry)
+    rebuilt = merge_run(run, step=0, cache=True)
+    assert not rebuilt.cached
+    assert_same_merge(rebuilt, merge_run(run, step=0))
+    if corruption != "a directory":  # a directory in its place cannot be replaced: the merge goes on uncached
+        assert merge_run(run, step=0, cache=True).cached
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make `directory` unwritable, even for root (who ignores permissions but not the immutable flag)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        pytest.skip("running as root, and the immutable flag cannot be set here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_read_only_run_directory_caches_in_the_user_cache_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_messy_step(run, 0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with read_only(run):
+        assert not merge_run(run, cache=True).cached
+        cached = merge_run(run, cache=True)
+        assert cached.cached
+        assert_same_merge(cached, merge_run(run))
+        where = cache_directory(run)
+    assert not (run / CACHE_DIRECTORY).exists()
+    assert where.parent == tmp_path / "xdg" / "bpseval" and [p.name for p in where.iterdir()] == ["step-000000.npz"]
+
+
+def bpseval_cli(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
+    command = [sys.executable, "-m", "bpseval", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=environment)
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_and_the_command_goes_on(tmp_path):
+    run = tmp_path / "run"
+    for step in range(3):
+        write_step(run, step)
+    (tmp_path / "not-a-folder").write_text("")
+    with read_only(run):
+        result = bpseval_cli("compute", str(run), "--all-steps", env={"XDG_CACHE_HOME": str(tmp_path / "not-a-folder")})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "merge cache" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("Warning: cannot write the merge cache"), result.stderr
+    assert "--no-cache" in warnings[0] and "Traceback" not in result.stderr
+
+
+def test_concurrent_commands_never_corrupt_the_cache(tmp_path, invoke):
+    run = tmp_path / "run"
+    for step in range(6):
+        write_messy_step(run, step, seed=step)
+    outputs = [tmp_path / f"out{i}.json" for i in range(3)]
+    processes = []
+    for out in outputs:  # started 0.1 s apart: later ones read entries that earlier ones may still be writing
+        command = [sys.executable, "-m", "bpseval", "compute", str(run), "--all-steps", "--json", str(out)]
+        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "PYTHONPATH": str(REPO)}))
+        time.sleep(0.1)
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    reference = invoke("compute", run, "--all-steps", "--no-cache", "--json", "-")
+    assert all(json.loads(out.read_text()) == json.loads(reference.stdout) for out in outputs)
+    merged, _ = merge_steps(RunCatalog.scan(run), cache=True)
+    assert all(step.cached for step in merged.values())
+    assert [path.name for path in (run / CACHE_DIRECTORY).iterdir() if not path.name.endswith(".npz")] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalog and the command line
+
+
+def test_a_cached_run_scans_the_same(tmp_path, invoke):
+    run = tmp_path / "run"
+    for step in range(2):
+        write_messy_step(run, step, seed=step)
+
+    def scanned() -> tuple:
+        catalog = RunCatalog.scan(run)
+        return ([h.path for h in catalog.shards], catalog.leftovers, catalog.problems, list(catalog.steps),
+                catalog.complete_steps)
+
+    before, doctor_before = scanned(), invoke("doctor", run)
+    merge_steps(RunCatalog.scan(run), cache=True)
+    merge_steps(RunCatalog.scan(run), blocks=3, cache=True)
+    (run / CACHE_DIRECTORY / ".step-000000.npz.4242-deadbeef.part").write_bytes(b"a killed cache writer")
+    assert len(entries(run)) == 4
+    assert scanned() == before
+    doctor_after = invoke("doctor", run)
+    assert doctor_after.exit_code == doctor_before.exit_code == 0
+    assert doctor_after.stdout == doctor_before.stdout and CACHE_DIRECTORY not in doctor_after.stdout
+
+
+MERGING_COMMANDS = {
+    "compute": (["compute", "{run}"], 0),
+    "compute --all-steps": (["compute", "{run}", "--all-steps"], 0),
+    "coverage": (["coverage", "{run}"], 1),  # cell 0 of the second dataset is uncovered: the gate fails
+    "baseline": (["baseline", "{run}", "-o", "{tmp}/base.json"], 0),
+    "compare": (["compare", "{run}", "--baseline", "{run}", "--significance", "0.05"], 0),
+    "plot": (["plot", "{run}", "-o", "{tmp}/pictures"], 0),
+    "report": (["report", "{run}", "-o", "{tmp}/report.html"], 0),
+}
+
+
+@pytest.mark.parametrize("command", list(MERGING_COMMANDS))
+def test_every_merging_command_caches_unless_told_not_to(tmp_path, invoke, command):
+    run = tmp_path / "run"
+    write_step(run, 0)
+    write_step(run, 1)
+    arguments, code = MERGING_COMMANDS[command]
+    arguments = [argument.format(run=run, tmp=tmp_path) for argument in arguments]
+    uncached = invoke(*arguments, "--no-cache")
+    assert uncached.exit_code == code, uncached.output
+    assert not (run / CACHE_DIRECTORY).exists()
+    first = invoke(*arguments)
+    assert first.exit_code == code and entries(run), first.output
+    second = invoke(*arguments)
+    assert (second.exit_code, second.stdout) == (code, first.stdout)
