@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from array_api_compat import array_namespace, device
 
 from bpseval._arrays import is_tensor, to_numpy
+from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
@@ -33,6 +32,12 @@ from bpseval.kernel.stats import (
 from bpseval.run.merge import MergedDataset, MergedRun, dataset_identity
 from bpseval.run.result import Result, build_result
 from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
+
+try:
+    import torch
+    import torch.distributed as dist
+except ImportError as error:
+    raise missing_torch("bpseval.torch (DistributedBPS, WithSampleIndex)", error) from error
 
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
