@@ -5,6 +5,7 @@
     python benchmarks/run.py hdf5-settings [--repeat 3]
     python benchmarks/run.py profile --scale realistic
     python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
+    python benchmarks/run.py online --repeat 5 --json benchmarks/results/online.json
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -14,7 +15,8 @@ per-cell loop, the in-memory `bpseval.bits_per_spike` on one (samples, 1000) dat
 machine's capacity to run two processes at once; it also counts the CPU other processes used
 meanwhile. `hdf5-settings` (benchmarks/hdf5_settings.py) times writing and reading one dataset's
 arrays under several chunk shapes and compressions. `profile` (benchmarks/profiling.py) runs the
-merge under cProfile. benchmarks/README.md explains every measurement and gives results.
+merge under cProfile. `online` (benchmarks/online.py) times `DistributedBPS.update` against one fused torch
+reduction of the same sums. benchmarks/README.md explains every measurement and gives results.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="shards", choices=("shards", "hdf5-settings", "profile", "steps"),
+    modes = ("shards", "hdf5-settings", "profile", "steps", "online")
+    parser.add_argument("mode", nargs="?", default="shards", choices=modes,
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
-                             " profile: cProfile of the merge; steps: --all-steps on many small steps")
+                             " profile: cProfile of the merge; steps: --all-steps on many small steps;"
+                             " online: DistributedBPS.update against a fused torch reduction")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         document = hdf5_settings.main(args, scale)
     elif args.mode == "steps":
         document = many_steps.main(args.steps, args.ranks or 4, args.repeat)
+    elif args.mode == "online":
+        from benchmarks import online  # imports torch, which the other modes do not need
+
+        document = online.main(args.repeat)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

@@ -162,8 +162,8 @@ class DistributedBPS:
         rhat, robs, weights = screened.rhat, screened.robs, screened.weights
         parts = [(rhat[start:stop], robs[start:stop], None if weights is None else weights[start:stop])
                  for start, stop in ((0, direct), (direct, len(rows)))]
-        folded = unchecked_batch_stats(*parts[0], rate_kind) if direct else None
-        per_row = _row_stats(*parts[1], rate_kind) if window or not direct else None
+        folded = unchecked_batch_stats(*parts[0], rate_kind) if direct or not window else None
+        per_row = _row_stats(*parts[1], rate_kind) if window else None
         if state is None:
             like = per_row if per_row is not None else folded
             state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, like)
@@ -430,7 +430,11 @@ class _DatasetState:
         kept = n_given if index is None else len(index)
         if folded is not None:
             self.total = self.total + folded
-        if per_row is not None:
+        if per_row is not None and per_row.n_valid.shape[0] == window:  # the usual batch: the whole old tail folds
+            if len(self.tail_idx):
+                self.total = _map(lambda total, rows: total + _sum_rows(rows), self.total, self.tail)
+            self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0]:]
+        elif per_row is not None:
             tail = _map(_concat_rows, self.tail, per_row)
             tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0]:]])
             fold = max(0, tail.n_valid.shape[0] - window)

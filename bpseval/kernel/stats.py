@@ -181,13 +181,14 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
     n_rows, n_cells = rhat.shape
     if weights is not None:
         weights = xp.broadcast_to(weights, rhat.shape)
-        if not is_numpy_namespace(xp):  # one float64 copy, shared by the three weighted sums
-            weights = xp.astype(weights, xp.float64, copy=False)
+    if not is_numpy_namespace(xp):  # one float64 copy of each, shared by the sums
+        robs = xp.astype(robs, xp.float64, copy=False)
+        weights = None if weights is None else xp.astype(weights, xp.float64, copy=False)
     n_valid, weight = _valid_counts(xp, weights, rhat.shape, device(rhat))
     if rate_kind == "log_rate":
         rates = xp.astype(rhat, xp.float64)
         spikes = _weighted_column_sums(xp, robs, weights)
-        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64) * rates - xp.exp(rates), weights)
+        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64, copy=False) * rates - xp.exp(rates), weights)
     else:
         rates = rhat  # λ = max(rhat, MIN_RATE): with numpy only copied when some rate is below MIN_RATE
         if not is_numpy_namespace(xp) or (n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE):
@@ -286,7 +287,7 @@ def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, Any]
     costliest step, is taken there only. Other namespaces compute them densely on their device.
     """
     if not is_numpy_namespace(xp):
-        terms = xp.astype(robs, xp.float64) * xp.log(xp.astype(rates, xp.float64))
+        terms = xp.astype(robs, xp.float64, copy=False) * xp.log(xp.astype(rates, xp.float64, copy=False))
         return _weighted_column_sums(xp, robs, weights), _weighted_column_sums(xp, terms, weights)
     n_cells = rates.shape[1]
     where = np.flatnonzero(robs > 0)
