@@ -7,6 +7,7 @@
     python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
     python benchmarks/run.py writer [--repeat 5] [--hdf5-cells 181,23]
     python benchmarks/run.py cache --steps 30 --samples 20000 --repeat 3
+    python benchmarks/run.py online --repeat 5 --json benchmarks/results/online.json
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -17,8 +18,9 @@ machine's capacity to run two processes at once; it also counts the CPU other pr
 meanwhile. `hdf5-settings` (benchmarks/hdf5_settings.py) times writing and reading one dataset's
 arrays under several chunk shapes and compressions. `profile` (benchmarks/profiling.py) runs the
 merge under cProfile. `writer` (benchmarks/writer.py) times ShardWriter, synchronous and with
-background=True, against plain h5py appends and torch.save. benchmarks/README.md explains every
-measurement and gives results.
+background=True, against plain h5py appends and torch.save. `online` (benchmarks/online.py) times
+`DistributedBPS.update` against one fused torch reduction of the same sums. benchmarks/README.md
+explains every measurement and gives results.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache")
+    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache", "online")
     parser.add_argument("mode", nargs="?", default="shards", choices=modes,
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
                              " profile: cProfile of the merge; steps: --all-steps on many small steps;"
                              " writer: ShardWriter against plain h5py and torch.save;"
-                             " cache: --all-steps run again with the merge cache")
+                             " cache: --all-steps run again with the merge cache;"
+                             " online: DistributedBPS.update against a fused torch reduction")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         document = writer.main(args, scale)
     elif args.mode == "cache":
         document = cache.main(scale, args.steps or 30, args.repeat, args.data_dir)
+    elif args.mode == "online":
+        from benchmarks import online  # imports torch, which the other modes do not need
+
+        document = online.main(args.repeat)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

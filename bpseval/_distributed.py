@@ -1,13 +1,38 @@
-"""torch.distributed helpers; torch is imported only when these are called."""
+"""torch helpers: the error when torch is missing, torch.distributed look-ups; torch is imported only when called."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import os
 import secrets
+from types import ModuleType
 from typing import Any
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import BpsevalError, MissingExtraError
+
+
+def missing_torch(feature: str, error: ImportError, extra: str = "torch") -> MissingExtraError:
+    """The error for `feature` used without torch installed: names the extra to install and a CPU-only pin."""
+    missing = MissingExtraError(
+        f"{feature} needs PyTorch, which cannot be imported ({error}): pip install 'bpseval[{extra}]'"
+        " (pin a CPU build first, e.g. pip install torch==2.13.0, to avoid the multi-GB CUDA one)."
+        " The command line and the numpy API work without it."
+    )
+    missing.name = "torch"
+    return missing
+
+
+def require_torch(feature: str, module: str = "torch") -> ModuleType:
+    """`module` (torch or one of its submodules), or MissingExtraError saying that `feature` needs the torch extra.
+
+    Only ImportError is caught: a torch that is installed but fails to load for another reason
+    surfaces as itself.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise missing_torch(feature, error) from error
 
 
 def rank_and_world_size(group: Any = None) -> tuple[int, int]:
@@ -16,8 +41,7 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
     Raises BpsevalError when torch.distributed is not initialised: a writer that guessed
     rank 0 of 1 on every GPU would produce shards that cannot be merged.
     """
-    import torch.distributed as dist
-
+    dist = require_torch("ShardWriter.from_process_group", "torch.distributed")
     if not (dist.is_available() and dist.is_initialized()):
         raise BpsevalError(
             "torch.distributed is not initialised: call torch.distributed.init_process_group first,"

@@ -25,3 +25,11 @@ class BaselineError(BpsevalError):
 
 class ArgumentError(BpsevalError):
     """An argument to the API (writer, online metric, sampler, callback) or an option that is out of range."""
+
+
+class MissingExtraError(BpsevalError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it.
+
+    An ImportError, as Python's convention for a missing extra wants (`except ImportError` works),
+    and a BpsevalError, so that the CLI reports it in one line with exit code 2.
+    """

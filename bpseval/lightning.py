@@ -10,20 +10,24 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from bpseval._arrays import is_tensor, to_numpy
-from bpseval.errors import ArgumentError
+from bpseval._distributed import missing_torch
+from bpseval.errors import ArgumentError, MissingExtraError
 from bpseval.shard.writer import ShardWriter
-from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
 from bpseval.views.result import Result
 
 try:
+    import torch
+except ImportError as error:
+    raise missing_torch("bpseval.lightning", error, extra="lightning") from error
+try:
     import lightning.pytorch as pl
 except ImportError as error:
-    raise ImportError(
-        "bpseval.lightning needs Lightning: pip install 'bpseval[lightning]' (or pip install lightning)"
+    raise MissingExtraError(
+        f"bpseval.lightning needs Lightning, which cannot be imported ({error}): pip install 'bpseval[lightning]'"
     ) from error
+
+from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS
 
 REQUIRED_KEYS = ("rhat", "robs", "dataset")
 

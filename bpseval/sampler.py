@@ -6,12 +6,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from torch.utils.data import Sampler
 
+from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError
 from bpseval.features.planning import valid_mask
+
+try:
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import Sampler
+except ImportError as error:
+    raise missing_torch("bpseval.CellBalancedDistributedSampler", error) from error
 
 
 def spread_order(n_samples: int) -> np.ndarray:

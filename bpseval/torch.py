@@ -13,11 +13,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from array_api_compat import array_namespace, device
 
 from bpseval._arrays import is_tensor, to_numpy
+from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
@@ -26,19 +25,28 @@ from bpseval.kernel.stats import (
     CellStats,
     InvalidValuesError,
     as_weights,
-    batch_stats,
+    check_labels,
     find_invalid_values,
+    screen_values,
+    unchecked_batch_stats,
 )
 from bpseval.run.merge import MergedDataset, dataset_identity
 from bpseval.run.scored import score
 from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
 from bpseval.views.result import Result
 
+try:
+    import torch
+    import torch.distributed as dist
+except ImportError as error:
+    raise missing_torch("bpseval.torch (DistributedBPS, WithSampleIndex)", error) from error
+
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
 STATE_FORMAT = "bpseval.torch.DistributedBPS"
 STATE_VERSION = 1
 """Version of the `state_dict()` layout; `load_state_dict` refuses any other."""
+VALIDATE_MODES = ("deferred", "eager")
 
 
 class DistributedBPS:
@@ -62,14 +70,25 @@ class DistributedBPS:
 
     Not checked online (the offline merge of shards does): that copies of a sample agree.
 
+    `update` never waits for the device (no `.item()`, no copy to the host of a tensor it was
+    given; `sample_idx` is read where it lives, so give it on the CPU, as DataLoader batches
+    carry it). With `validate="deferred"` (the default), each batch's values are checked on
+    the device and the findings kept there; `compute()` (and `state_dict()`) raise an
+    ArgumentError naming the dataset, the rank, the first bad batch and the kinds of bad value,
+    but not the row and cell. `validate="eager"` makes `update` wait for the check and raise at
+    the bad batch, naming its first bad row and cell, with the metric unchanged.
+
     `state_dict()` / `load_state_dict()` checkpoint and resume each rank's state mid-validation.
     """
 
-    def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None) -> None:
+    def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None, validate: str = "deferred") -> None:
         if not isinstance(dedup_window, int) or dedup_window < 1:
             raise ArgumentError(f"dedup_window must be an int >= 1, not {dedup_window!r}")
+        if validate not in VALIDATE_MODES:
+            raise ArgumentError(f"validate must be one of {VALIDATE_MODES}, not {validate!r}")
         self.dedup_window = dedup_window
         self.group = group
+        self.validate = validate
         self._datasets: dict[str, _DatasetState] = {}
 
     def reset(self) -> None:
@@ -92,8 +111,15 @@ class DistributedBPS:
         Torch tensors on any device, in any float dtype (bfloat16 and float16 included, never
         rounded further), or numpy arrays. `dfs` is (samples, cells), (samples, 1) or
         (samples,); `sample_idx` (samples,) non-negative indices into that dataset's validation
-        set. Raises ArgumentError (a BpsevalError, itself a ValueError) for inconsistent batches
-        and invalid values, naming the dataset; a batch that raises leaves the metric unchanged.
+        set. Raises ArgumentError (a BpsevalError, itself a ValueError) for inconsistent batches,
+        naming the dataset; a batch that raises leaves the metric unchanged. Invalid values
+        (NaN, infinite or negative at valid entries, dfs outside [0, 1]) raise here with
+        `validate="eager"`, else at `compute()`.
+
+        No host-device synchronisation: the checks and the sums stay on the tensors' device.
+        The sample indices are bookkept on the host: given on the CPU (a tensor, numpy array or
+        list) they are read there; a CUDA `sample_idx` is copied to the host, which waits for
+        the device.
         """
         try:
             check_dataset_name(dataset)
@@ -122,20 +148,28 @@ class DistributedBPS:
         rows = np.arange(n_rows) if index is None else np.flatnonzero(seen.first_sightings(index))
         if len(rows) < n_rows:
             rhat, robs, weights = (None if x is None else _take_rows(x, rows) for x in (rhat, robs, weights))
-        try:
-            per_row = _row_stats(rhat, robs, weights, rate_kind)
-        except InvalidValuesError:
+        screened = screen_values(rhat, robs, weights, rate_kind)
+        if self.validate == "eager" and bool(array_namespace(screened.problems).any(screened.problems)):
             problems = find_invalid_values(
                 to_numpy(rhat), to_numpy(robs), None if weights is None else to_numpy(weights), rate_kind
             )
             problems = [replace(problem, first_row=int(rows[problem.first_row])) for problem in problems]
-            raise ArgumentError(f"dataset {dataset!r}: {InvalidValuesError(problems)}") from None
+            raise ArgumentError(f"dataset {dataset!r}: {InvalidValuesError(problems)}")
 
+        # Rows beyond the last `window` go straight into the sums; only the last `window` are kept per row.
+        window = self.dedup_window if index is not None else 0
+        direct = max(0, len(rows) - window)
+        rhat, robs, weights = screened.rhat, screened.robs, screened.weights
+        parts = [(rhat[start:stop], robs[start:stop], None if weights is None else weights[start:stop])
+                 for start, stop in ((0, direct), (direct, len(rows)))]
+        folded = unchecked_batch_stats(*parts[0], rate_kind) if direct or not window else None
+        per_row = _row_stats(*parts[1], rate_kind) if window else None
         if state is None:
-            state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, per_row)
-        state.add(
-            per_row, None if index is None else index[rows], n_rows, self.dedup_window if index is not None else 0
-        )
+            like = per_row if per_row is not None else folded
+            state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, like)
+        state.add(folded, per_row, None if index is None else index[rows], n_rows, window)
+        if self.validate == "deferred":
+            state.record_problems(screened.problems)
         if ids is not None and state.cell_ids is None:
             state.cell_ids = ids
 
@@ -150,6 +184,10 @@ class DistributedBPS:
         group = _Collectives(self.group)
         summaries = group.gather_objects({name: state.summary(name) for name, state in self._datasets.items()})
         names = sorted(set().union(*summaries))
+        for name in names:  # the same decision on every rank, before any other collective
+            for rank, summary in enumerate(summaries):
+                if name in summary and summary[name].invalid is not None:
+                    raise _invalid_values_error(name, rank, summary[name].invalid, summary[name].layout.rate_kind)
         datasets = [self._merge(name, [summary.get(name) for summary in summaries], group) for name in names]
         return Result(score(datasets, step=step, world_size=group.world_size))
 
@@ -163,8 +201,13 @@ class DistributedBPS:
         given), "total": {field: (cells,)}, "tail": {field: (rows, cells)} (the held-back
         samples), "tail_idx", "seen" (sorted int64 sample indices), "rows", "skipped"}}}`,
         fields as in `CellStats` (n_valid int64, the others float64). Each rank saves its own;
-        the state is a copy, later updates do not change it.
+        the state is a copy, later updates do not change it. Raises the ArgumentError that
+        `compute()` would when this rank was given invalid values (such a state is no use).
         """
+        for name, state in self._datasets.items():
+            invalid = state.invalid_batches()
+            if invalid is not None:
+                raise _invalid_values_error(name, _Collectives(self.group).rank, invalid, state.rate_kind)
         datasets = {name: state.to_state() for name, state in self._datasets.items()}
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "datasets": datasets}
 
@@ -299,6 +342,33 @@ class _RankSummary:
     skipped: int
     n_seen: int
     tail_idx: np.ndarray
+    invalid: _InvalidBatches | None = None
+
+
+@dataclass(frozen=True)
+class _InvalidBatches:
+    """Which value checks failed in a dataset's batches on one rank, read from the device at `compute()`."""
+
+    batches: tuple[int, ...]
+    """Per check of `check_labels`: how many batches failed it."""
+    first: int
+    """The first batch (counting this dataset's `update` calls on the rank from 0) that failed any."""
+
+
+def _invalid_values_error(name: str, rank: int, invalid: _InvalidBatches, rate_kind: str) -> ArgumentError:
+    found = "; ".join(
+        f"{array} {problem} in {count} batch{'es' if count != 1 else ''}"
+        for (array, problem), count in zip(check_labels(rate_kind), invalid.batches, strict=True)
+        if count
+    )
+    return ArgumentError(
+        f"dataset {name!r}: DistributedBPS.update was given invalid values on rank {rank} (first in batch"
+        f" {invalid.first} of that dataset there, counting from 0): {found}. The row and cell are not known"
+        " online: the values are checked on the device without waiting for it; DistributedBPS(validate='eager')"
+        " makes update() raise at the bad batch and name them. Fix the model output or the data, or mark those"
+        " entries invalid with dfs = 0 (rates must be finite and >= 0, spike counts finite and >= 0, dfs in"
+        " [0, 1]), then reset() the metric."
+    )
 
 
 @dataclass
@@ -314,11 +384,20 @@ class _DatasetState:
     seen: SeenSamples
     rows: int = 0
     skipped: int = 0
+    batches: int = 0
+    problems: Any = None
+    """Device int64 array: per check of `check_labels`, the batches that failed it (None: no batch recorded)."""
+    first_problem: Any = None
+    """Device int64 scalar: the first batch that failed any check, -1 while none has."""
 
     @classmethod
     def empty(cls, rate_kind: str, has_sample_idx: bool, like: CellStats) -> _DatasetState:
-        """A state with no rows, whose arrays have the dtype and device of the per-row stats `like`."""
-        tail = _map(lambda rows: rows[:0], like)
+        """A state with no rows, whose arrays have the dtype and device of `like` ((cells,) or (rows, cells) stats)."""
+        def no_rows(values: Any) -> Any:
+            xp = array_namespace(values)
+            return xp.zeros((0, values.shape[-1]), dtype=values.dtype, device=device(values))
+
+        tail = _map(no_rows, like)
         no_index = np.zeros(0, dtype=np.int64)
         return cls(rate_kind, has_sample_idx, None, _map(_sum_rows, tail), tail, no_index, SeenSamples())
 
@@ -341,17 +420,51 @@ class _DatasetState:
         if ids is not None and self.cell_ids is not None and not np.array_equal(ids, self.cell_ids):
             raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
 
-    def add(self, per_row: CellStats, index: np.ndarray | None, n_given: int, window: int) -> None:
-        """Append the kept rows' per-row statistics; all but the dataset's last `window` rows go into the sums."""
-        tail = _map(_concat_rows, self.tail, per_row)
-        tail_idx = self.tail_idx if index is None else np.concatenate([self.tail_idx, index])
-        fold = max(0, tail.n_valid.shape[0] - window)
-        self.total = _map(lambda total, rows: total + _sum_rows(rows[:fold]), self.total, tail)
-        self.tail, self.tail_idx = _map(lambda rows: rows[fold:], tail), tail_idx[fold:]
+    def add(
+        self, folded: CellStats | None, per_row: CellStats | None, index: np.ndarray | None, n_given: int, window: int
+    ) -> None:
+        """Add a batch's kept rows: `folded`, the sums of its first rows, and `per_row`, the statistics of its last.
+
+        Of the held-back rows and `per_row`, all but the dataset's last `window` go into the sums.
+        `index` holds the sample indices of the kept rows (None without sample_idx).
+        """
+        kept = n_given if index is None else len(index)
+        if folded is not None:
+            self.total = self.total + folded
+        if per_row is not None and per_row.n_valid.shape[0] == window:  # the usual batch: the whole old tail folds
+            if len(self.tail_idx):
+                self.total = _map(lambda total, rows: total + _sum_rows(rows), self.total, self.tail)
+            self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0]:]
+        elif per_row is not None:
+            tail = _map(_concat_rows, self.tail, per_row)
+            tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0]:]])
+            fold = max(0, tail.n_valid.shape[0] - window)
+            if fold:
+                self.total = _map(lambda total, rows: total + _sum_rows(rows[:fold]), self.total, tail)
+            self.tail, self.tail_idx = _map(lambda rows: rows[fold:], tail), tail_idx[fold:]
         if index is not None:
             self.seen.add(index)
         self.rows += n_given
-        self.skipped += n_given - per_row.n_valid.shape[0]
+        self.skipped += n_given - kept
+        self.batches += 1
+
+    def record_problems(self, failed: Any) -> None:
+        """Count, on the device, the checks this batch (the latest added) failed, and remember the first such batch."""
+        xp = array_namespace(failed)
+        if self.problems is None:
+            self.problems = xp.zeros(failed.shape, dtype=xp.int64, device=device(failed))
+            self.first_problem = xp.full((), -1, dtype=xp.int64, device=device(failed))
+        self.problems = self.problems + xp.astype(failed, xp.int64)
+        self.first_problem = xp.where((self.first_problem < 0) & xp.any(failed), self.batches - 1, self.first_problem)
+
+    def invalid_batches(self) -> _InvalidBatches | None:
+        """The checks that failed, read from the device (waits for it), or None when every batch passed."""
+        if self.problems is None:
+            return None
+        counts = to_numpy(self.problems)
+        if not counts.any():
+            return None
+        return _InvalidBatches(tuple(int(count) for count in counts), int(to_numpy(self.first_problem)))
 
     def total_without(self, held_back: np.ndarray) -> CellStats:
         """The sums with the held-back rows added, except those flagged in `held_back`."""
@@ -414,7 +527,7 @@ class _DatasetState:
 
     def summary(self, name: str) -> _RankSummary:
         layout = DatasetLayout(name, self.rows, self.n_cells, self.rate_kind, None, self.has_sample_idx, self.cell_ids)
-        return _RankSummary(layout, self.skipped, len(self.seen), self.tail_idx)
+        return _RankSummary(layout, self.skipped, len(self.seen), self.tail_idx, self.invalid_batches())
 
 
 class _StateReader:
@@ -496,11 +609,11 @@ def _tensor_copy(values: Any) -> torch.Tensor:
 
 
 def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
-    """`batch_stats` of each row on its own, as (rows, cells) arrays.
+    """`unchecked_batch_stats` of each row of a screened batch on its own, as (rows, cells) arrays.
 
     The batch is flattened into one row in which every entry is its own cell, so one call of
     the shared implementation yields every entry's contribution; summing over rows gives
-    exactly what `batch_stats` of the batch gives.
+    exactly what it gives for the batch.
     """
     n_rows, n_cells = rhat.shape
     xp = array_namespace(rhat)
@@ -509,7 +622,7 @@ def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
         return xp.reshape(array, (int(n_rows * n_cells > 0), n_rows * n_cells))
 
     w = None if weights is None else flat(xp.broadcast_to(weights, (n_rows, n_cells)))
-    entries = batch_stats(flat(rhat), flat(robs), w, rate_kind)
+    entries = unchecked_batch_stats(flat(rhat), flat(robs), w, rate_kind)
     return _map(lambda values: xp.reshape(values, (n_rows, n_cells)), entries)
 
 
@@ -539,7 +652,9 @@ def _detached(value: Any) -> Any:
 
 
 def _sample_index(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
-    index = to_numpy(sample_idx)
+    """The indices as int64 numpy: read in place when on the CPU; a CUDA tensor is copied (and waited for)."""
+    on_host = is_tensor(sample_idx) and sample_idx.device.type == "cpu"
+    index = sample_idx.detach().numpy() if on_host else to_numpy(sample_idx)
     if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be non-negative integers of shape ({n_rows},),"

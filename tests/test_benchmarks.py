@@ -117,3 +117,12 @@ def test_cell_counts_add_up_to_the_scale(datasets: int, extra: int, mean_cells: 
     scale = resolve_scale(base, datasets, datasets * mean_cells + extra, None, None)
     counts = cell_counts(scale)
     assert len(counts) == datasets and sum(counts) == scale.cells and min(counts) >= 1
+
+
+def test_online_mode_times_update_and_the_fused_reduction() -> None:
+    """A smoke run of the `online` mode: it runs and reports every ratio (the timing itself is the benchmark's)."""
+    from benchmarks import online
+
+    document = online.measure(repeat=1, number=1)
+    assert set(document["ratio_to_fused_reduction"]) >= {"with sample_idx", "without sample_idx"}
+    assert all(ratio > 0 for ratio in document["ratio_to_fused_reduction"].values())

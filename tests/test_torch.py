@@ -295,8 +295,8 @@ def test_held_back_statistics_stay_within_the_window():
     assert state.total.model_ll.dtype == torch.float64 and len(state.seen) == 1000
 
 
-def test_bad_values_name_the_dataset_and_the_row_of_the_batch_and_leave_the_metric_unchanged():
-    metric = DistributedBPS()
+def test_eager_validation_names_the_dataset_and_the_row_of_the_batch_and_leaves_the_metric_unchanged():
+    metric = DistributedBPS(validate="eager")
     rhat, robs = torch.ones(4, 3), torch.ones(4, 3)
     metric.update("x", rhat[:2], robs[:2], sample_idx=[0, 1])
     before = metric.compute()

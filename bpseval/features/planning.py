@@ -47,8 +47,9 @@ def _padded_order(n_samples: int, world_size: int, seed: int | None, epoch: int)
     if seed is None:
         order = np.arange(n_samples)
     else:
-        import torch
+        from bpseval._distributed import require_torch
 
+        torch = require_torch("DistributedSampler(shuffle=True) order (plan --seed)")
         generator = torch.Generator()
         generator.manual_seed(seed + epoch)
         order = torch.randperm(n_samples, generator=generator).numpy()

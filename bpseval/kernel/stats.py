@@ -156,30 +156,111 @@ BLOCK_ENTRIES = 1 << 17
 def _block_stats(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
     """`batch_stats` of one block: validate, then the four sums with as few passes as possible.
 
-    Validity is decided from min and max of the inputs as given (NaN propagates through both),
-    so the usual all-valid batch costs no float64 copies; only a failing batch is looked at closely.
+    Numpy: validity is decided from min and max of the inputs as given (NaN propagates through
+    both), so the usual all-valid batch costs no float64 copies; only a failing batch is looked at
+    closely. Other namespaces are screened on their device (`screen_values`), then asked once
+    whether anything was found: the one host synchronisation of this path.
     """
-    n_rows, n_cells = rhat.shape
     if weights is not None and weights.dtype == xp.bool:
         weights = xp.astype(weights, xp.float32)
+    if not is_numpy_namespace(xp):
+        screened = screen_values(rhat, robs, weights, rate_kind)
+        if bool(xp.any(screened.problems)):
+            raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
+        return _sums(xp, screened.rhat, screened.robs, screened.weights, rate_kind)
     if not _weights_are_valid(xp, weights):
         raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
     if not _values_are_valid(xp, rhat, robs, rate_kind):
         rhat, robs = _neutralize_masked_entries(xp, rhat, robs, weights, rate_kind)
+    return _sums(xp, rhat, robs, weights, rate_kind)
+
+
+def unchecked_batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> CellStats:
+    """The four float64 sums of a (rows, cells) batch whose values are usable, or were screened by `screen_values`.
+
+    No validation and, for namespaces other than numpy, no host synchronisation. `weights` is
+    None or a float (rows, cells) / (rows, 1) array.
+    """
+    return _sums(array_namespace(rhat, robs, *(() if weights is None else (weights,))), rhat, robs, weights, rate_kind)
+
+
+def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
+    """n_valid, Σw, Σw·robs and Σw·(robs·ln λ − λ) per cell; off numpy, rates are clamped without asking the device."""
+    n_rows, n_cells = rhat.shape
     if weights is not None:
         weights = xp.broadcast_to(weights, rhat.shape)
+    if not is_numpy_namespace(xp):  # one float64 copy of each, shared by the sums
+        robs = xp.astype(robs, xp.float64, copy=False)
+        weights = None if weights is None else xp.astype(weights, xp.float64, copy=False)
     n_valid, weight = _valid_counts(xp, weights, rhat.shape, device(rhat))
     if rate_kind == "log_rate":
         rates = xp.astype(rhat, xp.float64)
         spikes = _weighted_column_sums(xp, robs, weights)
-        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64) * rates - xp.exp(rates), weights)
+        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64, copy=False) * rates - xp.exp(rates), weights)
     else:
-        rates = rhat  # λ = max(rhat, MIN_RATE): only copied when some rate is below MIN_RATE
-        if n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE:
+        rates = rhat  # λ = max(rhat, MIN_RATE): with numpy only copied when some rate is below MIN_RATE
+        if not is_numpy_namespace(xp) or (n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE):
             rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rhat)))
         spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
         model_ll = spike_log_rates - _weighted_column_sums(xp, rates, weights)
     return CellStats(n_valid=n_valid, weight=weight, spikes=spikes, model_ll=model_ll)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A batch with harmless values at its masked entries, and which checks of `check_labels` failed."""
+
+    rhat: Any
+    robs: Any
+    weights: Any
+    problems: Any
+    """bool (len(check_labels),) array on the batch's device: True where some valid entry fails that check."""
+
+
+def check_labels(rate_kind: str) -> tuple[tuple[str, str], ...]:
+    """(array, problem) of every value check, in the order of `Screened.problems` and `find_invalid_values`."""
+    rhat_range = "negative" if rate_kind == "rate" else f"log-rate above {MAX_LOG_RATE:g} (overflowing)"
+    return (
+        ("dfs", "outside [0, 1] or NaN"),
+        ("rhat", "NaN or infinite"),
+        ("rhat", rhat_range),
+        ("robs", "NaN or infinite"),
+        ("robs", "negative"),
+    )
+
+
+def screen_values(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> Screened:
+    """Validate a batch on its own device without synchronising with the host.
+
+    Masked entries (w = 0, whatever their values) are replaced by harmless ones, so they add 0;
+    then min and max of each array (NaN propagates through both) decide each check of
+    `check_labels`, into a device bool array the caller reads when it may wait (e.g. at the end of
+    validation). A check that fails says which kind of value is wrong, not where: for that,
+    `find_invalid_values` on the host.
+    """
+    xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
+    if weights is not None and weights.dtype == xp.bool:
+        weights = xp.astype(weights, xp.float32)
+    no = xp.zeros((), dtype=xp.bool, device=device(rhat))
+    if rhat.shape[0] == 0 or rhat.shape[1] == 0:
+        return Screened(rhat, robs, weights, xp.stack([no] * 5))
+    bad_weights = no
+    if weights is not None:
+        bad_weights = ~((xp.min(weights) >= 0.0) & (xp.max(weights) <= 1.0))
+        valid = xp.broadcast_to(weights > 0.0, rhat.shape)
+        rhat = xp.where(valid, rhat, 0.0 if rate_kind == "log_rate" else 1.0)
+        robs = xp.where(valid, robs, 0.0)
+    low, high = xp.min(rhat), xp.max(rhat)
+    out_of_range = (high > MAX_LOG_RATE) if rate_kind == "log_rate" else (low < 0.0)
+    counts_low, counts_high = xp.min(robs), xp.max(robs)
+    problems = xp.stack([
+        bad_weights,
+        ~((low > -math.inf) & (high < math.inf)),
+        out_of_range,
+        ~((counts_low > -math.inf) & (counts_high < math.inf)),
+        counts_low < 0.0,
+    ])
+    return Screened(rhat, robs, weights, problems)
 
 
 def _valid_counts(xp: Any, weights: Any, shape: tuple[int, int], on: Any) -> tuple[Any, Any]:
@@ -203,7 +284,7 @@ def _weighted_column_sums(xp: Any, values: Any, weights: Any) -> Any:
         return np.ones(len(products)) @ products
     if weights is None:
         return xp.sum(values, axis=0, dtype=xp.float64)
-    return xp.sum(xp.astype(weights, xp.float64) * xp.astype(values, xp.float64), axis=0)
+    return xp.sum(weights * xp.astype(values, xp.float64, copy=False), axis=0)
 
 
 def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, Any]:
@@ -214,7 +295,7 @@ def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, Any]
     costliest step, is taken there only. Other namespaces compute them densely on their device.
     """
     if not is_numpy_namespace(xp):
-        terms = xp.astype(robs, xp.float64) * xp.log(xp.astype(rates, xp.float64))
+        terms = xp.astype(robs, xp.float64, copy=False) * xp.log(xp.astype(rates, xp.float64, copy=False))
         return _weighted_column_sums(xp, robs, weights), _weighted_column_sums(xp, terms, weights)
     n_cells = rates.shape[1]
     where = np.flatnonzero(robs > 0)
@@ -308,21 +389,21 @@ def find_invalid_values(
     """Every kind of bad value in a batch, with its count and first (row, cell); slow, for messages."""
     shape = rhat.shape
     valid = np.ones(shape, dtype=bool)
-    checks: list[tuple[str, str, np.ndarray]] = []
+    bad_weights = np.zeros(shape, dtype=bool)
     if weights is not None:
         w = np.broadcast_to(weights, shape)
-        checks.append(("dfs", "outside [0, 1] or NaN", ~((w >= 0) & (w <= 1))))
-        valid = (w > 0) & ~checks[0][2]
+        bad_weights = ~((w >= 0) & (w <= 1))
+        valid = (w > 0) & ~bad_weights
     with np.errstate(invalid="ignore"):
-        checks.append(("rhat", "NaN or infinite", valid & ~np.isfinite(rhat)))
-        if rate_kind == "rate":
-            checks.append(("rhat", "negative", valid & (rhat < 0)))
-        else:
-            checks.append(("rhat", f"log-rate above {MAX_LOG_RATE:g} (overflowing)", valid & (rhat > MAX_LOG_RATE)))
-        checks.append(("robs", "NaN or infinite", valid & ~np.isfinite(robs)))
-        checks.append(("robs", "negative", valid & (robs < 0)))
+        masks = (
+            bad_weights,
+            valid & ~np.isfinite(rhat),
+            valid & ((rhat < 0) if rate_kind == "rate" else (rhat > MAX_LOG_RATE)),
+            valid & ~np.isfinite(robs),
+            valid & (robs < 0),
+        )
     problems = []
-    for array, problem, bad in checks:
+    for (array, problem), bad in zip(check_labels(rate_kind), masks, strict=True):
         count = int(bad.sum())
         if count:
             row, cell = np.argwhere(bad)[0]

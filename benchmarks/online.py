@@ -1,0 +1,108 @@
+"""The `online` mode: the cost of `DistributedBPS.update` on the CPU against one fused torch reduction of the same sums.
+
+    python benchmarks/run.py online [--repeat 5] [--json benchmarks/results/online.json]
+
+One (256, 300) float32 batch (rates, Poisson counts, a 0/1 mask), the issue's size. The floor
+is the least torch code that yields the four float64 sums `update` keeps (n_valid, Σw, Σw·robs,
+Σw·(robs·ln λ − λ)): casts, the clamp, one log, and a single reduction of the stacked terms.
+`update` is timed as a training loop calls it: with host sample indices (deduplication and the
+held-back window), without them, and with `validate="eager"`. With one torch thread everything
+runs on the calling thread, so the CPU time of that thread is timed (`time.thread_time`): other
+processes on a shared machine then barely move the numbers, as wall time would. Every timing is
+the best of interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.timing import environment
+from bpseval.kernel.stats import MIN_RATE
+from bpseval.torch import DistributedBPS
+
+ROWS, CELLS = 256, 300
+TARGET = 2.0
+"""The issue's bound: `update` costs at most this many times the fused reduction."""
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rhat, robs, dfs of one validation batch, float32 on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    rhat = torch.rand(ROWS, CELLS, generator=generator) * 2 + 0.01
+    robs = torch.poisson(rhat, generator=generator)
+    dfs = (torch.rand(ROWS, CELLS, generator=generator) > 0.1).float()
+    return rhat, robs, dfs
+
+
+def fused_reduction(rhat: torch.Tensor, robs: torch.Tensor, dfs: torch.Tensor) -> torch.Tensor:
+    """The floor: the four per-cell sums in float64 from one reduction, no validation, no bookkeeping."""
+    w, r = dfs.double(), robs.double()
+    rate = rhat.double().clamp_min(MIN_RATE)
+    return torch.stack([(w > 0).double(), w, w * r, w * (r * rate.log() - rate)]).sum(dim=1)
+
+
+def updates(rhat: torch.Tensor, robs: torch.Tensor, dfs: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """`update` as a loop calls it, each call with new sample indices (so none is skipped as a repeat)."""
+    calls = {"with sample_idx": DistributedBPS(), "without sample_idx": DistributedBPS(),
+             "validate='eager'": DistributedBPS(validate="eager")}
+    counter = iter(range(1 << 40))
+
+    def call(name: str, metric: DistributedBPS) -> Callable[[], None]:
+        def run() -> None:
+            index = None if name == "without sample_idx" else np.arange(ROWS) + ROWS * next(counter)
+            metric.update("session", rhat, robs, dfs, sample_idx=index)
+
+        return run
+
+    return {name: call(name, metric) for name, metric in calls.items()}
+
+
+def best_times(functions: dict[str, Callable[[], Any]], rounds: int, number: int) -> dict[str, float]:
+    """CPU seconds of this thread per call of each function: best of `rounds` interleaved rounds of `number` calls."""
+    best = dict.fromkeys(functions, float("inf"))
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.thread_time()
+            for _ in range(number):
+                function()
+            best[name] = min(best[name], (time.thread_time() - start) / number)
+    return best
+
+
+def measure(repeat: int = 5, number: int = 20) -> dict[str, Any]:
+    """Times of the floor and of `update` (1 torch thread), their ratios and whether the target is met."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rhat, robs, dfs = batch()
+        functions = {"fused reduction": lambda: fused_reduction(rhat, robs, dfs), **updates(rhat, robs, dfs)}
+        best_times(functions, 1, 3)  # warm-up: allocator, dispatch caches
+        times = best_times(functions, 10 * repeat, number)
+    finally:
+        torch.set_num_threads(threads)
+    floor = times["fused reduction"]
+    ratios = {name: seconds / floor for name, seconds in times.items() if name != "fused reduction"}
+    return {
+        "batch": [ROWS, CELLS],
+        "torch_threads": 1,
+        "clock": "time.thread_time (CPU time of the calling thread)",
+        "times_us": {name: round(seconds * 1e6, 1) for name, seconds in times.items()},
+        "ratio_to_fused_reduction": {name: round(ratio, 2) for name, ratio in ratios.items()},
+        "target": f"update (default validation) <= {TARGET}x the fused reduction",
+        "target_met": max(ratios["with sample_idx"], ratios["without sample_idx"]) <= TARGET,
+    }
+
+
+def main(repeat: int) -> dict[str, Any]:
+    """The `online` mode: measure, print a short table, return the JSON document."""
+    document = {**measure(repeat), "environment": environment()}
+    for name, micros in document["times_us"].items():
+        ratio = document["ratio_to_fused_reduction"].get(name)
+        print(f"{name:20s} {micros:8.1f} us" + ("" if ratio is None else f"   {ratio:.2f}x the fused reduction"))
+    print(f"target: {document['target']}: {'met' if document['target_met'] else 'NOT met'}")
+    return document
