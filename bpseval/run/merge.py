@@ -174,7 +174,9 @@ def merge_selection(
 
 def _cache_entry(root: Path, shards: list[ShardHeader], blocks: int | None) -> StepCache | None:
     """The merge-cache entry of a step's shards (None when a shard cannot be stat'ed: the merge says why)."""
-    from bpseval.run.cache import StepCache  # imported here: the cache module is built on this module's types
+    from bpseval.run.cache import (
+        StepCache,  # imported here: the cache module is built on this module's types
+    )
 
     return StepCache.of(root, shards, blocks)
 

@@ -27,6 +27,7 @@ from bpseval.features.steps import incomplete_text
 from bpseval.kernel.stats import SILENT, UNCOVERED
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
 from bpseval.views.result import Result
+from bpseval.views.text import UNDEFINED_TEXT, format_bps, plural, signed
 
 CELLS_LISTED = 400
 """Rows of a cell table shown in full; longer tables say how many more there are."""
@@ -90,19 +91,11 @@ def _e(value: Any) -> str:
 
 
 def _bps(value: Any, digits: int = 4) -> str:
-    """A bits-per-spike cell: 4 decimals, negative values in red, an em dash when undefined."""
-    if value is None or not math.isfinite(float(value)):
-        return '<span class="muted">—</span>'
-    text = f"{float(value):.{digits}f}"
+    """A bits-per-spike cell as `format_bps` writes it, negative values in red, undefined ones muted."""
+    text = format_bps(None if value is None else float(value), digits)
+    if text == UNDEFINED_TEXT:
+        return f'<span class="muted">{text}</span>'
     return f'<span class="neg">{text}</span>' if float(value) < 0 else text
-
-
-def _signed(value: float) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:+.4f}"
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _table(header: Sequence[tuple[str, bool]], rows: Iterable[Sequence[str]], *, row_classes: Sequence[str] = (), scroll: bool = False) -> str:
@@ -143,7 +136,7 @@ def command_text(command: Sequence[str] | str | None) -> str:
 
 
 def _header(inputs: RunOverview, result: Result, run_label: str, created: str) -> str:
-    shards = _plural(len(result.files), "shard")
+    shards = plural(len(result.files), "shard")
     sub = (
         f"run <code>{_e(run_label)}</code> · step {result.step} · world size {result.world_size} · {shards}"
         f" · made {_e(created)} by bpseval {_e(__version__)}"
@@ -177,7 +170,7 @@ def _reason_summary(comparison: Comparison, shown: int = 5) -> list[str]:
     summary = [f"overall {' and '.join(overall)}"] if overall else []
     if datasets:
         more = f" (+{len(datasets) - shown} more)" if len(datasets) > shown else ""
-        summary.append(f"bps of {_plural(len(datasets), 'dataset')}: {', '.join(datasets[:shown])}{more}")
+        summary.append(f"bps of {plural(len(datasets), 'dataset')}: {', '.join(datasets[:shown])}{more}")
     labels = {m.label for m in regressed}
     return summary + [reason for reason in comparison.reasons if reason not in labels]
 
@@ -245,7 +238,7 @@ def _cell_label(cell: Any, cell_id: Any) -> str:
 
 def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
     selected = cells[cells["status"] == status]
-    title = f"{_plural(len(selected), status + ' cell')} <span class=\"muted\">({_e(reason)})</span>"
+    title = f"{plural(len(selected), status + ' cell')} <span class=\"muted\">({_e(reason)})</span>"
     if selected.empty:
         return f"<h3>{title}</h3><p class=\"muted\">None.</p>"
     rows = []
@@ -274,7 +267,7 @@ def _coverage(inputs: RunOverview, result: Result, report: Any, figure_html: str
     flagged = report.cells
     parts = [
         '<section id="coverage"><h2>Coverage</h2>', figure_html,
-        f"<h3>{_plural(len(flagged), 'cell')} below {min_samples} valid samples</h3>",
+        f"<h3>{plural(len(flagged), 'cell')} below {min_samples} valid samples</h3>",
     ]
     if flagged.empty:
         parts.append(f"<p>Every cell has at least {min_samples} valid samples.</p>")
@@ -310,11 +303,11 @@ def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
     parts.append(f"<p class=\"muted\">The highlighted step ({result.step}) is the one the rest of this page shows.</p>")
     if steps.incomplete:
         items = "".join(f"<li>{_e(incomplete_text(step, reason))}</li>" for step, reason in steps.incomplete.items())
-        parts.append(f"<h3>{_plural(len(steps.incomplete), 'incomplete step')} (not scored)</h3><ul>{items}</ul>")
+        parts.append(f"<h3>{plural(len(steps.incomplete), 'incomplete step')} (not scored)</h3><ul>{items}</ul>")
     if steps.bad:
         failed = [incomplete_text(step, reason) for step, reason in steps.failed.items()] + steps.problems
         items = "".join(f"<li>{_e(text)}</li>" for text in failed)
-        parts.append(f"<h3 class=\"bad\">{_plural(len(failed), 'step or file')} that could not be scored</h3><ul>{items}</ul>")
+        parts.append(f"<h3 class=\"bad\">{plural(len(failed), 'step or file')} that could not be scored</h3><ul>{items}</ul>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -330,7 +323,7 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     for metric in comparison.metrics:
         row = [
             "overall" if metric.scope == OVERALL else _e(metric.scope), _e(metric.metric), _bps(metric.base), _bps(metric.new),
-            _signed(metric.delta), "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
+            signed(metric.delta), "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
         ]
         if significance is not None:
             row.append("—" if metric.interval is None else f"[{metric.interval[0]:+.4f}, {metric.interval[1]:+.4f}]")
@@ -351,7 +344,7 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     lost = comparison.coverage_regressions
     if len(lost):
         listed = ", ".join(f"{_e(r.dataset)} cell {_e(r.cell)} (id {_e(r.cell_id)})" for r in lost.head(CELLS_LISTED).itertuples(index=False))
-        parts.append(f"<p class=\"note\">{_plural(len(lost), 'cell')} ok in the baseline now uncovered: {listed}</p>")
+        parts.append(f"<p class=\"note\">{plural(len(lost), 'cell')} ok in the baseline now uncovered: {listed}</p>")
     if comparison.missing_datasets:
         parts.append(f"<p class=\"note\">Datasets missing from the run: {_e(', '.join(comparison.missing_datasets))}</p>")
     if comparison.new_datasets:
@@ -382,7 +375,7 @@ def _provenance(command: str, result: Result, created: str) -> str:
         '<footer id="provenance">'
         f"<p>Made by <code>{_e(command)}</code></p>"
         f"<p>bpseval {_e(__version__)} · Python {_e(platform.python_version())} · {_e(created)}</p>"
-        f"<details><summary>{_plural(len(files), 'shard')} of step {result.step}</summary><ul>{listed}{more}</ul></details>"
+        f"<details><summary>{plural(len(files), 'shard')} of step {result.step}</summary><ul>{listed}{more}</ul></details>"
         "</footer>"
     )
 

@@ -29,6 +29,7 @@ from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.result import Result
+from bpseval.views.text import format_bps, plural
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,18 +125,10 @@ def _robust_limits(values: np.ndarray, include: Sequence[float] = ()) -> tuple[f
     return float(low - pad), float(high + pad)
 
 
-def _count(number: int, word: str) -> str:
-    return f"{number} {word}{'' if number == 1 else 's'}"
-
-
 def _status_counts(row: Any) -> str:
     parts = [f"{int(row.ok)} ok"]
     parts += [f"{int(getattr(row, status))} {status}" for status in (SILENT, UNCOVERED) if int(getattr(row, status))]
     return " · ".join(parts)
-
-
-def _format(value: float) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def _plain_log_ticks(axis: Any) -> None:
@@ -210,7 +203,7 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
         outside = int(np.sum((values < low) | (values > high)))
         if outside:
             axes.text(
-                0.99, 0.97, f"{_count(outside, 'cell')} beyond the axis,\ncounted in the edge bins",
+                0.99, 0.97, f"{plural(outside, 'cell')} beyond the axis,\ncounted in the edge bins",
                 transform=axes.transAxes, ha="right", va="top", fontsize=7, color="#555555",
             )
     else:
@@ -281,8 +274,8 @@ def bps_strip_figure(result: Result) -> Figure:
     counts.tick_params(axis="y", length=0)
     cells = overall.cells
     axes.set_title(
-        f"Per-cell bits per spike · step {result.step} · overall bps {_format(overall.bps)},"
-        f" bps_pooled {_format(overall.bps_pooled)} · {cells['ok']} ok, {cells['silent']} silent,"
+        f"Per-cell bits per spike · step {result.step} · overall bps {format_bps(overall.bps, 3)},"
+        f" bps_pooled {format_bps(overall.bps_pooled, 3)} · {cells['ok']} ok, {cells['silent']} silent,"
         f" {cells['uncovered']} uncovered cells",
         fontsize=10,
         loc="left",
@@ -299,7 +292,7 @@ def bps_strip_figure(result: Result) -> Figure:
         handles.append(
             Line2D(
                 [], [], marker="<", linestyle="", color="#777777", markersize=5,
-                label=f"{_count(outside, 'cell')} beyond the axis (at its edge)",
+                label=f"{plural(outside, 'cell')} beyond the axis (at its edge)",
             )
         )
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
@@ -363,7 +356,7 @@ def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
     if silent or uncovered:
         note += f"; not shown: {silent} silent, {uncovered} uncovered"
     if beyond_all.any():
-        note += f"; {_count(int(beyond_all.sum()), 'cell')} beyond the axis, drawn at its edge (▼ ▲)"
+        note += f"; {plural(int(beyond_all.sum()), 'cell')} beyond the axis, drawn at its edge (▼ ▲)"
     axes.set_title(f"Per-cell bits per spike against firing rate · step {result.step}\n{note}", fontsize=10, loc="left")
     _dataset_legend(figure, entries, columns)
     return figure
@@ -432,7 +425,7 @@ def coverage_figure(run: ScoredRun, min_samples: int = 10) -> Figure:
     colorbar.set_label(f"{SAMPLES_LABEL} (cell, rank)")
     _plain_log_ticks(colorbar.ax.yaxis)
     axes.set_title(
-        f"Coverage · step {run.step} · {_count(len(below_cells), 'cell')} below {min_samples} {SAMPLES_LABEL}"
+        f"Coverage · step {run.step} · {plural(len(below_cells), 'cell')} below {min_samples} {SAMPLES_LABEL}"
         + (f"\nrows: ranks 0 to {world - 1} of each dataset, top to bottom" if world > 1 else ""),
         fontsize=10,
         loc="left",
@@ -472,7 +465,7 @@ def steps_figure(results: dict[int, ScoredRun] | StepResults) -> Figure:
         label="overall bps_pooled",
     )
     top.set_ylabel(BPS_LABEL)
-    top.set_title(f"Bits per spike over {_count(len(steps), 'validation step')}", fontsize=10, loc="left")
+    top.set_title(f"Bits per spike over {plural(len(steps), 'validation step')}", fontsize=10, loc="left")
     top.legend(loc="best", fontsize=8, frameon=False)
     entries = []
     for color, name in zip(dataset_colors(len(names)), names, strict=True):
@@ -544,7 +537,7 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
         overall = {m.metric: m for m in comparison.metrics if m.scope == "overall"}
         if "bps" in overall:
             m = overall["bps"]
-            headline += f"\noverall bps {_format(m.base)} → {_format(m.new)} ({m.verdict}) · "
+            headline += f"\noverall bps {format_bps(m.base, 3)} → {format_bps(m.new, 3)} ({m.verdict}) · "
         else:
             headline += "\n"
         gated = [m for m in comparison.metrics if m.gated]
@@ -555,9 +548,9 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
         else:
             headline += f"REGRESSION: {regressed} of {len(gated)} gated metrics"
             if lost:
-                headline += f", {_count(lost, 'cell')} lost coverage"
+                headline += f", {plural(lost, 'cell')} lost coverage"
             if comparison.missing_datasets:
-                headline += f", {_count(len(comparison.missing_datasets), 'dataset')} missing"
+                headline += f", {plural(len(comparison.missing_datasets), 'dataset')} missing"
     axes.set_title(_text(headline), fontsize=10, loc="left")
     _dataset_legend(figure, entries, columns)
     return figure

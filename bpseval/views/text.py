@@ -37,9 +37,23 @@ def markdown_text(text: object) -> str:
     return html.escape(escaped, quote=False)
 
 
-def format_bps(value: float) -> str:
-    """Bits per spike with 4 decimals; an em dash where it is undefined."""
-    return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"
+UNDEFINED_TEXT = "—"
+"""How every view writes a number that is undefined (never as a number)."""
+
+
+def format_bps(value: float | None, digits: int = 4) -> str:
+    """Bits per spike with `digits` decimals; an em dash where it is undefined."""
+    return UNDEFINED_TEXT if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def signed(value: float | None) -> str:
+    """A change, with its sign and 4 decimals; an em dash where it is undefined."""
+    return UNDEFINED_TEXT if value is None or not math.isfinite(value) else f"{value:+.4f}"
+
+
+def plural(count: int, word: str) -> str:
+    """"1 cell", "3 cells": a count and its noun."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 VERDICT_MARKS = {
