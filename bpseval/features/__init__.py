@@ -1,0 +1,1 @@
+"""What each command computes, as data: coverage, plan, compare, doctor, steps, overview."""
