@@ -74,9 +74,8 @@ def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None =
         )
         for cell in np.flatnonzero(below | few_spikes):
             reasons = ["below_min_samples"] * bool(below[cell]) + ["below_min_spikes"] * bool(few_spikes[cell])
-            flagged.append(
-                _cell_row(dataset, cell, per_rank, spikes=float(total.spikes[cell]), status=str(status[cell]), reasons=reasons)
-            )
+            fields = {"spikes": float(total.spikes[cell]), "status": str(status[cell]), "reasons": reasons}
+            flagged.append(_cell_row(dataset, cell, per_rank, **fields))
         without = per_rank == 0
         for cell in np.flatnonzero(without.any(axis=1)):
             zero_ranks.append(_cell_row(dataset, cell, per_rank, ranks_without=np.flatnonzero(without[cell]).tolist()))
