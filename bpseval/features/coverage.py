@@ -12,15 +12,17 @@ from bpseval._json import plain
 from bpseval._lazy import pandas as pd
 from bpseval.kernel.stats import SILENT, UNCOVERED
 from bpseval.run.merge import merge_run
-from bpseval.run.scored import ScoredRun, score_run
+from bpseval.run.scored import ScoredDataset, ScoredRun, score_run
 
 DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]
+ZERO_RANK_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "per_rank", "ranks_without"]
 
 
 @dataclass
 class CoverageReport:
-    """Per-dataset coverage summary and the cells that fail the thresholds."""
+    """Per-dataset coverage summary, the cells that fail the thresholds, and the cells with no valid sample on
+    some rank (`zero_on_some_rank`: what crashed legacy per-rank validation loops, listed whatever the thresholds)."""
 
     min_samples: int
     min_spikes: float | None
@@ -28,6 +30,7 @@ class CoverageReport:
     world_size: int
     datasets: pd.DataFrame
     cells: pd.DataFrame
+    zero_on_some_rank: pd.DataFrame
 
     @property
     def passed(self) -> bool:
@@ -44,13 +47,15 @@ class CoverageReport:
                 "world_size": self.world_size,
                 "datasets": self.datasets.to_dict(orient="records"),
                 "cells": self.cells.to_dict(orient="records"),
+                "zero_on_some_rank": self.zero_on_some_rank.to_dict(orient="records"),
             }
         )
 
 
 def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
-    """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes)."""
-    summaries, flagged = [], []
+    """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes), and list every cell
+    that some rank saw no valid sample of."""
+    summaries, flagged, zero_ranks = [], [], []
     for dataset in run.datasets:
         total = dataset.stats
         status = dataset.scores.status
@@ -69,18 +74,11 @@ def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None =
         )
         for cell in np.flatnonzero(below | few_spikes):
             reasons = ["below_min_samples"] * bool(below[cell]) + ["below_min_spikes"] * bool(few_spikes[cell])
-            flagged.append(
-                {
-                    "dataset": dataset.name,
-                    "cell": int(cell),
-                    "cell_id": dataset.cell_ids[cell],
-                    "n_valid": int(total.n_valid[cell]),
-                    "spikes": float(total.spikes[cell]),
-                    "per_rank": per_rank[cell].tolist(),
-                    "status": str(status[cell]),
-                    "reasons": reasons,
-                }
-            )
+            fields = {"spikes": float(total.spikes[cell]), "status": str(status[cell]), "reasons": reasons}
+            flagged.append(_cell_row(dataset, cell, per_rank, **fields))
+        without = per_rank == 0
+        for cell in np.flatnonzero(without.any(axis=1)):
+            zero_ranks.append(_cell_row(dataset, cell, per_rank, ranks_without=np.flatnonzero(without[cell]).tolist()))
     return CoverageReport(
         min_samples=min_samples,
         min_spikes=min_spikes,
@@ -88,7 +86,20 @@ def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None =
         world_size=run.world_size,
         datasets=pd.DataFrame(summaries, columns=DATASET_COLUMNS),
         cells=pd.DataFrame(flagged, columns=CELL_COLUMNS),
+        zero_on_some_rank=pd.DataFrame(zero_ranks, columns=ZERO_RANK_COLUMNS),
     )
+
+
+def _cell_row(dataset: ScoredDataset, cell: int, per_rank: np.ndarray, **fields: Any) -> dict[str, Any]:
+    """The fields every listed cell has (which cell, its valid samples in total and per rank), plus `fields`."""
+    return {
+        "dataset": dataset.name,
+        "cell": int(cell),
+        "cell_id": dataset.cell_ids[cell],
+        "n_valid": int(dataset.stats.n_valid[cell]),
+        "per_rank": per_rank[cell].tolist(),
+        **fields,
+    }
 
 
 def check_coverage(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
+from rich.padding import Padding
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,6 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from bpseval._lazy import pandas as pd
 from bpseval.features.compare import Comparison
@@ -38,28 +42,120 @@ from bpseval.views.text import (
 
 CELLS_LISTED_PER_DATASET = 8
 
+NAME_FLOOR = 12
+"""The narrowest a column of names (or a header word longer than this) gets: names fold onto more lines down to
+this width; below it the table is printed in the long layout instead."""
+
+LONG_INDENT = 2
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a terminal table. The values of a `whole` column (numbers, verdicts) are never wrapped, folded or
+    cut; other values (names) wrap at spaces and fold. Headers wrap at spaces; their words are never cut."""
+
+    header: str
+    whole: bool = True
+    justify: JustifyMethod = "right"
+
+
+def name_column(header: str, justify: JustifyMethod = "left") -> Column:
+    """A column of names: wrapped and folded rather than widening the table."""
+    return Column(header, whole=False, justify=justify)
+
+
+def print_table(
+    console: Console,
+    title: str | None,
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[str]],
+    *,
+    section_before: int | None = None,
+    label_columns: int = 1,
+) -> None:
+    """Print `rows` (Rich markup, one string per column) as a table that fits the console's width without cutting a
+    value: names fold and headers wrap as needed, and when even the narrowest table is wider than the console, each
+    row becomes a block of "header value" lines under its label (its first `label_columns` values).
+    `section_before` is the index of the row that starts a second section (e.g. the overall row)."""
+    widths = _fitted_widths(columns, rows, console.width - (3 * len(columns) + 1))  # borders and padding
+    if widths is None:
+        _print_long(console, title, columns, rows, label_columns)
+        return
+    table = Table(title=title, title_justify="left")
+    for column, width in zip(columns, widths, strict=True):
+        table.add_column(column.header, justify=column.justify, width=width, overflow="fold")
+    for index, row in enumerate(rows):
+        if index == section_before and index:
+            table.add_section()
+        table.add_row(*row)
+    console.print(table)
+
+
+def _fitted_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], room: int) -> list[int] | None:
+    """Column widths (without padding) within `room`: the natural ones when they fit; otherwise every column at its
+    narrowest, and the room left given, one character at a time, to the values furthest from fitting on one line,
+    then to the headers. None when even the narrowest columns do not fit."""
+    natural, content, narrowest = [], [], []
+    for index, column in enumerate(columns):
+        header = Text.from_markup(column.header).plain
+        values = [Text.from_markup(row[index]) for row in rows]
+        longest = max((value.cell_len for value in values), default=0)
+        words = [word for value in values for word in value.plain.split()]
+        least = longest if column.whole else min(max(map(cell_len, words), default=0), NAME_FLOOR)
+        header_least = min(max(map(cell_len, header.split()), default=0), NAME_FLOOR)
+        narrowest.append(max(header_least, least, 1))
+        content.append(max(narrowest[-1], longest))
+        natural.append(max(cell_len(header), content[-1]))
+    if sum(natural) <= room:
+        return natural
+    if sum(narrowest) > room:
+        return None
+    widths = narrowest
+    for _ in range(room - sum(widths)):
+        target = content if sum(content) > sum(widths) else natural
+        widths[max(range(len(widths)), key=lambda i: target[i] - widths[i])] += 1
+    return widths
+
+
+def _print_long(
+    console: Console, title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]], label_columns: int
+) -> None:
+    """The long layout: per row, its label on a line, then one "header value" line per other column."""
+    if title:
+        console.print(title, overflow="fold")
+    fields = columns[label_columns:]
+    room = console.width - LONG_INDENT - 2  # the indent, and the gap between header and value
+    values = [Text.from_markup(row[i]).cell_len for row in rows for i in range(label_columns, len(columns))]
+    value_width = min(max(values, default=1), room - NAME_FLOOR // 2)
+    key_width = max((cell_len(Text.from_markup(column.header).plain) for column in fields), default=1)
+    key_width = max(min(key_width, room - value_width), NAME_FLOOR // 2)
+    for row in rows:
+        console.print(" · ".join(row[:label_columns]), style="bold", overflow="fold")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(width=key_width, overflow="fold")
+        grid.add_column(justify="right", min_width=value_width, overflow="fold")
+        for column, value in zip(fields, row[label_columns:], strict=True):
+            grid.add_row(column.header, value)
+        console.print(Padding(grid, (0, 0, 0, LONG_INDENT), expand=False))
+
 
 def render_compute(scored: ScoredRun, console: Console) -> None:
     """The `bpseval compute` report: one row per dataset, the overall row, then the cells without a number."""
-    table = Table(title=f"Bits per spike · step {scored.step}", title_justify="left")
-    table.add_column("dataset")
     shown_statuses = [status for status in STATUSES if status != OVERFLOW or scored.overall.cells[OVERFLOW]]
-    for name in (*shown_statuses, "samples"):
-        table.add_column(name, justify="right")
-    table.add_column("bps", justify="right")
-    table.add_column("bps_pooled", justify="right")
-    for dataset in scored.datasets:
-        table.add_row(
+    columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", "bps", "bps_pooled"))]
+    rows = [
+        [
             shown(dataset.name), *(str(dataset.cells[status]) for status in shown_statuses), str(dataset.samples),
             format_bps(dataset.bps), format_bps(dataset.bps_pooled),
-        )
+        ]
+        for dataset in scored.datasets
+    ]
     overall = scored.overall
-    table.add_section()
-    table.add_row(
+    rows.append([
         "[bold]overall[/]", *(str(overall.cells[status]) for status in shown_statuses), str(scored.samples),
         f"[bold]{format_bps(overall.bps)}[/]", f"[bold]{format_bps(overall.bps_pooled)}[/]",
-    )
-    console.print(table)
+    ])
+    print_table(console, f"Bits per spike · step {scored.step}", columns, rows, section_before=len(scored.datasets))
     if scored.settings.clamp_negative:
         console.print(
             "[yellow]--clamp-negative is on:[/] per-cell values were clamped at 0 before the means"
@@ -68,7 +164,8 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
     for status in (OVERFLOW, UNCOVERED, SILENT):
         _render_cells_with_status(scored, status, console)
     if overall.datasets_without_ok_cells:
-        console.print(f"Left out of the overall bps (no ok cell): {shown(', '.join(overall.datasets_without_ok_cells))}")
+        left_out = shown(", ".join(overall.datasets_without_ok_cells))
+        console.print(f"Left out of the overall bps (no ok cell): {left_out}")
     dropped = scored.duplicates_dropped
     console.print(
         f"step {scored.step} · world size {scored.world_size} · {len(scored.files)} shard"
@@ -98,12 +195,9 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
     """Several runs side by side: overall and per-dataset bps, one row per run."""
-    table = Table(title="Bits per spike by run", title_justify="left")
-    for column in runs.columns:
-        table.add_column(shown(column), justify="left" if column == "run" else "right", no_wrap=column == "run")
-    for row in runs.itertuples(index=False):
-        table.add_row(*(format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row))
-    console.print(table)
+    columns = [name_column(shown(column)) if column == "run" else Column(shown(column)) for column in runs.columns]
+    rows = [[format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row] for row in runs.itertuples(False)]
+    print_table(console, "Bits per spike by run", columns, rows)
 
 
 @contextmanager
@@ -113,7 +207,10 @@ def merge_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
     if not console.is_terminal:
         yield None
         return
-    columns = (TextColumn("merging {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("merging {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(shown(label), total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
@@ -125,32 +222,56 @@ def _per_rank_cells(counts: list[int]) -> list[str]:
 
 
 def render_coverage(report: CoverageReport, console: Console) -> None:
-    """The `bpseval coverage` report: a summary per dataset, then the cells below the thresholds."""
+    """The `bpseval coverage` report: a summary per dataset, the cells below the thresholds, the cells with no valid
+    sample on some rank (whatever the thresholds), then the verdict."""
     threshold = f"n_valid < {report.min_samples}"
-    summary = Table(title=f"Coverage · step {report.step} · world size {report.world_size}", title_justify="left")
-    for name in ("dataset", "cells", f"below ({threshold})", "uncovered", "silent", "min n_valid"):
-        summary.add_column(name, justify="left" if name == "dataset" else "right")
-    for row in report.datasets.itertuples(index=False):
-        summary.add_row(shown(row.name), *(str(v) for v in (row.cells, row.below, row.uncovered, row.silent, row.min_n_valid)))
-    console.print(summary)
+    title = f"Coverage · step {report.step} · world size {report.world_size}"
+    headers = ("cells", f"below ({threshold})", "uncovered", "silent", "min n_valid")
+    columns = [name_column("dataset"), *map(Column, headers)]
+    rows = [
+        [shown(row.name), *(str(v) for v in (row.cells, row.below, row.uncovered, row.silent, row.min_n_valid))]
+        for row in report.datasets.itertuples(index=False)
+    ]
+    print_table(console, title, columns, rows)
+    if not report.passed:
+        rows = [
+            [
+                shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), f"{row.spikes:g}",
+                *_per_rank_cells(row.per_rank),
+            ]
+            for row in report.cells.itertuples(index=False)
+        ]
+        title = "Cells below the thresholds (✗: no valid sample on that rank)"
+        print_table(console, title, _cell_columns(report.world_size, Column("spikes")), rows)
+    _render_zero_on_some_rank(report, console)
     if report.passed:
-        console.print(f"[green]✓[/] every cell has at least {report.min_samples} valid samples" + _spikes_clause(report))
-        return
-    cells = Table(title="Cells below the thresholds (✗: no valid sample on that rank)", title_justify="left")
-    for name in ("dataset", "cell", "cell_id", "n_valid", "spikes"):
-        cells.add_column(name, justify="left" if name == "dataset" else "right")
-    for rank in range(report.world_size):
-        cells.add_column(f"rank {rank}", justify="right")
-    for row in report.cells.itertuples(index=False):
-        cells.add_row(
-            shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), f"{row.spikes:g}",
-            *_per_rank_cells(row.per_rank),
+        console.print(f"[green]✓[/] every cell has at least {report.min_samples} valid samples{_spikes_clause(report)}")
+    else:
+        console.print(
+            f"[red]✗[/] {len(report.cells)} cell{'s' if len(report.cells) != 1 else ''} below"
+            f" {report.min_samples} valid samples" + _spikes_clause(report)
         )
-    console.print(cells)
-    console.print(
-        f"[red]✗[/] {len(report.cells)} cell{'s' if len(report.cells) != 1 else ''} below"
-        f" {report.min_samples} valid samples" + _spikes_clause(report)
-    )
+
+
+def _cell_columns(world_size: int, *extra: Column) -> list[Column]:
+    """dataset, cell, cell_id, n_valid, `extra`, then one column per rank."""
+    return [
+        name_column("dataset"), Column("cell"), name_column("cell_id", justify="right"), Column("n_valid"), *extra,
+        *(Column(f"rank {rank}") for rank in range(world_size)),
+    ]
+
+
+def _render_zero_on_some_rank(report: CoverageReport, console: Console) -> None:
+    """The cells some rank saw no valid sample of (what crashed legacy per-rank validation), whatever the thresholds."""
+    zero = report.zero_on_some_rank
+    if zero.empty:
+        return
+    rows = [
+        [shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), *_per_rank_cells(row.per_rank)]
+        for row in zero.itertuples(index=False)
+    ]
+    title = f"Cells with no valid sample on some rank: {len(zero)} (✗: legacy per-rank BPS crashed on them)"
+    print_table(console, title, _cell_columns(report.world_size), rows)
 
 
 def _spikes_clause(report: CoverageReport) -> str:
@@ -168,32 +289,33 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
         )
         if flagged.empty:
             continue
-        table = Table(title_justify="left")
-        for column in ("cell", "n_valid", *(f"rank {c.removeprefix('rank_')}" for c in rank_columns), "below"):
-            table.add_column(column, justify="right")
-        for row in flagged.itertuples(index=False):
-            counts = [getattr(row, column) for column in rank_columns]
-            table.add_row(str(row.cell), str(row.n_valid), *_per_rank_cells(counts), "yes" if row.below else "")
-        console.print(table)
+        headers = ("cell", "n_valid", *(f"rank {c.removeprefix('rank_')}" for c in rank_columns), "below")
+        rows = [
+            [str(row.cell), str(row.n_valid), *_per_rank_cells([getattr(row, c) for c in rank_columns]),
+             "yes" if row.below else ""]
+            for row in flagged.itertuples(index=False)
+        ]
+        print_table(console, None, [Column(header) for header in headers], rows)
 
 
 def render_compare(comparison: Comparison, console: Console) -> None:
     """The `bpseval compare` report: one row per compared metric, then coverage and the verdict."""
     significance = comparison.settings.significance
     intervals = [f"{100 * (1 - significance):g}% interval of Δ"] if significance is not None else []
-    table = Table(title=f"bpseval compare · {comparison.mode}", title_justify="left")
-    for name in ("scope", "metric", "baseline", "new", "Δ", "tolerance", *intervals, "verdict"):
-        left = name in ("scope", "metric", "verdict")
-        table.add_column(name, justify="left" if left else "right", no_wrap=name == "scope")
+    columns = [
+        name_column("scope"), Column("metric", justify="left"),
+        *map(Column, ("baseline", "new", "Δ", "tolerance", *intervals)), Column("verdict", justify="left"),
+    ]
     styles = {"regressed": "red", "improved": "green"}
+    rows = []
     for metric in comparison.metrics:
         verdict = verdict_text(metric)
-        table.add_row(
+        rows.append([
             shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), delta_text(metric),
             format_bps(metric.tolerance), *([interval_text(metric)] if intervals else []),
             f"[{styles.get(metric.verdict, 'default')}]{verdict}[/]" if metric.gated else verdict,
-        )
-    console.print(table)
+        ])
+    print_table(console, f"bpseval compare · {comparison.mode}", columns, rows, label_columns=2)
     for note in comparison.notes:
         console.print(f"note: {shown(note)}")
     for title, names in (("missing datasets (in the baseline, not in the run)", comparison.missing_datasets),
@@ -213,34 +335,40 @@ def render_compare(comparison: Comparison, console: Console) -> None:
 
 def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     """The `bpseval doctor` report: steps with their ranks, then every problem found."""
-    table = Table(title=f"Run directory {shown(str(diagnosis.run_dir))}", title_justify="left")
-    for name in ("step", "complete", "world size", "ranks present", "missing", "twice", "store"):
-        table.add_column(name, justify="right" if name in ("step", "world size") else "left")
-    for step in diagnosis.steps:
-        table.add_row(
+    columns = [
+        Column("step"), Column("complete", justify="left"), Column("world size"),
+        *(name_column(name) for name in ("ranks present", "missing", "twice", "store")),
+    ]
+    rows = [
+        [
             str(step.step), "[green]yes[/]" if step.complete else "[red]no[/]", "/".join(map(str, step.world_sizes)),
             ranges(step.ranks), ranges(step.missing) or "—", ranges(step.repeated) or "—", ", ".join(step.stores),
-        )
-    console.print(table)
+        ]
+        for step in diagnosis.steps
+    ]
+    print_table(console, f"Run directory {shown(str(diagnosis.run_dir))}", columns, rows)
     for problem in diagnosis.problems:
         console.print(f"[red]✗[/] {shown(problem)}", soft_wrap=True)
-    verdict = {0: "[green]✓ healthy[/]", 1: "[yellow]problems found[/] (compute still has a complete step)", 2: "[red]unusable:[/] no complete step"}
+    verdict = {
+        0: "[green]✓ healthy[/]",
+        1: "[yellow]problems found[/] (compute still has a complete step)",
+        2: "[red]unusable:[/] no complete step",
+    }
     console.print(verdict[diagnosis.status])
 
 
 def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
     """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
     title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
-    table = Table(title=title, title_justify="left")
-    for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled"):
-        table.add_column(name, justify="right")
-    for step, result in steps.results.items():
-        cells = result.overall.cells
-        table.add_row(
-            str(step), str(result.world_size), str(cells["ok"]), str(cells["silent"]), str(cells["uncovered"]),
+    columns = [Column(name) for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled")]
+    rows = [
+        [
+            str(step), str(result.world_size), *(str(result.overall.cells[k]) for k in ("ok", "silent", "uncovered")),
             format_bps(result.overall.bps), format_bps(result.overall.bps_pooled),
-        )
-    console.print(table)
+        ]
+        for step, result in steps.results.items()
+    ]
+    print_table(console, title, columns, rows)
     if steps.incomplete:
         count = len(steps.incomplete)
         console.print(f"[yellow]{count} incomplete step{'s' if count != 1 else ''} skipped:[/]")
