@@ -138,8 +138,8 @@ def train(model: DistributedDataParallel, sessions: dict[str, Session], epochs: 
     for epoch in range(epochs):
         for loader in loaders.values():
             loader.sampler.set_epoch(epoch)
-        for batches in zip(*loaders.values()):
-            batch = dict(zip(loaders, batches))
+        for batches in zip(*loaders.values(), strict=True):
+            batch = dict(zip(loaders, batches, strict=True))
             rates = model({name: b["stim"] for name, b in batch.items()})
             loss = sum(masked_poisson_loss(rates[name], b["robs"], b["dfs"]) for name, b in batch.items())
             optimizer.zero_grad()
@@ -165,7 +165,7 @@ def validate(model: SharedCoreModel, sessions: dict[str, Session], out: Path, st
                     name, rhat, batch["robs"], batch["dfs"], sample_idx=batch["sample_idx"], cell_ids=session.cell_ids
                 )
                 seen.append((rhat, batch["robs"], batch["dfs"]))
-            legacy.append(legacy_bps(*(torch.cat(parts) for parts in zip(*seen))))
+            legacy.append(legacy_bps(*(torch.cat(parts) for parts in zip(*seen, strict=True))))
     return sum(legacy) / len(legacy)
 
 

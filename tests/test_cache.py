@@ -274,7 +274,7 @@ def read_only(directory: Path) -> Iterator[None]:
         finally:
             directory.chmod(0o755)
         return
-    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False).returncode:
         pytest.skip("running as root, and the immutable flag cannot be set here")
     try:
         yield
@@ -299,7 +299,7 @@ def test_a_read_only_run_directory_caches_in_the_user_cache_directory(tmp_path, 
 def bpseval_cli(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
     command = [sys.executable, "-m", "bpseval", *arguments]
-    return subprocess.run(command, capture_output=True, text=True, env=environment)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
 
 
 def test_a_cache_that_cannot_be_written_is_one_warning_and_the_command_goes_on(tmp_path):

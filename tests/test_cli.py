@@ -317,7 +317,7 @@ def test_compute_does_not_import_torch(tmp_path):
         "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "overall" in completed.stdout
 

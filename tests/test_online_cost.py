@@ -66,7 +66,7 @@ def test_update_makes_no_host_read_and_still_equals_the_offline_merge(tmp_path, 
     dfs[5, 3] = False
     rhat[5, 3] = float("nan")  # masked: ignored, and must not poison the sums
     metric = DistributedBPS(dedup_window=4)
-    batches = [list(range(0, 20)), [18, 19, 20, 21], list(range(22, 60)), [0, 59]]  # repeats within the rank
+    batches = [list(range(20)), [18, 19, 20, 21], list(range(22, 60)), [0, 59]]  # repeats within the rank
     for rows in batches:
         index = {"numpy": np.array(rows), "cpu tensor": torch.tensor(rows), "none": None}[index_kind]
         with no_host_reads(allowed=index if isinstance(index, torch.Tensor) else None):

@@ -133,7 +133,7 @@ def synthetic_run(n_datasets: int = 30, world_size: int = 2, seed: int = 0, step
     for index in range(n_datasets):
         cells = int(rng.integers(20, 181))
         per_rank: list[CellStats] = []
-        for rank in range(world_size):
+        for _rank in range(world_size):
             rate = rng.gamma(1.5, 0.3, size=cells)
             robs = rng.poisson(np.broadcast_to(rate, (30, cells))).astype(float)
             rhat = np.clip(rate * rng.lognormal(0.0, scale, size=(30, cells)), 1e-3, None)
@@ -173,10 +173,10 @@ def readability_problems(figure) -> list[str]:
                 if label.get_visible() and label.get_text()
             ]
             boxes = [label.get_window_extent(renderer) for label in labels]
-            for (la, a), (lb, b) in itertools.combinations(zip(labels, boxes), 2):
+            for (la, a), (lb, b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
                 if _overlap(a, b) > 0.5:
                     problems.append(f"tick labels {la.get_text()!r} and {lb.get_text()!r} overlap")
-            problems += [f"tick label {label.get_text()!r} outside the figure" for label, box in zip(labels, boxes) if not inside.contains(box.x0, box.y0) or not inside.contains(box.x1, box.y1)]
+            problems += [f"tick label {label.get_text()!r} outside the figure" for label, box in zip(labels, boxes, strict=True) if not inside.contains(box.x0, box.y0) or not inside.contains(box.x1, box.y1)]
         for text in (axes.title, axes._left_title, axes.xaxis.label, axes.yaxis.label):
             if text.get_text():
                 box = text.get_window_extent(renderer)
@@ -208,7 +208,7 @@ def test_thirty_datasets_are_readable(thirty):
     from bpseval.views import plot
 
     run, result, steps, baseline, comparison = thirty
-    assert len(result.datasets) == 30 and 20 <= result.datasets[["ok", "silent", "uncovered"]].sum(axis=1).min()
+    assert len(result.datasets) == 30 and result.datasets[["ok", "silent", "uncovered"]].sum(axis=1).min() >= 20
     assert result.overall.cells["silent"] > 0 and result.overall.cells["uncovered"] > 0
     made = {
         "strip": plot.bps_strip_figure(result),

@@ -50,12 +50,12 @@ class Data:
 
     def rows(self, index: list[int] | np.ndarray) -> dict:
         index = np.asarray(index, dtype=np.int64)
-        return dict(
-            rhat=self.rhat[index],
-            robs=self.robs[index],
-            dfs=None if self.dfs is None else self.dfs[index],
-            rate_kind=self.rate_kind,
-        )
+        return {
+            "rhat": self.rhat[index],
+            "robs": self.robs[index],
+            "dfs": None if self.dfs is None else self.dfs[index],
+            "rate_kind": self.rate_kind,
+        }
 
     def magnitude(self) -> np.ndarray:
         """Per cell, the summed size of the log-likelihood terms: the scale of rounding in ll_gain."""
@@ -235,8 +235,8 @@ def test_distributed_sampler_sharding_scores_like_one_rank_without_padding(data,
 
     assert_results_agree(sharded, single, data)
     padded = {d.name: -(-d.n_rows // world_size) * world_size - d.n_rows for d in data}
-    assert dict(zip(sharded.datasets["name"], sharded.datasets["duplicates_dropped"])) == padded
-    assert dict(zip(sharded.datasets["name"], sharded.datasets["samples"])) == {d.name: d.n_rows for d in data}
+    assert dict(zip(sharded.datasets["name"], sharded.datasets["duplicates_dropped"], strict=True)) == padded
+    assert dict(zip(sharded.datasets["name"], sharded.datasets["samples"], strict=True)) == {d.name: d.n_rows for d in data}
     assert list(single.datasets["duplicates_dropped"]) == [0] * len(data)
 
 

@@ -161,26 +161,26 @@ def reference_cells(rows: list[tuple[list[float], list[float], list[float]]], n_
             model_ll += w * (y * log_rate_value - rate)
             magnitude += w * (abs(y * log_rate_value) + rate)
         if n_valid == 0:
-            cells.append(dict(n_valid=0, n=n, spikes=spikes, ll_gain=None, bps=None, status="uncovered", magnitude=0.0))
+            cells.append({"n_valid": 0, "n": n, "spikes": spikes, "ll_gain": None, "bps": None, "status": "uncovered", "magnitude": 0.0})
             continue
         if spikes == 0.0:
             cells.append(
-                dict(n_valid=n_valid, n=n, spikes=spikes, ll_gain=model_ll, bps=None, status="silent", magnitude=magnitude)
+                {"n_valid": n_valid, "n": n, "spikes": spikes, "ll_gain": model_ll, "bps": None, "status": "silent", "magnitude": magnitude}
             )
             continue
         null_ll = spikes * math.log(spikes / n) - spikes
         ll_gain = model_ll - null_ll
         magnitude += abs(spikes * math.log(spikes / n)) + spikes
         cells.append(
-            dict(
-                n_valid=n_valid,
-                n=n,
-                spikes=spikes,
-                ll_gain=ll_gain,
-                bps=ll_gain / (spikes * LN2),
-                status="ok",
-                magnitude=magnitude,
-            )
+            {
+                "n_valid": n_valid,
+                "n": n,
+                "spikes": spikes,
+                "ll_gain": ll_gain,
+                "bps": ll_gain / (spikes * LN2),
+                "status": "ok",
+                "magnitude": magnitude,
+            }
         )
     return cells
 
@@ -191,15 +191,15 @@ def reference_summary(cells: list[dict]) -> dict:
     covered = [cell for cell in cells if cell["status"] != "uncovered"]
     gain = sum(cell["ll_gain"] for cell in covered)
     spikes = sum(cell["spikes"] for cell in covered)
-    return dict(
-        bps=sum(ok) / len(ok) if ok else None,
-        bps_pooled=gain / (LN2 * spikes) if spikes > 0 else None,
-        pooled_slack=sum(cell["magnitude"] for cell in covered) / (LN2 * spikes) if spikes > 0 else 0.0,
-        bps_slack=(sum(c["magnitude"] / (c["spikes"] * LN2) for c in cells if c["status"] == "ok") / len(ok)) if ok else 0.0,
-        ok=len(ok),
-        silent=sum(cell["status"] == "silent" for cell in cells),
-        uncovered=sum(cell["status"] == "uncovered" for cell in cells),
-    )
+    return {
+        "bps": sum(ok) / len(ok) if ok else None,
+        "bps_pooled": gain / (LN2 * spikes) if spikes > 0 else None,
+        "pooled_slack": sum(cell["magnitude"] for cell in covered) / (LN2 * spikes) if spikes > 0 else 0.0,
+        "bps_slack": (sum(c["magnitude"] / (c["spikes"] * LN2) for c in cells if c["status"] == "ok") / len(ok)) if ok else 0.0,
+        "ok": len(ok),
+        "silent": sum(cell["status"] == "silent" for cell in cells),
+        "uncovered": sum(cell["status"] == "uncovered" for cell in cells),
+    }
 
 
 def reference_run(shards: list[ShardSpec], step: int | None = None) -> dict:
@@ -241,13 +241,13 @@ def reference_run(shards: list[ShardSpec], step: int | None = None) -> dict:
         datasets[name] = dict(cells=cells, samples=len(rows), duplicates_dropped=duplicates, **reference_summary(cells))
     scored = [d for d in datasets.values() if d["ok"] > 0]
     overall_pooled = reference_summary(all_cells)
-    overall = dict(
-        bps=sum(d["bps"] for d in scored) / len(scored) if scored else None,
-        bps_slack=max((d["bps_slack"] for d in scored), default=0.0),
-        bps_pooled=overall_pooled["bps_pooled"],
-        pooled_slack=overall_pooled["pooled_slack"],
-    )
-    return dict(step=step, world_size=len(chosen), datasets=datasets, overall=overall)
+    overall = {
+        "bps": sum(d["bps"] for d in scored) / len(scored) if scored else None,
+        "bps_slack": max((d["bps_slack"] for d in scored), default=0.0),
+        "bps_pooled": overall_pooled["bps_pooled"],
+        "pooled_slack": overall_pooled["pooled_slack"],
+    }
+    return {"step": step, "world_size": len(chosen), "datasets": datasets, "overall": overall}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def report_from_result(result: bpseval.Result) -> dict:
         for row in result.cells.to_dict("records")
     }
     overall = {key: _value(result.overall.to_dict()[key]) for key in ("bps", "bps_pooled")}
-    return dict(step=result.step, datasets=datasets, cells=cells, overall=overall, n_cell_rows=len(result.cells))
+    return {"step": result.step, "datasets": datasets, "cells": cells, "overall": overall, "n_cell_rows": len(result.cells)}
 
 
 def report_from_json(document: dict) -> dict:
@@ -296,7 +296,7 @@ def report_from_json(document: dict) -> dict:
         for entry in document["cells"]
     }
     overall = {key: document["overall"][key] for key in ("bps", "bps_pooled")}
-    return dict(step=document["step"], datasets=datasets, cells=cells, overall=overall, n_cell_rows=len(document["cells"]))
+    return {"step": document["step"], "datasets": datasets, "cells": cells, "overall": overall, "n_cell_rows": len(document["cells"])}
 
 
 def _close(got: Any, want: Any, slack: float = 0.0) -> bool:

@@ -230,7 +230,7 @@ def test_works_with_hdf5_file_locking_disabled(tmp_path):
         env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"},
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=REPO, check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["overall"]["bps"] is not None
@@ -249,10 +249,10 @@ def test_unreadable_file_is_named(tmp_path):
         environment = {**os.environ, "HOME": "/tmp"}
         if os.geteuid() == 0:  # root reads anything: run as nobody, if nobody can run bpseval here
             command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-            probe = subprocess.run([*command[:4], sys.executable, "-c", "import bpseval"], capture_output=True, cwd="/", env=environment)
+            probe = subprocess.run([*command[:4], sys.executable, "-c", "import bpseval"], capture_output=True, cwd="/", env=environment, check=False)
             if probe.returncode != 0:
                 pytest.skip("root reads every file, and user nobody cannot read this checkout or environment")
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, check=False)
         assert completed.returncode == 2, completed.stderr
         assert f"{writer.path}: not readable (permission denied)" in completed.stderr
     finally:

@@ -116,9 +116,8 @@ def test_batches_must_agree_with_earlier_ones(tmp_path, first, second, message):
 )
 def test_inconsistent_batch_is_refused(tmp_path, arrays, message):
     base = {"rhat": np.ones((2, 3)), "robs": np.ones((2, 3))}
-    with ShardWriter(tmp_path, 0, 1) as writer:
-        with pytest.raises(ValueError, match=f"dataset 'd': .*{message}"):
-            writer.add("d", **{**base, **arrays})
+    with ShardWriter(tmp_path, 0, 1) as writer, pytest.raises(ValueError, match=f"dataset 'd': .*{message}"):
+        writer.add("d", **{**base, **arrays})
 
 
 @pytest.mark.parametrize(
@@ -187,5 +186,5 @@ def test_reader_accepts_fixed_length_byte_string_attributes(tmp_path):
 
 
 def test_from_process_group_needs_an_initialised_group(tmp_path):
-    with pytest.raises(BpsevalError, match="torch.distributed is not initialised"):
+    with pytest.raises(BpsevalError, match=r"torch\.distributed is not initialised"):
         ShardWriter.from_process_group(tmp_path)

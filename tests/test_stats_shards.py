@@ -77,9 +77,11 @@ def test_mixed_raw_and_stats_shards_in_one_step_exit_2(invoke, tmp_path):
 
 
 def test_bad_values_are_refused_when_written(tmp_path):
-    with pytest.raises(BpsevalError, match="dataset 'd': rhat has 1 NaN or infinite value"):
-        with ShardWriter(tmp_path, 0, 1, store="stats") as writer:
-            writer.add("d", np.array([[np.nan, 1.0]]), np.ones((1, 2)))
+    with (
+        pytest.raises(BpsevalError, match="dataset 'd': rhat has 1 NaN or infinite value"),
+        ShardWriter(tmp_path, 0, 1, store="stats") as writer,
+    ):
+        writer.add("d", np.array([[np.nan, 1.0]]), np.ones((1, 2)))
     assert not list(tmp_path.rglob("*.h5"))
 
 

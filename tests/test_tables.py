@@ -171,7 +171,7 @@ def piped(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     return subprocess.run(
         [BPSEVAL, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
 
 

@@ -171,7 +171,7 @@ def assert_same_scores(online: Result, offline: Result, rtol: float = 1e-9) -> N
 
 @pytest.mark.parametrize("step", list(CASES), ids=[case.name for case in CASES.values()])
 def test_compute_equals_bpseval_compute_on_the_shards_of_the_same_run(gloo_run, step):
-    world_size, run_dir, ranks = gloo_run
+    _world_size, run_dir, ranks = gloo_run
     offline = bpseval.evaluate(run_dir, step=step)
     for results in ranks:
         assert_same_scores(results[step], offline)

@@ -69,7 +69,7 @@ def rank_calls(rank: int, world_size: int) -> list[Call]:
     b = arrays(1 + rank, 9, 3)
     for start in range(0, 9, 4):
         calls.append(("B", {key: value[start : start + 4] for key, value in b.items()} | {"cell_ids": ["x", "y", "z"]}))
-    return calls + [c_call(own[:3]), c_call(own[6:]), c_call(own[:3])]
+    return [*calls, c_call(own[:3]), c_call(own[6:]), c_call(own[:3])]
 
 
 def feed(metric: DistributedBPS, calls: list[Call]) -> None:
@@ -217,7 +217,7 @@ def test_bad_states_are_refused_naming_the_key_and_leave_the_metric_unchanged(ca
     metric = DistributedBPS()
     metric.update("Z", torch.ones(2, 2), torch.ones(2, 2))
     before = metric.compute()
-    with pytest.raises(ArgumentError, match="DistributedBPS.load_state_dict: ") as raised:
+    with pytest.raises(ArgumentError, match=r"DistributedBPS\.load_state_dict: ") as raised:
         metric.load_state_dict(state)
     assert message in str(raised.value) and "state_dict() made" in str(raised.value)
     assert_same_result(metric.compute(), before)

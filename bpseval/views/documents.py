@@ -43,7 +43,7 @@ def compare_markdown(comparison: Comparison) -> str:
         ]
         if significance is not None:
             cells.append(interval_text(metric))
-        lines.append("| " + " | ".join(cells + [verdict_text(metric)]) + " |")
+        lines.append("| " + " | ".join([*cells, verdict_text(metric)]) + " |")
     lines += [""] + [f"- note: {markdown_text(note)}" for note in comparison.notes]
     listed = (("missing from the run", comparison.missing_datasets), ("new in the run", comparison.new_datasets))
     for title, names in listed:

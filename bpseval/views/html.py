@@ -243,7 +243,7 @@ def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
         return f"<h3>{title}</h3><p class=\"muted\">None.</p>"
     rows = []
     for dataset, group in selected.groupby("dataset", sort=False):
-        labels = [_cell_label(c, i) for c, i in zip(group["cell"], group["cell_id"])]
+        labels = [_cell_label(c, i) for c, i in zip(group["cell"], group["cell_id"], strict=True)]
         more = len(labels) - CELL_IDS_PER_DATASET
         listed = ", ".join(labels[:CELL_IDS_PER_DATASET]) + (f" <span class=\"muted\">(+{more} more)</span>" if more > 0 else "")
         rows.append([_e(dataset), str(len(group)), listed])
