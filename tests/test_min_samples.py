@@ -95,7 +95,10 @@ def test_the_example_without_its_one_sample_cells(tmp_path):
     assert marked.overall.cells == {"ok": 120, "silent": 0, "uncovered": 1, "overflow": 0, "low": 3}
 
 
-def test_compute_names_the_few_sample_cells_of_the_example_and_the_option(invoke):
+def test_compute_names_the_few_sample_cells_of_the_example_and_the_option(invoke, tmp_path):
+    write_raw_shard(tmp_path / "rank0.h5", {"a": {"rhat": np.full((12, 2), 0.5), "robs": np.ones((12, 2))}})
+    enough = invoke("compute", tmp_path, "--no-cache")  # every ok cell has 12 valid samples: no note
+    assert enough.exit_code == 0 and "fewer than" not in enough.output and "low" not in enough.stdout
     result = invoke("compute", EXAMPLE, "--no-cache")
     assert result.exit_code == 0, result.output
     note = " ".join(line for line in result.stdout.splitlines() if "fewer than 10" in line or "(n_valid" in line)
@@ -123,12 +126,6 @@ def test_the_note_goes_to_stderr_when_stdout_holds_json(invoke):
     assert result.exit_code == 0
     json.loads(result.stdout)
     assert "--min-samples 10" in result.stderr
-
-
-def test_no_note_when_every_ok_cell_has_ten_valid_samples(invoke, tmp_path):
-    write_raw_shard(tmp_path / "rank0.h5", {"a": {"rhat": np.full((12, 2), 0.5), "robs": np.ones((12, 2))}})
-    result = invoke("compute", tmp_path, "--no-cache")
-    assert result.exit_code == 0 and "fewer than" not in result.output and "low" not in result.stdout
 
 
 def test_a_dataset_whose_scored_cells_are_all_low_leaves_the_overall_mean(tmp_path):
@@ -171,7 +168,7 @@ def test_a_bad_min_samples_is_refused_by_the_api(value):
 
 def test_a_negative_min_samples_exits_2(invoke):
     result = invoke("compute", EXAMPLE, "--min-samples", "-1")
-    assert result.exit_code == 2 and "--min-samples" in result.output
+    assert result.exit_code == 2 and "--min-samples" in result.output and "not in the range" in result.output
 
 
 def test_baselines_with_and_without_low_cells_are_accepted(invoke, tmp_path):
