@@ -156,6 +156,7 @@ def test_all_steps_scores_every_step_with_min_samples(invoke, tmp_path):
     assert result.exit_code == 0, result.output
     steps = json.loads((tmp_path / "s.json").read_text())["steps"]
     assert [entry["cells"]["low"] for entry in steps] == [1, 0]
+    assert [entry["settings"]["min_samples"] for entry in steps] == [2, 2]
     assert "low" in (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
     assert "low" in result.stdout  # the step table shows the column under --min-samples
 

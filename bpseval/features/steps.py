@@ -104,6 +104,7 @@ def _step_entry(scored: ScoredRun) -> dict[str, Any]:
             "bps": scored.overall.bps,
             "bps_pooled": scored.overall.bps_pooled,
             "cells": scored.overall.cells,
+            "settings": scored.settings.to_dict(),
             "datasets": [
                 {"name": dataset.name, "bps": dataset.bps, "bps_pooled": dataset.bps_pooled, "cells": dataset.cells}
                 for dataset in scored.datasets
