@@ -211,16 +211,17 @@ def compute(
                     path, step, **scoring, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache
                 )
         table = runs_frame({run: result.scored for run, result in results.items()}, sort.value)
+        first = next(iter(results.values()))
         if csv_path is not None:
-            write_csv(next(iter(results.values())).cells if len(results) == 1 else table, csv_path)
+            write_csv(first.cells if len(results) == 1 else table, csv_path)
         if json_path is not None:
             documents = [{"run": run, **result.to_dict()} for run, result in results.items()]
             text = json_text(documents[0] if len(documents) == 1 else {"runs": documents})
             write_text(text, json_path)
         if metrics_path is not None:
-            write_text(metrics_json(next(iter(results.values())).scored), metrics_path)
+            write_text(metrics_json(first.scored), metrics_path)  # one run: outputs.check refuses several
         if tensorboard_dir is not None:
-            write_tensorboard([next(iter(results.values())).scored], tensorboard_dir)
+            write_tensorboard([first.scored], tensorboard_dir)
     errors = stderr_console()
     for run, result in results.items():
         for warning in result.warnings:
@@ -229,7 +230,7 @@ def compute(
     console = errors if outputs.on_stdout else Console(highlight=False)
     if not outputs.on_stdout:
         if len(results) == 1:
-            render_compute(next(iter(results.values())).scored, console)
+            render_compute(first.scored, console)
         else:
             render_runs(table, console)
     for run, result in results.items():
