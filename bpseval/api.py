@@ -12,18 +12,26 @@ from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
 from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
-from bpseval.run.scored import score_run
+from bpseval.run.scored import ScoreSettings, score_run
 from bpseval.views.result import Result
 
 
 def evaluate(
-    run_dir: str | os.PathLike[str], step: int | None = None, *, clamp_negative: bool = False, **merge_options: Any
+    run_dir: str | os.PathLike[str],
+    step: int | None = None,
+    *,
+    clamp_negative: bool = False,
+    min_samples: int = 0,
+    **merge_options: Any,
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
 
-    `merge_options` go to `merge_run`: `jobs`, `scheduler`, `on_progress`, `blocks`.
+    Cells that would be ok with fewer than `min_samples` valid samples get the status `low`: they
+    are left out of the means and kept in bps_pooled. `merge_options` go to `merge_run`: `jobs`,
+    `scheduler`, `on_progress`, `blocks`, `cache`.
     """
-    return Result(score_run(merge_run(run_dir, step, **merge_options), clamp_negative=clamp_negative))
+    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
+    return Result(score_run(merge_run(run_dir, step, **merge_options), settings))
 
 
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NamedTuple
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,7 +27,9 @@ from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
+from bpseval.kernel.stats import OK
 from bpseval.run.scored import ScoredRun
+from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensorboard, write_tensorboard
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import check_outputs, write_csv, write_text
 from bpseval.views.result import baseline_document, runs_frame, steps_frame
@@ -118,6 +121,33 @@ class SortKey(Choice):
     bps_pooled = "bps_pooled"
 
 
+class _Outputs(NamedTuple):
+    """Where `compute` writes its documents (None: not asked for; '-': stdout)."""
+
+    json: str | None
+    csv: str | None
+    metrics: str | None
+    tensorboard: str | None
+
+    def check(self, runs: int) -> None:
+        """Refuse unusable paths, and dashboard outputs for several runs, before any shard is read."""
+        check_outputs(
+            {"--json": self.json, "--csv": self.csv, "--metrics": self.metrics, "--tensorboard": self.tensorboard},
+            folders={"--tensorboard"},
+        )
+        if runs > 1 and (self.metrics or self.tensorboard):
+            raise ArgumentError(
+                f"--metrics and --tensorboard take one run directory, not {runs}; run bpseval compute once per run."
+            )
+        if self.tensorboard is not None:
+            require_tensorboard()
+
+    @property
+    def on_stdout(self) -> bool:
+        """A document goes to stdout, which must then hold nothing else."""
+        return "-" in (self.json, self.csv, self.metrics)
+
+
 @app.command()
 def compute(
     run_dirs: RunDirs = None,
@@ -131,6 +161,14 @@ def compute(
             help="Reproduce legacy training-loop numbers: clamp each cell's bps at 0 before the means.",
         ),
     ] = False,
+    min_samples: Annotated[
+        int,
+        typer.Option(
+            "--min-samples",
+            min=0,
+            help="Cells with fewer valid samples are [bold]low[/]: listed, left out of the means, kept in bps_pooled.",
+        ),
+    ] = 0,
     sort: Annotated[SortKey, typer.Option("--sort", help="Order of the runs when several are given.")] = SortKey.run,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
@@ -138,68 +176,122 @@ def compute(
         bool,
         typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored."),
     ] = False,
+    metrics_path: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="PATH",
+            help="Write the flat dashboard metrics as JSON (with --all-steps: JSON Lines) ([bold]-[/] = stdout).",
+        ),
+    ] = None,
+    tensorboard_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--tensorboard",
+            metavar="DIR",
+            help="Write the dashboard metrics as TensorBoard event files, at each step. Needs bpseval\\[tensorboard].",
+        ),
+    ] = None,
     no_cache: NoCache = False,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
+    outputs = _Outputs(json_path, csv_path, metrics_path, tensorboard_dir)
+    scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples}
     with bad_input_exits():
-        check_outputs({"--json": json_path, "--csv": csv_path})
+        outputs.check(len(paths))
     if all_steps:
-        _compute_all_steps(paths, step, json_path, csv_path, clamp_negative, jobs, scheduler, not no_cache)
+        _compute_all_steps(paths, step, outputs, scoring, jobs=jobs, scheduler=scheduler, cache=not no_cache)
         return
     with bad_input_exits():
         results = {}
         for path in paths:
             with merge_progress(f"{path}") as on_progress:
                 results[str(path)] = evaluate(
-                    path, step, clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
-                    cache=not no_cache,
+                    path, step, **scoring, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache
                 )
         table = runs_frame({run: result.scored for run, result in results.items()}, sort.value)
+        first = next(iter(results.values()))
         if csv_path is not None:
-            write_csv(next(iter(results.values())).cells if len(results) == 1 else table, csv_path)
+            write_csv(first.cells if len(results) == 1 else table, csv_path)
         if json_path is not None:
             documents = [{"run": run, **result.to_dict()} for run, result in results.items()]
             text = json_text(documents[0] if len(documents) == 1 else {"runs": documents})
             write_text(text, json_path)
+        if metrics_path is not None:
+            write_text(metrics_json(first.scored), metrics_path)  # one run: outputs.check refuses several
+        if tensorboard_dir is not None:
+            write_tensorboard([first.scored], tensorboard_dir)
     errors = stderr_console()
     for run, result in results.items():
         for warning in result.warnings:
             where = f"{run}: " if len(results) > 1 else ""
             errors.print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
-    if "-" not in (json_path, csv_path):
+    console = errors if outputs.on_stdout else Console(highlight=False)
+    if not outputs.on_stdout:
         if len(results) == 1:
-            render_compute(next(iter(results.values())).scored, Console(highlight=False))
+            render_compute(first.scored, console)
         else:
-            render_runs(table, Console(highlight=False))
+            render_runs(table, console)
+    for run, result in results.items():
+        note = _few_samples_note(result.scored)
+        if note is not None:
+            where = f"{run}: " if len(results) > 1 else ""
+            console.print(f"[yellow]Note:[/] {escape(where + note)}", highlight=False)
+
+
+FEW_SAMPLES = 10
+"""An ok cell scored on fewer valid samples than this has a bps that is mostly noise (coverage's default bar)."""
+FEW_SAMPLE_CELLS_NAMED = 5
+
+
+def _few_samples_note(scored: ScoredRun) -> str | None:
+    """One line naming the ok cells scored on fewer than FEW_SAMPLES valid samples, and the option for them."""
+    listed = [
+        (dataset.name, int(cell), int(dataset.stats.n_valid[cell]))
+        for dataset in scored.datasets
+        for cell in np.flatnonzero((dataset.scores.status == OK) & (dataset.stats.n_valid < FEW_SAMPLES))
+    ]
+    if not listed:
+        return None
+    first = listed[:FEW_SAMPLE_CELLS_NAMED]
+    named = ", ".join(f"{printable(name)} cell {cell} (n_valid {n_valid})" for name, cell, n_valid in first)
+    more = len(listed) - FEW_SAMPLE_CELLS_NAMED
+    return (
+        f"{len(listed)} ok cell{'s were' if len(listed) != 1 else ' was'} scored on fewer than {FEW_SAMPLES} valid"
+        f" samples: {named}{f' and {more} more' if more > 0 else ''}. Their bps is mostly noise; --min-samples"
+        f" {FEW_SAMPLES} marks them low and leaves them out of the means."
+    )
 
 
 def _compute_all_steps(
     paths: list[Path],
     step: int | None,
-    json_path: str | None,
-    csv_path: str | None,
-    clamp_negative: bool,
-    jobs: int,
-    scheduler: str | None,
-    cache: bool,
+    outputs: _Outputs,
+    scoring: dict[str, Any],
+    **merge_options: Any,
 ) -> None:
-    """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`)."""
+    """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`,
+    metrics: JSON Lines, one object per step)."""
     with bad_input_exits():
         if len(paths) != 1:
             raise BpsevalError(f"--all-steps takes one run directory, not {len(paths)}.")
         if step is not None:
             raise BpsevalError("--all-steps scores every step: leave out --step.")
-        steps = evaluate_steps(paths[0], clamp_negative=clamp_negative, jobs=jobs, scheduler=scheduler, cache=cache)
-        if csv_path is not None:
-            write_csv(steps_frame(steps), csv_path)
-        if json_path is not None:
-            write_text(json_text(steps.to_dict(str(paths[0]))), json_path)
+        steps = evaluate_steps(paths[0], **scoring, **merge_options)
+        if outputs.csv is not None:
+            write_csv(steps_frame(steps), outputs.csv)
+        if outputs.json is not None:
+            write_text(json_text(steps.to_dict(str(paths[0]))), outputs.json)
+        if outputs.metrics is not None:
+            write_text(metrics_lines(steps.results.values()), outputs.metrics)
+        if outputs.tensorboard is not None:
+            write_tensorboard(steps.results.values(), outputs.tensorboard)
     errors = stderr_console()
     for result in steps.results.values():
         for warning in result.warnings:
             errors.print(f"[yellow]Warning:[/] {escape(f'step {result.step}: {warning}')}", highlight=False)
-    if "-" not in (json_path, csv_path):
+    if not outputs.on_stdout:
         render_steps(steps, Console(highlight=False))
     else:
         for number, reason in steps.incomplete.items():

@@ -33,7 +33,7 @@ REQUIRED_KEYS = ("rhat", "robs", "dataset")
 
 
 class BPSShardCallback(pl.Callback):
-    """One shard per rank per validation epoch, and the exact `val_bps_overall` and `val_bps/<dataset>`.
+    """One shard per rank per validation epoch, and the exact `val_bps_overall` and `val_bps/<dataset>` (and pooled).
 
     `validation_step` returns a dict with `rhat`, `robs` (samples, cells), `dataset` (its name,
     or an int index whose name is then str(index); a collated list or tensor of one value is
@@ -43,8 +43,9 @@ class BPSShardCallback(pl.Callback):
     Shards go to `run_dir/step-<epoch>/rank-<r>.h5` on every `every_n_epochs`-th epoch
     (`(epoch + 1) % every_n_epochs == 0`, as `check_val_every_n_epoch`; 0 = never); a later
     validation in the same epoch replaces them. With `also_log`, every validation epoch the
-    same tensors feed a `DistributedBPS`, whose exact, global values are logged in float64 on
-    every rank (so ModelCheckpoint and EarlyStopping can monitor `val_bps_overall`; a value is
+    same tensors feed a `DistributedBPS`, whose exact, global values (`Result.metrics`, pooled
+    twins `val_bps_pooled_overall` and `val_bps_pooled/<dataset>` included) are logged in float64
+    on every rank (so ModelCheckpoint and EarlyStopping can monitor `val_bps_overall`; a value is
     NaN when no cell could be scored). The sanity-check pass is neither written nor logged.
     """
 
@@ -126,9 +127,8 @@ class BPSShardCallback(pl.Callback):
             self._writer = None
         if self.also_log:
             self.result = self.metric.compute(step=trainer.current_epoch)
-            values = {"val_bps_overall": self.result.overall.bps}
-            values.update({f"val_bps/{row.name}": row.bps for row in self.result.datasets.itertuples(index=False)})
-            for key, value in values.items():
+            # NaN kept: ModelCheckpoint and EarlyStopping expect their monitored key every epoch
+            for key, value in self.result.metrics("val_", keep_undefined=True).items():
                 # float64 tensor: a Python float would be logged as float32. Already global: no sync.
                 tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
                 pl_module.log(key, tensor, sync_dist=False, batch_size=1)

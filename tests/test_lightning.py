@@ -118,6 +118,10 @@ def test_the_logged_metric_is_bpseval_compute_of_that_epochs_shards(lightning_ru
         assert log.loc[epoch, "val_bps_overall"] == pytest.approx(offline.overall.bps, rel=1e-12)
         for row in offline.datasets.itertuples():
             assert log.loc[epoch, f"val_bps/{row.name}"] == pytest.approx(row.bps, rel=1e-12)
+        logged = {key for key in log.columns if key.startswith("val_")}
+        assert logged == set(offline.metrics(keep_undefined=True))  # one definition: Result.metrics, pooled included
+        for key, value in offline.metrics().items():
+            assert log.loc[epoch, key] == pytest.approx(value, rel=1e-12)
         assert offline.datasets["samples"].tolist() == [2 * VAL_BATCH] * 2  # one batch per rank and session
     assert final["val_bps_overall"].dtype == torch.float64
     assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall.bps, rel=1e-12)

@@ -122,7 +122,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
     "overall": {
         "bps": "number or null",
         "bps_pooled": "number or null",
-        "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count"},
+        "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
     },
     "datasets": [
         {
@@ -131,7 +131,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "duplicates_dropped": "count",
             "bps": "number or null",
             "bps_pooled": "number or null",
-            "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count"},
+            "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
             "identity?": "text",
         }
     ],

@@ -17,7 +17,7 @@ from bpseval._json import plain
 from bpseval.errors import BpsevalError, RunError
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.merge import MergedRun, merge_selection
-from bpseval.run.scored import ScoredRun, score_run
+from bpseval.run.scored import ScoredRun, ScoreSettings, score_run
 
 
 @dataclass
@@ -77,16 +77,21 @@ def merge_steps(catalog: RunCatalog, **merge_options: Any) -> tuple[dict[int, Me
 
 
 def evaluate_steps(
-    run_dir: str | os.PathLike[str] | RunCatalog, *, clamp_negative: bool = False, **merge_options: Any
+    run_dir: str | os.PathLike[str] | RunCatalog,
+    *,
+    clamp_negative: bool = False,
+    min_samples: int = 0,
+    **merge_options: Any,
 ) -> StepResults:
     """Score every complete step of a run exactly, as `evaluate(run_dir, step)` would, step by step.
 
     Steps that cannot be scored are listed in the result (`incomplete`, `failed`), not raised:
     one bad step does not hide the good ones.
     """
+    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)
     catalog = run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     runs, steps = merge_steps(catalog, **merge_options)
-    steps.results = {step: score_run(run, clamp_negative=clamp_negative) for step, run in runs.items()}
+    steps.results = {step: score_run(run, settings) for step, run in runs.items()}
     return steps
 
 
@@ -99,6 +104,7 @@ def _step_entry(scored: ScoredRun) -> dict[str, Any]:
             "bps": scored.overall.bps,
             "bps_pooled": scored.overall.bps_pooled,
             "cells": scored.overall.cells,
+            "settings": scored.settings.to_dict(),
             "datasets": [
                 {"name": dataset.name, "bps": dataset.bps, "bps_pooled": dataset.bps_pooled, "cells": dataset.cells}
                 for dataset in scored.datasets

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from bpseval.errors import ArgumentError
 from bpseval.kernel.stats import (
+    LOW,
     MIN_RATE,
     OK,
     OVERFLOW,
@@ -39,13 +41,25 @@ class ScoreSettings:
     """Reproduce legacy training loops: clamp each cell's bps at 0 before the means (biased upwards)."""
     min_rate: float = MIN_RATE
     duplicate_rhat_rtol: float = RHAT_COPY_RTOL
+    min_samples: int = 0
+    """Cells that would be ok with fewer valid samples than this are `low`: left out of the means, kept in the
+    pooled number. 0 (or 1) marks no cell."""
+
+    def __post_init__(self) -> None:
+        value = self.min_samples
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ArgumentError(f"min_samples must be a whole number >= 0, not {self.min_samples!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "clamp_negative": self.clamp_negative,
             "min_rate": self.min_rate,
             "duplicate_rhat_rtol": self.duplicate_rhat_rtol,
+            "min_samples": int(self.min_samples),
         }
+
+
+DEFAULT_SETTINGS = ScoreSettings()
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,7 @@ class ScoredDataset:
     bps: float
     """Mean bps over the ok cells (NaN when there is none, or a cell overflowed)."""
     bps_pooled: float
-    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included."""
+    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent and low ones included."""
     cells: dict[str, int]
     """How many cells have each status."""
     per_rank: list[CellStats] = field(default_factory=list)
@@ -145,11 +159,18 @@ class ScoredRun:
 
 
 def score_dataset(
-    merged: MergedDataset, clamp_negative: bool = False, stats: CellStats | None = None
+    merged: MergedDataset, settings: ScoreSettings = DEFAULT_SETTINGS, stats: CellStats | None = None
 ) -> ScoredDataset:
-    """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up)."""
+    """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up).
+
+    The one place where the settings change the scores: ok cells with fewer than `settings.min_samples`
+    valid samples become `low`, which the means leave out and the pooled number keeps.
+    """
     total = merged.total if stats is None else stats
     scores = cell_scores(total)
+    if settings.min_samples > 1:
+        low = (scores.status == OK) & (total.n_valid < settings.min_samples)
+        scores = CellScores(scores.ll_gain, scores.bps, np.where(low, LOW, scores.status))
     return ScoredDataset(
         name=merged.name,
         cell_ids=merged.cell_ids,
@@ -158,7 +179,7 @@ def score_dataset(
         samples=merged.samples,
         duplicates_dropped=merged.duplicates_dropped,
         identity=merged.identity,
-        bps=mean_bps(scores.bps, scores.status, clamp_negative),
+        bps=mean_bps(scores.bps, scores.status, settings.clamp_negative),
         bps_pooled=pooled_bps(scores.ll_gain, total.spikes, scores.status),
         cells=status_counts(scores.status),
         per_rank=list(merged.per_rank),
@@ -198,17 +219,17 @@ def score(
     files: Sequence[str] = (),
     warnings: Sequence[str] = (),
     source: str | None = None,
-    clamp_negative: bool = False,
+    settings: ScoreSettings = DEFAULT_SETTINGS,
 ) -> ScoredRun:
     """Score merged datasets into a `ScoredRun`: the one path from sums to every reported number."""
-    scored = [score_dataset(dataset, clamp_negative) for dataset in datasets]
+    scored = [score_dataset(dataset, settings) for dataset in datasets]
     return ScoredRun(
         step=step,
         world_size=world_size,
         files=list(files),
         datasets=scored,
-        overall=overall_of(scored, clamp_negative),
-        settings=ScoreSettings(clamp_negative=clamp_negative),
+        overall=overall_of(scored, settings.clamp_negative),
+        settings=settings,
         warnings=[*warnings, *(_overflow_warning(dataset) for dataset in scored if dataset.cells[OVERFLOW])],
         source=source,
     )
@@ -225,7 +246,7 @@ def _overflow_warning(dataset: ScoredDataset) -> str:
     )
 
 
-def score_run(run: MergedRun, clamp_negative: bool = False) -> ScoredRun:
+def score_run(run: MergedRun, settings: ScoreSettings = DEFAULT_SETTINGS) -> ScoredRun:
     """Score one merged step of a run directory."""
     return score(
         run.datasets,
@@ -234,7 +255,7 @@ def score_run(run: MergedRun, clamp_negative: bool = False) -> ScoredRun:
         files=[str(path) for path in run.files],
         warnings=run.warnings,
         source=str(run.run_dir),
-        clamp_negative=clamp_negative,
+        settings=settings,
     )
 
 
@@ -301,6 +322,7 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
             clamp_negative=bool(settings.get("clamp_negative", False)),
             min_rate=float(settings.get("min_rate", MIN_RATE)),
             duplicate_rhat_rtol=float(settings.get("duplicate_rhat_rtol", RHAT_COPY_RTOL)),
+            min_samples=int(settings.get("min_samples", 0)),
         ),
         warnings=[str(warning) for warning in document.get("warnings", [])],
     )

@@ -6,6 +6,7 @@ or JSON never imports pandas.
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Any
 
@@ -168,6 +169,20 @@ class Result:
                 "warnings": scored.warnings,
             }
         )
+
+    def metrics(self, prefix: str = "val_", *, keep_undefined: bool = False) -> dict[str, float]:
+        """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
+
+        `{prefix}bps_overall`, `{prefix}bps_pooled_overall`, then `{prefix}bps/<dataset>` and
+        `{prefix}bps_pooled/<dataset>` for each dataset. Undefined values are left out, not NaN
+        (a dashboard would draw NaN as a gap or zero); `keep_undefined` keeps them as NaN, for a
+        logger whose monitors expect every key every epoch.
+        """
+        values = {f"{prefix}bps_overall": self.overall.bps, f"{prefix}bps_pooled_overall": self.overall.bps_pooled}
+        for dataset in self.scored.datasets:
+            values[f"{prefix}bps/{dataset.name}"] = dataset.bps
+            values[f"{prefix}bps_pooled/{dataset.name}"] = dataset.bps_pooled
+        return {key: float(value) for key, value in values.items() if keep_undefined or math.isfinite(value)}
 
     def to_json(self) -> str:
         """`to_dict` as strict JSON (no NaN or Infinity), one line per dataset and per cell."""

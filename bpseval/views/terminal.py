@@ -28,7 +28,7 @@ from bpseval.features.compare import Comparison
 from bpseval.features.coverage import CoverageReport
 from bpseval.features.doctor import Diagnosis
 from bpseval.features.steps import StepResults, incomplete_text
-from bpseval.kernel.stats import OVERFLOW, SILENT, STATUSES, UNCOVERED
+from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.text import (
     COVERAGE_LISTED,
@@ -141,7 +141,8 @@ def _print_long(
 
 def render_compute(scored: ScoredRun, console: Console) -> None:
     """The `bpseval compute` report: one row per dataset, the overall row, then the cells without a number."""
-    shown_statuses = [status for status in STATUSES if status != OVERFLOW or scored.overall.cells[OVERFLOW]]
+    optional = {OVERFLOW: scored.overall.cells[OVERFLOW], LOW: scored.settings.min_samples > 1}
+    shown_statuses = [status for status in STATUSES if optional.get(status, True)]
     columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", "bps", "bps_pooled"))]
     rows = [
         [
@@ -161,7 +162,7 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
             "[yellow]--clamp-negative is on:[/] per-cell values were clamped at 0 before the means"
             " (legacy numbers, biased upwards)."
         )
-    for status in (OVERFLOW, UNCOVERED, SILENT):
+    for status in (OVERFLOW, UNCOVERED, SILENT, LOW):
         _render_cells_with_status(scored, status, console)
     if overall.datasets_without_ok_cells:
         left_out = shown(", ".join(overall.datasets_without_ok_cells))
@@ -177,6 +178,7 @@ CELL_REASONS = {
     UNCOVERED: "no valid sample",
     SILENT: "no spike: bps undefined",
     OVERFLOW: "sums not finite in float64: bps undefined, and so are its dataset's and the overall numbers",
+    LOW: "fewer than {min_samples} valid samples: left out of the means, kept in bps_pooled",
 }
 
 
@@ -186,7 +188,8 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
     count = sum(len(cells) for _, cells in listed)
     if not count:
         return
-    console.print(f"[bold]{count} {status} cell{'s' if count != 1 else ''}[/] ({CELL_REASONS[status]}):")
+    reason = CELL_REASONS[status].format(min_samples=scored.settings.min_samples)
+    console.print(f"[bold]{count} {status} cell{'s' if count != 1 else ''}[/] ({reason}):")
     for name, cells in listed:
         cells_text = ", ".join(str(cell) for cell in cells[:CELLS_LISTED_PER_DATASET])
         more = len(cells) - CELLS_LISTED_PER_DATASET
@@ -360,10 +363,12 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
 def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
     """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
     title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
-    columns = [Column(name) for name in ("step", "world size", "ok", "silent", "uncovered", "bps", "bps_pooled")]
+    with_low = any(result.settings.min_samples > 1 for result in steps.results.values())
+    statuses = [OK, SILENT, UNCOVERED, *([LOW] if with_low else [])]
+    columns = [Column(name) for name in ("step", "world size", *statuses, "bps", "bps_pooled")]
     rows = [
         [
-            str(step), str(result.world_size), *(str(result.overall.cells[k]) for k in ("ok", "silent", "uncovered")),
+            str(step), str(result.world_size), *(str(result.overall.cells[status]) for status in statuses),
             format_bps(result.overall.bps), format_bps(result.overall.bps_pooled),
         ]
         for step, result in steps.results.items()
