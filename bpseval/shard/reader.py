@@ -6,6 +6,7 @@ become "damaged shard" errors: a bug in bpseval's own code surfaces as its own t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,16 +57,53 @@ def open_shard(path: Path) -> Iterator[h5py.File]:
         yield handle
 
 
+class NotAShardError(ShardError):
+    """The file is not a bpseval shard at all: not HDF5, or HDF5 without (or with another) root attribute 'format'.
+
+    A damaged shard is a plain ShardError: this one lets a run skip foreign files (a mask file,
+    say) that are not named like shards. `reason` says why in a few words.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # errors travel from the header-reading child by pickle
+        return type(self), (str(self), self.reason)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The 8 bytes HDF5 looks for at offset 0, 512, 1024, 2048, ... of a file."""
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """Whether the file holds the HDF5 signature where HDF5 looks for it (True when it cannot be read: can't tell)."""
+    try:
+        with open(path, "rb") as stream:
+            size, offset = os.fstat(stream.fileno()).st_size, 0
+            while offset + len(HDF5_SIGNATURE) <= size:
+                stream.seek(offset)
+                if stream.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    return True
+                offset = max(512, 2 * offset)
+    except OSError:
+        return True
+    return False
+
+
 def _open_file(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except PermissionError:
         raise ShardError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
     except H5PY_ERRORS as error:
-        raise ShardError(
+        message = (
             f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
             " shard; delete or move it out of the run directory."
-        ) from None
+        )
+        if _has_hdf5_signature(path):
+            raise ShardError(message) from None
+        raise NotAShardError(message, "not an HDF5 file") from None
 
 
 def _short(error: BaseException) -> str:
@@ -78,9 +116,11 @@ def read_header(path: Path) -> ShardHeader:
         attrs = _attrs(path, handle, ("format", "format_version", "rank", "world_size", "step", "store", "run_id"))
         fmt = _text_attr(attrs["format"])
         if fmt != FORMAT:
-            raise ShardError(
-                f"{path}: not a bpseval shard (root attribute 'format' is {fmt!r}, expected {FORMAT!r})."
-                " Move other .h5 files out of the run directory."
+            reason = "no root attribute 'format'" if fmt is None else f"root attribute 'format' is {fmt!r}"
+            raise NotAShardError(
+                f"{path}: not a bpseval shard ({reason}, expected {FORMAT!r}). Move other .h5 files out of the run"
+                " directory.",
+                reason,
             )
         version = _int_attr(path, attrs, "format_version")
         if version != FORMAT_VERSION:

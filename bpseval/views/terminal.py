@@ -224,6 +224,8 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     console.print(table)
     for problem in diagnosis.problems:
         console.print(f"[red]✗[/] {shown(problem)}", soft_wrap=True)
+    for note in diagnosis.notes:
+        console.print(f"[yellow]•[/] {shown(note)}", soft_wrap=True)
     verdict = {0: "[green]✓ healthy[/]", 1: "[yellow]problems found[/] (compute still has a complete step)", 2: "[red]unusable:[/] no complete step"}
     console.print(verdict[diagnosis.status])
 
