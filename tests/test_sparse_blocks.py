@@ -1,4 +1,4 @@
-"""Stats-only shards keep only the blocks that hold samples, with their ids: memory follows the samples, not sample_idx."""
+"""Stats-only shards keep only the blocks that hold samples, with their ids: memory follows the samples seen."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_two_samples_at_2e9_and_2_62_cost_a_few_mb_and_two_blocks(tmp_path):
 
 
 def test_paired_compare_of_two_stats_only_runs_at_huge_sample_idx(invoke, tmp_path):
-    """Same samples, written by 1 and by 3 ranks: the merged blocks pair, the same model gives [0, 0], another does not."""
+    """Same samples written by 1 and by 3 ranks: the blocks pair; the same model gives [0, 0], a worse one does not."""
     index = np.concatenate([np.arange(1500) + HUGE[0], np.arange(1500) + HUGE[1]])
     rates, robs = _session(1, index)
     noisy = rates * np.exp(np.random.default_rng(2).normal(0.0, 0.4, rates.shape))
