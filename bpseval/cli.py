@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bpseval._json import json_text
+from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.api import evaluate
 from bpseval.errors import ArgumentError, BpsevalError
@@ -203,41 +204,61 @@ def compute(
     if all_steps:
         _compute_all_steps(paths, step, outputs, scoring, jobs=jobs, scheduler=scheduler, cache=not no_cache)
         return
+    several = len(paths) > 1
     with bad_input_exits():
-        results = {}
+        results, failed = {}, {}
         for path in paths:
-            with merge_progress(f"{path}") as on_progress:
-                results[str(path)] = evaluate(
-                    path, step, **scoring, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache
-                )
-        table = runs_frame({run: result.scored for run, result in results.items()}, sort.value)
-        first = next(iter(results.values()))
+            try:
+                with merge_progress(f"{path}") as on_progress:
+                    results[str(path)] = evaluate(
+                        path, step, **scoring, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+                        cache=not no_cache,
+                    )
+            except BpsevalError as error:
+                if not several:
+                    raise
+                failed[str(path)] = str(error)
+        table = runs_frame({run: result.scored for run, result in results.items()}, sort.value) if results else None
         if csv_path is not None:
-            write_csv(first.cells if len(results) == 1 else table, csv_path)
+            write_csv(_runs_table(table, failed) if several else next(iter(results.values())).cells, csv_path)
         if json_path is not None:
-            documents = [{"run": run, **result.to_dict()} for run, result in results.items()]
-            text = json_text(documents[0] if len(documents) == 1 else {"runs": documents})
-            write_text(text, json_path)
-        if metrics_path is not None:
-            write_text(metrics_json(first.scored), metrics_path)  # one run: outputs.check refuses several
+            documents = {run: {"run": run, **result.to_dict()} for run, result in results.items()}
+            documents.update({run: {"run": run, "error": error} for run, error in failed.items()})
+            entries = [documents[str(path)] for path in dict.fromkeys(paths)]
+            write_text(json_text({"runs": entries} if several else entries[0]), json_path)
+        if metrics_path is not None:  # one run: outputs.check refuses several
+            write_text(metrics_json(next(iter(results.values())).scored), metrics_path)
         if tensorboard_dir is not None:
-            write_tensorboard([first.scored], tensorboard_dir)
+            write_tensorboard([next(iter(results.values())).scored], tensorboard_dir)
     errors = stderr_console()
     for run, result in results.items():
         for warning in result.warnings:
-            where = f"{run}: " if len(results) > 1 else ""
+            where = f"{run}: " if several else ""
             errors.print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
     console = errors if outputs.on_stdout else Console(highlight=False)
     if not outputs.on_stdout:
-        if len(results) == 1:
-            render_compute(first.scored, console)
-        else:
+        if not several:
+            render_compute(next(iter(results.values())).scored, console)
+        elif table is not None:
             render_runs(table, console)
     for run, result in results.items():
         note = _few_samples_note(result.scored)
         if note is not None:
-            where = f"{run}: " if len(results) > 1 else ""
+            where = f"{run}: " if several else ""
             console.print(f"[yellow]Note:[/] {escape(where + note)}", highlight=False)
+    if failed:
+        for run, error in failed.items():
+            reason = error.removeprefix(f"{run}: ")
+            errors.print(f"[bold red]Error:[/] {escape(f'{run}: not scored: {reason}')}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _runs_table(table: pd.DataFrame | None, failed: dict[str, str]) -> pd.DataFrame:
+    """The runs table of a sweep with one row per run that could not be scored (its reason in `error`), last."""
+    if not failed:
+        return table
+    errors = pd.DataFrame({"run": list(failed), "error": list(failed.values())})
+    return errors if table is None else pd.concat([table, errors], ignore_index=True)
 
 
 FEW_SAMPLES = 10

@@ -31,7 +31,7 @@ def _peak_bytes(function) -> int:
 
 def test_stats_only_writer_with_two_samples_of_index_2e9_uses_a_few_mb(tmp_path) -> None:
     def write() -> None:
-        with bpseval.ShardWriter(tmp_path, 0, 1, store="stats", block_size=10**9) as writer:
+        with bpseval.ShardWriter(tmp_path, 0, 1, store="stats") as writer:
             writer.add("d", np.ones((2, 3)), np.ones((2, 3)), sample_idx=np.array([HUGE_INDEX, HUGE_INDEX + 1]))
             writer.add("d", np.ones((1, 3)), np.ones((1, 3)), sample_idx=np.array([HUGE_INDEX]))  # a repeat
 

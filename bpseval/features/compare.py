@@ -109,6 +109,7 @@ _LEAVES: dict[str, tuple[Any, str]] = {
     "cell id": (lambda v: _is_int(v) or isinstance(v, str), "a whole number or text"),
     "status": (lambda v: isinstance(v, str) and v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "object": (lambda v: isinstance(v, dict), "an object"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 BASELINE_SCHEMA: dict[str, Any] = {
@@ -117,12 +118,19 @@ BASELINE_SCHEMA: dict[str, Any] = {
     "step": "count",
     "world_size": "positive",
     "files?": "texts",
-    "settings?": "object",
+    "settings?": {
+        "clamp_negative?": "flag",
+        "min_rate?": "number",
+        "duplicate_rhat_rtol?": "number",
+        "min_samples?": "count",
+    },
     "warnings?": "texts",
     "overall": {
         "bps": "number or null",
         "bps_pooled": "number or null",
         "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
+        "datasets?": "count",
+        "datasets_without_ok_cells?": "texts",
     },
     "datasets": [
         {

@@ -22,6 +22,8 @@ class Diagnosis:
     leftovers: list[tuple[Path, bool]]
     """Temporary files of unfinished writes, and whether each is stale (older than the newest shard)."""
     file_problems: list[FileProblem] = field(default_factory=list)
+    skipped: list[FileProblem] = field(default_factory=list)
+    """Files that are not shards and not named like one: listed, not a problem (`RunCatalog.skipped`)."""
 
     @property
     def problems(self) -> list[str]:
@@ -29,6 +31,11 @@ class Diagnosis:
         found += [f"step {s.step} is incomplete: {_step_text(s)}" for s in self.steps if not s.complete]
         found += [f"{path}: {'stale ' if stale else ''}temporary file of an unfinished write" for path, stale in self.leftovers]
         return found
+
+    @property
+    def notes(self) -> list[str]:
+        """What is not a problem but worth a line: the files skipped as not shards."""
+        return [f"{problem.path}: skipped, not a bpseval shard ({problem.reason})" for problem in self.skipped]
 
     @property
     def status(self) -> int:
@@ -57,6 +64,7 @@ class Diagnosis:
             ],
             "leftovers": [{"path": str(path), "stale": stale} for path, stale in self.leftovers],
             "file_problems": [{"path": str(p.path), "problem": p.problem} for p in self.file_problems],
+            "skipped": [{"path": str(p.path), "reason": p.reason} for p in self.skipped],
             "problems": self.problems,
         }
 
@@ -78,7 +86,7 @@ def _step_text(step: StepEntry) -> str:
 
 
 def diagnose(run_dir: str | os.PathLike[str]) -> Diagnosis:
-    """Read every shard's header (no arrays) and report steps, ranks, launches, leftovers and unusable files.
+    """Read every shard's header (no arrays) and report steps, ranks, launches, leftovers, unusable and skipped files.
 
     Raises RunError when the directory cannot be used at all (missing, no shard, a sweep of
     several runs, or a symlink out of it). Leftover temporary files are reported, never deleted.
@@ -86,7 +94,7 @@ def diagnose(run_dir: str | os.PathLike[str]) -> Diagnosis:
     catalog = RunCatalog.scan(run_dir)
     newest = max((header.path.stat().st_mtime for header in catalog.shards), default=None)
     leftovers = [(path, newest is not None and _mtime(path) < newest) for path in catalog.leftovers]
-    return Diagnosis(catalog.root, list(catalog.steps.values()), leftovers, catalog.problems)
+    return Diagnosis(catalog.root, list(catalog.steps.values()), leftovers, catalog.problems, catalog.skipped)
 
 
 def _mtime(path: Path) -> float:

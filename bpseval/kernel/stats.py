@@ -323,22 +323,73 @@ def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
     return grown
 
 
-def add_by_block(
-    per_block: CellStats, block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate"
-) -> tuple[CellStats, CellStats]:
-    """Add a numpy batch into rows `block_ids` of (blocks, cells) statistics, growing them to fit.
+@dataclass(frozen=True)
+class Blocks:
+    """Statistics of the blocks that hold samples only: their ids (sorted, distinct) and (len(ids), cells) sums."""
 
-    Returns the updated per-block statistics and the batch's total (the sum of its blocks).
-    """
-    per_block = pad_blocks(per_block, int(block_ids.max()) + 1 if len(block_ids) else 0)
-    total = CellStats.zeros(per_block.n_cells)
-    for block in np.unique(block_ids):
+    ids: np.ndarray
+    stats: CellStats
+
+    def total(self) -> CellStats:
+        """The sum over the blocks."""
+        return CellStats(*(getattr(self.stats, name).sum(axis=0) for name in STAT_FIELDS))
+
+
+def block_stats(
+    block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate"
+) -> Blocks:
+    """The statistics of a numpy batch per block: one row per distinct value of `block_ids` (one per sample)."""
+    ids = np.unique(block_ids)
+    per_block = CellStats.zeros((len(ids), rhat.shape[1]))
+    for row, block in enumerate(ids):
         rows = block_ids == block
         stats = batch_stats(rhat[rows], robs[rows], None if weights is None else weights[rows], rate_kind)
         for name in STAT_FIELDS:
-            getattr(per_block, name)[block] += getattr(stats, name)
-        total += stats
-    return per_block, total
+            getattr(per_block, name)[row] = getattr(stats, name)
+    return Blocks(ids, per_block)
+
+
+def add_by_block(
+    per_block: CellStats, block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate"
+) -> tuple[CellStats, CellStats]:
+    """Add a numpy batch into rows `block_ids` of dense (blocks, cells) statistics, growing them to fit.
+
+    For a few blocks numbered from 0 (the merge's `--blocks`); `BlockSums` keeps sparse ids. Returns the
+    updated per-block statistics and the batch's total (the sum of its blocks).
+    """
+    blocks = block_stats(block_ids, rhat, robs, weights, rate_kind)
+    per_block = pad_blocks(per_block, int(blocks.ids[-1]) + 1 if len(blocks.ids) else 0)
+    for name in STAT_FIELDS:
+        getattr(per_block, name)[blocks.ids] += getattr(blocks.stats, name)
+    return per_block, blocks.total()
+
+
+class BlockSums:
+    """Statistics per block id, kept for the blocks that hold samples only, however large their ids.
+
+    A stats-only writer numbers blocks sample_idx // block_size, up to about 2^63 / block_size: a
+    dense array indexed by id would hold every empty block below the first. Rows are kept in the
+    order the blocks first appear, in a buffer that doubles when full, so adding costs the blocks
+    added, not the blocks held; `sorted()` gives them in id order.
+    """
+
+    def __init__(self, n_cells: int) -> None:
+        self._rows: dict[int, int] = {}
+        self._sums = CellStats.zeros((0, n_cells))
+
+    def add(self, blocks: Blocks) -> None:
+        """Add the statistics of `blocks` (distinct ids) into the blocks of the same ids, creating the new ones."""
+        rows = np.array([self._rows.setdefault(int(block), len(self._rows)) for block in blocks.ids], dtype=np.int64)
+        if len(self._rows) > self._sums.n_valid.shape[0]:
+            self._sums = pad_blocks(self._sums, max(len(self._rows), 2 * self._sums.n_valid.shape[0]))
+        for name in STAT_FIELDS:
+            getattr(self._sums, name)[rows] += getattr(blocks.stats, name)
+
+    def sorted(self) -> Blocks:
+        """Every block added, in increasing id order."""
+        ids = np.fromiter(self._rows, dtype=np.int64, count=len(self._rows))
+        order = np.argsort(ids, kind="stable")
+        return Blocks(ids[order], CellStats(*(getattr(self._sums, name)[order] for name in STAT_FIELDS)))
 
 
 MAX_LOG_RATE = 700.0

@@ -19,10 +19,12 @@ import numpy as np
 from bpseval.errors import BpsevalError, RunError, ShardError
 from bpseval.run.parallel import START_METHOD
 from bpseval.shard.format import ShardHeader, is_shard_name
-from bpseval.shard.reader import read_header
+from bpseval.shard.reader import NotAShardError, read_header
 
 STEP_DIRECTORY = re.compile(r"step-(\d+)")
 """The folder ShardWriter puts a step's shards in (`shard_path`): tells a file's step without opening it."""
+SHARD_NAME = re.compile(r"rank[-_]?\d+\.h5", re.IGNORECASE)
+"""File names that say "shard" (`rank-0003.h5`, `rank0.h5`, `rank_12.h5`): such a file that is not one is an error."""
 LISTED = 5
 """Paths or ranks a message lists before it counts the rest."""
 
@@ -40,6 +42,11 @@ class FileProblem:
         """The message without the leading path."""
         return str(self.error).removeprefix(f"{self.path}: ")
 
+    @property
+    def reason(self) -> str:
+        """Why a skipped file is not a shard, in a few words (for other problems, the whole message)."""
+        return self.error.reason if isinstance(self.error, NotAShardError) else self.problem
+
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -48,6 +55,18 @@ class RunFiles:
     shards: list[Path]
     leftovers: list[Path]
     problems: list[FileProblem] = field(default_factory=list)
+
+
+def is_shard_like(path: Path) -> bool:
+    """Named like a shard (`SHARD_NAME`) or inside a `step-SSSSSS` folder: a file there is meant to be a shard."""
+    return bool(SHARD_NAME.fullmatch(path.name)) or step_of_path(path) is not None
+
+
+def skipped_text(skipped: list[FileProblem]) -> str:
+    """"2 files that are not a bpseval shard: <path> (<why>), <path> (<why>)": a handful named, the rest counted."""
+    count = len(skipped)
+    named = listing([f"{problem.path} ({problem.reason})" for problem in skipped])
+    return f"{count} file{'s that are' if count > 1 else ' that is'} not a bpseval shard: {named}"
 
 
 def step_of_path(path: Path) -> int | None:
@@ -343,6 +362,9 @@ class RunCatalog:
     leftovers: list[Path]
     problems: list[FileProblem]
     steps: dict[int, StepEntry]
+    skipped: list[FileProblem] = field(default_factory=list)
+    """Files that are not bpseval shards (not HDF5, or without the root attribute 'format') and not named like
+    one (`is_shard_like`): a mask file, say. Named in a warning, never merged, never an error."""
 
     @classmethod
     def scan(cls, run_dir: str | os.PathLike[str], *, jobs: int = 1) -> RunCatalog:
@@ -350,6 +372,7 @@ class RunCatalog:
 
         Raises RunError when the directory is missing, holds no shard, or holds several runs
         (a sweep); unreadable and damaged files are kept as problems, for the steps they belong to.
+        A file that is not a shard at all and not named like one is skipped (`skipped`).
         """
         root = Path(run_dir)
         files = scan_run_dir(root)
@@ -361,12 +384,19 @@ class RunCatalog:
                 " during validation, or pass the run directory that holds them." + leftover_note(files.leftovers)
             )
         _refuse_sweep(root, files.shards)
-        headers, problems = [], list(files.problems)
-        for path, header in zip(files.shards, read_headers(files.shards, jobs=jobs)):
-            if isinstance(header, BpsevalError):
+        headers, problems, skipped = [], list(files.problems), []
+        for path, header in zip(files.shards, read_headers(files.shards, jobs=jobs), strict=True):
+            if isinstance(header, NotAShardError) and not is_shard_like(path):
+                skipped.append(FileProblem(path, header, None))
+            elif isinstance(header, BpsevalError):
                 problems.append(FileProblem(path, header, step_of_path(path)))
             else:
                 headers.append(header)
+        if not headers and not problems:
+            raise RunError(
+                f"{root}: no shards found; skipped {skipped_text(skipped)}. Write shards with bpseval.ShardWriter"
+                " during validation, or pass the run directory that holds them." + leftover_note(files.leftovers)
+            )
         by_step: dict[int, list[ShardHeader]] = {}
         for header in headers:
             by_step.setdefault(header.step, []).append(header)
@@ -381,7 +411,7 @@ class RunCatalog:
             )
             for step in sorted(by_step)
         }
-        return cls(root, headers, files.leftovers, problems, steps)
+        return cls(root, headers, files.leftovers, problems, steps, skipped)
 
     @property
     def run_problems(self) -> list[FileProblem]:
@@ -407,12 +437,12 @@ class RunCatalog:
         """
         if self.run_problems:
             raise self.run_problems[0].error
+        notes = [self.skipped_note] if self.skipped else []
         if step is not None:
             if step not in self.steps:
                 found = ", ".join(map(str, self.steps)) or "none readable"
                 raise RunError(f"{self.root}: no shard has step {step}; steps found: {found}.")
-            return StepSelection(self._require(self.steps[step]), [])
-        notes = []
+            return StepSelection(self._require(self.steps[step]), notes)
         for entry in reversed(self.steps.values()):
             if entry.complete:
                 return StepSelection(entry, notes)
@@ -420,6 +450,11 @@ class RunCatalog:
                 self._require(entry)
             notes.append(f"step {entry.step} is incomplete ({entry.missing_text()} missing); passed over.")
         return StepSelection(self._require(list(self.steps.values())[-1]), [])
+
+    @property
+    def skipped_note(self) -> str:
+        """One line naming the skipped files (see `skipped`)."""
+        return f"skipped {skipped_text(self.skipped)}; move such files out of the run directory to silence this."
 
     def _require(self, entry: StepEntry) -> StepEntry:
         """`entry` if it can be merged, else the RunError (or the file's own error) saying why."""

@@ -18,13 +18,13 @@ import numpy as np
 from bpseval.errors import BpsevalError
 from bpseval.kernel.stats import (
     STAT_FIELDS,
+    BlockSums,
     CellStats,
     InvalidValues,
     InvalidValuesError,
     add_by_block,
     batch_stats,
     find_invalid_values,
-    pad_blocks,
 )
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.dedup import _Deduplicator
@@ -252,21 +252,24 @@ def sample_blocks(unique: np.ndarray, sample_idx: np.ndarray, blocks: int) -> np
 def _merge_stats_dataset(
     name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, cell_ids: np.ndarray
 ) -> MergedDataset:
-    """Add up the stored sums of stats-only shards; their block statistics add up block by block."""
+    """Add up the stored sums of stats-only shards; their blocks add up by block id (the union of the ranks' ids).
+
+    The rows of `per_block` are the blocks in increasing id order, those without a valid entry dropped:
+    two runs that scored the same samples with the same block size get the same rows, whatever their ranks.
+    """
     per_rank = [CellStats.zeros(len(cell_ids)) for _ in range(world_size)]
-    per_block: CellStats | None = None
+    sums: BlockSums | None = None
     for header, layout in parts:
         per_rank[header.rank], blocks = read_stats(header.path, layout)
         if blocks is not None:
-            if per_block is None:
-                per_block = blocks
-            else:
-                n_blocks = max(per_block.n_valid.shape[0], blocks.n_valid.shape[0])
-                per_block = pad_blocks(per_block, n_blocks) + pad_blocks(blocks, n_blocks)
-    if per_block is not None:
-        # The writer numbers blocks sample_idx // block_size from 0: blocks before the dataset's first
-        # sample_idx (or in gaps) hold nothing and would enter the bootstrap as empty units.
-        per_block = CellStats(*(getattr(per_block, name)[per_block.n_valid.sum(axis=1) > 0] for name in STAT_FIELDS))
+            if sums is None:
+                sums = BlockSums(len(cell_ids))
+            sums.add(blocks)
+    per_block = None
+    if sums is not None:
+        merged = sums.sorted().stats
+        # blocks without a valid entry (all masked) would enter the bootstrap as empty units
+        per_block = CellStats(*(getattr(merged, key)[merged.n_valid.sum(axis=1) > 0] for key in STAT_FIELDS))
     return MergedDataset(
         name=name,
         cell_ids=cell_ids,

@@ -6,6 +6,7 @@ become "damaged shard" errors: a bug in bpseval's own code surfaces as its own t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 
 from bpseval.errors import BpsevalError, ShardError
-from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, CellStats, as_weights
+from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, Blocks, CellStats, as_weights
 from bpseval.shard.format import (
     DATASETS_GROUP,
     FORMAT,
@@ -56,16 +57,53 @@ def open_shard(path: Path) -> Iterator[h5py.File]:
         yield handle
 
 
+class NotAShardError(ShardError):
+    """The file is not a bpseval shard at all: not HDF5, or HDF5 without (or with another) root attribute 'format'.
+
+    A damaged shard is a plain ShardError: this one lets a run skip foreign files (a mask file,
+    say) that are not named like shards. `reason` says why in a few words.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # errors travel from the header-reading child by pickle
+        return type(self), (str(self), self.reason)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The 8 bytes HDF5 looks for at offset 0, 512, 1024, 2048, ... of a file."""
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """Whether the file holds the HDF5 signature where HDF5 looks for it (True when it cannot be read: can't tell)."""
+    try:
+        with open(path, "rb") as stream:
+            size, offset = os.fstat(stream.fileno()).st_size, 0
+            while offset + len(HDF5_SIGNATURE) <= size:
+                stream.seek(offset)
+                if stream.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    return True
+                offset = max(512, 2 * offset)
+    except OSError:
+        return True
+    return False
+
+
 def _open_file(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except PermissionError:
         raise ShardError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
     except H5PY_ERRORS as error:
-        raise ShardError(
+        message = (
             f"{path}: cannot be read as an HDF5 file ({_short(error)}). It may be truncated or not a"
             " shard; delete or move it out of the run directory."
-        ) from None
+        )
+        if _has_hdf5_signature(path):
+            raise ShardError(message) from None
+        raise NotAShardError(message, "not an HDF5 file") from None
 
 
 def _short(error: BaseException) -> str:
@@ -78,9 +116,11 @@ def read_header(path: Path) -> ShardHeader:
         attrs = _attrs(path, handle, ("format", "format_version", "rank", "world_size", "step", "store", "run_id"))
         fmt = _text_attr(attrs["format"])
         if fmt != FORMAT:
-            raise ShardError(
-                f"{path}: not a bpseval shard (root attribute 'format' is {fmt!r}, expected {FORMAT!r})."
-                " Move other .h5 files out of the run directory."
+            reason = "no root attribute 'format'" if fmt is None else f"root attribute 'format' is {fmt!r}"
+            raise NotAShardError(
+                f"{path}: not a bpseval shard ({reason}, expected {FORMAT!r}). Move other .h5 files out of the run"
+                " directory.",
+                reason,
             )
         version = _int_attr(path, attrs, "format_version")
         if version != FORMAT_VERSION:
@@ -266,6 +306,10 @@ def _int_attr(path: Path, attrs: dict[str, Any], key: str) -> int:
 
 
 RAW_ARRAYS = ("rhat", "robs", "dfs", "sample_idx", "cell_ids")
+BLOCK_IDS = "block_ids"
+"""The array of a stats-only shard's `blocks/` group that numbers its rows (sample_idx // block_size)."""
+
+
 
 
 def _read_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
@@ -344,13 +388,21 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
     attrs = _attrs(path, group, ("block_size", "rate_kind", "samples", "duplicates_dropped"))
     block_size = None
     if members["blocks"] is not None:
-        blocks = _members(path, members["blocks"], STAT_FIELDS) if isinstance(members["blocks"], h5py.Group) else {}
+        group_of_blocks = isinstance(members["blocks"], h5py.Group)
+        blocks = _members(path, members["blocks"], (*STAT_FIELDS, BLOCK_IDS)) if group_of_blocks else {}
         block_arrays = {key: _array_info(path, item) for key, item in blocks.items() if isinstance(item, h5py.Dataset)}
-        block_shapes = {array.shape for array in block_arrays.values()}
-        if len(block_arrays) != len(STAT_FIELDS) or len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or (
-            next(iter(block_shapes))[1] != n_cells
+        block_shapes = {block_arrays[key].shape for key in STAT_FIELDS if key in block_arrays}
+        if len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or next(iter(block_shapes))[1] != n_cells or (
+            any(key not in block_arrays for key in STAT_FIELDS)
         ):
             raise ShardError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
+        ids = block_arrays.get(BLOCK_IDS)
+        n_blocks = next(iter(block_shapes))[0]
+        if (blocks.get(BLOCK_IDS) is not None and ids is None) or (
+            ids is not None and (ids.shape != (n_blocks,) or ids.dtype.kind not in "iu")
+        ):
+            found = f"{ids.dtype} {ids.shape}" if ids is not None else f"a {type(blocks[BLOCK_IDS]).__name__}"
+            raise ShardError(f"{where}: blocks/{BLOCK_IDS} must be integers of shape ({n_blocks},), found {found}.")
         arrays.update({f"blocks/{key}": array for key, array in block_arrays.items()})
         block_size = _int_attr(path, attrs, "block_size")
         if block_size < 1:
@@ -371,26 +423,49 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
     )
 
 
-def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, CellStats | None]:
-    """The per-cell sums of a stats-only dataset, and its per-block sums when stored.
+def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, Blocks | None]:
+    """The per-cell sums of a stats-only dataset, and its per-block sums with their ids when stored.
 
-    Refuses (ShardError naming the file, dataset, field and first cell) sums that no data could
-    produce: see `_check_sums`.
+    Blocks are those that hold samples, with ids in `blocks/block_ids`; a shard without that array
+    (written before it existed) holds dense blocks 0..B-1. Refuses (ShardError naming the file,
+    dataset, field and first cell) sums that no data could produce: see `_checked_sums`, and ids that
+    are not increasing or beyond the largest sample_idx.
     """
     with open_shard(path) as handle:
         with _h5py_errors(path):
             group = handle[DATASETS_GROUP][layout.name]
             arrays = {key: group[key] for key in STAT_FIELDS}
             if layout.block_size is not None:
-                arrays.update({f"blocks/{key}": group["blocks"][key] for key in STAT_FIELDS})
+                stored = group["blocks"]
+                keys = (*STAT_FIELDS, BLOCK_IDS) if BLOCK_IDS in stored else STAT_FIELDS
+                arrays.update({f"blocks/{key}": stored[key] for key in keys})
         values = {key: _read(path, layout.name, array, slice(None)) for key, array in arrays.items()}
     where = f"{path}: dataset {layout.name!r}"
     total = _checked_sums(where, "", values, layout.n_rows)
-    blocks = None
-    if layout.block_size is not None:
-        blocks = _checked_sums(where, "blocks/", values, layout.block_size)
-        _check_blocks_add_up(where, total, blocks)
-    return total, blocks
+    if layout.block_size is None:
+        return total, None
+    per_block = _checked_sums(where, "blocks/", values, layout.block_size)
+    _check_blocks_add_up(where, total, per_block)
+    n_blocks = per_block.n_valid.shape[0]
+    ids = values.get(f"blocks/{BLOCK_IDS}")
+    ids = np.arange(n_blocks, dtype=np.int64) if ids is None else _checked_block_ids(where, ids, layout.block_size)
+    return total, Blocks(ids, per_block)
+
+
+def _checked_block_ids(where: str, ids: np.ndarray, block_size: int) -> np.ndarray:
+    """Block ids as int64, refused unless strictly increasing and within 0..(2^63 - 1) // block_size."""
+    largest = np.iinfo(np.int64).max // block_size
+    problems = []
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > largest):
+        problems.append(f"outside 0..{largest} (sample_idx // block_size)")
+    if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        problems.append("not strictly increasing")
+    if problems:
+        raise ShardError(
+            f"{where}: stored blocks/{BLOCK_IDS} {' and '.join(problems)}; the stats-only shard is damaged or was not"
+            " written by ShardWriter. Re-run validation to rewrite it."
+        )
+    return ids.astype(np.int64)
 
 
 SUM_RTOL = 1e-9

@@ -24,10 +24,12 @@ from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
     RATE_KINDS,
     STAT_FIELDS,
+    Blocks,
+    BlockSums,
     CellStats,
-    add_by_block,
     as_weights,
     batch_stats,
+    block_stats,
 )
 from bpseval.shard.format import (
     CHUNK_BYTES,
@@ -688,11 +690,16 @@ class ShardWriter:
 
 @dataclass
 class _RankStats:
-    """One dataset's statistics on this rank, for `store="stats"`: total, per block, and the samples seen."""
+    """One dataset's statistics on this rank, for `store="stats"`: total, per block, and the samples seen.
+
+    Blocks are kept sparse (`BlockSums`): only those that hold samples, so a sample_idx near 2^62 costs
+    one block, not every empty block below it.
+    """
 
     n_cells: int
     total: CellStats | None = None
-    per_block: CellStats | None = None
+    blocks: BlockSums | None = None
+    """None until a batch with sample_idx comes."""
     seen: SeenSamples = field(default_factory=SeenSamples)
     samples: int = 0
     duplicates_dropped: int = 0
@@ -709,32 +716,37 @@ class _RankStats:
             weights = None if weights is None else weights[keep]
         try:
             if index is None:
-                return _StatsUpdate(batch_stats(rhat, robs, weights, rate_kind), self.per_block, None, len(rhat), 0)
-            blocks = self.per_block if self.per_block is not None else CellStats.zeros((0, self.n_cells))
-            per_block, batch = add_by_block(blocks, index // block_size, rhat, robs, weights, rate_kind)
+                return _StatsUpdate(batch_stats(rhat, robs, weights, rate_kind), None, None, len(rhat), 0)
+            blocks = block_stats(index // block_size, rhat, robs, weights, rate_kind)
         except BpsevalError as error:
             raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        return _StatsUpdate(batch, per_block, index, len(rhat), dropped)
+        return _StatsUpdate(blocks.total(), blocks, index, len(rhat), dropped)
 
     def commit(self, update: _StatsUpdate) -> None:
         self.total = update.batch if self.total is None else self.total + update.batch
-        self.per_block = update.per_block
+        if update.blocks is not None:
+            if self.blocks is None:
+                self.blocks = BlockSums(self.n_cells)
+            self.blocks.add(update.blocks)
         if update.index is not None:
             self.seen.add(update.index)
         self.samples += update.samples
         self.duplicates_dropped += update.dropped
 
     def write(self, group: h5py.Group, block_size: int) -> None:
+        """The sums, and the blocks that hold samples with their ids (`blocks/block_ids`, increasing)."""
         total = self.total if self.total is not None else CellStats.zeros(self.n_cells)
         for name in STAT_FIELDS:
             group.create_dataset(name, data=getattr(total, name))
         group.attrs["samples"] = self.samples
         group.attrs["duplicates_dropped"] = self.duplicates_dropped
-        if self.per_block is not None:
+        if self.blocks is not None:
+            blocks = self.blocks.sorted()
             group.attrs["block_size"] = block_size
-            blocks = group.create_group("blocks")
+            stored = group.create_group("blocks")
+            stored.create_dataset("block_ids", data=blocks.ids)
             for name in STAT_FIELDS:
-                blocks.create_dataset(name, data=getattr(self.per_block, name))
+                stored.create_dataset(name, data=getattr(blocks.stats, name))
 
 
 @dataclass(frozen=True)
@@ -742,7 +754,7 @@ class _StatsUpdate:
     """One batch's contribution to `_RankStats`, computed before anything is changed."""
 
     batch: CellStats
-    per_block: CellStats | None
+    blocks: Blocks | None
     index: np.ndarray | None
     samples: int
     dropped: int

@@ -352,6 +352,8 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     print_table(console, f"Run directory {shown(str(diagnosis.run_dir))}", columns, rows)
     for problem in diagnosis.problems:
         console.print(f"[red]✗[/] {shown(problem)}", soft_wrap=True)
+    for note in diagnosis.notes:
+        console.print(f"[yellow]•[/] {shown(note)}", soft_wrap=True)
     verdict = {
         0: "[green]✓ healthy[/]",
         1: "[yellow]problems found[/] (compute still has a complete step)",
