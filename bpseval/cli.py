@@ -26,6 +26,7 @@ from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.features.compare import CompareSettings, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
+from bpseval.features.overview import RunOverview
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.kernel.stats import OK
@@ -309,6 +310,8 @@ def _compute_all_steps(
         if outputs.tensorboard is not None:
             write_tensorboard(steps.results.values(), outputs.tensorboard)
     errors = stderr_console()
+    for note in steps.notes:
+        errors.print(f"[yellow]Warning:[/] {escape(note)}", highlight=False)
     for result in steps.results.values():
         for warning in result.warnings:
             errors.print(f"[yellow]Warning:[/] {escape(f'step {result.step}: {warning}')}", highlight=False)
@@ -601,8 +604,9 @@ Baseline = Annotated[
 ]
 
 
-def _print_warnings(scored: ScoredRun) -> None:
-    for warning in scored.warnings:
+def _print_warnings(inputs: RunOverview) -> None:
+    """The pictured step's warnings, and what is said once about the whole run."""
+    for warning in [*inputs.steps.notes, *inputs.scored.warnings]:
         stderr_console().print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
 
 
@@ -633,7 +637,7 @@ def plot(
             cache=not no_cache,
         )
         written = write_plots(inputs, output, image_format.value)
-    _print_warnings(inputs.scored)
+    _print_warnings(inputs)
     console = Console(highlight=False)
     console.print(
         f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False
@@ -676,7 +680,7 @@ def report(
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)
-    _print_warnings(inputs.scored)
+    _print_warnings(inputs)
     console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
     size = len(html.encode()) / 1024
     console.print(

@@ -110,6 +110,10 @@ def test_files_that_are_not_shards_are_skipped_with_one_warning_naming_them(invo
                       ("compare", run, "--baseline", run), ("compute", run, "--all-steps")):
         outcome = invoke(*arguments)
         assert outcome.exit_code == 0, (arguments, outcome.output)
+    all_steps = invoke("compute", run, "--all-steps", "--json", "-")
+    said = [line for line in all_steps.stderr.splitlines() if line.startswith("Warning:") and "skipped" in line]
+    assert len(said) == 1 and all(str(path) in said[0] for path in skipped)  # once, not once per step
+    assert json.loads(all_steps.stdout)["notes"] == [said[0].removeprefix("Warning: ")]
     catalog = RunCatalog.scan(run, jobs=2)  # the errors come back from the header-reading children intact
     assert [problem.path for problem in catalog.skipped] == skipped and not catalog.problems
     assert [problem.reason for problem in catalog.skipped][2] == "not an HDF5 file"

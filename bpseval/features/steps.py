@@ -31,6 +31,8 @@ class StepResults:
     """Steps that cannot be scored for another reason: bad input."""
     problems: list[str] = field(default_factory=list)
     """Unreadable files whose step is unknown: bad input."""
+    notes: list[str] = field(default_factory=list)
+    """About the run as a whole, said once (e.g. files skipped as not shards)."""
 
     @property
     def steps(self) -> list[int]:
@@ -48,6 +50,7 @@ class StepResults:
         document["incomplete_steps"] = [{"step": step, "reason": reason} for step, reason in self.incomplete.items()]
         document["failed_steps"] = [{"step": step, "reason": reason} for step, reason in self.failed.items()]
         document["problems"] = self.problems
+        document["notes"] = self.notes
         return document
 
 
@@ -59,7 +62,11 @@ def merge_steps(catalog: RunCatalog, **merge_options: Any) -> tuple[dict[int, Me
     RunError when no step could be merged.
     """
     runs: dict[int, MergedRun] = {}
-    skipped = StepResults({}, problems=[str(problem.error) for problem in catalog.run_problems])
+    skipped = StepResults(
+        {},
+        problems=[str(problem.error) for problem in catalog.run_problems],
+        notes=[catalog.skipped_note] if catalog.skipped else [],
+    )
     for step, entry in catalog.steps.items():
         if entry.only_incomplete:
             skipped.incomplete[step] = entry.reason
