@@ -113,7 +113,7 @@ RunDirs = Annotated[
 ]
 
 
-class Choice(str, Enum):  # noqa: UP042 (StrEnum is Python 3.11+, bpseval supports 3.10)
+class Choice(str, Enum):  # not StrEnum: that is Python 3.11+, and bpseval supports 3.10
     """The values of an option that takes one of a few words."""
 
 
@@ -212,7 +212,12 @@ def compute(
             try:
                 with merge_progress(f"{path}") as on_progress:
                     results[str(path)] = evaluate(
-                        path, step, **scoring, jobs=jobs, scheduler=scheduler, on_progress=on_progress,
+                        path,
+                        step,
+                        **scoring,
+                        jobs=jobs,
+                        scheduler=scheduler,
+                        on_progress=on_progress,
                         cache=not no_cache,
                     )
             except BpsevalError as error:
@@ -633,7 +638,12 @@ def plot(
         check_outputs({"-o/--output": output}, folders={"-o/--output"})
         require_matplotlib()
         inputs = load_overview(
-            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            run_dir,
+            step,
+            baseline=baseline_path,
+            min_samples=min_samples,
+            jobs=jobs,
+            scheduler=scheduler,
             cache=not no_cache,
         )
         written = write_plots(inputs, output, image_format.value)
@@ -675,7 +685,12 @@ def report(
         check_outputs({"-o/--output": output})
         require_matplotlib()
         inputs = load_overview(
-            run_dir, step, baseline=baseline_path, min_samples=min_samples, jobs=jobs, scheduler=scheduler,
+            run_dir,
+            step,
+            baseline=baseline_path,
+            min_samples=min_samples,
+            jobs=jobs,
+            scheduler=scheduler,
             cache=not no_cache,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))

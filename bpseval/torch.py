@@ -160,8 +160,10 @@ class DistributedBPS:
         window = self.dedup_window if index is not None else 0
         direct = max(0, len(rows) - window)
         rhat, robs, weights = screened.rhat, screened.robs, screened.weights
-        parts = [(rhat[start:stop], robs[start:stop], None if weights is None else weights[start:stop])
-                 for start, stop in ((0, direct), (direct, len(rows)))]
+        parts = [
+            (rhat[start:stop], robs[start:stop], None if weights is None else weights[start:stop])
+            for start, stop in ((0, direct), (direct, len(rows)))
+        ]
         folded = unchecked_batch_stats(*parts[0], rate_kind) if direct or not window else None
         per_row = _row_stats(*parts[1], rate_kind) if window else None
         if state is None:
@@ -223,8 +225,8 @@ class DistributedBPS:
         version = reader.get(state, "version", int)
         if version != STATE_VERSION:
             raise reader.error(
-                "version", f"is {version}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval that"
-                " saved it"
+                "version",
+                f"is {version}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval that saved it",
             )
         datasets, inner = reader.get(state, "datasets", Mapping), reader.child("datasets")
         self._datasets = {
@@ -393,6 +395,7 @@ class _DatasetState:
     @classmethod
     def empty(cls, rate_kind: str, has_sample_idx: bool, like: CellStats) -> _DatasetState:
         """A state with no rows, whose arrays have the dtype and device of `like` ((cells,) or (rows, cells) stats)."""
+
         def no_rows(values: Any) -> Any:
             xp = array_namespace(values)
             return xp.zeros((0, values.shape[-1]), dtype=values.dtype, device=device(values))
@@ -434,10 +437,10 @@ class _DatasetState:
         if per_row is not None and per_row.n_valid.shape[0] == window:  # the usual batch: the whole old tail folds
             if len(self.tail_idx):
                 self.total = _map(lambda total, rows: total + _sum_rows(rows), self.total, self.tail)
-            self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0]:]
+            self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0] :]
         elif per_row is not None:
             tail = _map(_concat_rows, self.tail, per_row)
-            tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0]:]])
+            tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0] :]])
             fold = max(0, tail.n_valid.shape[0] - window)
             if fold:
                 self.total = _map(lambda total, rows: total + _sum_rows(rows[:fold]), self.total, tail)
@@ -521,8 +524,15 @@ class _DatasetState:
         if arrays == "numpy":
             total, tail = (_map(lambda values: values.cpu().numpy(), stats) for stats in (total, tail))
         return cls(
-            rate_kind, has_sample_idx, reader.cell_ids(state, n_cells), total, tail, tail_idx,
-            SeenSamples.from_indices(seen), rows, skipped,
+            rate_kind,
+            has_sample_idx,
+            reader.cell_ids(state, n_cells),
+            total,
+            tail,
+            tail_idx,
+            SeenSamples.from_indices(seen),
+            rows,
+            skipped,
         )
 
     def summary(self, name: str) -> _RankSummary:

@@ -39,12 +39,20 @@ REPO = Path(__file__).resolve().parents[1]
 def assert_same_merge(cached: MergedRun, fresh: MergedRun) -> None:
     """Every field of two merges equal, arrays to the last bit and of the same dtype."""
     assert (cached.step, cached.world_size, cached.files, cached.warnings) == (
-        fresh.step, fresh.world_size, fresh.files, fresh.warnings
+        fresh.step,
+        fresh.world_size,
+        fresh.files,
+        fresh.warnings,
     )
     assert len(cached.datasets) == len(fresh.datasets)
     for a, b in zip(cached.datasets, fresh.datasets, strict=True):
         assert (a.name, a.rate_kind, a.samples, a.duplicates_dropped, a.identity, a.warnings) == (
-            b.name, b.rate_kind, b.samples, b.duplicates_dropped, b.identity, b.warnings
+            b.name,
+            b.rate_kind,
+            b.samples,
+            b.duplicates_dropped,
+            b.identity,
+            b.warnings,
         )
         assert a.cell_ids.dtype == b.cell_ids.dtype and np.array_equal(a.cell_ids, b.cell_ids)
         assert (a.per_block is None) == (b.per_block is None)
@@ -63,8 +71,10 @@ def write_messy_step(run: Path, step: int, seed: int = 0, store: str = "raw") ->
         arrays = {key: values[20 * rank : 20 * rank + 20] for key, values in base.items()}
         sample_idx = np.arange(20 * rank, 20 * rank + 20)
         if rank == 1 and store == "raw":
-            arrays = {key: np.concatenate([values, base[key][:1] * (1.5 if key == "rhat" else 1)])
-                      for key, values in arrays.items()}
+            arrays = {
+                key: np.concatenate([values, base[key][:1] * (1.5 if key == "rhat" else 1)])
+                for key, values in arrays.items()
+            }
             sample_idx = np.append(sample_idx, 0)
         with ShardWriter(run, rank, 2, step=step, store=store, block_size=8) as writer:
             writer.add("a", **arrays, sample_idx=sample_idx, cell_ids=np.array([f"unit {i}" for i in range(5)]))
@@ -124,8 +134,7 @@ def test_any_run_comes_back_from_the_cache_bit_for_bit(world_size, cells, rows, 
                 arrays["rhat"] = np.log(arrays["rhat"])
             with ShardWriter(run, rank, world_size, step=seed) as writer:
                 sample_idx = np.arange(rows) * world_size + rank if indexed else None
-                writer.add("d", **arrays, sample_idx=sample_idx,
-                           rate_kind="log_rate" if log_rate else "rate")
+                writer.add("d", **arrays, sample_idx=sample_idx, rate_kind="log_rate" if log_rate else "rate")
         merge_run(run, blocks=blocks, cache=True)
         cached = merge_run(run, blocks=blocks, cache=True)
         assert cached.cached
@@ -274,7 +283,10 @@ def read_only(directory: Path) -> Iterator[None]:
         finally:
             directory.chmod(0o755)
         return
-    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False).returncode:
+    if (
+        not shutil.which("chattr")
+        or subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False).returncode
+    ):
         pytest.skip("running as root, and the immutable flag cannot be set here")
     try:
         yield
@@ -323,8 +335,15 @@ def test_concurrent_commands_never_corrupt_the_cache(tmp_path, invoke):
     processes = []
     for out in outputs:  # started 0.1 s apart: later ones read entries that earlier ones may still be writing
         command = [sys.executable, "-m", "bpseval", "compute", str(run), "--all-steps", "--json", str(out)]
-        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "PYTHONPATH": str(REPO)}))
+        processes.append(
+            subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        )
         time.sleep(0.1)
     for process in processes:
         assert process.wait(timeout=120) == 0, process.stderr.read()
@@ -346,8 +365,13 @@ def test_a_cached_run_scans_the_same(tmp_path, invoke):
 
     def scanned() -> tuple:
         catalog = RunCatalog.scan(run)
-        return ([h.path for h in catalog.shards], catalog.leftovers, catalog.problems, list(catalog.steps),
-                catalog.complete_steps)
+        return (
+            [h.path for h in catalog.shards],
+            catalog.leftovers,
+            catalog.problems,
+            list(catalog.steps),
+            catalog.complete_steps,
+        )
 
     before, doctor_before = scanned(), invoke("doctor", run)
     merge_steps(RunCatalog.scan(run), cache=True)

@@ -103,7 +103,12 @@ def test_a_fifo_named_like_a_shard_is_never_opened_and_is_named(invoke, tmp_path
     os.mkfifo(fifo)
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-m", "bpseval", "compute", str(run)], capture_output=True, text=True, timeout=60, cwd=REPO, check=False
+        [sys.executable, "-m", "bpseval", "compute", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
     )
     assert completed.returncode == 2, completed.stderr
     assert f"{fifo}: is a FIFO, not a regular file; bpseval never opens it" in completed.stderr
@@ -130,11 +135,20 @@ def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_command(tmp_path)
         environment = {**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)}
         if os.geteuid() == 0:  # root lists anything: run as nobody, if nobody can run bpseval here
             command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-            probe = subprocess.run([*command[:4], sys.executable, "-c", "import bpseval"], capture_output=True, cwd="/", env=environment, check=False)
+            probe = subprocess.run(
+                [*command[:4], sys.executable, "-c", "import bpseval"],
+                capture_output=True,
+                cwd="/",
+                env=environment,
+                check=False,
+            )
             if probe.returncode != 0:
                 pytest.skip("root lists every folder, and user nobody cannot import bpseval here")
+
         def run_bpseval(*arguments: str) -> subprocess.CompletedProcess:
-            return subprocess.run([*command, *arguments], capture_output=True, text=True, cwd="/", env=environment, check=False)
+            return subprocess.run(
+                [*command, *arguments], capture_output=True, text=True, cwd="/", env=environment, check=False
+            )
 
         computed = run_bpseval("compute", str(run))
         assert computed.returncode == 2, computed.stderr
@@ -261,7 +275,10 @@ def test_every_shard_header_is_read_once_per_command(tmp_path, command):
     arguments = command.format(out=tmp_path / "out").split()
     completed = subprocess.run(
         [sys.executable, "-c", COUNT_HEADER_READS, str(log), arguments[0], str(run), *arguments[1:]],
-        capture_output=True, text=True, cwd=REPO, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     reads = log.read_text().split()

@@ -70,7 +70,17 @@ def test_json_to_stdout_is_only_json_and_has_no_nan(invoke, tmp_path):
     result = invoke("compute", two_rank_run(tmp_path / "run"), "--json", "-")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert set(document) >= {"bpseval_version", "step", "world_size", "ranks", "files", "settings", "overall", "datasets", "cells"}
+    assert set(document) >= {
+        "bpseval_version",
+        "step",
+        "world_size",
+        "ranks",
+        "files",
+        "settings",
+        "overall",
+        "datasets",
+        "cells",
+    }
     assert document["ranks"] == [0, 1]
     assert set(document["overall"]) >= {"bps", "bps_pooled", "datasets", "cells"}
     assert set(document["datasets"][0]) >= {"name", "samples", "duplicates_dropped", "bps", "bps_pooled", "cells"}
@@ -117,7 +127,9 @@ def test_clamp_negative_reproduces_legacy_mean_and_says_so(invoke, tmp_path):
     assert clamped.overall.bps == pytest.approx(np.maximum(per_cell, 0).mean())
     result = invoke("compute", tmp_path, "--clamp-negative")
     assert "--clamp-negative is on" in result.stdout
-    assert json.loads(invoke("compute", tmp_path, "--clamp-negative", "--json", "-").stdout)["settings"]["clamp_negative"]
+    assert json.loads(invoke("compute", tmp_path, "--clamp-negative", "--json", "-").stdout)["settings"][
+        "clamp_negative"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +231,14 @@ BAD_INPUTS: dict[str, tuple[Setup, list[str]]] = {
     "dfs outside [0, 1]": (_dfs_out_of_range, ["rank0.h5", "dfs has 240 outside [0, 1] or NaN values"]),
     "log-rate overflow": (
         lambda run: write_raw_shard(
-            run / "rank0.h5", {"Allen_2022-04-13": {"rhat": np.array([[800.0], [0.0]]), "robs": np.ones((2, 1)), "rate_kind": "log_rate"}}
+            run / "rank0.h5",
+            {
+                "Allen_2022-04-13": {
+                    "rhat": np.array([[800.0], [0.0]]),
+                    "robs": np.ones((2, 1)),
+                    "rate_kind": "log_rate",
+                }
+            },
         ),
         ["rank0.h5", "rhat has 1 log-rate above 700 (overflowing) value (first at sample row 0, cell 0)"],
     ),
@@ -290,7 +309,10 @@ def test_duplicate_rhat_beyond_rounding_warns_and_keeps_first(invoke, tmp_path):
     write_raw_shard(tmp_path / "b.h5", {"d": {**second, "sample_idx": np.arange(40)}}, rank=1, world_size=2)
     result = invoke("compute", tmp_path, "--json", "-")
     assert result.exit_code == 0
-    assert "Warning: dataset 'd': rhat differs beyond rounding between the copies of 1 duplicated sample" in result.stderr.replace("\n", " ")
+    assert (
+        "Warning: dataset 'd': rhat differs beyond rounding between the copies of 1 duplicated sample"
+        in result.stderr.replace("\n", " ")
+    )
     document = json.loads(result.stdout)
     assert document["datasets"][0]["duplicates_dropped"] == 40
     reference = bpseval.bits_per_spike(first["rhat"], first["robs"])

@@ -33,7 +33,10 @@ def simulate(seed: int, n_samples: int = 2000, sessions: dict[str, int] = SESSIO
 def predictions(data, noise: float, seed: int, gain: float = 1.0):
     """A model's rates: the true rates with multiplicative noise (and a miscalibration `gain`)."""
     rng = np.random.default_rng(seed)
-    return {name: (gain * d["rates"] * np.exp(rng.normal(0, noise, d["rates"].shape))).astype(np.float32) for name, d in data.items()}
+    return {
+        name: (gain * d["rates"] * np.exp(rng.normal(0, noise, d["rates"].shape))).astype(np.float32)
+        for name, d in data.items()
+    }
 
 
 def write_run(run_dir: Path, data, rhat, world_size: int = 2, shuffle_seed: int | None = None, drop=()) -> Path:
@@ -47,7 +50,13 @@ def write_run(run_dir: Path, data, rhat, world_size: int = 2, shuffle_seed: int 
                 for start in range(0, len(index), 256):
                     rows = index[start : start + 256]
                     dfs = session.get("dfs")
-                    writer.add(name, rhat[name][rows], session["robs"][rows], None if dfs is None else dfs[rows], sample_idx=rows)
+                    writer.add(
+                        name,
+                        rhat[name][rows],
+                        session["robs"][rows],
+                        None if dfs is None else dfs[rows],
+                        sample_idx=rows,
+                    )
     return run_dir
 
 
@@ -59,12 +68,22 @@ def runs(tmp_path_factory):
     base = write_run(root / "base", data, good)
     rerun = write_run(root / "rerun", data, good, world_size=3, shuffle_seed=7)
     degraded_rhat = dict(good)
-    degraded_rhat["Allen_2022-05-02"] = predictions({"Allen_2022-05-02": data["Allen_2022-05-02"]}, 0.8, seed=2)["Allen_2022-05-02"]
+    degraded_rhat["Allen_2022-05-02"] = predictions({"Allen_2022-05-02": data["Allen_2022-05-02"]}, 0.8, seed=2)[
+        "Allen_2022-05-02"
+    ]
     degraded = write_run(root / "degraded", data, degraded_rhat)
     slightly = write_run(root / "slightly", data, {name: r * np.float32(1.01) for name, r in good.items()})
     baseline = root / "baseline.json"
-    return {"root": root, "data": data, "good": good, "base": base, "rerun": rerun, "degraded": degraded,
-            "slightly": slightly, "baseline": baseline}
+    return {
+        "root": root,
+        "data": data,
+        "good": good,
+        "base": base,
+        "rerun": rerun,
+        "degraded": degraded,
+        "slightly": slightly,
+        "baseline": baseline,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +122,12 @@ def test_degraded_model_fails_and_names_the_dataset(invoke, runs, baseline_file)
     assert result.exit_code == 1
     assert "Regression: overall bps; overall bps_pooled; dataset 'Allen_2022-05-02' bps" in result.stderr
     assert "Traceback" not in result.output
-    verdicts = {(m["scope"], m["verdict"]) for m in json.loads(invoke("compare", runs["degraded"], "--baseline", baseline_file, "--json", "-").stdout)["metrics"]}
+    verdicts = {
+        (m["scope"], m["verdict"])
+        for m in json.loads(invoke("compare", runs["degraded"], "--baseline", baseline_file, "--json", "-").stdout)[
+            "metrics"
+        ]
+    }
     assert ("Allen_2022-04-13", "unchanged") in verdicts and ("Allen_2022-05-02", "regressed") in verdicts
 
 
@@ -111,7 +135,9 @@ def test_change_inside_tolerance_passes_and_outside_fails(invoke, runs, baseline
     document = json.loads(invoke("compare", runs["slightly"], "--baseline", baseline_file, "--json", "-").stdout)
     drop = -min(m["delta"] for m in document["metrics"])
     assert 0 < drop < 0.01, drop
-    assert invoke("compare", runs["slightly"], "--baseline", baseline_file, "--atol", "0.01", "--rtol", "0").exit_code == 0
+    assert (
+        invoke("compare", runs["slightly"], "--baseline", baseline_file, "--atol", "0.01", "--rtol", "0").exit_code == 0
+    )
     failing = invoke("compare", runs["slightly"], "--baseline", baseline_file, "--atol", "0", "--rtol", "0")
     assert failing.exit_code == 1
 
@@ -129,17 +155,29 @@ def test_paired_bootstrap_detects_a_small_degradation_that_cells_bootstrap_misse
     good = predictions(data, 0.2, seed=4)
     rng = np.random.default_rng(5)
     noise = rng.uniform(0.1, 0.3, 40)  # some cells predicted better than by `good`, most worse
-    worse = {name: (d["rates"] * np.exp(rng.normal(0, 1, d["rates"].shape) * noise)).astype(np.float32) for name, d in data.items()}
+    worse = {
+        name: (d["rates"] * np.exp(rng.normal(0, 1, d["rates"].shape) * noise)).astype(np.float32)
+        for name, d in data.items()
+    }
     base, new = write_run(tmp_path / "base", data, good), write_run(tmp_path / "new", data, worse)
     invoke("baseline", base, "-o", tmp_path / "base.json")
     args = ("--significance", "0.05", "--rtol", "0", "--json", "-", "--bootstrap", "1000")
     paired = json.loads(invoke("compare", new, "--baseline", base, *args).stdout)
     unpaired = json.loads(invoke("compare", new, "--baseline", tmp_path / "base.json", *args).stdout)
     assert (paired["mode"], unpaired["mode"]) == ("paired", "cells")
-    overall = {doc["mode"]: next(m for m in doc["metrics"] if m["scope"] == "overall" and m["metric"] == "bps") for doc in (paired, unpaired)}
-    assert overall["paired"]["delta"] == pytest.approx(overall["cells"]["delta"]) and -0.01 < overall["paired"]["delta"] < 0
+    overall = {
+        doc["mode"]: next(m for m in doc["metrics"] if m["scope"] == "overall" and m["metric"] == "bps")
+        for doc in (paired, unpaired)
+    }
+    assert (
+        overall["paired"]["delta"] == pytest.approx(overall["cells"]["delta"])
+        and -0.01 < overall["paired"]["delta"] < 0
+    )
     assert overall["paired"]["interval"][1] < 0 and overall["paired"]["verdict"] == "regressed"
-    assert overall["cells"]["interval"][0] < 0 < overall["cells"]["interval"][1] and overall["cells"]["verdict"] == "unchanged"
+    assert (
+        overall["cells"]["interval"][0] < 0 < overall["cells"]["interval"][1]
+        and overall["cells"]["verdict"] == "unchanged"
+    )
     assert not paired["passed"] and unpaired["passed"]
 
 
@@ -165,8 +203,18 @@ def test_missing_dataset_fails_unless_allowed(invoke, runs, baseline_file, tmp_p
 
 def test_junit_and_markdown_outputs_parse(invoke, runs, baseline_file, tmp_path):
     result = invoke(
-        "compare", runs["degraded"], "--baseline", baseline_file, "--significance", "0.05", "--bootstrap", "300",
-        "--junit", tmp_path / "compare.xml", "--markdown", tmp_path / "summary.md",
+        "compare",
+        runs["degraded"],
+        "--baseline",
+        baseline_file,
+        "--significance",
+        "0.05",
+        "--bootstrap",
+        "300",
+        "--junit",
+        tmp_path / "compare.xml",
+        "--markdown",
+        tmp_path / "summary.md",
     )
     assert result.exit_code == 1
     suite = ElementTree.parse(tmp_path / "compare.xml").getroot()
@@ -184,8 +232,13 @@ def test_junit_and_markdown_outputs_parse(invoke, runs, baseline_file, tmp_path)
 def test_markdown_stays_under_1_mb_with_many_datasets():
     def result_with(n_datasets: int, shift: float) -> ScoredRun:
         rng = np.random.default_rng(0)
-        stats = [batch_stats(rng.gamma(2, 0.5, (50, 3)) * (1 + shift), rng.poisson(1.0, (50, 3))) for _ in range(n_datasets)]
-        datasets = [MergedDataset(f"Session_{i:05d}_with_a_long_name", np.arange(3), "rate", [s], 50, 0) for i, s in enumerate(stats)]
+        stats = [
+            batch_stats(rng.gamma(2, 0.5, (50, 3)) * (1 + shift), rng.poisson(1.0, (50, 3))) for _ in range(n_datasets)
+        ]
+        datasets = [
+            MergedDataset(f"Session_{i:05d}_with_a_long_name", np.arange(3), "rate", [s], 50, 0)
+            for i, s in enumerate(stats)
+        ]
         return score_run(MergedRun(Path("."), 0, 1, [], datasets))
 
     comparison = compare(Side("new", result_with(5000, 0.3)), Side("base", result_with(5000, 0.0)), CompareSettings())
@@ -198,7 +251,10 @@ def test_markdown_stays_under_1_mb_with_many_datasets():
     ("content", "message"),
     [
         ("{not json", "cannot read the baseline"),
-        ('{"format": "bpseval-baseline", "format_version": 2, "overall": {}, "datasets": []}', "version 2 is not supported"),
+        (
+            '{"format": "bpseval-baseline", "format_version": 2, "overall": {}, "datasets": []}',
+            "version 2 is not supported",
+        ),
         ('{"step": 1}', "not a bpseval baseline"),
     ],
 )
@@ -209,7 +265,9 @@ def test_broken_baseline_exits_2(invoke, runs, tmp_path, content, message):
 
 
 def test_runs_without_a_shared_dataset_exit_2(invoke, runs, tmp_path):
-    other = write_run(tmp_path / "other", {"Other": runs["data"]["Allen_2022-04-13"]}, {"Other": runs["good"]["Allen_2022-04-13"]})
+    other = write_run(
+        tmp_path / "other", {"Other": runs["data"]["Allen_2022-04-13"]}, {"Other": runs["good"]["Allen_2022-04-13"]}
+    )
     result = invoke("compare", other, "--baseline", runs["base"])
     assert result.exit_code == 2 and "share no dataset" in result.stderr
 
@@ -227,7 +285,9 @@ def blocked_side(label: str, rhat: np.ndarray, robs: np.ndarray, blocks: int) ->
         for name in STAT_FIELDS:
             getattr(per_block, name)[block] = getattr(stats, name)
     total = batch_stats(rhat, robs)
-    dataset = MergedDataset("d", np.arange(robs.shape[1]), "rate", [total], len(robs), 0, identity="same", per_block=per_block)
+    dataset = MergedDataset(
+        "d", np.arange(robs.shape[1]), "rate", [total], len(robs), 0, identity="same", per_block=per_block
+    )
     run = MergedRun(Path(label), 0, 1, [], [dataset])
     return Side(label, score_run(run))
 

@@ -65,7 +65,14 @@ def test_per_rank_counts_match_the_hand_computed_case(run_dir):
     assert got == EXPECTED
     assert report.cells.set_index("cell").loc[3, "status"] == "silent"
     summary = report.datasets.iloc[0].to_dict()
-    assert summary == {"name": "Allen_2022-04-13", "cells": 4, "below": 4, "uncovered": 0, "silent": 1, "min_n_valid": 1}
+    assert summary == {
+        "name": "Allen_2022-04-13",
+        "cells": 4,
+        "below": 4,
+        "uncovered": 0,
+        "silent": 1,
+        "min_n_valid": 1,
+    }
 
 
 def test_cli_lists_exactly_the_cells_below_and_exits_1(invoke, run_dir):
@@ -73,7 +80,9 @@ def test_cli_lists_exactly_the_cells_below_and_exits_1(invoke, run_dir):
     assert result.exit_code == 1, result.output
     document = json.loads(result.stdout)
     assert {key: document[key] for key in ("min_samples", "step", "world_size")} == {
-        "min_samples": 3, "step": 4, "world_size": 2,
+        "min_samples": 3,
+        "step": 4,
+        "world_size": 2,
     }
     assert [(c["cell"], c["n_valid"], c["per_rank"]) for c in document["cells"]] == [(1, 2, [2, 0]), (2, 1, [0, 1])]
     assert document["cells"][0]["status"] == "ok" and document["cells"][0]["dataset"] == "Allen_2022-04-13"

@@ -24,8 +24,12 @@ def write_run(run_dir, rank_dfs: dict[int, np.ndarray], cell_ids=None) -> None:
     world_size = len(rank_dfs)
     for rank, dfs in rank_dfs.items():
         rows = np.arange(len(dfs)) * world_size + rank
-        arrays = {"rhat": np.full(dfs.shape, 0.5, np.float32), "robs": np.ones(dfs.shape, np.float32), "dfs": dfs,
-                  "sample_idx": rows}
+        arrays = {
+            "rhat": np.full(dfs.shape, 0.5, np.float32),
+            "robs": np.ones(dfs.shape, np.float32),
+            "dfs": dfs,
+            "sample_idx": rows,
+        }
         if cell_ids is not None:
             arrays["cell_ids"] = cell_ids
         write_raw_shard(run_dir / f"rank{rank}.h5", {"V1": arrays}, rank=rank, world_size=world_size, step=2)
@@ -50,7 +54,7 @@ def test_cells_without_a_valid_sample_on_a_rank_are_listed_although_the_threshol
     assert document["cells"] == []
     assert document["zero_on_some_rank"] == EXPECTED
     assert "no valid sample on some rank: 2" in result.stdout
-    section = result.stdout[result.stdout.index("some rank"):]
+    section = result.stdout[result.stdout.index("some rank") :]
     rows = [line for line in section.splitlines() if line.startswith("│ V1")]
     assert [row.split("│")[2:7] for row in rows] == [
         ["    1 ", "     102 ", "      12 ", "     12 ", "    0 ✗ "],

@@ -21,7 +21,10 @@ from tests.conftest import poisson_dataset
 
 
 def write_run(
-    run_dir: Path, datasets: dict[str, list[str] | None], steps: tuple[int, ...] = (0,), seed: int = 0,
+    run_dir: Path,
+    datasets: dict[str, list[str] | None],
+    steps: tuple[int, ...] = (0,),
+    seed: int = 0,
     uncovered: tuple[int, ...] = (3,),
 ) -> Path:
     """One rank per step; each dataset has 4 cells (cell_ids as given), cell 0 with a bad model (negative bps)."""
@@ -113,7 +116,7 @@ def test_names_starting_with_an_underscore_show_in_every_legend(tmp_path):
 # HTML report
 
 SCRIPT = "<script>alert(1)"
-QUOTED = 'a"b&c\'d'
+QUOTED = "a\"b&c'd"
 GONE = "<i>gone"
 NEW = "&new;<b>"
 SCRIPT_IDS = ["</script><script>alert(2)</script>", '"><img src=x onerror=alert(3)>', "&amp;", "<!-- c3 -->"]

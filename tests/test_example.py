@@ -28,7 +28,12 @@ def fresh_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory written by running the example now, as a user would."""
     out = tmp_path_factory.mktemp("example") / "exp1"
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180, check=False
+        [sys.executable, str(EXAMPLE), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode == 0, f"example failed:\n{proc.stdout}\n{proc.stderr}"
     assert "legacy bps" in proc.stdout and "bpseval compute" in proc.stdout, proc.stdout
@@ -76,7 +81,11 @@ def test_console_script_computes_the_committed_run() -> None:
     script = Path(sys.executable).parent / "bpseval"
     assert script.is_file(), f"console script {script} is missing; install bpseval (pip install -e .)"
     proc = subprocess.run(
-        [str(script), "compute", str(COMMITTED_RUN), "--json", "-"], capture_output=True, text=True, timeout=60, check=False
+        [str(script), "compute", str(COMMITTED_RUN), "--json", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)

@@ -107,7 +107,9 @@ def edit(path: Path, key: str, change: Callable[[np.ndarray], None]) -> None:
 
 IMPOSSIBLE_SUMS = {
     "negative n_valid": (
-        "n_valid", lambda v: v.__setitem__(2, -1), "n_valid is negative or not a whole number at cell 2"
+        "n_valid",
+        lambda v: v.__setitem__(2, -1),
+        "n_valid is negative or not a whole number at cell 2",
     ),
     "fractional n_valid": ("n_valid", lambda v: v.__setitem__(1, 3.5), "n_valid is negative or not a whole number"),
     "n_valid above samples": ("n_valid", lambda v: v.__setitem__(3, 21), "n_valid exceeds the 20 samples"),
@@ -116,7 +118,9 @@ IMPOSSIBLE_SUMS = {
     "negative spikes": ("spikes", lambda v: v.__setitem__(2, -3.0), "spikes is negative at cell 2"),
     "NaN model_ll": ("model_ll", lambda v: v.__setitem__(0, np.nan), "model_ll is NaN or infinite"),
     "block n_valid above block size": (
-        "blocks/n_valid", lambda v: v.__setitem__((1, 0), 11), "blocks/n_valid exceeds the 10"
+        "blocks/n_valid",
+        lambda v: v.__setitem__((1, 0), 11),
+        "blocks/n_valid exceeds the 10",
     ),
     "block spikes with zero weight": (
         "blocks/spikes",
@@ -124,7 +128,9 @@ IMPOSSIBLE_SUMS = {
         "blocks/spikes is positive while weight is 0 at cell 4 of block 0",
     ),
     "blocks not adding up": (
-        "blocks/model_ll", lambda v: v.__setitem__((1, 3), v[1, 3] - 1.0), "blocks/model_ll does not add up"
+        "blocks/model_ll",
+        lambda v: v.__setitem__((1, 3), v[1, 3] - 1.0),
+        "blocks/model_ll does not add up",
     ),
 }
 
@@ -161,6 +167,7 @@ def test_a_good_stats_shard_with_a_silent_cell_is_read(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Item 10: arrays that declare far more than they store cannot make bpseval allocate or spin
+
 
 def bomb_shard(path: Path, kind: str, target: str) -> None:
     """A shard of a few MB whose `target` ("rhat": rhat and robs; or "sample_idx") declares 10^8 rows

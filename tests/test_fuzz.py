@@ -114,12 +114,21 @@ STRUCTURAL: dict[str, tuple[Callable[[h5py.File], None], int]] = {
     "rhat 3-D": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "rhat", np.ones((64, 5, 1))), 2),
     "robs one row short": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "robs", np.ones((63, 5))), 2),
     "dfs of another width": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "dfs", np.ones((64, 4))), 2),
-    "dfs as a group": (lambda f: (f["datasets/Allen_2022-04-13"].__delitem__("dfs"), f["datasets/Allen_2022-04-13"].create_group("dfs")), 2),
+    "dfs as a group": (
+        lambda f: (
+            f["datasets/Allen_2022-04-13"].__delitem__("dfs"),
+            f["datasets/Allen_2022-04-13"].create_group("dfs"),
+        ),
+        2,
+    ),
     "sample_idx float": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "sample_idx", np.arange(64.0)), 2),
     "sample_idx negative": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "sample_idx", -np.arange(64)), 2),
     "cell_ids too short": (lambda f: _replace(f["datasets/Allen_2022-04-13"], "cell_ids", np.arange(4)), 2),
     "rate_kind unknown": (lambda f: f["datasets/Allen_2022-04-13"].attrs.__setitem__("rate_kind", "probability"), 2),
-    "dataset is an array": (lambda f: (f.__delitem__("datasets"), f.create_dataset("datasets/Allen_2022-04-13", data=np.ones(3))), 2),
+    "dataset is an array": (
+        lambda f: (f.__delitem__("datasets"), f.create_dataset("datasets/Allen_2022-04-13", data=np.ones(3))),
+        2,
+    ),
     "datasets is an array": (lambda f: (f.__delitem__("datasets"), f.create_dataset("datasets", data=np.ones(3))), 2),
     "huge declared shape": (
         lambda f: [
@@ -130,7 +139,11 @@ STRUCTURAL: dict[str, tuple[Callable[[h5py.File], None], int]] = {
     ),
     "empty datasets (N = 0)": (
         lambda f: [
-            _replace(f["datasets/Allen_2022-04-13"], key, np.zeros((0, 5) if key != "sample_idx" else (0,), dtype="f4" if key != "sample_idx" else "i8"))
+            _replace(
+                f["datasets/Allen_2022-04-13"],
+                key,
+                np.zeros((0, 5) if key != "sample_idx" else (0,), dtype="f4" if key != "sample_idx" else "i8"),
+            )
             for key in ("rhat", "robs", "dfs", "sample_idx")
         ],
         0,
@@ -183,7 +196,8 @@ def test_file_on_which_hdf5_loops_forever_is_reported_within_the_time_bound(tmp_
             text=True,
             timeout=60,
             env={**os.environ, "BPSEVAL_METADATA_TIMEOUT": "3"},
-            cwd=Path(__file__).parents[1], check=False,
+            cwd=Path(__file__).parents[1],
+            check=False,
         )
         assert time.perf_counter() - start < 30
         assert completed.returncode == 2, completed.stderr

@@ -123,7 +123,10 @@ def test_example_report_is_self_contained_and_complete(example_report):
     result = bpseval.evaluate(EXAMPLE)
     assert f"{result.overall.bps:.4f}" in text and f"{result.overall.bps_pooled:.4f}" in text
     for row in result.datasets.itertuples(index=False):
-        assert f"{row.name} {row.ok} {row.silent} {row.uncovered} {row.samples} {row.duplicates_dropped} {row.bps:.4f} {row.bps_pooled:.4f}" in text
+        assert (
+            f"{row.name} {row.ok} {row.silent} {row.uncovered} {row.samples} {row.duplicates_dropped} {row.bps:.4f} {row.bps_pooled:.4f}"
+            in text
+        )
     # the unscored cells, and the thinly covered ones with their per-rank counts
     assert "1 uncovered cell (no valid sample on any rank)" in text
     assert "Allen_2022-05-02 1 0 (id 1000)" in text
@@ -155,7 +158,9 @@ def test_report_with_baseline_steps_and_markup_in_names(cli, tmp_path):
     baseline = tmp_path / "baseline.json"
     assert cli.invoke(app, ["baseline", str(run), "--step", "0", "-o", str(baseline)]).exit_code == 0
     output = tmp_path / "report.html"
-    result = cli.invoke(app, ["report", str(run), "-o", str(output), "--baseline", str(baseline), "--step", "1", "--min-samples", "20"])
+    result = cli.invoke(
+        app, ["report", str(run), "-o", str(output), "--baseline", str(baseline), "--step", "1", "--min-samples", "20"]
+    )
     assert result.exit_code == 0, result.output
     html = output.read_text(encoding="utf-8")
     checker = check_page(html)
@@ -198,14 +203,27 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.skip("no Chromium on PATH (Debian: apt-get install -y chromium): the report is not rendered in a browser here")
+    pytest.skip(
+        "no Chromium on PATH (Debian: apt-get install -y chromium): the report is not rendered in a browser here"
+    )
 
 
 def run_chromium(browser: str, page: Path, profile: Path, *arguments: str) -> subprocess.CompletedProcess:
     command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *arguments, page.resolve().as_uri(),
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *arguments,
+        page.resolve().as_uri(),
     ]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
@@ -231,7 +249,9 @@ def test_chromium_renders_the_example_report(example_report, tmp_path):
     assert console_messages(dom.stderr) == []
 
     shot = tmp_path / "report.png"
-    rendered = run_chromium(browser, example_report, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1280,2000")
+    rendered = run_chromium(
+        browser, example_report, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1280,2000"
+    )
     assert rendered.returncode == 0 and shot.exists(), rendered.stderr
     assert console_messages(rendered.stderr) == []
     pixels = matplotlib.image.imread(shot)[..., :3]

@@ -82,7 +82,9 @@ def test_offline_dedup_of_a_fully_replicated_validation_set_stays_under_400_mb(t
                 rhat = batch.gamma(2.0, 0.5, size=(5000, n_cells)).astype(np.float16)
                 writer.add("d", rhat, batch.poisson(rhat.astype(np.float32)).astype(np.uint8), sample_idx=rows)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", MERGE, str(tmp_path)], capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", MERGE, str(tmp_path)], capture_output=True, text=True, env=env, check=False
+    )
     assert out.returncode == 0, out.stderr
     counts, peak_mb = out.stdout.strip().split("\n")
     assert counts == f"[[{n_rows}, {n_rows}]]"

@@ -44,7 +44,10 @@ def test_metrics_are_the_callback_names_with_undefined_values_left_out(tmp_path)
     assert all(isinstance(value, float) and math.isfinite(value) for value in metrics.values())
     kept = result.metrics(keep_undefined=True)
     assert [key for key in kept if key not in metrics] == [
-        "val_bps/none", "val_bps_pooled/none", "val_bps/quiet", "val_bps_pooled/quiet"
+        "val_bps/none",
+        "val_bps_pooled/none",
+        "val_bps/quiet",
+        "val_bps_pooled/quiet",
     ]
     assert all(math.isnan(kept[key]) for key in kept if key not in metrics)
     assert set(result.metrics(prefix="")) == {"bps_overall", "bps_pooled_overall", "bps/a", "bps_pooled/a"}
@@ -141,7 +144,11 @@ main()
 def test_tensorboard_without_the_package_exits_2_naming_the_extra(tmp_path):
     process = subprocess.run(
         [sys.executable, "-c", BLOCK_TENSORBOARD, str(tmp_path / "no-such-run"), str(tmp_path / "tb")],
-        capture_output=True, text=True, cwd=REPO, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
     )
     assert process.returncode == 2, process.stderr
     assert "pip install 'bpseval[tensorboard]'" in process.stderr and "Traceback" not in process.stderr

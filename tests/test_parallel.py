@@ -59,13 +59,17 @@ def test_dask_local_cluster_gives_identical_results(invoke, run_dir):
 def test_dask_scheduler_address_on_loopback(run_dir):
     from dask.distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         result = bpseval.evaluate(run_dir, scheduler=cluster.scheduler_address)
     assert as_json(result) == as_json(bpseval.evaluate(run_dir))
 
 
 def test_unreachable_scheduler_exits_2(invoke, run_dir):
-    result = invoke("compute", run_dir, "--scheduler", "tcp://127.0.0.1:1", "--no-cache")  # a cached step needs no scheduler
+    result = invoke(
+        "compute", run_dir, "--scheduler", "tcp://127.0.0.1:1", "--no-cache"
+    )  # a cached step needs no scheduler
     assert result.exit_code == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in result.stderr
 
 

@@ -120,8 +120,10 @@ def naive_counts(mask: np.ndarray, world_size: int, fraction: float, batch_size:
     data=st.data(),
 )
 def test_all_ranks_at_once_equal_rank_by_rank(n_samples, world_size, batch_size, fraction, seed, data):
-    mask = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=n_samples,
-                                       max_size=n_samples)), dtype=bool).reshape(n_samples, 3)
+    mask = np.array(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=n_samples, max_size=n_samples)),
+        dtype=bool,
+    ).reshape(n_samples, 3)
     n_batches = math.ceil(math.ceil(n_samples / world_size) / batch_size)
     if n_batches and int(n_batches * fraction) == 0:
         with pytest.raises(BpsevalError, match="keeps no batch"):

@@ -35,14 +35,23 @@ def real_counts(mask, world_size, fraction, batch_size, seed):
 def test_indices_equal_the_real_distributed_sampler(n_samples, world_size, seed):
     for rank in range(world_size):
         real = list(
-            DistributedSampler(range(n_samples), num_replicas=world_size, rank=rank, shuffle=seed is not None, seed=seed or 0)
+            DistributedSampler(
+                range(n_samples), num_replicas=world_size, rank=rank, shuffle=seed is not None, seed=seed or 0
+            )
         )
         assert distributed_sampler_indices(n_samples, world_size, rank, seed=seed).tolist() == real
 
 
 @pytest.mark.parametrize(
     ("world_size", "fraction", "batch_size", "seed"),
-    [(1, 1.0, None, None), (2, 0.1, 16, None), (3, 0.25, 7, None), (2, 0.1, 8, 3), (4, 1.0, 5, 11), (2, 0.5, None, None)],
+    [
+        (1, 1.0, None, None),
+        (2, 0.1, 16, None),
+        (3, 0.25, 7, None),
+        (2, 0.1, 8, 3),
+        (4, 1.0, 5, 11),
+        (2, 0.5, None, None),
+    ],
 )
 def test_prediction_equals_real_sampler_counts(world_size, fraction, batch_size, seed):
     rng = np.random.default_rng(world_size)

@@ -103,9 +103,13 @@ def test_plot_one_step_svg_and_baseline(invoke, two_step_run, tmp_path):
     result = invoke("plot", two_step_run, "-o", out, "--step", "1", "--format", "svg", "--baseline", baseline)
     assert result.exit_code == 0, result.output
     names = {path.name for path in out.iterdir()}
-    assert names == {"bps-by-dataset.svg", "bps-vs-rate.svg", "coverage.svg", "bps-over-steps.svg", "compare-cells.svg"} | {
-        f"dataset-{name}.svg" for name in DATASETS
-    }
+    assert names == {
+        "bps-by-dataset.svg",
+        "bps-vs-rate.svg",
+        "coverage.svg",
+        "bps-over-steps.svg",
+        "compare-cells.svg",
+    } | {f"dataset-{name}.svg" for name in DATASETS}
     for path in out.iterdir():
         root = ElementTree.parse(path).getroot()
         assert root.tag.endswith("svg") and root.get("width", "").endswith("pt")
@@ -126,7 +130,9 @@ def test_plot_bad_input_exits_2(invoke, tmp_path):
 # Readable with 30 datasets
 
 
-def synthetic_run(n_datasets: int = 30, world_size: int = 2, seed: int = 0, step: int = 0, scale: float = 0.3) -> MergedRun:
+def synthetic_run(
+    n_datasets: int = 30, world_size: int = 2, seed: int = 0, step: int = 0, scale: float = 0.3
+) -> MergedRun:
     """A merged run of `n_datasets` datasets of 20 to 180 cells, with uncovered, silent and thinly sampled cells."""
     rng = np.random.default_rng(seed)
     datasets = []
@@ -145,7 +151,9 @@ def synthetic_run(n_datasets: int = 30, world_size: int = 2, seed: int = 0, step
         name = f"Session_{2020 + index % 4}-{index % 12 + 1:02d}-{index + 1:02d}_mouse{index:02d}"
         if index == 3:
             name = "V1 <b>&$x$"  # markup and mathtext characters
-        datasets.append(MergedDataset(name, np.arange(cells) + 1000, "rate", per_rank, 30 * world_size, 0, f"id{index}"))
+        datasets.append(
+            MergedDataset(name, np.arange(cells) + 1000, "rate", per_rank, 30 * world_size, 0, f"id{index}")
+        )
     files = [Path(f"step-{step}/rank-{rank}.h5") for rank in range(world_size)]
     return MergedRun(Path("synthetic"), step, world_size, files, datasets)
 
@@ -176,7 +184,11 @@ def readability_problems(figure) -> list[str]:
             for (la, a), (lb, b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
                 if _overlap(a, b) > 0.5:
                     problems.append(f"tick labels {la.get_text()!r} and {lb.get_text()!r} overlap")
-            problems += [f"tick label {label.get_text()!r} outside the figure" for label, box in zip(labels, boxes, strict=True) if not inside.contains(box.x0, box.y0) or not inside.contains(box.x1, box.y1)]
+            problems += [
+                f"tick label {label.get_text()!r} outside the figure"
+                for label, box in zip(labels, boxes, strict=True)
+                if not inside.contains(box.x0, box.y0) or not inside.contains(box.x1, box.y1)
+            ]
         for text in (axes.title, axes._left_title, axes.xaxis.label, axes.yaxis.label):
             if text.get_text():
                 box = text.get_window_extent(renderer)
@@ -196,7 +208,9 @@ def readability_problems(figure) -> list[str]:
 def thirty():
     pytest.importorskip("matplotlib")
     run = score_run(synthetic_run())
-    steps = StepResults({step: score_run(synthetic_run(step=step, seed=step, scale=0.2 + 0.05 * step)) for step in range(4)})
+    steps = StepResults(
+        {step: score_run(synthetic_run(step=step, seed=step, scale=0.2 + 0.05 * step)) for step in range(4)}
+    )
     baseline = score_run(synthetic_run(seed=0, scale=0.1))  # a better model: the run regresses
     comparison = compare(Side("run", run), Side("baseline.json", baseline), CompareSettings())
     assert not comparison.passed and len(comparison.reasons) > 20  # a long list of regressed datasets
@@ -246,7 +260,14 @@ def test_dataset_file_names_are_safe_and_distinct():
     from bpseval.views.plot import dataset_stems
 
     stems = dataset_stems(["a b", "a_b", "A_B", "..", "x:y*?", "ok-1.2"])
-    assert list(stems.values()) == ["dataset-a_b", "dataset-a_b-2", "dataset-A_B-3", "dataset-unnamed", "dataset-x_y", "dataset-ok-1.2"]
+    assert list(stems.values()) == [
+        "dataset-a_b",
+        "dataset-a_b-2",
+        "dataset-A_B-3",
+        "dataset-unnamed",
+        "dataset-x_y",
+        "dataset-ok-1.2",
+    ]
 
 
 def test_figures_in_memory_from_the_example(tmp_path):

@@ -153,7 +153,9 @@ def write_rank(
         for name, (data, index) in parts.items():
             batches = cut(len(index), batch_sizes)
             if batch_order is not None:
-                batches = [batches[i] for i in sorted(range(len(batches)), key=lambda i: batch_order[i % len(batch_order)])]
+                batches = [
+                    batches[i] for i in sorted(range(len(batches)), key=lambda i: batch_order[i % len(batch_order)])
+                ]
             for rows in batches:
                 chosen = index[rows]
                 writer.add(name, sample_idx=np.asarray(chosen, dtype=np.int64), **data.rows(chosen))
@@ -184,18 +186,29 @@ def assert_cells_agree(got: pd.DataFrame, want: pd.DataFrame, magnitude: np.ndar
             ("ll_gain", magnitude[c]),
             ("bps", magnitude[c] / (spikes * math.log(2)) if spikes > 0 else 0.0),
         ):
-            assert _close(float(got.at[c, key]), float(want.at[c, key]), slack), (c, key, got.at[c, key], want.at[c, key])
+            assert _close(float(got.at[c, key]), float(want.at[c, key]), slack), (
+                c,
+                key,
+                got.at[c, key],
+                want.at[c, key],
+            )
 
 
-def assert_results_agree(got: bpseval.Result, want: bpseval.Result, data: list[Data], *, same_samples: bool = True) -> None:
+def assert_results_agree(
+    got: bpseval.Result, want: bpseval.Result, data: list[Data], *, same_samples: bool = True
+) -> None:
     """Same cells, per-dataset and overall numbers for the datasets in `data`."""
     magnitudes = {d.name: d.magnitude() for d in data}
     assert list(got.datasets["name"]) == list(want.datasets["name"]) == sorted(magnitudes)
     for name, magnitude in magnitudes.items():
-        assert_cells_agree(got.cells[got.cells["dataset"] == name], want.cells[want.cells["dataset"] == name], magnitude)
+        assert_cells_agree(
+            got.cells[got.cells["dataset"] == name], want.cells[want.cells["dataset"] == name], magnitude
+        )
     # Dataset and overall bps are means / ratios of per-cell values: bound their slack by the largest cell's.
     total_slack = max(float(m.max()) for m in magnitudes.values())
-    min_spikes = want.cells.loc[want.cells["status"] == "ok", "spikes"].min() if (want.cells["status"] == "ok").any() else 1.0
+    min_spikes = (
+        want.cells.loc[want.cells["status"] == "ok", "spikes"].min() if (want.cells["status"] == "ok").any() else 1.0
+    )
     slack = total_slack * len(want.cells) / (min_spikes * math.log(2))
     g, w = got.datasets.set_index("name"), want.datasets.set_index("name")
     for name in magnitudes:
@@ -221,7 +234,9 @@ def assert_results_agree(got: bpseval.Result, want: bpseval.Result, data: list[D
     sampler_seed=st.integers(0, 1000),
     batch_sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
 )
-def test_distributed_sampler_sharding_scores_like_one_rank_without_padding(data, world_size, shuffle, sampler_seed, batch_sizes):
+def test_distributed_sampler_sharding_scores_like_one_rank_without_padding(
+    data, world_size, shuffle, sampler_seed, batch_sizes
+):
     with tempfile.TemporaryDirectory() as tmp:
         single_dir, sharded_dir = Path(tmp, "single"), Path(tmp, "sharded")
         write_rank(single_dir, 0, 1, {d.name: (d, np.arange(d.n_rows)) for d in data}, [10**6])
@@ -236,7 +251,9 @@ def test_distributed_sampler_sharding_scores_like_one_rank_without_padding(data,
     assert_results_agree(sharded, single, data)
     padded = {d.name: -(-d.n_rows // world_size) * world_size - d.n_rows for d in data}
     assert dict(zip(sharded.datasets["name"], sharded.datasets["duplicates_dropped"], strict=True)) == padded
-    assert dict(zip(sharded.datasets["name"], sharded.datasets["samples"], strict=True)) == {d.name: d.n_rows for d in data}
+    assert dict(zip(sharded.datasets["name"], sharded.datasets["samples"], strict=True)) == {
+        d.name: d.n_rows for d in data
+    }
     assert list(single.datasets["duplicates_dropped"]) == [0] * len(data)
 
 

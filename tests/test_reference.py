@@ -140,7 +140,9 @@ def reference_rows(data: DatasetSpec, rows: range | None = None) -> list[tuple[l
     return out
 
 
-def reference_cells(rows: list[tuple[list[float], list[float], list[float]]], n_cells: int, log_rate: bool) -> list[dict]:
+def reference_cells(
+    rows: list[tuple[list[float], list[float], list[float]]], n_cells: int, log_rate: bool
+) -> list[dict]:
     """Per-cell n_valid, n, spikes, ll_gain, bps, status (None where undefined) and a magnitude."""
     cells = []
     for c in range(n_cells):
@@ -161,11 +163,29 @@ def reference_cells(rows: list[tuple[list[float], list[float], list[float]]], n_
             model_ll += w * (y * log_rate_value - rate)
             magnitude += w * (abs(y * log_rate_value) + rate)
         if n_valid == 0:
-            cells.append({"n_valid": 0, "n": n, "spikes": spikes, "ll_gain": None, "bps": None, "status": "uncovered", "magnitude": 0.0})
+            cells.append(
+                {
+                    "n_valid": 0,
+                    "n": n,
+                    "spikes": spikes,
+                    "ll_gain": None,
+                    "bps": None,
+                    "status": "uncovered",
+                    "magnitude": 0.0,
+                }
+            )
             continue
         if spikes == 0.0:
             cells.append(
-                {"n_valid": n_valid, "n": n, "spikes": spikes, "ll_gain": model_ll, "bps": None, "status": "silent", "magnitude": magnitude}
+                {
+                    "n_valid": n_valid,
+                    "n": n,
+                    "spikes": spikes,
+                    "ll_gain": model_ll,
+                    "bps": None,
+                    "status": "silent",
+                    "magnitude": magnitude,
+                }
             )
             continue
         null_ll = spikes * math.log(spikes / n) - spikes
@@ -195,7 +215,9 @@ def reference_summary(cells: list[dict]) -> dict:
         "bps": sum(ok) / len(ok) if ok else None,
         "bps_pooled": gain / (LN2 * spikes) if spikes > 0 else None,
         "pooled_slack": sum(cell["magnitude"] for cell in covered) / (LN2 * spikes) if spikes > 0 else 0.0,
-        "bps_slack": (sum(c["magnitude"] / (c["spikes"] * LN2) for c in cells if c["status"] == "ok") / len(ok)) if ok else 0.0,
+        "bps_slack": (sum(c["magnitude"] / (c["spikes"] * LN2) for c in cells if c["status"] == "ok") / len(ok))
+        if ok
+        else 0.0,
         "ok": len(ok),
         "silent": sum(cell["status"] == "silent" for cell in cells),
         "uncovered": sum(cell["status"] == "uncovered" for cell in cells),
@@ -265,7 +287,10 @@ def _value(x: Any) -> Any:
 
 def report_from_result(result: bpseval.Result) -> dict:
     datasets = {
-        row["name"]: {key: _value(row[key]) for key in ("samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered")}
+        row["name"]: {
+            key: _value(row[key])
+            for key in ("samples", "duplicates_dropped", "bps", "bps_pooled", "ok", "silent", "uncovered")
+        }
         for row in result.datasets.to_dict("records")
     }
     cells = {
@@ -275,7 +300,13 @@ def report_from_result(result: bpseval.Result) -> dict:
         for row in result.cells.to_dict("records")
     }
     overall = {key: _value(result.overall.to_dict()[key]) for key in ("bps", "bps_pooled")}
-    return {"step": result.step, "datasets": datasets, "cells": cells, "overall": overall, "n_cell_rows": len(result.cells)}
+    return {
+        "step": result.step,
+        "datasets": datasets,
+        "cells": cells,
+        "overall": overall,
+        "n_cell_rows": len(result.cells),
+    }
 
 
 def report_from_json(document: dict) -> dict:
@@ -296,7 +327,13 @@ def report_from_json(document: dict) -> dict:
         for entry in document["cells"]
     }
     overall = {key: document["overall"][key] for key in ("bps", "bps_pooled")}
-    return {"step": document["step"], "datasets": datasets, "cells": cells, "overall": overall, "n_cell_rows": len(document["cells"])}
+    return {
+        "step": document["step"],
+        "datasets": datasets,
+        "cells": cells,
+        "overall": overall,
+        "n_cell_rows": len(document["cells"]),
+    }
 
 
 def _close(got: Any, want: Any, slack: float = 0.0) -> bool:
@@ -364,7 +401,9 @@ def mismatches(report: dict, reference: dict) -> list[str]:
     return problems
 
 
-def assert_evaluate_matches_reference(run_dir: Path, shards: list[ShardSpec], step: int | None = None) -> bpseval.Result:
+def assert_evaluate_matches_reference(
+    run_dir: Path, shards: list[ShardSpec], step: int | None = None
+) -> bpseval.Result:
     reference = reference_run(shards, step)
     result = bpseval.evaluate(run_dir, step=step)
     assert mismatches(report_from_result(result), reference) == []
@@ -431,9 +470,7 @@ def make_beta(rng: np.random.Generator) -> DatasetSpec:
     zero_rows = np.flatnonzero(dfs[:, 0] == 0.0)
     rhat[zero_rows[::2]] = np.nan
     robs[zero_rows[1::2]] = np.nan
-    return DatasetSpec(
-        rhat, robs, dfs.astype(np.float64), cell_ids=[101, 205, 999], cell_ids_storage="int64"
-    )
+    return DatasetSpec(rhat, robs, dfs.astype(np.float64), cell_ids=[101, 205, 999], cell_ids_storage="int64")
 
 
 def make_gamma(rng: np.random.Generator) -> DatasetSpec:

@@ -24,6 +24,7 @@ from tests.writer_process import write_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def start_writer(run_dir: Path, rank: int, world_size: int, step: int, pause: float = 0.0) -> subprocess.Popen:
     """A writer process (tests/writer_process.py); it prints "writing" once its temporary file is open."""
     return subprocess.Popen(
@@ -93,6 +94,7 @@ def test_a_reader_sees_the_previous_or_the_new_complete_step_never_a_mixture(inv
     step1 = expected_result(tmp_path, 2, 1).to_dict()["overall"]
     writers = [start_writer(run, rank, 2, 1, pause=0.02 * (rank + 1)) for rank in range(2)]
     seen = []
+
     def new_shards() -> int:
         return len(list(run.rglob("step-000001/rank-*.h5")))
 
@@ -146,7 +148,9 @@ def hostile(path: Path, kind: str) -> None:
             layout[:] = h5py.VirtualSource(str(outside), "rhat", shape=data["rhat"].shape)
             group.create_virtual_dataset("rhat", layout)
         elif kind == "external storage":
-            group.create_dataset("rhat", shape=data["rhat"].shape, dtype="<f4", external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+            group.create_dataset(
+                "rhat", shape=data["rhat"].shape, dtype="<f4", external=[(str(raw), 0, h5py.h5f.UNLIMITED)]
+            )
 
 
 @pytest.mark.parametrize("kind", ["external link", "soft link", "virtual dataset", "external storage"])
@@ -185,7 +189,11 @@ def test_huge_declared_shape_is_refused_without_reading(invoke, tmp_path):
     start = time.perf_counter()
     result = invoke("compute", tmp_path)
     assert time.perf_counter() - start < 10
-    assert result.exit_code == 2 and "declares shape (1000000000, 100)" in result.stderr and "file holds only" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "declares shape (1000000000, 100)" in result.stderr
+        and "file holds only" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("name", ["a/b", "a\\b", "bell\x07", "esc\x1b[31mred", ""])
@@ -209,7 +217,11 @@ def test_reads_a_shard_another_process_holds_open_with_a_lock(invoke, tmp_path):
     with ShardWriter(tmp_path, 0, 1) as writer:
         writer.add("d", **poisson_dataset(0))
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import h5py, time; f = h5py.File({str(writer.path)!r}, 'a'); print('open', flush=True); time.sleep(30)"],
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, time; f = h5py.File({str(writer.path)!r}, 'a'); print('open', flush=True); time.sleep(30)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -230,7 +242,8 @@ def test_works_with_hdf5_file_locking_disabled(tmp_path):
         env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"},
         capture_output=True,
         text=True,
-        cwd=REPO, check=False,
+        cwd=REPO,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["overall"]["bps"] is not None
@@ -249,7 +262,13 @@ def test_unreadable_file_is_named(tmp_path):
         environment = {**os.environ, "HOME": "/tmp"}
         if os.geteuid() == 0:  # root reads anything: run as nobody, if nobody can run bpseval here
             command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-            probe = subprocess.run([*command[:4], sys.executable, "-c", "import bpseval"], capture_output=True, cwd="/", env=environment, check=False)
+            probe = subprocess.run(
+                [*command[:4], sys.executable, "-c", "import bpseval"],
+                capture_output=True,
+                cwd="/",
+                env=environment,
+                check=False,
+            )
             if probe.returncode != 0:
                 pytest.skip("root reads every file, and user nobody cannot read this checkout or environment")
         completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, check=False)

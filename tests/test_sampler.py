@@ -69,7 +69,11 @@ def test_with_shuffle_the_order_changes_with_the_epoch_but_not_the_set():
         sampler.set_epoch(1)
     second = [list(sampler) for sampler in samplers]
     assert second != first
-    assert sorted(functools.reduce(operator.iadd, second, [])) == sorted(functools.reduce(operator.iadd, first, [])) == list(range(200))
+    assert (
+        sorted(functools.reduce(operator.iadd, second, []))
+        == sorted(functools.reduce(operator.iadd, first, []))
+        == list(range(200))
+    )
 
 
 def test_rank_and_world_size_come_from_the_process_group_or_must_be_given():
@@ -123,7 +127,9 @@ def validation_passes(rank: int, world_size: int, run_dir: str) -> None:
         loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
         with ShardWriter.from_process_group(run_dir, step=step) as writer:
             for batch in islice(loader, max(1, int(fraction * len(loader)))):
-                writer.add("Allen_2022-04-13", batch["rhat"], batch["robs"], batch["dfs"], sample_idx=batch["sample_idx"])
+                writer.add(
+                    "Allen_2022-04-13", batch["rhat"], batch["robs"], batch["dfs"], sample_idx=batch["sample_idx"]
+                )
 
 
 @pytest.fixture(scope="module")

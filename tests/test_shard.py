@@ -27,8 +27,12 @@ def test_batches_are_appended_with_attributes_and_identities(tmp_path):
         for start in range(0, 30, 8):
             rows = slice(start, start + 8)
             writer.add(
-                "Allen_2022-04-13", data["rhat"][rows], data["robs"][rows], data["dfs"][rows],
-                sample_idx=np.arange(30)[rows], cell_ids=["a", "b", "c", "d", "e", "f"],
+                "Allen_2022-04-13",
+                data["rhat"][rows],
+                data["robs"][rows],
+                data["dfs"][rows],
+                sample_idx=np.arange(30)[rows],
+                cell_ids=["a", "b", "c", "d", "e", "f"],
             )
     assert writer.path == tmp_path / "step-000007" / "rank-0001.h5"
     with h5py.File(writer.path) as handle:
@@ -45,7 +49,9 @@ def test_batches_are_appended_with_attributes_and_identities(tmp_path):
     assert list(header.datasets["Allen_2022-04-13"].cell_ids) == ["a", "b", "c", "d", "e", "f"]
 
 
-@pytest.mark.parametrize(("n_cells", "dtype", "rhat_rows"), [(23, np.float32, 2849), (181, np.float32, 362), (1000, np.float64, 32)])
+@pytest.mark.parametrize(
+    ("n_cells", "dtype", "rhat_rows"), [(23, np.float32, 2849), (181, np.float32, 362), (1000, np.float64, 32)]
+)
 def test_chunks_hold_whole_rows_of_about_256_kib(tmp_path, n_cells, dtype, rhat_rows):
     rng = np.random.default_rng(0)
     n_rows = 2 * rhat_rows + 7  # more than one chunk of rhat; sample_idx (8 bytes a row) fills none

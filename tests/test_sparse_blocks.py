@@ -41,8 +41,9 @@ def _session(seed: int, index: np.ndarray, n_cells: int = 5) -> tuple[np.ndarray
     return rates, rng.poisson(rates).astype(np.float64)
 
 
-def _write(run: Path, index: np.ndarray, rhat: np.ndarray, robs: np.ndarray, world_size: int = 1, seed: int = 0,
-           **options) -> Path:
+def _write(
+    run: Path, index: np.ndarray, rhat: np.ndarray, robs: np.ndarray, world_size: int = 1, seed: int = 0, **options
+) -> Path:
     """A stats-only run: the samples dealt at random to `world_size` ranks, each rank adding them in batches of 64."""
     owner = np.random.default_rng(seed).integers(0, world_size, len(index))
     for rank in range(world_size):
@@ -137,7 +138,7 @@ def test_shards_without_block_ids_are_dense_blocks_from_0_and_merge_with_sparse_
     old = shard_path(tmp_path, 0, 0)
     with h5py.File(old, "r+") as handle:
         del handle["datasets/d/blocks/block_ids"]
-    total, blocks = read_stats(old, read_header(old).datasets["d"])
+    _, blocks = read_stats(old, read_header(old).datasets["d"])
     assert blocks is not None and blocks.ids.tolist() == [0, 1, 2, 3]
     merged = merge_run(tmp_path).datasets[0].per_block
     reference = _dense_reference(index, rates, robs, 10)

@@ -91,7 +91,9 @@ def test_torch_tensors_give_the_numpy_sums(dfs_form, rate_kind):
     from_torch = batch_stats(torch.from_numpy(rhat), torch.from_numpy(robs), torch.from_numpy(dfs), rate_kind)
     for name in STAT_FIELDS:
         assert isinstance(getattr(from_torch, name), torch.Tensor)
-        np.testing.assert_allclose(getattr(from_torch, name).numpy(), getattr(from_numpy, name), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            getattr(from_torch, name).numpy(), getattr(from_numpy, name), rtol=1e-12, err_msg=name
+        )
 
 
 def test_bool_mask_counts_as_zero_or_one():
@@ -118,7 +120,11 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(("rate_kind", "array", "value", "message"), BAD_VALUES)
 def test_a_bad_value_at_a_valid_entry_is_named_with_its_row_in_the_whole_batch(rate_kind, array, value, message):
-    arrays = {"rhat": np.full((N_ROWS, N_CELLS), 0.5), "robs": np.ones((N_ROWS, N_CELLS)), "dfs": np.ones((N_ROWS, N_CELLS))}
+    arrays = {
+        "rhat": np.full((N_ROWS, N_CELLS), 0.5),
+        "robs": np.ones((N_ROWS, N_CELLS)),
+        "dfs": np.ones((N_ROWS, N_CELLS)),
+    }
     row = 2 * BLOCK_ENTRIES // N_CELLS + 5  # in the third block
     arrays[array][row, 7] = value
     with pytest.raises(InvalidValuesError, match=message + rf" \(first at sample row {row}, cell 7\)"):

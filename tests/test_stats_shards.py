@@ -13,7 +13,10 @@ from bpseval import BpsevalError, ShardWriter
 from bpseval.features.planning import distributed_sampler_indices
 from tests.conftest import poisson_dataset
 
-DATASETS = {"Allen_2022-04-13": poisson_dataset(1, n_rows=2000, n_cells=40), "Allen_2022-05-02": poisson_dataset(2, n_rows=1500, n_cells=23)}
+DATASETS = {
+    "Allen_2022-04-13": poisson_dataset(1, n_rows=2000, n_cells=40),
+    "Allen_2022-05-02": poisson_dataset(2, n_rows=1500, n_cells=23),
+}
 
 
 def write(run_dir, store: str, world_size: int = 2, padding: bool = False, **options):
@@ -21,16 +24,30 @@ def write(run_dir, store: str, world_size: int = 2, padding: bool = False, **opt
         with ShardWriter(run_dir, rank, world_size, store=store, **options) as writer:
             for name, arrays in DATASETS.items():
                 n_rows = len(arrays["rhat"])
-                rows = distributed_sampler_indices(n_rows, world_size, rank) if padding else np.arange(rank, n_rows, world_size)
+                rows = (
+                    distributed_sampler_indices(n_rows, world_size, rank)
+                    if padding
+                    else np.arange(rank, n_rows, world_size)
+                )
                 for start in range(0, len(rows), 128):
                     batch = rows[start : start + 128]
-                    writer.add(name, *(arrays[key][batch] for key in ("rhat", "robs", "dfs")), sample_idx=batch, cell_ids=np.arange(arrays["rhat"].shape[1]) + 7)
+                    writer.add(
+                        name,
+                        *(arrays[key][batch] for key in ("rhat", "robs", "dfs")),
+                        sample_idx=batch,
+                        cell_ids=np.arange(arrays["rhat"].shape[1]) + 7,
+                    )
     return run_dir
 
 
 def test_same_numbers_as_raw_shards(tmp_path):
-    raw, stats = bpseval.evaluate(write(tmp_path / "raw", "raw", 3)), bpseval.evaluate(write(tmp_path / "stats", "stats", 3))
-    pd.testing.assert_frame_equal(raw.datasets.drop(columns="identity"), stats.datasets.drop(columns="identity"), rtol=1e-12)
+    raw, stats = (
+        bpseval.evaluate(write(tmp_path / "raw", "raw", 3)),
+        bpseval.evaluate(write(tmp_path / "stats", "stats", 3)),
+    )
+    pd.testing.assert_frame_equal(
+        raw.datasets.drop(columns="identity"), stats.datasets.drop(columns="identity"), rtol=1e-12
+    )
     pd.testing.assert_frame_equal(raw.cells, stats.cells, rtol=1e-12)
     assert stats.overall.bps == pytest.approx(raw.overall.bps, rel=1e-12)
     raw_cov = bpseval.check_coverage(tmp_path / "raw", 10_000)

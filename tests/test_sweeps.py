@@ -101,13 +101,18 @@ def test_files_that_are_not_shards_are_skipped_with_one_warning_naming_them(invo
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1
     for path, why in zip(
-        skipped, ("root attribute 'format' is 'something-else'", "no root attribute 'format'", "not an HDF5 file"),
+        skipped,
+        ("root attribute 'format' is 'something-else'", "no root attribute 'format'", "not an HDF5 file"),
         strict=True,
     ):
         assert f"{path} ({why})" in warnings[0]
     assert bpseval.evaluate(run).overall.bps == expected
-    for arguments in (("coverage", run, "--min-samples", "0"), ("baseline", run, "-o", tmp_path / "b.json"),
-                      ("compare", run, "--baseline", run), ("compute", run, "--all-steps")):
+    for arguments in (
+        ("coverage", run, "--min-samples", "0"),
+        ("baseline", run, "-o", tmp_path / "b.json"),
+        ("compare", run, "--baseline", run),
+        ("compute", run, "--all-steps"),
+    ):
         outcome = invoke(*arguments)
         assert outcome.exit_code == 0, (arguments, outcome.output)
     all_steps = invoke("compute", run, "--all-steps", "--json", "-")
@@ -162,8 +167,13 @@ def _truncated_hdf5(run: Path) -> Path:
         (_damaged_shard, "attribute 'rank' must be an integer"),
         (_truncated_hdf5, "cannot be read as an HDF5 file"),
     ],
-    ids=["named like a shard, not HDF5", "named like a shard, no format", "in a step folder", "claims the format",
-         "truncated HDF5"],
+    ids=[
+        "named like a shard, not HDF5",
+        "named like a shard, no format",
+        "in a step folder",
+        "claims the format",
+        "truncated HDF5",
+    ],
 )
 def test_files_named_like_shards_or_claiming_the_format_are_still_errors(invoke, tmp_path, make, fragment):
     run = write_run(tmp_path / "run", world_size=1)

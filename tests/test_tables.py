@@ -135,8 +135,17 @@ def test_compute_of_thirty_datasets_keeps_every_number_whole(sweep, tmp_path, wi
 @pytest.mark.parametrize("width", WIDTHS)
 def test_compare_with_significance_keeps_intervals_and_verdicts_whole(sweep, tmp_path, width):
     result = invoke_at(
-        width, "compare", sweep / "toy_worse", "--baseline", sweep / "toy", "--significance", "0.05",
-        "--bootstrap", "200", "--json", tmp_path / "c.json",
+        width,
+        "compare",
+        sweep / "toy_worse",
+        "--baseline",
+        sweep / "toy",
+        "--significance",
+        "0.05",
+        "--bootstrap",
+        "200",
+        "--json",
+        tmp_path / "c.json",
     )
     document = json.loads((tmp_path / "c.json").read_text())
     assert result.exit_code == 1, result.output
@@ -170,8 +179,13 @@ def piped(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES", "GITHUB_STEP_SUMMARY")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [BPSEVAL, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=120, check=False,
+        [BPSEVAL, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -186,9 +200,21 @@ def test_readme_ci_example_piped_at_80_columns(sweep, tmp_path):
     baseline = piped("baseline", sweep / "toy", "-o", tmp_path / "baseline.json", cwd=tmp_path)
     assert baseline.returncode == 0, baseline.stderr
     result = piped(
-        "compare", sweep / "toy_worse", "--baseline", tmp_path / "baseline.json", "--significance", "0.05",
-        "--bootstrap", "200", "--markdown", tmp_path / "summary.md", "--junit", tmp_path / "junit.xml",
-        "--json", tmp_path / "c.json", cwd=tmp_path,
+        "compare",
+        sweep / "toy_worse",
+        "--baseline",
+        tmp_path / "baseline.json",
+        "--significance",
+        "0.05",
+        "--bootstrap",
+        "200",
+        "--markdown",
+        tmp_path / "summary.md",
+        "--junit",
+        tmp_path / "junit.xml",
+        "--json",
+        tmp_path / "c.json",
+        cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr
     document = json.loads((tmp_path / "c.json").read_text())
@@ -218,13 +244,19 @@ VALUE = st.one_of(
 @settings(max_examples=60, deadline=None)
 @given(
     width=st.integers(60, 200),
-    headers=st.lists(st.sampled_from(["bps", "bps_pooled", "95% interval of Δ", "min n_valid", "rank 12", "Δ"]),
-                     min_size=1, max_size=14),
+    headers=st.lists(
+        st.sampled_from(["bps", "bps_pooled", "95% interval of Δ", "min n_valid", "rank 12", "Δ"]),
+        min_size=1,
+        max_size=14,
+    ),
     data=st.data(),
 )
 def test_print_table_never_cuts_a_value_nor_exceeds_the_width(width, headers, data):
-    rows = data.draw(st.lists(st.tuples(NAME_TEXT, st.lists(VALUE, min_size=len(headers), max_size=len(headers))),
-                              min_size=1, max_size=6))
+    rows = data.draw(
+        st.lists(
+            st.tuples(NAME_TEXT, st.lists(VALUE, min_size=len(headers), max_size=len(headers))), min_size=1, max_size=6
+        )
+    )
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, highlight=False)
     print_table(console, "title", [name_column("name"), *map(Column, headers)], [[n, *values] for n, values in rows])

@@ -42,8 +42,11 @@ class Rows(torch.utils.data.Dataset):
 def arrays(seed: int, n_rows: int, n_cells: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     rhat = rng.gamma(2.0, 0.5, size=(n_rows, n_cells))
-    return {"rhat": rhat.astype(np.float32), "robs": rng.poisson(rhat).astype(np.float32),
-            "dfs": (rng.random((n_rows, n_cells)) > 0.2).astype(np.float32)}
+    return {
+        "rhat": rhat.astype(np.float32),
+        "robs": rng.poisson(rhat).astype(np.float32),
+        "dfs": (rng.random((n_rows, n_cells)) > 0.2).astype(np.float32),
+    }
 
 
 def rank_calls(rank: int, world_size: int) -> list[Call]:
@@ -57,15 +60,23 @@ def rank_calls(rank: int, world_size: int) -> list[Call]:
     own = np.arange(rank, 16, world_size)
 
     def c_call(rows: np.ndarray) -> Call:
-        return "C", {"rhat": torch.tensor(c["rhat"][rows]), "robs": torch.tensor(c["robs"][rows]),
-                     "sample_idx": torch.tensor(rows), "cell_ids": torch.tensor([10, 11, 12, 13])}
+        return "C", {
+            "rhat": torch.tensor(c["rhat"][rows]),
+            "robs": torch.tensor(c["robs"][rows]),
+            "sample_idx": torch.tensor(rows),
+            "cell_ids": torch.tensor([10, 11, 12, 13]),
+        }
 
     calls = [c_call(own[:3]), c_call(own[3:6])]
     data_a = WithSampleIndex(Rows(arrays(0, 23, 5)))
     sampler = DistributedSampler(data_a, world_size, rank, shuffle=True, seed=4)
     for batch in DataLoader(data_a, batch_size=2, sampler=sampler):
-        calls.append(("A", {"rhat": batch["rhat"], "robs": batch["robs"], "dfs": batch["dfs"],
-                            "sample_idx": batch["sample_idx"]}))
+        calls.append(
+            (
+                "A",
+                {"rhat": batch["rhat"], "robs": batch["robs"], "dfs": batch["dfs"], "sample_idx": batch["sample_idx"]},
+            )
+        )
     b = arrays(1 + rank, 9, 3)
     for start in range(0, 9, 4):
         calls.append(("B", {key: value[start : start + 4] for key, value in b.items()} | {"cell_ids": ["x", "y", "z"]}))
@@ -86,7 +97,7 @@ def resume_worker(rank: int, world_size: int, out: str) -> None:
     """An uninterrupted pass, then the same pass checkpointed with torch.save half-way and resumed in a fresh metric."""
     torch.set_num_threads(1)
     calls = rank_calls(rank, world_size)
-    assert [name for name, _ in calls[:CHECKPOINT_AT + 1]] == ["C", "C", "A", "A", "A", "A"]
+    assert [name for name, _ in calls[: CHECKPOINT_AT + 1]] == ["C", "C", "A", "A", "A", "A"]
     whole = DistributedBPS(dedup_window=4)
     feed(whole, calls)
     first = DistributedBPS(dedup_window=4)
@@ -103,7 +114,9 @@ def resume_worker(rank: int, world_size: int, out: str) -> None:
 
 def assert_same_result(actual: Result, expected: Result) -> None:
     for key in ("bps", "bps_pooled"):
-        assert actual.overall.to_dict()[key] == pytest.approx(expected.overall.to_dict()[key], rel=0, abs=1e-12, nan_ok=True)
+        assert actual.overall.to_dict()[key] == pytest.approx(
+            expected.overall.to_dict()[key], rel=0, abs=1e-12, nan_ok=True
+        )
     assert actual.overall.cells == expected.overall.cells
     for frame, other in ((actual.datasets, expected.datasets), (actual.cells, expected.cells)):
         pd.testing.assert_frame_equal(frame, other, check_exact=False, rtol=0, atol=1e-12)
@@ -132,8 +145,9 @@ def small_metric(numpy_input: bool = False) -> DistributedBPS:
     metric = DistributedBPS(dedup_window=2)
     as_array = np.asarray if numpy_input else torch.as_tensor
     data = arrays(5, 6, 3)
-    metric.update("A", as_array(data["rhat"][:4]), as_array(data["robs"][:4]), sample_idx=[3, 9, 3, 0],
-                  cell_ids=["a", "b", "c"])
+    metric.update(
+        "A", as_array(data["rhat"][:4]), as_array(data["robs"][:4]), sample_idx=[3, 9, 3, 0], cell_ids=["a", "b", "c"]
+    )
     metric.update("B", as_array(data["rhat"]), as_array(data["robs"]), as_array(data["dfs"]), cell_ids=[7, 8, 9])
     return metric
 
@@ -190,7 +204,8 @@ BAD_STATES = {
     "foreign dict": (mutate(("format",), "torchmetrics"), "state['format'] is 'torchmetrics'"),
     "no datasets": (mutate(("datasets",), KeyError), "state['datasets'] is missing"),
     "bad dataset name": (
-        lambda s: s["datasets"].update({"a/b": s["datasets"]["A"]}), "state['datasets']['a/b'] is not a dataset name"
+        lambda s: s["datasets"].update({"a/b": s["datasets"]["A"]}),
+        "state['datasets']['a/b'] is not a dataset name",
     ),
     "unknown rate_kind": (mutate((*A, "rate_kind"), "log"), "['A']['rate_kind'] must be one of"),
     "sample_idx as int": (mutate((*A, "sample_idx"), 1), "['A']['sample_idx'] must be bool"),

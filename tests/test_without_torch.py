@@ -44,7 +44,12 @@ def run_without_torch(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run `code` after the prelude in a fresh interpreter that imports this checkout of bpseval."""
     env = {"PYTHONPATH": str(REPO), "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "PATH": "/usr/bin:/bin"}
     return subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", WITHOUT_TORCH + code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
 

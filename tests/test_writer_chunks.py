@@ -52,8 +52,9 @@ def test_a_toy_shard_is_about_its_data_size(tmp_path):
         for start in range(0, 48, 16):
             for session, cells in enumerate((5, 12, 20, 31)):
                 data = poisson_dataset(session, n_rows=16, n_cells=cells)
-                writer.add(f"session_{session}", **data, sample_idx=np.arange(start, start + 16),
-                           cell_ids=np.arange(cells))
+                writer.add(
+                    f"session_{session}", **data, sample_idx=np.arange(start, start + 16), cell_ids=np.arange(cells)
+                )
     size, data = writer.path.stat().st_size, stored_bytes(writer.path)
     assert 30_000 < data < 50_000
     assert size <= size_bound(writer.path, 4), (size, data)
@@ -84,7 +85,8 @@ def test_hdf5_overhead_per_file_and_per_dataset_is_within_the_stated_bound(tmp_p
             st.sampled_from(["cells", "column", "none"]),  # dfs
             st.booleans(),  # sample_idx
         ),
-        min_size=1, max_size=4,
+        min_size=1,
+        max_size=4,
     ),
 )
 def test_shards_of_small_arrays_stay_within_the_bound_and_hold_every_row(sessions):

@@ -74,7 +74,11 @@ def run_training_process(
     process = subprocess.run(
         [sys.executable, "-m", "tests.writer_fault_process", str(run_dir), mode, str(elsewhere)]
         + (["bg"] if background else []),
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     lines = process.stdout.splitlines()
     return (json.loads(lines[0]) if lines else {}), process

@@ -335,7 +335,7 @@ class Comparison:
 
     @property
     def population(self) -> str:
-        """"all" when both sides hold the same datasets; "shared" when the overall metrics were restricted to them."""
+        """ "all" when both sides hold the same datasets; "shared" when the overall metrics were restricted to them."""
         return "shared" if self.missing_datasets or self.new_datasets else "all"
 
     @property
@@ -356,37 +356,39 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of `bpseval compare --json` (null for undefined values)."""
-        return plain({
-            "passed": self.passed,
-            "reasons": self.reasons,
-            "baseline": self.baseline,
-            "run": self.run,
-            "mode": self.mode,
-            "settings": self.settings.__dict__,
-            "metrics": [
-                {
-                    "scope": m.scope,
-                    "metric": m.metric,
-                    "baseline": m.base,
-                    "new": m.new,
-                    "delta": m.delta,
-                    "tolerance": m.tolerance,
-                    "interval": m.interval,
-                    "gated": m.gated,
-                    "verdict": m.verdict,
-                }
-                for m in self.metrics
-            ],
-            "coverage_regressions": [
-                {"dataset": row.dataset, "cell": row.cell, "cell_id": row.cell_id}
-                for row in self.coverage_regressions.itertuples(index=False)
-            ],
-            "population": self.population,
-            "shared_datasets": self.shared_datasets,
-            "missing_datasets": self.missing_datasets,
-            "new_datasets": self.new_datasets,
-            "notes": self.notes,
-        })
+        return plain(
+            {
+                "passed": self.passed,
+                "reasons": self.reasons,
+                "baseline": self.baseline,
+                "run": self.run,
+                "mode": self.mode,
+                "settings": self.settings.__dict__,
+                "metrics": [
+                    {
+                        "scope": m.scope,
+                        "metric": m.metric,
+                        "baseline": m.base,
+                        "new": m.new,
+                        "delta": m.delta,
+                        "tolerance": m.tolerance,
+                        "interval": m.interval,
+                        "gated": m.gated,
+                        "verdict": m.verdict,
+                    }
+                    for m in self.metrics
+                ],
+                "coverage_regressions": [
+                    {"dataset": row.dataset, "cell": row.cell, "cell_id": row.cell_id}
+                    for row in self.coverage_regressions.itertuples(index=False)
+                ],
+                "population": self.population,
+                "shared_datasets": self.shared_datasets,
+                "missing_datasets": self.missing_datasets,
+                "new_datasets": self.new_datasets,
+                "notes": self.notes,
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +427,9 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
         intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
     metrics = [
-        _compare_metric(OVERALL, metric, getattr(overall_base, metric), getattr(overall_new, metric), intervals, settings)
+        _compare_metric(
+            OVERALL, metric, getattr(overall_base, metric), getattr(overall_new, metric), intervals, settings
+        )
         for metric in ("bps", "bps_pooled")
     ]
     metrics += [
@@ -476,7 +480,9 @@ def _coverage_regressions(new: ScoredRun, base: ScoredRun, shared: list[str]) ->
     rows = []
     for name in shared:
         before, now = base.dataset(name), new.dataset(name)
-        uncovered = {str(cell_id) for cell_id, status in zip(now.cell_ids, now.scores.status, strict=True) if status == UNCOVERED}
+        uncovered = {
+            str(cell_id) for cell_id, status in zip(now.cell_ids, now.scores.status, strict=True) if status == UNCOVERED
+        }
         rows += [
             {"dataset": name, "cell": cell, "cell_id": cell_id}
             for cell, (cell_id, status) in enumerate(zip(before.cell_ids.tolist(), before.scores.status, strict=True))
@@ -560,7 +566,9 @@ def _cells_bootstrap(
         shared_draw = _resampling_counts(rng, settings.bootstrap, datasets["new"].n_cells) if same_cells else None
         dataset_means = {}
         for side, dataset in datasets.items():
-            draw = shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, dataset.n_cells)
+            draw = (
+                shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, dataset.n_cells)
+            )
             status = dataset.scores.status
             ok, covered = status == OK, status != UNCOVERED
             bps = np.where(ok, dataset.scores.bps, 0.0)

@@ -29,7 +29,10 @@ class Diagnosis:
     def problems(self) -> list[str]:
         found = [f"{problem.path}: {problem.problem}" for problem in self.file_problems]
         found += [f"step {s.step} is incomplete: {_step_text(s)}" for s in self.steps if not s.complete]
-        found += [f"{path}: {'stale ' if stale else ''}temporary file of an unfinished write" for path, stale in self.leftovers]
+        found += [
+            f"{path}: {'stale ' if stale else ''}temporary file of an unfinished write"
+            for path, stale in self.leftovers
+        ]
         return found
 
     @property

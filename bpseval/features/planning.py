@@ -26,8 +26,13 @@ any real validation job it would only exhaust memory (a typo such as 10**9 must 
 MASK_KINDS = "biuf"
 """numpy dtype kinds a mask may have: bool, integers, floats."""
 KIND_NAMES = {
-    "c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
-    "V": "records", "M": "dates", "m": "durations",
+    "c": "complex numbers",
+    "U": "text",
+    "S": "bytes",
+    "O": "Python objects",
+    "V": "records",
+    "M": "dates",
+    "m": "durations",
 }
 
 

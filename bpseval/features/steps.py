@@ -78,7 +78,9 @@ def merge_steps(catalog: RunCatalog, **merge_options: Any) -> tuple[dict[int, Me
             except BpsevalError as error:
                 skipped.failed[step] = f"step {step}: {error}"
     if not runs:
-        listed = "; ".join(incomplete_text(step, reason) for step, reason in {**skipped.incomplete, **skipped.failed}.items())
+        listed = "; ".join(
+            incomplete_text(step, reason) for step, reason in {**skipped.incomplete, **skipped.failed}.items()
+        )
         raise RunError(f"{catalog.root}: no complete step could be scored. {listed}".strip())
     return runs, skipped
 
@@ -96,7 +98,9 @@ def evaluate_steps(
     one bad step does not hide the good ones.
     """
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)
-    catalog = run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
+    catalog = (
+        run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
+    )
     runs, steps = merge_steps(catalog, **merge_options)
     steps.results = {step: score_run(run, settings) for step, run in runs.items()}
     return steps

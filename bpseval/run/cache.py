@@ -45,8 +45,12 @@ CACHE_FORMAT = 1
 """Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt."""
 CACHE_DIRECTORY = ".bpseval-cache"
 """The cache folder inside a writable run directory: the catalog walks into it and finds no `*.h5` file there."""
-_STAT_DTYPES = {"n_valid": np.dtype(np.int64), "weight": np.dtype(np.float64), "spikes": np.dtype(np.float64),
-                "model_ll": np.dtype(np.float64)}
+_STAT_DTYPES = {
+    "n_valid": np.dtype(np.int64),
+    "weight": np.dtype(np.float64),
+    "spikes": np.dtype(np.float64),
+    "model_ll": np.dtype(np.float64),
+}
 _UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
 """What reading a damaged or foreign entry can raise (BadZipFile: truncated, garbage or a failed CRC-32)."""
 
@@ -69,8 +73,17 @@ def _identities(root: Path, shards: list[ShardHeader]) -> list[list[Any]]:
     found = []
     for header in shards:
         status = header.path.stat()
-        found.append([header.path.relative_to(root).as_posix(), header.rank, status.st_dev, status.st_ino,
-                      status.st_size, status.st_mtime_ns, status.st_ctime_ns])
+        found.append(
+            [
+                header.path.relative_to(root).as_posix(),
+                header.rank,
+                status.st_dev,
+                status.st_ino,
+                status.st_size,
+                status.st_mtime_ns,
+                status.st_ctime_ns,
+            ]
+        )
     return found
 
 
@@ -91,9 +104,15 @@ class StepCache:
         except (OSError, ValueError):  # ValueError: a shard path outside the run (the catalog never gives one)
             return None
         key = {
-            "cache_format": CACHE_FORMAT, "bpseval": __version__, "shard_format": FORMAT_VERSION,
-            "chunk_elements": CHUNK_ELEMENTS, "rhat_copy_rtol": RHAT_COPY_RTOL, "min_rate": MIN_RATE,
-            "step": shards[0].step, "blocks": blocks, "shards": identities,
+            "cache_format": CACHE_FORMAT,
+            "bpseval": __version__,
+            "shard_format": FORMAT_VERSION,
+            "chunk_elements": CHUNK_ELEMENTS,
+            "rhat_copy_rtol": RHAT_COPY_RTOL,
+            "min_rate": MIN_RATE,
+            "step": shards[0].step,
+            "blocks": blocks,
+            "shards": identities,
         }
         name = f"step-{shards[0].step:06d}" + (f".blocks-{blocks}" if blocks else "") + ".npz"
         return cls(cache_directory(root) / name, key, root, shards)
@@ -142,7 +161,8 @@ class StepCache:
                 logger.warning(
                     "Warning: cannot write the merge cache in %s (%s); every step is merged afresh."
                     " Make it writable, set XDG_CACHE_HOME, or pass --no-cache.",
-                    self.path.parent, error.strerror or error,
+                    self.path.parent,
+                    error.strerror or error,
                 )
 
     def _encode(self, datasets: list[MergedDataset]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -153,11 +173,17 @@ class StepCache:
             warnings = list(dataset.warnings)
             for path, shard in paths:
                 warnings = [warning.replace(path, f"\0{shard}\0") for warning in warnings]
-            entries.append({
-                "name": dataset.name, "rate_kind": dataset.rate_kind, "samples": dataset.samples,
-                "duplicates_dropped": dataset.duplicates_dropped, "identity": dataset.identity,
-                "warnings": warnings, "per_block": dataset.per_block is not None,
-            })
+            entries.append(
+                {
+                    "name": dataset.name,
+                    "rate_kind": dataset.rate_kind,
+                    "samples": dataset.samples,
+                    "duplicates_dropped": dataset.duplicates_dropped,
+                    "identity": dataset.identity,
+                    "warnings": warnings,
+                    "per_block": dataset.per_block is not None,
+                }
+            )
             arrays[f"{index}/cell_ids.npy"] = np.asarray(dataset.cell_ids)
             for field in STAT_FIELDS:
                 per_rank = [getattr(stats, field) for stats in dataset.per_rank]
@@ -191,8 +217,10 @@ class StepCache:
             name=str(entry["name"]),
             cell_ids=cell_ids,
             rate_kind=str(entry["rate_kind"]),
-            per_rank=[CellStats(*(getattr(per_rank, field)[rank].copy() for field in STAT_FIELDS))
-                      for rank in range(per_rank.n_valid.shape[0])],
+            per_rank=[
+                CellStats(*(getattr(per_rank, field)[rank].copy() for field in STAT_FIELDS))
+                for rank in range(per_rank.n_valid.shape[0])
+            ],
             samples=int(entry["samples"]),
             duplicates_dropped=int(entry["duplicates_dropped"]),
             identity=str(entry["identity"]),

@@ -6,6 +6,7 @@ are complete, what is wrong with the directory. Each shard's header is read once
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import re
@@ -63,7 +64,7 @@ def is_shard_like(path: Path) -> bool:
 
 
 def skipped_text(skipped: list[FileProblem]) -> str:
-    """"2 files that are not a bpseval shard: <path> (<why>), <path> (<why>)": a handful named, the rest counted."""
+    """ "2 files that are not a bpseval shard: <path> (<why>), <path> (<why>)": a handful named, the rest counted."""
     count = len(skipped)
     named = listing([f"{problem.path} ({problem.reason})" for problem in skipped])
     return f"{count} file{'s that are' if count > 1 else ' that is'} not a bpseval shard: {named}"
@@ -95,7 +96,9 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
 
     def unlistable(error: OSError) -> None:
         path = Path(error.filename)
-        message = f"{path}: cannot be listed ({error.strerror}); fix its permissions or move it out of the run directory."
+        message = (
+            f"{path}: cannot be listed ({error.strerror}); fix its permissions or move it out of the run directory."
+        )
         match = STEP_DIRECTORY.fullmatch(path.name)
         problems.append(FileProblem(path, RunError(message), int(match[1]) if match else None))
 
@@ -134,8 +137,13 @@ def _file_kind(path: Path) -> str | None:
         return None
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    )
     return next((text for test, text in kinds if test(mode)), "not a regular file")
 
 
@@ -156,9 +164,7 @@ HEADER_TIMEOUT = 30.0
 """Seconds one shard's metadata may take to read (milliseconds when healthy); BPSEVAL_METADATA_TIMEOUT overrides it."""
 
 
-def read_headers(
-    paths: list[Path], timeout: float | None = None, jobs: int = 1
-) -> list[ShardHeader | BpsevalError]:
+def read_headers(paths: list[Path], timeout: float | None = None, jobs: int = 1) -> list[ShardHeader | BpsevalError]:
     """Every shard's header (or the error that makes it unusable), in the order of `paths`.
 
     HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
@@ -264,7 +270,7 @@ class StepEntry:
     @property
     def repeated(self) -> list[int]:
         ranks = self.ranks
-        return sorted({rank for previous, rank in zip(ranks, ranks[1:]) if previous == rank})
+        return sorted({rank for previous, rank in itertools.pairwise(ranks) if previous == rank})
 
     @property
     def run_ids(self) -> list[str | None]:
@@ -324,7 +330,7 @@ class StepEntry:
         return ""
 
     def missing_text(self) -> str:
-        """"rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3, 4 and 95 more": the missing ranks, a handful named."""
+        """ "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3, 4 and 95 more": the missing ranks, a handful named."""
         count, shown = self.missing_count, self.missing
         more = f" and {count - len(shown)} more" if count > len(shown) else ""
         return f"rank{'s' if count > 1 else ''} {', '.join(map(str, shown))}{more}"

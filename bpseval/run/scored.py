@@ -273,7 +273,6 @@ def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-
 def scored_from_document(document: dict[str, Any]) -> ScoredRun:
     """A ScoredRun back from the JSON document of `bpseval compute --json` (a baseline), numbers as written.
 

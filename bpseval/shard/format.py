@@ -61,9 +61,7 @@ def check_dataset_name(name: Any) -> None:
     `.` and `..` are refused too: in HDF5 they name the group itself and its parent, not a new group.
     """
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or not name.isprintable():
-        raise ArgumentError(
-            f"dataset name must be a non-empty printable string without '/' or '\\', not {name!r}"
-        )
+        raise ArgumentError(f"dataset name must be a non-empty printable string without '/' or '\\', not {name!r}")
     if name in (".", ".."):
         raise ArgumentError(f"dataset name {name!r} is not allowed: HDF5 reads it as a path; give the session's name")
 
@@ -110,6 +108,8 @@ class RowChunk:
     robs: np.ndarray
     weights: np.ndarray | None
     sample_idx: np.ndarray | None
+
+
 def check_agree(name: str, path_a: Path | str, a: DatasetLayout, path_b: Path | str, b: DatasetLayout) -> None:
     """Raise BpsevalError unless two ranks' layouts of dataset `name` can be merged.
 
@@ -135,6 +135,5 @@ def check_agree(name: str, path_a: Path | str, a: DatasetLayout, path_b: Path | 
     if a.has_sample_idx != b.has_sample_idx:
         having, lacking = (path_a, path_b) if a.has_sample_idx else (path_b, path_a)
         raise BpsevalError(
-            f"{lacking}: {where} has no sample_idx but {having} has one; write sample_idx on every rank or on"
-            " none."
+            f"{lacking}: {where} has no sample_idx but {having} has one; write sample_idx on every rank or on none."
         )

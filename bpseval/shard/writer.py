@@ -202,7 +202,7 @@ class _Worker:
                 job, nbytes = self._jobs.popleft()
             try:
                 error = job()
-            except BaseException as unexpected:  # a bug in the job itself: reported like a failed write
+            except BaseException as unexpected:  # noqa: BLE001 - anything the job raises is re-raised in the caller's thread
                 error = unexpected
             with self._changed:
                 self._held -= nbytes
@@ -388,9 +388,7 @@ class ShardWriter:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ArgumentError(f"ShardWriter: {name} must be an int, not {value!r}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ArgumentError(
-                f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-            )
+            raise ArgumentError(f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if step < 0:
             raise ArgumentError(f"ShardWriter: step must be >= 0, got {step}")
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
@@ -473,7 +471,7 @@ class ShardWriter:
         attrs["rank"] = self.rank
         attrs["world_size"] = self.world_size
         attrs["step"] = self.step
-        attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
+        attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         attrs["bpseval_version"] = __version__
         attrs["store"] = self.store
         if self.run_id is not None:
@@ -662,7 +660,7 @@ class ShardWriter:
         """
         try:
             action()
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001 - returned to be raised after the file is discarded
             if self._io is None or self._io.failure is None:
                 return error
         failure = self._io.failure if self._io is not None else None

@@ -24,9 +24,11 @@ def compare_markdown(comparison: Comparison) -> str:
     """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; coverage capped)."""
     status = "✓ no regression" if comparison.passed else "✗ regression: " + "; ".join(comparison.reasons)
     significance = comparison.settings.significance
-    header = ["scope", "metric", "baseline", "new", "Δ", "tolerance"] + (
-        [f"{100 * (1 - significance):g}% interval"] if significance is not None else []
-    ) + ["verdict"]
+    header = (
+        ["scope", "metric", "baseline", "new", "Δ", "tolerance"]
+        + ([f"{100 * (1 - significance):g}% interval"] if significance is not None else [])
+        + ["verdict"]
+    )
     lines = [
         "### bpseval compare",
         "",
@@ -38,8 +40,12 @@ def compare_markdown(comparison: Comparison) -> str:
     ]
     for metric in comparison.metrics:
         cells = [
-            markdown_text(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new),
-            delta_text(metric), format_bps(metric.tolerance),
+            markdown_text(metric.scope),
+            metric.metric,
+            format_bps(metric.base),
+            format_bps(metric.new),
+            delta_text(metric),
+            format_bps(metric.tolerance),
         ]
         if significance is not None:
             cells.append(interval_text(metric))
@@ -72,9 +78,12 @@ def compare_junit(comparison: Comparison) -> str:
             continue
         outcome, message = "", None
         if metric.verdict == REGRESSED:
-            outcome, message = "failure", (
-                f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
-                f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
+            outcome, message = (
+                "failure",
+                (
+                    f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
+                    f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
+                ),
             )
         elif metric.verdict == UNDEFINED:
             outcome, message = "skipped", f"{metric.label} is undefined in the baseline: nothing to compare"

@@ -98,14 +98,22 @@ def _bps(value: Any, digits: int = 4) -> str:
     return f'<span class="neg">{text}</span>' if float(value) < 0 else text
 
 
-def _table(header: Sequence[tuple[str, bool]], rows: Iterable[Sequence[str]], *, row_classes: Sequence[str] = (), scroll: bool = False) -> str:
+def _table(
+    header: Sequence[tuple[str, bool]],
+    rows: Iterable[Sequence[str]],
+    *,
+    row_classes: Sequence[str] = (),
+    scroll: bool = False,
+) -> str:
     """An HTML table; `header` is (escaped title, numeric?) per column and cells are already HTML."""
     numeric = [is_num for _, is_num in header]
     head = "".join(f'<th class="num">{title}</th>' if is_num else f"<th>{title}</th>" for title, is_num in header)
     body = []
     for index, row in enumerate(rows):
         css = row_classes[index] if index < len(row_classes) and row_classes[index] else ""
-        cells = "".join(f'<td class="num">{cell}</td>' if numeric[i] else f"<td>{cell}</td>" for i, cell in enumerate(row))
+        cells = "".join(
+            f'<td class="num">{cell}</td>' if numeric[i] else f"<td>{cell}</td>" for i, cell in enumerate(row)
+        )
         body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     return f'<div class="scroll">{table}</div>' if scroll else table
@@ -141,15 +149,21 @@ def _header(inputs: RunOverview, result: Result, run_label: str, created: str) -
         f"run <code>{_e(run_label)}</code> · step {result.step} · world size {result.world_size} · {shards}"
         f" · made {_e(created)} by bpseval {_e(__version__)}"
     )
-    links = [("numbers", "Numbers"), ("distribution", "Per-cell bps"), ("datasets", "Datasets"), ("rate", "bps vs rate"),
-             ("coverage", "Coverage"), ("unscored", "Unscored cells")]
+    links = [
+        ("numbers", "Numbers"),
+        ("distribution", "Per-cell bps"),
+        ("datasets", "Datasets"),
+        ("rate", "bps vs rate"),
+        ("coverage", "Coverage"),
+        ("unscored", "Unscored cells"),
+    ]
     if len(inputs.steps.results) > 1 or inputs.steps.incomplete or inputs.steps.bad:
         links.append(("steps", "Steps"))
     if inputs.comparison is not None:
         links.insert(0, ("comparison", "Comparison"))
     links += [("histograms", "Per dataset"), ("provenance", "Command")]
     nav = "".join(f'<a href="#{anchor}">{_e(text)}</a>' for anchor, text in links)
-    return f"<header><h1>bpseval report</h1><p class=\"sub\">{sub}</p><nav>{nav}</nav></header>"
+    return f'<header><h1>bpseval report</h1><p class="sub">{sub}</p><nav>{nav}</nav></header>'
 
 
 def _verdict(comparison: Comparison) -> str:
@@ -181,17 +195,28 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
 
     def card(label: str, value: str, unit: str = "", css: str = "") -> str:
         unit_html = f'<div class="unit">{unit}</div>' if unit else ""
-        return f'<div class="card {css}"><div class="label">{label}</div><div class="value">{value}</div>{unit_html}</div>'
+        return (
+            f'<div class="card {css}"><div class="label">{label}</div><div class="value">{value}</div>{unit_html}</div>'
+        )
 
     items = [
         card("overall bps", _bps(overall.bps), "bits/spike · mean over datasets"),
         card("overall bps_pooled", _bps(overall.bps_pooled), "bits/spike · all cells pooled"),
-        card("datasets scored", f"{overall.datasets}<span class=\"unit\"> / {datasets}</span>", "with at least one ok cell",
-             "alert" if overall.datasets < datasets else ""),
+        card(
+            "datasets scored",
+            f'{overall.datasets}<span class="unit"> / {datasets}</span>',
+            "with at least one ok cell",
+            "alert" if overall.datasets < datasets else "",
+        ),
         card("cells ok", str(cells["ok"]), "scored"),
         card("cells silent", str(cells[SILENT]), "no spike: bps undefined", "alert" if cells[SILENT] else ""),
         card("cells uncovered", str(cells[UNCOVERED]), "no valid sample", "bad" if cells[UNCOVERED] else ""),
-        card(f"cells &lt; {inputs.min_samples} valid samples", str(below), "in total over ranks", "alert" if below else ""),
+        card(
+            f"cells &lt; {inputs.min_samples} valid samples",
+            str(below),
+            "in total over ranks",
+            "alert" if below else "",
+        ),
     ]
     return f'<section id="numbers"><div class="cards">{"".join(items)}</div></section>'
 
@@ -209,23 +234,46 @@ def _notes(inputs: RunOverview, result: Result) -> str:
 def _dataset_table(inputs: RunOverview, result: Result) -> str:
     rows, classes = [], []
     for row in result.datasets.itertuples(index=False):
-        rows.append([
-            _e(row.name), str(row.ok), str(row.silent),
-            f'<span class="zero">{row.uncovered}</span>' if row.uncovered else "0",
-            str(row.samples), str(row.duplicates_dropped), _bps(row.bps), _bps(row.bps_pooled),
-        ])
+        rows.append(
+            [
+                _e(row.name),
+                str(row.ok),
+                str(row.silent),
+                f'<span class="zero">{row.uncovered}</span>' if row.uncovered else "0",
+                str(row.samples),
+                str(row.duplicates_dropped),
+                _bps(row.bps),
+                _bps(row.bps_pooled),
+            ]
+        )
         classes.append("")
     cells = result.overall.cells
-    rows.append([
-        "overall", str(cells["ok"]), str(cells[SILENT]), str(cells[UNCOVERED]), str(int(result.datasets["samples"].sum())),
-        str(int(result.datasets["duplicates_dropped"].sum())), _bps(result.overall.bps), _bps(result.overall.bps_pooled),
-    ])
+    rows.append(
+        [
+            "overall",
+            str(cells["ok"]),
+            str(cells[SILENT]),
+            str(cells[UNCOVERED]),
+            str(int(result.datasets["samples"].sum())),
+            str(int(result.datasets["duplicates_dropped"].sum())),
+            _bps(result.overall.bps),
+            _bps(result.overall.bps_pooled),
+        ]
+    )
     classes.append("total")
-    header = [("dataset", False), ("ok", True), ("silent", True), ("uncovered", True), ("samples", True),
-              ("duplicates dropped", True), ("bps", True), ("bps_pooled", True)]
+    header = [
+        ("dataset", False),
+        ("ok", True),
+        ("silent", True),
+        ("uncovered", True),
+        ("samples", True),
+        ("duplicates dropped", True),
+        ("bps", True),
+        ("bps_pooled", True),
+    ]
     return (
         '<section id="datasets"><h2>Datasets</h2>'
-        "<p class=\"muted\">bps: mean of the per-cell bits/spike over ok cells; bps_pooled: Σ ll_gain / (ln 2 · Σ spikes)"
+        '<p class="muted">bps: mean of the per-cell bits/spike over ok cells; bps_pooled: Σ ll_gain / (ln 2 · Σ spikes)'
         " over covered cells. Overall bps is the mean over datasets with an ok cell.</p>"
         + _table(header, rows, row_classes=classes, scroll=len(rows) > 20)
         + "</section>"
@@ -233,19 +281,21 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
 
 
 def _cell_label(cell: Any, cell_id: Any) -> str:
-    return _e(cell) if str(cell) == str(cell_id) else f"{_e(cell)} <span class=\"muted\">(id {_e(cell_id)})</span>"
+    return _e(cell) if str(cell) == str(cell_id) else f'{_e(cell)} <span class="muted">(id {_e(cell_id)})</span>'
 
 
 def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
     selected = cells[cells["status"] == status]
-    title = f"{plural(len(selected), status + ' cell')} <span class=\"muted\">({_e(reason)})</span>"
+    title = f'{plural(len(selected), status + " cell")} <span class="muted">({_e(reason)})</span>'
     if selected.empty:
-        return f"<h3>{title}</h3><p class=\"muted\">None.</p>"
+        return f'<h3>{title}</h3><p class="muted">None.</p>'
     rows = []
     for dataset, group in selected.groupby("dataset", sort=False):
         labels = [_cell_label(c, i) for c, i in zip(group["cell"], group["cell_id"], strict=True)]
         more = len(labels) - CELL_IDS_PER_DATASET
-        listed = ", ".join(labels[:CELL_IDS_PER_DATASET]) + (f" <span class=\"muted\">(+{more} more)</span>" if more > 0 else "")
+        listed = ", ".join(labels[:CELL_IDS_PER_DATASET]) + (
+            f' <span class="muted">(+{more} more)</span>' if more > 0 else ""
+        )
         rows.append([_e(dataset), str(len(group)), listed])
     return f"<h3>{title}</h3>" + _table([("dataset", False), ("cells", True), ("cell (id)", False)], rows)
 
@@ -254,7 +304,7 @@ def _unscored(inputs: RunOverview, result: Result) -> str:
     cells = result.cells
     return (
         '<section id="unscored"><h2>Unscored cells</h2>'
-        "<p class=\"muted\">These cells have no bps and are left out of the dataset means (cell = index within the"
+        '<p class="muted">These cells have no bps and are left out of the dataset means (cell = index within the'
         " dataset).</p>"
         + _status_list(cells, UNCOVERED, "no valid sample on any rank")
         + _status_list(cells, SILENT, "valid samples but no spike: bps undefined")
@@ -266,23 +316,43 @@ def _coverage(inputs: RunOverview, result: Result, report: Any, figure_html: str
     min_samples = inputs.min_samples
     flagged = report.cells
     parts = [
-        '<section id="coverage"><h2>Coverage</h2>', figure_html,
+        '<section id="coverage"><h2>Coverage</h2>',
+        figure_html,
         f"<h3>{plural(len(flagged), 'cell')} below {min_samples} valid samples</h3>",
     ]
     if flagged.empty:
         parts.append(f"<p>Every cell has at least {min_samples} valid samples.</p>")
     else:
         shown = flagged.head(CELLS_LISTED)
-        header = [("dataset", False), ("cell", True), ("cell_id", True), ("valid samples", True), ("spikes", True), ("status", False)]
+        header = [
+            ("dataset", False),
+            ("cell", True),
+            ("cell_id", True),
+            ("valid samples", True),
+            ("spikes", True),
+            ("status", False),
+        ]
         header += [(f"rank {rank}", True) for rank in range(result.world_size)]
         rows = []
         for row in shown.itertuples(index=False):
             per_rank = ['<span class="zero">0 ✗</span>' if count == 0 else str(count) for count in row.per_rank]
-            rows.append([_e(row.dataset), str(row.cell), _e(row.cell_id), str(row.n_valid), f"{row.spikes:g}", _e(row.status), *per_rank])
+            rows.append(
+                [
+                    _e(row.dataset),
+                    str(row.cell),
+                    _e(row.cell_id),
+                    str(row.n_valid),
+                    f"{row.spikes:g}",
+                    _e(row.status),
+                    *per_rank,
+                ]
+            )
         parts.append(_table(header, rows, scroll=len(rows) > 20))
         if len(flagged) > len(shown):
-            parts.append(f"<p class=\"muted\">… and {len(flagged) - len(shown)} more (see <code>bpseval coverage --csv</code>).</p>")
-        parts.append("<p class=\"muted\">✗: no valid sample of that cell on that rank.</p>")
+            parts.append(
+                f'<p class="muted">… and {len(flagged) - len(shown)} more (see <code>bpseval coverage --csv</code>).</p>'
+            )
+        parts.append('<p class="muted">✗: no valid sample of that cell on that rank.</p>')
     parts.append("</section>")
     return "".join(parts)
 
@@ -294,20 +364,39 @@ def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
     rows, classes = [], []
     for step, result in steps.results.items():
         cells = result.overall.cells
-        rows.append([str(step), str(result.world_size), str(cells["ok"]), str(cells[SILENT]), str(cells[UNCOVERED]),
-                     _bps(result.overall.bps), _bps(result.overall.bps_pooled)])
+        rows.append(
+            [
+                str(step),
+                str(result.world_size),
+                str(cells["ok"]),
+                str(cells[SILENT]),
+                str(cells[UNCOVERED]),
+                _bps(result.overall.bps),
+                _bps(result.overall.bps_pooled),
+            ]
+        )
         classes.append("chosen" if step == result.step else "")
-    header = [("step", True), ("world size", True), ("ok", True), ("silent", True), ("uncovered", True), ("bps", True), ("bps_pooled", True)]
+    header = [
+        ("step", True),
+        ("world size", True),
+        ("ok", True),
+        ("silent", True),
+        ("uncovered", True),
+        ("bps", True),
+        ("bps_pooled", True),
+    ]
     parts = ['<section id="steps"><h2>Bits per spike over steps</h2>', figure_html]
     parts.append(_table(header, rows, row_classes=classes, scroll=len(rows) > 20))
-    parts.append(f"<p class=\"muted\">The highlighted step ({result.step}) is the one the rest of this page shows.</p>")
+    parts.append(f'<p class="muted">The highlighted step ({result.step}) is the one the rest of this page shows.</p>')
     if steps.incomplete:
         items = "".join(f"<li>{_e(incomplete_text(step, reason))}</li>" for step, reason in steps.incomplete.items())
         parts.append(f"<h3>{plural(len(steps.incomplete), 'incomplete step')} (not scored)</h3><ul>{items}</ul>")
     if steps.bad:
         failed = [incomplete_text(step, reason) for step, reason in steps.failed.items()] + steps.problems
         items = "".join(f"<li>{_e(text)}</li>" for text in failed)
-        parts.append(f"<h3 class=\"bad\">{plural(len(failed), 'step or file')} that could not be scored</h3><ul>{items}</ul>")
+        parts.append(
+            f'<h3 class="bad">{plural(len(failed), "step or file")} that could not be scored</h3><ul>{items}</ul>'
+        )
     parts.append("</section>")
     return "".join(parts)
 
@@ -318,12 +407,21 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     if significance is not None:
         header.append((f"{100 * (1 - significance):g}% interval of Δ", True))
     header.append(("verdict", False))
-    marks = {"regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"}
+    marks = {
+        "regressed": "✗ regressed",
+        "improved": "✓ improved",
+        "unchanged": "= unchanged",
+        "undefined": "? undefined",
+    }
     rows = []
     for metric in comparison.metrics:
         row = [
-            "overall" if metric.scope == OVERALL else _e(metric.scope), _e(metric.metric), _bps(metric.base), _bps(metric.new),
-            signed(metric.delta), "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
+            "overall" if metric.scope == OVERALL else _e(metric.scope),
+            _e(metric.metric),
+            _bps(metric.base),
+            _bps(metric.new),
+            signed(metric.delta),
+            "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
         ]
         if significance is not None:
             row.append("—" if metric.interval is None else f"[{metric.interval[0]:+.4f}, {metric.interval[1]:+.4f}]")
@@ -343,13 +441,18 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     ]
     lost = comparison.coverage_regressions
     if len(lost):
-        listed = ", ".join(f"{_e(r.dataset)} cell {_e(r.cell)} (id {_e(r.cell_id)})" for r in lost.head(CELLS_LISTED).itertuples(index=False))
-        parts.append(f"<p class=\"note\">{plural(len(lost), 'cell')} ok in the baseline now uncovered: {listed}</p>")
+        listed = ", ".join(
+            f"{_e(r.dataset)} cell {_e(r.cell)} (id {_e(r.cell_id)})"
+            for r in lost.head(CELLS_LISTED).itertuples(index=False)
+        )
+        parts.append(f'<p class="note">{plural(len(lost), "cell")} ok in the baseline now uncovered: {listed}</p>')
     if comparison.missing_datasets:
-        parts.append(f"<p class=\"note\">Datasets missing from the run: {_e(', '.join(comparison.missing_datasets))}</p>")
+        parts.append(f'<p class="note">Datasets missing from the run: {_e(", ".join(comparison.missing_datasets))}</p>')
     if comparison.new_datasets:
-        parts.append(f"<p class=\"muted\">Datasets not in the baseline (not compared): {_e(', '.join(comparison.new_datasets))}</p>")
-    parts += [f"<p class=\"muted\">{_e(note)}</p>" for note in comparison.notes]
+        parts.append(
+            f'<p class="muted">Datasets not in the baseline (not compared): {_e(", ".join(comparison.new_datasets))}</p>'
+        )
+    parts += [f'<p class="muted">{_e(note)}</p>' for note in comparison.notes]
     parts.append("</section>")
     return "".join(parts)
 
@@ -408,15 +511,21 @@ def render_report(
     body.append(_cards(inputs, result, len(report.cells)))
     body.append(_notes(inputs, result))
     if inputs.comparison is not None:
-        body.append(_comparison(
-            inputs.comparison,
-            _image(pictures["compare-cells"], "Per-cell bits/spike of the run against the baseline",
-                   "Each dot is a cell ok on both sides; above the diagonal the run is better."),
-        ))
+        body.append(
+            _comparison(
+                inputs.comparison,
+                _image(
+                    pictures["compare-cells"],
+                    "Per-cell bits/spike of the run against the baseline",
+                    "Each dot is a cell ok on both sides; above the diagonal the run is better.",
+                ),
+            )
+        )
     body.append(
         '<section id="distribution"><h2>Per-cell bits per spike</h2>'
         + _image(
-            pictures["bps-by-dataset"], "Per-cell bits/spike of every dataset",
+            pictures["bps-by-dataset"],
+            "Per-cell bits/spike of every dataset",
             "One row per dataset, one dot per ok cell. Black bar: the dataset's bps (mean of its ok cells); orange diamond:"
             " its bps_pooled; dashed line: overall bps. Right: cells ok / silent / uncovered.",
         )
@@ -426,18 +535,26 @@ def render_report(
     body.append(
         '<section id="rate"><h2>Bits per spike against firing rate</h2>'
         + _image(
-            pictures["bps-vs-rate"], "Per-cell bits/spike against mean observed rate",
+            pictures["bps-vs-rate"],
+            "Per-cell bits/spike against mean observed rate",
             f"Mean rate = spikes per valid bin. Ringed: cells with fewer than {inputs.min_samples} valid samples."
             " Low-rate cells and cells with few samples have the noisiest bps.",
         )
         + "</section>"
     )
-    body.append(_coverage(
-        inputs, result, report,
-        _image(pictures["coverage"], "Valid samples per cell and rank",
-               f"Valid samples of every cell on every rank; grey: none on that rank; red outline: fewer than"
-               f" {inputs.min_samples} valid samples in total."),
-    ))
+    body.append(
+        _coverage(
+            inputs,
+            result,
+            report,
+            _image(
+                pictures["coverage"],
+                "Valid samples per cell and rank",
+                f"Valid samples of every cell on every rank; grey: none on that rank; red outline: fewer than"
+                f" {inputs.min_samples} valid samples in total.",
+            ),
+        )
+    )
     body.append(_unscored(inputs, result))
     if "bps-over-steps" in pictures:
         steps_html = _image(pictures["bps-over-steps"], "Bits per spike over validation steps")

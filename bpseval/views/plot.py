@@ -160,8 +160,17 @@ def _dataset_legend(figure: Figure, entries: list[tuple[Any, str]], columns: int
     """
     handles, labels = [handle for handle, _ in entries], [label for _, label in entries]
     figure.legend(
-        handles, labels, loc="outside lower center", ncols=columns, fontsize=8, markerscale=1.4, frameon=False,
-        title="dataset", title_fontsize=8, columnspacing=1.2, handletextpad=0.3,
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=columns,
+        fontsize=8,
+        markerscale=1.4,
+        frameon=False,
+        title="dataset",
+        title_fontsize=8,
+        columnspacing=1.2,
+        handletextpad=0.3,
     )
 
 
@@ -203,8 +212,14 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
         outside = int(np.sum((values < low) | (values > high)))
         if outside:
             axes.text(
-                0.99, 0.97, f"{plural(outside, 'cell')} beyond the axis,\ncounted in the edge bins",
-                transform=axes.transAxes, ha="right", va="top", fontsize=7, color="#555555",
+                0.99,
+                0.97,
+                f"{plural(outside, 'cell')} beyond the axis,\ncounted in the edge bins",
+                transform=axes.transAxes,
+                ha="right",
+                va="top",
+                fontsize=7,
+                color="#555555",
             )
     else:
         axes.text(0.5, 0.5, "no ok cell: bps undefined", transform=axes.transAxes, ha="center", va="center")
@@ -217,7 +232,10 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
     if math.isfinite(row.bps_pooled):
         handles.append(
             axes.axvline(
-                row.bps_pooled, color=POOLED_COLOR, linewidth=2, linestyle="--",
+                row.bps_pooled,
+                color=POOLED_COLOR,
+                linewidth=2,
+                linestyle="--",
                 label=f"bps_pooled {row.bps_pooled:.3f}",
             )
         )
@@ -291,7 +309,12 @@ def bps_strip_figure(result: Result) -> Figure:
     if outside:
         handles.append(
             Line2D(
-                [], [], marker="<", linestyle="", color="#777777", markersize=5,
+                [],
+                [],
+                marker="<",
+                linestyle="",
+                color="#777777",
+                markersize=5,
                 label=f"{plural(outside, 'cell')} beyond the axis (at its edge)",
             )
         )
@@ -398,7 +421,10 @@ def coverage_figure(run: ScoredRun, min_samples: int = 10) -> Figure:
     finite = counts[np.isfinite(counts)]
     top = max(2.0, float(finite.max()) if len(finite) else 2.0)
     image = axes.imshow(
-        np.where(counts == 0, 0.5, counts), aspect="auto", interpolation="nearest", cmap=cmap,
+        np.where(counts == 0, 0.5, counts),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
         norm=LogNorm(vmin=1, vmax=top),
         extent=(-0.5, width - 0.5, len(names) * world - 0.5, -0.5),
     )
@@ -409,8 +435,14 @@ def coverage_figure(run: ScoredRun, min_samples: int = 10) -> Figure:
     for index, cell in below_cells:
         axes.add_patch(
             Rectangle(
-                (cell - mark / 2, index * world - 0.5), mark, world, fill=False, edgecolor=BELOW_COLOR, linewidth=1.8,
-                clip_on=False, zorder=3,
+                (cell - mark / 2, index * world - 0.5),
+                mark,
+                world,
+                fill=False,
+                edgecolor=BELOW_COLOR,
+                linewidth=1.8,
+                clip_on=False,
+                zorder=3,
             )
         )
     axes.set_yticks(
@@ -433,7 +465,9 @@ def coverage_figure(run: ScoredRun, min_samples: int = 10) -> Figure:
     handles = [
         Patch(facecolor=ZERO_COLOR, label="0 valid samples on that rank"),
         Patch(
-            facecolor="none", edgecolor=BELOW_COLOR, linewidth=1.4,
+            facecolor="none",
+            edgecolor=BELOW_COLOR,
+            linewidth=1.4,
             label=f"cell below {min_samples} {SAMPLES_LABEL} in total",
         ),
         Patch(facecolor="white", edgecolor="#cccccc", label="no such cell (dataset has fewer cells)"),
@@ -461,7 +495,12 @@ def steps_figure(results: dict[int, ScoredRun] | StepResults) -> Figure:
     overall = [results[step].overall for step in steps]
     top.plot(steps, [o.bps for o in overall], marker="o", color=MEAN_COLOR, linewidth=2, label="overall bps")
     top.plot(
-        steps, [o.bps_pooled for o in overall], marker="D", color=POOLED_COLOR, linewidth=1.5, linestyle="--",
+        steps,
+        [o.bps_pooled for o in overall],
+        marker="D",
+        color=POOLED_COLOR,
+        linewidth=1.5,
+        linestyle="--",
         label="overall bps_pooled",
     )
     top.set_ylabel(BPS_LABEL)
@@ -558,10 +597,6 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
 
 # ----------------------------------------------------------------------------------------------
 # Everything a picture or a report needs, loaded once
-
-
-
-
 
 
 def figures(inputs: RunOverview, result: Result | None = None) -> dict[str, Figure]:

@@ -99,7 +99,9 @@ class Result:
             {
                 "dataset": np.repeat([dataset.name for dataset in datasets], sizes).astype(object),
                 "cell": joined([np.arange(size) for size in sizes], np.int64),
-                "cell_id": pd.Series([cell for dataset in datasets for cell in dataset.cell_ids.tolist()], dtype=object),
+                "cell_id": pd.Series(
+                    [cell for dataset in datasets for cell in dataset.cell_ids.tolist()], dtype=object
+                ),
                 "n_valid": joined([dataset.stats.n_valid for dataset in datasets], np.int64),
                 "n": joined([dataset.stats.weight for dataset in datasets], np.float64),
                 "spikes": joined([dataset.stats.spikes for dataset in datasets], np.float64),

@@ -146,16 +146,24 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
     columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", "bps", "bps_pooled"))]
     rows = [
         [
-            shown(dataset.name), *(str(dataset.cells[status]) for status in shown_statuses), str(dataset.samples),
-            format_bps(dataset.bps), format_bps(dataset.bps_pooled),
+            shown(dataset.name),
+            *(str(dataset.cells[status]) for status in shown_statuses),
+            str(dataset.samples),
+            format_bps(dataset.bps),
+            format_bps(dataset.bps_pooled),
         ]
         for dataset in scored.datasets
     ]
     overall = scored.overall
-    rows.append([
-        "[bold]overall[/]", *(str(overall.cells[status]) for status in shown_statuses), str(scored.samples),
-        f"[bold]{format_bps(overall.bps)}[/]", f"[bold]{format_bps(overall.bps_pooled)}[/]",
-    ])
+    rows.append(
+        [
+            "[bold]overall[/]",
+            *(str(overall.cells[status]) for status in shown_statuses),
+            str(scored.samples),
+            f"[bold]{format_bps(overall.bps)}[/]",
+            f"[bold]{format_bps(overall.bps_pooled)}[/]",
+        ]
+    )
     print_table(console, f"Bits per spike · step {scored.step}", columns, rows, section_before=len(scored.datasets))
     if scored.settings.clamp_negative:
         console.print(
@@ -211,7 +219,10 @@ def merge_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
         yield None
         return
     columns = (
-        TextColumn("merging {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("merging {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
@@ -239,7 +250,11 @@ def render_coverage(report: CoverageReport, console: Console) -> None:
     if not report.passed:
         rows = [
             [
-                shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), f"{row.spikes:g}",
+                shown(row.dataset),
+                str(row.cell),
+                shown(row.cell_id),
+                str(row.n_valid),
+                f"{row.spikes:g}",
                 *_per_rank_cells(row.per_rank),
             ]
             for row in report.cells.itertuples(index=False)
@@ -259,7 +274,11 @@ def render_coverage(report: CoverageReport, console: Console) -> None:
 def _cell_columns(world_size: int, *extra: Column) -> list[Column]:
     """dataset, cell, cell_id, n_valid, `extra`, then one column per rank."""
     return [
-        name_column("dataset"), Column("cell"), name_column("cell_id", justify="right"), Column("n_valid"), *extra,
+        name_column("dataset"),
+        Column("cell"),
+        name_column("cell_id", justify="right"),
+        Column("n_valid"),
+        *extra,
         *(Column(f"rank {rank}") for rank in range(world_size)),
     ]
 
@@ -294,8 +313,12 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
             continue
         headers = ("cell", "n_valid", *(f"rank {c.removeprefix('rank_')}" for c in rank_columns), "below")
         rows = [
-            [str(row.cell), str(row.n_valid), *_per_rank_cells([getattr(row, c) for c in rank_columns]),
-             "yes" if row.below else ""]
+            [
+                str(row.cell),
+                str(row.n_valid),
+                *_per_rank_cells([getattr(row, c) for c in rank_columns]),
+                "yes" if row.below else "",
+            ]
             for row in flagged.itertuples(index=False)
         ]
         print_table(console, None, [Column(header) for header in headers], rows)
@@ -306,23 +329,34 @@ def render_compare(comparison: Comparison, console: Console) -> None:
     significance = comparison.settings.significance
     intervals = [f"{100 * (1 - significance):g}% interval of Δ"] if significance is not None else []
     columns = [
-        name_column("scope"), Column("metric", justify="left"),
-        *map(Column, ("baseline", "new", "Δ", "tolerance", *intervals)), Column("verdict", justify="left"),
+        name_column("scope"),
+        Column("metric", justify="left"),
+        *map(Column, ("baseline", "new", "Δ", "tolerance", *intervals)),
+        Column("verdict", justify="left"),
     ]
     styles = {"regressed": "red", "improved": "green"}
     rows = []
     for metric in comparison.metrics:
         verdict = verdict_text(metric)
-        rows.append([
-            shown(metric.scope), metric.metric, format_bps(metric.base), format_bps(metric.new), delta_text(metric),
-            format_bps(metric.tolerance), *([interval_text(metric)] if intervals else []),
-            f"[{styles.get(metric.verdict, 'default')}]{verdict}[/]" if metric.gated else verdict,
-        ])
+        rows.append(
+            [
+                shown(metric.scope),
+                metric.metric,
+                format_bps(metric.base),
+                format_bps(metric.new),
+                delta_text(metric),
+                format_bps(metric.tolerance),
+                *([interval_text(metric)] if intervals else []),
+                f"[{styles.get(metric.verdict, 'default')}]{verdict}[/]" if metric.gated else verdict,
+            ]
+        )
     print_table(console, f"bpseval compare · {comparison.mode}", columns, rows, label_columns=2)
     for note in comparison.notes:
         console.print(f"note: {shown(note)}")
-    for title, names in (("missing datasets (in the baseline, not in the run)", comparison.missing_datasets),
-                         ("new datasets (not in the baseline)", comparison.new_datasets)):
+    for title, names in (
+        ("missing datasets (in the baseline, not in the run)", comparison.missing_datasets),
+        ("new datasets (not in the baseline)", comparison.new_datasets),
+    ):
         if names:
             console.print(f"{title}: {shown(', '.join(names))}")
     regressions = comparison.coverage_regressions
@@ -339,13 +373,20 @@ def render_compare(comparison: Comparison, console: Console) -> None:
 def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
     """The `bpseval doctor` report: steps with their ranks, then every problem found."""
     columns = [
-        Column("step"), Column("complete", justify="left"), Column("world size"),
+        Column("step"),
+        Column("complete", justify="left"),
+        Column("world size"),
         *(name_column(name) for name in ("ranks present", "missing", "twice", "store")),
     ]
     rows = [
         [
-            str(step.step), "[green]yes[/]" if step.complete else "[red]no[/]", "/".join(map(str, step.world_sizes)),
-            ranges(step.ranks), ranges(step.missing) or "—", ranges(step.repeated) or "—", ", ".join(step.stores),
+            str(step.step),
+            "[green]yes[/]" if step.complete else "[red]no[/]",
+            "/".join(map(str, step.world_sizes)),
+            ranges(step.ranks),
+            ranges(step.missing) or "—",
+            ranges(step.repeated) or "—",
+            ", ".join(step.stores),
         ]
         for step in diagnosis.steps
     ]
@@ -370,8 +411,11 @@ def render_steps(steps: StepResults, console: Console, run: str | None = None) -
     columns = [Column(name) for name in ("step", "world size", *statuses, "bps", "bps_pooled")]
     rows = [
         [
-            str(step), str(result.world_size), *(str(result.overall.cells[status]) for status in statuses),
-            format_bps(result.overall.bps), format_bps(result.overall.bps_pooled),
+            str(step),
+            str(result.world_size),
+            *(str(result.overall.cells[status]) for status in statuses),
+            format_bps(result.overall.bps),
+            format_bps(result.overall.bps_pooled),
         ]
         for step, result in steps.results.items()
     ]

@@ -52,12 +52,15 @@ def signed(value: float | None) -> str:
 
 
 def plural(count: int, word: str) -> str:
-    """"1 cell", "3 cells": a count and its noun."""
+    """ "1 cell", "3 cells": a count and its noun."""
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 VERDICT_MARKS = {
-    "regressed": "✗ regressed", "improved": "✓ improved", "unchanged": "= unchanged", "undefined": "? undefined"
+    "regressed": "✗ regressed",
+    "improved": "✓ improved",
+    "unchanged": "= unchanged",
+    "undefined": "? undefined",
 }
 
 
