@@ -76,3 +76,30 @@ def test_importing_bpseval_loads_no_heavy_dependency():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    """A real install (not editable) gets every subpackage, not only the top-level one."""
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("bpseval-*.whl")
+    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    assert packaged == {path.relative_to(REPO).as_posix() for path in modules().values()}
