@@ -310,13 +310,13 @@ def test_doctor_reports_steps_ranks_leftovers_and_damaged_files(invoke, tmp_path
     leftover = tmp_path / "step-000003" / ".rank-0000.h5.tmp"
     leftover.write_text("partial")
     os.utime(leftover, (1, 1))
-    (tmp_path / "broken.h5").write_text("not hdf5")
+    (tmp_path / "rank-0009.h5").write_text("not hdf5")  # named like a shard: damaged, not skipped
     result = invoke("doctor", tmp_path, "--json", "-")
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert [(s["step"], s["complete"], s["missing"]) for s in document["steps"]] == [(3, True, []), (4, False, [0])]
     assert document["leftovers"] == [{"path": str(leftover), "stale": True}]
-    assert document["file_problems"][0]["path"] == str(tmp_path / "broken.h5")
+    assert document["file_problems"][0]["path"] == str(tmp_path / "rank-0009.h5")
     assert leftover.exists()  # reported, never deleted
     table = invoke("doctor", tmp_path).stdout
     assert "step 4 is incomplete: world size 2, ranks present [1], missing [0]" in table

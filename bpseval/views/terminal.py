@@ -35,6 +35,7 @@ from bpseval.views.text import (
     delta_text,
     format_bps,
     interval_text,
+    plural,
     ranges,
     shown,
     verdict_text,
@@ -177,8 +178,8 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
         console.print(f"Left out of the overall bps (no ok cell): {left_out}")
     dropped = scored.duplicates_dropped
     console.print(
-        f"step {scored.step} · world size {scored.world_size} · {len(scored.files)} shard"
-        f"{'s' if len(scored.files) != 1 else ''}" + (f" · {dropped} duplicate samples dropped" if dropped else "")
+        f"step {scored.step} · world size {scored.world_size} · {plural(len(scored.files), 'shard')}"
+        + (f" · {dropped} duplicate samples dropped" if dropped else "")
     )
 
 
@@ -197,7 +198,7 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
     if not count:
         return
     reason = CELL_REASONS[status].format(min_samples=scored.settings.min_samples)
-    console.print(f"[bold]{count} {status} cell{'s' if count != 1 else ''}[/] ({reason}):")
+    console.print(f"[bold]{plural(count, status + ' cell')}[/] ({reason}):")
     for name, cells in listed:
         cells_text = ", ".join(str(cell) for cell in cells[:CELLS_LISTED_PER_DATASET])
         more = len(cells) - CELLS_LISTED_PER_DATASET
@@ -266,7 +267,7 @@ def render_coverage(report: CoverageReport, console: Console) -> None:
         console.print(f"[green]✓[/] every cell has at least {report.min_samples} valid samples{_spikes_clause(report)}")
     else:
         console.print(
-            f"[red]✗[/] {len(report.cells)} cell{'s' if len(report.cells) != 1 else ''} below"
+            f"[red]✗[/] {plural(len(report.cells), 'cell')} below"
             f" {report.min_samples} valid samples" + _spikes_clause(report)
         )
 
@@ -422,6 +423,6 @@ def render_steps(steps: StepResults, console: Console, run: str | None = None) -
     print_table(console, title, columns, rows)
     if steps.incomplete:
         count = len(steps.incomplete)
-        console.print(f"[yellow]{count} incomplete step{'s' if count != 1 else ''} skipped:[/]")
+        console.print(f"[yellow]{plural(count, 'incomplete step')} skipped:[/]")
         for step, reason in steps.incomplete.items():
             console.print(f"  {escape(incomplete_text(step, reason))}")
