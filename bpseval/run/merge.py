@@ -199,10 +199,10 @@ def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeade
     return dict(sorted(parts.items()))
 
 
-PART_COST = 1 << 20
-"""Cost, in bytes to read, of one dataset of one shard beyond its arrays: opening and looking up its
-arrays and setting up its sums takes about 1 ms, the time of merging ~1 MB. So 3,000 tiny datasets
-are a few tasks, not 3,000."""
+PART_COST = 1 << 18
+"""Cost, in bytes to read, of one dataset of one shard beyond its arrays: looking up its arrays and
+setting up its sums takes a fraction of a millisecond, the time of merging ~256 KB. So 3,000 tiny
+datasets weigh what they cost and make a few tasks, not 3,000."""
 
 
 def _merge_cost(parts: list[tuple[ShardHeader, DatasetLayout]]) -> int:

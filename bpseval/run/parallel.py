@@ -24,22 +24,24 @@ are), spawn elsewhere."""
 
 
 MIN_BATCH_COST = 64 << 20
-"""Smallest cost (bytes to read) worth a task of its own: merging 64 MB takes ~0.1 s, far above a task's
-overhead in a worker (pickling, scheduling, opening each of its shards)."""
-MAX_BATCH_COST = 256 << 20
-"""Largest cost of a batch of several items: bounds what one task holds at once (a dataset's sums and
-duplicate bookkeeping, O(its samples)); an item above it is a task of its own."""
+"""Smallest cost (bytes to read) worth a task of its own when several processes share the work:
+merging 64 MB takes ~0.1 s, far above a task's overhead (pickling, scheduling, opening its shards)."""
+MAX_BATCH_COST = 512 << 20
+"""Largest cost of a batch of several items: bounds what one task holds at once (its datasets' sums
+and duplicate bookkeeping, O(their samples)); an item above it is a task of its own."""
 
 
 def batches(costs: Sequence[float], jobs: int = 1) -> list[list[int]]:
     """Consecutive runs of the indices of `costs` of roughly equal cost, for tasks of the right size.
 
-    Each run but the last costs at least max(MIN_BATCH_COST, total / (4 * jobs)), capped at
-    MAX_BATCH_COST: few enough tasks that their overhead is amortised, enough (4 per job when the
+    With one job, runs of up to MAX_BATCH_COST: as few tasks as memory allows. With several, each
+    run but the last costs at least max(MIN_BATCH_COST, total / (4 * jobs)) (capped at
+    MAX_BATCH_COST): few enough tasks that their overhead is amortised, enough (4 per job when the
     work is large) for the largest-first schedule of `run_tasks` to balance the workers. Items stay
     in order, so results concatenated run by run are in item order.
     """
-    target = min(MAX_BATCH_COST, max(MIN_BATCH_COST, sum(costs) / (4 * max(jobs, 1))))
+    spread = max(MIN_BATCH_COST, sum(costs) / (4 * jobs)) if jobs > 1 else MAX_BATCH_COST
+    target = min(MAX_BATCH_COST, spread)
     runs: list[list[int]] = []
     current: list[int] = []
     cost = 0.0
