@@ -8,6 +8,7 @@
     python benchmarks/run.py writer [--repeat 5] [--hdf5-cells 181,23]
     python benchmarks/run.py cache --steps 30 --samples 20000 --repeat 3
     python benchmarks/run.py online --repeat 5 --json benchmarks/results/online.json
+    python benchmarks/run.py parallel --repeat 3 --json benchmarks/results/parallel.json
 
 The first form (mode `shards`, benchmarks/shards.py) generates synthetic shards with
 `bpseval.ShardWriter` (or reuses them), warms the page cache and times, in one run: plain h5py
@@ -19,7 +20,9 @@ meanwhile. `hdf5-settings` (benchmarks/hdf5_settings.py) times writing and readi
 arrays under several chunk shapes and compressions. `profile` (benchmarks/profiling.py) runs the
 merge under cProfile. `writer` (benchmarks/writer.py) times ShardWriter, synchronous and with
 background=True, against plain h5py appends and torch.save. `online` (benchmarks/online.py) times
-`DistributedBPS.update` against one fused torch reduction of the same sums. benchmarks/README.md
+`DistributedBPS.update` against one fused torch reduction of the same sums. `parallel`
+(benchmarks/parallel.py) times `--jobs 1/2` on 3,000 tiny datasets and 256 small shards against 32
+large ones holding the same data. benchmarks/README.md
 explains every measurement and gives results.
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import cache, hdf5_settings, many_steps, profiling, shards, writer  # noqa: E402
+from benchmarks import cache, hdf5_settings, many_steps, parallel, profiling, shards, writer  # noqa: E402
 from benchmarks.data import SCALES, resolve_scale  # noqa: E402
 from benchmarks.shards import MEASUREMENTS  # noqa: E402
 
@@ -41,13 +44,14 @@ from benchmarks.shards import MEASUREMENTS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache", "online")
+    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache", "online", "parallel")
     parser.add_argument("mode", nargs="?", default="shards", choices=modes,
                         help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
                              " profile: cProfile of the merge; steps: --all-steps on many small steps;"
                              " writer: ShardWriter against plain h5py and torch.save;"
                              " cache: --all-steps run again with the merge cache;"
-                             " online: DistributedBPS.update against a fused torch reduction")
+                             " online: DistributedBPS.update against a fused torch reduction;"
+                             " parallel: --jobs on 3,000 tiny datasets, 256 small shards against 32 large")
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks import online  # imports torch, which the other modes do not need
 
         document = online.main(args.repeat)
+    elif args.mode == "parallel":
+        document = parallel.main(args.repeat, args.data_dir)
     elif args.mode == "profile":
         document = profiling.main(scale, args.data_dir)
     else:

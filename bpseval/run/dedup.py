@@ -45,12 +45,20 @@ class _Deduplicator:
     `window` rows, so memory stays bounded by a chunk even when every rank saw every sample.
     """
 
-    def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]], window: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        parts: list[tuple[ShardHeader, DatasetLayout]],
+        window: int,
+        indices: list[np.ndarray] | None = None,
+    ) -> None:
+        """`indices`: each part's sample_idx when the caller has read them (else they are read here)."""
         self.name = name
         self.parts = parts
         self.paths = [header.path for header, _ in parts]
         self.window = window
-        indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
+        if indices is None:
+            indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
         for path, index in zip(self.paths, indices, strict=True):
             if len(index) and index.min() < 0:
                 raise BpsevalError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +28,9 @@ from bpseval.kernel.stats import (
 )
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.dedup import _Deduplicator
-from bpseval.run.parallel import run_tasks
+from bpseval.run.parallel import batches, run_tasks
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
-from bpseval.shard.reader import DatasetReader, open_dataset, read_stats
+from bpseval.shard.reader import DatasetReader, ShardFile, read_stats
 
 if TYPE_CHECKING:
     from bpseval.run.cache import StepCache
@@ -138,25 +138,32 @@ def merge_selection(
     shards = selection.shards
     stores = selection.entry.stores
     parts = _dataset_parts(shards)
+    names = list(parts)
+    costs = [_merge_cost(group) for group in parts.values()]
     sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
+    groups = batches(costs, jobs)
     done = [0]
 
-    def finished(index: int) -> None:
-        done[0] += sizes[index]
-        if on_progress:
-            on_progress(done[0], sum(sizes))
+    def finished(task: int) -> None:
+        for index in groups[task]:
+            done[0] += sizes[index]
+            if on_progress:
+                on_progress(done[0], sum(sizes))
 
     entry = _cache_entry(catalog.root, shards, blocks) if cache else None
     stored = entry.load(parts) if entry else None
     if stored is None:
-        datasets = run_tasks(
-            _merge_dataset,
-            [(name, group, len(shards), blocks) for name, group in parts.items()],
-            jobs=jobs,
-            scheduler=scheduler,
-            costs=sizes,
-            on_done=finished,
+        lean = {header.path: replace(header, datasets={}) for header in shards}  # tasks carry no other layouts
+        tasks = [
+            ([(names[i], [(lean[header.path], layout) for header, layout in parts[names[i]]]) for i in group],
+             len(shards), blocks)
+            for group in groups
+        ]
+        results = run_tasks(
+            _merge_datasets, tasks, jobs=jobs, scheduler=scheduler,
+            costs=[sum(costs[i] for i in group) for group in groups], on_done=finished,
         )
+        datasets = [dataset for result in results for dataset in result]
         if entry:
             entry.save(datasets)
     else:
@@ -194,48 +201,121 @@ def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeade
     return dict(sorted(parts.items()))
 
 
-def _merge_dataset(
-    name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, blocks: int | None = None
-) -> MergedDataset:
-    """Stream every rank's rows of one dataset once (duplicates dropped) into per-rank statistics."""
+PART_COST = 1 << 18
+"""Cost, in bytes to read, of one dataset of one shard beyond its arrays: looking up its arrays and
+setting up its sums takes a fraction of a millisecond, the time of merging ~256 KB. So 3,000 tiny
+datasets weigh what they cost and make a few tasks, not 3,000."""
+
+
+def _merge_cost(parts: list[tuple[ShardHeader, DatasetLayout]]) -> int:
+    """What merging a dataset costs, in bytes: its arrays and a fixed PART_COST per shard holding it."""
+    return sum(layout.nbytes + PART_COST for _, layout in parts)
+
+
+def _merge_datasets(
+    datasets: list[tuple[str, list[tuple[ShardHeader, DatasetLayout]]]], world_size: int, blocks: int | None = None
+) -> list[MergedDataset]:
+    """Merge several datasets as one task; returns them in the order given.
+
+    Each shard is opened once to read the sample_idx of all of the task's datasets in it, and once to
+    read their rows, shard by shard in rank order: one file open at a time, and every dataset's
+    chunks are added in the same order as if it were merged alone, so the numbers do not depend on
+    how datasets are grouped into tasks.
+    """
+    merges = {
+        name: _DatasetMerge(name, parts, world_size, blocks)
+        for name, parts in datasets
+        if parts[0][1].store != "stats"
+    }
+    by_shard: dict[Path, list[tuple[_DatasetMerge, int]]] = {}
+    ranks: dict[Path, int] = {}
+    for merge in merges.values():
+        for part, (header, _) in enumerate(merge.parts):
+            by_shard.setdefault(header.path, []).append((merge, part))
+            ranks[header.path] = header.rank
+    order = sorted(by_shard, key=ranks.__getitem__)
+    for path in order:
+        indexed = [(merge, part) for merge, part in by_shard[path] if merge.indices is not None]
+        if indexed:
+            with ShardFile(path) as shard:
+                for merge, part in indexed:
+                    merge.indices[part] = shard.sample_idx(merge.name)
+    for merge in merges.values():
+        merge.start()
+    for path in order:
+        with ShardFile(path) as shard:
+            for merge, part in by_shard[path]:
+                merge.add(part, shard.dataset(merge.parts[part][1]))
+    return [
+        merges[name].finish() if name in merges else _merge_stats_dataset(name, parts, world_size, _cell_ids(parts))
+        for name, parts in datasets
+    ]
+
+
+def _cell_ids(parts: list[tuple[ShardHeader, DatasetLayout]]) -> np.ndarray:
+    """A dataset's cell ids (0..cells-1 when the shards give none)."""
     first = parts[0][1]
-    n_cells = first.n_cells
-    cell_ids = first.cell_ids if first.cell_ids is not None else np.arange(n_cells)
-    if first.store == "stats":
-        return _merge_stats_dataset(name, parts, world_size, cell_ids)
-    chunk_rows = max(1, CHUNK_ELEMENTS // max(n_cells, 1))
-    dedup = _Deduplicator(name, parts, chunk_rows) if first.has_sample_idx else None
-    per_rank = [CellStats.zeros(n_cells) for _ in range(world_size)]
-    per_block = CellStats.zeros((blocks, n_cells)) if blocks and dedup is not None else None
-    for part, (header, layout) in enumerate(parts):
-        with open_dataset(header.path, layout) as reader:
-            for chunk in reader.rows(chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):
-                if dedup is not None:
-                    chunk = dedup.filter(part, chunk)
-                try:
-                    if per_block is None:
-                        per_rank[header.rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind)
-                    else:
-                        block_ids = sample_blocks(dedup.unique, chunk.sample_idx, blocks)
-                        per_block, total = add_by_block(
-                            per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, layout.rate_kind
-                        )
-                        per_rank[header.rank] += total
-                except InvalidValuesError as error:
-                    raise _invalid_values_error(reader, chunk, error, chunk_rows) from None
-    total_rows = sum(layout.n_rows for _, layout in parts)
-    dropped = dedup.dropped if dedup is not None else 0
-    return MergedDataset(
-        name=name,
-        cell_ids=cell_ids,
-        rate_kind=first.rate_kind,
-        per_rank=per_rank,
-        samples=total_rows - dropped,
-        duplicates_dropped=dropped,
-        identity=dataset_identity(name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
-        per_block=per_block,
-        warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
-    )
+    return first.cell_ids if first.cell_ids is not None else np.arange(first.n_cells)
+
+
+class _DatasetMerge:
+    """The merge of one raw dataset: every rank's rows once (duplicates dropped) into per-rank statistics.
+
+    `indices` (one slot per part) is filled with each part's sample_idx, then `start()`; `add(part,
+    reader)` streams one part's rows, parts in rank order; `finish()` gives the MergedDataset.
+    """
+
+    def __init__(
+        self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]], world_size: int, blocks: int | None
+    ) -> None:
+        first = parts[0][1]
+        self.name, self.parts, self.first, self.blocks = name, parts, first, blocks
+        self.chunk_rows = max(1, CHUNK_ELEMENTS // max(first.n_cells, 1))
+        self.indices: list[np.ndarray] | None = [np.zeros(0, np.int64)] * len(parts) if first.has_sample_idx else None
+        self.dedup: _Deduplicator | None = None
+        self.per_rank = [CellStats.zeros(first.n_cells) for _ in range(world_size)]
+        self.per_block: CellStats | None = None
+
+    def start(self) -> None:
+        """Find the duplicates once every part's sample_idx is in `indices`."""
+        if self.indices is not None:
+            self.dedup = _Deduplicator(self.name, self.parts, self.chunk_rows, self.indices)
+            if self.blocks:
+                self.per_block = CellStats.zeros((self.blocks, self.first.n_cells))
+
+    def add(self, part: int, reader: DatasetReader) -> None:
+        """Add the rows of part `part`, read by `reader`, to its rank's statistics (and to the blocks)."""
+        dedup, rank, rate_kind = self.dedup, self.parts[part][0].rank, self.first.rate_kind
+        for chunk in reader.rows(self.chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):
+            if dedup is not None:
+                chunk = dedup.filter(part, chunk)
+            try:
+                if self.per_block is None:
+                    self.per_rank[rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+                else:
+                    block_ids = sample_blocks(dedup.unique, chunk.sample_idx, self.blocks)
+                    self.per_block, total = add_by_block(
+                        self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind
+                    )
+                    self.per_rank[rank] += total
+            except InvalidValuesError as error:
+                raise _invalid_values_error(reader, chunk, error, self.chunk_rows) from None
+
+    def finish(self) -> MergedDataset:
+        dedup, cell_ids = self.dedup, _cell_ids(self.parts)
+        total_rows = sum(layout.n_rows for _, layout in self.parts)
+        dropped = dedup.dropped if dedup is not None else 0
+        return MergedDataset(
+            name=self.name,
+            cell_ids=cell_ids,
+            rate_kind=self.first.rate_kind,
+            per_rank=self.per_rank,
+            samples=total_rows - dropped,
+            duplicates_dropped=dropped,
+            identity=dataset_identity(self.name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
+            per_block=self.per_block,
+            warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
+        )
 
 
 def sample_blocks(unique: np.ndarray, sample_idx: np.ndarray, blocks: int) -> np.ndarray:
@@ -309,7 +389,9 @@ def _invalid_values_error(
             key = (problem.array, problem.problem)
             if key in counts:
                 known = counts[key]
-                counts[key] = InvalidValues(known.array, known.problem, known.count + problem.count, known.first_row, known.first_cell)
+                counts[key] = InvalidValues(
+                    known.array, known.problem, known.count + problem.count, known.first_row, known.first_cell
+                )
             else:
                 counts[key] = InvalidValues(
                     problem.array, problem.problem, problem.count, problem.first_row + chunk.start, problem.first_cell

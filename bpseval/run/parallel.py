@@ -23,6 +23,39 @@ children only read HDF5 files and run numpy (safe next to torch's threads, as Da
 are), spawn elsewhere."""
 
 
+MIN_BATCH_COST = 64 << 20
+"""Smallest cost (bytes to read) worth a task of its own when several processes share the work:
+merging 64 MB takes ~0.1 s, far above a task's overhead (pickling, scheduling, opening its shards)."""
+MAX_BATCH_COST = 512 << 20
+"""Largest cost of a batch of several items: bounds what one task holds at once (its datasets' sums
+and duplicate bookkeeping, O(their samples)); an item above it is a task of its own."""
+
+
+def batches(costs: Sequence[float], jobs: int = 1) -> list[list[int]]:
+    """Consecutive runs of the indices of `costs` of roughly equal cost, for tasks of the right size.
+
+    With one job, runs of up to MAX_BATCH_COST: as few tasks as memory allows. With several, each
+    run but the last costs at least max(MIN_BATCH_COST, total / (4 * jobs)) (capped at
+    MAX_BATCH_COST): few enough tasks that their overhead is amortised, enough (4 per job when the
+    work is large) for the largest-first schedule of `run_tasks` to balance the workers. Items stay
+    in order, so results concatenated run by run are in item order.
+    """
+    spread = max(MIN_BATCH_COST, sum(costs) / (4 * jobs)) if jobs > 1 else MAX_BATCH_COST
+    target = min(MAX_BATCH_COST, spread)
+    runs: list[list[int]] = []
+    current: list[int] = []
+    cost = 0.0
+    for index, item in enumerate(costs):
+        current.append(index)
+        cost += item
+        if cost >= target:
+            runs.append(current)
+            current, cost = [], 0.0
+    if current:
+        runs.append(current)
+    return runs
+
+
 def run_tasks(
     function: Callable[..., T],
     tasks: Sequence[tuple[Any, ...]],
@@ -49,7 +82,8 @@ def run_tasks(
             if on_done:
                 on_done(index)
     else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context(start_method)) as pool:
+        context = multiprocessing.get_context(start_method)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
             _gather(futures, as_completed, results, on_done)
     return [results[index] for index in range(len(tasks))]

@@ -548,6 +548,44 @@ def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
         yield reader
 
 
+class ShardFile:
+    """A shard opened once to read the rows and sample_idx of several of its datasets.
+
+    `open_dataset` opens the file for every dataset; merging many small datasets (or many small
+    shards) then spends its time opening files and walking h5py Group objects (~0.5 ms per open,
+    ~0.3 ms per Group). Here the file is opened once and each array is looked up by its full path,
+    one HDF5 lookup. Arrays are closed with the `DatasetReader` that holds them, so the HDF5 chunk
+    cache (up to 8 MiB per open array) is held for one dataset at a time, as with `open_dataset`.
+    Use it as a context manager; opening and lookups raise ShardError naming the file and dataset.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = _open_file(path)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.close()
+
+    def dataset(self, layout: DatasetLayout) -> DatasetReader:
+        """A reader of the rows of `layout`'s dataset."""
+        try:
+            return DatasetReader(self.path, layout, self._handle, f"{DATASETS_GROUP}/{layout.name}/")
+        except H5PY_ERRORS as error:
+            raise ShardError(
+                f"{self.path}: dataset {layout.name!r} cannot be opened ({_short(error)}); the shard changed"
+                " since its header was read or is damaged."
+            ) from None
+
+    def sample_idx(self, dataset: str) -> np.ndarray:
+        """The whole sample_idx array of one dataset, as `read_sample_idx` reads it."""
+        with _h5py_errors(self.path):
+            array = self._handle[f"{DATASETS_GROUP}/{dataset}/sample_idx"]
+        return _read(self.path, dataset, array, slice(None)).astype(np.int64)
+
+
 def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
     """The whole sample_idx array of one dataset of a shard (bounded by the header's `_check_stored`)."""
     with open_shard(path) as handle:
@@ -559,11 +597,11 @@ def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
 class DatasetReader:
     """Reads the rows of one dataset of an open shard: each array is looked up once (h5py lookups cost ~0.1 ms)."""
 
-    def __init__(self, path: Path, layout: DatasetLayout, group: h5py.Group) -> None:
+    def __init__(self, path: Path, layout: DatasetLayout, group: h5py.Group, prefix: str = "") -> None:
         self.path = path
         self.layout = layout
-        self._rhat, self._robs = group["rhat"], group["robs"]
-        self._dfs = group["dfs"] if layout.dfs_shape else None
+        self._rhat, self._robs = group[prefix + "rhat"], group[prefix + "robs"]
+        self._dfs = group[prefix + "dfs"] if layout.dfs_shape else None
 
     def rows(self, chunk_rows: int, sample_idx: np.ndarray | None = None) -> Iterator[RowChunk]:
         """The rows in chunks of `chunk_rows` rows. `sample_idx`, this dataset's whole sample_idx
