@@ -74,15 +74,25 @@ def main(scale: Scale, steps: int, repeat: int, data_dir: Path | None) -> dict[s
         new_step.append(timed_compute(run))
     cached = [timed_compute(run) for _ in range(repeat)]
     shutil.rmtree(base if data_dir is None else run)
-    timings = {"first": spread(first), "second": spread(second), "new_step": spread(new_step),
-               "all_cached_after_new_step": spread(cached)}
+    timings = {
+        "first": spread(first),
+        "second": spread(second),
+        "new_step": spread(new_step),
+        "all_cached_after_new_step": spread(cached),
+    }
     ratio = timings["second"]["median"] / timings["first"]["median"]
     paired = [b / a for a, b in zip(first, second, strict=True)]
     for name, timing in timings.items():
         print(f"{name:>26}: median {timing['median']:.2f} s (min {timing['min']:.2f}, max {timing['max']:.2f})")
     print(f"second / first: {ratio:.3f} (paired {min(paired):.3f}-{max(paired):.3f}; target <= {TARGET})")
     return {
-        "steps": steps, "scale": scale.__dict__, "bytes": size, "repeat": repeat, "seconds": timings,
+        "steps": steps,
+        "scale": scale.__dict__,
+        "bytes": size,
+        "repeat": repeat,
+        "seconds": timings,
         "ratio_second_first": {"value": ratio, "min": min(paired), "max": max(paired)},
-        "target": TARGET, "met": ratio <= TARGET, "environment": environment(),
+        "target": TARGET,
+        "met": ratio <= TARGET,
+        "environment": environment(),
     }

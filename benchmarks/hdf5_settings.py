@@ -69,8 +69,12 @@ def write_layout(target: Path, arrays: dict[str, np.ndarray], layout: Layout) ->
         group = handle.create_group(f"{DATASETS_GROUP}/session")
         datasets = {
             name: group.create_dataset(
-                name, shape=(0, *array.shape[1:]), maxshape=(None, *array.shape[1:]), dtype=array.dtype,
-                chunks=(layout.chunk_rows(array), *array.shape[1:]), **COMPRESSIONS[layout.compression],
+                name,
+                shape=(0, *array.shape[1:]),
+                maxshape=(None, *array.shape[1:]),
+                dtype=array.dtype,
+                chunks=(layout.chunk_rows(array), *array.shape[1:]),
+                **COMPRESSIONS[layout.compression],
             )
             for name, array in arrays.items()
         }
@@ -87,8 +91,13 @@ def write_with_shard_writer(target: Path, arrays: dict[str, np.ndarray]) -> Path
     with ShardWriter(target, 0, 1) as writer:
         for start in range(0, len(arrays["rhat"]), BATCH_ROWS):
             rows = slice(start, start + BATCH_ROWS)
-            writer.add("session", arrays["rhat"][rows], arrays["robs"][rows], arrays["dfs"][rows],
-                       sample_idx=arrays["sample_idx"][rows])
+            writer.add(
+                "session",
+                arrays["rhat"][rows],
+                arrays["robs"][rows],
+                arrays["dfs"][rows],
+                sample_idx=arrays["sample_idx"][rows],
+            )
     return writer.path
 
 
@@ -113,11 +122,20 @@ def measure_case(
         shutil.rmtree(target)
     writes, reads = [raw / MIB / t for t in write_times], [raw / MIB / t for t in read_times]
     chunk = f"{chunk_rows} rows"
-    print(f"{label:<34}{chunk:>12}{statistics.median(writes):11.0f}{f'[{min(writes):.0f}-{max(writes):.0f}]':>14}"
-          f"{size / MIB:10.1f}{raw / size:7.2f}{statistics.median(reads):10.0f}"
-          f"{f'[{min(reads):.0f}-{max(reads):.0f}]':>14}")
-    return {"cells": arrays["rhat"].shape[1], "layout": label, "chunk": chunk, "raw_bytes": raw, "file_bytes": size,
-            "write_s": write_times, "read_s": read_times}
+    print(
+        f"{label:<34}{chunk:>12}{statistics.median(writes):11.0f}{f'[{min(writes):.0f}-{max(writes):.0f}]':>14}"
+        f"{size / MIB:10.1f}{raw / size:7.2f}{statistics.median(reads):10.0f}"
+        f"{f'[{min(reads):.0f}-{max(reads):.0f}]':>14}"
+    )
+    return {
+        "cells": arrays["rhat"].shape[1],
+        "layout": label,
+        "chunk": chunk,
+        "raw_bytes": raw,
+        "file_bytes": size,
+        "write_s": write_times,
+        "read_s": read_times,
+    }
 
 
 def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
@@ -134,13 +152,22 @@ def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
             rhat, robs, dfs = synthetic_dataset(cells, scale.samples, SEED)
             arrays = {"rhat": rhat, "robs": robs, "dfs": dfs, "sample_idx": np.arange(scale.samples, dtype=np.int64)}
             raw = sum(array.nbytes for array in arrays.values())
-            print(f"\n{scale.samples} samples x {cells} cells, float32 rhat/robs/dfs + int64 sample_idx:"
-                  f" {raw / MIB:.0f} MiB raw; {args.repeat} repetitions, page cache warm")
-            print(f"{'layout':<34}{'rhat chunk':>12}{'write MB/s':>11}{'[min-max]':>14}{'size MiB':>10}"
-                  f"{'ratio':>7}{'read MB/s':>10}{'[min-max]':>14}")
+            print(
+                f"\n{scale.samples} samples x {cells} cells, float32 rhat/robs/dfs + int64 sample_idx:"
+                f" {raw / MIB:.0f} MiB raw; {args.repeat} repetitions, page cache warm"
+            )
+            print(
+                f"{'layout':<34}{'rhat chunk':>12}{'write MB/s':>11}{'[min-max]':>14}{'size MiB':>10}"
+                f"{'ratio':>7}{'read MB/s':>10}{'[min-max]':>14}"
+            )
             for label, write in cases.items():
                 rows.append(measure_case(label, partial(write, arrays=arrays), arrays, Path(scratch), args.repeat))
-    document = {"mode": "hdf5-settings", "samples": scale.samples, "environment": environment(),
-                "machine_load": load.report(), "results": rows}
+    document = {
+        "mode": "hdf5-settings",
+        "samples": scale.samples,
+        "environment": environment(),
+        "machine_load": load.report(),
+        "results": rows,
+    }
     print_load(document["machine_load"])
     return document

@@ -29,7 +29,12 @@ def write_steps(run: Path, steps: int, ranks: int) -> None:
         for rank in range(ranks):
             rhat = rng.gamma(2.0, 0.5, size=(SAMPLES_PER_RANK, CELLS)).astype(np.float32)
             with bpseval.ShardWriter(run, rank, ranks, step=step) as writer:
-                writer.add("d", rhat, rng.poisson(rhat).astype(np.float32), sample_idx=np.arange(SAMPLES_PER_RANK) * ranks + rank)
+                writer.add(
+                    "d",
+                    rhat,
+                    rng.poisson(rhat).astype(np.float32),
+                    sample_idx=np.arange(SAMPLES_PER_RANK) * ranks + rank,
+                )
 
 
 def main(steps: int, ranks: int, repeat: int) -> dict[str, Any]:
@@ -53,6 +58,12 @@ def main(steps: int, ranks: int, repeat: int) -> dict[str, Any]:
     print(f"one step of {ranks} ranks: {single_median * 1e3:.1f} ms; x {steps} = {steps * single_median:.3f} s")
     print(f"ratio all-steps / ({steps} x one step): {ratio:.2f} (target <= 3)")
     return {
-        "steps": steps, "ranks": ranks, "repeat": repeat, "all_steps_seconds": all_steps,
-        "one_step_seconds": single, "ratio": ratio, "target": 3.0, "met": ratio <= 3.0,
+        "steps": steps,
+        "ranks": ranks,
+        "repeat": repeat,
+        "all_steps_seconds": all_steps,
+        "one_step_seconds": single,
+        "ratio": ratio,
+        "target": 3.0,
+        "met": ratio <= 3.0,
     }

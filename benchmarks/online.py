@@ -48,8 +48,11 @@ def fused_reduction(rhat: torch.Tensor, robs: torch.Tensor, dfs: torch.Tensor) -
 
 def updates(rhat: torch.Tensor, robs: torch.Tensor, dfs: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """`update` as a loop calls it, each call with new sample indices (so none is skipped as a repeat)."""
-    calls = {"with sample_idx": DistributedBPS(), "without sample_idx": DistributedBPS(),
-             "validate='eager'": DistributedBPS(validate="eager")}
+    calls = {
+        "with sample_idx": DistributedBPS(),
+        "without sample_idx": DistributedBPS(),
+        "validate='eager'": DistributedBPS(validate="eager"),
+    }
     counter = iter(range(1 << 40))
 
     def call(name: str, metric: DistributedBPS) -> Callable[[], None]:

@@ -85,8 +85,10 @@ def main(repeat: int, data_dir: Path | None) -> dict[str, Any]:
     write_sessions(runs["many"], MANY_RANKS)
     write_sessions(runs["few"], FEW_RANKS)
     sizes = {name: shard_bytes(run) for name, run in runs.items()}
-    print(f"written in {time.perf_counter() - started:.0f} s: "
-          + ", ".join(f"{name} {count} shards {size / 1e6:.1f} MB" for name, (count, size) in sizes.items()))
+    print(
+        f"written in {time.perf_counter() - started:.0f} s: "
+        + ", ".join(f"{name} {count} shards {size / 1e6:.1f} MB" for name, (count, size) in sizes.items())
+    )
     cases = {
         "tiny --jobs 1": (runs["tiny"], ("--jobs", "1")),
         "tiny --jobs 2": (runs["tiny"], ("--jobs", "2")),
@@ -126,7 +128,10 @@ def main(repeat: int, data_dir: Path | None) -> dict[str, Any]:
     return {
         "repeat": repeat,
         "data": {name: {"shards": count, "bytes": size} for name, (count, size) in sizes.items()},
-        "seconds": seconds, "ratios": ratios, "targets": TARGETS,
+        "seconds": seconds,
+        "ratios": ratios,
+        "targets": TARGETS,
         "met": {name: ratios[name]["value"] <= target for name, target in TARGETS.items()},
-        "machine_load": other, "environment": environment(),
+        "machine_load": other,
+        "environment": environment(),
     }

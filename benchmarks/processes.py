@@ -77,7 +77,8 @@ def run_child(command: list[str], sample_tree: bool = False) -> ChildRun:
     with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as report:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", RSS_PROBE, report.name, *command],
-            stdout=subprocess.DEVNULL, stderr=errors,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
         )
         sampler = TreeMemorySampler(process.pid) if sample_tree else None
         process.wait()
@@ -145,6 +146,7 @@ def parallel_capacity(probe: str = CPU_PROBE, args: tuple[str, ...] = ()) -> flo
     for CPU_PROBE (cache-resident work); lower for READ_PROBE when memory bandwidth is shared.
     Their range brackets the ceiling of any `--jobs 2` speed-up on this machine.
     """
+
     def wall(copies: int) -> float:
         started = time.perf_counter()
         processes = [subprocess.Popen([sys.executable, "-c", probe, *args]) for _ in range(copies)]

@@ -62,7 +62,12 @@ def main(scale: Scale, data_dir: Path | None) -> dict[str, Any]:
     buffer = io.StringIO()
     pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(20)
     print(buffer.getvalue())
-    document = {"mode": "profile", "total_s": total, "groups_s": groups, "environment": environment(),
-                "machine_load": load.report()}
+    document = {
+        "mode": "profile",
+        "total_s": total,
+        "groups_s": groups,
+        "environment": environment(),
+        "machine_load": load.report(),
+    }
     print_load(document["machine_load"])
     return document

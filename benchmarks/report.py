@@ -78,27 +78,35 @@ def print_report(document: dict[str, Any], timings: dict[str, Timing], in_memory
     for prefix, group in (("", timings), ("in-memory: ", in_memory)):
         for timing in group.values():
             speed = f"{timing.bytes / MIB / timing.median:8.0f}" if timing.bytes else " " * 8
-            print(f"{prefix + timing.name:<26}{timing.median:10.3f}{min(timing.times):9.3f}{max(timing.times):9.3f}"
-                  f"{speed}  {timing.note}")
+            print(
+                f"{prefix + timing.name:<26}{timing.median:10.3f}{min(timing.times):9.3f}{max(timing.times):9.3f}"
+                f"{speed}  {timing.note}"
+            )
     print("\nratios (of medians; range of the per-repetition paired ratios)")
     for name, value in document["ratios"].items():
         print(f"  {name:<30}{value['value']:7.2f}   [{value['min']:.2f} - {value['max']:.2f}]")
     for label, values in document["peak_rss_mb"].items():
         pss = document["peak_tree_pss_mb"].get(label, math.nan)
-        print(f"peak RSS {label}: {values['max']:.0f} MB (runs: {', '.join(f'{v:.0f}' for v in values['runs'])});"
-              f" process tree PSS (sampled on one more run): {pss:.0f} MB")
+        print(
+            f"peak RSS {label}: {values['max']:.0f} MB (runs: {', '.join(f'{v:.0f}' for v in values['runs'])});"
+            f" process tree PSS (sampled on one more run): {pss:.0f} MB"
+        )
     for key, what in (("parallel_capacity", "CPU-bound"), ("parallel_read_capacity", "page-cache reading")):
         if document.get(key):
             capacity = document[key]
-            print(f"machine parallel capacity, {what} (2 processes vs 1, a --jobs 2 ceiling): {capacity['median']:.2f}x"
-                  f" [{capacity['min']:.2f} - {capacity['max']:.2f}]")
+            print(
+                f"machine parallel capacity, {what} (2 processes vs 1, a --jobs 2 ceiling): {capacity['median']:.2f}x"
+                f" [{capacity['min']:.2f} - {capacity['max']:.2f}]"
+            )
     print_load(document["machine_load"])
     for line in [*document["checks"], *document["notes"]]:
         print(line)
     env = document["environment"]
     modified = f" + uncommitted changes, source {env['bpseval_source_sha256']}" if env["bpseval_modified"] else ""
-    print(f"bpseval {env['bpseval']} at {env['git_head']}{modified};"
-          f" {env['cpus']} cpus, numpy {env['numpy']}, h5py {env['h5py']}, HDF5 {env['hdf5']}")
+    print(
+        f"bpseval {env['bpseval']} at {env['git_head']}{modified};"
+        f" {env['cpus']} cpus, numpy {env['numpy']}, h5py {env['h5py']}, HDF5 {env['hdf5']}"
+    )
     print("targets:")
     for target in document["targets"]:
         print(f"  {Target(**{k: v for k, v in target.items() if k != 'met'}).describe()}")

@@ -36,22 +36,27 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import cache, hdf5_settings, many_steps, parallel, profiling, shards, writer  # noqa: E402
-from benchmarks.data import SCALES, resolve_scale  # noqa: E402
-from benchmarks.shards import MEASUREMENTS  # noqa: E402
+from benchmarks import cache, hdf5_settings, many_steps, parallel, profiling, shards, writer
+from benchmarks.data import SCALES, resolve_scale
+from benchmarks.shards import MEASUREMENTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache", "online", "parallel")
-    parser.add_argument("mode", nargs="?", default="shards", choices=modes,
-                        help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
-                             " profile: cProfile of the merge; steps: --all-steps on many small steps;"
-                             " writer: ShardWriter against plain h5py and torch.save;"
-                             " cache: --all-steps run again with the merge cache;"
-                             " online: DistributedBPS.update against a fused torch reduction;"
-                             " parallel: --jobs on 3,000 tiny datasets, 256 small shards against 32 large")
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        default="shards",
+        choices=modes,
+        help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
+        " profile: cProfile of the merge; steps: --all-steps on many small steps;"
+        " writer: ShardWriter against plain h5py and torch.save;"
+        " cache: --all-steps run again with the merge cache;"
+        " online: DistributedBPS.update against a fused torch reduction;"
+        " parallel: --jobs on 3,000 tiny datasets, 256 small shards against 32 large",
+    )
     parser.add_argument("--scale", choices=SCALES, help="default: small for shards, realistic otherwise")
     parser.add_argument("--datasets", type=int, help="override the scale's number of datasets")
     parser.add_argument("--cells", type=int, help="override the scale's total number of cells")
@@ -60,10 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, help="where shards go (default: a reusable dir under the temp dir)")
     parser.add_argument("--repeat", type=int, default=5, help="repetitions of every timing (default 5)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--measure", type=lambda text: text.split(","), default=list(MEASUREMENTS),
-                        help=f"comma-separated subset of {','.join(MEASUREMENTS)} (default: all)")
-    parser.add_argument("--legacy-datasets", type=int,
-                        help="time legacy on this many datasets and extrapolate by entries (default: all)")
+    parser.add_argument(
+        "--measure",
+        type=lambda text: text.split(","),
+        default=list(MEASUREMENTS),
+        help=f"comma-separated subset of {','.join(MEASUREMENTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--legacy-datasets",
+        type=int,
+        help="time legacy on this many datasets and extrapolate by entries (default: all)",
+    )
     parser.add_argument("--in-memory-cells", type=int, default=1000, help="cells of the in-memory dataset")
     parser.add_argument("--steps", type=int, help="steps, cache: number of validation steps (default 100, 30)")
     parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings, writer: comma-separated cell counts")

@@ -39,8 +39,14 @@ class Timing:
 
     def summary(self) -> dict[str, Any]:
         """Median, min, max and every time, for the JSON output."""
-        return {"median": self.median, "min": min(self.times), "max": max(self.times), "times": self.times,
-                "note": self.note, "bytes": self.bytes}
+        return {
+            "median": self.median,
+            "min": min(self.times),
+            "max": max(self.times),
+            "times": self.times,
+            "note": self.note,
+            "bytes": self.bytes,
+        }
 
 
 def timed(function: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -109,12 +115,15 @@ def _own_cpu_seconds() -> float:
 
 def print_load(load: dict[str, float]) -> None:
     """One line on how busy the rest of the machine was during the run."""
-    print(f"other processes used {load['foreign_cpus']:.2f} CPUs on average during the {load['wall_s']:.0f} s run"
-          f" (steal {load['steal_cpus']:.2f}); above ~0.1 the timings are disturbed")
+    print(
+        f"other processes used {load['foreign_cpus']:.2f} CPUs on average during the {load['wall_s']:.0f} s run"
+        f" (steal {load['steal_cpus']:.2f}); above ~0.1 the timings are disturbed"
+    )
 
 
 def environment() -> dict[str, Any]:
     """Machine, library versions and the bpseval checkout measured (a hash of every bpseval/**/*.py)."""
+
     def git(*args: str) -> str:
         result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
         return result.stdout.strip()

@@ -121,13 +121,17 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
         for name in ("ShardWriter background with forward", "ShardWriter with forward")
     )
     ratios["background (add + end) / sync (add + end), with forward"] = ratio(blocked, [synchronous])
-    print(f"\n{samples} samples x {cells} cells, {BATCH_ROWS} rows per batch: {raw / MIB:.0f} MiB raw;"
-          f" medians of {repeat} repetitions, [min-max]")
+    print(
+        f"\n{samples} samples x {cells} cells, {BATCH_ROWS} rows per batch: {raw / MIB:.0f} MiB raw;"
+        f" medians of {repeat} repetitions, [min-max]"
+    )
     print(f"{'variant':<44}{'seconds':>9}{'MB/s':>8}{'[min-max] MB/s':>18}")
     for timing in timings.values():
         speeds = [raw / MIB / seconds for seconds in timing.times]
-        print(f"{timing.name:<44}{timing.median:9.3f}{raw / MIB / timing.median:8.0f}"
-              f"{f'[{min(speeds):.0f}-{max(speeds):.0f}]':>18}")
+        print(
+            f"{timing.name:<44}{timing.median:9.3f}{raw / MIB / timing.median:8.0f}"
+            f"{f'[{min(speeds):.0f}-{max(speeds):.0f}]':>18}"
+        )
     for name, value in ratios.items():
         verdict = ""
         if name in TARGETS:
@@ -136,8 +140,13 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
             value["target"], value["met"] = f"{sign} {bound}", met
             verdict = f"  (target {sign} {bound}: {'met' if met else 'NOT met'})"
         print(f"{name:<58}{value['value']:6.2f} [{value['min']:.2f}-{value['max']:.2f}]{verdict}")
-    return {"cells": cells, "raw_bytes": raw, "batches": batches,
-            "timings": {name: timing.summary() for name, timing in timings.items()}, "ratios": ratios}
+    return {
+        "cells": cells,
+        "raw_bytes": raw,
+        "batches": batches,
+        "timings": {name: timing.summary() for name, timing in timings.items()},
+        "ratios": ratios,
+    }
 
 
 def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
@@ -146,8 +155,15 @@ def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.data_dir) as scratch:
         cells = [int(value) for value in args.hdf5_cells.split(",")]
         results = [measure(count, scale.samples, args.repeat, Path(scratch)) for count in cells]
-    document = {"mode": "writer", "samples": scale.samples, "batch_rows": BATCH_ROWS, "queue_bytes": QUEUE_BYTES,
-                "repeat": args.repeat, "environment": environment(),
-                "machine_load": load.report(), "results": results}
+    document = {
+        "mode": "writer",
+        "samples": scale.samples,
+        "batch_rows": BATCH_ROWS,
+        "queue_bytes": QUEUE_BYTES,
+        "repeat": args.repeat,
+        "environment": environment(),
+        "machine_load": load.report(),
+        "results": results,
+    }
     print_load(document["machine_load"])
     return document

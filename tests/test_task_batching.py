@@ -6,6 +6,7 @@ and each task opens every shard once to read all of its datasets (`_merge_datase
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def assert_identical(got: list[MergedDataset], expected: list[MergedDataset]) ->
     assert [dataset.name for dataset in got] == [dataset.name for dataset in expected]
     for a, b in zip(got, expected, strict=True):
         assert (a.samples, a.duplicates_dropped, a.identity, a.warnings) == (
-            b.samples, b.duplicates_dropped, b.identity, b.warnings
+            b.samples,
+            b.duplicates_dropped,
+            b.identity,
+            b.warnings,
         )
         assert np.array_equal(a.cell_ids, b.cell_ids)
         pairs = list(zip(a.per_rank, b.per_rank, strict=True))
@@ -75,7 +79,7 @@ def groupings(draw: st.DrawFn, n: int) -> list[list[int]]:
     """A partition of range(n) into consecutive runs (the shape `batches` produces)."""
     cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=n - 1)))
     bounds = [0, *cuts, n]
-    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -96,8 +100,7 @@ def test_merge_run_gives_the_same_json_with_any_jobs(run_dir) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    costs=st.lists(st.integers(0, 2 * MAX_BATCH_COST), max_size=60)
-    | st.lists(st.integers(0, 4 << 20), max_size=3000),
+    costs=st.lists(st.integers(0, 2 * MAX_BATCH_COST), max_size=60) | st.lists(st.integers(0, 4 << 20), max_size=3000),
     jobs=st.integers(1, 8),
 )
 def test_batches_are_consecutive_runs_of_the_right_size(costs, jobs) -> None:

@@ -155,13 +155,20 @@ def merge_selection(
     if stored is None:
         lean = {header.path: replace(header, datasets={}) for header in shards}  # tasks carry no other layouts
         tasks = [
-            ([(names[i], [(lean[header.path], layout) for header, layout in parts[names[i]]]) for i in group],
-             len(shards), blocks)
+            (
+                [(names[i], [(lean[header.path], layout) for header, layout in parts[names[i]]]) for i in group],
+                len(shards),
+                blocks,
+            )
             for group in groups
         ]
         results = run_tasks(
-            _merge_datasets, tasks, jobs=jobs, scheduler=scheduler,
-            costs=[sum(costs[i] for i in group) for group in groups], on_done=finished,
+            _merge_datasets,
+            tasks,
+            jobs=jobs,
+            scheduler=scheduler,
+            costs=[sum(costs[i] for i in group) for group in groups],
+            on_done=finished,
         )
         datasets = [dataset for result in results for dataset in result]
         if entry:
@@ -223,9 +230,7 @@ def _merge_datasets(
     how datasets are grouped into tasks.
     """
     merges = {
-        name: _DatasetMerge(name, parts, world_size, blocks)
-        for name, parts in datasets
-        if parts[0][1].store != "stats"
+        name: _DatasetMerge(name, parts, world_size, blocks) for name, parts in datasets if parts[0][1].store != "stats"
     }
     by_shard: dict[Path, list[tuple[_DatasetMerge, int]]] = {}
     ranks: dict[Path, int] = {}

@@ -310,8 +310,6 @@ BLOCK_IDS = "block_ids"
 """The array of a stats-only shard's `blocks/` group that numbers its rows (sample_idx // block_size)."""
 
 
-
-
 def _read_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
     where = f"{path}: dataset {name!r}"
     if not isinstance(group, h5py.Group):
@@ -392,8 +390,11 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
         blocks = _members(path, members["blocks"], (*STAT_FIELDS, BLOCK_IDS)) if group_of_blocks else {}
         block_arrays = {key: _array_info(path, item) for key, item in blocks.items() if isinstance(item, h5py.Dataset)}
         block_shapes = {block_arrays[key].shape for key in STAT_FIELDS if key in block_arrays}
-        if len(block_shapes) != 1 or len(next(iter(block_shapes))) != 2 or next(iter(block_shapes))[1] != n_cells or (
-            any(key not in block_arrays for key in STAT_FIELDS)
+        if (
+            len(block_shapes) != 1
+            or len(next(iter(block_shapes))) != 2
+            or next(iter(block_shapes))[1] != n_cells
+            or (any(key not in block_arrays for key in STAT_FIELDS))
         ):
             raise ShardError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
         ids = block_arrays.get(BLOCK_IDS)
