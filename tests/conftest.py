@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +73,34 @@ def invoke(runner: CliRunner):
         return runner.invoke(app, [str(arg) for arg in args])
 
     return run
+
+
+def peak_bytes(function: Callable[[], object]) -> int:
+    """The peak of Python allocations while `function()` runs (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def as_unprivileged(command: list[str], environment: dict[str, str], why: str) -> list[str]:
+    """`command` run as user nobody when the tests run as root (root reads and lists anything).
+
+    Skips the test, saying `why`, when nobody cannot import bpseval here (a checkout or
+    environment only root can read).
+    """
+    if os.geteuid() != 0:
+        return command
+    wrapped = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    probe = subprocess.run(
+        [*wrapped[:4], sys.executable, "-c", "import bpseval"],
+        capture_output=True,
+        cwd="/",
+        env=environment,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"{why}, and user nobody cannot import bpseval here")
+    return wrapped

@@ -15,7 +15,7 @@ import pytest
 
 from bpseval import ShardWriter
 from bpseval.run.catalog import RunCatalog
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
 from tests.test_steps import DATASETS, write_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,19 +131,8 @@ def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_command(tmp_path)
             path.chmod(0o755 if path.is_dir() else 0o644)
         hidden = run / "step-000001"
         hidden.chmod(0o000)
-        command = [sys.executable, "-m", "bpseval"]
         environment = {**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)}
-        if os.geteuid() == 0:  # root lists anything: run as nobody, if nobody can run bpseval here
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-            probe = subprocess.run(
-                [*command[:4], sys.executable, "-c", "import bpseval"],
-                capture_output=True,
-                cwd="/",
-                env=environment,
-                check=False,
-            )
-            if probe.returncode != 0:
-                pytest.skip("root lists every folder, and user nobody cannot import bpseval here")
+        command = as_unprivileged([sys.executable, "-m", "bpseval"], environment, "root lists every folder")
 
         def run_bpseval(*arguments: str) -> subprocess.CompletedProcess:
             return subprocess.run(

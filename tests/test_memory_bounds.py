@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +12,12 @@ import torch
 
 import bpseval
 from bpseval.torch import DistributedBPS
+from tests.conftest import peak_bytes
 from tests.gloo import run_gloo
 
 HUGE_INDEX = 2 * 10**9
 PEAK_BYTES = 8 << 20
 """A few MB: a bitmap up to index 2·10^9 would take 250 MB."""
-
-
-def _peak_bytes(function) -> int:
-    tracemalloc.start()
-    try:
-        function()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_stats_only_writer_with_two_samples_of_index_2e9_uses_a_few_mb(tmp_path) -> None:
@@ -35,7 +26,7 @@ def test_stats_only_writer_with_two_samples_of_index_2e9_uses_a_few_mb(tmp_path)
             writer.add("d", np.ones((2, 3)), np.ones((2, 3)), sample_idx=np.array([HUGE_INDEX, HUGE_INDEX + 1]))
             writer.add("d", np.ones((1, 3)), np.ones((1, 3)), sample_idx=np.array([HUGE_INDEX]))  # a repeat
 
-    assert _peak_bytes(write) < PEAK_BYTES
+    assert peak_bytes(write) < PEAK_BYTES
     assert bpseval.evaluate(tmp_path).datasets[["samples", "duplicates_dropped"]].values.tolist() == [[2, 1]]
 
 
@@ -52,7 +43,7 @@ def _online_huge_indices(rank: int, world_size: int) -> None:
         result = metric.compute()
         assert result.datasets[["samples", "duplicates_dropped"]].values.tolist() == [[3, 1]]
 
-    peak = _peak_bytes(update_and_compute)
+    peak = peak_bytes(update_and_compute)
     assert peak < PEAK_BYTES, f"rank {rank}: peak {peak} bytes"
 
 

@@ -19,7 +19,7 @@ import pytest
 import bpseval
 from bpseval import ShardWriter
 from bpseval.shard.reader import read_header
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
 from tests.writer_process import write_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,19 +258,10 @@ def test_unreadable_file_is_named(tmp_path):
         for path in [run, *run.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         writer.path.chmod(0o000)
-        command = [sys.executable, "-m", "bpseval", "compute", str(run)]
         environment = {**os.environ, "HOME": "/tmp"}
-        if os.geteuid() == 0:  # root reads anything: run as nobody, if nobody can run bpseval here
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-            probe = subprocess.run(
-                [*command[:4], sys.executable, "-c", "import bpseval"],
-                capture_output=True,
-                cwd="/",
-                env=environment,
-                check=False,
-            )
-            if probe.returncode != 0:
-                pytest.skip("root reads every file, and user nobody cannot read this checkout or environment")
+        command = as_unprivileged(
+            [sys.executable, "-m", "bpseval", "compute", str(run)], environment, "root reads every file"
+        )
         completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, check=False)
         assert completed.returncode == 2, completed.stderr
         assert f"{writer.path}: not readable (permission denied)" in completed.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -18,20 +17,12 @@ from bpseval.kernel.stats import STAT_FIELDS, batch_stats
 from bpseval.run.merge import merge_run
 from bpseval.shard.format import DEFAULT_BLOCK_SIZE, shard_path
 from bpseval.shard.reader import read_header, read_stats
+from tests.conftest import peak_bytes
 from tests.test_cache import assert_same_merge
 
 HUGE = (2 * 10**9, 2**62)
 PEAK_BYTES = 8 << 20
 """A few MB; a dense array of blocks up to 2^62 // 500 cannot even be allocated."""
-
-
-def _peak_bytes(function) -> int:
-    tracemalloc.start()
-    try:
-        function()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def _session(seed: int, index: np.ndarray, n_cells: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +53,7 @@ def test_two_samples_at_2e9_and_2_62_cost_a_few_mb_and_two_blocks(tmp_path):
         with ShardWriter(tmp_path, 0, 1, store="stats") as writer:  # the default block size
             writer.add("d", rhat, robs, sample_idx=np.array(HUGE))
 
-    assert _peak_bytes(write) < PEAK_BYTES
+    assert peak_bytes(write) < PEAK_BYTES
     path = shard_path(tmp_path, 0, 0)
     layout = read_header(path).datasets["d"]
     assert layout.block_size == DEFAULT_BLOCK_SIZE

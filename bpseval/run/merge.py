@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -79,49 +79,24 @@ class MergedRun:
 
 
 def merge_run(
-    run_dir: str | os.PathLike[str],
-    step: int | None = None,
-    blocks: int | None = None,
-    *,
-    jobs: int = 1,
-    scheduler: str | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    cache: bool = False,
+    run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None, **options: Any
 ) -> MergedRun:
-    """Scan `run_dir` and merge one step of it (default: the latest complete one); see `merge_step`."""
-    catalog = RunCatalog.scan(run_dir, jobs=jobs)
-    return merge_step(catalog, step, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=cache)
+    """Scan `run_dir` and merge one step of it (default: the latest complete one); `options` as for
+    `merge_selection` (`jobs` also reads the headers in that many processes)."""
+    return merge_step(RunCatalog.scan(run_dir, jobs=options.get("jobs", 1)), step, blocks, **options)
 
 
-def merge_step(
-    catalog: RunCatalog,
-    step: int | None = None,
-    blocks: int | None = None,
-    *,
-    jobs: int = 1,
-    scheduler: str | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    cache: bool = False,
-) -> MergedRun:
-    """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it).
-
-    With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
-    paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
-    merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
-    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge. With `cache`,
-    a step merged before from the same shards with the same settings is read from the merge cache
-    (`bpseval.run.cache`), bit for bit, and a step merged now is stored there.
-    """
+def merge_step(catalog: RunCatalog, step: int | None = None, blocks: int | None = None, **options: Any) -> MergedRun:
+    """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it);
+    `options` as for `merge_selection`. Steps not merged that have unreadable files are named in
+    the warnings."""
     selection = catalog.select(step)
     unused = [
         f"not merged, has unreadable files: {entry.reason}"
         for entry in catalog.steps.values()
         if entry.problems and entry.step != selection.entry.step
     ]
-    selection = StepSelection(selection.entry, selection.notes + unused)
-    return merge_selection(
-        catalog, selection, blocks, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=cache
-    )
+    return merge_selection(catalog, StepSelection(selection.entry, selection.notes + unused), blocks, **options)
 
 
 def merge_selection(
@@ -134,7 +109,15 @@ def merge_selection(
     on_progress: Callable[[int, int], None] | None = None,
     cache: bool = False,
 ) -> MergedRun:
-    """Merge the shards of a selected step (see `merge_step` for the options)."""
+    """Merge the shards of a selected step into per-rank statistics of every dataset.
+
+    With `blocks`, also keep the statistics of `blocks` contiguous ranges of sample_idx (for the
+    paired bootstrap of `bpseval compare`); datasets without sample_idx get none. Datasets are
+    merged by `jobs` processes or on a Dask `scheduler` ("local" or an address), with the same
+    result to the last bit. `on_progress(bytes_done, bytes_total)` follows the merge. With `cache`,
+    a step merged before from the same shards with the same settings is read from the merge cache
+    (`bpseval.run.cache`), bit for bit, and a step merged now is stored there.
+    """
     shards = selection.shards
     stores = selection.entry.stores
     parts = _dataset_parts(shards)
