@@ -160,17 +160,21 @@ def main(args: argparse.Namespace, scale_name: str, scale: Scale) -> dict[str, A
     paths, specs = shard_paths(run_dir), dataset_specs(scale)
     names = [spec.name for spec in specs]
     data_bytes = sum(path.stat().st_size for path in paths)
-    print(f"scale {scale_name}: {scale.datasets} datasets, {scale.cells} cells ({scale.cells_min}-{scale.cells_max}"
-          f" per dataset), {scale.samples} samples per dataset, {scale.ranks} ranks; {data_bytes / 1e9:.2f} GB",
-          flush=True)
+    print(
+        f"scale {scale_name}: {scale.datasets} datasets, {scale.cells} cells ({scale.cells_min}-{scale.cells_max}"
+        f" per dataset), {scale.samples} samples per dataset, {scale.ranks} ranks; {data_bytes / 1e9:.2f} GB",
+        flush=True,
+    )
     warm_page_cache(paths)
     compile_bytecode()
     load, collected, notes = MachineLoad(), Collected(), []
     variants = bpseval_variants(notes) if "bpseval" in measure else {}
     legacy = legacy_subset(specs, args.legacy_datasets)
     if "legacy" in measure and legacy[1] != 1.0:
-        notes.append(f"legacy timed on {len(legacy[0])} of {len(names)} datasets and scaled linearly by"
-                     f" entries (x{legacy[1]:.2f}): the legacy time is an EXTRAPOLATION")
+        notes.append(
+            f"legacy timed on {len(legacy[0])} of {len(names)} datasets and scaled linearly by"
+            f" entries (x{legacy[1]:.2f}): the legacy time is an EXTRAPOLATION"
+        )
     for repetition in range(args.repeat):
         print(f"repetition {repetition + 1}/{args.repeat}", flush=True)
         measure_repetition(measure, run_dir, variants, legacy, collected)
@@ -187,9 +191,15 @@ def main(args: argparse.Namespace, scale_name: str, scale: Scale) -> dict[str, A
     in_memory = run_in_memory(scale.samples, args.in_memory_cells, args.repeat) if "in-memory" in measure else {}
     document = {
         "scale": scale_name,
-        "config": {**asdict(scale), "data_dir": str(data_dir), "data_bytes": data_bytes, "repeat": args.repeat,
-                   "read_chunk_elements": CHUNK_ELEMENTS, "kernel_block_entries": BLOCK_ENTRIES,
-                   "in_memory_cells": args.in_memory_cells},
+        "config": {
+            **asdict(scale),
+            "data_dir": str(data_dir),
+            "data_bytes": data_bytes,
+            "repeat": args.repeat,
+            "read_chunk_elements": CHUNK_ELEMENTS,
+            "kernel_block_entries": BLOCK_ENTRIES,
+            "in_memory_cells": args.in_memory_cells,
+        },
         "environment": environment(),
         "timings": {name: timing.summary() for name, timing in timings.items()},
         "in_memory": {name: timing.summary() for name, timing in in_memory.items()},

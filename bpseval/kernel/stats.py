@@ -257,13 +257,15 @@ def screen_values(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "r
     low, high = xp.min(rhat), xp.max(rhat)
     out_of_range = (high > MAX_LOG_RATE) if rate_kind == "log_rate" else (low < 0.0)
     counts_low, counts_high = xp.min(robs), xp.max(robs)
-    problems = xp.stack([
-        bad_weights,
-        ~((low > -math.inf) & (high < math.inf)),
-        out_of_range,
-        ~((counts_low > -math.inf) & (counts_high < math.inf)),
-        counts_low < 0.0,
-    ])
+    problems = xp.stack(
+        [
+            bad_weights,
+            ~((low > -math.inf) & (high < math.inf)),
+            out_of_range,
+            ~((counts_low > -math.inf) & (counts_high < math.inf)),
+            counts_low < 0.0,
+        ]
+    )
     return Screened(rhat, robs, weights, problems)
 
 
@@ -284,7 +286,9 @@ def _valid_counts(xp: Any, weights: Any, shape: tuple[int, int], on: Any) -> tup
 def _weighted_column_sums(xp: Any, values: Any, weights: Any) -> Any:
     """Σ_rows w·values per cell in float64 (Σ values when weights is None)."""
     if is_numpy_namespace(xp):  # the column sums as one BLAS matrix-vector product: fast for narrow blocks too
-        products = values.astype(np.float64, copy=False) if weights is None else np.multiply(weights, values, dtype=np.float64)
+        products = (
+            values.astype(np.float64, copy=False) if weights is None else np.multiply(weights, values, dtype=np.float64)
+        )
         return np.ones(len(products)) @ products
     if weights is None:
         return xp.sum(values, axis=0, dtype=xp.float64)
@@ -335,9 +339,7 @@ class Blocks:
         return CellStats(*(getattr(self.stats, name).sum(axis=0) for name in STAT_FIELDS))
 
 
-def block_stats(
-    block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate"
-) -> Blocks:
+def block_stats(block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> Blocks:
     """The statistics of a numpy batch per block: one row per distinct value of `block_ids` (one per sample)."""
     ids = np.unique(block_ids)
     per_block = CellStats.zeros((len(ids), rhat.shape[1]))
