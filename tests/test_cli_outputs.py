@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,9 +18,10 @@ from hypothesis import strategies as st
 
 from bpseval.errors import ArgumentError
 from bpseval.views.files import check_outputs, destination, write_text
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
 
 DAMAGED = "cannot be read as an HDF5 file"
+REPO = Path(__file__).resolve().parents[1]
 """What every merging command says about the damaged shard below, had it been read."""
 
 
@@ -262,18 +266,34 @@ def test_doctor_on_a_run_with_only_empty_step_folders_says_so(invoke, tmp_path):
     assert "no shards found" in result.stderr and "its step folders hold none: step-000003" in result.stderr
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through any permission bits")
-def test_outputs_without_write_permission_fail_before_any_shard_is_read(invoke, tmp_path, damaged_run):
-    locked = tmp_path / "locked"
+def test_outputs_without_write_permission_fail_before_any_shard_is_read():
+    """Run as user nobody when the tests run as root, who writes through any permission bits."""
+    base = Path(f"/tmp/bpseval-locked-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    run, locked = base / "run" / "step-000000", base / "locked"
+    run.mkdir(parents=True)
+    (run / "rank-0000.h5").write_text("not a shard")
     locked.mkdir()
     (locked / "old.json").write_text("{}")
-    (locked / "old.json").chmod(0o444)
-    locked.chmod(0o555)
     try:
-        missing = invoke("compute", damaged_run, "--json", locked / "new" / "r.json")
-        assert missing.exit_code == 2 and f"the directory {locked} is not writable" in missing.stderr
-        existing = invoke("compute", damaged_run, "--json", locked / "old.json")
-        assert existing.exit_code == 2 and "the file exists and cannot be written" in existing.stderr
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (locked / "old.json").chmod(0o444)
+        locked.chmod(0o555)
+        environment = {**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)}
+        command = as_unprivileged(
+            [sys.executable, "-m", "bpseval", "compute", str(base / "run")], environment, "root writes anywhere"
+        )
+
+        def compute_to(target: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [*command, "--json", str(target)], capture_output=True, text=True, cwd="/", env=environment, check=False
+            )
+
+        missing, existing = compute_to(locked / "new" / "r.json"), compute_to(locked / "old.json")
+        assert missing.returncode == 2 and f"the directory {locked} is not writable" in missing.stderr, missing.stderr
+        assert existing.returncode == 2 and "the file exists and cannot be written" in existing.stderr, existing.stderr
         assert DAMAGED not in missing.stderr + existing.stderr
     finally:
         locked.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
