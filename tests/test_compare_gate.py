@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from bpseval import ShardWriter
+from bpseval import Result, ShardWriter
 from bpseval.cli import app
-from bpseval.errors import ArgumentError
+from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun, sample_blocks
@@ -480,3 +480,12 @@ def test_significance_help_says_it_is_the_two_sided_level(invoke, gate_runs):
     assert "two-sided" in help_text and "1 - LEVEL" in help_text
     run, _ = gate_runs
     assert_exit(invoke("compare", run, "--baseline", run, "--significance", "0.5", "--bootstrap", "100"), 0)
+
+
+def test_result_from_a_broken_document_is_a_baseline_error_naming_the_field(gate_runs):
+    _, document = gate_runs
+    broken = copy.deepcopy(document)
+    broken["datasets"][0]["samples"] = "many"
+    with pytest.raises(BaselineError, match=r"datasets\[0\]\.samples"):
+        Result.from_dict(broken)
+    assert Result.from_dict(copy.deepcopy(document)).overall.bps == pytest.approx(document["overall"]["bps"])

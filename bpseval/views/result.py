@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from bpseval._json import json_text, plain
 from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
-from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION
+from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import Overall, ScoredRun, scored_from_document
@@ -192,7 +193,11 @@ class Result:
 
     @classmethod
     def from_dict(cls, document: dict[str, Any]) -> Result:
-        """A Result back from its JSON document (`to_dict`), numbers as they were written; null becomes NaN."""
+        """A Result back from its JSON document (`to_dict`), numbers as they were written; null becomes NaN.
+
+        The document is checked as a baseline is: one that no run could produce raises BaselineError.
+        """
+        check_baseline(document, Path("the document given to Result.from_dict"))
         return cls(scored_from_document(document))
 
 
