@@ -26,7 +26,6 @@ from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.features.compare import CompareSettings, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
-from bpseval.features.overview import RunOverview
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.kernel.stats import OK
@@ -238,9 +237,7 @@ def compute(
             write_tensorboard([next(iter(results.values())).scored], tensorboard_dir)
     errors = stderr_console()
     for run, result in results.items():
-        for warning in result.warnings:
-            where = f"{run}: " if several else ""
-            errors.print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
+        print_warnings(result.warnings, f"{run}: " if several else "")
     console = errors if outputs.on_stdout else Console(highlight=False)
     if not outputs.on_stdout:
         if not several:
@@ -315,11 +312,9 @@ def _compute_all_steps(
         if outputs.tensorboard is not None:
             write_tensorboard(steps.results.values(), outputs.tensorboard)
     errors = stderr_console()
-    for note in steps.notes:
-        errors.print(f"[yellow]Warning:[/] {escape(note)}", highlight=False)
+    print_warnings(steps.notes)
     for result in steps.results.values():
-        for warning in result.warnings:
-            errors.print(f"[yellow]Warning:[/] {escape(f'step {result.step}: {warning}')}", highlight=False)
+        print_warnings(result.warnings, f"step {result.step}: ")
     if not outputs.on_stdout:
         render_steps(steps, Console(highlight=False))
     else:
@@ -375,6 +370,7 @@ def coverage(
             write_csv(report.cells, csv_path)
         if json_path is not None:
             write_text(json_text(report.to_dict()), json_path)
+    print_warnings(report.warnings)
     if "-" not in (json_path, csv_path):
         render_coverage(report, Console(highlight=False))
     if not report.passed:
@@ -463,6 +459,7 @@ def baseline(
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache)
         write_text(json_text(baseline_document(result)), output)
+    print_warnings(result.warnings)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
 
@@ -560,6 +557,7 @@ def compare(
             stderr_console().print(
                 f"markdown summary appended to $GITHUB_STEP_SUMMARY ({summary})", highlight=False, markup=False
             )
+    print_warnings(comparison.warnings)
     if "-" not in (json_path, markdown_path, junit_path):
         render_compare(comparison, Console(highlight=False))
     if not comparison.passed:
@@ -609,10 +607,10 @@ Baseline = Annotated[
 ]
 
 
-def _print_warnings(inputs: RunOverview) -> None:
-    """The pictured step's warnings, and what is said once about the whole run."""
-    for warning in [*inputs.steps.notes, *inputs.scored.warnings]:
-        stderr_console().print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
+def print_warnings(warnings: list[str], where: str = "") -> None:
+    """Each warning as one `Warning:` line on stderr, led by `where`: nothing a command was told is dropped."""
+    for warning in warnings:
+        stderr_console().print(f"[yellow]Warning:[/] {escape(where + warning)}", highlight=False)
 
 
 @app.command()
@@ -647,7 +645,7 @@ def plot(
             cache=not no_cache,
         )
         written = write_plots(inputs, output, image_format.value)
-    _print_warnings(inputs)
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings])
     console = Console(highlight=False)
     console.print(
         f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False
@@ -695,7 +693,7 @@ def report(
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)
-    _print_warnings(inputs)
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings])
     console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
     size = len(html.encode()) / 1024
     console.print(

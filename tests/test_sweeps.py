@@ -193,3 +193,24 @@ def test_a_run_of_foreign_files_only_has_no_shards_and_says_what_was_skipped(inv
     assert result.stderr.startswith(f"Error: {run}: no shards found; skipped 3 files that are not a bpseval shard")
     assert all(str(path) in result.stderr for path in skipped)
     assert invoke("doctor", run).exit_code == 2
+
+
+def test_every_merging_command_says_what_the_merge_passed_over_or_skipped(invoke, tmp_path):
+    """coverage, baseline and compare used to drop the merge's warnings: a skipped file or a newer
+    incomplete step passed over went unsaid there."""
+    run = write_run(tmp_path / "run")
+    skipped = foreign_files(run)
+    with ShardWriter(run, 0, 2, step=9) as writer:  # a newer step whose rank 1 has not written yet
+        writer.add("d", **poisson_dataset(9))
+    for arguments in (
+        ("coverage", run, "--min-samples", "0", "--json", tmp_path / "c.json"),
+        ("baseline", run, "-o", tmp_path / "b.json"),
+        ("compare", run, "--baseline", run, "--json", tmp_path / "r.json"),
+    ):
+        result = invoke(*arguments, "--no-cache")
+        assert result.exit_code == 0, (arguments, result.output)
+        warnings = "\n".join(line for line in result.stderr.splitlines() if line.startswith("Warning:"))
+        assert "step 9 is incomplete" in warnings and str(skipped[0]) in warnings, (arguments, result.stderr)
+    assert any("step 9 is incomplete" in line for line in json.loads((tmp_path / "c.json").read_text())["warnings"])
+    compared = json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert any(line.startswith(f"{run}: step 9 is incomplete") for line in compared)

@@ -332,6 +332,8 @@ class Comparison:
     new_datasets: list[str]
     shared_datasets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What merging either side said (steps passed over, files skipped, ...), led by the side's label."""
 
     @property
     def population(self) -> str:
@@ -387,6 +389,7 @@ class Comparison:
                 "missing_datasets": self.missing_datasets,
                 "new_datasets": self.new_datasets,
                 "notes": self.notes,
+                "warnings": self.warnings,
             }
         )
 
@@ -447,6 +450,7 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         new_datasets=added,
         shared_datasets=shared,
         notes=notes,
+        warnings=[f"{side.label}: {warning}" for side in (new, base) for warning in side.scored.warnings],
     )
 
 

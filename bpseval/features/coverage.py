@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,8 @@ class CoverageReport:
     datasets: pd.DataFrame
     cells: pd.DataFrame
     zero_on_some_rank: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+    """What the merge said (steps passed over, files skipped, ...): said, never dropped."""
 
     @property
     def passed(self) -> bool:
@@ -48,6 +50,7 @@ class CoverageReport:
                 "datasets": self.datasets.to_dict(orient="records"),
                 "cells": self.cells.to_dict(orient="records"),
                 "zero_on_some_rank": self.zero_on_some_rank.to_dict(orient="records"),
+                "warnings": self.warnings,
             }
         )
 
@@ -87,6 +90,7 @@ def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None =
         datasets=pd.DataFrame(summaries, columns=DATASET_COLUMNS),
         cells=pd.DataFrame(flagged, columns=CELL_COLUMNS),
         zero_on_some_rank=pd.DataFrame(zero_ranks, columns=ZERO_RANK_COLUMNS),
+        warnings=list(run.warnings),
     )
 
 

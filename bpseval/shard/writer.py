@@ -661,7 +661,9 @@ class ShardWriter:
         try:
             action()
         except BaseException as error:  # noqa: BLE001 - returned to be raised after the file is discarded
-            if self._io is None or self._io.failure is None:
+            # an OSError after a failed write is its consequence: the write error below says more;
+            # anything else (a bug, KeyboardInterrupt) is raised as itself
+            if self._io is None or self._io.failure is None or not isinstance(error, OSError):
                 return error
         failure = self._io.failure if self._io is not None else None
         if failure is None:
