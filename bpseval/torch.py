@@ -27,6 +27,7 @@ from bpseval.kernel.stats import (
     as_weights,
     check_labels,
     find_invalid_values,
+    reduce_rows,
     screen_values,
     unchecked_batch_stats,
 )
@@ -256,7 +257,7 @@ class DistributedBPS:
         stacked = group.gather_tensors(
             torch.stack([torch.as_tensor(getattr(local, f)).to(group.device, torch.float64) for f in STAT_FIELDS])
         )
-        per_rank = [CellStats(stats[0].astype(np.int64), stats[1], stats[2], stats[3]) for stats in stacked]
+        per_rank = [CellStats(stats[0].astype(np.int64), *stats[1:]) for stats in stacked]
         return MergedDataset(
             name=name,
             cell_ids=cell_ids,
@@ -402,7 +403,7 @@ class _DatasetState:
 
         tail = _map(no_rows, like)
         no_index = np.zeros(0, dtype=np.int64)
-        return cls(rate_kind, has_sample_idx, None, _map(_sum_rows, tail), tail, no_index, SeenSamples())
+        return cls(rate_kind, has_sample_idx, None, reduce_rows(tail), tail, no_index, SeenSamples())
 
     @property
     def n_cells(self) -> int:
@@ -436,14 +437,14 @@ class _DatasetState:
             self.total = self.total + folded
         if per_row is not None and per_row.n_valid.shape[0] == window:  # the usual batch: the whole old tail folds
             if len(self.tail_idx):
-                self.total = _map(lambda total, rows: total + _sum_rows(rows), self.total, self.tail)
+                self.total = self.total + reduce_rows(self.tail)
             self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0] :]
         elif per_row is not None:
             tail = _map(_concat_rows, self.tail, per_row)
             tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0] :]])
             fold = max(0, tail.n_valid.shape[0] - window)
             if fold:
-                self.total = _map(lambda total, rows: total + _sum_rows(rows[:fold]), self.total, tail)
+                self.total = self.total + reduce_rows(_map(lambda rows: rows[:fold], tail))
             self.tail, self.tail_idx = _map(lambda rows: rows[fold:], tail), tail_idx[fold:]
         if index is not None:
             self.seen.add(index)
@@ -472,7 +473,7 @@ class _DatasetState:
     def total_without(self, held_back: np.ndarray) -> CellStats:
         """The sums with the held-back rows added, except those flagged in `held_back`."""
         keep = np.flatnonzero(~held_back)
-        return _map(lambda total, rows: total + _sum_rows(_take_rows(rows, keep)), self.total, self.tail)
+        return self.total + reduce_rows(_map(lambda rows: _take_rows(rows, keep), self.tail))
 
     def to_state(self) -> dict[str, Any]:
         """This dataset's part of `DistributedBPS.state_dict()`: copies, as tensors, lists and scalars."""
@@ -639,10 +640,6 @@ def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
 def _map(function: Callable[..., Any], *stats: CellStats) -> CellStats:
     """Apply `function` field by field to one or more CellStats."""
     return CellStats(**{name: function(*(getattr(s, name) for s in stats)) for name in STAT_FIELDS})
-
-
-def _sum_rows(rows: Any) -> Any:
-    return array_namespace(rows).sum(rows, axis=0)
 
 
 def _concat_rows(first: Any, second: Any) -> Any:

@@ -10,12 +10,18 @@ For cell c, weight w = dfs (entries with w = 0 are ignored, NaN or not) and rate
     n_valid = #{w > 0}      weight = Σ w      spikes = Σ w·robs      model_ll = Σ w·(robs·ln λ − λ)
     ll_gain = model_ll − (spikes·ln(spikes/weight) − spikes)         bps = ll_gain / (spikes·ln 2)
 
-The log(robs!) term is the same for the model and the null model and cancels.
+The log(robs!) term is the same for the model and the null model and cancels. For the other
+metrics (see `cell_scores`) each cell also keeps spike_log_spikes = Σ w·robs·ln robs and
+rate_sum = Σ w·λ (additive), the centred second moments rate_m2 = Σ w·(λ − λ̄)²,
+count_m2 = Σ w·(robs − r̄)² and co_m2 = Σ w·(λ − λ̄)(robs − r̄) (merged with Chan's pairwise
+update, never as raw Σx² − (Σx)²/n), and the least and greatest λ and robs over valid entries,
+which tell exactly when a side is constant.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,7 +34,12 @@ from bpseval.errors import BpsevalError
 LN2 = math.log(2.0)
 MIN_RATE = 1e-9
 RATE_KINDS = ("rate", "log_rate")
-STAT_FIELDS = ("n_valid", "weight", "spikes", "model_ll")
+ADDITIVE_FIELDS = ("n_valid", "weight", "spikes", "model_ll", "spike_log_spikes", "rate_sum")
+MOMENT_FIELDS = ("rate_m2", "count_m2", "co_m2")
+LEAST_FIELDS = ("rate_min", "count_min")
+GREATEST_FIELDS = ("rate_max", "count_max")
+STAT_FIELDS = (*ADDITIVE_FIELDS, *MOMENT_FIELDS, *LEAST_FIELDS, *GREATEST_FIELDS)
+"""Every field of `CellStats`, in order: added, merged as centred moments, merged by min, by max."""
 OK, SILENT, UNCOVERED, OVERFLOW, LOW = "ok", "silent", "uncovered", "overflow", "low"
 STATUSES = (OK, SILENT, UNCOVERED, OVERFLOW, LOW)
 """`overflow`: a covered cell whose float64 sums, ll_gain or bps are not finite (extreme but finite inputs,
@@ -43,36 +54,138 @@ pools every covered cell."""
 
 @dataclass
 class CellStats:
-    """Additive sufficient statistics of the Poisson log-likelihood, one entry per cell."""
+    """Sufficient statistics of every metric, one entry per cell (or per block and cell), mergeable exactly.
 
-    n_valid: np.ndarray
-    weight: np.ndarray
-    spikes: np.ndarray
-    model_ll: np.ndarray
+    `+` merges two of them as if one process had seen both sets of samples: sums add, centred
+    moments combine by Chan's update, extremes by min and max. Fields are numpy arrays, or arrays
+    of one other array-API namespace (torch tensors in the online metric).
+    """
+
+    n_valid: Any
+    weight: Any
+    spikes: Any
+    model_ll: Any
+    spike_log_spikes: Any
+    rate_sum: Any
+    rate_m2: Any
+    count_m2: Any
+    co_m2: Any
+    rate_min: Any
+    count_min: Any
+    rate_max: Any
+    count_max: Any
 
     @classmethod
     def zeros(cls, shape: int | tuple[int, ...]) -> CellStats:
         """Statistics of no sample at all, for `shape` = cells or (blocks, cells)."""
         return cls(
             n_valid=np.zeros(shape, dtype=np.int64),
-            weight=np.zeros(shape),
-            spikes=np.zeros(shape),
-            model_ll=np.zeros(shape),
+            **{name: np.zeros(shape) for name in STAT_FIELDS[1:] if name not in LEAST_FIELDS + GREATEST_FIELDS},
+            **{name: np.full(shape, math.inf) for name in LEAST_FIELDS},
+            **{name: np.full(shape, -math.inf) for name in GREATEST_FIELDS},
         )
 
     @property
     def n_cells(self) -> int:
         return self.n_valid.shape[-1]
 
+    def fields(self) -> dict[str, Any]:
+        """Every field by name, in `STAT_FIELDS` order."""
+        return {name: getattr(self, name) for name in STAT_FIELDS}
+
+    def map(self, function: Callable[[Any], Any]) -> CellStats:
+        """`function` applied to every field (indexing, copying, moving between devices)."""
+        return CellStats(**{name: function(values) for name, values in self.fields().items()})
+
     def __add__(self, other: CellStats) -> CellStats:
         if other.n_valid.shape != self.n_valid.shape:
             raise BpsevalError(f"cannot add statistics of shape {other.n_valid.shape} to shape {self.n_valid.shape}")
-        return CellStats(
-            n_valid=self.n_valid + other.n_valid,
-            weight=self.weight + other.weight,
-            spikes=self.spikes + other.spikes,
-            model_ll=self.model_ll + other.model_ll,
-        )
+        return combine(self, other)
+
+
+def _mean(xp: Any, total: Any, weight: Any) -> Any:
+    """total / weight, 0 where the weight is 0."""
+    has = weight > 0
+    return xp.where(has, total / xp.where(has, weight, 1.0), 0.0)
+
+
+def combine(a: CellStats, b: CellStats) -> CellStats:
+    """The statistics of the samples of `a` and of `b` together, entry by entry (Chan et al. 1979)."""
+    xp = array_namespace(a.weight, b.weight)
+    weight = a.weight + b.weight
+    both = (a.weight > 0) & (b.weight > 0)
+    share = xp.where(both, a.weight * b.weight / xp.where(both, weight, 1.0), 0.0)
+    rate_step = _mean(xp, b.rate_sum, b.weight) - _mean(xp, a.rate_sum, a.weight)
+    count_step = _mean(xp, b.spikes, b.weight) - _mean(xp, a.spikes, a.weight)
+    return CellStats(
+        n_valid=a.n_valid + b.n_valid,
+        weight=weight,
+        spikes=a.spikes + b.spikes,
+        model_ll=a.model_ll + b.model_ll,
+        spike_log_spikes=a.spike_log_spikes + b.spike_log_spikes,
+        rate_sum=a.rate_sum + b.rate_sum,
+        rate_m2=a.rate_m2 + b.rate_m2 + share * rate_step * rate_step,
+        count_m2=a.count_m2 + b.count_m2 + share * count_step * count_step,
+        co_m2=a.co_m2 + b.co_m2 + share * rate_step * count_step,
+        rate_min=xp.minimum(a.rate_min, b.rate_min),
+        count_min=xp.minimum(a.count_min, b.count_min),
+        rate_max=xp.maximum(a.rate_max, b.rate_max),
+        count_max=xp.maximum(a.count_max, b.count_max),
+    )
+
+
+def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
+    """Merge (rows, cells) statistics over their rows, row r taken counts[r] times (1 when None).
+
+    With 2-D `counts` (replicates, rows), one merge per replicate: the bootstrap's resamples, as
+    (replicates, cells). Moments are gathered around the mean of all rows (each row's centred
+    moment plus its offset from that shift), then re-centred on each replicate's own mean; the
+    shift is that close to every replicate's mean, so nothing large cancels.
+    """
+    xp = array_namespace(stats.weight)
+    n_rows = stats.weight.shape[0]
+    on = device(stats.weight)
+    if n_rows == 0 and counts is None:
+        return _no_samples(xp, stats.n_cells, on)
+    k = xp.ones((n_rows,), dtype=xp.float64, device=on) if counts is None else xp.astype(counts, xp.float64)
+
+    def total(values: Any) -> Any:
+        return k @ xp.astype(values, xp.float64)
+
+    weight = total(stats.weight)
+    all_weight = xp.sum(stats.weight, axis=0)
+    rate_shift = _mean(xp, xp.sum(stats.rate_sum, axis=0), all_weight)
+    count_shift = _mean(xp, xp.sum(stats.spikes, axis=0), all_weight)
+    rate_offset = xp.where(stats.weight > 0, _mean(xp, stats.rate_sum, stats.weight) - rate_shift, 0.0)
+    count_offset = xp.where(stats.weight > 0, _mean(xp, stats.spikes, stats.weight) - count_shift, 0.0)
+    rate_sum, spikes = total(stats.rate_sum), total(stats.spikes)
+    rate_away = _mean(xp, rate_sum, weight) - rate_shift
+    count_away = _mean(xp, spikes, weight) - count_shift
+    taken = k > 0
+
+    def extreme(values: Any, pick: Callable[..., Any], empty: float) -> Any:
+        rows_taken = xp.reshape(taken, (*taken.shape, 1))
+        return pick(xp.where(rows_taken, values, empty), axis=-2)
+
+    return CellStats(
+        n_valid=xp.astype(xp.round(total(stats.n_valid)), xp.int64),
+        weight=weight,
+        spikes=spikes,
+        model_ll=total(stats.model_ll),
+        spike_log_spikes=total(stats.spike_log_spikes),
+        rate_sum=rate_sum,
+        rate_m2=xp.maximum(
+            total(stats.rate_m2 + stats.weight * rate_offset * rate_offset) - weight * rate_away * rate_away, 0.0
+        ),
+        count_m2=xp.maximum(
+            total(stats.count_m2 + stats.weight * count_offset * count_offset) - weight * count_away * count_away, 0.0
+        ),
+        co_m2=total(stats.co_m2 + stats.weight * rate_offset * count_offset) - weight * rate_away * count_away,
+        rate_min=extreme(stats.rate_min, xp.min, math.inf),
+        count_min=extreme(stats.count_min, xp.min, math.inf),
+        rate_max=extreme(stats.rate_max, xp.max, -math.inf),
+        count_max=extreme(stats.count_max, xp.max, -math.inf),
+    )
 
 
 @dataclass(frozen=True)
@@ -189,25 +302,70 @@ def unchecked_batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: 
 
 
 def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
-    """n_valid, Σw, Σw·robs and Σw·(robs·ln λ − λ) per cell; off numpy, rates are clamped without asking the device."""
+    """Every field of `CellStats` for one batch; off numpy, rates are clamped without asking the device.
+
+    The centred moments are taken around the batch's own weighted means (two passes over the batch);
+    batches are then merged with `combine`.
+    """
     n_rows, n_cells = rhat.shape
+    on = device(rhat)
+    if n_rows == 0 or n_cells == 0:
+        return _no_samples(xp, n_cells, on)
     if weights is not None:
         weights = xp.broadcast_to(weights, rhat.shape)
     if not is_numpy_namespace(xp):  # one float64 copy of each, shared by the sums
         robs = xp.astype(robs, xp.float64, copy=False)
         weights = None if weights is None else xp.astype(weights, xp.float64, copy=False)
-    n_valid, weight = _valid_counts(xp, weights, rhat.shape, device(rhat))
+    n_valid, weight = _valid_counts(xp, weights, rhat.shape, on)
     if rate_kind == "log_rate":
-        rates = xp.astype(rhat, xp.float64)
-        spikes = _weighted_column_sums(xp, robs, weights)
-        model_ll = _weighted_column_sums(xp, xp.astype(robs, xp.float64, copy=False) * rates - xp.exp(rates), weights)
+        log_rates = xp.astype(rhat, xp.float64)
+        rates = xp.exp(log_rates)
+        spikes, spike_log_spikes = _spike_sums(xp, None, robs, weights)
+        spike_log_rates = _weighted_column_sums(xp, xp.astype(robs, xp.float64, copy=False) * log_rates, weights)
     else:
         rates = rhat  # λ = max(rhat, MIN_RATE): with numpy only copied when some rate is below MIN_RATE
-        if not is_numpy_namespace(xp) or (n_rows and n_cells and float(xp.min(rhat)) < MIN_RATE):
-            rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=device(rhat)))
-        spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
-        model_ll = spike_log_rates - _weighted_column_sums(xp, rates, weights)
-    return CellStats(n_valid=n_valid, weight=weight, spikes=spikes, model_ll=model_ll)
+        if not is_numpy_namespace(xp) or float(xp.min(rhat)) < MIN_RATE:
+            rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=on))
+        spikes, spike_log_spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
+    rate_sum = _weighted_column_sums(xp, rates, weights)
+    rate_step = xp.astype(rates, xp.float64, copy=False) - _mean(xp, rate_sum, weight)
+    count_step = xp.astype(robs, xp.float64, copy=False) - _mean(xp, spikes, weight)
+    weighted_rate_step = rate_step if weights is None else weights * rate_step
+    valid = None if weights is None else weights > 0
+    return CellStats(
+        n_valid=n_valid,
+        weight=weight,
+        spikes=spikes,
+        model_ll=spike_log_rates - rate_sum,
+        spike_log_spikes=spike_log_spikes,
+        rate_sum=rate_sum,
+        rate_m2=_column_dots(xp, weighted_rate_step, rate_step),
+        count_m2=_column_dots(xp, count_step if weights is None else weights * count_step, count_step),
+        co_m2=_column_dots(xp, weighted_rate_step, count_step),
+        rate_min=_valid_extreme(xp, rates, valid, xp.min, math.inf),
+        count_min=_valid_extreme(xp, robs, valid, xp.min, math.inf),
+        rate_max=_valid_extreme(xp, rates, valid, xp.max, -math.inf),
+        count_max=_valid_extreme(xp, robs, valid, xp.max, -math.inf),
+    )
+
+
+def _no_samples(xp: Any, n_cells: int, on: Any) -> CellStats:
+    """`CellStats.zeros` in namespace `xp`, on device `on`."""
+    return CellStats.zeros(n_cells).map(lambda values: xp.asarray(values, device=on))
+
+
+def _column_dots(xp: Any, left: Any, right: Any) -> Any:
+    """Σ_rows left·right per column, in float64."""
+    if is_numpy_namespace(xp):
+        return np.einsum("rc,rc->c", left, right)
+    return xp.sum(left * right, axis=0)
+
+
+def _valid_extreme(xp: Any, values: Any, valid: Any, pick: Callable[..., Any], empty: float) -> Any:
+    """min or max per column over the valid entries (`empty` for a column with none), in float64."""
+    if valid is not None:
+        values = xp.where(valid, values, empty)
+    return xp.astype(pick(values, axis=0), xp.float64)
 
 
 @dataclass(frozen=True)
@@ -295,25 +453,32 @@ def _weighted_column_sums(xp: Any, values: Any, weights: Any) -> Any:
     return xp.sum(weights * xp.astype(values, xp.float64, copy=False), axis=0)
 
 
-def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, Any]:
-    """Σ_rows w·robs and Σ_rows w·robs·ln(rates) per cell, in float64.
+def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, ...]:
+    """Σ w·robs, Σ w·robs·ln robs and (unless `rates` is None) Σ w·robs·ln(rates) per cell, in float64.
 
-    With numpy both are sums over the entries where robs > 0 only (a minority of the entries of
-    binned spike counts), gathered once and added up per cell by `bincount`: the logarithm, the
-    costliest step, is taken there only. Other namespaces compute them densely on their device.
+    With numpy these are sums over the entries where robs > 0 only (a minority of the entries of
+    binned spike counts), gathered once and added up per cell by `bincount`: the logarithms, the
+    costliest step, are taken there only. Other namespaces compute them densely on their device.
     """
     if not is_numpy_namespace(xp):
-        terms = xp.astype(robs, xp.float64, copy=False) * xp.log(xp.astype(rates, xp.float64, copy=False))
-        return _weighted_column_sums(xp, robs, weights), _weighted_column_sums(xp, terms, weights)
-    n_cells = rates.shape[1]
+        counts = xp.astype(robs, xp.float64, copy=False)
+        log_counts = xp.where(counts > 0, xp.log(xp.where(counts > 0, counts, 1.0)), 0.0)
+        sums = [_weighted_column_sums(xp, counts, weights), _weighted_column_sums(xp, counts * log_counts, weights)]
+        if rates is not None:
+            sums.append(_weighted_column_sums(xp, counts * xp.log(xp.astype(rates, xp.float64, copy=False)), weights))
+        return tuple(sums)
+    n_cells = robs.shape[1]
     where = np.flatnonzero(robs > 0)
     cells = where % n_cells
-    spikes = np.ravel(robs)[where].astype(np.float64)
-    if weights is not None:
-        spikes *= np.ravel(weights)[where]
-    terms = np.log(np.ravel(rates)[where], dtype=np.float64)
-    terms *= spikes
-    return np.bincount(cells, weights=spikes, minlength=n_cells), np.bincount(cells, weights=terms, minlength=n_cells)
+    counts = np.ravel(robs)[where].astype(np.float64)
+    spikes = counts if weights is None else counts * np.ravel(weights)[where]
+    sums = [np.bincount(cells, weights=spikes, minlength=n_cells)]
+    sums.append(np.bincount(cells, weights=spikes * np.log(counts), minlength=n_cells))
+    if rates is not None:
+        terms = np.log(np.ravel(rates)[where], dtype=np.float64)
+        terms *= spikes
+        sums.append(np.bincount(cells, weights=terms, minlength=n_cells))
+    return tuple(sums)
 
 
 def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
@@ -322,9 +487,19 @@ def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:
     if n_blocks <= have:
         return per_block
     grown = CellStats.zeros((n_blocks, per_block.n_cells))
-    for name in STAT_FIELDS:
-        getattr(grown, name)[:have] = getattr(per_block, name)
+    put_rows(grown, slice(0, have), per_block)
     return grown
+
+
+def put_rows(target: CellStats, rows: Any, values: CellStats) -> None:
+    """Overwrite rows `rows` of (rows, cells) numpy statistics with `values`, in place."""
+    for name, array in values.fields().items():
+        getattr(target, name)[rows] = array
+
+
+def merge_into_rows(target: CellStats, rows: np.ndarray, values: CellStats) -> None:
+    """Merge `values` into rows `rows` (distinct) of (rows, cells) numpy statistics, in place."""
+    put_rows(target, rows, target.map(lambda array: array[rows]) + values)
 
 
 @dataclass(frozen=True)
@@ -335,8 +510,8 @@ class Blocks:
     stats: CellStats
 
     def total(self) -> CellStats:
-        """The sum over the blocks."""
-        return CellStats(*(getattr(self.stats, name).sum(axis=0) for name in STAT_FIELDS))
+        """The statistics of all the blocks together."""
+        return reduce_rows(self.stats)
 
 
 def block_stats(block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> Blocks:
@@ -345,9 +520,9 @@ def block_stats(block_ids: np.ndarray, rhat: Any, robs: Any, weights: Any = None
     per_block = CellStats.zeros((len(ids), rhat.shape[1]))
     for row, block in enumerate(ids):
         rows = block_ids == block
-        stats = batch_stats(rhat[rows], robs[rows], None if weights is None else weights[rows], rate_kind)
-        for name in STAT_FIELDS:
-            getattr(per_block, name)[row] = getattr(stats, name)
+        put_rows(
+            per_block, row, batch_stats(rhat[rows], robs[rows], None if weights is None else weights[rows], rate_kind)
+        )
     return Blocks(ids, per_block)
 
 
@@ -361,8 +536,7 @@ def add_by_block(
     """
     blocks = block_stats(block_ids, rhat, robs, weights, rate_kind)
     per_block = pad_blocks(per_block, int(blocks.ids[-1]) + 1 if len(blocks.ids) else 0)
-    for name in STAT_FIELDS:
-        getattr(per_block, name)[blocks.ids] += getattr(blocks.stats, name)
+    merge_into_rows(per_block, blocks.ids, blocks.stats)
     return per_block, blocks.total()
 
 
@@ -384,14 +558,13 @@ class BlockSums:
         rows = np.array([self._rows.setdefault(int(block), len(self._rows)) for block in blocks.ids], dtype=np.int64)
         if len(self._rows) > self._sums.n_valid.shape[0]:
             self._sums = pad_blocks(self._sums, max(len(self._rows), 2 * self._sums.n_valid.shape[0]))
-        for name in STAT_FIELDS:
-            getattr(self._sums, name)[rows] += getattr(blocks.stats, name)
+        merge_into_rows(self._sums, rows, blocks.stats)
 
     def sorted(self) -> Blocks:
         """Every block added, in increasing id order."""
         ids = np.fromiter(self._rows, dtype=np.int64, count=len(self._rows))
         order = np.argsort(ids, kind="stable")
-        return Blocks(ids[order], CellStats(*(getattr(self._sums, name)[order] for name in STAT_FIELDS)))
+        return Blocks(ids[order], self._sums.map(lambda array: array[order]))
 
 
 MAX_LOG_RATE = 700.0
@@ -475,28 +648,77 @@ class CellScores:
     ll_gain: np.ndarray
     bps: np.ndarray
     status: np.ndarray
+    pseudo_r2: np.ndarray
+    """1 − D_model / D_null (Poisson deviances), for ok cells whose counts are not all equal."""
+    corr: np.ndarray
+    """Weighted Pearson correlation of λ and robs, for ok cells where neither side is constant."""
+    null_deviance: np.ndarray
+    """D_null = 2·(Σ w·y·ln y − spikes·ln(spikes/weight)): 0 for constant counts, NaN for uncovered or overflow."""
+    model_deviance: np.ndarray
+    """D_model = 2·(Σ w·y·ln y − model_ll − spikes), NaN for uncovered or overflow cells."""
+
+    def with_status(self, status: np.ndarray) -> CellScores:
+        return replace(self, status=status)
 
 
 def cell_scores(stats: CellStats) -> CellScores:
-    """ll_gain, bits per spike and status (ok / silent / uncovered / overflow) of every cell.
+    """Every per-cell metric and the status (ok / silent / uncovered / overflow) of every cell.
 
     The sums can overflow only after many finite batches were added, so finiteness is checked
     here, on the final sums: a covered cell whose sums, ll_gain or bps are not finite is `overflow`
-    (ll_gain and bps NaN), never an `ok` cell without a number.
+    (every metric NaN), never an `ok` cell without a number. pseudo_r2 and corr need counts that
+    are not all equal (and corr rates that are not all equal), decided exactly from the least and
+    greatest value, never from a centred sum that rounding may leave just above 0.
     """
     covered = stats.n_valid > 0
     ok = covered & (stats.spikes > 0)
     spikes = np.where(ok, stats.spikes, 1.0)
     weight = np.where(ok, stats.weight, 1.0)
+    varied_counts = ok & (stats.count_min < stats.count_max)
+    varied_rates = stats.rate_min < stats.rate_max
     with np.errstate(all="ignore"):
         null_ll = np.where(ok, spikes * np.log(spikes / weight) - spikes, 0.0)
         ll_gain = np.where(covered, stats.model_ll - null_ll, np.nan)
         bps = np.where(ok, ll_gain / (spikes * LN2), np.nan)
+        null_deviance = np.where(varied_counts, 2.0 * (stats.spike_log_spikes - spikes * np.log(spikes / weight)), 0.0)
+        null_deviance = np.where(covered, null_deviance, np.nan)
+        model_deviance = np.where(covered, 2.0 * (stats.spike_log_spikes - stats.model_ll - stats.spikes), np.nan)
+        explained = varied_counts & (null_deviance > 0)
+        pseudo_r2 = np.where(explained, 2.0 * ll_gain / np.where(explained, null_deviance, 1.0), np.nan)
+        correlated = varied_counts & varied_rates & (stats.rate_m2 > 0) & (stats.count_m2 > 0)
+        corr = np.where(
+            correlated, stats.co_m2 / np.sqrt(np.where(correlated, stats.rate_m2 * stats.count_m2, 1.0)), np.nan
+        )
+    corr = np.clip(corr, -1.0, 1.0)
     finite = np.isfinite(stats.weight) & np.isfinite(stats.spikes) & np.isfinite(ll_gain) & (np.isfinite(bps) | ~ok)
     overflow = covered & ~finite
-    ll_gain[overflow], bps[overflow] = np.nan, np.nan
+    for values in (ll_gain, bps, pseudo_r2, corr, null_deviance, model_deviance):
+        values[overflow] = np.nan
     status = np.where(overflow, OVERFLOW, np.where(ok, OK, np.where(covered, SILENT, UNCOVERED)))
-    return CellScores(ll_gain=ll_gain, bps=bps, status=status)
+    return CellScores(ll_gain, bps, status, pseudo_r2, corr, null_deviance, model_deviance)
+
+
+def mean_of_ok(values: np.ndarray, status: np.ndarray) -> float:
+    """Mean of a per-cell metric over the `ok` cells where it is defined (NaN when none is, or a cell overflowed)."""
+    if (status == OVERFLOW).any():
+        return math.nan
+    chosen = values[(status == OK) & ~np.isnan(values)]
+    return float(chosen.mean()) if len(chosen) else math.nan
+
+
+def pooled_pseudo_r2(scores: CellScores) -> float:
+    """1 − Σ D_model / Σ D_null over the covered cells that bps_pooled pools, silent ones included.
+
+    NaN when a cell overflowed, or Σ D_null is not a positive finite number."""
+    if (scores.status == OVERFLOW).any():
+        return math.nan
+    covered = scores.status != UNCOVERED
+    null = float(scores.null_deviance[covered].sum())
+    if not 0 < null < math.inf:
+        return math.nan
+    with np.errstate(all="ignore"):
+        pooled = 1.0 - float(scores.model_deviance[covered].sum()) / null
+    return pooled if math.isfinite(pooled) else math.nan
 
 
 def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> float:

@@ -218,8 +218,7 @@ class StepCache:
             cell_ids=cell_ids,
             rate_kind=str(entry["rate_kind"]),
             per_rank=[
-                CellStats(*(getattr(per_rank, field)[rank].copy() for field in STAT_FIELDS))
-                for rank in range(per_rank.n_valid.shape[0])
+                per_rank.map(lambda values, rank=rank: values[rank].copy()) for rank in range(per_rank.n_valid.shape[0])
             ],
             samples=int(entry["samples"]),
             duplicates_dropped=int(entry["duplicates_dropped"]),

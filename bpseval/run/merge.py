@@ -17,7 +17,6 @@ import numpy as np
 
 from bpseval.errors import BpsevalError
 from bpseval.kernel.stats import (
-    STAT_FIELDS,
     BlockSums,
     CellStats,
     InvalidValues,
@@ -337,7 +336,7 @@ def _merge_stats_dataset(
     if sums is not None:
         merged = sums.sorted().stats
         # blocks without a valid entry (all masked) would enter the bootstrap as empty units
-        per_block = CellStats(*(getattr(merged, key)[merged.n_valid.sum(axis=1) > 0] for key in STAT_FIELDS))
+        per_block = merged.map(lambda values: values[merged.n_valid.sum(axis=1) > 0])
     return MergedDataset(
         name=name,
         cell_ids=cell_ids,

@@ -21,12 +21,15 @@ from bpseval.kernel.stats import (
     MIN_RATE,
     OK,
     OVERFLOW,
+    STAT_FIELDS,
     STATUSES,
     CellScores,
     CellStats,
     cell_scores,
     mean_bps,
+    mean_of_ok,
     pooled_bps,
+    pooled_pseudo_r2,
     status_counts,
 )
 from bpseval.run.dedup import RHAT_COPY_RTOL
@@ -80,6 +83,12 @@ class ScoredDataset:
     """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent and low ones included."""
     cells: dict[str, int]
     """How many cells have each status."""
+    pseudo_r2: float = math.nan
+    """Mean deviance explained over the ok cells where it is defined."""
+    pseudo_r2_pooled: float = math.nan
+    """1 − Σ D_model / Σ D_null over the cells bps_pooled pools."""
+    corr: float = math.nan
+    """Mean correlation of λ and robs over the ok cells where it is defined."""
     per_rank: list[CellStats] = field(default_factory=list)
     """Each rank's statistics (empty when not known: a baseline document)."""
     per_block: CellStats | None = None
@@ -105,11 +114,20 @@ class Overall:
     """Datasets with an ok cell, which the overall bps averages."""
     datasets_without_ok_cells: list[str]
     cells: dict[str, int]
+    pseudo_r2: float = math.nan
+    """Mean of the datasets' pseudo_r2, over those where it is defined."""
+    pseudo_r2_pooled: float = math.nan
+    """1 − Σ D_model / Σ D_null over every covered cell of every dataset."""
+    corr: float = math.nan
+    """Mean of the datasets' corr, over those where it is defined."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "bps": self.bps,
             "bps_pooled": self.bps_pooled,
+            "pseudo_r2": self.pseudo_r2,
+            "pseudo_r2_pooled": self.pseudo_r2_pooled,
+            "corr": self.corr,
             "datasets": self.datasets,
             "datasets_without_ok_cells": list(self.datasets_without_ok_cells),
             "cells": dict(self.cells),
@@ -170,7 +188,7 @@ def score_dataset(
     scores = cell_scores(total)
     if settings.min_samples > 1:
         low = (scores.status == OK) & (total.n_valid < settings.min_samples)
-        scores = CellScores(scores.ll_gain, scores.bps, np.where(low, LOW, scores.status))
+        scores = scores.with_status(np.where(low, LOW, scores.status))
     return ScoredDataset(
         name=merged.name,
         cell_ids=merged.cell_ids,
@@ -182,6 +200,9 @@ def score_dataset(
         bps=mean_bps(scores.bps, scores.status, settings.clamp_negative),
         bps_pooled=pooled_bps(scores.ll_gain, total.spikes, scores.status),
         cells=status_counts(scores.status),
+        pseudo_r2=mean_of_ok(scores.pseudo_r2, scores.status),
+        pseudo_r2_pooled=pooled_pseudo_r2(scores),
+        corr=mean_of_ok(scores.corr, scores.status),
         per_rank=list(merged.per_rank),
         per_block=merged.per_block,
         rate_kind=merged.rate_kind,
@@ -199,15 +220,33 @@ def overall_of(datasets: Sequence[ScoredDataset], clamp_negative: bool = False) 
     bps = math.nan if overflowed or not with_ok else float(np.mean([dataset.bps for dataset in with_ok]))
     if clamp_negative and math.isfinite(bps):
         bps = max(bps, 0.0)
-    status = np.concatenate([dataset.scores.status for dataset in datasets]) if datasets else np.zeros(0, dtype=str)
-    ll_gain = np.concatenate([dataset.scores.ll_gain for dataset in datasets]) if datasets else np.zeros(0)
+    scores = joined_scores([dataset.scores for dataset in datasets])
     spikes = np.concatenate([dataset.stats.spikes for dataset in datasets]) if datasets else np.zeros(0)
     return Overall(
         bps=bps,
-        bps_pooled=pooled_bps(ll_gain, spikes, status),
+        bps_pooled=pooled_bps(scores.ll_gain, spikes, scores.status),
         datasets=len(with_ok),
         datasets_without_ok_cells=[dataset.name for dataset in datasets if not dataset.has_ok_cells],
-        cells=status_counts(status),
+        cells=status_counts(scores.status),
+        pseudo_r2=_mean_of_defined([dataset.pseudo_r2 for dataset in datasets], overflowed),
+        pseudo_r2_pooled=pooled_pseudo_r2(scores),
+        corr=_mean_of_defined([dataset.corr for dataset in datasets], overflowed),
+    )
+
+
+def _mean_of_defined(values: Sequence[float], overflowed: bool) -> float:
+    """Mean of the datasets' values that are defined; NaN when none is, or a cell overflowed."""
+    defined = [value for value in values if not math.isnan(value)]
+    return math.nan if overflowed or not defined else float(np.mean(defined))
+
+
+def joined_scores(parts: Sequence[CellScores]) -> CellScores:
+    """The per-cell scores of several datasets, one after the other."""
+    if not parts:
+        empty = np.zeros(0)
+        return CellScores(empty, empty, np.zeros(0, dtype=object), empty, empty, empty, empty)
+    return CellScores(
+        **{name: np.concatenate([getattr(part, name) for part in parts]) for name in CellScores.__dataclass_fields__}
     )
 
 
@@ -260,17 +299,27 @@ def score_run(run: MergedRun, settings: ScoreSettings = DEFAULT_SETTINGS) -> Sco
 
 
 def stats_from_cells(cells: Sequence[dict[str, Any]]) -> CellStats:
-    """A dataset's per-cell statistics back from the JSON records of its cells (n is the weight)."""
+    """A dataset's per-cell statistics back from the JSON records of its cells (n is the weight).
+
+    A document carries n_valid, n, spikes and model_ll only: the other sums are unknown (NaN).
+    """
+    unknown = np.full(len(cells), math.nan)
     return CellStats(
         n_valid=np.array([cell["n_valid"] for cell in cells], dtype=np.int64),
         weight=np.array([cell["n"] for cell in cells], dtype=np.float64),
         spikes=np.array([cell["spikes"] for cell in cells], dtype=np.float64),
         model_ll=np.array([_number(cell["model_ll"]) for cell in cells], dtype=np.float64),
+        **{name: unknown.copy() for name in STAT_FIELDS[4:]},
     )
 
 
 def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
+
+
+def _numbers(records: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    """records[i][key] as float64, NaN where null or absent (documents written before the metric existed)."""
+    return np.array([_number(record.get(key)) for record in records], dtype=np.float64)
 
 
 def scored_from_document(document: dict[str, Any]) -> ScoredRun:
@@ -294,6 +343,10 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
                     ll_gain=np.array([_number(cell["ll_gain"]) for cell in cells], dtype=np.float64),
                     bps=np.array([_number(cell["bps"]) for cell in cells], dtype=np.float64),
                     status=np.array([cell["status"] for cell in cells], dtype=object),
+                    pseudo_r2=_numbers(cells, "pseudo_r2"),
+                    corr=_numbers(cells, "corr"),
+                    null_deviance=np.full(len(cells), math.nan),
+                    model_deviance=np.full(len(cells), math.nan),
                 ),
                 samples=int(entry["samples"]),
                 duplicates_dropped=int(entry["duplicates_dropped"]),
@@ -301,6 +354,7 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
                 bps=_number(entry["bps"]),
                 bps_pooled=_number(entry["bps_pooled"]),
                 cells={status: int(entry["cells"].get(status, 0)) for status in STATUSES},
+                **{key: _number(entry.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
             )
         )
     overall = document["overall"]
@@ -316,6 +370,7 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
             datasets=int(overall.get("datasets", sum(dataset.has_ok_cells for dataset in datasets))),
             datasets_without_ok_cells=[str(name) for name in overall.get("datasets_without_ok_cells", [])],
             cells={status: int(overall["cells"].get(status, 0)) for status in STATUSES},
+            **{key: _number(overall.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
         ),
         settings=ScoreSettings(
             clamp_negative=bool(settings.get("clamp_negative", False)),

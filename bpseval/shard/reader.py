@@ -17,7 +17,18 @@ import h5py
 import numpy as np
 
 from bpseval.errors import BpsevalError, ShardError
-from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, Blocks, CellStats, as_weights
+from bpseval.kernel.stats import (
+    ADDITIVE_FIELDS,
+    GREATEST_FIELDS,
+    LEAST_FIELDS,
+    MOMENT_FIELDS,
+    RATE_KINDS,
+    STAT_FIELDS,
+    Blocks,
+    CellStats,
+    as_weights,
+    reduce_rows,
+)
 from bpseval.shard.format import (
     DATASETS_GROUP,
     FORMAT,
@@ -373,12 +384,12 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
     if not isinstance(group, h5py.Group):
         raise ShardError(f"{where}: /{DATASETS_GROUP}/{name} must be a group.")
     members = _members(path, group, (*STAT_FIELDS, "blocks", "cell_ids"))
-    arrays = {key: _array_info(path, members[key]) for key in STAT_FIELDS if isinstance(members[key], h5py.Dataset)}
-    shapes = {key: arrays[key].shape if key in arrays else None for key in STAT_FIELDS}
+    fields = _stored_fields(where, "", members)
+    arrays = {key: _array_info(path, members[key]) for key in fields if isinstance(members[key], h5py.Dataset)}
+    shapes = {key: arrays[key].shape if key in arrays else None for key in fields}
     if None in shapes.values() or len(set(shapes.values())) != 1 or len(shapes["n_valid"]) != 1:
         raise ShardError(
-            f"{where}: a stats-only dataset needs arrays {', '.join(STAT_FIELDS)} of one shape (cells,);"
-            f" found {shapes}."
+            f"{where}: a stats-only dataset needs arrays {', '.join(fields)} of one shape (cells,); found {shapes}."
         )
     n_cells = shapes["n_valid"][0]
     if n_cells > MAX_CELLS:
@@ -389,14 +400,14 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
         group_of_blocks = isinstance(members["blocks"], h5py.Group)
         blocks = _members(path, members["blocks"], (*STAT_FIELDS, BLOCK_IDS)) if group_of_blocks else {}
         block_arrays = {key: _array_info(path, item) for key, item in blocks.items() if isinstance(item, h5py.Dataset)}
-        block_shapes = {block_arrays[key].shape for key in STAT_FIELDS if key in block_arrays}
+        block_shapes = {block_arrays[key].shape for key in fields if key in block_arrays}
         if (
             len(block_shapes) != 1
             or len(next(iter(block_shapes))) != 2
             or next(iter(block_shapes))[1] != n_cells
-            or (any(key not in block_arrays for key in STAT_FIELDS))
+            or (any(key not in block_arrays for key in fields))
         ):
-            raise ShardError(f"{where}: blocks/ must hold {', '.join(STAT_FIELDS)} of one shape (blocks, {n_cells}).")
+            raise ShardError(f"{where}: blocks/ must hold {', '.join(fields)} of one shape (blocks, {n_cells}).")
         ids = block_arrays.get(BLOCK_IDS)
         n_blocks = next(iter(block_shapes))[0]
         if (blocks.get(BLOCK_IDS) is not None and ids is None) or (
@@ -435,10 +446,11 @@ def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, Blocks | N
     with open_shard(path) as handle:
         with _h5py_errors(path):
             group = handle[DATASETS_GROUP][layout.name]
-            arrays = {key: group[key] for key in STAT_FIELDS}
+            fields = STAT_FIELDS if STAT_FIELDS[-1] in group else LEGACY_STAT_FIELDS
+            arrays = {key: group[key] for key in fields}
             if layout.block_size is not None:
                 stored = group["blocks"]
-                keys = (*STAT_FIELDS, BLOCK_IDS) if BLOCK_IDS in stored else STAT_FIELDS
+                keys = (*fields, BLOCK_IDS) if BLOCK_IDS in stored else fields
                 arrays.update({f"blocks/{key}": stored[key] for key in keys})
         values = {key: _read(path, layout.name, array, slice(None)) for key, array in arrays.items()}
     where = f"{path}: dataset {layout.name!r}"
@@ -473,41 +485,109 @@ SUM_RTOL = 1e-9
 """Relative difference between float64 sums of the same values added in different orders that counts as rounding."""
 
 
+def _stored_fields(where: str, prefix: str, members: dict[str, Any]) -> tuple[str, ...]:
+    """The statistics a stats-only group holds: every field, or the four that shards held before the others existed."""
+    extra = [key for key in STAT_FIELDS[len(LEGACY_STAT_FIELDS) :] if members.get(key) is not None]
+    if not extra:
+        return LEGACY_STAT_FIELDS
+    missing = [key for key in STAT_FIELDS if members.get(key) is None]
+    if missing:
+        raise ShardError(
+            f"{where}: {prefix}{', '.join(missing)} missing; a stats-only dataset holds every one of {', '.join(STAT_FIELDS)}."
+        )
+    return STAT_FIELDS
+
+
+LEGACY_STAT_FIELDS = STAT_FIELDS[:4]
+"""What stats-only shards held before pseudo_r2 and corr: read, with those metrics undefined (NaN sums)."""
+
+
 def _checked_sums(where: str, prefix: str, values: dict[str, np.ndarray], samples: int) -> CellStats:
     """The stored sums `prefix + field` as CellStats, refused unless some data could have produced them.
 
-    Per cell (and per block row): all finite; n_valid a whole number in [0, samples]; weight and
-    spikes >= 0; weight <= n_valid (each weight is at most 1); no spikes, weight or model_ll without
-    a valid sample; no spikes without weight. `samples` is the rows the sums cover at most.
+    Per cell (and per block row): every sum finite; n_valid a whole number in [0, samples]; weight,
+    spikes, rate_sum and the second moments >= 0; weight <= n_valid (each weight is at most 1); no
+    sum without a valid sample; no spikes without weight; |co_m2| at most √(rate_m2·count_m2); the
+    least value at most the greatest, both >= 0, for a covered cell, and +inf / -inf for the others.
+    `samples` is the rows the sums cover at most. Fields a legacy shard lacks are NaN.
     """
-    n_valid, weight, spikes, model_ll = (np.asarray(values[prefix + key], dtype=np.float64) for key in STAT_FIELDS)
+    fields = STAT_FIELDS if prefix + STAT_FIELDS[-1] in values else LEGACY_STAT_FIELDS
+    sums = {key: np.asarray(values[prefix + key], dtype=np.float64) for key in fields}
+    shape = sums["n_valid"].shape
+    for key in STAT_FIELDS[len(fields) :]:
+        sums[key] = np.full(shape, np.nan)
     name = {key: prefix + key for key in STAT_FIELDS}
+    n_valid, weight, spikes = sums["n_valid"], sums["weight"], sums["spikes"]
+    covered, empty = n_valid > 0, n_valid == 0
     slack = SUM_RTOL * n_valid
-    sums = dict(zip(STAT_FIELDS, (n_valid, weight, spikes, model_ll), strict=True))
     checks = [
-        *((name[key], "is NaN or infinite", ~np.isfinite(array)) for key, array in sums.items()),
+        *(
+            (name[key], "is NaN or infinite", ~np.isfinite(sums[key]))
+            for key in fields
+            if key in ADDITIVE_FIELDS + MOMENT_FIELDS
+        ),
         (name["n_valid"], "is negative or not a whole number", (n_valid < 0) | (n_valid != np.floor(n_valid))),
         (name["n_valid"], f"exceeds the {samples} samples the sums cover", n_valid > samples),
         (name["weight"], "is negative", weight < 0),
         (name["spikes"], "is negative", spikes < 0),
         (name["weight"], "exceeds n_valid (every weight is at most 1)", weight > n_valid + slack),
         (name["spikes"], "is positive while weight is 0", (spikes > 0) & (weight == 0)),
-        (name["model_ll"], "is not 0 while n_valid is 0", (model_ll != 0) & (n_valid == 0)),
+        *((name[key], "is not 0 while n_valid is 0", (sums[key] != 0) & empty) for key in fields[3:9]),
     ]
+    if fields == STAT_FIELDS:
+        rate_m2, count_m2 = sums["rate_m2"], sums["count_m2"]
+        bound = np.sqrt(np.maximum(rate_m2, 0) * np.maximum(count_m2, 0))
+        checks += [
+            (name["rate_sum"], "is negative", sums["rate_sum"] < 0),
+            *((name[key], "is negative", sums[key] < 0) for key in ("rate_m2", "count_m2")),
+            (
+                name["co_m2"],
+                "exceeds √(rate_m2·count_m2) in size",
+                np.abs(sums["co_m2"]) > bound * (1 + SUM_RTOL) + SUM_RTOL,
+            ),
+            *(
+                (
+                    name[low],
+                    f"is negative, NaN or above {high} while n_valid > 0",
+                    covered & ~(sums[low] >= 0) | covered & ~(sums[low] <= sums[high]),
+                )
+                for low, high in (("rate_min", "rate_max"), ("count_min", "count_max"))
+            ),
+            *(
+                (name[key], f"is not {bound_text} while n_valid is 0", empty & (sums[key] != value))
+                for key, value, bound_text in (
+                    ("rate_min", np.inf, "+inf"),
+                    ("count_min", np.inf, "+inf"),
+                    ("rate_max", -np.inf, "-inf"),
+                    ("count_max", -np.inf, "-inf"),
+                )
+            ),
+            *(
+                (name[key], "is infinite while n_valid > 0", covered & ~np.isfinite(sums[key]))
+                for key in LEAST_FIELDS + GREATEST_FIELDS
+            ),
+        ]
     with np.errstate(invalid="ignore"):
         for field, problem, bad in checks:
             if bad.any():
                 _refuse_sums(where, field, problem, bad)
-    return CellStats(n_valid.astype(np.int64), weight, spikes, model_ll)
+    return CellStats(n_valid=n_valid.astype(np.int64), **{key: sums[key] for key in STAT_FIELDS[1:]})
 
 
 def _check_blocks_add_up(where: str, total: CellStats, blocks: CellStats) -> None:
-    """The block sums must add up to the totals: n_valid exactly, the float sums up to rounding."""
+    """The blocks merged must give the totals: n_valid and the extremes exactly, the other sums up to rounding."""
+    merged = reduce_rows(blocks)
     for key in STAT_FIELDS:
-        per_block, whole = getattr(blocks, key), getattr(total, key)
-        difference = np.abs(per_block.sum(axis=0) - whole)
-        scale = np.abs(per_block).sum(axis=0) + np.abs(whole)
-        bad = difference != 0 if key == "n_valid" else difference > SUM_RTOL * scale
+        per_block, whole, together = getattr(blocks, key), getattr(total, key), getattr(merged, key)
+        if np.isnan(whole).all():  # a legacy shard: not stored
+            continue
+        with np.errstate(invalid="ignore"):
+            difference = np.where(together == whole, 0.0, np.abs(together - whole))
+            scale = np.abs(np.where(np.isfinite(per_block), per_block, 0)).sum(axis=0) + np.abs(
+                np.where(np.isfinite(whole), whole, 0)
+            )
+        exact = key == "n_valid" or key in LEAST_FIELDS + GREATEST_FIELDS
+        bad = difference != 0 if exact else difference > SUM_RTOL * scale + SUM_RTOL
         if bad.any():
             _refuse_sums(where, f"blocks/{key}", f"does not add up to {key} (off by {difference[bad][0]:.6g})", bad)
 

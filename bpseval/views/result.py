@@ -21,8 +21,11 @@ from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import Overall, ScoredRun, scored_from_document
 
-DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", "bps", "bps_pooled", *STATUSES, "identity"]
-CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", "bps", "status"]
+DATASET_METRICS = ["bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"]
+"""Every summary number of a dataset (and of the run), in the order the outputs show them."""
+CELL_METRICS = ["bps", "pseudo_r2", "corr"]
+DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", *DATASET_METRICS, *STATUSES, "identity"]
+CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", *CELL_METRICS, "status"]
 
 
 class Result:
@@ -78,8 +81,7 @@ class Result:
                 "name": dataset.name,
                 "samples": dataset.samples,
                 "duplicates_dropped": dataset.duplicates_dropped,
-                "bps": dataset.bps,
-                "bps_pooled": dataset.bps_pooled,
+                **{metric: getattr(dataset, metric) for metric in DATASET_METRICS},
                 **dataset.cells,
                 "identity": dataset.identity,
             }
@@ -108,7 +110,10 @@ class Result:
                 "spikes": joined([dataset.stats.spikes for dataset in datasets], np.float64),
                 "model_ll": joined([dataset.stats.model_ll for dataset in datasets], np.float64),
                 "ll_gain": joined([dataset.scores.ll_gain for dataset in datasets], np.float64),
-                "bps": joined([dataset.scores.bps for dataset in datasets], np.float64),
+                **{
+                    metric: joined([getattr(dataset.scores, metric) for dataset in datasets], np.float64)
+                    for metric in CELL_METRICS
+                },
                 "status": joined([dataset.scores.status for dataset in datasets], object),
             },
             columns=CELL_COLUMNS,
@@ -122,8 +127,7 @@ class Result:
                 "name": dataset.name,
                 "samples": dataset.samples,
                 "duplicates_dropped": dataset.duplicates_dropped,
-                "bps": dataset.bps,
-                "bps_pooled": dataset.bps_pooled,
+                **{metric: getattr(dataset, metric) for metric in DATASET_METRICS},
                 "cells": dataset.cells,
                 "identity": dataset.identity,
             }
@@ -140,10 +144,12 @@ class Result:
                 "model_ll": model_ll,
                 "ll_gain": ll_gain,
                 "bps": bps,
+                "pseudo_r2": pseudo_r2,
+                "corr": corr,
                 "status": status,
             }
             for dataset in scored.datasets
-            for cell, (cell_id, n_valid, weight, spikes, model_ll, ll_gain, bps, status) in enumerate(
+            for cell, (cell_id, n_valid, weight, spikes, model_ll, ll_gain, bps, pseudo_r2, corr, status) in enumerate(
                 zip(
                     dataset.cell_ids.tolist(),
                     dataset.stats.n_valid.tolist(),
@@ -152,6 +158,8 @@ class Result:
                     dataset.stats.model_ll.tolist(),
                     dataset.scores.ll_gain.tolist(),
                     dataset.scores.bps.tolist(),
+                    dataset.scores.pseudo_r2.tolist(),
+                    dataset.scores.corr.tolist(),
                     dataset.scores.status.tolist(),
                     strict=True,
                 )
