@@ -328,10 +328,8 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
             rates = xp.maximum(xp.astype(rhat, xp.float64), xp.asarray(MIN_RATE, dtype=xp.float64, device=on))
         spikes, spike_log_spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
     rate_sum = _weighted_column_sums(xp, rates, weights)
-    rate_step = xp.astype(rates, xp.float64, copy=False) - _mean(xp, rate_sum, weight)
-    count_step = xp.astype(robs, xp.float64, copy=False) - _mean(xp, spikes, weight)
-    weighted_rate_step = rate_step if weights is None else weights * rate_step
-    valid = None if weights is None else weights > 0
+    spread = _numpy_spread if is_numpy_namespace(xp) else _spread
+    moments, extremes = spread(xp, rates, robs, weights, _mean(xp, rate_sum, weight), _mean(xp, spikes, weight))
     return CellStats(
         n_valid=n_valid,
         weight=weight,
@@ -339,13 +337,8 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
         model_ll=spike_log_rates - rate_sum,
         spike_log_spikes=spike_log_spikes,
         rate_sum=rate_sum,
-        rate_m2=_column_dots(xp, weighted_rate_step, rate_step),
-        count_m2=_column_dots(xp, count_step if weights is None else weights * count_step, count_step),
-        co_m2=_column_dots(xp, weighted_rate_step, count_step),
-        rate_min=_valid_extreme(xp, rates, valid, xp.min, math.inf),
-        count_min=_valid_extreme(xp, robs, valid, xp.min, math.inf),
-        rate_max=_valid_extreme(xp, rates, valid, xp.max, -math.inf),
-        count_max=_valid_extreme(xp, robs, valid, xp.max, -math.inf),
+        **dict(zip(MOMENT_FIELDS, moments, strict=True)),
+        **dict(zip(LEAST_FIELDS + GREATEST_FIELDS, extremes, strict=True)),
     )
 
 
@@ -354,18 +347,71 @@ def _no_samples(xp: Any, n_cells: int, on: Any) -> CellStats:
     return CellStats.zeros(n_cells).map(lambda values: xp.asarray(values, device=on))
 
 
-def _column_dots(xp: Any, left: Any, right: Any) -> Any:
-    """Σ_rows left·right per column, in float64."""
-    if is_numpy_namespace(xp):
-        return np.einsum("rc,rc->c", left, right)
-    return xp.sum(left * right, axis=0)
+Spread = tuple[tuple[Any, Any, Any], tuple[Any, Any, Any, Any]]
+"""(rate_m2, count_m2, co_m2) and (rate_min, count_min, rate_max, count_max) of a batch."""
 
 
-def _valid_extreme(xp: Any, values: Any, valid: Any, pick: Callable[..., Any], empty: float) -> Any:
-    """min or max per column over the valid entries (`empty` for a column with none), in float64."""
-    if valid is not None:
-        values = xp.where(valid, values, empty)
-    return xp.astype(pick(values, axis=0), xp.float64)
+def _spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, count_mean: Any) -> Spread:
+    """Centred moments around the batch's means, and extremes over valid entries, on the batch's device."""
+    rate_step = xp.astype(rates, xp.float64) - rate_mean
+    count_step = robs - count_mean
+    weighted_rate_step = rate_step if weights is None else weights * rate_step
+    weighted_count_step = count_step if weights is None else weights * count_step
+    moments = (
+        xp.sum(weighted_rate_step * rate_step, axis=0),
+        xp.sum(weighted_count_step * count_step, axis=0),
+        xp.sum(weighted_rate_step * count_step, axis=0),
+    )
+    valid = None if weights is None else weights > 0
+
+    def extreme(values: Any, pick: Callable[..., Any], empty: float) -> Any:
+        chosen = values if valid is None else xp.where(valid, values, empty)
+        return xp.astype(pick(chosen, axis=0), xp.float64)
+
+    extremes = (
+        extreme(rates, xp.min, math.inf),
+        extreme(robs, xp.min, math.inf),
+        extreme(rates, xp.max, -math.inf),
+        extreme(robs, xp.max, -math.inf),
+    )
+    return moments, extremes
+
+
+def _numpy_spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, count_mean: Any) -> Spread:
+    """`_spread` for numpy: float64 copies made once into three block-sized arrays, then written in place.
+
+    Mixed-precision and masked ufuncs take numpy's slow buffered paths, and a fresh temporary per
+    operation costs more than the arithmetic on it. Extremes over valid entries use ceil(w), 1 where
+    valid and 0 where masked, on values that are >= 0: x / ceil(w) is x or inf (or NaN, which fmin
+    skips) and x · ceil(w) is x or 0, both exact.
+    """
+    rate_step, count_step, scratch = (np.empty(rates.shape) for _ in range(3))
+    np.copyto(rate_step, rates)
+    rate_step -= rate_mean
+    np.copyto(count_step, robs)
+    count_step -= count_mean
+    if weights is None:
+        moments = (
+            np.einsum("rc,rc->c", rate_step, rate_step),
+            np.einsum("rc,rc->c", count_step, count_step),
+            np.einsum("rc,rc->c", rate_step, count_step),
+        )
+        extremes = (rates.min(axis=0), robs.min(axis=0), rates.max(axis=0), robs.max(axis=0))
+        return moments, tuple(np.asarray(values, dtype=np.float64) for values in extremes)
+    np.copyto(scratch, weights)
+    scratch *= rate_step
+    rate_m2, co_m2 = np.einsum("rc,rc->c", scratch, rate_step), np.einsum("rc,rc->c", scratch, count_step)
+    np.copyto(scratch, weights)
+    scratch *= count_step
+    moments = (rate_m2, np.einsum("rc,rc->c", scratch, count_step), co_m2)
+    valid = np.ceil(weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        least = [np.fmin.reduce(values / valid, axis=0).astype(np.float64) for values in (rates, robs)]
+    greatest = [np.max(values * valid, axis=0).astype(np.float64) for values in (rates, robs)]
+    empty = ~(least[0] < math.inf)  # no valid entry: every quotient was inf or NaN
+    for low, high in zip(least, greatest, strict=True):
+        low[empty], high[empty] = math.inf, -math.inf
+    return moments, (*least, *greatest)
 
 
 @dataclass(frozen=True)
