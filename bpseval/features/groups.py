@@ -87,7 +87,9 @@ def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
         for name in (DATASET_COLUMN, key):
             if values[name] == "":
                 raise ArgumentError(f"--cells {path}: line {line}, column {name!r} is empty; every row names its cell.")
-        cell = (values[DATASET_COLUMN], _cell_index(values[key], path, line) if key == INDEX_COLUMN else values[key])
+        if key == INDEX_COLUMN:
+            values[key] = _cell_index(values[key], path, line)
+        cell = (values[DATASET_COLUMN], values[key])
         if cell in rows and rows[cell] != values:
             differing = next(name for name in columns if rows[cell][name] != values[name])
             raise ArgumentError(
