@@ -10,7 +10,7 @@ import numpy as np
 from bpseval._arrays import to_numpy
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
-from bpseval.features.groups import check_group_column, group_run, load_cell_table
+from bpseval.features.groups import group_run, grouping_table
 from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
@@ -35,13 +35,7 @@ def evaluate(
     `scheduler`, `on_progress`, `blocks`, `cache`.
     """
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
-    if (cells is None) != (group_by is None):
-        raise ArgumentError(
-            "cells and group_by (--cells and --group-by) go together: the cell table, and the column of it to group by."
-        )
-    table = None if cells is None else load_cell_table(cells)
-    if table is not None:
-        check_group_column(table, group_by)
+    table = grouping_table(cells, group_by)
     scored = score_run(merge_run(run_dir, step, **merge_options), settings)
     return Result(scored, None if table is None else group_run(scored, table, group_by))
 

@@ -708,6 +708,8 @@ def report(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
+    cells_path: CellsPath = None,
+    group_by: GroupBy = None,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -720,6 +722,8 @@ def report(
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
     options += ["--no-cache"] if no_cache else []
+    options += ["--cells", str(cells_path)] if cells_path is not None else []
+    options += ["--group-by", group_by] if group_by is not None else []
     with bad_input_exits():
         check_outputs({"-o/--output": output})
         require_matplotlib()
@@ -731,10 +735,12 @@ def report(
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
+            cells=cells_path,
+            group_by=group_by,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)
-    print_warnings([*inputs.steps.notes, *inputs.scored.warnings])
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings, *(inputs.groups.warnings if inputs.groups else [])])
     console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
     size = len(html.encode()) / 1024
     console.print(

@@ -402,3 +402,19 @@ def test_cell_groups_gives_each_dataset_its_cells_values(scored_run, tmp_path):
     assert groups.order == ["false", "true"] and groups.warnings == []
     scores = score_groups(scored_run.scored, groups)
     assert [(g.dataset, g.value) for g in scores.groups][-2:] == [(None, "false"), (None, "true")]
+
+
+def test_report_has_a_section_per_group_with_values_escaped(invoke, tmp_path):
+    write_grouped_run(tmp_path / "run")
+    rows = [[name, cell, "<b>x</b>" if cell % 2 else "plain"] for name in NAMES for cell in range(N_CELLS)]
+    table = write_table(tmp_path / "cells.csv", ["dataset", "cell", "<i>kind"], rows)
+    result = invoke("report", tmp_path / "run", "-o", tmp_path / "r.html", "--cells", table, "--group-by", "<i>kind")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index('<section id="groups">') :]
+    section = section[: section.index("</section>")]
+    assert "<h2>By &lt;i&gt;kind</h2>" in section and "<b>" not in section and "<i>" not in section
+    assert section.count("&lt;b&gt;x&lt;/b&gt;") == 3 and section.count("<td>all datasets</td>") == 2
+    assert f"--cells {table} --group-by '<i>kind'" in page.replace("&#x27;", "'").replace("&lt;", "<").replace(
+        "&gt;", ">"
+    )

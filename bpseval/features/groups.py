@@ -126,6 +126,21 @@ def check_group_column(table: CellTable, column: str) -> None:
         )
 
 
+def grouping_table(cells: str | os.PathLike[str] | None, group_by: str | None) -> CellTable | None:
+    """The cell table of `cells`, checked to hold the column `group_by`; None when neither is given.
+
+    Called before any shard is read, so that a bad table or option costs no merge."""
+    if (cells is None) != (group_by is None):
+        raise ArgumentError(
+            "cells and group_by (--cells and --group-by) go together: the cell table, and the column of it to group by."
+        )
+    if cells is None or group_by is None:
+        return None
+    table = load_cell_table(cells)
+    check_group_column(table, group_by)
+    return table
+
+
 @dataclass(frozen=True)
 class CellGroups:
     """Each cell's group: per dataset of a run, one value per cell (None: the group null)."""

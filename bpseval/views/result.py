@@ -125,8 +125,8 @@ class Result:
 
     @cached_property
     def groups(self) -> pd.DataFrame:
-        """One row per group (`dataset` None: over all datasets; `value` None: the group null), every metric and the
-        cells per status; empty without groups."""
+        """One row per group (`dataset` missing: over all datasets; `value` missing: the group null), every metric
+        and the cells per status; empty without groups."""
         rows = [{**record, **record["cells"]} for record in self._group_records()]
         return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
