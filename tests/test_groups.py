@@ -342,6 +342,13 @@ def test_a_cell_id_that_contradicts_the_cell_index_exits_2(invoke, tmp_path):
         f"Error: --cells {table}: line 3, column 'cell_id': '7', but cell 1 of dataset 's' has cell_id '6' in the"
         " shards; fix the row, or leave out one of the columns 'cell' and 'cell_id'.\n"
     )
+    table = write_table(tmp_path / "ids.csv", ["dataset", "cell_id", "area"], [["s", "6", "V1"], ["s", "06", "LM"]])
+    result = invoke("compute", tmp_path / "run", "--cells", table, "--group-by", "area")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"Error: --cells {table}: lines 2 and 3 both name cell 1 of dataset 's' (cell_id '6'); keep one row per"
+        " cell.\n",
+    )
 
 
 MARKUP = "=cmd|' /C calc'!A0 [bold]x[/] <b>"
