@@ -10,6 +10,7 @@ import numpy as np
 from bpseval._arrays import to_numpy
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
+from bpseval.features.groups import group_run, grouping_table
 from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
@@ -22,16 +23,21 @@ def evaluate(
     *,
     clamp_negative: bool = False,
     min_samples: int = 0,
+    cells: str | os.PathLike[str] | None = None,
+    group_by: str | None = None,
     **merge_options: Any,
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
 
     Cells that would be ok with fewer than `min_samples` valid samples get the status `low`: they
-    are left out of the means and kept in bps_pooled. `merge_options` go to `merge_run`: `jobs`,
+    are left out of the means and kept in bps_pooled. `cells` (a cell table, CSV) and `group_by` (one of its
+    columns) add every metric per group of cells (`Result.groups`). `merge_options` go to `merge_run`: `jobs`,
     `scheduler`, `on_progress`, `blocks`, `cache`.
     """
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
-    return Result(score_run(merge_run(run_dir, step, **merge_options), settings))
+    table = grouping_table(cells, group_by)
+    scored = score_run(merge_run(run_dir, step, **merge_options), settings)
+    return Result(scored, None if table is None else group_run(scored, table, group_by))
 
 
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:

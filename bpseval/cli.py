@@ -40,6 +40,7 @@ from bpseval.views.terminal import (
     render_compute,
     render_coverage,
     render_doctor,
+    render_groups,
     render_plan,
     render_runs,
     render_steps,
@@ -93,6 +94,20 @@ RunDir = Annotated[Path, typer.Argument(help="Run directory; shards are found in
 Step = Annotated[int | None, typer.Option("--step", help="Validation step to use (default: the latest).")]
 JsonPath = Annotated[str | None, typer.Option("--json", metavar="PATH", help="Write JSON here ([bold]-[/] = stdout).")]
 CsvPath = Annotated[str | None, typer.Option("--csv", metavar="PATH", help="Write the per-cell table as CSV.")]
+CellsPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--cells",
+        metavar="TABLE",
+        help="CSV of cell attributes: columns dataset, cell (0-based index) or cell_id, and any others.",
+    ),
+]
+GroupBy = Annotated[
+    str | None,
+    typer.Option(
+        "--group-by", metavar="COLUMN", help="Every metric per value of this --cells column, per dataset and overall."
+    ),
+]
 
 
 Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Processes that merge datasets in parallel.")]
@@ -129,11 +144,18 @@ class _Outputs(NamedTuple):
     csv: str | None
     metrics: str | None
     tensorboard: str | None
+    groups_csv: str | None = None
 
     def check(self, runs: int) -> None:
         """Refuse unusable paths, and dashboard outputs for several runs, before any shard is read."""
         check_outputs(
-            {"--json": self.json, "--csv": self.csv, "--metrics": self.metrics, "--tensorboard": self.tensorboard},
+            {
+                "--json": self.json,
+                "--csv": self.csv,
+                "--metrics": self.metrics,
+                "--tensorboard": self.tensorboard,
+                "--groups-csv": self.groups_csv,
+            },
             folders={"--tensorboard"},
         )
         if runs > 1 and (self.metrics or self.tensorboard):
@@ -146,7 +168,7 @@ class _Outputs(NamedTuple):
     @property
     def on_stdout(self) -> bool:
         """A document goes to stdout, which must then hold nothing else."""
-        return "-" in (self.json, self.csv, self.metrics)
+        return "-" in (self.json, self.csv, self.metrics, self.groups_csv)
 
 
 @app.command()
@@ -194,13 +216,26 @@ def compute(
         ),
     ] = None,
     no_cache: NoCache = False,
+    cells_path: CellsPath = None,
+    group_by: GroupBy = None,
+    groups_csv_path: Annotated[
+        str | None,
+        typer.Option("--groups-csv", metavar="PATH", help="Write the --group-by table as CSV ([bold]-[/] = stdout)."),
+    ] = None,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
-    outputs = _Outputs(json_path, csv_path, metrics_path, tensorboard_dir)
+    outputs = _Outputs(json_path, csv_path, metrics_path, tensorboard_dir, groups_csv_path)
     scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples}
+    grouping = {"cells": cells_path, "group_by": group_by}
     with bad_input_exits():
         outputs.check(len(paths))
+        if any(option is not None for option in (cells_path, group_by, groups_csv_path)) and (
+            all_steps or len(paths) > 1
+        ):
+            raise ArgumentError("--cells, --group-by and --groups-csv take one run directory and one step.")
+        if groups_csv_path is not None and group_by is None:
+            raise ArgumentError("--groups-csv writes the --group-by table: give --cells and --group-by too.")
     if all_steps:
         _compute_all_steps(paths, step, outputs, scoring, jobs=jobs, scheduler=scheduler, cache=not no_cache)
         return
@@ -214,6 +249,7 @@ def compute(
                         path,
                         step,
                         **scoring,
+                        **grouping,
                         jobs=jobs,
                         scheduler=scheduler,
                         on_progress=on_progress,
@@ -235,13 +271,18 @@ def compute(
             write_text(metrics_json(next(iter(results.values())).scored), metrics_path)
         if tensorboard_dir is not None:
             write_tensorboard([next(iter(results.values())).scored], tensorboard_dir)
+        if groups_csv_path is not None:  # one run: refused above with several
+            write_csv(next(iter(results.values())).groups, groups_csv_path)
     errors = stderr_console()
     for run, result in results.items():
         print_warnings(result.warnings, f"{run}: " if several else "")
     console = errors if outputs.on_stdout else Console(highlight=False)
     if not outputs.on_stdout:
         if not several:
-            render_compute(next(iter(results.values())).scored, console)
+            result = next(iter(results.values()))
+            render_compute(result.scored, console)
+            if result.group_scores is not None:
+                render_groups(result.group_scores, result.step, console)
         elif table is not None:
             render_runs(table, console)
     for run, result in results.items():
@@ -667,6 +708,8 @@ def report(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
+    cells_path: CellsPath = None,
+    group_by: GroupBy = None,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -679,6 +722,8 @@ def report(
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
     options += ["--no-cache"] if no_cache else []
+    options += ["--cells", str(cells_path)] if cells_path is not None else []
+    options += ["--group-by", group_by] if group_by is not None else []
     with bad_input_exits():
         check_outputs({"-o/--output": output})
         require_matplotlib()
@@ -690,10 +735,12 @@ def report(
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
+            cells=cells_path,
+            group_by=group_by,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)
-    print_warnings([*inputs.steps.notes, *inputs.scored.warnings])
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings, *(inputs.groups.warnings if inputs.groups else [])])
     console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
     size = len(html.encode()) / 1024
     console.print(

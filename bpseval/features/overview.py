@@ -14,6 +14,7 @@ from bpseval.features.compare import (
     compare,
     load_baseline,
 )
+from bpseval.features.groups import GroupScores, group_run, grouping_table
 from bpseval.features.steps import StepResults, merge_steps
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.scored import ScoredRun, score_run
@@ -28,6 +29,8 @@ class RunOverview:
     min_samples: int = 10
     baseline: ScoredRun | None = None
     comparison: Comparison | None = None
+    groups: GroupScores | None = None
+    """Every metric per group of cells (`cells` and `group_by`)."""
 
 
 def load_overview(
@@ -37,14 +40,18 @@ def load_overview(
     baseline: str | os.PathLike[str] | None = None,
     min_samples: int = 10,
     settings: CompareSettings | None = None,
+    cells: str | os.PathLike[str] | None = None,
+    group_by: str | None = None,
     **merge_options: Any,
 ) -> RunOverview:
     """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`).
 
     The pictured step must be complete, as for `bpseval compute`; other steps that cannot be
     scored are listed in `steps` (see `StepResults.bad`). With `baseline` (a baseline
-    JSON or a run directory), the run is compared with it as `bpseval compare` does with `settings`.
+    JSON or a run directory), the run is compared with it as `bpseval compare` does with `settings`. With `cells`
+    (a cell table) and `group_by` (one of its columns), every metric per group, as `bpseval compute --group-by`.
     """
+    table = grouping_table(cells, group_by)
     catalog = RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     chosen = catalog.select(step).entry.step  # the step `bpseval compute --step` merges, or its error
     runs, steps = merge_steps(catalog, **merge_options)
@@ -53,6 +60,8 @@ def load_overview(
     steps.results = {number: score_run(merged) for number, merged in runs.items()}
     scored = steps.results[chosen]
     inputs = RunOverview(scored=scored, steps=steps, min_samples=min_samples)
+    if table is not None:
+        inputs.groups = group_run(scored, table, group_by)
     if baseline is not None:
         base = load_baseline(baseline, **merge_options)
         inputs.baseline = base.scored

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -197,15 +197,44 @@ def score_dataset(
         samples=merged.samples,
         duplicates_dropped=merged.duplicates_dropped,
         identity=merged.identity,
-        bps=mean_bps(scores.bps, scores.status, settings.clamp_negative),
-        bps_pooled=pooled_bps(scores.ll_gain, total.spikes, scores.status),
-        cells=status_counts(scores.status),
-        pseudo_r2=mean_of_ok(scores.pseudo_r2, scores.status),
-        pseudo_r2_pooled=pooled_pseudo_r2(scores),
-        corr=mean_of_ok(scores.corr, scores.status),
+        **dataset_numbers(scores, total.spikes, settings.clamp_negative),
         per_rank=list(merged.per_rank),
         per_block=merged.per_block,
         rate_kind=merged.rate_kind,
+    )
+
+
+def dataset_numbers(scores: CellScores, spikes: np.ndarray, clamp_negative: bool = False) -> dict[str, Any]:
+    """The summary numbers of a set of cells (bps, bps_pooled, cells, pseudo_r2, pseudo_r2_pooled, corr): the one
+    definition of a dataset's numbers, and of a group of its cells."""
+    return {
+        "bps": mean_bps(scores.bps, scores.status, clamp_negative),
+        "bps_pooled": pooled_bps(scores.ll_gain, spikes, scores.status),
+        "cells": status_counts(scores.status),
+        "pseudo_r2": mean_of_ok(scores.pseudo_r2, scores.status),
+        "pseudo_r2_pooled": pooled_pseudo_r2(scores),
+        "corr": mean_of_ok(scores.corr, scores.status),
+    }
+
+
+def select_cells(dataset: ScoredDataset, cells: np.ndarray, clamp_negative: bool = False) -> ScoredDataset:
+    """The dataset restricted to `cells` (indices), its numbers summarised from those cells' scores as a dataset's
+    are: the numbers of a group of its cells. Its identity is unknown (empty)."""
+
+    def pick(values: Any) -> Any:
+        return values[..., cells]
+
+    scores = CellScores(**{name: getattr(dataset.scores, name)[cells] for name in CellScores.__dataclass_fields__})
+    stats = dataset.stats.map(pick)
+    return replace(
+        dataset,
+        cell_ids=dataset.cell_ids[cells],
+        stats=stats,
+        scores=scores,
+        identity="",
+        **dataset_numbers(scores, stats.spikes, clamp_negative),
+        per_rank=[part.map(pick) for part in dataset.per_rank],
+        per_block=None if dataset.per_block is None else dataset.per_block.map(pick),
     )
 
 

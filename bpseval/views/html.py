@@ -24,9 +24,9 @@ from bpseval.features.compare import OVERALL, Comparison
 from bpseval.features.coverage import coverage_report
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import incomplete_text
-from bpseval.kernel.stats import SILENT, UNCOVERED
+from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
-from bpseval.views.result import Result
+from bpseval.views.result import DATASET_METRICS, Result
 from bpseval.views.text import UNDEFINED_TEXT, format_bps, plural, signed
 
 CELLS_LISTED = 400
@@ -280,6 +280,33 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
     )
 
 
+def _groups(result: Result) -> str:
+    """The `--group-by` table: every metric per (dataset, value), then per value over all datasets; '' without."""
+    if result.group_scores is None:
+        return ""
+    rows, classes = [], []
+    for group in result.group_scores.groups:
+        rows.append(
+            [
+                "all datasets" if group.dataset is None else _e(group.dataset),
+                '<span class="muted">null</span>' if group.value is None else _e(group.value),
+                *(str(group.cells[status]) for status in (OK, SILENT, UNCOVERED)),
+                *(_bps(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
+            ]
+        )
+        classes.append("total" if group.dataset is None else "")
+    column = _e(result.group_scores.column)
+    header = [("dataset", False), (column, False), ("ok", True), ("silent", True), ("uncovered", True)]
+    header += [(metric, True) for metric in DATASET_METRICS]
+    return (
+        f'<section id="groups"><h2>By {column}</h2>'
+        '<p class="muted">Each group of cells scored as a dataset is; over all datasets, bps is the mean of the'
+        " groups' per-dataset bps and the pooled numbers pool all their cells. null: cells without a value.</p>"
+        + _table(header, rows, row_classes=classes, scroll=len(rows) > 20)
+        + "</section>"
+    )
+
+
 def _cell_label(cell: Any, cell_id: Any) -> str:
     return _e(cell) if str(cell) == str(cell_id) else f'{_e(cell)} <span class="muted">(id {_e(cell_id)})</span>'
 
@@ -499,7 +526,7 @@ def render_report(
     `command` is the command line that made it (shown at the bottom, with the bpseval version);
     `run_label` names the run (default: the merged run's directory).
     """
-    result = Result(inputs.scored)
+    result = Result(inputs.scored, inputs.groups)
     run_label = run_label if run_label is not None else str(inputs.scored.source)
     created_text = (created or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d %H:%M %Z").strip()
     report = coverage_report(inputs.scored, inputs.min_samples)
@@ -532,6 +559,7 @@ def render_report(
         + "</section>"
     )
     body.append(_dataset_table(inputs, result))
+    body.append(_groups(result))
     body.append(
         '<section id="rate"><h2>Bits per spike against firing rate</h2>'
         + _image(

@@ -17,6 +17,7 @@ from bpseval._json import json_text, plain
 from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
+from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import Overall, ScoredRun, scored_from_document
@@ -26,16 +27,19 @@ DATASET_METRICS = ["bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"]
 CELL_METRICS = ["bps", "pseudo_r2", "corr"]
 DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", *DATASET_METRICS, *STATUSES, "identity"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_ll", "ll_gain", *CELL_METRICS, "status"]
+GROUP_COLUMNS = ["dataset", "column", "value", *DATASET_METRICS, *STATUSES]
 
 
 class Result:
     """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
 
-    Undefined values are NaN in the frames and null in JSON.
+    Undefined values are NaN in the frames and null in JSON. `groups` (`--cells` and `--group-by`) adds the
+    `groups` frame and the JSON `groups` list.
     """
 
-    def __init__(self, scored: ScoredRun) -> None:
+    def __init__(self, scored: ScoredRun, groups: GroupScores | None = None) -> None:
         self.scored = scored
+        self.group_scores = groups
 
     def __repr__(self) -> str:
         return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
@@ -66,7 +70,7 @@ class Result:
 
     @property
     def warnings(self) -> list[str]:
-        return self.scored.warnings
+        return self.scored.warnings + (self.group_scores.warnings if self.group_scores is not None else [])
 
     @property
     def identity(self) -> str:
@@ -119,8 +123,31 @@ class Result:
             columns=CELL_COLUMNS,
         )
 
+    @cached_property
+    def groups(self) -> pd.DataFrame:
+        """One row per group (`dataset` missing: over all datasets; `value` missing: the group null), every metric
+        and the cells per status; empty without groups."""
+        rows = [{**record, **record["cells"]} for record in self._group_records()]
+        return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+
+    def _group_records(self) -> list[dict[str, Any]]:
+        """The JSON `groups` entries: dataset, column, value, cells per status, then every metric of a dataset."""
+        if self.group_scores is None:
+            return []
+        return [
+            {
+                "dataset": group.dataset,
+                "column": group.column,
+                "value": group.value,
+                "cells": dict(group.cells),
+                **{metric: getattr(group.numbers, metric) for metric in DATASET_METRICS},
+            }
+            for group in self.group_scores.groups
+        ]
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of `bpseval compute --json`, with None where a value is undefined."""
+        """The JSON document of `bpseval compute --json`, with None where a value is undefined (and `groups`
+        when the run was grouped)."""
         scored = self.scored
         datasets = [
             {
@@ -177,7 +204,8 @@ class Result:
                 "overall": scored.overall.to_dict(),
                 "datasets": datasets,
                 "cells": cells,
-                "warnings": scored.warnings,
+                **({"groups": self._group_records()} if self.group_scores is not None else {}),
+                "warnings": self.warnings,
             }
         )
 

@@ -27,9 +27,11 @@ from bpseval._lazy import pandas as pd
 from bpseval.features.compare import Comparison
 from bpseval.features.coverage import CoverageReport
 from bpseval.features.doctor import Diagnosis
+from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults, incomplete_text
 from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
+from bpseval.views.result import DATASET_METRICS
 from bpseval.views.text import (
     COVERAGE_LISTED,
     delta_text,
@@ -203,6 +205,28 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
         cells_text = ", ".join(str(cell) for cell in cells[:CELLS_LISTED_PER_DATASET])
         more = len(cells) - CELLS_LISTED_PER_DATASET
         console.print(f"  {shown(name)}: cell {cells_text}" + (f" (+{more} more)" if more > 0 else ""))
+
+
+def render_groups(groups: GroupScores, step: int, console: Console) -> None:
+    """`compute --group-by`: every metric per (dataset, value), then per value over all datasets (`null`: the cells
+    without a value)."""
+    shown_statuses = [OK, SILENT, UNCOVERED] + [
+        status for status in (OVERFLOW, LOW) if any(group.cells[status] for group in groups.groups)
+    ]
+    columns = [name_column("dataset"), name_column(shown(groups.column)), *map(Column, shown_statuses)]
+    columns += map(Column, DATASET_METRICS)
+    rows = [
+        [
+            shown(group.dataset) if group.dataset is not None else "[bold]all datasets[/]",
+            shown(group.value) if group.value is not None else "[italic]null[/]",
+            *(str(group.cells[status]) for status in shown_statuses),
+            *(format_bps(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
+        ]
+        for group in groups.groups
+    ]
+    first_overall = next((i for i, group in enumerate(groups.groups) if group.dataset is None), len(rows))
+    title = f"By {shown(groups.column)} · step {step}"
+    print_table(console, title, columns, rows, section_before=first_overall, label_columns=2)
 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
