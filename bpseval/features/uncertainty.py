@@ -1,6 +1,6 @@
 """Bootstrap intervals on one scored run (`bpseval compute --ci`): how far its numbers may move by chance.
 
-Two schemes, each a percentile bootstrap:
+Two schemes, each a bias-corrected percentile bootstrap (Efron's BC, see `percentile`):
 
 - `blocks` (the validation-set noise): each dataset's contiguous blocks of samples (`per_block`, the
   statistics `compare --significance` resamples) are drawn with replacement, the same draw for every
@@ -12,8 +12,8 @@ Two schemes, each a percentile bootstrap:
 
 Either way a replicate is scored by the same kernel functions as the point estimate (`marked_scores`,
 then the row-wise forms of `score_dataset`'s and `overall_of`'s summaries, tested equal to them), so
-every metric and setting (min_samples, clamp_negative) means the same in the interval as in the number. The interval of a metric is the (1 − level)/2 and (1 + level)/2
-quantiles of its replicates. It is undefined (None) where the metric is, where a dataset has fewer than
+every metric and setting (min_samples, clamp_negative) means the same in the interval as in the number. The interval of a metric is two quantiles of its replicates,
+around (1 − level)/2 and (1 + level)/2, shifted for the estimator's bias. It is undefined (None) where the metric is, where a dataset has fewer than
 two units (blocks or cells) to draw, or where the metric is undefined in more than (1 − level)/2 of
 the replicates (its tail then cannot be placed).
 """
@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from bpseval.errors import ArgumentError
-from bpseval.features.compare import OVERALL, _resampling_counts
+from bpseval.features.compare import _resampling_counts
 from bpseval.kernel.stats import CellStats, reduce_rows
 from bpseval.run.scored import SUMMARY_METRICS, ScoredDataset, ScoredRun, dataset_rows, marked_scores, overall_rows
 
@@ -72,7 +73,7 @@ class IntervalSettings:
             "over": self.over,
             "resamples": int(self.resamples),
             "seed": int(self.seed),
-            "method": "percentile bootstrap",
+            "method": "bias-corrected percentile bootstrap",
         }
 
 
@@ -81,14 +82,16 @@ Interval = tuple[float, float] | None
 
 @dataclass(frozen=True)
 class Intervals:
-    """The intervals of one scored run: `of[(scope, metric)]`, scope a dataset name or "overall"."""
+    """The intervals of one scored run: per dataset name, and overall, metric → [low, high] or None."""
 
     settings: IntervalSettings
-    of: dict[tuple[str, str], Interval]
+    datasets: dict[str, dict[str, Interval]]
+    overall: dict[str, Interval]
 
-    def scope(self, name: str) -> dict[str, Interval]:
-        """`{metric}_ci` of one dataset (or of "overall")."""
-        return {f"{metric}_ci": self.of.get((name, metric)) for metric in METRICS}
+    def scope(self, name: str | None) -> dict[str, Interval]:
+        """`{metric}_ci` of the dataset `name`, or of the run (None)."""
+        values = self.overall if name is None else self.datasets[name]
+        return {f"{metric}_ci": values[metric] for metric in METRICS}
 
 
 def require_blocks(scored: ScoredRun) -> None:
@@ -106,25 +109,48 @@ def intervals(scored: ScoredRun, settings: IntervalSettings) -> Intervals:
     if settings.over == "blocks":
         require_blocks(scored)
     units = [_units(dataset, settings.over) for dataset in scored.datasets]
-    replicates = replicate_values(scored, units, settings)
+    if not units:
+        return Intervals(settings, {}, dict.fromkeys(METRICS))
+    datasets, overall = replicate_values(scored, units, settings)
     tail = (1.0 - settings.level) / 2.0
-    point = {(dataset.name, metric): getattr(dataset, metric) for dataset in scored.datasets for metric in METRICS}
-    point.update({(OVERALL, metric): getattr(scored.overall, metric) for metric in METRICS})
-    too_few = {dataset.name for dataset, unit in zip(scored.datasets, units, strict=True) if _count(unit) < 2}
-    of: dict[tuple[str, str], Interval] = {}
-    for (scope, metric), values in replicates.items():
-        blocked = scope in too_few or (scope == OVERALL and bool(too_few))
-        of[(scope, metric)] = None if blocked or not math.isfinite(point[(scope, metric)]) else percentile(values, tail)
-    return Intervals(settings, of)
+    enough = [_count(unit) >= 2 for unit in units]
+
+    def interval(point: float, values: np.ndarray, usable: bool) -> Interval:
+        return percentile(values, tail, point) if usable and math.isfinite(point) else None
+
+    return Intervals(
+        settings,
+        {
+            dataset.name: {
+                metric: interval(getattr(dataset, metric), datasets[index][metric], enough[index]) for metric in METRICS
+            }
+            for index, dataset in enumerate(scored.datasets)
+        },
+        {metric: interval(getattr(scored.overall, metric), overall[metric], all(enough)) for metric in METRICS},
+    )
 
 
-def percentile(values: np.ndarray, tail: float) -> Interval:
-    """The `tail` and 1 − `tail` quantiles of the defined replicates; None when more than `tail` of them are not."""
+def percentile(values: np.ndarray, tail: float, point: float) -> Interval:
+    """The bias-corrected percentile interval (Efron's BC) of the defined replicates around the estimate `point`.
+
+    The plain percentile interval would sit where the replicates fall, which for a biased estimator is
+    twice its bias away from the truth (the resamples are biased once more around the estimate); bps
+    is biased low by about 1/(2·samples·rate·ln 2), because the null model is fitted to the same data.
+    BC shifts the quantiles by how far the estimate sits from the middle of its replicates. None when
+    more than `tail` of the replicates are undefined.
+    """
     defined = values[np.isfinite(values)]
     if len(defined) == 0 or len(values) - len(defined) > tail * len(values):
         return None
-    low, high = np.quantile(defined, [tail, 1.0 - tail])
+    below = (np.count_nonzero(defined < point) + 0.5 * np.count_nonzero(defined == point)) / len(defined)
+    half = 0.5 / len(defined)
+    shift = 2.0 * NORMAL.inv_cdf(min(max(below, half), 1.0 - half))
+    levels = [NORMAL.cdf(shift + NORMAL.inv_cdf(tail)), NORMAL.cdf(shift + NORMAL.inv_cdf(1.0 - tail))]
+    low, high = np.quantile(defined, levels)
     return float(low), float(high)
+
+
+NORMAL = NormalDist()
 
 
 def _units(dataset: ScoredDataset, over: str) -> CellStats:
@@ -142,10 +168,10 @@ def _count(units: CellStats) -> int:
 
 def replicate_values(
     scored: ScoredRun, units: Sequence[CellStats], settings: IntervalSettings
-) -> dict[tuple[str, str], np.ndarray]:
-    """Every metric of every dataset and of the run in each bootstrap replicate: (scope, metric) → (resamples,)."""
+) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Every metric in each bootstrap replicate, as (resamples,) arrays: per dataset (in order), and overall."""
     rngs = [np.random.default_rng(child) for child in np.random.SeedSequence(settings.seed).spawn(len(units))]
-    chunks: list[dict[tuple[str, str], np.ndarray]] = []
+    chunks: list[tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]] = []
     chunk = _chunk_size(units, settings)
     clamp = scored.settings.clamp_negative
     for start in range(0, settings.resamples, chunk):
@@ -155,14 +181,13 @@ def replicate_values(
             stats = _replicate_stats(unit, rng, size, settings.over)
             scores = marked_scores(stats, scored.settings)
             parts.append((stats, scores, dataset_rows(stats, scores, clamp)))
-        values = {
-            (name, metric): part[2][metric]
-            for name, part in zip(scored.names, parts, strict=True)
-            for metric in METRICS
-        }
-        values.update({(OVERALL, metric): numbers for metric, numbers in overall_rows(parts, clamp).items()})
-        chunks.append(values)
-    return {key: np.concatenate([values[key] for values in chunks]) for key in chunks[0]}
+        chunks.append(([part[2] for part in parts], overall_rows(parts, clamp)))
+
+    def joined(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {metric: np.concatenate([piece[metric] for piece in pieces]) for metric in METRICS}
+
+    per_dataset = [joined([datasets[index] for datasets, _ in chunks]) for index in range(len(units))]
+    return per_dataset, joined([overall for _, overall in chunks])
 
 
 def _chunk_size(units: Sequence[CellStats], settings: IntervalSettings) -> int:

@@ -18,6 +18,7 @@ from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
 from bpseval.features.steps import StepResults
+from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import Overall, ScoredRun, scored_from_document
 
@@ -31,11 +32,13 @@ CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_l
 class Result:
     """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
 
-    Undefined values are NaN in the frames and null in JSON.
+    Undefined values are NaN in the frames and null in JSON. `intervals`: the bootstrap intervals of
+    `compute --ci` (`evaluate(ci=...)`), None when not asked for.
     """
 
-    def __init__(self, scored: ScoredRun) -> None:
+    def __init__(self, scored: ScoredRun, intervals: Intervals | None = None) -> None:
         self.scored = scored
+        self.intervals = intervals
 
     def __repr__(self) -> str:
         return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
@@ -165,6 +168,12 @@ class Result:
                 )
             )
         ]
+        if self.intervals is not None:
+            for entry in datasets:
+                entry.update(self.intervals.scope(entry["name"]))
+        overall = scored.overall.to_dict()
+        if self.intervals is not None:
+            overall.update(self.intervals.scope(None))
         return plain(
             {
                 "bpseval_version": __version__,
@@ -174,10 +183,11 @@ class Result:
                 "files": scored.files,
                 "settings": self.settings,
                 "identity": scored.identity,
-                "overall": scored.overall.to_dict(),
+                "overall": overall,
                 "datasets": datasets,
                 "cells": cells,
                 "warnings": scored.warnings,
+                **({} if self.intervals is None else {"ci": self.intervals.settings.to_dict()}),
             }
         )
 
