@@ -11,6 +11,7 @@ from bpseval._arrays import to_numpy
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
 from bpseval.features.groups import group_run, grouping_table
+from bpseval.features.uncertainty import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings, intervals
 from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
@@ -25,6 +26,10 @@ def evaluate(
     min_samples: int = 0,
     cells: str | os.PathLike[str] | None = None,
     group_by: str | None = None,
+    ci: float | None = None,
+    ci_over: str = "blocks",
+    ci_resamples: int = DEFAULT_RESAMPLES,
+    ci_seed: int = DEFAULT_SEED,
     **merge_options: Any,
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
@@ -33,11 +38,22 @@ def evaluate(
     are left out of the means and kept in bps_pooled. `cells` (a cell table, CSV) and `group_by` (one of its
     columns) add every metric per group of cells (`Result.groups`). `merge_options` go to `merge_run`: `jobs`,
     `scheduler`, `on_progress`, `blocks`, `cache`.
+
+    With `ci` (a level, e.g. 0.95), the result also holds bootstrap intervals of every summary number
+    (`Result.intervals`), resampling `ci_over` "blocks" of samples (`blocks` per dataset of raw shards,
+    default 100) or "cells", `ci_resamples` times from `ci_seed`.
     """
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
     table = grouping_table(cells, group_by)
+    wanted = None if ci is None else IntervalSettings(ci, ci_over, ci_resamples, ci_seed)
+    if wanted is not None and wanted.over == "blocks":
+        merge_options.setdefault("blocks", DEFAULT_BLOCKS)
     scored = score_run(merge_run(run_dir, step, **merge_options), settings)
-    return Result(scored, None if table is None else group_run(scored, table, group_by))
+    return Result(
+        scored,
+        None if table is None else group_run(scored, table, group_by),
+        None if wanted is None else intervals(scored, wanted),
+    )
 
 
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:

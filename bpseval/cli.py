@@ -28,6 +28,7 @@ from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
+from bpseval.features.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings
 from bpseval.kernel.stats import OK
 from bpseval.run.scored import ScoredRun
 from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensorboard, write_tensorboard
@@ -41,6 +42,7 @@ from bpseval.views.terminal import (
     render_coverage,
     render_doctor,
     render_groups,
+    render_intervals,
     render_plan,
     render_runs,
     render_steps,
@@ -129,6 +131,11 @@ RunDirs = Annotated[
 
 class Choice(str, Enum):  # not StrEnum: that is Python 3.11+, and bpseval supports 3.10
     """The values of an option that takes one of a few words."""
+
+
+class CiOver(Choice):
+    blocks = "blocks"
+    cells = "cells"
 
 
 class SortKey(Choice):
@@ -222,6 +229,26 @@ def compute(
         str | None,
         typer.Option("--groups-csv", metavar="PATH", help="Write the --group-by table as CSV ([bold]-[/] = stdout)."),
     ] = None,
+    ci: Annotated[
+        float | None,
+        typer.Option(
+            "--ci",
+            metavar="LEVEL",
+            help="Also give bootstrap intervals at this level, 0 < LEVEL < 1 (e.g. 0.95) of every summary number.",
+        ),
+    ] = None,
+    ci_over: Annotated[
+        CiOver,
+        typer.Option(
+            "--ci-over",
+            help="Resample [bold]blocks[/] of samples (validation-set noise; needs sample_idx) or [bold]cells[/]"
+            " (population noise).",
+        ),
+    ] = CiOver.blocks,
+    ci_resamples: Annotated[
+        int, typer.Option("--ci-resamples", min=100, help="Bootstrap resamples of --ci.")
+    ] = DEFAULT_RESAMPLES,
+    ci_seed: Annotated[int, typer.Option("--ci-seed", min=0, help="Seed of the --ci bootstrap.")] = DEFAULT_SEED,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
@@ -236,6 +263,10 @@ def compute(
             raise ArgumentError("--cells, --group-by and --groups-csv take one run directory and one step.")
         if groups_csv_path is not None and group_by is None:
             raise ArgumentError("--groups-csv writes the --group-by table: give --cells and --group-by too.")
+        if ci is not None:
+            IntervalSettings(ci, ci_over.value, ci_resamples, ci_seed)  # refused before any shard is read
+            if all_steps:
+                raise ArgumentError("--ci gives intervals on one step: leave out --all-steps.")
     if all_steps:
         _compute_all_steps(paths, step, outputs, scoring, jobs=jobs, scheduler=scheduler, cache=not no_cache)
         return
@@ -254,6 +285,10 @@ def compute(
                         scheduler=scheduler,
                         on_progress=on_progress,
                         cache=not no_cache,
+                        ci=ci,
+                        ci_over=ci_over.value,
+                        ci_resamples=ci_resamples,
+                        ci_seed=ci_seed,
                     )
             except BpsevalError as error:
                 if not several:
@@ -283,6 +318,8 @@ def compute(
             render_compute(result.scored, console)
             if result.group_scores is not None:
                 render_groups(result.group_scores, result.step, console)
+            if result.intervals is not None:
+                render_intervals(result.scored, result.intervals, console)
         elif table is not None:
             render_runs(table, console)
     for run, result in results.items():

@@ -752,6 +752,14 @@ def mean_of_ok(values: np.ndarray, status: np.ndarray) -> float:
     return float(chosen.mean()) if len(chosen) else math.nan
 
 
+def mean_of_ok_rows(values: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """`mean_of_ok` of each row of (rows, cells) arrays (bootstrap replicates), as (rows,)."""
+    chosen = (status == OK) & ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(chosen, values, 0.0).sum(axis=-1) / chosen.sum(axis=-1)
+    return np.where((status == OVERFLOW).any(axis=-1), math.nan, means)
+
+
 def pooled_pseudo_r2(scores: CellScores) -> float:
     """1 − Σ D_model / Σ D_null over the covered cells that bps_pooled pools, silent ones included.
 
@@ -767,6 +775,16 @@ def pooled_pseudo_r2(scores: CellScores) -> float:
     return pooled if math.isfinite(pooled) else math.nan
 
 
+def pooled_pseudo_r2_rows(scores: CellScores) -> np.ndarray:
+    """`pooled_pseudo_r2` of each row of (rows, cells) scores, as (rows,)."""
+    covered = scores.status != UNCOVERED
+    null = np.where(covered, scores.null_deviance, 0.0).sum(axis=-1)
+    with np.errstate(all="ignore"):
+        pooled = 1.0 - np.where(covered, scores.model_deviance, 0.0).sum(axis=-1) / null
+    usable = (null > 0) & (null < math.inf) & np.isfinite(pooled) & ~(scores.status == OVERFLOW).any(axis=-1)
+    return np.where(usable, pooled, math.nan)
+
+
 def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> float:
     """Mean bits per spike over the `ok` cells (NaN when there is none, or when a cell overflowed).
 
@@ -778,6 +796,17 @@ def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) 
     if clamp_negative:
         values = np.maximum(values, 0.0)
     return float(values.mean()) if len(values) else math.nan
+
+
+def mean_bps_rows(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> np.ndarray:
+    """`mean_bps` of each row of (rows, cells) arrays (bootstrap replicates), as (rows,)."""
+    ok = status == OK
+    values = np.where(ok, bps, 0.0)
+    if clamp_negative:
+        values = np.maximum(values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = values.sum(axis=-1) / ok.sum(axis=-1)
+    return np.where((status == OVERFLOW).any(axis=-1), math.nan, means)
 
 
 def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> float:
@@ -793,6 +822,16 @@ def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> f
     with np.errstate(all="ignore"):
         pooled = float(ll_gain[covered].sum()) / (LN2 * total_spikes)
     return pooled if math.isfinite(pooled) else math.nan
+
+
+def pooled_bps_rows(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """`pooled_bps` of each row of (rows, cells) arrays, as (rows,)."""
+    covered = status != UNCOVERED
+    total_spikes = np.where(covered, spikes, 0.0).sum(axis=-1)
+    with np.errstate(all="ignore"):
+        pooled = np.where(covered, ll_gain, 0.0).sum(axis=-1) / (LN2 * total_spikes)
+    usable = (total_spikes > 0) & (total_spikes < math.inf) & np.isfinite(pooled)
+    return np.where(usable & ~(status == OVERFLOW).any(axis=-1), pooled, math.nan)
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:

@@ -27,9 +27,13 @@ from bpseval.kernel.stats import (
     CellStats,
     cell_scores,
     mean_bps,
+    mean_bps_rows,
     mean_of_ok,
+    mean_of_ok_rows,
     pooled_bps,
+    pooled_bps_rows,
     pooled_pseudo_r2,
+    pooled_pseudo_r2_rows,
     status_counts,
 )
 from bpseval.run.dedup import RHAT_COPY_RTOL
@@ -176,19 +180,25 @@ class ScoredRun:
         return digest.hexdigest()
 
 
-def score_dataset(
-    merged: MergedDataset, settings: ScoreSettings = DEFAULT_SETTINGS, stats: CellStats | None = None
-) -> ScoredDataset:
-    """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up).
+def marked_scores(stats: CellStats, settings: ScoreSettings = DEFAULT_SETTINGS) -> CellScores:
+    """`cell_scores` with the settings applied, for statistics of any shape (cells, or (replicates, cells)).
 
     The one place where the settings change the scores: ok cells with fewer than `settings.min_samples`
     valid samples become `low`, which the means leave out and the pooled number keeps.
     """
-    total = merged.total if stats is None else stats
-    scores = cell_scores(total)
+    scores = cell_scores(stats)
     if settings.min_samples > 1:
-        low = (scores.status == OK) & (total.n_valid < settings.min_samples)
+        low = (scores.status == OK) & (stats.n_valid < settings.min_samples)
         scores = scores.with_status(np.where(low, LOW, scores.status))
+    return scores
+
+
+def score_dataset(
+    merged: MergedDataset, settings: ScoreSettings = DEFAULT_SETTINGS, stats: CellStats | None = None
+) -> ScoredDataset:
+    """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up)."""
+    total = merged.total if stats is None else stats
+    scores = marked_scores(total, settings)
     return ScoredDataset(
         name=merged.name,
         cell_ids=merged.cell_ids,
@@ -269,13 +279,60 @@ def _mean_of_defined(values: Sequence[float], overflowed: bool) -> float:
     return math.nan if overflowed or not defined else float(np.mean(defined))
 
 
+SUMMARY_METRICS = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
+"""The summary numbers of a dataset and of the run."""
+
+
+def dataset_rows(stats: CellStats, scores: CellScores, clamp_negative: bool = False) -> dict[str, np.ndarray]:
+    """`score_dataset`'s summary numbers for each row of (replicates, cells) statistics and `marked_scores`."""
+    return {
+        "bps": mean_bps_rows(scores.bps, scores.status, clamp_negative),
+        "bps_pooled": pooled_bps_rows(scores.ll_gain, stats.spikes, scores.status),
+        "pseudo_r2": mean_of_ok_rows(scores.pseudo_r2, scores.status),
+        "pseudo_r2_pooled": pooled_pseudo_r2_rows(scores),
+        "corr": mean_of_ok_rows(scores.corr, scores.status),
+    }
+
+
+def overall_rows(
+    parts: Sequence[tuple[CellStats, CellScores, dict[str, np.ndarray]]], clamp_negative: bool = False
+) -> dict[str, np.ndarray]:
+    """`overall_of`'s numbers for each replicate: `parts` holds per dataset its (replicates, cells) statistics,
+    scores and `dataset_rows`."""
+    scores = joined_scores([part[1] for part in parts])
+    overflowed = (scores.status == OVERFLOW).any(axis=-1)
+    with_ok = np.stack([(part[1].status == OK).any(axis=-1) for part in parts])
+
+    def mean_over(values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(chosen, values, 0.0).sum(axis=0) / chosen.sum(axis=0)
+        return np.where(overflowed, math.nan, means)
+
+    bps = mean_over(np.stack([part[2]["bps"] for part in parts]), with_ok)
+    if clamp_negative:
+        bps = np.where(np.isfinite(bps), np.maximum(bps, 0.0), bps)
+    defined = {metric: np.stack([part[2][metric] for part in parts]) for metric in ("pseudo_r2", "corr")}
+    return {
+        "bps": bps,
+        "bps_pooled": pooled_bps_rows(
+            scores.ll_gain, np.concatenate([part[0].spikes for part in parts], axis=-1), scores.status
+        ),
+        "pseudo_r2": mean_over(defined["pseudo_r2"], ~np.isnan(defined["pseudo_r2"])),
+        "pseudo_r2_pooled": pooled_pseudo_r2_rows(scores),
+        "corr": mean_over(defined["corr"], ~np.isnan(defined["corr"])),
+    }
+
+
 def joined_scores(parts: Sequence[CellScores]) -> CellScores:
-    """The per-cell scores of several datasets, one after the other."""
+    """The per-cell scores of several datasets, one after the other (along the last axis: cells)."""
     if not parts:
         empty = np.zeros(0)
         return CellScores(empty, empty, np.zeros(0, dtype=object), empty, empty, empty, empty)
     return CellScores(
-        **{name: np.concatenate([getattr(part, name) for part in parts]) for name in CellScores.__dataclass_fields__}
+        **{
+            name: np.concatenate([getattr(part, name) for part in parts], axis=-1)
+            for name in CellScores.__dataclass_fields__
+        }
     )
 
 

@@ -19,6 +19,7 @@ from bpseval._version import __version__
 from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
 from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults
+from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import Overall, ScoredRun, scored_from_document
 
@@ -34,12 +35,16 @@ class Result:
     """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
 
     Undefined values are NaN in the frames and null in JSON. `groups` (`--cells` and `--group-by`) adds the
-    `groups` frame and the JSON `groups` list.
+    `groups` frame and the JSON `groups` list; `intervals`, the bootstrap intervals of `compute --ci`
+    (`evaluate(ci=...)`), None when not asked for.
     """
 
-    def __init__(self, scored: ScoredRun, groups: GroupScores | None = None) -> None:
+    def __init__(
+        self, scored: ScoredRun, groups: GroupScores | None = None, intervals: Intervals | None = None
+    ) -> None:
         self.scored = scored
         self.group_scores = groups
+        self.intervals = intervals
 
     def __repr__(self) -> str:
         return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
@@ -192,6 +197,12 @@ class Result:
                 )
             )
         ]
+        if self.intervals is not None:
+            for entry in datasets:
+                entry.update(self.intervals.scope(entry["name"]))
+        overall = scored.overall.to_dict()
+        if self.intervals is not None:
+            overall.update(self.intervals.scope(None))
         return plain(
             {
                 "bpseval_version": __version__,
@@ -201,11 +212,12 @@ class Result:
                 "files": scored.files,
                 "settings": self.settings,
                 "identity": scored.identity,
-                "overall": scored.overall.to_dict(),
+                "overall": overall,
                 "datasets": datasets,
                 "cells": cells,
                 **({"groups": self._group_records()} if self.group_scores is not None else {}),
                 "warnings": self.warnings,
+                **({} if self.intervals is None else {"ci": self.intervals.settings.to_dict()}),
             }
         )
 

@@ -29,11 +29,13 @@ from bpseval.features.coverage import CoverageReport
 from bpseval.features.doctor import Diagnosis
 from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults, incomplete_text
+from bpseval.features.uncertainty import Interval, Intervals
 from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.result import DATASET_METRICS
 from bpseval.views.text import (
     COVERAGE_LISTED,
+    UNDEFINED_TEXT,
     delta_text,
     format_bps,
     interval_text,
@@ -183,6 +185,31 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
         f"step {scored.step} · world size {scored.world_size} · {plural(len(scored.files), 'shard')}"
         + (f" · {dropped} duplicate samples dropped" if dropped else "")
     )
+
+
+INTERVAL_METRICS = ("bps", "bps_pooled")
+"""The intervals the terminal shows (the JSON holds every metric's): the numbers of the compute table."""
+
+
+def render_intervals(scored: ScoredRun, intervals: Intervals, console: Console) -> None:
+    """The `compute --ci` intervals: one row per dataset and overall, one [low, high] column per metric."""
+    settings = intervals.settings
+    unit = "blocks of samples" if settings.over == "blocks" else "cells"
+    columns = [
+        name_column("dataset"),
+        *(Column(f"{metric} {100 * settings.level:g}% CI") for metric in INTERVAL_METRICS),
+    ]
+    rows = [
+        [shown(dataset.name), *(_interval_cell(intervals.datasets[dataset.name][m]) for m in INTERVAL_METRICS)]
+        for dataset in scored.datasets
+    ]
+    rows.append(["[bold]overall[/]", *(_interval_cell(intervals.overall[m]) for m in INTERVAL_METRICS)])
+    title = f"Bootstrap intervals · over {unit} · {settings.resamples} resamples, seed {settings.seed}"
+    print_table(console, title, columns, rows, section_before=len(scored.datasets))
+
+
+def _interval_cell(interval: Interval) -> str:
+    return UNDEFINED_TEXT if interval is None else f"[{format_bps(interval[0])}, {format_bps(interval[1])}]"
 
 
 CELL_REASONS = {

@@ -1,0 +1,202 @@
+"""`bpseval compute --ci`: bootstrap intervals of one run, in the JSON, the table and `evaluate()`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from bpseval import evaluate
+from bpseval.cli import app
+from bpseval.errors import ArgumentError
+from bpseval.features.uncertainty import METRICS, IntervalSettings, intervals
+from bpseval.kernel.stats import CellStats, batch_stats, block_stats
+from bpseval.run.merge import MergedDataset
+from bpseval.run.scored import (
+    ScoreSettings,
+    dataset_rows,
+    marked_scores,
+    overall_of,
+    overall_rows,
+    score,
+    score_dataset,
+)
+from bpseval.shard.writer import ShardWriter
+from tests.conftest import peak_bytes, poisson_dataset, write_raw_shard
+
+CI_KEYS = [f"{metric}_ci" for metric in METRICS]
+
+
+def _run(tmp_path, *, sample_idx: bool = True, name: str = "session_a"):
+    """Two ranks, two datasets of 300 samples each (with sample_idx unless told otherwise)."""
+    for rank in range(2):
+        datasets = {}
+        for index, dataset in enumerate((name, "session_b")):
+            arrays = poisson_dataset(10 * rank + index, n_rows=150, n_cells=5)
+            if sample_idx:
+                arrays["sample_idx"] = np.arange(rank * 150, rank * 150 + 150)
+            datasets[dataset] = arrays
+        write_raw_shard(tmp_path / "run" / f"rank-{rank:04d}.h5", datasets, rank=rank, world_size=2)
+    return tmp_path / "run"
+
+
+def test_compute_ci_adds_intervals_to_every_dataset_and_overall_reproducibly(invoke, tmp_path):
+    run = _run(tmp_path)
+    plain = json.loads(invoke("compute", run, "--json", "-").stdout)
+    assert "ci" not in plain and not any(key in plain["overall"] for key in CI_KEYS)
+    assert not any(key in entry for entry in plain["datasets"] for key in CI_KEYS)
+    first = invoke("compute", run, "--ci", "0.95", "--json", "-")
+    assert first.exit_code == 0, first.output
+    document = json.loads(first.stdout)
+    assert document["ci"] == {
+        "level": 0.95,
+        "over": "blocks",
+        "resamples": 1000,
+        "seed": 0,
+        "method": "bias-corrected percentile bootstrap",
+    }
+    for entry in [*document["datasets"], document["overall"]]:
+        for metric in METRICS:
+            low, high = entry[f"{metric}_ci"]
+            assert low < high and high - low < 1.0
+        assert entry["bps_ci"][0] < entry["bps"] < entry["bps_ci"][1]
+    again = json.loads(invoke("compute", run, "--ci", "0.95", "--json", "-").stdout)
+    assert again == document
+    other = json.loads(invoke("compute", run, "--ci", "0.95", "--ci-seed", "1", "--json", "-").stdout)
+    assert other["overall"]["bps_ci"] != document["overall"]["bps_ci"]
+    assert other["overall"]["bps"] == document["overall"]["bps"]
+    cells = json.loads(invoke("compute", run, "--ci", "0.9", "--ci-over", "cells", "--json", "-").stdout)
+    assert cells["ci"]["over"] == "cells" and cells["ci"]["level"] == 0.9
+    assert cells["overall"]["bps_ci"] != document["overall"]["bps_ci"]
+
+
+def test_evaluate_gives_the_same_intervals_as_the_command(invoke, tmp_path):
+    run = _run(tmp_path)
+    document = json.loads(invoke("compute", run, "--ci", "0.95", "--ci-resamples", "300", "--json", "-").stdout)
+    result = evaluate(run, ci=0.95, ci_resamples=300)
+    assert result.to_dict()["overall"]["bps_ci"] == document["overall"]["bps_ci"]
+    assert list(result.intervals.overall["bps"]) == document["overall"]["bps_ci"]
+    assert evaluate(run).intervals is None
+
+
+def test_ci_over_blocks_without_sample_idx_exits_2_naming_the_dataset_and_the_ways_out(invoke, tmp_path):
+    run = _run(tmp_path, sample_idx=False)
+    result = invoke("compute", run, "--ci", "0.95")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "Error: dataset 'session_a' has no sample_idx, so --ci-over blocks cannot resample its samples: write"
+        " sample_idx with its rows, or use --ci-over cells."
+    )
+    cells = invoke("compute", run, "--ci", "0.95", "--ci-over", "cells", "--json", "-")
+    assert cells.exit_code == 0 and json.loads(cells.stdout)["overall"]["bps_ci"] is not None
+
+
+def test_bad_ci_options_exit_2_before_any_shard_is_read(invoke, tmp_path):
+    missing = tmp_path / "nothing here"
+    for args, message in (
+        (["--ci", "1.5"], "Error: ci must be a level between 0 and 1 (exclusive), e.g. 0.95, not 1.5"),
+        (["--ci", "0.95", "--all-steps"], "Error: --ci gives intervals on one step: leave out --all-steps."),
+    ):
+        result = invoke("compute", missing, *args)
+        assert result.exit_code == 2 and result.stderr.strip() == message
+    assert invoke("compute", missing, "--ci", "0.95", "--ci-resamples", "10").exit_code == 2
+    try:
+        evaluate(missing, ci=0.95, ci_over="samples")
+    except ArgumentError as error:
+        assert str(error) == "ci_over must be one of blocks, cells, not 'samples'"
+    else:
+        raise AssertionError("evaluate accepted ci_over='samples'")
+
+
+def test_interval_table_keeps_every_number_whole_at_80_columns(tmp_path):
+    run = _run(tmp_path, name="a_rather_long_session_name_2024_06_01")
+    document = json.loads(CliRunner().invoke(app, ["compute", str(run), "--ci", "0.95", "--json", "-"]).stdout)
+    result = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}).invoke(
+        app, ["compute", str(run), "--ci", "0.95"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("Bootstrap intervals · over blocks of samples · 1000 resamples, seed 0" in line for line in lines)
+    for entry in [*document["datasets"], document["overall"]]:
+        for metric in ("bps_ci", "bps_pooled_ci"):
+            low, high = entry[metric]
+            row = f"[{low:.4f}, {high:.4f}]"
+            assert any(row in line for line in lines), row
+    table_rows = [line for line in lines if "overall" in line and "[" in line]
+    assert len(table_rows) == 1  # the narrow table, not the one-block-per-row layout
+
+
+def test_stats_only_shards_resample_their_own_blocks(invoke, tmp_path):
+    rng = np.random.default_rng(3)
+    rates = np.exp(rng.normal(0.0, 0.5, (400, 4)))
+    with ShardWriter(tmp_path / "run", 0, 1, store="stats", block_size=10) as writer:
+        writer.add("d", rates, rng.poisson(rates).astype(np.float64), sample_idx=np.arange(400))
+    result = invoke("compute", tmp_path / "run", "--ci", "0.95", "--json", "-")
+    assert result.exit_code == 0, result.output
+    low, high = json.loads(result.stdout)["datasets"][0]["bps_pooled_ci"]
+    assert low < high
+
+
+def test_too_few_blocks_give_no_interval(tmp_path):
+    rng = np.random.default_rng(4)
+    rates = np.full((20, 3), 0.7)
+    per_block = block_stats(np.zeros(20, dtype=np.int64), rates, rng.poisson(rates).astype(np.float64))
+    merged = MergedDataset("one", np.arange(3), "rate", [per_block.total()], 20, 0, "", per_block.stats)
+    found = intervals(score([merged], step=0, world_size=1), IntervalSettings(resamples=100))
+    assert found.datasets["one"] == dict.fromkeys(METRICS) and found.overall == dict.fromkeys(METRICS)
+
+
+def test_replicates_of_many_blocks_and_cells_stay_within_the_memory_bound():
+    """1000 replicates of 1000 blocks × 200 cells would take 1.6 GB at once in reduce_rows; chunks keep it small."""
+    rng = np.random.default_rng(5)
+    rates = rng.gamma(2.0, 0.5, (2000, 200))
+    per_block = block_stats(np.arange(2000) // 2, rates, rng.poisson(rates).astype(np.float64))
+    merged = MergedDataset("big", np.arange(200), "rate", [per_block.total()], 2000, 0, "", per_block.stats)
+    scored = score([merged], step=0, world_size=1)
+    assert peak_bytes(lambda: intervals(scored, IntervalSettings(resamples=1000))) < 300 << 20
+
+
+def _stats(draw, rows: int, cells: int) -> CellStats:
+    """(rows, cells) statistics of Poisson batches, some cells silent or uncovered in some rows."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(rows):
+        rhat = rng.gamma(2.0, 0.5, (12, cells))
+        robs = rng.poisson(rhat * rng.uniform(0.2, 1.5, cells)).astype(np.float64)
+        robs[:, rng.random(cells) < 0.15] = 0.0
+        weights = np.broadcast_to(rng.random(cells) > 0.15, (12, cells)).astype(np.float64)
+        parts.append(batch_stats(rhat, robs, weights))
+    return CellStats(**{name: np.stack([getattr(part, name) for part in parts]) for name in parts[0].fields()})
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), clamp=st.booleans(), min_samples=st.sampled_from([0, 10]), datasets=st.integers(1, 3))
+def test_row_wise_summaries_equal_score_dataset_and_overall_of_row_by_row(data, clamp, min_samples, datasets):
+    scoring = ScoreSettings(clamp_negative=clamp, min_samples=min_samples)
+    rows = 4
+    parts, per_row = [], [[] for _ in range(rows)]
+    for index in range(datasets):
+        stats = _stats(data.draw, rows, data.draw(st.integers(1, 6)))
+        scores = marked_scores(stats, scoring)
+        parts.append((stats, scores, dataset_rows(stats, scores, clamp)))
+        for row in range(rows):
+            stats_row = stats.map(lambda values, row=row: values[row])
+            merged = MergedDataset(f"d{index}", np.arange(stats.n_cells), "rate", [stats_row], 12, 0)
+            per_row[row].append(score_dataset(merged, scoring))
+    overall = overall_rows(parts, clamp)
+    for row in range(rows):
+        expected = overall_of(per_row[row], clamp)
+        for metric in METRICS:
+            assert _same(overall[metric][row], getattr(expected, metric)), (metric, row)
+            for index, part in enumerate(parts):
+                assert _same(part[2][metric][row], getattr(per_row[row][index], metric)), (metric, row, index)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15)
