@@ -30,6 +30,7 @@ from bpseval.features.doctor import Diagnosis
 from bpseval.features.steps import StepResults, incomplete_text
 from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
+from bpseval.views.result import DATASET_METRICS
 from bpseval.views.text import (
     COVERAGE_LISTED,
     delta_text,
@@ -140,18 +141,67 @@ def _print_long(
         console.print(Padding(grid, (0, 0, 0, LONG_INDENT), expand=False))
 
 
+def fits(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
+    """Whether `print_table` prints these rows as a table (not in the long layout) at the console's width."""
+    return _fitted_widths(columns, rows, console.width - (3 * len(columns) + 1)) is not None
+
+
+def print_split_table(
+    console: Console,
+    titles: tuple[str, str, str],
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[str]],
+    *,
+    labels: int,
+    split: int,
+    section_before: int | None = None,
+) -> None:
+    """One table of every column when it fits the console; otherwise two, each repeating the first `labels` columns:
+    columns[labels:split], then columns[split:]. `titles`: the one table's, the first's and the second's. Two tables
+    that fit read better than one row per block of lines (the long layout, which each table still falls back to)."""
+    if fits(console, columns, rows):
+        print_table(console, titles[0], columns, rows, section_before=section_before, label_columns=labels)
+        return
+    for title, part in ((titles[1], slice(labels, split)), (titles[2], slice(split, None))):
+        print_table(
+            console,
+            title,
+            [*columns[:labels], *columns[part]],
+            [[*row[:labels], *row[part]] for row in rows],
+            section_before=section_before,
+            label_columns=labels,
+        )
+
+
+BPS_METRICS = ("bps", "bps_pooled")
+"""The metrics of the first table when a table of every metric is split in two; the others go to the second."""
+
+
+SECOND_METRICS = [metric for metric in DATASET_METRICS if metric not in BPS_METRICS]
+METRIC_ORDER = [*BPS_METRICS, *SECOND_METRICS]
+
+
+def _metric_titles(suffix: str) -> tuple[str, str, str]:
+    """The titles of `print_split_table` for a table of every metric, then of the bps and of the other metrics."""
+    return (
+        f"Bits per spike, deviance explained (pseudo_r2) and correlation{suffix}",
+        f"Bits per spike{suffix}",
+        f"Deviance explained (pseudo_r2) and correlation{suffix}",
+    )
+
+
 def render_compute(scored: ScoredRun, console: Console) -> None:
-    """The `bpseval compute` report: one row per dataset, the overall row, then the cells without a number."""
+    """The `bpseval compute` report: one row per dataset and the overall row, with every metric (in two tables when
+    one does not fit), then the cells without a number."""
     optional = {OVERFLOW: scored.overall.cells[OVERFLOW], LOW: scored.settings.min_samples > 1}
     shown_statuses = [status for status in STATUSES if optional.get(status, True)]
-    columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", "bps", "bps_pooled"))]
+    columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", *METRIC_ORDER))]
     rows = [
         [
             shown(dataset.name),
             *(str(dataset.cells[status]) for status in shown_statuses),
             str(dataset.samples),
-            format_bps(dataset.bps),
-            format_bps(dataset.bps_pooled),
+            *(format_bps(getattr(dataset, metric)) for metric in METRIC_ORDER),
         ]
         for dataset in scored.datasets
     ]
@@ -161,11 +211,18 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
             "[bold]overall[/]",
             *(str(overall.cells[status]) for status in shown_statuses),
             str(scored.samples),
-            f"[bold]{format_bps(overall.bps)}[/]",
-            f"[bold]{format_bps(overall.bps_pooled)}[/]",
+            *(f"[bold]{format_bps(getattr(overall, metric))}[/]" for metric in METRIC_ORDER),
         ]
     )
-    print_table(console, f"Bits per spike · step {scored.step}", columns, rows, section_before=len(scored.datasets))
+    print_split_table(
+        console,
+        _metric_titles(f" · step {scored.step}"),
+        columns,
+        rows,
+        labels=1,
+        split=len(columns) - len(SECOND_METRICS),
+        section_before=len(scored.datasets),
+    )
     if scored.settings.clamp_negative:
         console.print(
             "[yellow]--clamp-negative is on:[/] per-cell values were clamped at 0 before the means"
@@ -406,21 +463,20 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
 
 def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
     """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
-    title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
     with_low = any(result.settings.min_samples > 1 for result in steps.results.values())
     statuses = [OK, SILENT, UNCOVERED, *([LOW] if with_low else [])]
-    columns = [Column(name) for name in ("step", "world size", *statuses, "bps", "bps_pooled")]
+    columns = [Column(name) for name in ("step", "world size", *statuses, *METRIC_ORDER)]
     rows = [
         [
             str(step),
             str(result.world_size),
             *(str(result.overall.cells[status]) for status in statuses),
-            format_bps(result.overall.bps),
-            format_bps(result.overall.bps_pooled),
+            *(format_bps(getattr(result.overall, metric)) for metric in METRIC_ORDER),
         ]
         for step, result in steps.results.items()
     ]
-    print_table(console, title, columns, rows)
+    titles = _metric_titles(" by step" + (f" · {escape(run)}" if run else ""))
+    print_split_table(console, titles, columns, rows, labels=1, split=len(columns) - len(SECOND_METRICS))
     if steps.incomplete:
         count = len(steps.incomplete)
         console.print(f"[yellow]{plural(count, 'incomplete step')} skipped:[/]")
