@@ -79,7 +79,7 @@ def print_table(
     value: names fold and headers wrap as needed, and when even the narrowest table is wider than the console, each
     row becomes a block of "header value" lines under its label (its first `label_columns` values).
     `section_before` is the index of the row that starts a second section (e.g. the overall row)."""
-    widths = _fitted_widths(columns, rows, console.width - (3 * len(columns) + 1))  # borders and padding
+    widths = _fitted_widths(columns, rows, _room(console, columns))
     if widths is None:
         _print_long(console, title, columns, rows, label_columns)
         return
@@ -97,6 +97,20 @@ def _fitted_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], roo
     """Column widths (without padding) within `room`: the natural ones when they fit; otherwise every column at its
     narrowest, and the room left given, one character at a time, to the values furthest from fitting on one line,
     then to the headers. None when even the narrowest columns do not fit."""
+    natural, content, narrowest = _widths(columns, rows)
+    if sum(natural) <= room:
+        return natural
+    if sum(narrowest) > room:
+        return None
+    widths = narrowest
+    for _ in range(room - sum(widths)):
+        target = content if sum(content) > sum(widths) else natural
+        widths[max(range(len(widths)), key=lambda i: target[i] - widths[i])] += 1
+    return widths
+
+
+def _widths(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> tuple[list[int], list[int], list[int]]:
+    """Per column: its natural width (nothing folded or wrapped), its values' (headers may wrap), its narrowest."""
     natural, content, narrowest = [], [], []
     for index, column in enumerate(columns):
         header = Text.from_markup(column.header).plain
@@ -108,15 +122,12 @@ def _fitted_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], roo
         narrowest.append(max(header_least, least, 1))
         content.append(max(narrowest[-1], longest))
         natural.append(max(cell_len(header), content[-1]))
-    if sum(natural) <= room:
-        return natural
-    if sum(narrowest) > room:
-        return None
-    widths = narrowest
-    for _ in range(room - sum(widths)):
-        target = content if sum(content) > sum(widths) else natural
-        widths[max(range(len(widths)), key=lambda i: target[i] - widths[i])] += 1
-    return widths
+    return natural, content, narrowest
+
+
+def _room(console: Console, columns: Sequence[Column]) -> int:
+    """The console's width left for the values of `columns` (without borders and padding)."""
+    return console.width - (3 * len(columns) + 1)
 
 
 def _print_long(
@@ -141,9 +152,9 @@ def _print_long(
         console.print(Padding(grid, (0, 0, 0, LONG_INDENT), expand=False))
 
 
-def fits(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
-    """Whether `print_table` prints these rows as a table (not in the long layout) at the console's width."""
-    return _fitted_widths(columns, rows, console.width - (3 * len(columns) + 1)) is not None
+def fits_whole(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
+    """Whether `print_table` prints these rows at the console's width with nothing folded, wrapped or in blocks."""
+    return sum(_widths(columns, rows)[0]) <= _room(console, columns)
 
 
 def print_split_table(
@@ -156,10 +167,10 @@ def print_split_table(
     split: int,
     section_before: int | None = None,
 ) -> None:
-    """One table of every column when it fits the console; otherwise two, each repeating the first `labels` columns:
-    columns[labels:split], then columns[split:]. `titles`: the one table's, the first's and the second's. Two tables
-    that fit read better than one row per block of lines (the long layout, which each table still falls back to)."""
-    if fits(console, columns, rows):
+    """One table of every column when it fits the console with no name folded; otherwise two, each repeating the first
+    `labels` columns: columns[labels:split], then columns[split:]. `titles`: the one table's, the first's and the
+    second's. Two narrower tables read better than folded names or the long layout (which each still falls back to)."""
+    if fits_whole(console, columns, rows):
         print_table(console, titles[0], columns, rows, section_before=section_before, label_columns=labels)
         return
     for title, part in ((titles[1], slice(labels, split)), (titles[2], slice(split, None))):
@@ -182,9 +193,10 @@ METRIC_ORDER = [*BPS_METRICS, *SECOND_METRICS]
 
 
 def _metric_titles(suffix: str) -> tuple[str, str, str]:
-    """The titles of `print_split_table` for a table of every metric, then of the bps and of the other metrics."""
+    """The titles of `print_split_table` for a table of every metric, then of the bps and of the other metrics (the
+    one table is named after the headline metric; its headers name the others)."""
     return (
-        f"Bits per spike, deviance explained (pseudo_r2) and correlation{suffix}",
+        f"Bits per spike{suffix}",
         f"Bits per spike{suffix}",
         f"Deviance explained (pseudo_r2) and correlation{suffix}",
     )
@@ -263,10 +275,13 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
-    """Several runs side by side: overall and per-dataset bps, one row per run."""
+    """Several runs side by side, one row per run: the overall metrics and cell counts, and each dataset's bps (the
+    overall pseudo_r2, pseudo_r2_pooled and corr in a second table when one does not fit)."""
+    runs = runs[[*(column for column in runs.columns if column not in SECOND_METRICS), *SECOND_METRICS]]
     columns = [name_column(shown(column)) if column == "run" else Column(shown(column)) for column in runs.columns]
     rows = [[format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row] for row in runs.itertuples(False)]
-    print_table(console, "Bits per spike by run", columns, rows)
+    split = len(columns) - len(SECOND_METRICS)
+    print_split_table(console, _metric_titles(" by run"), columns, rows, labels=1, split=split)
 
 
 @contextmanager
