@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -164,24 +164,21 @@ def print_split_table(
     rows: Sequence[Sequence[str]],
     *,
     labels: int,
-    split: int,
+    second: Collection[int],
     section_before: int | None = None,
 ) -> None:
-    """One table of every column when it fits the console with no name folded; otherwise two, each repeating the first
-    `labels` columns: columns[labels:split], then columns[split:]. `titles`: the one table's, the first's and the
-    second's. Two narrower tables read better than folded names or the long layout (which each still falls back to)."""
-    if fits_whole(console, columns, rows):
+    """One table of every column when it fits the console with no name folded; otherwise two, each led by the first
+    `labels` columns: the columns not in `second` (indices), then those in `second`; and when even the first of those
+    takes the long layout, every column in the long layout (one block per row, not two). `titles`: the one table's,
+    the first's and the second's. Two narrower tables read better than folded names or blocks of lines."""
+    first = [index for index in range(len(columns)) if index not in second]
+    parts = [(titles[1], first), (titles[2], [*range(labels), *sorted(second)])]
+    tables = [([columns[i] for i in part], [[row[i] for i in part] for row in rows]) for _, part in parts]
+    if fits_whole(console, columns, rows) or _fitted_widths(*tables[0], _room(console, tables[0][0])) is None:
         print_table(console, titles[0], columns, rows, section_before=section_before, label_columns=labels)
         return
-    for title, part in ((titles[1], slice(labels, split)), (titles[2], slice(split, None))):
-        print_table(
-            console,
-            title,
-            [*columns[:labels], *columns[part]],
-            [[*row[:labels], *row[part]] for row in rows],
-            section_before=section_before,
-            label_columns=labels,
-        )
+    for (title, _), (part_columns, part_rows) in zip(parts, tables, strict=True):
+        print_table(console, title, part_columns, part_rows, section_before=section_before, label_columns=labels)
 
 
 BPS_METRICS = ("bps", "bps_pooled")
@@ -232,7 +229,7 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
         columns,
         rows,
         labels=1,
-        split=len(columns) - len(SECOND_METRICS),
+        second=range(len(columns) - len(SECOND_METRICS), len(columns)),
         section_before=len(scored.datasets),
     )
     if scored.settings.clamp_negative:
@@ -277,11 +274,10 @@ def _render_cells_with_status(scored: ScoredRun, status: str, console: Console) 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
     """Several runs side by side, one row per run: the overall metrics and cell counts, and each dataset's bps (the
     overall pseudo_r2, pseudo_r2_pooled and corr in a second table when one does not fit)."""
-    runs = runs[[*(column for column in runs.columns if column not in SECOND_METRICS), *SECOND_METRICS]]
     columns = [name_column(shown(column)) if column == "run" else Column(shown(column)) for column in runs.columns]
     rows = [[format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row] for row in runs.itertuples(False)]
-    split = len(columns) - len(SECOND_METRICS)
-    print_split_table(console, _metric_titles(" by run"), columns, rows, labels=1, split=split)
+    second = [index for index, column in enumerate(runs.columns) if column in SECOND_METRICS]
+    print_split_table(console, _metric_titles(" by run"), columns, rows, labels=1, second=second)
 
 
 @contextmanager
@@ -491,7 +487,8 @@ def render_steps(steps: StepResults, console: Console, run: str | None = None) -
         for step, result in steps.results.items()
     ]
     titles = _metric_titles(" by step" + (f" · {escape(run)}" if run else ""))
-    print_split_table(console, titles, columns, rows, labels=1, split=len(columns) - len(SECOND_METRICS))
+    second = range(len(columns) - len(SECOND_METRICS), len(columns))
+    print_split_table(console, titles, columns, rows, labels=1, second=second)
     if steps.incomplete:
         count = len(steps.incomplete)
         console.print(f"[yellow]{plural(count, 'incomplete step')} skipped:[/]")
