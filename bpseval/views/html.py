@@ -199,12 +199,14 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
             f'<div class="card {css}"><div class="label">{label}</div><div class="value">{value}</div>{unit_html}</div>'
         )
 
-    items = [
+    metrics = [
         card("overall bps", _metric(overall.bps), "bits/spike · mean over datasets"),
         card("overall bps_pooled", _metric(overall.bps_pooled), "bits/spike · all cells pooled"),
         card("overall pseudo_r2", _metric(overall.pseudo_r2), "deviance explained · mean over datasets"),
         card("overall pseudo_r2_pooled", _metric(overall.pseudo_r2_pooled), "deviance explained · all cells pooled"),
         card("overall corr", _metric(overall.corr), "correlation of rate and count · mean over datasets"),
+    ]
+    counts = [
         card(
             "datasets scored",
             f'{overall.datasets}<span class="unit"> / {datasets}</span>',
@@ -221,7 +223,8 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
             "alert" if below else "",
         ),
     ]
-    return f'<section id="numbers"><div class="cards">{"".join(items)}</div></section>'
+    rows = "".join(f'<div class="cards">{"".join(row)}</div>' for row in (metrics, counts))
+    return f'<section id="numbers">{rows}</section>'
 
 
 def _notes(inputs: RunOverview, result: Result) -> str:
