@@ -75,7 +75,7 @@ class Result:
 
     @cached_property
     def datasets(self) -> pd.DataFrame:
-        """One row per dataset: samples, duplicates dropped, bps, bps_pooled, cells per status, identity."""
+        """One row per dataset: samples, duplicates dropped, DATASET_METRICS, cells per status, identity."""
         rows = [
             {
                 "name": dataset.name,
@@ -91,7 +91,7 @@ class Result:
 
     @cached_property
     def cells(self) -> pd.DataFrame:
-        """One row per cell of every dataset: its sums, ll_gain, bps and status."""
+        """One row per cell of every dataset: its sums, ll_gain, CELL_METRICS and status."""
         datasets = self.scored.datasets
         sizes = [dataset.n_cells for dataset in datasets]
 

@@ -152,14 +152,14 @@ def _print_long(
         console.print(Padding(grid, (0, 0, 0, LONG_INDENT), expand=False))
 
 
-def fits_whole(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
+def _fits_whole(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
     """Whether `print_table` prints these rows at the console's width with nothing folded, wrapped or in blocks."""
     return sum(_widths(columns, rows)[0]) <= _room(console, columns)
 
 
 def print_split_table(
     console: Console,
-    titles: tuple[str, str, str],
+    titles: tuple[str, str],
     columns: Sequence[Column],
     rows: Sequence[Sequence[str]],
     *,
@@ -169,12 +169,12 @@ def print_split_table(
 ) -> None:
     """One table of every column when it fits the console with no name folded; otherwise two, each led by the first
     `labels` columns: the columns not in `second` (indices), then those in `second`; and when even the first of those
-    takes the long layout, every column in the long layout (one block per row, not two). `titles`: the one table's,
-    the first's and the second's. Two narrower tables read better than folded names or blocks of lines."""
+    takes the long layout, every column in the long layout (one block per row, not two). `titles`: the first table's
+    (or the one table's), and the second's. Two narrower tables read better than folded names or blocks of lines."""
     first = [index for index in range(len(columns)) if index not in second]
-    parts = [(titles[1], first), (titles[2], [*range(labels), *sorted(second)])]
+    parts = [(titles[0], first), (titles[1], [*range(labels), *sorted(second)])]
     tables = [([columns[i] for i in part], [[row[i] for i in part] for row in rows]) for _, part in parts]
-    if fits_whole(console, columns, rows) or _fitted_widths(*tables[0], _room(console, tables[0][0])) is None:
+    if _fits_whole(console, columns, rows) or _fitted_widths(*tables[0], _room(console, tables[0][0])) is None:
         print_table(console, titles[0], columns, rows, section_before=section_before, label_columns=labels)
         return
     for (title, _), (part_columns, part_rows) in zip(parts, tables, strict=True):
@@ -182,21 +182,15 @@ def print_split_table(
 
 
 BPS_METRICS = ("bps", "bps_pooled")
-"""The metrics of the first table when a table of every metric is split in two; the others go to the second."""
-
-
 SECOND_METRICS = [metric for metric in DATASET_METRICS if metric not in BPS_METRICS]
+"""When a table of every metric is split in two, the bps go to the first and these to the second."""
 METRIC_ORDER = [*BPS_METRICS, *SECOND_METRICS]
 
 
-def _metric_titles(suffix: str) -> tuple[str, str, str]:
-    """The titles of `print_split_table` for a table of every metric, then of the bps and of the other metrics (the
-    one table is named after the headline metric; its headers name the others)."""
-    return (
-        f"Bits per spike{suffix}",
-        f"Bits per spike{suffix}",
-        f"Deviance explained (pseudo_r2) and correlation{suffix}",
-    )
+def _metric_titles(suffix: str) -> tuple[str, str]:
+    """The titles of `print_split_table` for the metrics: the one table, or the first, is named after the headline
+    metric (its headers name the others); the second after what it holds."""
+    return f"Bits per spike{suffix}", f"Deviance explained (pseudo_r2) and correlation{suffix}"
 
 
 def render_compute(scored: ScoredRun, console: Console) -> None:
