@@ -142,6 +142,9 @@ class SortKey(Choice):
     run = "run"
     bps = "bps"
     bps_pooled = "bps_pooled"
+    pseudo_r2 = "pseudo_r2"
+    pseudo_r2_pooled = "pseudo_r2_pooled"
+    corr = "corr"
 
 
 class _Outputs(NamedTuple):
@@ -199,7 +202,9 @@ def compute(
             help="Cells with fewer valid samples are [bold]low[/]: listed, left out of the means, kept in bps_pooled.",
         ),
     ] = 0,
-    sort: Annotated[SortKey, typer.Option("--sort", help="Order of the runs when several are given.")] = SortKey.run,
+    sort: Annotated[
+        SortKey, typer.Option("--sort", help="Order of the runs when several are given (a metric: best first).")
+    ] = SortKey.run,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     all_steps: Annotated[

@@ -121,11 +121,15 @@ def test_example_report_is_self_contained_and_complete(example_report):
     checker = check_page(html)
     text = page_text(checker)
     result = bpseval.evaluate(EXAMPLE)
-    assert f"{result.overall.bps:.4f}" in text and f"{result.overall.bps_pooled:.4f}" in text
+    metrics = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
+    overall = result.overall
+    assert " ".join(f"{getattr(overall, metric):.4f}" for metric in metrics) in text  # the overall row
+    for metric in metrics:
+        assert f"overall {metric} {getattr(overall, metric):.4f}" in text  # its card
     for row in result.datasets.itertuples(index=False):
+        numbers = " ".join(f"{getattr(row, metric):.4f}" for metric in metrics)
         assert (
-            f"{row.name} {row.ok} {row.silent} {row.uncovered} {row.samples} {row.duplicates_dropped} {row.bps:.4f} {row.bps_pooled:.4f}"
-            in text
+            f"{row.name} {row.ok} {row.silent} {row.uncovered} {row.samples} {row.duplicates_dropped} {numbers}" in text
         )
     # the unscored cells, and the thinly covered ones with their per-rank counts
     assert "1 uncovered cell (no valid sample on any rank)" in text

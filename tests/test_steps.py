@@ -54,7 +54,12 @@ def test_evaluate_steps_scores_each_complete_step_like_evaluate(tmp_path):
         assert result.overall.bps_pooled == alone.overall.bps_pooled
         assert result.overall.cells == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0}
     frame = steps_frame(steps)
-    assert list(frame.columns[:7]) == ["step", "world_size", "bps", "bps_pooled", "ok", "silent", "uncovered"]
+    assert list(frame.columns[:10]) == [
+        "step",
+        "world_size",
+        *("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"),
+        *("ok", "silent", "uncovered"),
+    ]
     assert list(frame["step"]) == [0, 1, 2]
     assert [f"bps[{name}]" in frame.columns for name in DATASETS] == [True, True]
     assert len({round(value, 12) for value in frame["bps"]}) == 3  # the steps really differ
@@ -91,8 +96,9 @@ def test_cli_all_steps_table_lists_steps_and_skipped_ones(invoke, tmp_path):
     assert "Bits per spike by step" in out
     steps = evaluate_steps(run)
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    metrics = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
     assert rows == [
-        [str(step), "2", "11", "0", "1", f"{scored.overall.bps:.4f}", f"{scored.overall.bps_pooled:.4f}"]
+        [str(step), "2", "11", "0", "1", *(f"{getattr(scored.overall, metric):.4f}" for metric in metrics)]
         for step, scored in steps.results.items()
     ]
     assert "1 incomplete step skipped:" in out
@@ -110,14 +116,17 @@ def test_cli_all_steps_json_and_csv(invoke, tmp_path):
     assert "no shard for rank 1" in document["incomplete_steps"][0]["reason"]
     expected = bpseval.evaluate(run, 1)
     entry = document["steps"][1]
-    assert entry["bps"] == expected.overall.bps and entry["bps_pooled"] == expected.overall.bps_pooled
+    for metric in ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"):
+        assert entry[metric] == getattr(expected.overall, metric), metric
+        assert [d[metric] for d in entry["datasets"]] == [getattr(d, metric) for d in expected.scored.datasets]
     assert entry["cells"] == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0}
     assert entry["world_size"] == 2 and len(entry["files"]) == 2
     assert [d["name"] for d in entry["datasets"]] == list(DATASETS)
     assert "Skipped incomplete step: step 3 has world size 2" in result.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "steps.csv").read_text())))
     assert [row["step"] for row in rows] == ["0", "1", "2"]
-    assert math.isclose(float(rows[1]["bps"]), expected.overall.bps, rel_tol=1e-12)
+    for metric in ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"):
+        assert math.isclose(float(rows[1][metric]), getattr(expected.overall, metric), rel_tol=1e-12), metric
     assert rows[1]["uncovered"] == "1" and rows[1][f"bps[{DATASETS[0]}]"]
 
 

@@ -25,9 +25,10 @@ from typer.testing import CliRunner
 
 from bpseval.cli import app
 from bpseval.views.terminal import Column, name_column, print_table
-from bpseval.views.text import VERDICT_MARKS, format_bps
+from bpseval.views.text import UNDEFINED_TEXT, VERDICT_MARKS, format_bps
 from tests.conftest import poisson_dataset, write_raw_shard
 
+METRICS = ["bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"]
 NAMES = [f"Allen_2022-{1 + i % 12:02d}-{1 + i:02d}_V1_probe{i % 4}" for i in range(30)]
 WIDTHS = (60, 80, 120)
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
@@ -64,16 +65,17 @@ def sweep(tmp_path_factory) -> Path:
 
 
 def compute_numbers(document: dict) -> list[str]:
-    """What the compute tables show of a `compute --json` document: per dataset bps and bps_pooled of one run, or
-    the dataset bps of each run ({"runs": [...]}); the overall numbers and cell counts."""
+    """What the compute tables show of a `compute --json` document: per dataset every metric of one run, or the
+    dataset bps of each run ({"runs": [...]}); the overall metrics and cell counts. Undefined values are left out
+    (they are shown as UNDEFINED_TEXT, not as a number)."""
     numbers = []
     for run in document.get("runs", [document]):
         overall = run["overall"]
-        numbers += [format_bps(overall["bps"]), format_bps(overall["bps_pooled"]), str(run["step"])]
+        numbers += [format_bps(overall[metric]) for metric in METRICS] + [str(run["step"])]
         numbers += [str(count) for count in overall["cells"].values()]
         for dataset in run["datasets"]:
-            numbers += [format_bps(dataset["bps"])] + [format_bps(dataset["bps_pooled"])] * ("runs" not in document)
-    return numbers
+            numbers += [format_bps(dataset[metric]) for metric in (METRICS if "runs" not in document else ["bps"])]
+    return [number for number in numbers if number != UNDEFINED_TEXT]
 
 
 def compare_numbers(document: dict) -> list[str]:
@@ -113,14 +115,15 @@ def invoke_at(width: int, *args: object):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
-@pytest.mark.parametrize("width", WIDTHS)
-def test_compute_of_several_runs_sorted_keeps_every_number_whole(sweep, tmp_path, width):
+@pytest.mark.parametrize(("width", "metric"), [(60, "bps"), (80, "corr"), (120, "pseudo_r2_pooled"), (80, "pseudo_r2")])
+def test_compute_of_several_runs_sorted_keeps_every_number_whole(sweep, tmp_path, width, metric):
     runs = [sweep / "toy", sweep / "toy_worse", sweep / "toy_noisy"]
-    result = invoke_at(width, "compute", *runs, "--sort", "bps", "--json", tmp_path / "r.json")
+    result = invoke_at(width, "compute", *runs, "--sort", metric, "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "r.json").read_text())
     assert_whole(result.stdout, compute_numbers(document), width)
-    ranked = [run["run"] for run in sorted(document["runs"], key=lambda run: -run["overall"]["bps"])]
+    ranked = [run["run"] for run in sorted(document["runs"], key=lambda run: -run["overall"][metric])]
+    assert len({run["overall"][metric] for run in document["runs"]}) == 3, "the runs differ in the sorted metric"
     positions = [result.stdout.index(Path(run).name) for run in ranked]
     assert positions == sorted(positions), "runs are printed best first"
 
@@ -172,6 +175,42 @@ def test_wide_terminals_keep_the_table_with_names_whole(sweep):
     header = next(line for line in result.stdout.splitlines() if "bps_pooled" in line)
     assert all(word in header for word in ("dataset", "ok", "silent", "uncovered", "samples", "bps")), header
     assert all(name in result.stdout for name in NAMES)
+    second = next(line for line in result.stdout.splitlines() if "pseudo_r2_pooled" in line)
+    assert all(word in second.split() for word in ("dataset", "pseudo_r2", "corr")), second
+
+
+def test_a_terminal_wide_enough_shows_every_metric_in_one_table(sweep):
+    result = invoke_at(200, "compute", sweep / "toy")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "bps_pooled" in line)
+    assert all(word in header.split() for word in ("dataset", "uncovered", *METRICS)), header
+    assert result.stdout.count("dataset") == 1 and "Deviance explained" not in result.stdout
+
+
+def constant_counts_run(run_dir: Path) -> Path:
+    """Dataset "flat": every count is 1 (bps defined; pseudo_r2, pseudo_r2_pooled and corr undefined); "varied":
+    Poisson counts."""
+    varied = poisson_dataset(7, n_rows=30, n_cells=4)
+    flat = poisson_dataset(8, n_rows=30, n_cells=4, with_dfs=False)
+    flat["robs"] = np.ones_like(flat["robs"])
+    write_raw_shard(run_dir / "rank-0.h5", {"flat": flat, "varied": varied})
+    return run_dir
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_undefined_metrics_are_the_undefined_marker_never_a_number(tmp_path, width):
+    run = constant_counts_run(tmp_path / "run")
+    result = invoke_at(width, "compute", run, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    flat, varied = document["datasets"]
+    assert flat["bps"] is not None and [flat[m] for m in ("pseudo_r2", "pseudo_r2_pooled", "corr")] == [None] * 3
+    assert document["overall"]["pseudo_r2"] == varied["pseudo_r2"] and document["overall"]["corr"] == varied["corr"]
+    shown = [line.split("│")[1:-1] for line in result.stdout.splitlines() if line.startswith("│ flat")]
+    values = [value.strip() for row in shown for value in row[1:]]
+    assert values[-3:] == [UNDEFINED_TEXT] * 3, result.stdout
+    assert format_bps(flat["bps"]) in values and values.count(UNDEFINED_TEXT) == 3
+    assert_whole(result.stdout, compute_numbers(document), width)
 
 
 def piped(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:

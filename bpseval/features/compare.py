@@ -106,11 +106,15 @@ _LEAVES: dict[str, tuple[Any, str]] = {
     "positive": (lambda v: _is_int(v) and v > 0, "a whole number > 0"),
     "number": (_is_finite, "a finite number"),
     "number or null": (lambda v: v is None or _is_finite(v), "a finite number or null"),
+    "correlation": (lambda v: v is None or (_is_finite(v) and -1 <= v <= 1), "a number in [-1, 1] or null"),
     "cell id": (lambda v: _is_int(v) or isinstance(v, str), "a whole number or text"),
     "status": (lambda v: isinstance(v, str) and v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "object": (lambda v: isinstance(v, dict), "an object"),
     "flag": (lambda v: isinstance(v, bool), "true or false"),
 }
+
+_NEWER_METRICS = {"pseudo_r2?": "number or null", "pseudo_r2_pooled?": "number or null", "corr?": "correlation"}
+"""Summary numbers added after the first baselines were written: checked when present, never required."""
 
 BASELINE_SCHEMA: dict[str, Any] = {
     "format?": "text",
@@ -128,6 +132,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
     "overall": {
         "bps": "number or null",
         "bps_pooled": "number or null",
+        **_NEWER_METRICS,
         "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
         "datasets?": "count",
         "datasets_without_ok_cells?": "texts",
@@ -139,6 +144,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "duplicates_dropped": "count",
             "bps": "number or null",
             "bps_pooled": "number or null",
+            **_NEWER_METRICS,
             "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
             "identity?": "text",
         }
@@ -154,6 +160,8 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "model_ll": "number or null",
             "ll_gain": "number or null",
             "bps": "number or null",
+            "pseudo_r2?": "number or null",
+            "corr?": "correlation",
             "status": "status",
         }
     ],

@@ -17,7 +17,7 @@ from bpseval._json import plain
 from bpseval.errors import BpsevalError, RunError
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.merge import MergedRun, merge_selection
-from bpseval.run.scored import ScoredRun, ScoreSettings, score_run
+from bpseval.run.scored import SUMMARY_METRICS, ScoredRun, ScoreSettings, score_run
 
 
 @dataclass
@@ -112,12 +112,15 @@ def _step_entry(scored: ScoredRun) -> dict[str, Any]:
             "step": scored.step,
             "world_size": scored.world_size,
             "files": scored.files,
-            "bps": scored.overall.bps,
-            "bps_pooled": scored.overall.bps_pooled,
+            **{metric: getattr(scored.overall, metric) for metric in SUMMARY_METRICS},
             "cells": scored.overall.cells,
             "settings": scored.settings.to_dict(),
             "datasets": [
-                {"name": dataset.name, "bps": dataset.bps, "bps_pooled": dataset.bps_pooled, "cells": dataset.cells}
+                {
+                    "name": dataset.name,
+                    **{metric: getattr(dataset, metric) for metric in SUMMARY_METRICS},
+                    "cells": dataset.cells,
+                }
                 for dataset in scored.datasets
             ],
             "warnings": scored.warnings,

@@ -68,6 +68,9 @@ class ScoreSettings:
 
 DEFAULT_SETTINGS = ScoreSettings()
 
+SUMMARY_METRICS = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
+"""The summary numbers that every `ScoredDataset` and the `Overall` carry, under these attribute names."""
+
 
 @dataclass(frozen=True)
 class ScoredDataset:

@@ -90,8 +90,8 @@ def _e(value: Any) -> str:
     return escape(str(value), quote=True)
 
 
-def _bps(value: Any, digits: int = 4) -> str:
-    """A bits-per-spike cell as `format_bps` writes it, negative values in red, undefined ones muted."""
+def _metric(value: Any, digits: int = 4) -> str:
+    """A metric (bps, pseudo_r2, corr, ...) as `format_bps` writes it, negative values in red, undefined ones muted."""
     text = format_bps(None if value is None else float(value), digits)
     if text == UNDEFINED_TEXT:
         return f'<span class="muted">{text}</span>'
@@ -199,9 +199,14 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
             f'<div class="card {css}"><div class="label">{label}</div><div class="value">{value}</div>{unit_html}</div>'
         )
 
-    items = [
-        card("overall bps", _bps(overall.bps), "bits/spike · mean over datasets"),
-        card("overall bps_pooled", _bps(overall.bps_pooled), "bits/spike · all cells pooled"),
+    metrics = [
+        card("overall bps", _metric(overall.bps), "bits/spike · mean over datasets"),
+        card("overall bps_pooled", _metric(overall.bps_pooled), "bits/spike · all cells pooled"),
+        card("overall pseudo_r2", _metric(overall.pseudo_r2), "deviance explained · mean over datasets"),
+        card("overall pseudo_r2_pooled", _metric(overall.pseudo_r2_pooled), "deviance explained · all cells pooled"),
+        card("overall corr", _metric(overall.corr), "correlation of rate and count · mean over datasets"),
+    ]
+    counts = [
         card(
             "datasets scored",
             f'{overall.datasets}<span class="unit"> / {datasets}</span>',
@@ -218,7 +223,8 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
             "alert" if below else "",
         ),
     ]
-    return f'<section id="numbers"><div class="cards">{"".join(items)}</div></section>'
+    rows = "".join(f'<div class="cards">{"".join(row)}</div>' for row in (metrics, counts))
+    return f'<section id="numbers">{rows}</section>'
 
 
 def _notes(inputs: RunOverview, result: Result) -> str:
@@ -242,8 +248,7 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
                 f'<span class="zero">{row.uncovered}</span>' if row.uncovered else "0",
                 str(row.samples),
                 str(row.duplicates_dropped),
-                _bps(row.bps),
-                _bps(row.bps_pooled),
+                *(_metric(getattr(row, metric)) for metric in DATASET_METRICS),
             ]
         )
         classes.append("")
@@ -256,8 +261,7 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
             str(cells[UNCOVERED]),
             str(int(result.datasets["samples"].sum())),
             str(int(result.datasets["duplicates_dropped"].sum())),
-            _bps(result.overall.bps),
-            _bps(result.overall.bps_pooled),
+            *(_metric(getattr(result.overall, metric)) for metric in DATASET_METRICS),
         ]
     )
     classes.append("total")
@@ -268,13 +272,15 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
         ("uncovered", True),
         ("samples", True),
         ("duplicates dropped", True),
-        ("bps", True),
-        ("bps_pooled", True),
+        *((metric, True) for metric in DATASET_METRICS),
     ]
     return (
         '<section id="datasets"><h2>Datasets</h2>'
         '<p class="muted">bps: mean of the per-cell bits/spike over ok cells; bps_pooled: Σ ll_gain / (ln 2 · Σ spikes)'
-        " over covered cells. Overall bps is the mean over datasets with an ok cell.</p>"
+        " over covered cells. pseudo_r2: mean over ok cells of the Poisson deviance explained, 1 − D_model / D_null;"
+        " pseudo_r2_pooled: 1 − Σ D_model / Σ D_null over covered cells. corr: mean over ok cells of the weighted"
+        " Pearson correlation of predicted rate and count. Overall bps, pseudo_r2 and corr are means over datasets"
+        " (see the README, section Metrics).</p>"
         + _table(header, rows, row_classes=classes, scroll=len(rows) > 20)
         + "</section>"
     )
@@ -398,8 +404,7 @@ def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
                 str(cells["ok"]),
                 str(cells[SILENT]),
                 str(cells[UNCOVERED]),
-                _bps(result.overall.bps),
-                _bps(result.overall.bps_pooled),
+                *(_metric(getattr(result.overall, metric)) for metric in DATASET_METRICS),
             ]
         )
         classes.append("chosen" if step == result.step else "")
@@ -409,8 +414,7 @@ def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
         ("ok", True),
         ("silent", True),
         ("uncovered", True),
-        ("bps", True),
-        ("bps_pooled", True),
+        *((metric, True) for metric in DATASET_METRICS),
     ]
     parts = ['<section id="steps"><h2>Bits per spike over steps</h2>', figure_html]
     parts.append(_table(header, rows, row_classes=classes, scroll=len(rows) > 20))
@@ -445,8 +449,8 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
         row = [
             "overall" if metric.scope == OVERALL else _e(metric.scope),
             _e(metric.metric),
-            _bps(metric.base),
-            _bps(metric.new),
+            _metric(metric.base),
+            _metric(metric.new),
             signed(metric.delta),
             "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
         ]

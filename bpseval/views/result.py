@@ -21,9 +21,9 @@ from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults
 from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
-from bpseval.run.scored import Overall, ScoredRun, scored_from_document
+from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun, scored_from_document
 
-DATASET_METRICS = ["bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"]
+DATASET_METRICS = list(SUMMARY_METRICS)
 """Every summary number of a dataset (and of the run), in the order the outputs show them."""
 CELL_METRICS = ["bps", "pseudo_r2", "corr"]
 DATASET_COLUMNS = ["name", "samples", "duplicates_dropped", *DATASET_METRICS, *STATUSES, "identity"]
@@ -84,7 +84,7 @@ class Result:
 
     @cached_property
     def datasets(self) -> pd.DataFrame:
-        """One row per dataset: samples, duplicates dropped, bps, bps_pooled, cells per status, identity."""
+        """One row per dataset: samples, duplicates dropped, DATASET_METRICS, cells per status, identity."""
         rows = [
             {
                 "name": dataset.name,
@@ -100,7 +100,7 @@ class Result:
 
     @cached_property
     def cells(self) -> pd.DataFrame:
-        """One row per cell of every dataset: its sums, ll_gain, bps and status."""
+        """One row per cell of every dataset: its sums, ll_gain, CELL_METRICS and status."""
         datasets = self.scored.datasets
         sizes = [dataset.n_cells for dataset in datasets]
 
@@ -254,20 +254,20 @@ def baseline_document(result: Result) -> dict[str, Any]:
     return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
 
 
-STEP_COLUMNS = ["step", "world_size", "bps", "bps_pooled", *STATUSES]
+STEP_COLUMNS = ["step", "world_size", *DATASET_METRICS, *STATUSES]
 
 
 def steps_frame(steps: StepResults) -> pd.DataFrame:
-    """One row per scored step: world size, overall bps and bps_pooled, cells per status, then bps[dataset]."""
+    """One row per scored step: world size, the overall metrics, cells per status, then bps[dataset]."""
     if not steps.results:
         return pd.DataFrame(columns=STEP_COLUMNS)
     return scored_frame(steps.results, key="step").sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def runs_frame(runs: dict[str, ScoredRun], sort: str = "run") -> pd.DataFrame:
-    """One row per run: step, overall bps and bps_pooled, cells per status, then each dataset's bps.
+    """One row per run: step, the overall metrics, cells per status, then each dataset's bps.
 
-    `sort` is "run" (by name) or a metric ("bps", "bps_pooled": best first).
+    `sort` is "run" (by name) or one of DATASET_METRICS (best first: the highest).
     """
     frame = scored_frame(runs, key="run").drop(columns="world_size")
     if sort == "run":
@@ -276,11 +276,12 @@ def runs_frame(runs: dict[str, ScoredRun], sort: str = "run") -> pd.DataFrame:
 
 
 def scored_frame(runs: dict[Any, ScoredRun], key: str) -> pd.DataFrame:
-    """One row per scored run, labelled `key` (run or step): step, world size, overall numbers and dataset bps."""
+    """One row per scored run, labelled `key` (run or step): step, world size, overall metrics and dataset bps."""
     rows = []
     for label, scored in runs.items():
         row = {key: label, "step": scored.step, "world_size": scored.world_size}  # key "step" keeps one column
-        row.update({"bps": scored.overall.bps, "bps_pooled": scored.overall.bps_pooled, **scored.overall.cells})
+        row.update({metric: getattr(scored.overall, metric) for metric in DATASET_METRICS})
+        row.update(scored.overall.cells)
         row.update({f"bps[{dataset.name}]": dataset.bps for dataset in scored.datasets})
         rows.append(row)
     return pd.DataFrame(rows)

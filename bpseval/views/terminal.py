@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,7 +82,7 @@ def print_table(
     value: names fold and headers wrap as needed, and when even the narrowest table is wider than the console, each
     row becomes a block of "header value" lines under its label (its first `label_columns` values).
     `section_before` is the index of the row that starts a second section (e.g. the overall row)."""
-    widths = _fitted_widths(columns, rows, console.width - (3 * len(columns) + 1))  # borders and padding
+    widths = _fitted_widths(columns, rows, _room(console, columns))
     if widths is None:
         _print_long(console, title, columns, rows, label_columns)
         return
@@ -100,6 +100,20 @@ def _fitted_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], roo
     """Column widths (without padding) within `room`: the natural ones when they fit; otherwise every column at its
     narrowest, and the room left given, one character at a time, to the values furthest from fitting on one line,
     then to the headers. None when even the narrowest columns do not fit."""
+    natural, content, narrowest = _widths(columns, rows)
+    if sum(natural) <= room:
+        return natural
+    if sum(narrowest) > room:
+        return None
+    widths = narrowest
+    for _ in range(room - sum(widths)):
+        target = content if sum(content) > sum(widths) else natural
+        widths[max(range(len(widths)), key=lambda i: target[i] - widths[i])] += 1
+    return widths
+
+
+def _widths(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> tuple[list[int], list[int], list[int]]:
+    """Per column: its natural width (nothing folded or wrapped), its values' (headers may wrap), its narrowest."""
     natural, content, narrowest = [], [], []
     for index, column in enumerate(columns):
         header = Text.from_markup(column.header).plain
@@ -111,15 +125,12 @@ def _fitted_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], roo
         narrowest.append(max(header_least, least, 1))
         content.append(max(narrowest[-1], longest))
         natural.append(max(cell_len(header), content[-1]))
-    if sum(natural) <= room:
-        return natural
-    if sum(narrowest) > room:
-        return None
-    widths = narrowest
-    for _ in range(room - sum(widths)):
-        target = content if sum(content) > sum(widths) else natural
-        widths[max(range(len(widths)), key=lambda i: target[i] - widths[i])] += 1
-    return widths
+    return natural, content, narrowest
+
+
+def _room(console: Console, columns: Sequence[Column]) -> int:
+    """The console's width left for the values of `columns` (without borders and padding)."""
+    return console.width - (3 * len(columns) + 1)
 
 
 def _print_long(
@@ -144,18 +155,59 @@ def _print_long(
         console.print(Padding(grid, (0, 0, 0, LONG_INDENT), expand=False))
 
 
+def _fits_whole(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> bool:
+    """Whether `print_table` prints these rows at the console's width with nothing folded, wrapped or in blocks."""
+    return sum(_widths(columns, rows)[0]) <= _room(console, columns)
+
+
+def print_split_table(
+    console: Console,
+    titles: tuple[str, str],
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[str]],
+    *,
+    labels: int,
+    second: Collection[int],
+    section_before: int | None = None,
+) -> None:
+    """One table of every column when it fits the console with no name folded; otherwise two, each led by the first
+    `labels` columns: the columns not in `second` (indices), then those in `second`; and when even the first of those
+    takes the long layout, every column in the long layout (one block per row, not two). `titles`: the first table's
+    (or the one table's), and the second's. Two narrower tables read better than folded names or blocks of lines."""
+    first = [index for index in range(len(columns)) if index not in second]
+    parts = [(titles[0], first), (titles[1], [*range(labels), *sorted(second)])]
+    tables = [([columns[i] for i in part], [[row[i] for i in part] for row in rows]) for _, part in parts]
+    if _fits_whole(console, columns, rows) or _fitted_widths(*tables[0], _room(console, tables[0][0])) is None:
+        print_table(console, titles[0], columns, rows, section_before=section_before, label_columns=labels)
+        return
+    for (title, _), (part_columns, part_rows) in zip(parts, tables, strict=True):
+        print_table(console, title, part_columns, part_rows, section_before=section_before, label_columns=labels)
+
+
+BPS_METRICS = ("bps", "bps_pooled")
+SECOND_METRICS = [metric for metric in DATASET_METRICS if metric not in BPS_METRICS]
+"""When a table of every metric is split in two, the bps go to the first and these to the second."""
+METRIC_ORDER = [*BPS_METRICS, *SECOND_METRICS]
+
+
+def _metric_titles(suffix: str) -> tuple[str, str]:
+    """The titles of `print_split_table` for the metrics: the one table, or the first, is named after the headline
+    metric (its headers name the others); the second after what it holds."""
+    return f"Bits per spike{suffix}", f"Deviance explained (pseudo_r2) and correlation{suffix}"
+
+
 def render_compute(scored: ScoredRun, console: Console) -> None:
-    """The `bpseval compute` report: one row per dataset, the overall row, then the cells without a number."""
+    """The `bpseval compute` report: one row per dataset and the overall row, with every metric (in two tables when
+    one does not fit), then the cells without a number."""
     optional = {OVERFLOW: scored.overall.cells[OVERFLOW], LOW: scored.settings.min_samples > 1}
     shown_statuses = [status for status in STATUSES if optional.get(status, True)]
-    columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", "bps", "bps_pooled"))]
+    columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", *METRIC_ORDER))]
     rows = [
         [
             shown(dataset.name),
             *(str(dataset.cells[status]) for status in shown_statuses),
             str(dataset.samples),
-            format_bps(dataset.bps),
-            format_bps(dataset.bps_pooled),
+            *(format_bps(getattr(dataset, metric)) for metric in METRIC_ORDER),
         ]
         for dataset in scored.datasets
     ]
@@ -165,11 +217,18 @@ def render_compute(scored: ScoredRun, console: Console) -> None:
             "[bold]overall[/]",
             *(str(overall.cells[status]) for status in shown_statuses),
             str(scored.samples),
-            f"[bold]{format_bps(overall.bps)}[/]",
-            f"[bold]{format_bps(overall.bps_pooled)}[/]",
+            *(f"[bold]{format_bps(getattr(overall, metric))}[/]" for metric in METRIC_ORDER),
         ]
     )
-    print_table(console, f"Bits per spike · step {scored.step}", columns, rows, section_before=len(scored.datasets))
+    print_split_table(
+        console,
+        _metric_titles(f" · step {scored.step}"),
+        columns,
+        rows,
+        labels=1,
+        second=range(len(columns) - len(SECOND_METRICS), len(columns)),
+        section_before=len(scored.datasets),
+    )
     if scored.settings.clamp_negative:
         console.print(
             "[yellow]--clamp-negative is on:[/] per-cell values were clamped at 0 before the means"
@@ -257,10 +316,12 @@ def render_groups(groups: GroupScores, step: int, console: Console) -> None:
 
 
 def render_runs(runs: pd.DataFrame, console: Console) -> None:
-    """Several runs side by side: overall and per-dataset bps, one row per run."""
+    """Several runs side by side, one row per run: the overall metrics and cell counts, and each dataset's bps (the
+    overall pseudo_r2, pseudo_r2_pooled and corr in a second table when one does not fit)."""
     columns = [name_column(shown(column)) if column == "run" else Column(shown(column)) for column in runs.columns]
     rows = [[format_bps(v) if isinstance(v, float) else shown(str(v)) for v in row] for row in runs.itertuples(False)]
-    print_table(console, "Bits per spike by run", columns, rows)
+    second = [index for index, column in enumerate(runs.columns) if column in SECOND_METRICS]
+    print_split_table(console, _metric_titles(" by run"), columns, rows, labels=1, second=second)
 
 
 @contextmanager
@@ -457,21 +518,21 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
 
 def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
     """The `bpseval compute --all-steps` table: one row per complete step, then the skipped steps."""
-    title = "Bits per spike by step" + (f" · {escape(run)}" if run else "")
     with_low = any(result.settings.min_samples > 1 for result in steps.results.values())
     statuses = [OK, SILENT, UNCOVERED, *([LOW] if with_low else [])]
-    columns = [Column(name) for name in ("step", "world size", *statuses, "bps", "bps_pooled")]
+    columns = [Column(name) for name in ("step", "world size", *statuses, *METRIC_ORDER)]
     rows = [
         [
             str(step),
             str(result.world_size),
             *(str(result.overall.cells[status]) for status in statuses),
-            format_bps(result.overall.bps),
-            format_bps(result.overall.bps_pooled),
+            *(format_bps(getattr(result.overall, metric)) for metric in METRIC_ORDER),
         ]
         for step, result in steps.results.items()
     ]
-    print_table(console, title, columns, rows)
+    titles = _metric_titles(" by step" + (f" · {escape(run)}" if run else ""))
+    second = range(len(columns) - len(SECOND_METRICS), len(columns))
+    print_split_table(console, titles, columns, rows, labels=1, second=second)
     if steps.incomplete:
         count = len(steps.incomplete)
         console.print(f"[yellow]{plural(count, 'incomplete step')} skipped:[/]")
