@@ -297,7 +297,7 @@ def _groups(result: Result) -> str:
                 "all datasets" if group.dataset is None else _e(group.dataset),
                 '<span class="muted">null</span>' if group.value is None else _e(group.value),
                 *(str(group.cells[status]) for status in (OK, SILENT, UNCOVERED)),
-                *(_bps(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
+                *(_metric(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
             ]
         )
         classes.append("total" if group.dataset is None else "")
