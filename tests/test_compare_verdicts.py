@@ -265,6 +265,11 @@ def test_a_regression_names_the_cell_that_carries_it_in_every_output(tmp_path):
     table = markdown.split("contributing most to Δ")[1].split("\n\n")[1].splitlines()
     assert table[0] == "| dataset | cell | status | baseline | new | Δ contribution | share |" and len(table) == 4
     assert table[2].startswith("| A | 3 | ok | ")
+    case = ElementTree.parse(tmp_path / "c.xml").getroot().find("testcase[@name='A.bps']")
+    share = f"{100 * cells[0]['share']:.1f}%"
+    assert (
+        case.find("failure").get("message").endswith(f"; most of it: A cell 3 ({cells[0]['delta']:+.6f}, {share} of Δ)")
+    )
 
 
 def test_an_undefined_run_value_is_attributed_without_shares(invoke, tmp_path):

@@ -446,14 +446,15 @@ def compare(
     to the groups) whose contributions changed.
     """
     new_names, base_names = new.scored.names, base.scored.names
-    shared = [name for name in base_names if name in set(new_names)]
+    news, bases = {d.name: d for d in new.scored.datasets}, {d.name: d for d in base.scored.datasets}
+    shared = [name for name in base_names if name in news]
     if not shared:
         raise BaselineError(
             f"{new.label} and {base.label} share no dataset (run: {', '.join(new_names) or 'none'}; baseline:"
             f" {', '.join(base_names) or 'none'}); compare runs of the same model family."
         )
-    missing = [name for name in base_names if name not in set(new_names)]
-    added = [name for name in new_names if name not in set(base_names)]
+    missing = [name for name in base_names if name not in news]
+    added = [name for name in new_names if name not in bases]
     notes: list[str] = []
     overall_new, overall_base = new.scored.overall, base.scored.overall
     if missing or added:
@@ -476,10 +477,7 @@ def compare(
         )
         for metric in ("bps", "bps_pooled")
     ]
-    metrics += [
-        _compare_metric(name, "bps", base.scored.dataset(name).bps, new.scored.dataset(name).bps, intervals, settings)
-        for name in shared
-    ]
+    metrics += [_compare_metric(name, "bps", bases[name].bps, news[name].bps, intervals, settings) for name in shared]
     comparison = Comparison(
         baseline=base.label,
         run=new.label,
@@ -496,8 +494,8 @@ def compare(
     for metric in comparison.failed_metrics:
         names = shared if metric.scope == OVERALL else [metric.scope]
         metric.attribution = attribute(
-            [new.scored.dataset(name) for name in names],
-            [base.scored.dataset(name) for name in names],
+            [news[name] for name in names],
+            [bases[name] for name in names],
             metric.metric,
             (metric.new, metric.base),
             (new.scored.settings.clamp_negative, base.scored.settings.clamp_negative),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xml.etree import ElementTree
 
-from bpseval.features.compare import INCONCLUSIVE, OVERALL, UNDEFINED, Comparison
+from bpseval.features.compare import INCONCLUSIVE, OVERALL, UNDEFINED, Comparison, MetricComparison
 from bpseval.views.text import (
     ATTRIBUTION_HEADER,
     ATTRIBUTION_TOP,
@@ -16,6 +16,8 @@ from bpseval.views.text import (
     GROUP_HEADER,
     attribution_rows,
     attribution_title,
+    cell_text,
+    contribution_text,
     delta_text,
     format_bps,
     group_rows,
@@ -24,6 +26,7 @@ from bpseval.views.text import (
     markdown_text,
     more_attributions_text,
     printable,
+    share_text,
     verdict_text,
 )
 
@@ -95,6 +98,15 @@ def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]
     return lines + ["| " + " | ".join([markdown_text(a), markdown_text(b), *rest]) + " |" for a, b, *rest in rows]
 
 
+def _largest_part(metric: MetricComparison) -> str:
+    """The cell that contributes most to a failed metric's change, as the end of its JUnit message."""
+    if metric.attribution is None or not metric.attribution.cells:
+        return ""
+    cell = metric.attribution.cells[0]
+    share = share_text(metric.attribution.share(cell))
+    return f"; most of it: {cell.dataset} cell {cell_text(cell)} ({contribution_text(cell.delta)}, {share} of Δ)"
+
+
 def compare_junit(comparison: Comparison) -> str:
     """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset.
 
@@ -114,6 +126,7 @@ def compare_junit(comparison: Comparison) -> str:
                 (
                     f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
                     f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
+                    + _largest_part(metric)
                 ),
             )
         elif metric.verdict == INCONCLUSIVE:
