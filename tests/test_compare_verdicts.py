@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.cells import cell_len
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bpseval.cli import app
@@ -30,6 +31,8 @@ from bpseval.features.compare import (
 from bpseval.kernel.stats import OK, batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import ScoreSettings, overall_of, score_run
+from bpseval.views.documents import compare_markdown
+from bpseval.views.terminal import render_compare
 from tests.test_compare_gate import SESSIONS, assert_exit, model, run_of
 
 # ----------------------------------------------------------------------------------------------
@@ -282,3 +285,26 @@ def test_an_undefined_run_value_is_attributed_without_shares(invoke, tmp_path):
     assert attribution["delta"] is None and all(c["share"] is None for c in attribution["cells"])
     assert {c["change"] for c in attribution["cells"]} == {"became silent"}
     assert all(c["contribution_new"] == 0 for c in attribution["cells"])
+
+
+def test_groups_are_shown_in_the_terminal_and_the_markdown():
+    rng = np.random.default_rng(8)
+    rates = np.exp(rng.normal(0.0, 0.5, (300, 6)) + np.linspace(-2, 1, 6))
+    robs = rng.poisson(rates).astype(np.float64)
+    base = side_of("base", {"d0": (rates, robs, np.ones_like(rates), list(range(6)))}, clamp=False)
+    worse = rates.copy()
+    worse[:, :3] *= 3.0  # the low-rate cells get worse
+    new = side_of("new", {"d0": (worse, robs, np.ones_like(rates), list(range(6)))}, clamp=False)
+    groups = {("d0", str(cell)): "low-rate" if cell < 3 else "high-rate" for cell in range(6)}
+    comparison = compare(new, base, CompareSettings(), groups=groups)
+    metric = next(m for m in comparison.metrics if m.scope == "d0")
+    low, high = metric.attribution.groups  # most negative first
+    assert (low.value, low.cells, high.value, high.cells) == ("low-rate", 3, "high-rate", 3)
+    assert low.delta == pytest.approx(metric.delta, abs=1e-12) and high.delta == 0.0
+    console = Console(width=80, record=True, color_system=None)
+    render_compare(comparison, console)
+    text = console.export_text()
+    assert "dataset 'd0' bps: Δ per group" in text and all(cell_len(line) <= 80 for line in text.splitlines())
+    assert f"│ d0      │ low-rate  │     3 │      {low.delta:+.6f} │ 100.0% │" in text
+    markdown = compare_markdown(comparison)
+    assert f"| d0 | low-rate | 3 | {low.delta:+.6f} | 100.0% |" in markdown

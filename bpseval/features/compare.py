@@ -5,10 +5,10 @@ Without a significance level, a metric regresses when `new - base < -tolerance` 
 the verdict reads the bootstrap interval of the change: regressed when all of it lies below
 -tolerance; inconclusive when part of it does (or the change itself does) and part does not, which
 passes with a warning unless `fail_on_inconclusive`; improved when all of it lies above +tolerance;
-unchanged otherwise. When both sides are run directories that scored the same samples, the bootstrap is paired: the two models'
-per-cell statistics are resampled together over contiguous blocks of sample_idx, so the noise of
-the data cancels and only the difference between the models remains. Otherwise (a baseline JSON,
-or different samples) the bootstrap resamples cells.
+unchanged otherwise. When both sides are run directories that scored the same samples, the
+bootstrap is paired: the two models' per-cell statistics are resampled together over contiguous
+blocks of sample_idx, so the noise of the data cancels and only the difference between the models
+remains. Otherwise (a baseline JSON, or different samples) the bootstrap resamples cells.
 
 The gate fails closed: a metric defined in the baseline and undefined in the run regresses; a
 baseline dataset missing from the run fails unless allowed; the overall metrics are compared over
@@ -367,14 +367,15 @@ class Comparison:
         if self.settings.fail_on_inconclusive:
             return []
         level = f"{100 * (1 - (self.settings.significance or 0)):g}%"
-        return [
-            f"{m.label} is inconclusive: Δ {m.delta:+.4f}, {level} interval [{m.interval[0]:+.4f}, {m.interval[1]:+.4f}]"
-            f" reaches below -tolerance {-m.tolerance:+.4f}; it passes (--fail-on-inconclusive fails it)"
-            if m.interval is not None
-            else f"{m.label} is inconclusive; it passes (--fail-on-inconclusive fails it)"
-            for m in self.metrics
-            if m.gated and m.verdict == INCONCLUSIVE
-        ]
+        warnings = []
+        for m in self.metrics:
+            if m.gated and m.verdict == INCONCLUSIVE:
+                low, high = m.interval or (m.delta, m.delta)  # an inconclusive verdict always has an interval
+                warnings.append(
+                    f"{m.label} is inconclusive: Δ {m.delta:+.4f}, {level} interval [{low:+.4f}, {high:+.4f}] reaches"
+                    f" below -tolerance {-m.tolerance:+.4f}; it passes (--fail-on-inconclusive fails it)"
+                )
+        return warnings
 
     @property
     def reasons(self) -> list[str]:

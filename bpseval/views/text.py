@@ -170,11 +170,11 @@ def attribution_rows(attribution: Attribution, top: int) -> list[list[str]]:
 
 
 def group_rows(attribution: Attribution, top: int) -> list[list[str]]:
-    """The `top` groups, as GROUP_HEADER; the first two values are user text ("all": every dataset)."""
+    """The `top` groups, as GROUP_HEADER; the first two values are user text (cells the mapping lacks: "(no group)")."""
     return [
         [
-            "all" if group.dataset is None else group.dataset,
-            str(group.value),
+            "all datasets" if group.dataset is None else group.dataset,
+            "(no group)" if group.value is None else str(group.value),
             str(group.cells),
             contribution_text(group.delta),
             share_text(attribution.share(group)),
