@@ -585,6 +585,17 @@ def compare(
             " the interval shown is the 1 - LEVEL one (0.05: 95%).",
         ),
     ] = None,
+    fail_on_inconclusive: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-inconclusive",
+            help="With --significance, also fail when the interval of a change reaches below -tolerance only in part"
+            " (inconclusive; by default it passes with a warning).",
+        ),
+    ] = False,
+    top: Annotated[
+        int, typer.Option("--top", min=1, help="Cells (and groups) of each failed metric's change shown.")
+    ] = 10,
     blocks: Annotated[int, typer.Option("--blocks", min=2, help="Sample blocks of the paired bootstrap.")] = 100,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
@@ -604,7 +615,8 @@ def compare(
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
 ) -> None:
-    """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined, or coverage was lost.
+    """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined (or, with
+    --fail-on-inconclusive, is inconclusive), or coverage was lost; the cells that carry each failed change are listed.
 
     Under GitHub Actions ($GITHUB_STEP_SUMMARY set) the markdown summary is also appended to the job summary.
     """
@@ -624,25 +636,26 @@ def compare(
             blocks=blocks,
             bootstrap=bootstrap,
             seed=seed,
+            fail_on_inconclusive=fail_on_inconclusive,
         )
         comparison = compare_paths(
             run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler, cache=not no_cache
         )
         for path, text in (
             (json_path, json_text(comparison.to_dict())),
-            (markdown_path, compare_markdown(comparison)),
+            (markdown_path, compare_markdown(comparison, top)),
             (junit_path, compare_junit(comparison)),
         ):
             if path is not None:
                 write_text(text, path)
         if summary is not None:
-            write_text("\n" + compare_markdown(comparison), summary, append=True)
+            write_text("\n" + compare_markdown(comparison, top), summary, append=True)
             stderr_console().print(
                 f"markdown summary appended to $GITHUB_STEP_SUMMARY ({summary})", highlight=False, markup=False
             )
-    print_warnings(comparison.warnings)
+    print_warnings(comparison.warnings + comparison.inconclusive_warnings)
     if "-" not in (json_path, markdown_path, junit_path):
-        render_compare(comparison, Console(highlight=False))
+        render_compare(comparison, Console(highlight=False), top)
     if not comparison.passed:
         stderr_console().print(f"Regression: {printable('; '.join(comparison.reasons))}", highlight=False, markup=False)
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from xml.etree import ElementTree
@@ -15,6 +16,7 @@ from bpseval.features.planning import distributed_sampler_indices
 from bpseval.kernel.stats import LN2, STAT_FIELDS, CellStats, batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import ScoredRun, score_run
+from bpseval.views.text import ATTRIBUTED_METRICS_LISTED
 
 SESSIONS = {"Allen_2022-04-13": 30, "Allen_2022-05-02": 20}
 
@@ -176,9 +178,10 @@ def test_paired_bootstrap_detects_a_small_degradation_that_cells_bootstrap_misse
     assert overall["paired"]["interval"][1] < 0 and overall["paired"]["verdict"] == "regressed"
     assert (
         overall["cells"]["interval"][0] < 0 < overall["cells"]["interval"][1]
-        and overall["cells"]["verdict"] == "unchanged"
+        and overall["cells"]["verdict"] == "inconclusive"  # the tolerance is 0: the interval straddles it
     )
     assert not paired["passed"] and unpaired["passed"]
+    assert any(w.startswith("overall bps is inconclusive") for w in unpaired["warnings"])
 
 
 def test_cell_that_lost_its_coverage_is_a_regression(invoke, runs, baseline_file, tmp_path):
@@ -223,7 +226,8 @@ def test_junit_and_markdown_outputs_parse(invoke, runs, baseline_file, tmp_path)
     failed = [case.get("name") for case in cases if case.find("failure") is not None]
     assert failed == ["bps", "bps_pooled", "Allen_2022-05-02.bps"] and suite.get("failures") == "3"
     lines = (tmp_path / "summary.md").read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
+    start = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))  # the attribution follows
     assert table[0] == "| scope | metric | baseline | new | Δ | tolerance | 95% interval | verdict |"
     assert len(table) == 2 + 4 and all(line.count("|") == 9 for line in table)
     assert lines[2].startswith("**✗ regression: overall bps; overall bps_pooled; dataset 'Allen_2022-05-02' bps**")
@@ -243,7 +247,8 @@ def test_markdown_stays_under_1_mb_with_many_datasets():
 
     comparison = compare(Side("new", result_with(5000, 0.3)), Side("base", result_with(5000, 0.0)), CompareSettings())
     markdown = bpseval.views.documents.compare_markdown(comparison)
-    assert markdown.count("\n| Session_") == 5000
+    assert markdown.count(" | bps | ") == 1 + 5000  # overall and a row per dataset; then a few attributions
+    assert markdown.count("contributing most to Δ") == ATTRIBUTED_METRICS_LISTED
     assert len(markdown.encode()) < 1_000_000
 
 

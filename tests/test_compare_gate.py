@@ -436,8 +436,9 @@ def test_markdown_escapes_names_and_junit_always_parses():
     assert "<b>" not in markdown and "<i>" not in markdown and "&lt;b&gt;" in markdown
     assert "V1\\|\\`x\\`&lt;b&gt;\\*y\\*\\_z\\_\\[l\\](u)\\$m\\$\\~s\\~\\\\" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 2 + len(names)
-    assert all(line.replace("\\|", "").count("|") == 8 for line in rows)
+    assert markdown.split("\n\n")[2].count("\n") + 1 == 2 + 2 + len(names)  # the metrics; the attribution follows
+    assert "contributing most to Δ" in markdown and "(id idV1\\|\\`x\\`&lt;b&gt;" in markdown
+    assert all(line.replace("\\|", "").count("|") == 8 for line in rows)  # 7 columns in every table
     assert "ctl\\\\x01\\\\x1b\\\\x7f" in markdown
     suite = ElementTree.fromstring(compare_junit(comparison).encode("utf-8"))
     assert {case.get("name") for case in suite.iter("testcase")} >= {printable(f"{name}.bps") for name in names}

@@ -188,6 +188,25 @@ def test_report_with_baseline_steps_and_markup_in_names(cli, tmp_path):
     assert f"Made by bpseval report {run} -o {output} --baseline {baseline} --step 1 --min-samples 20" in text
 
 
+def test_report_lists_the_cells_that_carry_a_failed_metric(cli, tmp_path):
+    from tests.test_compare_gate import SESSIONS, model, run_of
+
+    rates, _ = SESSIONS["A"]
+    rhat = model(rates, 0.2, seed=1)
+    rhat[:, 3] *= 4.0  # one cell of A badly miscalibrated
+    base, new = run_of(tmp_path, "base"), run_of(tmp_path, "new", A={"rhat": rhat})
+    output = tmp_path / "report.html"
+    assert cli.invoke(app, ["report", str(new), "-o", str(output), "--baseline", str(base)]).exit_code == 0
+    text = page_text(check_page(output.read_text(encoding="utf-8")))
+    comparison = compare_paths(new, base, CompareSettings())
+    assert [m.label for m in comparison.failed_metrics] == ["overall bps", "overall bps_pooled", "dataset 'A' bps"]
+    for metric in comparison.failed_metrics:
+        first = metric.attribution.cells[0]
+        cells = 10 if metric.scope == "overall" else 5  # two datasets of 5 ok cells
+        assert f"{metric.label}: the {cells} of {cells} cells contributing most to Δ {metric.delta:+.4f}" in text
+        assert f"A 3 ok {first.value_base:.4f} {first.value_new:.4f} {first.delta:+.6f}" in text
+
+
 def test_report_bad_input_exits_2(cli, tmp_path):
     missing = cli.invoke(app, ["report", str(tmp_path / "nope"), "-o", str(tmp_path / "r.html")])
     assert missing.exit_code == 2 and "no such directory" in missing.stderr

@@ -1,16 +1,23 @@
-"""Compare a run with a baseline: tolerances, coverage, and bootstrap intervals that know the noise.
+"""Compare a run with a baseline: tolerances, coverage, bootstrap intervals that know the noise, attribution.
 
-A metric regresses when `new < base - (atol + rtol * |base|)`; with a significance level, the
-drop must also be significant: its bootstrap interval of the change lies below 0. When both
-sides are run directories that scored the same samples, the bootstrap is paired: the two models'
-per-cell statistics are resampled together over contiguous blocks of sample_idx, so the noise of
-the data cancels and only the difference between the models remains. Otherwise (a baseline JSON,
-or different samples) the bootstrap resamples cells.
+Without a significance level, a metric regresses when `new - base < -tolerance` (tolerance
+`atol + rtol * |base|`), improves when `new - base > tolerance`, and is unchanged otherwise. With one,
+the verdict reads the bootstrap interval of the change: regressed when all of it lies below
+-tolerance; inconclusive when part of it does (or the change itself does) and part does not, which
+passes with a warning unless `fail_on_inconclusive`; improved when all of it lies above +tolerance;
+unchanged otherwise. When both sides are run directories that scored the same samples, the
+bootstrap is paired: the two models' per-cell statistics are resampled together over contiguous
+blocks of sample_idx, so the noise of the data cancels and only the difference between the models
+remains. Otherwise (a baseline JSON, or different samples) the bootstrap resamples cells.
 
 The gate fails closed: a metric defined in the baseline and undefined in the run regresses; a
 baseline dataset missing from the run fails unless allowed; the overall metrics are compared over
 the datasets both sides hold; a baseline document that no run could produce is refused
 (`BaselineError`) before it is used.
+
+Each metric that fails the gate is attributed to cells (`features.attribution`): every cell's change
+of contribution, which add up to the metric's change, and, given a cell → group mapping, their sums
+per group.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ import numpy as np
 from bpseval._json import plain
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, BaselineError
+from bpseval.features.attribution import Attribution, attribute
 from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
@@ -42,6 +51,8 @@ from bpseval.run.scored import (
 BASELINE_FORMAT = "bpseval-baseline"
 BASELINE_FORMAT_VERSION = 1
 REGRESSED, IMPROVED, UNCHANGED, UNDEFINED = "regressed", "improved", "unchanged", "undefined"
+INCONCLUSIVE = "inconclusive"
+"""With --significance: the interval of the change reaches below -tolerance, but not all of it."""
 OVERALL = "overall"
 
 
@@ -275,6 +286,7 @@ class CompareSettings:
     blocks: int = 100
     bootstrap: int = 2000
     seed: int = 0
+    fail_on_inconclusive: bool = False
 
     def __post_init__(self) -> None:
         if self.significance is not None and not 0.0 < self.significance < 1.0:
@@ -310,6 +322,8 @@ class MetricComparison:
     interval: tuple[float, float] | None
     gated: bool
     verdict: str
+    attribution: Attribution | None = None
+    """The cells of the change, for a metric that fails the gate."""
 
     @property
     def label(self) -> str:
@@ -323,7 +337,8 @@ class MetricComparison:
     def reason(self) -> str:
         """The phrase naming this metric in the reasons of a failed gate."""
         undefined = self.verdict == REGRESSED and not math.isfinite(self.new)
-        return self.label + (" (undefined in the run)" if undefined else "")
+        inconclusive = self.verdict == INCONCLUSIVE
+        return self.label + (" (undefined in the run)" if undefined else " (inconclusive)" if inconclusive else "")
 
 
 @dataclass
@@ -349,9 +364,31 @@ class Comparison:
         return "shared" if self.missing_datasets or self.new_datasets else "all"
 
     @property
+    def failed_metrics(self) -> list[MetricComparison]:
+        """The gated metrics that fail: regressed, or inconclusive with `fail_on_inconclusive`."""
+        failing = {REGRESSED, INCONCLUSIVE} if self.settings.fail_on_inconclusive else {REGRESSED}
+        return [m for m in self.metrics if m.gated and m.verdict in failing]
+
+    @property
+    def inconclusive_warnings(self) -> list[str]:
+        """One line per gated metric that is inconclusive and passes."""
+        if self.settings.fail_on_inconclusive:
+            return []
+        level = f"{100 * (1 - (self.settings.significance or 0)):g}%"
+        warnings = []
+        for m in self.metrics:
+            if m.gated and m.verdict == INCONCLUSIVE:
+                low, high = m.interval or (m.delta, m.delta)  # an inconclusive verdict always has an interval
+                warnings.append(
+                    f"{m.label} is inconclusive: Δ {m.delta:+.4f}, {level} interval [{low:+.4f}, {high:+.4f}] reaches"
+                    f" below -tolerance {-m.tolerance:+.4f}; it passes (--fail-on-inconclusive fails it)"
+                )
+        return warnings
+
+    @property
     def reasons(self) -> list[str]:
-        """What regressed, one short phrase each."""
-        reasons = [m.reason for m in self.metrics if m.gated and m.verdict == REGRESSED]
+        """What failed, one short phrase each."""
+        reasons = [m.reason for m in self.failed_metrics]
         if len(self.coverage_regressions):
             count = len(self.coverage_regressions)
             reasons.append(f"{count} cell{'s' if count != 1 else ''} ok in the baseline now uncovered")
@@ -385,6 +422,7 @@ class Comparison:
                         "interval": m.interval,
                         "gated": m.gated,
                         "verdict": m.verdict,
+                        "attribution": None if m.attribution is None else m.attribution.to_dict(),
                     }
                     for m in self.metrics
                 ],
@@ -397,7 +435,7 @@ class Comparison:
                 "missing_datasets": self.missing_datasets,
                 "new_datasets": self.new_datasets,
                 "notes": self.notes,
-                "warnings": self.warnings,
+                "warnings": self.warnings + self.inconclusive_warnings,
             }
         )
 
@@ -406,21 +444,26 @@ class Comparison:
 # Comparing
 
 
-def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
-    """Compare `new` with `base`: every gated metric, coverage, missing datasets, and intervals.
+def compare(
+    new: Side, base: Side, settings: CompareSettings, groups: Mapping[tuple[str, str], Hashable] | None = None
+) -> Comparison:
+    """Compare `new` with `base`: every gated metric, coverage, missing datasets, intervals, and attribution.
 
     The overall metrics compare like with like: when the two sides hold different datasets, both
-    are recomputed over the datasets they share (the bootstraps resample those too).
+    are recomputed over the datasets they share (the bootstraps resample those too). Each failed
+    metric is attributed to the cells (and with `groups`, mapping (dataset, str(cell_id)) to a value,
+    to the groups) whose contributions changed.
     """
     new_names, base_names = new.scored.names, base.scored.names
-    shared = [name for name in base_names if name in set(new_names)]
+    news, bases = {d.name: d for d in new.scored.datasets}, {d.name: d for d in base.scored.datasets}
+    shared = [name for name in base_names if name in news]
     if not shared:
         raise BaselineError(
             f"{new.label} and {base.label} share no dataset (run: {', '.join(new_names) or 'none'}; baseline:"
             f" {', '.join(base_names) or 'none'}); compare runs of the same model family."
         )
-    missing = [name for name in base_names if name not in set(new_names)]
-    added = [name for name in new_names if name not in set(base_names)]
+    missing = [name for name in base_names if name not in news]
+    added = [name for name in new_names if name not in bases]
     notes: list[str] = []
     overall_new, overall_base = new.scored.overall, base.scored.overall
     if missing or added:
@@ -443,11 +486,8 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         )
         for metric in ("bps", "bps_pooled")
     ]
-    metrics += [
-        _compare_metric(name, "bps", base.scored.dataset(name).bps, new.scored.dataset(name).bps, intervals, settings)
-        for name in shared
-    ]
-    return Comparison(
+    metrics += [_compare_metric(name, "bps", bases[name].bps, news[name].bps, intervals, settings) for name in shared]
+    comparison = Comparison(
         baseline=base.label,
         run=new.label,
         mode=mode,
@@ -460,6 +500,17 @@ def compare(new: Side, base: Side, settings: CompareSettings) -> Comparison:
         notes=notes,
         warnings=[f"{side.label}: {warning}" for side in (new, base) for warning in side.scored.warnings],
     )
+    for metric in comparison.failed_metrics:
+        names = shared if metric.scope == OVERALL else [metric.scope]
+        metric.attribution = attribute(
+            [news[name] for name in names],
+            [bases[name] for name in names],
+            metric.metric,
+            (metric.new, metric.base),
+            (new.scored.settings.clamp_negative, base.scored.settings.clamp_negative),
+            groups,
+        )
+    return comparison
 
 
 def shared_overall(scored: ScoredRun, names: list[str]) -> Overall:
@@ -470,21 +521,31 @@ def shared_overall(scored: ScoredRun, names: list[str]) -> Overall:
 def _compare_metric(
     scope: str, metric: str, base: float, new: float, intervals: dict, settings: CompareSettings
 ) -> MetricComparison:
-    """The verdict on one number. Undefined in the baseline: nothing to hold the run to (undefined).
-    Defined in the baseline and undefined now (every cell silent or uncovered, or sums that
-    overflowed): regressed, whatever the tolerance or the interval; the gate fails closed."""
+    """One number compared, with its tolerance, its interval (if any) and `verdict_of` them."""
     base, new = float(base), float(new)
     tolerance = settings.tolerance(scope, base) if math.isfinite(base) else math.nan
     interval = intervals.get((scope, metric))
-    if not math.isfinite(base):
-        verdict = UNDEFINED
-    elif not math.isfinite(new) or (new - base < -tolerance and (interval is None or interval[1] < 0)):
-        verdict = REGRESSED
-    elif new - base > tolerance and (interval is None or interval[0] > 0):
-        verdict = IMPROVED
-    else:
-        verdict = UNCHANGED
+    verdict = verdict_of(base, new, tolerance, interval)
     return MetricComparison(scope, metric, base, new, tolerance, interval, settings.gates(scope, metric), verdict)
+
+
+def verdict_of(base: float, new: float, tolerance: float, interval: tuple[float, float] | None) -> str:
+    """The verdict on a change. Undefined in the baseline: nothing to hold the run to (undefined).
+    Defined in the baseline and undefined now (every cell silent or uncovered, or sums that
+    overflowed): regressed, whatever the tolerance or the interval; the gate fails closed.
+    Otherwise the change is held to ±tolerance: the point change alone without an interval; with
+    one, its whole interval (regressed below -tolerance, improved above +tolerance), and a change
+    whose interval or point reaches below -tolerance while part of the interval does not is
+    inconclusive."""
+    delta = new - base
+    low, high = (delta, delta) if interval is None else interval
+    if not math.isfinite(base):
+        return UNDEFINED
+    if not math.isfinite(new) or high < -tolerance:
+        return REGRESSED
+    if low < -tolerance or delta < -tolerance:
+        return INCONCLUSIVE
+    return IMPROVED if low > tolerance else UNCHANGED
 
 
 def _coverage_regressions(new: ScoredRun, base: ScoredRun, shared: list[str]) -> pd.DataFrame:

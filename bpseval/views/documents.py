@@ -8,20 +8,32 @@ from __future__ import annotations
 
 from xml.etree import ElementTree
 
-from bpseval.features.compare import OVERALL, REGRESSED, UNDEFINED, Comparison
+from bpseval.features.compare import INCONCLUSIVE, OVERALL, UNDEFINED, Comparison, MetricComparison
 from bpseval.views.text import (
+    ATTRIBUTION_HEADER,
+    ATTRIBUTION_TOP,
     COVERAGE_LISTED,
+    GROUP_HEADER,
+    attribution_rows,
+    attribution_title,
+    cell_text,
+    contribution_text,
     delta_text,
     format_bps,
+    group_rows,
     interval_text,
+    listed_attributions,
     markdown_text,
+    more_attributions_text,
     printable,
+    share_text,
     verdict_text,
 )
 
 
-def compare_markdown(comparison: Comparison) -> str:
-    """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; coverage capped)."""
+def compare_markdown(comparison: Comparison, top: int = ATTRIBUTION_TOP) -> str:
+    """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; the `top` cells and groups of each
+    failed metric's change; coverage capped)."""
     status = "✓ no regression" if comparison.passed else "✗ regression: " + "; ".join(comparison.reasons)
     significance = comparison.settings.significance
     header = (
@@ -51,6 +63,7 @@ def compare_markdown(comparison: Comparison) -> str:
             cells.append(interval_text(metric))
         lines.append("| " + " | ".join([*cells, verdict_text(metric)]) + " |")
     lines += [""] + [f"- note: {markdown_text(note)}" for note in comparison.notes]
+    lines += [f"- warning: {markdown_text(warning)}" for warning in comparison.inconclusive_warnings]
     listed = (("missing from the run", comparison.missing_datasets), ("new in the run", comparison.new_datasets))
     for title, names in listed:
         if names:
@@ -64,26 +77,64 @@ def compare_markdown(comparison: Comparison) -> str:
         ]
         if len(regressions) > COVERAGE_LISTED:
             lines.append(f"- … and {len(regressions) - COVERAGE_LISTED} more")
+    attributed, more = listed_attributions(comparison)
+    for metric in attributed:
+        attribution = metric.attribution
+        assert attribution is not None
+        rows = attribution_rows(attribution, top)
+        lines += ["", f"**{markdown_text(attribution_title(metric, len(rows)))}**", ""]
+        lines += _markdown_table(ATTRIBUTION_HEADER, rows)
+        if attribution.groups:
+            lines += ["", f"Δ per group of {markdown_text(metric.label)}:", ""]
+            lines += _markdown_table(GROUP_HEADER, group_rows(attribution, top))
+    if more:
+        lines += ["", f"- note: {more_attributions_text(more)}"]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """A markdown table of rows whose first two values are user text."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join([markdown_text(a), markdown_text(b), *rest]) + " |" for a, b, *rest in rows]
+
+
+def _largest_part(metric: MetricComparison) -> str:
+    """The cell that contributes most to a failed metric's change, as the end of its JUnit message."""
+    if metric.attribution is None or not metric.attribution.cells:
+        return ""
+    cell = metric.attribution.cells[0]
+    share = share_text(metric.attribution.share(cell))
+    return f"; most of it: {cell.dataset} cell {cell_text(cell)} ({contribution_text(cell.delta)}, {share} of Δ)"
 
 
 def compare_junit(comparison: Comparison) -> str:
     """JUnit XML: one testcase per gated metric, per dataset's coverage and per missing dataset.
 
-    A gated metric that regressed (or became undefined) fails; one undefined in the baseline is skipped.
+    A gated metric that fails (regressed, became undefined, or inconclusive with --fail-on-inconclusive) is a
+    failure; one inconclusive that passes is skipped with the warning as its message, and so is one undefined
+    in the baseline.
     """
     cases: list[tuple[str, str, str, str | None]] = []  # classname, name, outcome ("failure", "skipped", ""), message
+    failed = {id(metric) for metric in comparison.failed_metrics}
     for metric in comparison.metrics:
         if not metric.gated:
             continue
         outcome, message = "", None
-        if metric.verdict == REGRESSED:
+        if id(metric) in failed:
             outcome, message = (
                 "failure",
                 (
                     f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
                     f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
+                    + _largest_part(metric)
                 ),
+            )
+        elif metric.verdict == INCONCLUSIVE:
+            outcome, message = (
+                "skipped",
+                f"{metric.label} is inconclusive: {format_bps(metric.base)} → {format_bps(metric.new)}"
+                f" ({delta_text(metric)}, tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)});"
+                " it passes (--fail-on-inconclusive fails it)",
             )
         elif metric.verdict == UNDEFINED:
             outcome, message = "skipped", f"{metric.label} is undefined in the baseline: nothing to compare"

@@ -20,14 +20,28 @@ from typing import Any
 
 from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
-from bpseval.features.compare import OVERALL, Comparison
+from bpseval.features.compare import OVERALL, Comparison, MetricComparison
 from bpseval.features.coverage import coverage_report
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import incomplete_text
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
 from bpseval.views.result import DATASET_METRICS, Result
-from bpseval.views.text import UNDEFINED_TEXT, format_bps, plural, signed
+from bpseval.views.text import (
+    ATTRIBUTION_HEADER,
+    ATTRIBUTION_TOP,
+    GROUP_HEADER,
+    UNDEFINED_TEXT,
+    VERDICT_MARKS,
+    attribution_rows,
+    attribution_title,
+    format_bps,
+    group_rows,
+    listed_attributions,
+    more_attributions_text,
+    plural,
+    signed,
+)
 
 CELLS_LISTED = 400
 """Rows of a cell table shown in full; longer tables say how many more there are."""
@@ -73,6 +87,7 @@ tr.chosen td { background: #ddf4ff; }
 .zero { color: var(--bad); font-weight: 600; }
 .regressed { color: var(--bad); font-weight: 600; }
 .improved { color: var(--good); font-weight: 600; }
+.inconclusive { color: var(--warn); font-weight: 600; }
 .scroll { max-height: 560px; overflow: auto; border: 1px solid var(--line); border-radius: 6px; display: inline-block;
           max-width: 100%; }
 .scroll table { margin: 0; }
@@ -178,7 +193,7 @@ def _verdict(comparison: Comparison) -> str:
 
 def _reason_summary(comparison: Comparison, shown: int = 5) -> list[str]:
     """What regressed, short even when many datasets did: the overall metrics, then a few datasets by name."""
-    regressed = [m for m in comparison.metrics if m.gated and m.verdict == "regressed"]
+    regressed = comparison.failed_metrics
     overall = [m.metric for m in regressed if m.scope == OVERALL]
     datasets = [m.scope for m in regressed if m.scope != OVERALL]
     summary = [f"overall {' and '.join(overall)}"] if overall else []
@@ -438,12 +453,6 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     if significance is not None:
         header.append((f"{100 * (1 - significance):g}% interval of Δ", True))
     header.append(("verdict", False))
-    marks = {
-        "regressed": "✗ regressed",
-        "improved": "✓ improved",
-        "unchanged": "= unchanged",
-        "undefined": "? undefined",
-    }
     rows = []
     for metric in comparison.metrics:
         row = [
@@ -456,10 +465,11 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
         ]
         if significance is not None:
             row.append("—" if metric.interval is None else f"[{metric.interval[0]:+.4f}, {metric.interval[1]:+.4f}]")
-        verdict = marks[metric.verdict] + ("" if metric.gated else " (not gated)")
+        verdict = VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
         row.append(f'<span class="{_e(metric.verdict)}">{_e(verdict)}</span>')
         rows.append(row)
     settings = comparison.settings
+    attributed, more = listed_attributions(comparison)
     parts = [
         '<section id="comparison"><h2>Comparison with the baseline</h2>',
         (
@@ -468,6 +478,8 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
             f" mode: {_e(comparison.mode)}.</p>"
         ),
         _table(header, rows, scroll=len(rows) > 24),
+        *map(_attribution, attributed),
+        f'<p class="muted">{_e(more_attributions_text(more))}</p>' if more else "",
         figure_html,
     ]
     lost = comparison.coverage_regressions
@@ -486,6 +498,29 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
     parts += [f'<p class="muted">{_e(note)}</p>' for note in comparison.notes]
     parts.append("</section>")
     return "".join(parts)
+
+
+def _attribution(metric: MetricComparison) -> str:
+    """The cells (and groups) that carry a failed metric's change, the first ATTRIBUTION_TOP of each."""
+    attribution = metric.attribution
+    assert attribution is not None
+    rows = attribution_rows(attribution, ATTRIBUTION_TOP)
+    parts = [
+        f"<p>{_e(attribution_title(metric, len(rows)))}</p>",
+        _table([(_e(title), index >= 3) for index, title in enumerate(ATTRIBUTION_HEADER)], _escaped(rows)),
+    ]
+    if attribution.groups:
+        header = [(_e(title), index >= 2) for index, title in enumerate(GROUP_HEADER)]
+        parts += [
+            f"<p>Δ per group of {_e(metric.label)}</p>",
+            _table(header, _escaped(group_rows(attribution, ATTRIBUTION_TOP))),
+        ]
+    return "".join(parts)
+
+
+def _escaped(rows: list[list[str]]) -> list[list[str]]:
+    """Rows of plain text as HTML."""
+    return [[_e(value) for value in row] for row in rows]
 
 
 def _histograms(inputs: RunOverview, result: Result) -> str:

@@ -34,11 +34,19 @@ from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.result import DATASET_METRICS
 from bpseval.views.text import (
+    ATTRIBUTION_HEADER,
+    ATTRIBUTION_TOP,
     COVERAGE_LISTED,
+    GROUP_HEADER,
     UNDEFINED_TEXT,
+    attribution_rows,
+    attribution_title,
     delta_text,
     format_bps,
+    group_rows,
     interval_text,
+    listed_attributions,
+    more_attributions_text,
     plural,
     ranges,
     shown,
@@ -437,8 +445,9 @@ def render_plan(plans: dict[str, pd.DataFrame], min_samples: int, console: Conso
         print_table(console, None, [Column(header) for header in headers], rows)
 
 
-def render_compare(comparison: Comparison, console: Console) -> None:
-    """The `bpseval compare` report: one row per compared metric, then coverage and the verdict."""
+def render_compare(comparison: Comparison, console: Console, top: int = ATTRIBUTION_TOP) -> None:
+    """The `bpseval compare` report: one row per compared metric, the `top` cells (and groups) of each failed
+    metric's change, then coverage and the verdict."""
     significance = comparison.settings.significance
     intervals = [f"{100 * (1 - significance):g}% interval of Δ"] if significance is not None else []
     columns = [
@@ -447,7 +456,11 @@ def render_compare(comparison: Comparison, console: Console) -> None:
         *map(Column, ("baseline", "new", "Δ", "tolerance", *intervals)),
         Column("verdict", justify="left"),
     ]
-    styles = {"regressed": "red", "improved": "green"}
+    styles = {
+        "regressed": "red",
+        "improved": "green",
+        "inconclusive": "red" if comparison.settings.fail_on_inconclusive else "yellow",
+    }
     rows = []
     for metric in comparison.metrics:
         verdict = verdict_text(metric)
@@ -464,6 +477,20 @@ def render_compare(comparison: Comparison, console: Console) -> None:
             ]
         )
     print_table(console, f"bpseval compare · {comparison.mode}", columns, rows, label_columns=2)
+    attributed, more = listed_attributions(comparison)
+    for metric in attributed:
+        attribution = metric.attribution
+        assert attribution is not None
+        rows = [[shown(a), shown(b), *rest] for a, b, *rest in attribution_rows(attribution, top)]
+        header = [name_column(ATTRIBUTION_HEADER[0]), name_column(ATTRIBUTION_HEADER[1])]
+        header += [name_column(ATTRIBUTION_HEADER[2]), *map(Column, ATTRIBUTION_HEADER[3:])]
+        print_table(console, shown(attribution_title(metric, len(rows))), header, rows, label_columns=2)
+        if attribution.groups:
+            rows = [[shown(a), shown(b), *rest] for a, b, *rest in group_rows(attribution, top)]
+            header = [name_column(GROUP_HEADER[0]), name_column(GROUP_HEADER[1]), *map(Column, GROUP_HEADER[2:])]
+            print_table(console, f"{shown(metric.label)}: Δ per group", header, rows, label_columns=2)
+    if more:
+        console.print(f"note: {more_attributions_text(more)}")
     for note in comparison.notes:
         console.print(f"note: {shown(note)}")
     for title, names in (
@@ -477,8 +504,10 @@ def render_compare(comparison: Comparison, console: Console) -> None:
         console.print(f"[red]✗[/] {shown(row.dataset)} cell {row.cell} (id {shown(str(row.cell_id))}): ok → uncovered")
     if len(regressions) > COVERAGE_LISTED:
         console.print(f"  (+{len(regressions) - COVERAGE_LISTED} more cells ok → uncovered)")
+    inconclusive = len(comparison.inconclusive_warnings)
     if comparison.passed:
-        console.print("[green]✓ no regression[/]")
+        more = f" [yellow]({inconclusive} inconclusive, passed: see the warnings)[/]" if inconclusive else ""
+        console.print(f"[green]✓ no regression[/]{more}")
     else:
         console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}")
 

@@ -8,7 +8,8 @@ import re
 
 from rich.markup import escape
 
-from bpseval.features.compare import MetricComparison
+from bpseval.features.attribution import POOLED_METRICS, Attribution, CellContribution
+from bpseval.features.compare import Comparison, MetricComparison
 
 
 def shown(text: object) -> str:
@@ -61,6 +62,7 @@ VERDICT_MARKS = {
     "improved": "✓ improved",
     "unchanged": "= unchanged",
     "undefined": "? undefined",
+    "inconclusive": "~ inconclusive",
 }
 
 
@@ -95,3 +97,87 @@ def ranges(values: list[int]) -> str:
 
 COVERAGE_LISTED = 50
 """Cells listed one per line where coverage regressed; the rest are counted."""
+
+
+ATTRIBUTION_TOP = 10
+"""Cells (and groups) of a failed metric's change listed in the terminal, markdown and HTML; the JSON holds all."""
+ATTRIBUTED_METRICS_LISTED = 10
+"""Failed metrics whose attribution the terminal, markdown and HTML show (the overall ones first); the JSON holds all."""
+
+
+def listed_attributions(comparison: Comparison) -> tuple[list[MetricComparison], int]:
+    """The failed metrics whose attribution a view shows, and how many more failed metrics it leaves to the JSON."""
+    attributed = [m for m in comparison.failed_metrics if m.attribution is not None and m.attribution.cells]
+    return attributed[:ATTRIBUTED_METRICS_LISTED], max(len(attributed) - ATTRIBUTED_METRICS_LISTED, 0)
+
+
+def more_attributions_text(more: int) -> str:
+    """The line that says what a view left out."""
+    return f"the attribution of {plural(more, 'more failed metric')} is in the JSON (--json)"
+
+
+def share_text(value: float) -> str:
+    """A share of a change, as a percentage; an em dash where it is undefined."""
+    if not math.isfinite(value):
+        return UNDEFINED_TEXT
+    text = f"{100 * value:.1f}%"
+    return "0.0%" if text == "-0.0%" else text
+
+
+def contribution_text(value: float) -> str:
+    """A change of a cell's or group's contribution: small numbers, so 6 decimals."""
+    return UNDEFINED_TEXT if not math.isfinite(value) else f"{value:+.6f}"
+
+
+def attribution_title(metric: MetricComparison, listed: int) -> str:
+    """What an attribution table shows (user text in it: the dataset name of `metric.label`)."""
+    attribution = metric.attribution
+    assert attribution is not None
+    score = POOLED_METRICS.get(metric.metric, metric.metric)
+    return (
+        f"{metric.label}: the {listed} of {plural(len(attribution.cells), 'cell')} contributing most to"
+        f" Δ {signed(metric.delta)} (per cell: its {score}, the change of its contribution, its share of Δ)"
+    )
+
+
+ATTRIBUTION_HEADER = ("dataset", "cell", "status", "baseline", "new", "Δ contribution", "share")
+GROUP_HEADER = ("dataset", "group", "cells", "Δ contribution", "share")
+
+
+def cell_text(cell: CellContribution) -> str:
+    """The cell's index, with its id when that differs (user text)."""
+    if cell.cell is None:
+        return f"id {cell.cell_id}"
+    return str(cell.cell) if str(cell.cell_id) == str(cell.cell) else f"{cell.cell} (id {cell.cell_id})"
+
+
+def attribution_rows(attribution: Attribution, top: int) -> list[list[str]]:
+    """The `top` cells, as ATTRIBUTION_HEADER; the first two values are user text, to escape for each view."""
+    return [
+        [
+            cell.dataset,
+            cell_text(cell),
+            (cell.status_new or "—")
+            if cell.change is None
+            else f"{cell.status_base or '—'} → {cell.status_new or '—'}",
+            format_bps(cell.value_base),
+            format_bps(cell.value_new),
+            contribution_text(cell.delta),
+            share_text(attribution.share(cell)),
+        ]
+        for cell in attribution.cells[:top]
+    ]
+
+
+def group_rows(attribution: Attribution, top: int) -> list[list[str]]:
+    """The `top` groups, as GROUP_HEADER; the first two values are user text (cells the mapping lacks: "(no group)")."""
+    return [
+        [
+            "all datasets" if group.dataset is None else group.dataset,
+            "(no group)" if group.value is None else str(group.value),
+            str(group.cells),
+            contribution_text(group.delta),
+            share_text(attribution.share(group)),
+        ]
+        for group in attribution.groups[:top]
+    ]
