@@ -546,10 +546,14 @@ def _checked_sums(where: str, prefix: str, values: dict[str, np.ndarray], sample
                 np.abs(sums["co_m2"]) > bound * (1 + SUM_RTOL) + SUM_RTOL,
             ),
             *(
+                (name[key], "is NaN or infinite while n_valid > 0", covered & ~np.isfinite(sums[key]))
+                for key in LEAST_FIELDS + GREATEST_FIELDS
+            ),
+            *(
                 (
                     name[low],
-                    f"is negative, NaN or above {high} while n_valid > 0",
-                    covered & ~(sums[low] >= 0) | covered & ~(sums[low] <= sums[high]),
+                    f"is negative or above {high} while n_valid > 0",
+                    covered & ((sums[low] < 0) | (sums[low] > sums[high])),
                 )
                 for low, high in (("rate_min", "rate_max"), ("count_min", "count_max"))
             ),
@@ -561,10 +565,6 @@ def _checked_sums(where: str, prefix: str, values: dict[str, np.ndarray], sample
                     ("rate_max", -np.inf, "-inf"),
                     ("count_max", -np.inf, "-inf"),
                 )
-            ),
-            *(
-                (name[key], "is infinite while n_valid > 0", covered & ~np.isfinite(sums[key]))
-                for key in LEAST_FIELDS + GREATEST_FIELDS
             ),
         ]
     with np.errstate(invalid="ignore"):
