@@ -227,7 +227,9 @@ class DistributedBPS:
             raise reader.error("format", f"is {state['format']!r}, not {STATE_FORMAT!r}")
         version = reader.get(state, "version", int)
         if version != STATE_VERSION:
-            lacking = f" (without {', '.join(STAT_FIELDS[4:])}: saved before pseudo_r2 and corr)" if version == 1 else ""
+            lacking = (
+                f" (without {', '.join(STAT_FIELDS[4:])}: saved before pseudo_r2 and corr)" if version == 1 else ""
+            )
             raise reader.error(
                 "version",
                 f"is {version}{lacking}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval"

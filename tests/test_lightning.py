@@ -129,7 +129,9 @@ def test_the_logged_metric_is_bpseval_compute_of_that_epochs_shards(lightning_ru
         for row in offline.datasets.itertuples():
             for metric in ("pseudo_r2", "corr"):
                 want = getattr(row, metric)
-                assert math.isfinite(want) and log.loc[epoch, f"val_{metric}/{row.name}"] == pytest.approx(want, rel=1e-9)
+                assert math.isfinite(want) and log.loc[epoch, f"val_{metric}/{row.name}"] == pytest.approx(
+                    want, rel=1e-9
+                )
         assert offline.datasets["samples"].tolist() == [2 * VAL_BATCH] * 2  # one batch per rank and session
     assert final["val_bps_overall"].dtype == torch.float64
     assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall.bps, rel=1e-12)

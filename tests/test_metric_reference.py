@@ -19,6 +19,7 @@ offline one of the shards written in the same pass.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -119,7 +120,9 @@ def batches(variant: Variant, arrays: dict[str, np.ndarray], rows: np.ndarray) -
     return out
 
 
-def write_shards(run: Path, variant: Variant, store: str = "raw", ranks: range | None = None, world_size: int = 0) -> Path:
+def write_shards(
+    run: Path, variant: Variant, store: str = "raw", ranks: range | None = None, world_size: int = 0
+) -> Path:
     """Shards of `variant` as ShardWriter writes them during validation, one per rank."""
     world_size = world_size or variant.world_size
     for rank in ranks if ranks is not None else range(world_size):
@@ -244,7 +247,9 @@ def assert_document_matches(document: dict[str, Any], want: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------------------------
 # Offline: bpseval compute, evaluate(), bits_per_spike
 
-CASES = [(variant, store) for variant in VARIANTS for store in ("raw", "stats") if not (store == "stats" and variant.padding)]
+CASES = [
+    (variant, store) for variant in VARIANTS for store in ("raw", "stats") if not (store == "stats" and variant.padding)
+]
 """Stats-only shards cannot drop a sample repeated across ranks (they keep no rows; `compute` says so), so
 padded runs are checked with raw shards only."""
 
@@ -265,7 +270,8 @@ def test_compute_and_evaluate_on_real_shards_match_the_reference(invoke, tmp_pat
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant.name for variant in VARIANTS])
 def test_bits_per_spike_in_memory_matches_the_reference(variant):
-    for arrays, cells in zip(datasets_of(variant).values(), reference(datasets_of(variant))["cells"].values()):
+    datasets = datasets_of(variant)
+    for arrays, cells in zip(datasets.values(), reference(datasets)["cells"].values(), strict=True):
         rhat = torch.from_numpy(arrays["rhat"]).to(torch.bfloat16) if variant.bf16 else arrays["rhat"]
         frame = bpseval.bits_per_spike(rhat, arrays["robs"], arrays["dfs"])
         for cell, expected in enumerate(cells):
@@ -374,7 +380,7 @@ def assert_same_statistics(merged: CellStats, whole: CellStats) -> None:
 def test_merging_in_any_order_and_any_sharding_gives_the_same_moments_and_identical_extremes(case):
     rhat, robs, dfs, parts, order = case
     whole = batch_stats(rhat, robs, dfs)
-    pieces = [batch_stats(rhat[a:b], robs[a:b], dfs[a:b]) for a, b in zip(parts, parts[1:], strict=False)]
+    pieces = [batch_stats(rhat[a:b], robs[a:b], dfs[a:b]) for a, b in itertools.pairwise(parts)]
     folded = CellStats.zeros(3)
     for index in order:
         folded = folded + pieces[index]
