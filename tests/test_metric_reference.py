@@ -389,3 +389,10 @@ def test_merging_in_any_order_and_any_sharding_gives_the_same_moments_and_identi
     assert_same_statistics(reduce_rows(stacked), whole)
     halves = reduce_rows(stacked.map(lambda values: values[: len(order) // 2]))
     assert_same_statistics(halves + reduce_rows(stacked.map(lambda values: values[len(order) // 2 :])), whole)
+
+
+@pytest.mark.parametrize("counts", [None, np.zeros(0), np.zeros((4, 0))], ids=["no counts", "1-D", "2-D"])
+def test_merging_no_row_gives_the_statistics_of_no_sample(counts):
+    merged = reduce_rows(CellStats.zeros((0, 3)), counts)
+    shape = (3,) if counts is None or counts.ndim == 1 else (4, 3)
+    assert_same_statistics(merged, CellStats.zeros(shape))

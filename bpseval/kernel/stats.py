@@ -145,8 +145,8 @@ def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
     xp = array_namespace(stats.weight)
     n_rows = stats.weight.shape[0]
     on = device(stats.weight)
-    if n_rows == 0 and counts is None:
-        return _no_samples(xp, stats.n_cells, on)
+    if n_rows == 0:  # min and max of no row have no identity: the statistics of no sample, per replicate
+        return _no_samples(xp, (stats.n_cells,) if counts is None else (*counts.shape[:-1], stats.n_cells), on)
     k = xp.ones((n_rows,), dtype=xp.float64, device=on) if counts is None else xp.astype(counts, xp.float64)
 
     def total(values: Any) -> Any:
@@ -349,9 +349,9 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
     )
 
 
-def _no_samples(xp: Any, n_cells: int, on: Any) -> CellStats:
+def _no_samples(xp: Any, shape: int | tuple[int, ...], on: Any) -> CellStats:
     """`CellStats.zeros` in namespace `xp`, on device `on`."""
-    return CellStats.zeros(n_cells).map(lambda values: xp.asarray(values, device=on))
+    return CellStats.zeros(shape).map(lambda values: xp.asarray(values, device=on))
 
 
 def _column_dots(xp: Any, left: Any, right: Any) -> Any:
