@@ -111,6 +111,11 @@ def _mean(xp: Any, total: Any, weight: Any) -> Any:
 
 def combine(a: CellStats, b: CellStats) -> CellStats:
     """The statistics of the samples of `a` and of `b` together, entry by entry (Chan et al. 1979)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
+        return _combine(a, b)
+
+
+def _combine(a: CellStats, b: CellStats) -> CellStats:
     xp = array_namespace(a.weight, b.weight)
     weight = a.weight + b.weight
     both = (a.weight > 0) & (b.weight > 0)
