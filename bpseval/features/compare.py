@@ -128,6 +128,9 @@ BASELINE_SCHEMA: dict[str, Any] = {
     "overall": {
         "bps": "number or null",
         "bps_pooled": "number or null",
+        "pseudo_r2?": "number or null",
+        "pseudo_r2_pooled?": "number or null",
+        "corr?": "number or null",
         "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
         "datasets?": "count",
         "datasets_without_ok_cells?": "texts",
@@ -139,6 +142,9 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "duplicates_dropped": "count",
             "bps": "number or null",
             "bps_pooled": "number or null",
+            "pseudo_r2?": "number or null",
+            "pseudo_r2_pooled?": "number or null",
+            "corr?": "number or null",
             "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
             "identity?": "text",
         }
@@ -154,13 +160,15 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "model_ll": "number or null",
             "ll_gain": "number or null",
             "bps": "number or null",
+            "pseudo_r2?": "number or null",
+            "corr?": "number or null",
             "status": "status",
         }
     ],
 }
 """The baseline document, as `_check_against` reads it: a key ending in "?" may be absent, a list
 holds one or more items of its one element's shape, a string names a leaf in `_LEAVES`. Other keys
-are ignored; "any" is any JSON value without NaN or Infinity (the free-form settings)."""
+are ignored; pseudo_r2, pseudo_r2_pooled and corr are optional (baselines written before them lack them); "any" is any JSON value without NaN or Infinity (the free-form settings)."""
 
 
 def check_baseline(document: Any, source: Path) -> None:
