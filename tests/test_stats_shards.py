@@ -177,3 +177,20 @@ def test_a_stats_shard_holding_only_some_of_the_new_fields_exits_2_naming_them(i
         f"Error: {path}: dataset 'Allen_2022-04-13': co_m2, rate_max missing; a stats-only dataset holds every one"
         f" of {', '.join(STAT_FIELDS)}.\n"
     )
+
+
+@pytest.mark.parametrize("counts", ["equal to the rates", "their squared offsets"])
+def test_rates_near_1e9_with_a_small_spread_are_read_not_taken_for_damage(tmp_path, counts):
+    """Centred sums of values far from 0 round by about eps·|mean|·spread: the blocks merged in another order
+    differ from the totals by far more than eps times the moment, which is rounding, not damage."""
+    x = np.random.default_rng(1).normal(0.0, 0.37, (6000, 2))
+    rhat = 1e9 + x
+    robs = 1e9 + (x if counts == "equal to the rates" else x * x)
+    for store in ("raw", "stats"):
+        with ShardWriter(tmp_path / store, 0, 1, store=store, block_size=5) as writer:
+            for start in range(0, 6000, 500):
+                rows = slice(start, start + 500)
+                writer.add("d", rhat[rows], robs[rows], sample_idx=np.arange(start, start + 500))
+    raw, stats = bpseval.evaluate(tmp_path / "raw"), bpseval.evaluate(tmp_path / "stats")
+    assert stats.cells["status"].tolist() == ["ok", "ok"]
+    np.testing.assert_allclose(stats.cells["corr"], raw.cells["corr"], atol=1e-7)  # the inputs hold ~7 digits of x
