@@ -42,7 +42,8 @@ from bpseval.run.merge import CHUNK_ELEMENTS, MergedDataset
 from bpseval.shard.format import FORMAT_VERSION, DatasetLayout, ShardHeader
 
 CACHE_FORMAT = 2
-"""2: every field of `CellStats` (13; format 1 held n_valid, weight, spikes, model_ll). Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt."""
+"""Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt.
+Format 2 holds every field of `CellStats`; format 1 held n_valid, weight, spikes and model_ll only."""
 CACHE_DIRECTORY = ".bpseval-cache"
 """The cache folder inside a writable run directory: the catalog walks into it and finds no `*.h5` file there."""
 _STAT_DTYPES = {field: np.dtype(np.int64 if field == "n_valid" else np.float64) for field in STAT_FIELDS}

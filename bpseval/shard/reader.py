@@ -576,7 +576,7 @@ def _checked_sums(where: str, prefix: str, values: dict[str, np.ndarray], sample
 
 
 def _moment_rounding(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """How far rounding alone can move each centred moment, in units of float64's relative precision.
+    """The size that rounding errors of each centred moment scale with (the checks allow SUM_RTOL of it).
 
     A mean in float64 is off by about eps·|mean|; a centred sum multiplies that by the spread of its
     other side (Σ w·|y − ȳ| ≤ √(weight·count_m2)). Data far from 0 with a small spread (rates near 1e9
