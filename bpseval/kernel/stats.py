@@ -147,6 +147,11 @@ def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
     moment plus its offset from that shift), then re-centred on each replicate's own mean; the
     shift is that close to every replicate's mean, so nothing large cancels.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
+        return _reduce_rows(stats, counts)
+
+
+def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
     xp = array_namespace(stats.weight)
     n_rows = stats.weight.shape[0]
     on = device(stats.weight)
