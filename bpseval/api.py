@@ -60,7 +60,8 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
     """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
 
     Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
-    status; bps is NaN for silent, uncovered and overflow cells. Same code path as `bpseval compute`.
+    pseudo_r2, corr, status; bps is NaN for silent, uncovered and overflow cells, pseudo_r2 and corr
+    also where a side is constant. Same code path as `bpseval compute`.
     """
     if rate_kind not in RATE_KINDS:
         raise ArgumentError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
@@ -81,6 +82,8 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
             "model_ll": stats.model_ll,
             "ll_gain": scores.ll_gain,
             "bps": scores.bps,
+            "pseudo_r2": scores.pseudo_r2,
+            "corr": scores.corr,
             "status": scores.status.astype(object),
         }
     )

@@ -43,8 +43,10 @@ class BPSShardCallback(pl.Callback):
     Shards go to `run_dir/step-<epoch>/rank-<r>.h5` on every `every_n_epochs`-th epoch
     (`(epoch + 1) % every_n_epochs == 0`, as `check_val_every_n_epoch`; 0 = never); a later
     validation in the same epoch replaces them. With `also_log`, every validation epoch the
-    same tensors feed a `DistributedBPS`, whose exact, global values (`Result.metrics`, pooled
-    twins `val_bps_pooled_overall` and `val_bps_pooled/<dataset>` included) are logged in float64
+    same tensors feed a `DistributedBPS`, whose exact, global values (`Result.metrics`: pooled
+    twins `val_bps_pooled_overall` and `val_bps_pooled/<dataset>`, deviance explained
+    `val_pseudo_r2_overall`, `val_pseudo_r2_pooled_overall`, `val_pseudo_r2/<dataset>` and correlation
+    `val_corr_overall`, `val_corr/<dataset>` included) are logged in float64
     on every rank (so ModelCheckpoint and EarlyStopping can monitor `val_bps_overall`; a value is
     NaN when no cell could be scored). The sanity-check pass is neither written nor logged.
     """

@@ -45,8 +45,10 @@ except ImportError as error:
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
 STATE_FORMAT = "bpseval.torch.DistributedBPS"
-STATE_VERSION = 1
-"""Version of the `state_dict()` layout; `load_state_dict` refuses any other."""
+STATE_VERSION = 2
+"""Version of the `state_dict()` layout; `load_state_dict` refuses any other. Version 1 held four of the
+statistics (n_valid, weight, spikes, model_ll): the others cannot be rebuilt from them, so such a state
+is refused, naming them, rather than resumed with pseudo_r2 and corr undefined."""
 VALIDATE_MODES = ("deferred", "eager")
 
 
@@ -225,9 +227,13 @@ class DistributedBPS:
             raise reader.error("format", f"is {state['format']!r}, not {STATE_FORMAT!r}")
         version = reader.get(state, "version", int)
         if version != STATE_VERSION:
+            lacking = (
+                f" (without {', '.join(STAT_FIELDS[4:])}: saved before pseudo_r2 and corr)" if version == 1 else ""
+            )
             raise reader.error(
                 "version",
-                f"is {version}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval that saved it",
+                f"is {version}{lacking}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval"
+                " that saved it, or restart the validation pass",
             )
         datasets, inner = reader.get(state, "datasets", Mapping), reader.child("datasets")
         self._datasets = {

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from bpseval import ShardWriter
 from bpseval.features.steps import merge_steps
 from bpseval.kernel.stats import STAT_FIELDS
-from bpseval.run.cache import CACHE_DIRECTORY, cache_directory
+from bpseval.run.cache import CACHE_DIRECTORY, CACHE_FORMAT, cache_directory
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.merge import MergedRun, merge_run
 from tests.conftest import poisson_dataset
@@ -209,12 +209,13 @@ def test_a_rewritten_shard_of_an_earlier_step_is_merged_again_even_with_its_old_
 
 
 def rewrite_entry(path: Path, change) -> None:
-    """Rewrite a cache entry's members through `change(name, data) -> data`, as a valid zip."""
+    """Rewrite a cache entry's members through `change(name, data) -> data` (None drops it), as a valid zip."""
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
-            archive.writestr(name, change(name, data))
+            if (changed := change(name, data)) is not None:
+                archive.writestr(name, changed)
 
 
 def older_format(name: str, data: bytes) -> bytes:
@@ -223,6 +224,20 @@ def older_format(name: str, data: bytes) -> bytes:
     meta = json.loads(data)
     meta["key"]["cache_format"] = 0
     return json.dumps(meta).encode()
+
+
+def four_fields(cache_format: int):
+    """An entry as cache format 1 wrote it: n_valid, weight, spikes and model_ll only, under `cache_format`."""
+
+    def change(name: str, data: bytes) -> bytes | None:
+        if name == "meta.json":
+            meta = json.loads(data)
+            meta["key"]["cache_format"] = cache_format
+            return json.dumps(meta).encode()
+        field = name.rsplit("/", 1)[-1].removesuffix(".npy")
+        return None if field in STAT_FIELDS[4:] else data
+
+    return change
 
 
 def fewer_cells(name: str, data: bytes) -> bytes:
@@ -251,6 +266,8 @@ CORRUPTIONS = {
     "a .npy array": lambda path: np.save(open(path, "wb"), np.arange(3)),  # noqa: SIM115 - closed by np.save's caller
     "a flipped data byte": flip_a_data_byte,
     "an older cache format": lambda path: rewrite_entry(path, older_format),
+    "a four-field entry of cache format 1": lambda path: rewrite_entry(path, four_fields(1)),
+    "a four-field entry claiming the current format": lambda path: rewrite_entry(path, four_fields(CACHE_FORMAT)),
     "a header that is not an object": lambda path: rewrite_entry(path, lambda n, d: b"[1]" if n == "meta.json" else d),
     "statistics of the wrong shape": lambda path: rewrite_entry(path, fewer_cells),
     "another step's entry": lambda path: shutil.copy(path.with_name("step-000001.npz"), path),

@@ -276,6 +276,18 @@ BROKEN = {
     "a dataset without cells": (_drop_cells_of_b, "datasets[1] ('B') needs its cells"),
     "files a number": (_edit(("files",), 3), "files must be a list of text"),
     "format_version text": (_edit(("format_version",), "1"), "version '1' is not supported"),
+    "overall.pseudo_r2 text": (
+        _edit(("overall", "pseudo_r2"), ""),
+        'overall.pseudo_r2 must be a finite number or null, not text ""',
+    ),
+    "datasets[1].corr an object": (
+        _edit(("datasets", 1, "corr"), {}),
+        "datasets[1].corr must be a finite number or null, not an object",
+    ),
+    "cells[2].pseudo_r2 a boolean": (
+        _edit(("cells", 2, "pseudo_r2"), True),
+        "cells[2].pseudo_r2 must be a finite number or null, not a boolean true",
+    ),
 }
 
 
@@ -289,6 +301,17 @@ def test_broken_baseline_documents_exit_2_naming_the_field(invoke, gate_runs, tm
     result = invoke("compare", run, "--baseline", tmp_path / "baseline.json")
     assert_exit(result, 2)
     assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+
+
+def test_a_baseline_written_before_pseudo_r2_and_corr_is_compared(invoke, gate_runs, tmp_path):
+    run, document = gate_runs
+    older = copy.deepcopy(document)
+    for entry in (older["overall"], *older["datasets"], *older["cells"]):
+        for key in ("pseudo_r2", "pseudo_r2_pooled", "corr"):
+            entry.pop(key, None)
+    (tmp_path / "baseline.json").write_text(json.dumps(older))
+    result = invoke("compare", run, "--baseline", tmp_path / "baseline.json")
+    assert_exit(result, 0)
 
 
 @pytest.mark.parametrize(

@@ -87,9 +87,10 @@ def test_compute_reports_overflow_cells_and_undefined_dataset_and_overall_number
 
 
 def stats_shard(run_dir: Path) -> Path:
-    """A good stats-only shard of one dataset 'd' (5 cells, 2 blocks of 10 samples)."""
+    """A good stats-only shard of one dataset 'd' (5 cells, 2 blocks of 10 samples; cell 3 uncovered in block 0)."""
     arrays = poisson_dataset(3, n_rows=20, n_cells=5)
     arrays["robs"][:, 4] = 0.0  # a silent cell: spikes 0 with weight > 0 is fine
+    arrays["dfs"][:10, 3] = 0.0  # no valid sample of cell 3 in block 0: its extremes there are +inf / -inf
     with bpseval.ShardWriter(run_dir, 0, 1, store="stats", block_size=10) as writer:
         writer.add("d", arrays["rhat"], arrays["robs"], arrays["dfs"], sample_idx=np.arange(20))
     return writer.path
@@ -131,6 +132,64 @@ IMPOSSIBLE_SUMS = {
         "blocks/model_ll",
         lambda v: v.__setitem__((1, 3), v[1, 3] - 1.0),
         "blocks/model_ll does not add up",
+    ),
+    "NaN spike_log_spikes": (
+        "spike_log_spikes",
+        lambda v: v.__setitem__(0, np.nan),
+        "spike_log_spikes is NaN or infinite at cell 0",
+    ),
+    "negative rate_sum": ("rate_sum", lambda v: v.__setitem__(1, -1.0), "rate_sum is negative at cell 1"),
+    "negative rate_m2": ("rate_m2", lambda v: v.__setitem__(2, -0.5), "rate_m2 is negative at cell 2"),
+    "negative count_m2": ("count_m2", lambda v: v.__setitem__(0, -1.0), "count_m2 is negative at cell 0"),
+    "co_m2 beyond the Cauchy-Schwarz bound": (
+        "co_m2",
+        lambda v: v.__setitem__(3, 1e6),
+        "co_m2 exceeds √(rate_m2·count_m2) in size at cell 3",
+    ),
+    "rate_min above rate_max": (
+        "rate_min",
+        lambda v: v.__setitem__(1, 1e6),
+        "rate_min is negative or above rate_max while n_valid > 0 at cell 1",
+    ),
+    "negative count_min": (
+        "count_min",
+        lambda v: v.__setitem__(2, -1.0),
+        "count_min is negative or above count_max while n_valid > 0 at cell 2",
+    ),
+    "NaN rate_max of a covered cell": (
+        "rate_max",
+        lambda v: v.__setitem__(0, np.nan),
+        "rate_max is NaN or infinite while n_valid > 0 at cell 0",
+    ),
+    "infinite count_max of a covered cell": (
+        "count_max",
+        lambda v: v.__setitem__(1, np.inf),
+        "count_max is NaN or infinite while n_valid > 0 at cell 1",
+    ),
+    "block rate_min of an uncovered cell not +inf": (
+        "blocks/rate_min",
+        lambda v: v.__setitem__((0, 3), 0.5),
+        "blocks/rate_min is not +inf while n_valid is 0 at cell 3 of block 0",
+    ),
+    "block count_max of an uncovered cell not -inf": (
+        "blocks/count_max",
+        lambda v: v.__setitem__((0, 3), 0.0),
+        "blocks/count_max is not -inf while n_valid is 0 at cell 3 of block 0",
+    ),
+    "block rate_m2 without a valid sample": (
+        "blocks/rate_m2",
+        lambda v: v.__setitem__((0, 3), 1.0),
+        "blocks/rate_m2 is not 0 while n_valid is 0 at cell 3 of block 0",
+    ),
+    "block extremes not giving the total's": (
+        "blocks/count_max",
+        lambda v: v.__setitem__((1, 0), 1000.0),
+        "blocks/count_max does not add up to count_max (off by",
+    ),
+    "block moments not merging to the total's": (
+        "blocks/rate_m2",
+        lambda v: v.__setitem__((1, 2), v[1, 2] + 1.0),
+        "blocks/rate_m2 does not add up to rate_m2 (off by",
     ),
 }
 

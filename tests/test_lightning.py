@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,15 @@ def test_the_logged_metric_is_bpseval_compute_of_that_epochs_shards(lightning_ru
         assert logged == set(offline.metrics(keep_undefined=True))  # one definition: Result.metrics, pooled included
         for key, value in offline.metrics().items():
             assert log.loc[epoch, key] == pytest.approx(value, rel=1e-12)
+        for metric in ("pseudo_r2", "corr", "pseudo_r2_pooled"):  # deviance explained and correlation, online
+            want = getattr(offline.overall, metric)
+            assert math.isfinite(want) and log.loc[epoch, f"val_{metric}_overall"] == pytest.approx(want, rel=1e-9)
+        for row in offline.datasets.itertuples():
+            for metric in ("pseudo_r2", "corr"):
+                want = getattr(row, metric)
+                assert math.isfinite(want) and log.loc[epoch, f"val_{metric}/{row.name}"] == pytest.approx(
+                    want, rel=1e-9
+                )
         assert offline.datasets["samples"].tolist() == [2 * VAL_BATCH] * 2  # one batch per rank and session
     assert final["val_bps_overall"].dtype == torch.float64
     assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall.bps, rel=1e-12)

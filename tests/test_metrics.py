@@ -34,23 +34,27 @@ def write_run(run: Path, steps: tuple[int, ...] = (0,)) -> Path:
 def test_metrics_are_the_callback_names_with_undefined_values_left_out(tmp_path):
     result = bpseval.evaluate(write_run(tmp_path))
     metrics = result.metrics()
-    a = result.scored.dataset("a")
+    a, overall = result.scored.dataset("a"), result.overall
     assert metrics == {
-        "val_bps_overall": result.overall.bps,
-        "val_bps_pooled_overall": result.overall.bps_pooled,
+        "val_bps_overall": overall.bps,
+        "val_bps_pooled_overall": overall.bps_pooled,
+        "val_pseudo_r2_overall": overall.pseudo_r2,
+        "val_pseudo_r2_pooled_overall": overall.pseudo_r2_pooled,
+        "val_corr_overall": overall.corr,
         "val_bps/a": a.bps,
         "val_bps_pooled/a": a.bps_pooled,
+        "val_pseudo_r2/a": a.pseudo_r2,
+        "val_pseudo_r2_pooled/a": a.pseudo_r2_pooled,
+        "val_corr/a": a.corr,
     }
     assert all(isinstance(value, float) and math.isfinite(value) for value in metrics.values())
     kept = result.metrics(keep_undefined=True)
+    names = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
     assert [key for key in kept if key not in metrics] == [
-        "val_bps/none",
-        "val_bps_pooled/none",
-        "val_bps/quiet",
-        "val_bps_pooled/quiet",
+        f"val_{name}/{dataset}" for dataset in ("none", "quiet") for name in names
     ]
     assert all(math.isnan(kept[key]) for key in kept if key not in metrics)
-    assert set(result.metrics(prefix="")) == {"bps_overall", "bps_pooled_overall", "bps/a", "bps_pooled/a"}
+    assert set(result.metrics(prefix="")) == {f"{name}_overall" for name in names} | {f"{name}/a" for name in names}
 
 
 def test_compute_metrics_writes_result_metrics_as_json(invoke, tmp_path):

@@ -78,6 +78,9 @@ def test_update_makes_no_host_read_and_still_equals_the_offline_merge(tmp_path, 
     online_cells, offline_cells = metric.compute().cells, bpseval.evaluate(tmp_path).cells
     assert online_cells["n_valid"].tolist() == offline_cells["n_valid"].tolist()
     np.testing.assert_allclose(online_cells["bps"], offline_cells["bps"], rtol=1e-12)
+    for metric in ("pseudo_r2", "corr"):  # defined (the masked NaN poisons no sum), and the same online
+        assert offline_cells[metric].notna().all()
+        np.testing.assert_allclose(online_cells[metric], offline_cells[metric], rtol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -28,16 +28,27 @@ def dense_stats(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray | None, rate
     w = np.ones_like(rhat) if dfs is None else np.broadcast_to(dfs.astype(np.float64), rhat.shape)
     valid = w > 0
     rhat, robs = np.where(valid, rhat, 0.0), np.where(valid, robs, 0.0)
-    if rate_kind == "log_rate":
-        terms = robs * rhat - np.exp(rhat)
-    else:
-        rates = np.maximum(rhat, MIN_RATE)
-        terms = robs * np.log(rates) - rates
+    rates = np.exp(rhat) if rate_kind == "log_rate" else np.maximum(rhat, MIN_RATE)
+    log_rates = rhat if rate_kind == "log_rate" else np.log(rates)
+    weight, spikes, rate_sum = w.sum(axis=0), (w * robs).sum(axis=0), (w * rates).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate_step = rates - np.where(weight > 0, rate_sum / weight, 0.0)
+        count_step = robs - np.where(weight > 0, spikes / weight, 0.0)
+        log_counts = np.where(robs > 0, np.log(np.where(robs > 0, robs, 1.0)), 0.0)
     return {
         "n_valid": valid.sum(axis=0),
-        "weight": w.sum(axis=0),
-        "spikes": (w * robs).sum(axis=0),
-        "model_ll": (w * terms).sum(axis=0),
+        "weight": weight,
+        "spikes": spikes,
+        "model_ll": (w * (robs * log_rates - rates)).sum(axis=0),
+        "spike_log_spikes": (w * robs * log_counts).sum(axis=0),
+        "rate_sum": rate_sum,
+        "rate_m2": (w * rate_step**2).sum(axis=0),
+        "count_m2": (w * count_step**2).sum(axis=0),
+        "co_m2": (w * rate_step * count_step).sum(axis=0),
+        "rate_min": np.where(valid, rates, np.inf).min(axis=0),
+        "count_min": np.where(valid, robs, np.inf).min(axis=0),
+        "rate_max": np.where(valid, rates, -np.inf).max(axis=0),
+        "count_max": np.where(valid, robs, -np.inf).max(axis=0),
     }
 
 

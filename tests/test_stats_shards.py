@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import bpseval
 from bpseval import BpsevalError, ShardWriter
 from bpseval.features.planning import distributed_sampler_indices
+from bpseval.kernel.stats import STAT_FIELDS
 from tests.conftest import poisson_dataset
 
 DATASETS = {
@@ -118,3 +120,77 @@ def test_block_sizes_must_agree_across_ranks(invoke, tmp_path):
             writer.add("d", np.ones((3, 2)), np.ones((3, 2)), sample_idx=np.arange(3) + 3 * rank)
     result = invoke("compute", tmp_path)
     assert result.exit_code == 2 and "stats blocks of 50 samples" in result.stderr
+
+
+def stored_members(path) -> tuple[set[str], set[str]]:
+    """The arrays of dataset 'Allen_2022-04-13' of a shard, and those of its blocks/ group."""
+    with h5py.File(path, "r") as handle:
+        group = handle["datasets/Allen_2022-04-13"]
+        return set(group) - {"blocks"}, set(group["blocks"])
+
+
+def test_the_writer_stores_every_statistic_in_the_totals_and_the_blocks(tmp_path):
+    write(tmp_path, "stats", world_size=1, block_size=100)
+    (path,) = tmp_path.rglob("*.h5")
+    totals, blocks = stored_members(path)
+    assert totals == {*STAT_FIELDS, "cell_ids"}
+    assert blocks == {*STAT_FIELDS, "block_ids"}
+
+
+def drop_new_fields(path) -> None:
+    """Rewrite a stats-only shard as it was written before pseudo_r2 and corr: n_valid, weight, spikes, model_ll."""
+    with h5py.File(path, "r+") as handle:
+        for group in handle["datasets"].values():
+            for holder in (group, group["blocks"]):
+                for key in STAT_FIELDS[4:]:
+                    del holder[key]
+
+
+def test_a_four_field_stats_shard_is_read_with_exact_bps_and_null_pseudo_r2_and_corr(invoke, tmp_path):
+    write(tmp_path / "new", "stats", block_size=100)
+    legacy = write(tmp_path / "legacy", "stats", block_size=100)
+    for path in legacy.rglob("*.h5"):
+        drop_new_fields(path)
+    new, old = bpseval.evaluate(tmp_path / "new"), bpseval.evaluate(legacy)
+    pd.testing.assert_series_equal(old.cells["bps"], new.cells["bps"], rtol=1e-12)
+    assert new.cells["pseudo_r2"].notna().any() and new.cells["corr"].notna().any()
+    assert old.cells["pseudo_r2"].isna().all() and old.cells["corr"].isna().all()
+    result = invoke("compute", legacy, "--json", "-")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    for entry in (*document["datasets"], document["overall"]):
+        assert (entry["pseudo_r2"], entry["pseudo_r2_pooled"], entry["corr"]) == (None, None, None)
+    assert [d["bps"] for d in document["datasets"]] == pytest.approx(new.datasets["bps"].tolist(), rel=1e-12)
+    assert document["overall"]["bps"] == pytest.approx(new.overall.bps, rel=1e-12)
+    assert all(cell["pseudo_r2"] is None and cell["corr"] is None for cell in document["cells"])
+
+
+def test_a_stats_shard_holding_only_some_of_the_new_fields_exits_2_naming_them(invoke, tmp_path):
+    write(tmp_path, "stats", world_size=1)
+    (path,) = tmp_path.rglob("*.h5")
+    with h5py.File(path, "r+") as handle:
+        del handle["datasets/Allen_2022-04-13/co_m2"]
+        del handle["datasets/Allen_2022-04-13/rate_max"]
+    result = invoke("compute", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: {path}: dataset 'Allen_2022-04-13': co_m2, rate_max missing; a stats-only dataset holds every one"
+        f" of {', '.join(STAT_FIELDS)}.\n"
+    )
+
+
+@pytest.mark.parametrize("counts", ["equal to the rates", "their squared offsets"])
+def test_rates_near_1e9_with_a_small_spread_are_read_not_taken_for_damage(tmp_path, counts):
+    """Centred sums of values far from 0 round by about eps·|mean|·spread: the blocks merged in another order
+    differ from the totals by far more than eps times the moment, which is rounding, not damage."""
+    x = np.random.default_rng(1).normal(0.0, 0.37, (6000, 2))
+    rhat = 1e9 + x
+    robs = 1e9 + (x if counts == "equal to the rates" else x * x)
+    for store in ("raw", "stats"):
+        with ShardWriter(tmp_path / store, 0, 1, store=store, block_size=5) as writer:
+            for start in range(0, 6000, 500):
+                rows = slice(start, start + 500)
+                writer.add("d", rhat[rows], robs[rows], sample_idx=np.arange(start, start + 500))
+    raw, stats = bpseval.evaluate(tmp_path / "raw"), bpseval.evaluate(tmp_path / "stats")
+    assert stats.cells["status"].tolist() == ["ok", "ok"]
+    np.testing.assert_allclose(stats.cells["corr"], raw.cells["corr"], atol=1e-7)  # the inputs hold ~7 digits of x

@@ -146,9 +146,9 @@ def gloo_run(request, tmp_path_factory) -> tuple[int, Path, list[dict]]:
 
 
 CELL_EXACT = ["dataset", "cell", "cell_id", "n_valid", "status"]
-CELL_CLOSE = ["n", "spikes", "ll_gain", "bps"]
+CELL_CLOSE = ["n", "spikes", "ll_gain", "bps", "pseudo_r2", "corr"]
 DATASET_EXACT = ["name", "samples", "duplicates_dropped", "ok", "silent", "uncovered", "identity"]
-DATASET_CLOSE = ["bps", "bps_pooled"]
+DATASET_CLOSE = ["bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"]
 
 
 def assert_same_scores(online: Result, offline: Result, rtol: float = 1e-9) -> None:

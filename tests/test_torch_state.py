@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bpseval import CellBalancedDistributedSampler
 from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.kernel.stats import STAT_FIELDS
 from bpseval.torch import STATE_VERSION, DistributedBPS, WithSampleIndex
 from bpseval.views.result import Result
 from tests.gloo import run_gloo
@@ -197,9 +198,25 @@ def mutate(path: tuple[str, ...], value: Any) -> Any:
     return apply
 
 
+def four_statistics(state: dict) -> None:
+    """The state as version 1 saved it: n_valid, weight, spikes and model_ll only."""
+    state["version"] = 1
+    for dataset in state["datasets"].values():
+        for part in ("total", "tail"):
+            for field in STAT_FIELDS[4:]:
+                del dataset[part][field]
+
+
 A = ("datasets", "A")
 BAD_STATES = {
-    "newer version": (mutate(("version",), STATE_VERSION + 1), "state['version'] is 2"),
+    "newer version": (mutate(("version",), STATE_VERSION + 1), f"state['version'] is {STATE_VERSION + 1}, but"),
+    "four statistics of version 1": (
+        four_statistics,
+        "state['version'] is 1 (without spike_log_spikes, rate_sum, rate_m2, count_m2, co_m2, rate_min, count_min,"
+        " rate_max, count_max: saved before pseudo_r2 and corr), but this bpseval reads version 2; resume with the"
+        " bpseval that saved it, or restart the validation pass",
+    ),
+    "a new field missing": (mutate((*A, "tail", "co_m2"), KeyError), "['A']['tail']['co_m2'] is missing"),
     "version as text": (mutate(("version",), "1"), "state['version'] must be int"),
     "foreign dict": (mutate(("format",), "torchmetrics"), "state['format'] is 'torchmetrics'"),
     "no datasets": (mutate(("datasets",), KeyError), "state['datasets'] is missing"),

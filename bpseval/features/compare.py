@@ -179,7 +179,8 @@ BASELINE_SCHEMA: dict[str, Any] = {
 }
 """The baseline document, as `_check_against` reads it: a key ending in "?" may be absent, a list
 holds one or more items of its one element's shape, a string names a leaf in `_LEAVES`. Other keys
-are ignored; "any" is any JSON value without NaN or Infinity (the free-form settings)."""
+are ignored; "any" is any JSON value without NaN or Infinity (the free-form settings). pseudo_r2,
+pseudo_r2_pooled and corr are optional: baselines written before them lack them."""
 
 
 def check_baseline(document: Any, source: Path) -> None:

@@ -111,6 +111,11 @@ def _mean(xp: Any, total: Any, weight: Any) -> Any:
 
 def combine(a: CellStats, b: CellStats) -> CellStats:
     """The statistics of the samples of `a` and of `b` together, entry by entry (Chan et al. 1979)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
+        return _combine(a, b)
+
+
+def _combine(a: CellStats, b: CellStats) -> CellStats:
     xp = array_namespace(a.weight, b.weight)
     weight = a.weight + b.weight
     both = (a.weight > 0) & (b.weight > 0)
@@ -142,11 +147,16 @@ def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
     moment plus its offset from that shift), then re-centred on each replicate's own mean; the
     shift is that close to every replicate's mean, so nothing large cancels.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
+        return _reduce_rows(stats, counts)
+
+
+def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
     xp = array_namespace(stats.weight)
     n_rows = stats.weight.shape[0]
     on = device(stats.weight)
-    if n_rows == 0 and counts is None:
-        return _no_samples(xp, stats.n_cells, on)
+    if n_rows == 0:  # min and max of no row have no identity: the statistics of no sample, per replicate
+        return _no_samples(xp, (stats.n_cells,) if counts is None else (*counts.shape[:-1], stats.n_cells), on)
     k = xp.ones((n_rows,), dtype=xp.float64, device=on) if counts is None else xp.astype(counts, xp.float64)
 
     def total(values: Any) -> Any:
@@ -342,9 +352,9 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
     )
 
 
-def _no_samples(xp: Any, n_cells: int, on: Any) -> CellStats:
+def _no_samples(xp: Any, shape: int | tuple[int, ...], on: Any) -> CellStats:
     """`CellStats.zeros` in namespace `xp`, on device `on`."""
-    return CellStats.zeros(n_cells).map(lambda values: xp.asarray(values, device=on))
+    return CellStats.zeros(shape).map(lambda values: xp.asarray(values, device=on))
 
 
 Spread = tuple[tuple[Any, Any, Any], tuple[Any, Any, Any, Any]]

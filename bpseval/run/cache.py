@@ -41,16 +41,12 @@ from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.merge import CHUNK_ELEMENTS, MergedDataset
 from bpseval.shard.format import FORMAT_VERSION, DatasetLayout, ShardHeader
 
-CACHE_FORMAT = 1
-"""Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt."""
+CACHE_FORMAT = 2
+"""Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt.
+Format 2 holds every field of `CellStats`; format 1 held n_valid, weight, spikes and model_ll only."""
 CACHE_DIRECTORY = ".bpseval-cache"
 """The cache folder inside a writable run directory: the catalog walks into it and finds no `*.h5` file there."""
-_STAT_DTYPES = {
-    "n_valid": np.dtype(np.int64),
-    "weight": np.dtype(np.float64),
-    "spikes": np.dtype(np.float64),
-    "model_ll": np.dtype(np.float64),
-}
+_STAT_DTYPES = {field: np.dtype(np.int64 if field == "n_valid" else np.float64) for field in STAT_FIELDS}
 _UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
 """What reading a damaged or foreign entry can raise (BadZipFile: truncated, garbage or a failed CRC-32)."""
 

@@ -224,15 +224,14 @@ class Result:
     def metrics(self, prefix: str = "val_", *, keep_undefined: bool = False) -> dict[str, float]:
         """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
 
-        `{prefix}bps_overall`, `{prefix}bps_pooled_overall`, then `{prefix}bps/<dataset>` and
-        `{prefix}bps_pooled/<dataset>` for each dataset. Undefined values are left out, not NaN
-        (a dashboard would draw NaN as a gap or zero); `keep_undefined` keeps them as NaN, for a
-        logger whose monitors expect every key every epoch.
+        `{prefix}<metric>_overall` for each of `DATASET_METRICS` (bps, bps_pooled, pseudo_r2,
+        pseudo_r2_pooled, corr), then `{prefix}<metric>/<dataset>` for each dataset. Undefined values
+        are left out, not NaN (a dashboard would draw NaN as a gap or zero); `keep_undefined` keeps
+        them as NaN, for a logger whose monitors expect every key every epoch.
         """
-        values = {f"{prefix}bps_overall": self.overall.bps, f"{prefix}bps_pooled_overall": self.overall.bps_pooled}
+        values = {f"{prefix}{metric}_overall": getattr(self.overall, metric) for metric in DATASET_METRICS}
         for dataset in self.scored.datasets:
-            values[f"{prefix}bps/{dataset.name}"] = dataset.bps
-            values[f"{prefix}bps_pooled/{dataset.name}"] = dataset.bps_pooled
+            values.update({f"{prefix}{metric}/{dataset.name}": getattr(dataset, metric) for metric in DATASET_METRICS})
         return {key: float(value) for key, value in values.items() if keep_undefined or math.isfinite(value)}
 
     def to_json(self) -> str:
