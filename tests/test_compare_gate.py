@@ -282,7 +282,7 @@ BROKEN = {
     ),
     "datasets[1].corr an object": (
         _edit(("datasets", 1, "corr"), {}),
-        "datasets[1].corr must be a finite number or null, not an object",
+        "datasets[1].corr must be a number in [-1, 1] or null, not an object",
     ),
     "cells[2].pseudo_r2 a boolean": (
         _edit(("cells", 2, "pseudo_r2"), True),
