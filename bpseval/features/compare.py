@@ -612,8 +612,9 @@ def _paired_bootstrap(
         blocks_new, blocks_base = new.scored.dataset(name).per_block, base.scored.dataset(name).per_block
         assert blocks_new is not None and blocks_base is not None
         counts = _resampling_counts(rng, settings.bootstrap, blocks_new.n_valid.shape[0])
-        n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes
-        gain = counts @ (blocks_new.model_ll - blocks_base.model_ll)  # the null model is the same: it cancels
+        with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow leave the metric undefined
+            n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes
+            gain = counts @ (blocks_new.model_ll - blocks_base.model_ll)  # the null model is the same: it cancels
         ok, covered = (n_valid > 0) & (spikes > 0), n_valid > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             per_cell = np.where(ok, gain / (np.where(ok, spikes, 1.0) * LN2), 0.0)
