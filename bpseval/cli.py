@@ -614,6 +614,8 @@ def compare(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
+    cells_path: CellsPath = None,
+    group_by: GroupBy = None,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined (or, with
     --fail-on-inconclusive, is inconclusive), or coverage was lost; the cells that carry each failed change are listed.
@@ -639,7 +641,15 @@ def compare(
             fail_on_inconclusive=fail_on_inconclusive,
         )
         comparison = compare_paths(
-            run_dir, baseline_path, settings, step, jobs=jobs, scheduler=scheduler, cache=not no_cache
+            run_dir,
+            baseline_path,
+            settings,
+            step,
+            cells=cells_path,
+            group_by=group_by,
+            jobs=jobs,
+            scheduler=scheduler,
+            cache=not no_cache,
         )
         for path, text in (
             (json_path, json_text(comparison.to_dict())),

@@ -308,3 +308,40 @@ def test_groups_are_shown_in_the_terminal_and_the_markdown():
     assert f"│ d0      │ low-rate  │     3 │      {low.delta:+.6f} │ 100.0% │" in text
     markdown = compare_markdown(comparison)
     assert f"| d0 | low-rate | 3 | {low.delta:+.6f} | 100.0% |" in markdown
+
+
+def test_compare_with_a_cell_table_sums_the_change_per_group(invoke, tmp_path):
+    base = run_of(tmp_path, "base")
+    rates, _ = SESSIONS["A"]
+    rhat = model(rates, 0.2, seed=1)
+    rhat[:, 3] *= 4.0  # cell 3 of A, in group "bad", carries the drop
+    new = run_of(tmp_path, "new", A={"rhat": rhat})
+    table = tmp_path / "cells.csv"
+    table.write_text("dataset,cell,area\nA,3,bad\nA,0,good\nA,1,good\nA,9,good\n")
+    result = invoke(
+        "compare", new, "--baseline", base, "--cells", table, "--group-by", "area", "--json", tmp_path / "c.json"
+    )
+    assert_exit(result, 1)
+    document = json.loads((tmp_path / "c.json").read_text())
+    metric = next(m for m in document["metrics"] if (m["scope"], m["metric"]) == ("A", "bps"))
+    groups = {(g["dataset"], g["value"]): g for g in metric["attribution"]["groups"]}
+    cells = {c["cell"]: c["delta"] for c in metric["attribution"]["cells"]}
+    assert groups[("A", "bad")]["delta"] == pytest.approx(cells[3], abs=1e-15)
+    assert groups[("A", "good")]["delta"] == pytest.approx(cells[0] + cells[1], abs=1e-15)
+    assert groups[("A", None)]["cells"] == 2  # cells 2 and 4: not in the table
+    assert math.fsum(g["delta"] for (dataset, _), g in groups.items() if dataset == "A") == pytest.approx(
+        metric["delta"], abs=1e-12
+    )
+    warnings = " ".join(document["warnings"])
+    assert "dataset 'A' cell 9" in warnings and "not in the run" in warnings
+    assert "in the group null of 'area'" in warnings
+
+
+def test_compare_refuses_a_cell_table_without_the_group_column_before_merging(invoke, tmp_path):
+    table = tmp_path / "cells.csv"
+    table.write_text("dataset,cell,area\nA,3,bad\n")
+    result = invoke(
+        "compare", tmp_path / "nowhere", "--baseline", tmp_path / "b.json", "--cells", table, "--group-by", "depth"
+    )
+    assert_exit(result, 2)
+    assert f"--group-by 'depth': --cells {table} has no such column to group by (its columns: " in result.stderr

@@ -37,6 +37,7 @@ from bpseval._json import plain
 from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
+from bpseval.features.groups import cell_groups, grouping_table
 from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
@@ -668,9 +669,29 @@ def compare_paths(
     baseline: str | os.PathLike[str],
     settings: CompareSettings,
     step: int | None = None,
+    *,
+    cells: str | os.PathLike[str] | None = None,
+    group_by: str | None = None,
     **merge_options: Any,
 ) -> Comparison:
-    """Load both sides (with block statistics only when a paired test may be needed) and compare."""
+    """Load both sides (with block statistics only when a paired test may be needed) and compare.
+
+    With a cell table `cells` and one of its columns `group_by`, each failed metric's change is also
+    summed per group of the run's cells; the table is checked before anything is merged.
+    """
+    table = grouping_table(cells, group_by)
     blocks = settings.blocks if settings.significance is not None else None
     new = load_run(run_dir, step, blocks, **merge_options)
-    return compare(new, load_baseline(baseline, blocks, **merge_options), settings)
+    base = load_baseline(baseline, blocks, **merge_options)
+    if table is None or group_by is None:
+        return compare(new, base, settings)
+    assigned = cell_groups(table, new.scored, group_by)
+    groups = {
+        (dataset.name, str(cell_id)): value
+        for dataset in new.scored.datasets
+        for cell_id, value in zip(dataset.cell_ids.tolist(), assigned.values[dataset.name].tolist(), strict=True)
+        if value is not None
+    }
+    comparison = compare(new, base, settings, groups)
+    comparison.warnings.extend(assigned.warnings)
+    return comparison
