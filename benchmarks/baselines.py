@@ -3,7 +3,7 @@ numpy floor), bpseval's own kernel alone, and the legacy per-rank per-cell loop 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -38,26 +38,47 @@ def read_shards(paths: list[Path], chunked: bool) -> int:
 
 
 def numpy_floor(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellStats:
-    """The numpy floor: the most direct numpy code for the four per-cell sums, independent of bpseval's.
+    """The numpy floor: the most direct numpy code for every per-cell sum of `CellStats`, independent of bpseval's.
 
-    n_valid, Σw, Σw·robs and Σw·(robs·ln λ − λ), λ = max(rhat, MIN_RATE), in float64, over the same
-    row blocks as `batch_stats` (BLOCK_ENTRIES entries). No validation: it relies on every value
-    being finite (true of the synthetic data), so entries with w = 0 add 0 without masking.
+    λ = max(rhat, MIN_RATE), in float64, over the same row blocks as `batch_stats` (BLOCK_ENTRIES
+    entries), in two passes: the sums and extremes, then the second moments around the whole data's
+    means. No validation: it relies on every value being finite (true of the synthetic data), so
+    entries with w = 0 add 0 without masking.
     """
     rows = max(1, BLOCK_ENTRIES // max(1, rhat.shape[1]))
-    total = CellStats.zeros(rhat.shape[1])
-    for start in range(0, len(rhat), rows):
-        block = slice(start, start + rows)
-        w = dfs[block].astype(np.float64)
-        counts = robs[block].astype(np.float64)
-        rates = np.maximum(rhat[block].astype(np.float64), MIN_RATE)
-        total += CellStats(
-            n_valid=np.count_nonzero(w > 0, axis=0),
-            weight=w.sum(axis=0),
-            spikes=(w * counts).sum(axis=0),
-            model_ll=(w * (counts * np.log(rates) - rates)).sum(axis=0),
-        )
-    return total
+    n_cells = rhat.shape[1]
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for start in range(0, len(rhat), rows):
+            block = slice(start, start + rows)
+            w = dfs[block].astype(np.float64)
+            yield w, robs[block].astype(np.float64), np.maximum(rhat[block].astype(np.float64), MIN_RATE)
+
+    sums = {name: np.zeros(n_cells) for name in STAT_FIELDS[1:9]}
+    n_valid = np.zeros(n_cells, dtype=np.int64)
+    extremes = {name: np.full(n_cells, np.inf) for name in ("rate_min", "count_min")}
+    extremes.update({name: np.full(n_cells, -np.inf) for name in ("rate_max", "count_max")})
+    for w, counts, rates in blocks():
+        valid = w > 0
+        n_valid += np.count_nonzero(valid, axis=0)
+        sums["weight"] += w.sum(axis=0)
+        sums["spikes"] += (w * counts).sum(axis=0)
+        sums["model_ll"] += (w * (counts * np.log(rates) - rates)).sum(axis=0)
+        positive = np.where(counts > 0, counts, 1.0)
+        sums["spike_log_spikes"] += (w * np.where(counts > 0, counts * np.log(positive), 0.0)).sum(axis=0)
+        sums["rate_sum"] += (w * rates).sum(axis=0)
+        for values, kind in ((rates, "rate"), (counts, "count")):
+            extremes[f"{kind}_min"] = np.minimum(extremes[f"{kind}_min"], np.where(valid, values, np.inf).min(axis=0))
+            extremes[f"{kind}_max"] = np.maximum(extremes[f"{kind}_max"], np.where(valid, values, -np.inf).max(axis=0))
+    has_weight = sums["weight"] > 0
+    rate_mean = np.where(has_weight, sums["rate_sum"] / np.where(has_weight, sums["weight"], 1.0), 0.0)
+    count_mean = np.where(has_weight, sums["spikes"] / np.where(has_weight, sums["weight"], 1.0), 0.0)
+    for w, counts, rates in blocks():
+        rate_step, count_step = rates - rate_mean, counts - count_mean
+        sums["rate_m2"] += (w * rate_step * rate_step).sum(axis=0)
+        sums["count_m2"] += (w * count_step * count_step).sum(axis=0)
+        sums["co_m2"] += (w * rate_step * count_step).sum(axis=0)
+    return CellStats(n_valid=n_valid, **sums, **extremes)
 
 
 KERNELS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, np.ndarray], CellStats], str]] = {
@@ -67,15 +88,21 @@ KERNELS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, np.ndarray], CellStat
 """The compute-only measurements: bpseval's kernel and the naive pass it is compared with."""
 
 
-def relative_difference(label: str, got: CellStats, expected: CellStats) -> float:
-    """The worst relative difference of `got`'s sums from `expected`'s; SystemExit when n_valid differs
-    or a sum is off by more than RELATIVE_TOLERANCE."""
-    if not np.array_equal(got.n_valid, expected.n_valid):
-        raise SystemExit(f"{label}: n_valid differs from the numpy floor's")
+def relative_difference(label: str, got: CellStats | dict[str, np.ndarray], expected: CellStats) -> float:
+    """The worst relative difference of `got`'s sums from `expected`'s (those `got` holds, when a dict of them);
+    SystemExit when n_valid or an extreme differs, or a sum is off by more than RELATIVE_TOLERANCE.
+
+    The co-moment is compared relative to √(rate_m2 · count_m2), its largest possible size: it may be near 0.
+    """
+    sums = got.fields() if isinstance(got, CellStats) else got
+    for key in ("n_valid", "rate_min", "count_min", "rate_max", "count_max"):
+        if key in sums and not np.array_equal(sums[key], getattr(expected, key)):
+            raise SystemExit(f"{label}: {key} differs from the numpy floor's")
     worst = 0.0
-    for key in STAT_FIELDS[1:]:
+    for key in [key for key in STAT_FIELDS[1:9] if key in sums]:
         want = getattr(expected, key)
-        worst = max(worst, float(np.max(np.abs(getattr(got, key) - want) / np.maximum(np.abs(want), 1e-300))))
+        scale = np.sqrt(expected.rate_m2 * expected.count_m2) if key == "co_m2" else np.abs(want)
+        worst = max(worst, float(np.max(np.abs(sums[key] - want) / np.maximum(scale, 1e-300), initial=0.0)))
     if worst > RELATIVE_TOLERANCE:
         raise SystemExit(f"{label}: statistics differ from the numpy floor's by {worst:.2e} relative")
     return worst

@@ -39,7 +39,7 @@ from benchmarks.processes import READ_PROBE, bpseval_command, compile_bytecode, 
 from benchmarks.report import FLOOR, compute_ratios, compute_targets, print_report
 from benchmarks.timing import MachineLoad, Timing, environment, spread, timed
 from bpseval import bits_per_spike
-from bpseval.kernel.stats import BLOCK_ENTRIES, CellStats
+from bpseval.kernel.stats import BLOCK_ENTRIES, STAT_FIELDS, CellStats
 from bpseval.run.merge import CHUNK_ELEMENTS
 
 MEASUREMENTS = ("read", "kernel", "bpseval", "legacy", "in-memory", "parallel")
@@ -78,9 +78,9 @@ def bpseval_variants(notes: list[str]) -> dict[str, list[str]]:
     return variants
 
 
-def cell_stats(columns: Mapping[str, Sequence[float]]) -> CellStats:
-    """CellStats from bpseval's per-cell output columns (n_valid, n, spikes, model_ll)."""
-    return CellStats(*(np.asarray(columns[key]) for key in STAT_COLUMNS))
+def cell_stats(columns: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    """The sums bpseval's per-cell output columns hold (n_valid, n, spikes, model_ll), under CellStats' names."""
+    return {field: np.asarray(columns[key]) for field, key in zip(STAT_FIELDS, STAT_COLUMNS, strict=False)}
 
 
 def sampled_bpseval_run(run_dir: Path, options: list[str], reference: dict[str, CellStats]) -> tuple[str, float]:
