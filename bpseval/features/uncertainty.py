@@ -166,8 +166,10 @@ def studentized(values: np.ndarray, errors: np.ndarray, tail: float, point: floa
     percentile interval it widens where the sample is more spread than the replicates suggest: a mean
     or a pooled ratio over cells with a few very well predicted ones (skewed, heavy-tailed per-cell
     values) is low, with a small spread, exactly when those cells are missing, and percentile
-    intervals (plain, BC or BCa) then miss the truth above. None when the estimate or its error is
-    not a finite number with error > 0, or more than `tail` of the t are undefined.
+    intervals (plain, BC or BCa) then miss the truth above. The t quantiles are taken at (replicates + 1)
+    · tail from either end (numpy's "weibull"), not the inward (replicates − 1) · tail + 1 of the default,
+    which costs about 1/replicates of coverage in each tail. None when the estimate or its error is not
+    a finite number with error > 0, or more than `tail` of the t are undefined.
     """
     if not (math.isfinite(point) and math.isfinite(error) and error > 0):
         return None
@@ -176,7 +178,7 @@ def studentized(values: np.ndarray, errors: np.ndarray, tail: float, point: floa
     defined = t[np.isfinite(t)]
     if len(defined) == 0 or len(t) - len(defined) > tail * len(t):
         return None
-    low, high = np.quantile(defined, [tail, 1.0 - tail])
+    low, high = np.quantile(defined, [tail, 1.0 - tail], method="weibull")
     return float(point - high * error), float(point - low * error)
 
 
