@@ -16,7 +16,7 @@ from bpseval.run.merge import MergedDataset
 from bpseval.run.scored import score
 
 SETS = {"blocks": 400, "cells": 200}
-"""Simulated validation sets per scheme in the suite (each test well under 30 s on one core)."""
+"""Simulated validation sets per scheme in the suite (each test takes about half a minute)."""
 RESAMPLES = 200
 STIMULI = np.linspace(-1.5, 1.5, 16)
 """The stimulus of each sample is one of these, uniformly: expectations over samples are exact means over them."""
