@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from bpseval import evaluate
 from bpseval.cli import app
 from bpseval.errors import ArgumentError
-from bpseval.features.uncertainty import METRICS, IntervalSettings, intervals
-from bpseval.kernel.stats import CellStats, batch_stats, block_stats
+from bpseval.features.uncertainty import GROUPS, METRICS, IntervalSettings, estimates, intervals
+from bpseval.kernel.stats import CellStats, batch_stats, block_stats, reduce_rows
 from bpseval.run.merge import MergedDataset
 from bpseval.run.scored import (
     ScoreSettings,
@@ -57,7 +57,7 @@ def test_compute_ci_adds_intervals_to_every_dataset_and_overall_reproducibly(inv
         "over": "blocks",
         "resamples": 1000,
         "seed": 0,
-        "method": "bias-corrected percentile bootstrap",
+        "method": "studentized bootstrap (bootstrap-t), standard errors by a grouped jackknife (at most 20 groups)",
     }
     for entry in [*document["datasets"], document["overall"]]:
         for metric in METRICS:
@@ -152,13 +152,70 @@ def test_too_few_blocks_give_no_interval(tmp_path):
 
 
 def test_replicates_of_many_blocks_and_cells_stay_within_the_memory_bound():
-    """1000 replicates of 1000 blocks × 200 cells would take 1.6 GB at once in reduce_rows; chunks keep it small."""
+    """100 replicates of 1000 blocks × 200 cells, each merged once whole and once per left-out jackknife group (21
+    rows), would take 3.4 GB at once in reduce_rows; chunks keep it small."""
     rng = np.random.default_rng(5)
     rates = rng.gamma(2.0, 0.5, (2000, 200))
     per_block = block_stats(np.arange(2000) // 2, rates, rng.poisson(rates).astype(np.float64))
     merged = MergedDataset("big", np.arange(200), "rate", [per_block.total()], 2000, 0, "", per_block.stats)
     scored = score([merged], step=0, world_size=1)
-    assert peak_bytes(lambda: intervals(scored, IntervalSettings(resamples=1000))) < 300 << 20
+    assert peak_bytes(lambda: intervals(scored, IntervalSettings(resamples=100))) < 300 << 20
+
+
+def test_standard_errors_are_the_grouped_jackknife_of_the_cells_by_hand():
+    """The estimate's standard error over cells: drawn position j in group j mod 20 (7 groups of one cell for 7 cells),
+    each group left out; the overall one adds the datasets' jackknife variances (they are drawn independently)."""
+    rng = np.random.default_rng(6)
+    merged = []
+    for name, cells in (("many", 45), ("few", 7)):
+        rates = rng.gamma(2.0, 0.5, (300, cells))
+        stats = batch_stats(rates, rng.poisson(rates * rng.uniform(0.5, 1.5, cells)).astype(np.float64))
+        merged.append(MergedDataset(name, np.arange(cells), "rate", [stats], 300, 0))
+    scored = score(merged, step=0, world_size=1)
+    bps = [dataset.scores.bps for dataset in scored.datasets]
+    assert all((dataset.scores.status == "ok").all() for dataset in scored.datasets)
+
+    def jackknife(values: list[float]) -> float:
+        groups = len(values)
+        return (groups - 1) / groups * float(np.sum((np.array(values) - np.mean(values)) ** 2))
+
+    def left_out(cells: np.ndarray) -> list[np.ndarray]:
+        groups = min(len(cells), GROUPS)
+        return [cells[np.arange(len(cells)) % groups != group] for group in range(groups)]
+
+    variances = [jackknife([kept.mean() for kept in left_out(values)]) for values in bps]
+    overall = [
+        jackknife([(kept.mean() + bps[1].mean()) / 2 for kept in left_out(bps[0])]),
+        jackknife([(bps[0].mean() + kept.mean()) / 2 for kept in left_out(bps[1])]),
+    ]
+    units = [dataset.stats for dataset in scored.datasets]
+    datasets, whole = estimates(scored, units, [np.arange(unit.n_cells)[None, :] for unit in units], "cells")
+    for found, variance, dataset in zip(datasets, variances, scored.datasets, strict=True):
+        assert math.isclose(found.values["bps"][0], dataset.bps, rel_tol=1e-12)
+        assert math.isclose(found.errors["bps"][0], math.sqrt(variance), rel_tol=1e-9)
+    assert math.isclose(whole.errors["bps"][0], math.sqrt(sum(overall)), rel_tol=1e-9)
+
+
+def test_block_standard_errors_are_the_grouped_jackknife_of_the_blocks_left_out():
+    """Over blocks, a left-out group is merged with multiplicity 0: the same numbers as scoring the other blocks."""
+    rng = np.random.default_rng(8)
+    rates = rng.gamma(2.0, 0.5, (600, 6))
+    per_block = block_stats(np.arange(600) // 20, rates, rng.poisson(rates).astype(np.float64))
+    merged = MergedDataset("d", np.arange(6), "rate", [per_block.total()], 600, 0, "", per_block.stats)
+    scored = score([merged], step=0, world_size=1)
+    blocks = per_block.stats
+    left_out = []
+    for group in range(GROUPS):
+        kept = blocks.map(lambda values, group=group: values[np.arange(30) % GROUPS != group])
+        left_out.append(
+            score([MergedDataset("d", np.arange(6), "rate", [reduce_rows(kept)], 600, 0)], step=0, world_size=1)
+        )
+    datasets, whole = estimates(scored, [blocks], [np.arange(30)[None, :]], "blocks")
+    for metric in METRICS:
+        values = np.array([getattr(run.datasets[0], metric) for run in left_out])
+        expected = math.sqrt((GROUPS - 1) / GROUPS * float(np.sum((values - values.mean()) ** 2)))
+        assert math.isclose(datasets[0].errors[metric][0], expected, rel_tol=1e-9), metric
+        assert math.isclose(whole.errors[metric][0], expected, rel_tol=1e-9), metric
 
 
 def _stats(draw, rows: int, cells: int) -> CellStats:

@@ -175,6 +175,10 @@ def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
 
     def extreme(values: Any, pick: Callable[..., Any], empty: float) -> Any:
         rows_taken = xp.reshape(taken, (*taken.shape, 1))
+        if is_numpy_namespace(xp):  # a masked reduction, without a (replicates, rows, cells) copy
+            reduce = (np.minimum if pick is xp.min else np.maximum).reduce
+            spread = np.broadcast_to(values, (*taken.shape, values.shape[-1]))
+            return reduce(spread, axis=-2, where=rows_taken, initial=empty)
         return pick(xp.where(rows_taken, values, empty), axis=-2)
 
     return CellStats(
