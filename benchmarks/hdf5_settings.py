@@ -148,7 +148,7 @@ def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
             layout = Layout(chunk_bytes, compression)
             cases[layout.label] = partial(write_layout, layout=layout)
     with tempfile.TemporaryDirectory(dir=args.data_dir) as scratch:
-        for cells in (int(value) for value in args.hdf5_cells.split(",")):
+        for cells in args.hdf5_cells:
             rhat, robs, dfs = synthetic_dataset(cells, scale.samples, SEED)
             arrays = {"rhat": rhat, "robs": robs, "dfs": dfs, "sample_idx": np.arange(scale.samples, dtype=np.int64)}
             raw = sum(array.nbytes for array in arrays.values())

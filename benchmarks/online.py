@@ -101,9 +101,9 @@ def measure(repeat: int = 5, number: int = 20) -> dict[str, Any]:
     }
 
 
-def main(repeat: int) -> dict[str, Any]:
-    """The `online` mode: measure, print a short table, return the JSON document."""
-    document = {**measure(repeat), "environment": environment()}
+def main(repeat: int, number: int = 20) -> dict[str, Any]:
+    """The `online` mode: measure (`number` calls per round), print a short table, return the JSON document."""
+    document = {**measure(repeat, number), "environment": environment()}
     for name, micros in document["times_us"].items():
         ratio = document["ratio_to_fused_reduction"].get(name)
         print(f"{name:20s} {micros:8.1f} us" + ("" if ratio is None else f"   {ratio:.2f}x the fused reduction"))

@@ -11,7 +11,8 @@ the worst case of many small shards (every dataset is spread over every shard, e
 float32 cells), so both runs hold the same bytes on disk, not just the same data. Target: 256
 shards take at most 2x the time of 32.
 
-Every run is a subprocess with a warm page cache, repetitions interleaved, medians reported; the
+These are the defaults of `Sizes`; the `all` mode's `--quick` passes smaller ones. Every run is a
+subprocess with a warm page cache, repetitions interleaved, medians reported; the
 CPU used by other processes meanwhile is recorded (the machine is shared).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +30,27 @@ from benchmarks.processes import bpseval_command, compile_bytecode, run_child
 from benchmarks.timing import MachineLoad, environment, print_load, spread
 from bpseval import ShardWriter
 
-TINY_DATASETS, TINY_SAMPLES, TINY_CELLS, TINY_RANKS = 3000, 40, 6, 2
-SESSIONS, SESSION_CELLS, SESSION_SAMPLES = 10, 64, 32_768
-MANY_RANKS, FEW_RANKS = 256, 32
+TINY_SAMPLES, TINY_CELLS, TINY_RANKS = 40, 6, 2
+SESSIONS, SESSION_CELLS = 10, 64
 TARGETS = {"jobs2_over_jobs1": 1.0, "many_over_few": 2.0}
 
 
-def write_tiny(run: Path) -> None:
-    """TINY_DATASETS datasets of TINY_SAMPLES (+ d mod ranks) samples x TINY_CELLS cells on TINY_RANKS ranks."""
+@dataclass(frozen=True)
+class Sizes:
+    """How many tiny datasets; the samples per session; the ranks of the many-shards and few-shards runs."""
+
+    tiny_datasets: int = 3000
+    session_samples: int = 32_768
+    many_ranks: int = 256
+    few_ranks: int = 32
+
+
+def write_tiny(run: Path, datasets: int) -> None:
+    """`datasets` datasets of TINY_SAMPLES (+ d mod ranks) samples x TINY_CELLS cells on TINY_RANKS ranks."""
     writers = [ShardWriter(run, rank, TINY_RANKS) for rank in range(TINY_RANKS)]
     for writer in writers:
         writer.open()
-    for index in range(TINY_DATASETS):
+    for index in range(datasets):
         samples = TINY_SAMPLES + index % TINY_RANKS
         rhat, robs, dfs = synthetic_dataset(TINY_CELLS, samples, SEED + index)
         for rank, writer in enumerate(writers):
@@ -49,9 +60,9 @@ def write_tiny(run: Path) -> None:
         writer.close()
 
 
-def write_sessions(run: Path, ranks: int) -> None:
-    """SESSIONS sessions of SESSION_CELLS cells dealt over `ranks` ranks, one shard each."""
-    data = [synthetic_dataset(SESSION_CELLS, SESSION_SAMPLES - index, SEED + index) for index in range(SESSIONS)]
+def write_sessions(run: Path, ranks: int, samples: int) -> None:
+    """SESSIONS sessions of SESSION_CELLS cells and `samples` - d samples dealt over `ranks` ranks, one shard each."""
+    data = [synthetic_dataset(SESSION_CELLS, samples - index, SEED + index) for index in range(SESSIONS)]
     for rank in range(ranks):
         with ShardWriter(run, rank, ranks) as writer:
             for index, (rhat, robs, dfs) in enumerate(data):
@@ -73,29 +84,30 @@ def shard_bytes(run: Path) -> tuple[int, int]:
     return len(paths), sum(path.stat().st_size for path in paths)
 
 
-def main(repeat: int, data_dir: Path | None) -> dict[str, Any]:
-    """Write the three runs, time them `repeat` times (interleaved) and return the JSON document."""
+def main(repeat: int, data_dir: Path | None, sizes: Sizes = Sizes()) -> dict[str, Any]:
+    """Write the three runs of `sizes`, time them `repeat` times (interleaved) and return the JSON document."""
     compile_bytecode()
     base = Path(data_dir or tempfile.mkdtemp(prefix="bpseval-parallel-bench-"))
-    runs = {"tiny": base / "tiny", "many": base / f"ranks-{MANY_RANKS}", "few": base / f"ranks-{FEW_RANKS}"}
+    many, few = sizes.many_ranks, sizes.few_ranks
+    runs = {"tiny": base / "tiny", "many": base / f"ranks-{many}", "few": base / f"ranks-{few}"}
     for run in runs.values():
         shutil.rmtree(run, ignore_errors=True)
     started = time.perf_counter()
-    write_tiny(runs["tiny"])
-    write_sessions(runs["many"], MANY_RANKS)
-    write_sessions(runs["few"], FEW_RANKS)
-    sizes = {name: shard_bytes(run) for name, run in runs.items()}
+    write_tiny(runs["tiny"], sizes.tiny_datasets)
+    write_sessions(runs["many"], many, sizes.session_samples)
+    write_sessions(runs["few"], few, sizes.session_samples)
+    written = {name: shard_bytes(run) for name, run in runs.items()}
     print(
         f"written in {time.perf_counter() - started:.0f} s: "
-        + ", ".join(f"{name} {count} shards {size / 1e6:.1f} MB" for name, (count, size) in sizes.items())
+        + ", ".join(f"{name} {count} shards {size / 1e6:.1f} MB" for name, (count, size) in written.items())
     )
     cases = {
         "tiny --jobs 1": (runs["tiny"], ("--jobs", "1")),
         "tiny --jobs 2": (runs["tiny"], ("--jobs", "2")),
-        f"{MANY_RANKS} shards": (runs["many"], ()),
-        f"{FEW_RANKS} shards": (runs["few"], ()),
-        f"{MANY_RANKS} shards --jobs 2": (runs["many"], ("--jobs", "2")),
-        f"{FEW_RANKS} shards --jobs 2": (runs["few"], ("--jobs", "2")),
+        f"{many} shards": (runs["many"], ()),
+        f"{few} shards": (runs["few"], ()),
+        f"{many} shards --jobs 2": (runs["many"], ("--jobs", "2")),
+        f"{few} shards --jobs 2": (runs["few"], ("--jobs", "2")),
     }
     for run, options in cases.values():  # warm the page cache and the bytecode
         timed_compute(run, *options)
@@ -115,8 +127,8 @@ def main(repeat: int, data_dir: Path | None) -> dict[str, Any]:
 
     ratios = {
         "jobs2_over_jobs1": ratio("tiny --jobs 2", "tiny --jobs 1"),
-        "many_over_few": ratio(f"{MANY_RANKS} shards", f"{FEW_RANKS} shards"),
-        "many_over_few_jobs2": ratio(f"{MANY_RANKS} shards --jobs 2", f"{FEW_RANKS} shards --jobs 2"),
+        "many_over_few": ratio(f"{many} shards", f"{few} shards"),
+        "many_over_few_jobs2": ratio(f"{many} shards --jobs 2", f"{few} shards --jobs 2"),
     }
     for name, timing in seconds.items():
         print(f"{name:>24}: median {timing['median']:.2f} s (min {timing['min']:.2f}, max {timing['max']:.2f})")
@@ -127,7 +139,8 @@ def main(repeat: int, data_dir: Path | None) -> dict[str, Any]:
     print_load(other)
     return {
         "repeat": repeat,
-        "data": {name: {"shards": count, "bytes": size} for name, (count, size) in sizes.items()},
+        "sizes": asdict(sizes),
+        "data": {name: {"shards": count, "bytes": size} for name, (count, size) in written.items()},
         "seconds": seconds,
         "ratios": ratios,
         "targets": TARGETS,

@@ -2,6 +2,7 @@
 """Benchmarks of `bpseval compute` against the I/O floor, a numpy floor and the legacy per-cell loop.
 
     python benchmarks/run.py --scale realistic [--repeat 5] [--json results.json]
+    python benchmarks/run.py all [--quick] [--repeat 3] [--json benchmarks/results/all.json]
     python benchmarks/run.py hdf5-settings [--repeat 3]
     python benchmarks/run.py profile --scale realistic
     python benchmarks/run.py steps --steps 100 --ranks 4 --repeat 3
@@ -22,21 +23,24 @@ merge under cProfile. `writer` (benchmarks/writer.py) times ShardWriter, synchro
 background=True, against plain h5py appends and torch.save. `online` (benchmarks/online.py) times
 `DistributedBPS.update` against one fused torch reduction of the same sums. `parallel`
 (benchmarks/parallel.py) times `--jobs 1/2` on 3,000 tiny datasets and 256 small shards against 32
-large ones holding the same data. benchmarks/README.md
-explains every measurement and gives results.
+large ones holding the same data. `all` (benchmarks/overview.py) runs the measurements behind
+every ratio of issue #17 and prints them in one table. benchmarks/README.md explains every
+measurement and gives results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the `benchmarks` package, not its files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import cache, hdf5_settings, many_steps, parallel, profiling, shards, writer
+from benchmarks import cache, hdf5_settings, many_steps, overview, parallel, profiling, shards, writer
 from benchmarks.data import SCALES, resolve_scale
 from benchmarks.shards import MEASUREMENTS
 
@@ -44,13 +48,14 @@ from benchmarks.shards import MEASUREMENTS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = ("shards", "hdf5-settings", "profile", "steps", "writer", "cache", "online", "parallel")
+    modes = ("shards", "all", "hdf5-settings", "profile", "steps", "writer", "cache", "online", "parallel")
     parser.add_argument(
         "mode",
         nargs="?",
         default="shards",
         choices=modes,
-        help="shards (default): the full benchmark; hdf5-settings: chunk/compression table;"
+        help="shards (default): the full benchmark; all: every ratio of issue #17 in one table;"
+        " hdf5-settings: chunk/compression table;"
         " profile: cProfile of the merge; steps: --all-steps on many small steps;"
         " writer: ShardWriter against plain h5py and torch.save;"
         " cache: --all-steps run again with the merge cache;"
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="override the scale's validation samples per dataset")
     parser.add_argument("--ranks", type=int, help="override the scale's number of ranks")
     parser.add_argument("--data-dir", type=Path, help="where shards go (default: a reusable dir under the temp dir)")
+    parser.add_argument("--quick", action="store_true", help="all: the smallest sizes, a smoke run (about a minute)")
     parser.add_argument("--repeat", type=int, default=5, help="repetitions of every timing (default 5)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
@@ -78,12 +84,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--in-memory-cells", type=int, default=1000, help="cells of the in-memory dataset")
     parser.add_argument("--steps", type=int, help="steps, cache: number of validation steps (default 100, 30)")
-    parser.add_argument("--hdf5-cells", default="181,23", help="hdf5-settings, writer: comma-separated cell counts")
+    parser.add_argument(
+        "--hdf5-cells",
+        type=lambda text: [int(value) for value in text.split(",")],
+        default="181,23",
+        help="hdf5-settings, writer: comma-separated cell counts",
+    )
     args = parser.parse_args(argv)
+    if args.quick and args.mode != "all":
+        parser.error("--quick applies to the all mode only")
+    if args.mode == "all":
+        given = [
+            f"--{key}" for key in ("scale", "datasets", "cells", "samples", "ranks", "steps") if getattr(args, key)
+        ]
+        if given:
+            parser.error(f"all: {', '.join(given)} do not apply (the sizes are fixed; --quick for a smoke run)")
     unknown = set(args.measure) - set(MEASUREMENTS)
     if unknown:
         parser.error(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASUREMENTS)}")
     return args
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, so that its JSON is standard (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,12 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     scale_name = args.scale or ("small" if args.mode in ("shards", "cache") else "realistic")
     overridden = any(getattr(args, key) for key in ("datasets", "cells", "samples", "ranks"))
     scale = resolve_scale(SCALES[scale_name], args.datasets, args.cells, args.samples, args.ranks)
-    if args.mode == "hdf5-settings":
+    if args.mode == "all":
+        document = overview.main(args)
+    elif args.mode == "hdf5-settings":
         document = hdf5_settings.main(args, scale)
     elif args.mode == "steps":
         document = many_steps.main(args.steps or 100, args.ranks or 4, args.repeat)
     elif args.mode == "writer":
-        document = writer.main(args, scale)
+        document = writer.main(args.hdf5_cells, scale.samples, args.repeat, args.data_dir)
     elif args.mode == "cache":
         document = cache.main(scale, args.steps or 30, args.repeat, args.data_dir)
     elif args.mode == "online":
@@ -111,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         document = shards.main(args, f"{scale_name} (overridden)" if overridden else scale_name, scale)
     if args.json:
-        args.json.write_text(json.dumps(document, indent=2, default=float))
+        args.json.write_text(json.dumps(finite(document), indent=2, default=float))
         print(f"results written to {args.json}")
 
 

@@ -121,13 +121,19 @@ def print_load(load: dict[str, float]) -> None:
     )
 
 
+def git(*args: str) -> str:
+    """The output of `git ARGS` in this checkout (empty when git fails)."""
+    result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
+def commit() -> dict[str, Any]:
+    """The commit measured: HEAD in full, and whether the work tree differs from it (untracked files included)."""
+    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
 def environment() -> dict[str, Any]:
     """Machine, library versions and the bpseval checkout measured (a hash of every bpseval/**/*.py)."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return result.stdout.strip()
-
     source = hashlib.sha256()
     package = Path(bpseval.__file__).parent
     for path in sorted(package.rglob("*.py")):

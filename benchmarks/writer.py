@@ -18,7 +18,6 @@ is written BATCH_ROWS rows per call, every variant once per repetition, repetiti
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.data import BATCH_ROWS, MIB, SEED, Scale, synthetic_dataset
+from benchmarks.data import BATCH_ROWS, MIB, SEED, synthetic_dataset
 from benchmarks.hdf5_settings import Layout, write_layout
 from benchmarks.timing import MachineLoad, Timing, environment, print_load, ratio
 from bpseval import ShardWriter
@@ -149,18 +148,17 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
     }
 
 
-def main(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
-    """The writer measurements for each of --hdf5-cells; returns the JSON document."""
+def main(cells: list[int], samples: int, repeat: int, data_dir: Path | None) -> dict[str, Any]:
+    """The writer measurements of one session of `samples` rows for each of `cells`; returns the JSON document."""
     load = MachineLoad()
-    with tempfile.TemporaryDirectory(dir=args.data_dir) as scratch:
-        cells = [int(value) for value in args.hdf5_cells.split(",")]
-        results = [measure(count, scale.samples, args.repeat, Path(scratch)) for count in cells]
+    with tempfile.TemporaryDirectory(dir=data_dir) as scratch:
+        results = [measure(count, samples, repeat, Path(scratch)) for count in cells]
     document = {
         "mode": "writer",
-        "samples": scale.samples,
+        "samples": samples,
         "batch_rows": BATCH_ROWS,
         "queue_bytes": QUEUE_BYTES,
-        "repeat": args.repeat,
+        "repeat": repeat,
         "environment": environment(),
         "machine_load": load.report(),
         "results": results,

@@ -6,6 +6,8 @@ and `benchmarks/run.py --help`.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from functools import partial
@@ -79,8 +81,7 @@ def test_hdf5_settings_reads_shard_writer_chunks_from_the_file(tmp_path: Path) -
 
 
 def test_writer_mode_times_every_variant_and_its_ratios(tmp_path: Path) -> None:
-    args = run.parse_args(["writer", "--repeat", "1", "--hdf5-cells", "7", "--data-dir", str(tmp_path)])
-    document = writer.main(args, resolve_scale(SCALES["small"], None, None, 600, None))
+    document = writer.main([7], 600, 1, tmp_path)
     (result,) = document["results"]
     assert result["cells"] == 7 and all(timing["median"] > 0 for timing in result["timings"].values())
     assert result["ratios"]["ShardWriter / plain h5py throughput"]["target"] == ">= 0.8"
@@ -131,3 +132,59 @@ def test_online_mode_times_update_and_the_fused_reduction() -> None:
     document = online.measure(repeat=1, number=1)
     assert set(document["ratio_to_fused_reduction"]) >= {"with sample_idx", "without sample_idx"}
     assert all(ratio > 0 for ratio in document["ratio_to_fused_reduction"].values())
+
+
+ISSUE_17_RATIOS = [
+    ("cache", "second --all-steps / first, unchanged run"),
+    ("cache", "one more step: (run - all cached) / (first / 2)"),
+    ("writer", "ShardWriter / plain h5py throughput (181 cells)"),
+    ("writer", "background add / sync add, with forward (181 cells)"),
+    ("writer", "ShardWriter / plain h5py throughput (23 cells)"),
+    ("writer", "background add / sync add, with forward (23 cells)"),
+    ("online", "update with sample_idx / fused reduction (256, 300)"),
+    ("online", "update without sample_idx / fused reduction (256, 300)"),
+    ("kernel", "in-memory bits_per_spike speed-up over the per-cell loop, 1000 cells"),
+    ("kernel", "compute / plain h5py read, same shards"),
+    ("kernel", "peak RSS of compute, MB"),
+    ("parallel", "--jobs 2 / --jobs 1, 20 tiny datasets"),
+    ("parallel", "8 shards / 2 shards, same data"),
+]
+"""Every ratio of issue #17's items 1-5, as the `all` mode names them at --quick sizes."""
+
+
+def test_all_quick_reports_every_ratio_of_issue_17_with_its_target_and_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "all.json"
+    run.main(["all", "--quick", "--repeat", "1", "--data-dir", str(tmp_path / "data"), "--json", str(output)])
+    document = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert [(entry["area"], entry["ratio"]) for entry in document["ratios"]] == ISSUE_17_RATIOS
+    for entry in document["ratios"]:
+        assert re.fullmatch(r"(<=|>=) \d+(\.\d+)?", entry["target"]), entry
+        sign, limit = entry["target"].split()
+        assert entry["met"] is (entry["value"] >= float(limit) if sign == ">=" else entry["value"] <= float(limit))
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert document["commit"]["sha"] == sha and isinstance(document["commit"]["dirty"], bool)
+    assert document["quick"] is True and document["machine_load"]["wall_s"] > 0
+    assert set(document["modes"]) == {"cache", "writer", "online", "shards", "parallel"}
+    printed = capsys.readouterr().out
+    assert f"issue #17 ratios at {sha}" in printed and "QUICK smoke run" in printed
+    assert "area      ratio" in printed and f"of {len(ISSUE_17_RATIOS)} targets met" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["writer", "--quick"], "--quick applies to the all mode only"),
+        (["all", "--scale", "large", "--steps", "3"], "all: --scale, --steps do not apply"),
+    ],
+)
+def test_run_py_refuses_options_that_do_not_apply(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
