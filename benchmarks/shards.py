@@ -92,7 +92,9 @@ def sampled_bpseval_run(run_dir: Path, options: list[str], reference: dict[str, 
     label = f"bpseval {' '.join(options) or '(default)'}"
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
-        child = run_child(bpseval_command("compute", str(run_dir), "--json", str(output), *options), sample_tree=True)
+        child = run_child(
+            bpseval_command("compute", str(run_dir), "--no-cache", "--json", str(output), *options), sample_tree=True
+        )
         if child.returncode != 0:
             raise SystemExit(f"{label} failed:\n{child.stderr}")
         cells = json.loads(output.read_text())["cells"]
@@ -138,7 +140,7 @@ def measure_repetition(
         startup = run_child(bpseval_command("--version")).seconds
         into.add("startup", startup, "bpseval --version: interpreter and imports")
         for label, options in variants.items():
-            child = run_child(bpseval_command("compute", str(run_dir), "--json", os.devnull, *options))
+            child = run_child(bpseval_command("compute", str(run_dir), "--no-cache", "--json", os.devnull, *options))
             if child.returncode != 0:
                 raise SystemExit(f"{label} failed (exit {child.returncode}):\n{child.stderr}")
             into.add(label, child.seconds, "end to end subprocess")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -32,6 +33,7 @@ from benchmarks.data import (
 from benchmarks.hdf5_settings import measure_case, write_with_shard_writer
 from benchmarks.shards import sampled_bpseval_run
 from bpseval.kernel.stats import STAT_FIELDS, batch_stats
+from bpseval.run.cache import CACHE_DIRECTORY
 from bpseval.shard.format import CHUNK_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,9 @@ def test_kernel_measurement_times_batch_stats_and_the_floor(tiny_run: Path) -> N
 
 def test_bpseval_compute_matches_the_floor_and_reports_its_memory(tiny_run: Path) -> None:
     _, reference = time_kernels(shard_paths(tiny_run), [spec.name for spec in dataset_specs(TINY)], repeat=1)
+    shutil.rmtree(tiny_run / CACHE_DIRECTORY, ignore_errors=True)
     verdict, tree_pss_mb = sampled_bpseval_run(tiny_run, [], reference)
+    assert not (tiny_run / CACHE_DIRECTORY).exists()  # every run merges the shards: no merge cache read or written
     assert "matches the numpy floor" in verdict
     assert tree_pss_mb > 0 or np.isnan(tree_pss_mb)
 
