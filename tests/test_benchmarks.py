@@ -192,3 +192,19 @@ def test_run_py_refuses_options_that_do_not_apply(
         run.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_online_floor_computes_the_statistics_update_keeps() -> None:
+    import torch
+
+    from benchmarks.online import fused_reduction
+
+    generator = torch.Generator().manual_seed(0)
+    rhat = torch.rand(64, 30, generator=generator)
+    robs = torch.poisson(rhat * 2.0, generator=generator)
+    dfs = (torch.rand(64, 30, generator=generator) > 0.2).float()
+    dfs[:, 3] = 0.0  # an uncovered cell: its extremes are +inf / -inf
+    floor, kernel = fused_reduction(rhat, robs, dfs).numpy(), batch_stats(rhat.numpy(), robs.numpy(), dfs.numpy())
+    assert floor.shape == (len(STAT_FIELDS), 30)
+    for row, key in enumerate(STAT_FIELDS):
+        np.testing.assert_allclose(floor[row], getattr(kernel, key), rtol=1e-9, atol=1e-9, err_msg=key)
