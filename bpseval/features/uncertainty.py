@@ -255,7 +255,7 @@ def _repeated(part: Part, times: int) -> Part:
     stats, scores, rows = part
     return (
         stats.map(repeat),
-        CellScores(**{name: repeat(getattr(scores, name)) for name in CellScores.__dataclass_fields__}),
+        scores.map(repeat),
         {metric: repeat(values) for metric, values in rows.items()},
     )
 
@@ -303,7 +303,7 @@ def _drawn_cells(units: CellStats, drawn: np.ndarray, settings: ScoreSettings) -
     def side(index: np.ndarray) -> Scored:
         return (
             cells.map(lambda values: values[index]),
-            CellScores(**{name: getattr(scores, name)[index] for name in CellScores.__dataclass_fields__}),
+            scores.map(lambda values: values[index]),
         )
 
     return side(drawn), side(left)

@@ -720,6 +720,10 @@ class CellScores:
     def with_status(self, status: np.ndarray) -> CellScores:
         return replace(self, status=status)
 
+    def map(self, function: Callable[[np.ndarray], np.ndarray]) -> CellScores:
+        """`function` applied to every per-cell array (selecting, repeating cells or replicates)."""
+        return CellScores(**{name: function(getattr(self, name)) for name in CellScores.__dataclass_fields__})
+
 
 def cell_scores(stats: CellStats) -> CellScores:
     """Every per-cell metric and the status (ok / silent / uncovered / overflow) of every cell.

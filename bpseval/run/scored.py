@@ -237,7 +237,7 @@ def select_cells(dataset: ScoredDataset, cells: np.ndarray, clamp_negative: bool
     def pick(values: Any) -> Any:
         return values[..., cells]
 
-    scores = CellScores(**{name: getattr(dataset.scores, name)[cells] for name in CellScores.__dataclass_fields__})
+    scores = dataset.scores.map(pick)
     stats = dataset.stats.map(pick)
     return replace(
         dataset,
