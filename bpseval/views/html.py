@@ -37,6 +37,7 @@ from bpseval.views.text import (
     attribution_title,
     format_bps,
     group_rows,
+    interval_text,
     listed_attributions,
     more_attributions_text,
     plural,
@@ -461,10 +462,10 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
             _metric(metric.base),
             _metric(metric.new),
             signed(metric.delta),
-            "—" if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
+            UNDEFINED_TEXT if not math.isfinite(metric.tolerance) else f"{metric.tolerance:.4f}",
         ]
         if significance is not None:
-            row.append("—" if metric.interval is None else f"[{metric.interval[0]:+.4f}, {metric.interval[1]:+.4f}]")
+            row.append(interval_text(metric))
         verdict = VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
         row.append(f'<span class="{_e(metric.verdict)}">{_e(verdict)}</span>')
         rows.append(row)

@@ -68,13 +68,13 @@ VERDICT_MARKS = {
 
 def interval_text(metric: MetricComparison) -> str:
     if metric.interval is None:
-        return "—"
+        return UNDEFINED_TEXT
     low, high = metric.interval
     return f"[{low:+.4f}, {high:+.4f}]"
 
 
 def delta_text(metric: MetricComparison) -> str:
-    return "—" if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
+    return UNDEFINED_TEXT if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
 
 
 def verdict_text(metric: MetricComparison) -> str:
