@@ -69,7 +69,7 @@ def test_every_module_is_named_in_architecture_md():
 def test_importing_bpseval_loads_no_heavy_dependency():
     code = (
         "import sys, importlib.util, bpseval\n"
-        "heavy = ('pandas', 'rich', 'matplotlib', 'torch')\n"
+        "heavy = ('pandas', 'rich', 'matplotlib', 'torch', 'numba')\n"
         "loaded = [name for name in heavy if name in sys.modules\n"
         "          and not isinstance(sys.modules[name], importlib.util._LazyModule)]\n"
         "print(loaded)\n"

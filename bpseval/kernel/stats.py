@@ -266,6 +266,11 @@ def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rat
 
 def _batch_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
     xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
+    if is_numpy_namespace(xp):  # the compiled single pass (bpseval[fast]) when installed; None: the reference below
+        from bpseval.kernel.compiled import batch_sums
+
+        if (compiled := batch_sums(rhat, robs, weights, rate_kind)) is not None:
+            return compiled
     n_rows, n_cells = rhat.shape
     rows = max(1, BLOCK_ENTRIES // max(n_cells, 1)) if is_numpy_namespace(xp) else n_rows
     if n_rows <= rows:

@@ -1,0 +1,121 @@
+"""A compiled single pass of `batch_stats` for numpy batches (numba, the optional extra `bpseval[fast]`).
+
+The numpy code in `stats.py` stays the reference and the contract; this is a second implementation
+of the same 13 float64 statistics with the same validity rules and the same row blocks, without
+temporary arrays. It only says whether the batch is usable: on any invalid value it gives up and
+`batch_stats` runs the reference, which builds the message. Per block of rows (BLOCK_ENTRIES entries,
+in the CPU cache), with λ = max(rhat, MIN_RATE) (exp(rhat) for log-rates) and y = robs:
+
+    pass 1, row by row, branch-free over the cells (masked entries read as λ = 1, y = 0 and add 0):
+        n_valid, Σw, Σw·y, Σw·λ, the least and greatest λ and y over valid entries; validity OR-ed
+        over the row; then, at the entries with spikes only, Σw·y·ln λ and Σw·y·ln y
+    pass 2, over the same rows: Σw·(λ − λ̄)², Σw·(y − ȳ)², Σw·(λ − λ̄)(y − ȳ) around the block's means
+    the block's moments merged into the totals by Chan's update, as `combine` does
+
+numba is imported on the first call, never by `import bpseval`. Compiled code is cached on disk
+(`cache=True`): where `NUMBA_CACHE_DIR` says, else in `__pycache__` next to this file, else in the
+user's cache directory (numba's own order). When none is writable, the kernel is not used: compiling
+in every process would cost more than it saves. `BPSEVAL_KERNEL=numpy` forces the reference,
+`BPSEVAL_KERNEL=compiled` requires this kernel (an error when numba is missing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from bpseval.errors import ArgumentError, MissingExtraError
+from bpseval.kernel.stats import BLOCK_ENTRIES, STAT_FIELDS, CellStats
+
+ENVIRONMENT_VARIABLE = "BPSEVAL_KERNEL"
+CHOICES = ("auto", "numpy", "compiled")
+"""`auto` (the default): the compiled kernel when numba is installed and can cache, else the numpy reference."""
+AUTO_RATE_KINDS = ("rate",)
+"""Rate kinds the compiled kernel takes by default. Log-rates need exp of every entry, twice (once per pass):
+numba calls the scalar libm exp, numpy's vectorised exp is faster, so the reference is quicker there
+(benchmarks/README.md)."""
+NUMBA_DTYPE_KINDS = "biuf"
+"""Dtype kinds the compiled kernel reads, each as float32 or float64 (`_readable`)."""
+
+
+def choice() -> str:
+    """The kernel `BPSEVAL_KERNEL` asks for, read at every call so that tests and users can switch it."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ArgumentError(
+            f"environment variable {ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r} is not one of"
+            f" {', '.join(CHOICES)}; unset it to use the compiled kernel when numba is installed"
+        )
+    return value
+
+
+def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, rate_kind: str) -> CellStats | None:
+    """The `CellStats` of a numpy (rows, cells) batch, or None when the numpy reference must run instead.
+
+    None when `BPSEVAL_KERNEL=numpy`; when the choice is `auto` and numba is not installed or cannot
+    cache, or the rate kind is not in AUTO_RATE_KINDS; when a dtype is not a plain number; or when some
+    value is invalid (the reference then raises `InvalidValuesError`). `weights` is None or an (rows, cells) /
+    (rows, 1) array.
+    """
+    wanted = choice()
+    if wanted == "numpy" or (wanted == "auto" and rate_kind not in AUTO_RATE_KINDS):
+        return None
+    accumulate = _compiled()
+    if accumulate is None:
+        if wanted == "compiled":
+            raise MissingExtraError(
+                f"{ENVIRONMENT_VARIABLE}=compiled needs numba with a writable cache directory: pip install"
+                f" 'bpseval[fast]', and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
+            )
+        return None
+    if not _fits(rhat, robs, weights):
+        return None
+    n_cells = rhat.shape[1]
+    stats = CellStats.zeros(n_cells)
+    block_rows = max(1, BLOCK_ENTRIES // max(n_cells, 1))  # the reference's blocks: the same block means
+    valid = accumulate(
+        *(None if array is None else _readable(array) for array in (rhat, robs, weights)),
+        rate_kind == "log_rate",
+        block_rows,
+        *(getattr(stats, name) for name in STAT_FIELDS),
+    )
+    return stats if valid else None
+
+
+def _fits(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None) -> bool:
+    """Whether the compiled code can read the batch: plain native numbers, shapes that agree (it does not
+    check bounds), so that anything else goes to the reference, which reads or refuses it as before."""
+    arrays = (rhat, robs) if weights is None else (rhat, robs, weights)
+    if any(array.dtype.kind not in NUMBA_DTYPE_KINDS or not array.dtype.isnative for array in arrays):
+        return False
+    shape = rhat.shape
+    return len(shape) == 2 and robs.shape == shape and (weights is None or weights.shape in (shape, (shape[0], 1)))
+
+
+def _readable(array: np.ndarray) -> np.ndarray:
+    """`array` as the compiled code reads it: C-contiguous float32 or float64, converted exactly (bool and
+    integers of up to 16 bits and float16 to float32, wider integers to float64, as the reference sums them).
+
+    Every other dtype and layout would compile a signature of its own (seconds, once per installation each).
+    """
+    if array.dtype in (np.float32, np.float64):
+        return np.ascontiguousarray(array)
+    exact_in_float32 = array.dtype.kind == "b" or array.dtype.itemsize <= 2
+    return np.ascontiguousarray(array, dtype=np.float32 if exact_in_float32 else np.float64)
+
+
+@functools.cache
+def _compiled() -> Callable[..., bool] | None:
+    """`numba_loops.accumulate`, or None when numba is missing or can cache nowhere."""
+    try:
+        from bpseval.kernel import numba_loops
+    except ModuleNotFoundError as error:
+        if error.name != "numba":
+            raise
+        return None
+    except RuntimeError:  # numba's "cannot cache function ...: no locator available": no writable cache directory
+        return None
+    return numba_loops.accumulate
