@@ -3,6 +3,11 @@ numpy floor), bpseval's own kernel alone, and the legacy per-rank per-cell loop 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +15,9 @@ import h5py
 import numpy as np
 
 from benchmarks.data import BATCH_ROWS, SEED, DatasetSpec, load_dataset, synthetic_dataset
+from benchmarks.processes import run_child
 from benchmarks.timing import Timing, timed
+from bpseval.kernel.compiled import ENVIRONMENT_VARIABLE
 from bpseval.kernel.stats import BLOCK_ENTRIES, LN2, MIN_RATE, STAT_FIELDS, CellStats, batch_stats
 from bpseval.run.merge import CHUNK_ELEMENTS
 from bpseval.shard.format import DATASETS_GROUP
@@ -81,11 +88,45 @@ def numpy_floor(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellStat
     return CellStats(n_valid=n_valid, **sums, **extremes)
 
 
+COMPILED = importlib.util.find_spec("numba") is not None
+"""Whether the extra bpseval[fast] is installed: then `kernel` is the compiled kernel, and the numpy reference
+is measured beside it as `kernel (numpy)`, and `bpseval compute` as `bpseval (numpy kernel)`."""
+
+
+@contextlib.contextmanager
+def environment_setting(variable: str, value: str | None) -> Iterator[None]:
+    """`variable`=value in this process (and the children it starts) for the block; unchanged when value is None."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
+def kernel_setting(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """BPSEVAL_KERNEL=name for the block; unchanged when None."""
+    return environment_setting(ENVIRONMENT_VARIABLE, name)
+
+
+def numpy_kernel(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellStats:
+    """`batch_stats` with the numpy reference (BPSEVAL_KERNEL=numpy)."""
+    with kernel_setting("numpy"):
+        return batch_stats(rhat, robs, dfs)
+
+
 KERNELS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, np.ndarray], CellStats], str]] = {
-    "kernel": (batch_stats, "bpseval.kernel.stats.batch_stats, already in memory"),
+    "kernel": (batch_stats, f"bpseval.kernel.stats.batch_stats ({'compiled' if COMPILED else 'numpy'}), in memory"),
+    **({"kernel (numpy)": (numpy_kernel, "batch_stats, numpy reference, in memory")} if COMPILED else {}),
     "numpy floor": (numpy_floor, f"one naive numpy pass per block of {BLOCK_ENTRIES} entries"),
 }
-"""The compute-only measurements: bpseval's kernel and the naive pass it is compared with."""
+"""The compute-only measurements: bpseval's kernel(s) and the naive pass they are compared with."""
 
 
 def relative_difference(label: str, got: CellStats | dict[str, np.ndarray], expected: CellStats) -> float:
@@ -127,7 +168,8 @@ def time_kernels(paths: list[Path], names: list[str], repeat: int) -> tuple[list
             for label, (function, _) in KERNELS.items():
                 elapsed, results[label] = timed(function, rhat, robs, dfs)
                 timings[label].times[index] += elapsed
-        relative_difference(f"kernel on {name}", results["kernel"], results["numpy floor"])
+        for label in (label for label in KERNELS if label != "numpy floor"):
+            relative_difference(f"{label} on {name}", results[label], results["numpy floor"])
         reference[name] = results["numpy floor"]
     return list(timings.values()), reference
 
@@ -174,3 +216,40 @@ def legacy_subset(specs: list[DatasetSpec], count: int | None) -> tuple[list[str
     chosen = [specs[int(i)] for i in np.unique(np.linspace(0, len(specs) - 1, count).round())]
     entries = sum(spec.cells * spec.samples for spec in specs)
     return [spec.name for spec in chosen], entries / sum(spec.cells * spec.samples for spec in chosen)
+
+
+STARTUP_PROBE = """
+import numpy as np
+from bpseval.kernel.stats import batch_stats
+rates = np.full((1000, 50), 0.1, dtype=np.float32)
+batch_stats(rates, rates, rates)
+"""
+"""A fresh process's first `batch_stats` of a float32 batch with weights: imports, and compiling or loading."""
+
+
+def kernel_startup(repeat: int) -> dict[str, Timing]:
+    """Wall time and peak RSS of STARTUP_PROBE in fresh processes: the numpy reference, and the compiled kernel
+    with an empty on-disk cache (it compiles: once per installation) and with the cache it left (every later
+    command). Empty when numba is not installed."""
+    if not COMPILED:
+        return {}
+    labels = ("numpy kernel", "compiled, cold cache", "compiled, warm cache")
+    timings = {
+        label: Timing(label, [], "python -c 'batch_stats(1000 x 50 float32)' in a fresh process") for label in labels
+    }
+    rss: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as cache:
+            for label in labels:
+                with (
+                    kernel_setting("numpy" if label == "numpy kernel" else "compiled"),
+                    environment_setting("NUMBA_CACHE_DIR", cache),
+                ):
+                    child = run_child([sys.executable, "-c", STARTUP_PROBE])
+                if child.returncode != 0:
+                    raise SystemExit(f"start-up probe ({label}) failed:\n{child.stderr}")
+                timings[label].times.append(child.seconds)
+                rss[label].append(child.max_rss_mb)
+    for label, values in rss.items():
+        timings[label].note += f"; peak RSS {max(values):.0f} MB"
+    return timings

@@ -14,6 +14,8 @@ RSS_LIMITS_MB = {"realistic": 400.0, "large": 500.0}
 """Peak RSS of `bpseval compute` allowed at each scale."""
 READ_LIMIT = 2.0
 """`bpseval compute` / plain h5py read of the same shards allowed at realistic scale."""
+NUMPY_KERNEL_RUN = "bpseval (numpy kernel)"
+"""`bpseval compute` with BPSEVAL_KERNEL=numpy, timed beside the default when the compiled kernel is installed."""
 
 
 @dataclass
@@ -40,9 +42,11 @@ def compute_ratios(timings: dict[str, Timing], in_memory: dict[str, Timing]) -> 
     floor = timings.get("read")
     if "bpseval" in timings and floor:
         ratios["bpseval/read"] = ratio(timings["bpseval"], [floor])
-        for kernel in ("kernel", FLOOR):
+        for kernel in ("kernel", "kernel (numpy)", FLOOR):
             if kernel in timings:
                 ratios[f"bpseval/(read+{kernel})"] = ratio(timings["bpseval"], [floor, timings[kernel]])
+        if NUMPY_KERNEL_RUN in timings:
+            ratios[f"{NUMPY_KERNEL_RUN}/read"] = ratio(timings[NUMPY_KERNEL_RUN], [floor])
     if "legacy" in timings and "bpseval" in timings:
         ratios["legacy/bpseval"] = ratio(timings["legacy"], [timings["bpseval"]])
     if "bpseval --jobs 2" in timings:
@@ -50,8 +54,10 @@ def compute_ratios(timings: dict[str, Timing], in_memory: dict[str, Timing]) -> 
         ratios["jobs1/jobs2"] = ratio(one_job, [timings["bpseval --jobs 2"]])
     if in_memory:
         ratios["in-memory: legacy/bpseval"] = ratio(in_memory["legacy"], [in_memory["bpseval"]])
-        for kernel in ("kernel", FLOOR):
+        for kernel in (name for name in ("kernel", "kernel (numpy)", FLOOR) if name in in_memory):
             ratios[f"in-memory: bpseval/{kernel}"] = ratio(in_memory["bpseval"], [in_memory[kernel]])
+        if "kernel (numpy)" in in_memory:
+            ratios["in-memory: legacy/kernel (numpy)"] = ratio(in_memory["legacy"], [in_memory["kernel (numpy)"]])
     return ratios
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.baselines import (
+    COMPILED,
     KERNELS,
+    kernel_setting,
     legacy_cell_bps,
     legacy_run,
     legacy_subset,
@@ -36,9 +38,10 @@ from benchmarks.data import (
     warm_page_cache,
 )
 from benchmarks.processes import READ_PROBE, bpseval_command, compile_bytecode, parallel_capacity, run_child
-from benchmarks.report import FLOOR, compute_ratios, compute_targets, print_report
+from benchmarks.report import FLOOR, NUMPY_KERNEL_RUN, compute_ratios, compute_targets, print_report
 from benchmarks.timing import MachineLoad, Timing, environment, spread, timed
 from bpseval import bits_per_spike
+from bpseval.kernel.compiled import choice
 from bpseval.kernel.stats import BLOCK_ENTRIES, STAT_FIELDS, CellStats
 from bpseval.run.merge import CHUNK_ELEMENTS
 
@@ -62,6 +65,10 @@ class Collected:
         self.timings.setdefault(label, Timing(label, [], note, size)).times.append(seconds)
 
 
+VARIANT_KERNELS = {NUMPY_KERNEL_RUN: "numpy"}
+"""BPSEVAL_KERNEL of the `bpseval compute` variants that set it."""
+
+
 def bpseval_variants(notes: list[str]) -> dict[str, list[str]]:
     """The `bpseval compute` option sets to time: the default, one job (unless that is the default), two jobs.
 
@@ -75,6 +82,8 @@ def bpseval_variants(notes: list[str]) -> dict[str, list[str]]:
     else:
         variants["bpseval --jobs 1"] = ["--jobs", "1"]
     variants["bpseval --jobs 2"] = ["--jobs", "2"]
+    if COMPILED:
+        variants[NUMPY_KERNEL_RUN] = []
     return variants
 
 
@@ -89,7 +98,9 @@ def sampled_bpseval_run(run_dir: Path, options: list[str], reference: dict[str, 
 
     Returns a one-line verdict and the peak PSS of the whole process tree in MB.
     """
-    label = f"bpseval {' '.join(options) or '(default)'}"
+    label = f"bpseval {' '.join(options) or '(default)'}" + (
+        f" ({kernel} kernel)" if (kernel := choice()) != "auto" else ""
+    )
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
         child = run_child(
@@ -140,7 +151,10 @@ def measure_repetition(
         startup = run_child(bpseval_command("--version")).seconds
         into.add("startup", startup, "bpseval --version: interpreter and imports")
         for label, options in variants.items():
-            child = run_child(bpseval_command("compute", str(run_dir), "--no-cache", "--json", os.devnull, *options))
+            with kernel_setting(VARIANT_KERNELS.get(label)):
+                child = run_child(
+                    bpseval_command("compute", str(run_dir), "--no-cache", "--json", os.devnull, *options)
+                )
             if child.returncode != 0:
                 raise SystemExit(f"{label} failed (exit {child.returncode}):\n{child.stderr}")
             into.add(label, child.seconds, "end to end subprocess")
@@ -188,7 +202,8 @@ def main(args: argparse.Namespace, scale_name: str, scale: Scale) -> dict[str, A
         timings.update((timing.name, timing) for timing in kernel_timings)
     checks, tree_pss_mb = [], {}
     for label, options in variants.items():
-        verdict, tree_pss_mb[label] = sampled_bpseval_run(run_dir, options, reference)
+        with kernel_setting(VARIANT_KERNELS.get(label)):
+            verdict, tree_pss_mb[label] = sampled_bpseval_run(run_dir, options, reference)
         checks.append(verdict)
     in_memory = run_in_memory(scale.samples, args.in_memory_cells, args.repeat) if "in-memory" in measure else {}
     document = {
