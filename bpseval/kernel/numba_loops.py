@@ -80,29 +80,38 @@ def accumulate(
 ) -> bool:
     """Add a batch into the 13 per-cell statistics (given zeroed / ±inf); False when it holds an invalid value.
 
-    `weights` is None or (rows, cells) / (rows, 1). Each row is read into float64 row buffers (masked
-    entries as harmless values: count 0, rate 1 or log-rate 0, which add 0), validity OR-ed over the
-    row and checked once; then every sum is one short loop over the cells that writes one or two
-    arrays and has no branch, so that LLVM vectorises it (with more arrays it gives up proving they do
-    not overlap). The logarithms, the costliest step, are taken only at the entries with spikes,
-    gathered first.
+    One pass. `weights` is None or (rows, cells) / (rows, 1). Each row is read into float64 row
+    buffers (masked entries as harmless values: count 0, rate 1 or log-rate 0, which add 0) and
+    validity OR-ed over the row, checked once; then every sum is one short loop over the cells that
+    writes one or two arrays and has no branch, so that LLVM vectorises it (with more arrays it gives
+    up proving they do not overlap). The logarithms, the costliest step, are taken only at the
+    entries with spikes, gathered first. Sums are kept per block of `block_rows` rows, then added.
+
+    The centred moments are the shifted-data sums: around a shift K per cell, the λ and y of the
+    cell's first valid entry, Σw·(λ−K) and Σw·(λ−K)² (and the same for y, and the cross term) give
+    Σw·(λ−λ̄)² = Σw·(λ−K)² − (Σw·(λ−K))²/Σw. K being one of the values, the cancellation loses at
+    most what a sum over the batch loses anyway (|λ̄−K| is at most √n standard deviations).
     """
     n_rows, n_cells = rhat.shape
     w, valid = np.ones(n_cells), np.ones(n_cells)  # the row's weights, and 1.0 where valid
     counts, rates = np.zeros(n_cells), np.zeros(n_cells)  # the row's y and λ in float64 (log(float32) narrows)
-    rate_step, count_step = np.zeros(n_cells), np.zeros(n_cells)
     spiking = np.zeros(n_cells, dtype=np.int64)
-    block_weight, block_spikes, block_rate_sum = np.zeros(n_cells), np.zeros(n_cells), np.zeros(n_cells)
-    block_rate_m2, block_count_m2, block_co_m2 = np.zeros(n_cells), np.zeros(n_cells), np.zeros(n_cells)
-    rate_mean, count_mean = np.zeros(n_cells), np.zeros(n_cells)
-    harmless = 0.0 if log_rate else 1.0
+    rate_shift, count_shift = _first_valid_values(rhat, robs, weights, log_rate, w, valid, counts, rates)
+    sums = np.zeros((8, n_cells))  # per block: Σw, Σw·y, Σw·λ, Σw·(λ−K), Σw·(λ−K)², Σw·(y−K), Σw·(y−K)², co
+    totals = np.zeros((8, n_cells))
     for start in range(0, n_rows, block_rows):
-        stop = min(start + block_rows, n_rows)
-        block_weight[:], block_spikes[:], block_rate_sum[:] = 0.0, 0.0, 0.0
-        block_rate_m2[:], block_count_m2[:], block_co_m2[:] = 0.0, 0.0, 0.0
-        for row in range(start, stop):
-            bad = _read_row(rhat, robs, weights, row, log_rate, w, valid, counts, rates)
-            if bad:
+        block = sums[:, :]
+        block[:, :] = 0.0
+        block_weight, block_spikes, block_rate_sum = block[0], block[1], block[2]
+        rate_offset, rate_square, count_offset, count_square, co_square = (
+            block[3],
+            block[4],
+            block[5],
+            block[6],
+            block[7],
+        )
+        for row in range(start, min(start + block_rows, n_rows)):
+            if _read_row(rhat, robs, weights, row, log_rate, w, valid, counts, rates):
                 return False
             for cell in range(n_cells):
                 n_valid[cell] += valid[cell] > 0.0
@@ -112,6 +121,16 @@ def accumulate(
                 block_spikes[cell] += w[cell] * counts[cell]
             for cell in range(n_cells):
                 block_rate_sum[cell] += w[cell] * rates[cell]
+            for cell in range(n_cells):  # masked entries: finite harmless values, w = 0
+                step = rates[cell] - rate_shift[cell]
+                rate_offset[cell] += w[cell] * step
+                rate_square[cell] += w[cell] * step * step
+            for cell in range(n_cells):
+                step = counts[cell] - count_shift[cell]
+                count_offset[cell] += w[cell] * step
+                count_square[cell] += w[cell] * step * step
+            for cell in range(n_cells):
+                co_square[cell] += w[cell] * (rates[cell] - rate_shift[cell]) * (counts[cell] - count_shift[cell])
             for cell in range(n_cells):  # extremes over valid entries: an invalid one offers ±inf
                 rate_min[cell] = min(rate_min[cell], rates[cell] if valid[cell] > 0.0 else math.inf)
                 rate_max[cell] = max(rate_max[cell], rates[cell] if valid[cell] > 0.0 else -math.inf)
@@ -133,35 +152,42 @@ def accumulate(
                 spike_log_spikes[cell] += weighted * log_count
                 if not log_rate:
                     model_ll[cell] += weighted * math.log(rates[cell])
-        for cell in range(n_cells):
-            has = block_weight[cell] > 0.0
-            rate_mean[cell] = block_rate_sum[cell] / block_weight[cell] if has else 0.0
-            count_mean[cell] = block_spikes[cell] / block_weight[cell] if has else 0.0
-        for row in range(start, stop):  # the centred moments around the block's means; the row is valid
-            _read_weights(weights, row, w)
-            for cell in range(n_cells):  # masked entries: harmless values, whose w = 0 makes them add 0
-                value = float(rhat[row, cell]) if w[cell] > 0.0 else harmless
-                rate_step[cell] = (math.exp(value) if log_rate else max(value, MIN_RATE)) - rate_mean[cell]
-            for cell in range(n_cells):
-                count_step[cell] = (float(robs[row, cell]) if w[cell] > 0.0 else 0.0) - count_mean[cell]
-            for cell in range(n_cells):
-                block_rate_m2[cell] += w[cell] * rate_step[cell] * rate_step[cell]
-            for cell in range(n_cells):
-                block_count_m2[cell] += w[cell] * count_step[cell] * count_step[cell]
-            for cell in range(n_cells):
-                block_co_m2[cell] += w[cell] * rate_step[cell] * count_step[cell]
-        for cell in range(n_cells):  # Chan's update, as `combine`: the totals so far and this block
-            before, added = weight[cell], block_weight[cell]
-            both = (before > 0.0) & (added > 0.0)
-            share = before * added / (before + added) if both else 0.0
-            rate_shift = block_rate_sum[cell] / added - rate_sum[cell] / before if both else 0.0
-            count_shift = block_spikes[cell] / added - spikes[cell] / before if both else 0.0
-            rate_m2[cell] += block_rate_m2[cell] + share * rate_shift * rate_shift
-            count_m2[cell] += block_count_m2[cell] + share * count_shift * count_shift
-            co_m2[cell] += block_co_m2[cell] + share * rate_shift * count_shift
-            weight[cell] = before + added
-            spikes[cell] += block_spikes[cell]
-            rate_sum[cell] += block_rate_sum[cell]
+        totals += block
     for cell in range(n_cells):
-        model_ll[cell] -= rate_sum[cell]
+        total_weight = totals[0, cell]
+        has = total_weight > 0.0
+        rate_away = totals[3, cell] / total_weight if has else 0.0  # λ̄ − K
+        count_away = totals[5, cell] / total_weight if has else 0.0
+        weight[cell] = total_weight
+        spikes[cell] = totals[1, cell]
+        rate_sum[cell] = totals[2, cell]
+        rate_m2[cell] = max(totals[4, cell] - total_weight * rate_away * rate_away, 0.0)
+        count_m2[cell] = max(totals[6, cell] - total_weight * count_away * count_away, 0.0)
+        co_m2[cell] = totals[7, cell] - total_weight * rate_away * count_away
+        model_ll[cell] -= totals[2, cell]
     return True
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _first_valid_values(
+    rhat: Any, robs: Any, weights: Any, log_rate: bool, w: Any, valid: Any, counts: Any, rates: Any
+) -> tuple[Any, Any]:
+    """Per cell, λ and y at its first valid entry (0 for a cell without one): the shifts of `accumulate`.
+
+    Reads rows until every cell has one, usually the first. Values are not checked here: an invalid
+    one makes `accumulate` give up anyway.
+    """
+    n_rows, n_cells = rhat.shape
+    rate_shift, count_shift, found = np.zeros(n_cells), np.zeros(n_cells), np.zeros(n_cells)
+    missing = n_cells
+    for row in range(n_rows):
+        if missing == 0:
+            break
+        _read_row(rhat, robs, weights, row, log_rate, w, valid, counts, rates)
+        for cell in range(n_cells):
+            first = (found[cell] == 0.0) & (valid[cell] > 0.0)
+            rate_shift[cell] = rates[cell] if first else rate_shift[cell]
+            count_shift[cell] = counts[cell] if first else count_shift[cell]
+            missing -= first
+            found[cell] = max(found[cell], valid[cell])
+    return rate_shift, count_shift
