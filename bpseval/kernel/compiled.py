@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bpseval.errors import ArgumentError, MissingExtraError
-from bpseval.kernel.stats import BLOCK_ENTRIES, STAT_FIELDS, CellStats
+from bpseval.kernel.stats import STAT_FIELDS, CellStats
 
 ENVIRONMENT_VARIABLE = "BPSEVAL_KERNEL"
 CHOICES = ("auto", "numpy", "compiled")
@@ -75,11 +75,9 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
         return None
     n_cells = rhat.shape[1]
     stats = CellStats.zeros(n_cells)
-    block_rows = max(1, BLOCK_ENTRIES // max(n_cells, 1))  # the reference's blocks: the same block means
     valid = accumulate(
         *(None if array is None else _readable(array) for array in (rhat, robs, weights)),
         rate_kind == "log_rate",
-        block_rows,
         *(getattr(stats, name) for name in STAT_FIELDS),
     )
     return stats if valid else None

@@ -17,44 +17,28 @@ from bpseval.kernel.stats import MAX_LOG_RATE, MIN_RATE
 SMALL_COUNTS = 256
 LOG_SMALL_COUNTS = np.array([0.0] + [math.log(count) for count in range(1, SMALL_COUNTS)])
 """ln k for the whole counts 0 < k < SMALL_COUNTS (most spike counts): math.log's values, looked up."""
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _read_weights(weights: Any, row: int, w: Any) -> None:
-    """Row `row` of the weights into `w` (left as is, all ones, when there are no weights)."""
-    if weights is not None:  # a plain `is None` test: numba drops the branch at compile time when it is None
-        if weights.shape[1] == w.shape[0]:
-            for cell in range(w.shape[0]):
-                w[cell] = weights[row, cell]
-        else:
-            w[:] = weights[row, 0]
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _read_row(
-    rhat: Any, robs: Any, weights: Any, row: int, log_rate: bool, w: Any, valid: Any, counts: Any, rates: Any
-) -> bool:
-    """Fill the row buffers of `accumulate` from row `row`; True when a valid entry or a weight is invalid."""
-    n_cells = rhat.shape[1]
-    _read_weights(weights, row, w)
-    bad = False
-    for cell in range(n_cells):
-        valid[cell] = 1.0 if w[cell] > 0.0 else 0.0
-        bad |= not ((w[cell] >= 0.0) & (w[cell] <= 1.0))
-    for cell in range(n_cells):
-        counts[cell] = float(robs[row, cell]) if w[cell] > 0.0 else 0.0
-        bad |= not ((counts[cell] >= 0.0) & (counts[cell] < math.inf))
-    if log_rate:
-        for cell in range(n_cells):
-            value = float(rhat[row, cell]) if w[cell] > 0.0 else 0.0
-            bad |= not ((value > -math.inf) & (value <= MAX_LOG_RATE))
-            rates[cell] = math.exp(value)
-    else:
-        for cell in range(n_cells):
-            value = float(rhat[row, cell]) if w[cell] > 0.0 else 1.0
-            bad |= not ((value >= 0.0) & (value < math.inf))
-            rates[cell] = max(value, MIN_RATE)
-    return bad
+GROUP_ENTRIES = 2048
+"""Entries (whole rows) read as one flat run: long enough that a loop over them vectorises well for narrow
+datasets too, short enough that the 15 float64 accumulators of a run stay in the CPU cache."""
+FLAT_FIELDS = 15
+"""Rows of the flat accumulators of `accumulate`: the 13 statistics, with the shifted sums and Σw·y·ln λ."""
+(
+    N_VALID,
+    WEIGHT,
+    SPIKES,
+    SPIKE_LOG_RATES,
+    SPIKE_LOG_SPIKES,
+    RATE_SUM,
+    RATE_OFFSET,
+    RATE_SQUARE,
+    COUNT_OFFSET,
+    COUNT_SQUARE,
+    CO_SQUARE,
+    RATE_MIN,
+    COUNT_MIN,
+    RATE_MAX,
+    COUNT_MAX,
+) = range(FLAT_FIELDS)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -63,7 +47,6 @@ def accumulate(
     robs: Any,
     weights: Any,
     log_rate: bool,
-    block_rows: int,
     n_valid: Any,
     weight: Any,
     spikes: Any,
@@ -78,116 +61,172 @@ def accumulate(
     rate_max: Any,
     count_max: Any,
 ) -> bool:
-    """Add a batch into the 13 per-cell statistics (given zeroed / ±inf); False when it holds an invalid value.
+    """Fill the 13 per-cell statistics (given zeroed / ±inf) of a C-contiguous batch; False when it holds an
+    invalid value.
 
-    One pass. `weights` is None or (rows, cells) / (rows, 1). Each row is read into float64 row
-    buffers (masked entries as harmless values: count 0, rate 1 or log-rate 0, which add 0) and
-    validity OR-ed over the row, checked once; then every sum is one short loop over the cells that
-    writes one or two arrays and has no branch, so that LLVM vectorises it (with more arrays it gives
-    up proving they do not overlap). The logarithms, the costliest step, are taken only at the
-    entries with spikes, gathered first. Sums are kept per block of `block_rows` rows, then added.
+    One pass. `weights` is None or (rows, cells) / (rows, 1). Whole rows are taken as one flat run of
+    about GROUP_ENTRIES entries, read into float64 buffers (masked entries as harmless values: count 0,
+    rate 1 or log-rate 0, which add 0) with validity OR-ed over the run and checked once; every sum
+    is then one branch-free loop over the run into flat accumulators, entry k of the run adding into
+    accumulator k, so that LLVM vectorises it whatever the number of cells. The accumulators are
+    folded per cell at the end. The logarithms, the costliest step, are taken only at the entries
+    with spikes, gathered first.
 
-    The centred moments are the shifted-data sums: around a shift K per cell, the λ and y of the
-    cell's first valid entry, Σw·(λ−K) and Σw·(λ−K)² (and the same for y, and the cross term) give
+    The centred moments are shifted-data sums: around a shift K per cell, the λ and y of the cell's
+    first valid entry, Σw·(λ−K) and Σw·(λ−K)² (the same for y, and the cross term) give
     Σw·(λ−λ̄)² = Σw·(λ−K)² − (Σw·(λ−K))²/Σw. K being one of the values, the cancellation loses at
     most what a sum over the batch loses anyway (|λ̄−K| is at most √n standard deviations).
     """
     n_rows, n_cells = rhat.shape
-    w, valid = np.ones(n_cells), np.ones(n_cells)  # the row's weights, and 1.0 where valid
-    counts, rates = np.zeros(n_cells), np.zeros(n_cells)  # the row's y and λ in float64 (log(float32) narrows)
-    spiking = np.zeros(n_cells, dtype=np.int64)
-    rate_shift, count_shift = _first_valid_values(rhat, robs, weights, log_rate, w, valid, counts, rates)
-    sums = np.zeros((8, n_cells))  # per block: Σw, Σw·y, Σw·λ, Σw·(λ−K), Σw·(λ−K)², Σw·(y−K), Σw·(y−K)², co
-    totals = np.zeros((8, n_cells))
-    for start in range(0, n_rows, block_rows):
-        block = sums[:, :]
-        block[:, :] = 0.0
-        block_weight, block_spikes, block_rate_sum = block[0], block[1], block[2]
-        rate_offset, rate_square, count_offset, count_square, co_square = (
-            block[3],
-            block[4],
-            block[5],
-            block[6],
-            block[7],
-        )
-        for row in range(start, min(start + block_rows, n_rows)):
-            if _read_row(rhat, robs, weights, row, log_rate, w, valid, counts, rates):
-                return False
-            for cell in range(n_cells):
-                n_valid[cell] += valid[cell] > 0.0
-            for cell in range(n_cells):
-                block_weight[cell] += w[cell]
-            for cell in range(n_cells):
-                block_spikes[cell] += w[cell] * counts[cell]
-            for cell in range(n_cells):
-                block_rate_sum[cell] += w[cell] * rates[cell]
-            for cell in range(n_cells):  # masked entries: finite harmless values, w = 0
-                step = rates[cell] - rate_shift[cell]
-                rate_offset[cell] += w[cell] * step
-                rate_square[cell] += w[cell] * step * step
-            for cell in range(n_cells):
-                step = counts[cell] - count_shift[cell]
-                count_offset[cell] += w[cell] * step
-                count_square[cell] += w[cell] * step * step
-            for cell in range(n_cells):
-                co_square[cell] += w[cell] * (rates[cell] - rate_shift[cell]) * (counts[cell] - count_shift[cell])
-            for cell in range(n_cells):  # extremes over valid entries: an invalid one offers ±inf
-                rate_min[cell] = min(rate_min[cell], rates[cell] if valid[cell] > 0.0 else math.inf)
-                rate_max[cell] = max(rate_max[cell], rates[cell] if valid[cell] > 0.0 else -math.inf)
-            for cell in range(n_cells):
-                count_min[cell] = min(count_min[cell], counts[cell] if valid[cell] > 0.0 else math.inf)
-                count_max[cell] = max(count_max[cell], counts[cell] if valid[cell] > 0.0 else -math.inf)
-            if log_rate:
-                for cell in range(n_cells):
-                    model_ll[cell] += w[cell] * counts[cell] * (float(rhat[row, cell]) if valid[cell] > 0.0 else 0.0)
-            n_spiking = 0
-            for cell in range(n_cells):
-                spiking[n_spiking] = cell
-                n_spiking += counts[cell] > 0.0
-            for index in range(n_spiking):
-                cell = spiking[index]
-                weighted = counts[cell] * w[cell]
-                small = int(min(counts[cell], SMALL_COUNTS - 1))  # ln of a small whole count: from the table
-                log_count = LOG_SMALL_COUNTS[small] if small == counts[cell] else math.log(counts[cell])
-                spike_log_spikes[cell] += weighted * log_count
-                if not log_rate:
-                    model_ll[cell] += weighted * math.log(rates[cell])
-        totals += block
+    if n_rows == 0 or n_cells == 0:
+        return True
+    group = max(1, GROUP_ENTRIES // n_cells)
+    length = group * n_cells
+    flat = np.zeros((FLAT_FIELDS, length))
+    flat[RATE_MIN : COUNT_MIN + 1, :] = math.inf
+    flat[RATE_MAX : COUNT_MAX + 1, :] = -math.inf
+    w, counts, rates, values = np.ones(length), np.zeros(length), np.zeros(length), np.zeros(length)
+    spiking = np.zeros(length, dtype=np.int64)
+    rate_shift, count_shift = np.zeros(length), np.zeros(length)
+    _first_valid_values(rhat, robs, weights, log_rate, rate_shift[:n_cells], count_shift[:n_cells])
+    for row in range(1, group):  # the shifts of each cell, repeated for every row of a run
+        rate_shift[row * n_cells : (row + 1) * n_cells] = rate_shift[:n_cells]
+        count_shift[row * n_cells : (row + 1) * n_cells] = count_shift[:n_cells]
+    rhat_flat, robs_flat = rhat.reshape(-1), robs.reshape(-1)
+    for first_row in range(0, n_rows, group):
+        size = min(group, n_rows - first_row) * n_cells
+        start = first_row * n_cells
+        _read_weights(weights, first_row, size, n_cells, w)
+        bad = False
+        for k in range(size):  # masked entries: harmless values (count 0, rate 1, log-rate 0)
+            bad |= not ((w[k] >= 0.0) & (w[k] <= 1.0))
+            counts[k] = float(robs_flat[start + k]) if w[k] > 0.0 else 0.0
+            bad |= not ((counts[k] >= 0.0) & (counts[k] < math.inf))
+        if log_rate:
+            for k in range(size):
+                values[k] = float(rhat_flat[start + k]) if w[k] > 0.0 else 0.0
+                bad |= not ((values[k] > -math.inf) & (values[k] <= MAX_LOG_RATE))
+                rates[k] = math.exp(values[k])
+        else:
+            for k in range(size):
+                value = float(rhat_flat[start + k]) if w[k] > 0.0 else 1.0
+                bad |= not ((value >= 0.0) & (value < math.inf))
+                rates[k] = max(value, MIN_RATE)
+        if bad:
+            return False
+        _add_run(flat, size, w, counts, rates, rate_shift, count_shift)
+        if log_rate:
+            for k in range(size):
+                flat[SPIKE_LOG_RATES, k] += w[k] * counts[k] * values[k]
+        n_spiking = 0
+        for k in range(size):
+            spiking[n_spiking] = k
+            n_spiking += counts[k] > 0.0
+        for index in range(n_spiking):
+            k = spiking[index]
+            weighted = counts[k] * w[k]
+            small = int(min(counts[k], SMALL_COUNTS - 1))  # ln of a small whole count: from the table
+            log_count = LOG_SMALL_COUNTS[small] if small == counts[k] else math.log(counts[k])
+            flat[SPIKE_LOG_SPIKES, k] += weighted * log_count
+            if not log_rate:
+                flat[SPIKE_LOG_RATES, k] += weighted * math.log(rates[k])
+    folded = np.zeros((FLAT_FIELDS, n_cells))
+    folded[RATE_MIN : COUNT_MIN + 1, :] = math.inf
+    folded[RATE_MAX : COUNT_MAX + 1, :] = -math.inf
+    for row in range(group):  # fold the runs' accumulators per cell: sums, then least and greatest
+        run = flat[:, row * n_cells : (row + 1) * n_cells]
+        for field in range(RATE_MIN):
+            folded[field] += run[field]
+        for field in (RATE_MIN, COUNT_MIN):
+            folded[field] = np.minimum(folded[field], run[field])
+        for field in (RATE_MAX, COUNT_MAX):
+            folded[field] = np.maximum(folded[field], run[field])
     for cell in range(n_cells):
-        total_weight = totals[0, cell]
+        total_weight = folded[WEIGHT, cell]
         has = total_weight > 0.0
-        rate_away = totals[3, cell] / total_weight if has else 0.0  # λ̄ − K
-        count_away = totals[5, cell] / total_weight if has else 0.0
+        rate_away = folded[RATE_OFFSET, cell] / total_weight if has else 0.0  # λ̄ − K
+        count_away = folded[COUNT_OFFSET, cell] / total_weight if has else 0.0
+        n_valid[cell] = round(folded[N_VALID, cell])
         weight[cell] = total_weight
-        spikes[cell] = totals[1, cell]
-        rate_sum[cell] = totals[2, cell]
-        rate_m2[cell] = max(totals[4, cell] - total_weight * rate_away * rate_away, 0.0)
-        count_m2[cell] = max(totals[6, cell] - total_weight * count_away * count_away, 0.0)
-        co_m2[cell] = totals[7, cell] - total_weight * rate_away * count_away
-        model_ll[cell] -= totals[2, cell]
+        spikes[cell] = folded[SPIKES, cell]
+        model_ll[cell] = folded[SPIKE_LOG_RATES, cell] - folded[RATE_SUM, cell]
+        spike_log_spikes[cell] = folded[SPIKE_LOG_SPIKES, cell]
+        rate_sum[cell] = folded[RATE_SUM, cell]
+        rate_m2[cell] = max(folded[RATE_SQUARE, cell] - total_weight * rate_away * rate_away, 0.0)
+        count_m2[cell] = max(folded[COUNT_SQUARE, cell] - total_weight * count_away * count_away, 0.0)
+        co_m2[cell] = folded[CO_SQUARE, cell] - total_weight * rate_away * count_away
+        rate_min[cell], count_min[cell] = folded[RATE_MIN, cell], folded[COUNT_MIN, cell]
+        rate_max[cell], count_max[cell] = folded[RATE_MAX, cell], folded[COUNT_MAX, cell]
     return True
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _first_valid_values(
-    rhat: Any, robs: Any, weights: Any, log_rate: bool, w: Any, valid: Any, counts: Any, rates: Any
-) -> tuple[Any, Any]:
-    """Per cell, λ and y at its first valid entry (0 for a cell without one): the shifts of `accumulate`.
+def _add_run(flat: Any, size: int, w: Any, counts: Any, rates: Any, rate_shift: Any, count_shift: Any) -> None:
+    """Add the first `size` entries of a run's buffers into the flat accumulators, one short loop per sum
+    (one or two arrays written per loop: with more, LLVM gives up proving they do not overlap)."""
+    for k in range(size):
+        flat[N_VALID, k] += w[k] > 0.0
+    for k in range(size):
+        flat[WEIGHT, k] += w[k]
+    for k in range(size):
+        flat[SPIKES, k] += w[k] * counts[k]
+    for k in range(size):
+        flat[RATE_SUM, k] += w[k] * rates[k]
+    for k in range(size):  # masked entries have finite harmless values and w = 0: they add 0
+        step = rates[k] - rate_shift[k]
+        flat[RATE_OFFSET, k] += w[k] * step
+        flat[RATE_SQUARE, k] += w[k] * step * step
+    for k in range(size):
+        step = counts[k] - count_shift[k]
+        flat[COUNT_OFFSET, k] += w[k] * step
+        flat[COUNT_SQUARE, k] += w[k] * step * step
+    for k in range(size):
+        flat[CO_SQUARE, k] += w[k] * (rates[k] - rate_shift[k]) * (counts[k] - count_shift[k])
+    for k in range(size):  # extremes over valid entries: an invalid one offers ±inf
+        flat[RATE_MIN, k] = min(flat[RATE_MIN, k], rates[k] if w[k] > 0.0 else math.inf)
+        flat[RATE_MAX, k] = max(flat[RATE_MAX, k], rates[k] if w[k] > 0.0 else -math.inf)
+    for k in range(size):
+        flat[COUNT_MIN, k] = min(flat[COUNT_MIN, k], counts[k] if w[k] > 0.0 else math.inf)
+        flat[COUNT_MAX, k] = max(flat[COUNT_MAX, k], counts[k] if w[k] > 0.0 else -math.inf)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _read_weights(weights: Any, first_row: int, size: int, n_cells: int, w: Any) -> None:
+    """The weights of the run of `size` entries from row `first_row` into `w` (all ones when there are none)."""
+    if weights is not None:  # a plain `is None` test: numba drops the branch at compile time when it is None
+        if weights.shape[1] == n_cells:
+            flat_weights = weights.reshape(-1)
+            start = first_row * n_cells
+            for k in range(size):
+                w[k] = flat_weights[start + k]
+        else:
+            for row in range(size // n_cells):
+                w[row * n_cells : (row + 1) * n_cells] = weights[first_row + row, 0]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _first_valid_values(rhat: Any, robs: Any, weights: Any, log_rate: bool, rate_shift: Any, count_shift: Any) -> None:
+    """Per cell, λ and y at its first valid entry (left 0 for a cell without one): the shifts of `accumulate`.
 
     Reads rows until every cell has one, usually the first. Values are not checked here: an invalid
     one makes `accumulate` give up anyway.
     """
     n_rows, n_cells = rhat.shape
-    rate_shift, count_shift, found = np.zeros(n_cells), np.zeros(n_cells), np.zeros(n_cells)
+    found = np.zeros(n_cells, dtype=np.bool_)
     missing = n_cells
     for row in range(n_rows):
         if missing == 0:
             break
-        _read_row(rhat, robs, weights, row, log_rate, w, valid, counts, rates)
         for cell in range(n_cells):
-            first = (found[cell] == 0.0) & (valid[cell] > 0.0)
-            rate_shift[cell] = rates[cell] if first else rate_shift[cell]
-            count_shift[cell] = counts[cell] if first else count_shift[cell]
-            missing -= first
-            found[cell] = max(found[cell], valid[cell])
-    return rate_shift, count_shift
+            if found[cell]:
+                continue
+            if weights is None:  # noqa: SIM108 - numba prunes an if statement on None at compile time
+                valid = True
+            else:
+                valid = weights[row, cell if weights.shape[1] == n_cells else 0] > 0
+            if valid:
+                value = float(rhat[row, cell])
+                rate_shift[cell] = math.exp(min(value, MAX_LOG_RATE)) if log_rate else max(value, MIN_RATE)
+                count_shift[cell] = float(robs[row, cell])
+                found[cell] = True
+                missing -= 1
