@@ -48,13 +48,23 @@ class SeenSamples:
     def add(self, index: np.ndarray) -> None:
         if not len(index):
             return
-        self.recent = np.union1d(self.recent, np.asarray(index, dtype=np.int64))
+        self.recent = _with(self.recent, np.asarray(index, dtype=np.int64))
         if len(self.recent) > max(1024, len(self.sorted) // 4):
             self._merge()
 
     def _merge(self) -> None:
         if len(self.recent):
-            self.sorted, self.recent = np.union1d(self.sorted, self.recent), _empty()
+            self.sorted, self.recent = _with(self.sorted, self.recent), _empty()
+
+
+def _with(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The sorted distinct `values` with the entries of `index` they lack, still sorted and distinct.
+
+    Inserted at their binary-search positions: a copy of `values`, where `union1d` would sort them again.
+    """
+    new = np.unique(index)
+    new = new[~_member(values, new)]
+    return np.insert(values, np.searchsorted(values, new), new)
 
 
 def _member(values: np.ndarray, index: np.ndarray) -> np.ndarray:
