@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import secrets
@@ -80,7 +81,10 @@ class _Column:
     written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
     not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
     when a row is larger), allocated when first needed; rows are copied into it, so the caller
-    may reuse its buffers as soon as `append` returns.
+    may reuse its buffers as soon as `stage_rows` returns.
+
+    Staging (`stage_rows`) and writing (`write`, `finish`) touch separate fields: a background
+    writer stages each batch on the caller's thread and writes the chunks on its own.
     """
 
     def __init__(self, name: str, first: np.ndarray) -> None:
@@ -91,13 +95,23 @@ class _Column:
         self.target: h5py.Dataset | None = None
         self.written = 0
 
-    def append(self, group: h5py.Group, rows: np.ndarray) -> None:
-        """Take `rows`: whole chunks go to the file straight from `rows` when the stage is empty."""
+    def stage_rows(self, rows: np.ndarray, emit: Callable[[np.ndarray], None], hand_over: bool) -> None:
+        """Take `rows`, passing each whole chunk to `emit`, in order.
+
+        Whole chunks come straight from `rows` when the stage is empty. Without `hand_over`, `emit`
+        must write the chunk before it returns (the stage is then reused); with it, every chunk
+        emitted is the writer's own (a copy of rows, or a full stage, replaced by a new one), to be
+        written later while the caller reuses its buffers.
+        """
+        if self.stage is not None and self.staged + len(rows) < self.chunk_rows:  # the usual small batch
+            self.stage[self.staged : self.staged + len(rows)] = rows
+            self.staged += len(rows)
+            return
         start = 0
         while start < len(rows):
             if self.staged == 0 and len(rows) - start >= self.chunk_rows:
                 stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                self._write(group, rows[start:stop])
+                emit(rows[start:stop].copy() if hand_over else rows[start:stop])
                 start = stop
                 continue
             if self.stage is None:
@@ -106,8 +120,10 @@ class _Column:
             self.stage[self.staged : self.staged + taken] = rows[start : start + taken]
             self.staged, start = self.staged + taken, start + taken
             if self.staged == self.chunk_rows:
-                self._write(group, self.stage)
+                emit(self.stage)
                 self.staged = 0
+                if hand_over:
+                    self.stage = None
 
     def finish(self, group: h5py.Group) -> None:
         """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
@@ -115,10 +131,10 @@ class _Column:
         if self.target is None:
             group.create_dataset(self.name, data=rows)
         elif len(rows):
-            self._write(group, rows)
+            self.write(group, rows)
         self.stage, self.staged = None, 0
 
-    def _write(self, group: h5py.Group, rows: np.ndarray) -> None:
+    def write(self, group: h5py.Group, rows: np.ndarray) -> None:
         """Append rows to the chunked, resizable dataset, created on the first full chunk.
 
         A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
@@ -140,12 +156,24 @@ class _Column:
 
 @dataclass
 class _Stored:
-    """One dataset group in the file and its arrays; touched only by the thread that writes."""
+    """One dataset group and its arrays: the group is created and written by the thread that writes."""
 
-    group: h5py.Group
+    rate_kind: str
+    group: h5py.Group | None = None
     columns: dict[str, _Column] = field(default_factory=dict)
 
+    def column(self, name: str, first: np.ndarray) -> _Column:
+        return self.columns.get(name) or self.columns.setdefault(name, _Column(name, first))
+
+    def open(self, file: h5py.File, dataset: str) -> h5py.Group:
+        """The group, created on first use."""
+        if self.group is None:
+            self.group = file.create_group(f"{DATASETS_GROUP}/{dataset}")
+            self.group.attrs["rate_kind"] = self.rate_kind
+        return self.group
+
     def finish(self) -> None:
+        assert self.group is not None
         for column in self.columns.values():
             column.finish(self.group)
 
@@ -507,7 +535,7 @@ class ShardWriter:
     def _finish_file(self) -> None:
         assert self._file is not None and self._io is not None
         for dataset, stats in self._stats.items():
-            stats.write(self._stored[dataset].group, self.block_size)
+            stats.write(self._stored[dataset].open(self._file, dataset), self.block_size)
         for stored in self._stored.values():
             stored.finish()
         self._file.close()
@@ -542,7 +570,8 @@ class ShardWriter:
             self.open()
         if self._worker is not None:
             self._raise_failure(self._worker.error)
-        check_dataset_name(dataset)
+        if dataset not in self._written:  # the names of earlier batches were checked then
+            check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
@@ -570,36 +599,46 @@ class ShardWriter:
         if new_ids is not None:
             written.cell_ids = new_ids
         doing = f"adding a batch of dataset {dataset!r}"
+        stored = self._stored.get(dataset)
+        new_group = stored is None
+        if stored is None:
+            stored = self._stored[dataset] = _Stored(rate_kind)
         if self._worker is None:
-            self._run(doing, partial(self._store, dataset, rate_kind, new_ids, arrays))
-        else:  # the caller may reuse its buffers: the queue holds copies
-            given = (rhat, robs, dfs, sample_idx)
-            arrays = {name: _private(array, given) for name, array in arrays.items()}
-
-            def store() -> None:
-                assert self._io is not None
-                self._store(dataset, rate_kind, new_ids, arrays)
-                self._io.sync_written(SYNC_BYTES)
-
-            self._worker.submit(partial(self._attempt, doing, store), sum(array.nbytes for array in arrays.values()))
-            self._raise_failure(self._worker.error)
+            self._run(doing, partial(self._store, dataset, stored, new_ids, arrays))
+        else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
+            chunks: list[tuple[_Column, np.ndarray]] = []
+            for name, array in arrays.items():
+                column = stored.column(name, array)
+                column.stage_rows(array, lambda chunk, column=column: chunks.append((column, chunk)), hand_over=True)
+            if chunks or new_group or new_ids is not None:
+                job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
+                self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
+                self._raise_failure(self._worker.error)
         if self.store == "stats":
             stats.commit(update)
             self._stats[dataset] = stats
 
-    def _store(self, dataset: str, rate_kind: str, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
-        """The file's side of `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
-        stored = self._stored.get(dataset)
-        if stored is None:
-            assert self._file is not None
-            group = self._file.create_group(f"{DATASETS_GROUP}/{dataset}")
-            group.attrs["rate_kind"] = rate_kind
-            stored = self._stored[dataset] = _Stored(group)
+    def _store(self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
+        """The file's side of a synchronous `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
+        assert self._file is not None
+        group = stored.open(self._file, dataset)
         if cell_ids is not None:
-            _store_cell_ids(stored.group, cell_ids)
+            _store_cell_ids(group, cell_ids)
         for name, array in arrays.items():
-            column = stored.columns.get(name) or stored.columns.setdefault(name, _Column(name, array))
-            column.append(stored.group, array)
+            column = stored.column(name, array)
+            column.stage_rows(array, partial(column.write, group), hand_over=False)
+
+    def _write_chunks(
+        self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
+    ) -> None:
+        """The background thread's side of `add`: the group (on its first batch), its cell_ids, the whole chunks."""
+        assert self._file is not None and self._io is not None
+        group = stored.open(self._file, dataset)
+        if cell_ids is not None:
+            _store_cell_ids(group, cell_ids)
+        for column, chunk in chunks:
+            column.write(group, chunk)
+        self._io.sync_written(SYNC_BYTES)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -786,31 +825,38 @@ def _batch_arrays(
             raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
         arrays["cell_ids"] = ids
     for name in ("robs", "dfs"):
-        if name in arrays and not (np.issubdtype(arrays[name].dtype, np.number)):
+        if name in arrays and not _is_a(arrays[name].dtype, np.number):
             raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
     return arrays
 
 
 def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
     """sample_idx as int64: integers of shape (n_rows,), in [0, 2^63 - 1] (never wrapped or truncated)."""
-    if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer):
+    if index.shape != (n_rows,) or not _is_a(index.dtype, np.integer):
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
         )
-    if len(index) and (index.min() < 0 or index.max() > INT64_MAX):
+    signed = index.dtype.kind != "u"  # only the bound its dtype can cross is looked at
+    if len(index) and (index.min() < 0 if signed else index.max() > INT64_MAX):
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
             f" set), got {len(bad)} value(s) outside, e.g. {bad[0]}"
         )
-    return index.astype(np.int64)
+    return index.astype(np.int64, copy=False)  # the writer copies it when it stages the rows
+
+
+@functools.cache
+def _is_a(dtype: np.dtype, kind: type[np.generic]) -> bool:
+    """`np.issubdtype`, remembered: `add` asks it of the same few dtypes on every batch."""
+    return bool(np.issubdtype(dtype, kind))
 
 
 def _float_array(dataset: str, array: np.ndarray) -> np.ndarray:
     """rhat as float16/32/64; integer predictions become float64."""
-    if np.issubdtype(array.dtype, np.floating):
+    if _is_a(array.dtype, np.floating):
         return array
-    if np.issubdtype(array.dtype, np.integer):
+    if _is_a(array.dtype, np.integer):
         return array.astype(np.float64)
     raise ArgumentError(f"dataset {dataset!r}: rhat must be floating point, got dtype {array.dtype}")
 
@@ -872,10 +918,3 @@ def _storable(target: np.dtype, dataset: str, name: str, array: np.ndarray) -> n
             f" {target} of earlier batches; give the same dtype on every batch"
         )
     return array.astype(target)
-
-
-def _private(array: np.ndarray, given: tuple[Any, ...]) -> np.ndarray:
-    """`array`, or a copy of it when it may share memory with what the caller gave (a numpy array, a CPU tensor)."""
-    if array.flags.owndata and not any(array is value for value in given):
-        return array
-    return array.copy()
