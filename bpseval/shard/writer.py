@@ -48,6 +48,8 @@ QUEUE_BYTES = 1 << 26
 """Bytes of batches a background writer holds (queued or being written) before `add` waits: 64 MiB.
 
 A single batch larger than this is still taken, alone, when nothing else is queued."""
+SPARE_CHUNKS = 2
+"""Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
 """A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
 
@@ -92,6 +94,8 @@ class _Column:
         self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
         self.stage: np.ndarray | None = None
         self.staged = 0
+        self.spare: list[np.ndarray] = []
+        """Whole chunks handed over and written, reused as stages (a fresh 256 KiB array costs page faults)."""
         self.target: h5py.Dataset | None = None
         self.written = 0
 
@@ -115,7 +119,7 @@ class _Column:
                 start = stop
                 continue
             if self.stage is None:
-                self.stage = np.empty((self.chunk_rows, *self.tail), self.dtype)
+                self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
             taken = min(self.chunk_rows - self.staged, len(rows) - start)
             self.stage[self.staged : self.staged + taken] = rows[start : start + taken]
             self.staged, start = self.staged + taken, start + taken
@@ -133,6 +137,12 @@ class _Column:
         elif len(rows):
             self.write(group, rows)
         self.stage, self.staged = None, 0
+
+    def write_chunk(self, group: h5py.Group, chunk: np.ndarray) -> None:
+        """`write` a chunk that `stage_rows` handed over, then keep it to stage rows into again."""
+        self.write(group, chunk)
+        if len(chunk) == self.chunk_rows and len(self.spare) < SPARE_CHUNKS:
+            self.spare.append(chunk)  # list.append and list.pop are atomic: the threads need no lock
 
     def write(self, group: h5py.Group, rows: np.ndarray) -> None:
         """Append rows to the chunked, resizable dataset, created on the first full chunk.
@@ -637,7 +647,7 @@ class ShardWriter:
         if cell_ids is not None:
             _store_cell_ids(group, cell_ids)
         for column, chunk in chunks:
-            column.write(group, chunk)
+            column.write_chunk(group, chunk)
         self._io.sync_written(SYNC_BYTES)
 
     def _check_usable(self, call: str) -> None:
