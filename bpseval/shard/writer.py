@@ -99,23 +99,25 @@ class _Column:
         self.target: h5py.Dataset | None = None
         self.written = 0
 
-    def stage_rows(self, rows: np.ndarray, emit: Callable[[np.ndarray], None], hand_over: bool) -> None:
-        """Take `rows`, passing each whole chunk to `emit`, in order.
+    def stage_rows(self, rows: np.ndarray, write: Callable[[np.ndarray], None] | None = None) -> list[np.ndarray]:
+        """Take `rows`; each whole chunk they complete is passed to `write`, or without it returned, in order.
 
-        Whole chunks come straight from `rows` when the stage is empty. Without `hand_over`, `emit`
-        must write the chunk before it returns (the stage is then reused); with it, every chunk
-        emitted is the writer's own (a copy of rows, or a full stage, replaced by a new one), to be
-        written later while the caller reuses its buffers.
+        Whole chunks come straight from `rows` when the stage is empty. `write` writes a chunk
+        before it returns (the stage is then reused). Chunks returned are the writer's own (a copy
+        of rows, or a full stage, replaced by a spare one), to be written later while the caller
+        reuses its buffers.
         """
         if self.stage is not None and self.staged + len(rows) < self.chunk_rows:  # the usual small batch
             self.stage[self.staged : self.staged + len(rows)] = rows
             self.staged += len(rows)
-            return
+            return _NO_CHUNKS
+        chunks: list[np.ndarray] = []
+        emit = write or chunks.append
         start = 0
         while start < len(rows):
             if self.staged == 0 and len(rows) - start >= self.chunk_rows:
                 stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                emit(rows[start:stop].copy() if hand_over else rows[start:stop])
+                emit(rows[start:stop] if write else rows[start:stop].copy())
                 start = stop
                 continue
             if self.stage is None:
@@ -126,8 +128,9 @@ class _Column:
             if self.staged == self.chunk_rows:
                 emit(self.stage)
                 self.staged = 0
-                if hand_over:
+                if not write:
                     self.stage = None
+        return chunks
 
     def finish(self, group: h5py.Group) -> None:
         """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
@@ -187,6 +190,9 @@ class _Stored:
         for column in self.columns.values():
             column.finish(self.group)
 
+
+_NO_CHUNKS: list[np.ndarray] = []
+"""What `stage_rows` returns when no chunk was completed (never appended to)."""
 
 _Job = Callable[[], "BaseException | None"]
 
@@ -619,7 +625,9 @@ class ShardWriter:
             chunks: list[tuple[_Column, np.ndarray]] = []
             for name, array in arrays.items():
                 column = stored.column(name, array)
-                column.stage_rows(array, lambda chunk, column=column: chunks.append((column, chunk)), hand_over=True)
+                completed = column.stage_rows(array)
+                if completed:
+                    chunks += [(column, chunk) for chunk in completed]
             if chunks or new_group or new_ids is not None:
                 job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
                 self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
@@ -636,7 +644,7 @@ class ShardWriter:
             _store_cell_ids(group, cell_ids)
         for name, array in arrays.items():
             column = stored.column(name, array)
-            column.stage_rows(array, partial(column.write, group), hand_over=False)
+            column.stage_rows(array, partial(column.write, group))
 
     def _write_chunks(
         self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
@@ -813,31 +821,40 @@ def _batch_arrays(
     dataset: str, rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any
 ) -> dict[str, np.ndarray]:
     """The batch as numpy arrays in their storage dtypes, with shapes and sample_idx checked."""
-    arrays = {"rhat": _float_array(dataset, to_numpy(rhat)), "robs": to_numpy(robs)}
-    if arrays["rhat"].ndim != 2 or arrays["robs"].shape != arrays["rhat"].shape:
+    rates, counts = _float_array(dataset, _numpy(rhat)), _numpy(robs)
+    if rates.ndim != 2 or counts.shape != rates.shape:
         raise ArgumentError(
             f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
-            f" got {arrays['rhat'].shape} and {arrays['robs'].shape}"
+            f" got {rates.shape} and {counts.shape}"
         )
-    n_rows, n_cells = arrays["rhat"].shape
+    arrays = {"rhat": rates, "robs": _numeric(dataset, "robs", counts)}
+    n_rows, n_cells = rates.shape
     if dfs is not None:
-        mask = to_numpy(dfs)
+        mask = _numpy(dfs)
         try:
             as_weights(mask, n_rows, n_cells)
         except BpsevalError as error:
             raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        arrays["dfs"] = mask.astype(np.uint8) if mask.dtype == bool else mask
+        arrays["dfs"] = _numeric(dataset, "dfs", mask.astype(np.uint8) if mask.dtype == bool else mask)
     if sample_idx is not None:
-        arrays["sample_idx"] = _sample_index(dataset, to_numpy(sample_idx), n_rows)
+        arrays["sample_idx"] = _sample_index(dataset, _numpy(sample_idx), n_rows)
     if cell_ids is not None:
         ids = np.asarray(cell_ids if not hasattr(cell_ids, "detach") else to_numpy(cell_ids))
         if ids.shape != (n_cells,):
             raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
         arrays["cell_ids"] = ids
-    for name in ("robs", "dfs"):
-        if name in arrays and not _is_a(arrays[name].dtype, np.number):
-            raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
     return arrays
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
+    return value if type(value) is np.ndarray else to_numpy(value)
+
+
+def _numeric(dataset: str, name: str, array: np.ndarray) -> np.ndarray:
+    if not _is_a(array.dtype, np.number):
+        raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {array.dtype}")
+    return array
 
 
 def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
@@ -847,7 +864,7 @@ def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
         )
     signed = index.dtype.kind != "u"  # only the bound its dtype can cross is looked at
-    if len(index) and (index.min() < 0 if signed else index.max() > INT64_MAX):
+    if len(index) and (np.minimum.reduce(index) < 0 if signed else np.maximum.reduce(index) > INT64_MAX):
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
