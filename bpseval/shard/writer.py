@@ -835,7 +835,7 @@ def _batch_arrays(
             as_weights(mask, n_rows, n_cells)
         except BpsevalError as error:
             raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        arrays["dfs"] = _numeric(dataset, "dfs", mask.astype(np.uint8) if mask.dtype == bool else mask)
+        arrays["dfs"] = _numeric(dataset, "dfs", mask.astype(np.uint8) if mask.dtype.kind == "b" else mask)
     if sample_idx is not None:
         arrays["sample_idx"] = _sample_index(dataset, _numpy(sample_idx), n_rows)
     if cell_ids is not None:
@@ -863,8 +863,8 @@ def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
         )
-    signed = index.dtype.kind != "u"  # only the bound its dtype can cross is looked at
-    if len(index) and (np.minimum.reduce(index) < 0 if signed else np.maximum.reduce(index) > INT64_MAX):
+    # only the bound its dtype can cross is looked at; argmin and argmax cost less than min and max
+    if len(index) and not 0 <= index[index.argmin() if index.dtype.kind != "u" else index.argmax()] <= INT64_MAX:
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
