@@ -584,7 +584,7 @@ class ShardWriter:
         if self._state != "open":
             self._check_usable("add()")
             self.open()
-        if self._worker is not None:
+        if self._worker is not None and self._worker.error is not None:
             self._raise_failure(self._worker.error)
         if dataset not in self._written:  # the names of earlier batches were checked then
             check_dataset_name(dataset)
@@ -598,7 +598,7 @@ class ShardWriter:
             has_sample_idx="sample_idx" in arrays,
         )
         written = self._written.get(dataset)
-        if written is not None:
+        if written is not None and written.layout != layout:
             _check_same_layout(dataset, written.layout, layout)
         ids = arrays.pop("cell_ids", None)
         if ids is not None:
