@@ -45,9 +45,9 @@ from bpseval.shard.format import (
 
 INT64_MAX = np.iinfo(np.int64).max
 QUEUE_BYTES = 1 << 26
-"""Bytes of batches a background writer holds (queued or being written) before `add` waits: 64 MiB.
+"""Bytes of whole chunks a background writer holds (queued or being written) before `add` waits: 64 MiB.
 
-A single batch larger than this is still taken, alone, when nothing else is queued."""
+The chunks a single batch completes are still taken, alone, when nothing else is queued, however large."""
 SPARE_CHUNKS = 2
 """Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
@@ -198,10 +198,10 @@ _Job = Callable[[], "BaseException | None"]
 
 
 class _Worker:
-    """A thread running a writer's writes in order, holding at most `limit` bytes of batches.
+    """A thread running a writer's writes in order, holding at most `limit` bytes of chunks.
 
-    `submit` waits while the queued and running batches plus the new one would exceed `limit` (a
-    batch larger than `limit` is taken when nothing else is queued). A job returns the error the
+    `submit` waits while the queued and running jobs' chunks plus the new one's would exceed `limit`
+    (a job larger than `limit` is taken when nothing else is queued). A job returns the error the
     writer must raise, or None; the first error stops the thread, drops the jobs queued after it
     and stays in `error`, and `submit` stops waiting then.
     """
@@ -393,13 +393,15 @@ class ShardWriter:
     end of the block), the partial file is deleted and an earlier shard at the final path stays
     as it was.
 
-    `background=True` writes on a thread of its own: `add` checks and copies the batch on the
-    caller's thread (for CUDA tensors, the copy to the host) and queues it; it waits only when
-    QUEUE_BYTES (64 MiB) of batches are queued. The thread also flushes the data to disk as it
-    goes (every SYNC_BYTES), so the end of the block has little left to wait for. A write that
-    fails raises its error at the next `add` or at the end of the `with` block, with the shard
-    discarded as above; no batch is dropped silently. With `store="stats"` nothing is written
-    before the end, so it changes nothing.
+    `background=True` writes on a thread of its own: `add` checks the batch and copies it into
+    the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
+    synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
+    queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
+    of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
+    stage into again. The thread also flushes the data to disk as it goes (every SYNC_BYTES), so
+    the end of the block has little left to wait for. A write that fails raises its error at the
+    next `add` or at the end of the `with` block, with the shard discarded as above; no batch is
+    dropped silently. With `store="stats"` nothing is written before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
