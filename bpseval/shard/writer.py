@@ -108,7 +108,7 @@ class _Column:
         reuses its buffers.
         """
         if self.stage is not None and self.staged + len(rows) < self.chunk_rows:  # the usual small batch
-            self.stage[self.staged : self.staged + len(rows)] = rows
+            _copy_rows(self.stage[self.staged : self.staged + len(rows)], rows)
             self.staged += len(rows)
             return _NO_CHUNKS
         chunks: list[np.ndarray] = []
@@ -117,13 +117,16 @@ class _Column:
         while start < len(rows):
             if self.staged == 0 and len(rows) - start >= self.chunk_rows:
                 stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                emit(rows[start:stop] if write else rows[start:stop].copy())
+                if write:
+                    emit(rows[start:stop])
+                else:
+                    emit(_copy_rows(np.empty((stop - start, *self.tail), self.dtype), rows[start:stop]))
                 start = stop
                 continue
             if self.stage is None:
                 self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
             taken = min(self.chunk_rows - self.staged, len(rows) - start)
-            self.stage[self.staged : self.staged + taken] = rows[start : start + taken]
+            _copy_rows(self.stage[self.staged : self.staged + taken], rows[start : start + taken])
             self.staged, start = self.staged + taken, start + taken
             if self.staged == self.chunk_rows:
                 emit(self.stage)
@@ -189,6 +192,21 @@ class _Stored:
         assert self.group is not None
         for column in self.columns.values():
             column.finish(self.group)
+
+
+def _copy_rows(target: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`target[...] = rows`, holding the GIL when both are contiguous arrays of one dtype; returns `target`.
+
+    numpy lets go of the GIL while it copies more than a few hundred values. A background writer's
+    thread waiting for the GIL may take it then, and keep the caller's thread waiting until its next
+    system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
+    spent in `add`. A memoryview copy is one memcpy under the GIL.
+    """
+    if rows.size and target.dtype == rows.dtype and target.flags.c_contiguous and rows.flags.c_contiguous:
+        memoryview(target).cast("B")[:] = memoryview(rows).cast("B")
+    else:
+        target[...] = rows
+    return target
 
 
 _NO_CHUNKS: list[np.ndarray] = []
