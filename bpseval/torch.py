@@ -159,20 +159,11 @@ class DistributedBPS:
             problems = [replace(problem, first_row=int(rows[problem.first_row])) for problem in problems]
             raise ArgumentError(f"dataset {dataset!r}: {InvalidValuesError(problems)}")
 
-        # Rows beyond the last `window` go straight into the sums; only the last `window` are kept per row.
-        window = self.dedup_window if index is not None else 0
-        direct = max(0, len(rows) - window)
-        rhat, robs, weights = screened.rhat, screened.robs, screened.weights
-        parts = [
-            (rhat[start:stop], robs[start:stop], None if weights is None else weights[start:stop])
-            for start, stop in ((0, direct), (direct, len(rows)))
-        ]
-        folded = unchecked_batch_stats(*parts[0], rate_kind) if direct or not window else None
-        per_row = _row_stats(*parts[1], rate_kind) if window else None
+        kept = _Rows(screened.rhat, screened.robs, screened.weights)
         if state is None:
-            like = per_row if per_row is not None else folded
-            state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, like)
-        state.add(folded, per_row, None if index is None else index[rows], n_rows, window)
+            state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, kept)
+        window = self.dedup_window if index is not None else 0
+        state.add(kept, None if index is None else index[rows], n_rows, window)
         if self.validate == "deferred":
             state.record_problems(screened.problems)
         if ids is not None and state.cell_ids is None:
@@ -380,40 +371,95 @@ def _invalid_values_error(name: str, rank: int, invalid: _InvalidBatches, rate_k
     )
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Screened rows of one dataset as `update` was given them (weights None: every entry valid)."""
+
+    rhat: Any
+    robs: Any
+    weights: Any
+
+    def __len__(self) -> int:
+        return self.rhat.shape[0]
+
+    def part(self, rows: slice) -> _Rows:
+        return _Rows(*(None if values is None else values[rows] for values in (self.rhat, self.robs, self.weights)))
+
+    def copy(self) -> _Rows:
+        """Rows that share no memory with a batch (a caller may reuse its tensors; a batch is not kept alive)."""
+        return _Rows(
+            *(None if values is None else _array_copy(values) for values in (self.rhat, self.robs, self.weights))
+        )
+
+    def then(self, later: _Rows) -> _Rows:
+        """These rows followed by `later`'s (weights of 1 where one of them has none)."""
+        if self.weights is None and later.weights is None:
+            weights = None
+        else:
+            weights = _concat_rows(*(rows.full_weights(like) for rows, like in ((self, later), (later, self))))
+        return _Rows(_concat_rows(self.rhat, later.rhat), _concat_rows(self.robs, later.robs), weights)
+
+    def full_weights(self, like: _Rows) -> Any:
+        """The weights as a (rows, cells) array; ones, in the dtype of `like`'s, when there are none."""
+        xp, shape = array_namespace(self.rhat), tuple(self.rhat.shape)
+        if self.weights is None:
+            return xp.ones(shape, dtype=like.weights.dtype, device=device(self.rhat))
+        return xp.broadcast_to(self.weights, shape)
+
+    def stats(self, rate_kind: str) -> CellStats:
+        return unchecked_batch_stats(self.rhat, self.robs, self.weights, rate_kind)
+
+    def row_stats(self, rate_kind: str) -> CellStats:
+        return _row_stats(self.rhat, self.robs, self.weights, rate_kind)
+
+
 @dataclass
 class _DatasetState:
-    """One dataset on this rank: sums of the scored rows, plus the held-back per-row statistics."""
+    """One dataset on this rank: sums of the scored rows, plus its last scored rows, held back.
+
+    The held-back rows are kept as given (`held`), so that each batch adds to the sums with one
+    reduction, the rows held back before included; their per-row statistics (`tail`) are made only
+    when asked for, at `compute()` and `state_dict()`. A state loaded from `state_dict()` holds
+    those instead (`carried`), older than any row in `held`.
+    """
 
     rate_kind: str
     has_sample_idx: bool
     cell_ids: np.ndarray | None
     total: CellStats
-    tail: CellStats
+    carried: CellStats
+    """Per-row statistics of held-back rows that came from a saved state: (rows, cells)."""
     tail_idx: np.ndarray
+    """The sample indices of the held-back rows: `carried`'s, then `held`'s."""
     seen: SeenSamples
     rows: int = 0
     skipped: int = 0
     batches: int = 0
+    held: _Rows | None = None
     problems: Any = None
     """Device int64 array: per check of `check_labels`, the batches that failed it (None: no batch recorded)."""
     first_problem: Any = None
     """Device int64 scalar: the first batch that failed any check, -1 while none has."""
 
     @classmethod
-    def empty(cls, rate_kind: str, has_sample_idx: bool, like: CellStats) -> _DatasetState:
-        """A state with no rows, whose arrays have the dtype and device of `like` ((cells,) or (rows, cells) stats)."""
-
-        def no_rows(values: Any) -> Any:
-            xp = array_namespace(values)
-            return xp.zeros((0, values.shape[-1]), dtype=values.dtype, device=device(values))
-
-        tail = _map(no_rows, like)
+    def empty(cls, rate_kind: str, has_sample_idx: bool, like: _Rows) -> _DatasetState:
+        """A state with no rows, whose statistics have the namespace and device of `like`'s arrays."""
+        none = like.part(slice(0, 0))
         no_index = np.zeros(0, dtype=np.int64)
-        return cls(rate_kind, has_sample_idx, None, reduce_rows(tail), tail, no_index, SeenSamples())
+        return cls(
+            rate_kind, has_sample_idx, None, none.stats(rate_kind), none.row_stats(rate_kind), no_index, SeenSamples()
+        )
 
     @property
     def n_cells(self) -> int:
         return self.total.n_valid.shape[0]
+
+    @property
+    def tail(self) -> CellStats:
+        """Per-row statistics of the held-back rows, oldest first: (rows, cells)."""
+        if self.held is None:
+            return self.carried
+        return _map(_concat_rows, self.carried, self.held.row_stats(self.rate_kind))
 
     def check_batch(
         self, dataset: str, n_cells: int, rate_kind: str, has_sample_idx: bool, ids: np.ndarray | None
@@ -430,32 +476,30 @@ class _DatasetState:
         if ids is not None and self.cell_ids is not None and not np.array_equal(ids, self.cell_ids):
             raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
 
-    def add(
-        self, folded: CellStats | None, per_row: CellStats | None, index: np.ndarray | None, n_given: int, window: int
-    ) -> None:
-        """Add a batch's kept rows: `folded`, the sums of its first rows, and `per_row`, the statistics of its last.
+    def add(self, kept: _Rows, index: np.ndarray | None, n_given: int, window: int) -> None:
+        """Add a batch's kept rows (`index`: their sample indices, None without sample_idx).
 
-        Of the held-back rows and `per_row`, all but the dataset's last `window` go into the sums.
-        `index` holds the sample indices of the kept rows (None without sample_idx).
+        Of the rows held back and `kept`, all but the dataset's last `window` go into the sums, in
+        one reduction of the given rows (and a merge of the carried per-row statistics, after a load).
         """
-        kept = n_given if index is None else len(index)
-        if folded is not None:
-            self.total = self.total + folded
-        if per_row is not None and per_row.n_valid.shape[0] == window:  # the usual batch: the whole old tail folds
-            if len(self.tail_idx):
-                self.total = self.total + reduce_rows(self.tail)
-            self.tail, self.tail_idx = per_row, index[len(index) - per_row.n_valid.shape[0] :]
-        elif per_row is not None:
-            tail = _map(_concat_rows, self.tail, per_row)
-            tail_idx = np.concatenate([self.tail_idx, index[len(index) - per_row.n_valid.shape[0] :]])
-            fold = max(0, tail.n_valid.shape[0] - window)
-            if fold:
-                self.total = self.total + reduce_rows(_map(lambda rows: rows[:fold], tail))
-            self.tail, self.tail_idx = _map(lambda rows: rows[fold:], tail), tail_idx[fold:]
-        if index is not None:
+        if index is None:
+            self.total = self.total + kept.stats(self.rate_kind)
+        else:
+            held = kept if self.held is None else self.held.then(kept)
+            n_carried = self.carried.n_valid.shape[0]
+            fold = max(0, n_carried + len(held) - window)
+            from_carried = min(fold, n_carried)
+            if from_carried:
+                self.total = self.total + reduce_rows(_map(lambda rows: rows[:from_carried], self.carried))
+                self.carried = _map(lambda rows: rows[from_carried:], self.carried)
+            from_held = fold - from_carried
+            if from_held:
+                self.total = self.total + held.part(slice(0, from_held)).stats(self.rate_kind)
+            self.held = held.part(slice(from_held, len(held))).copy()
+            self.tail_idx = np.concatenate([self.tail_idx, index])[fold:]
             self.seen.add(index)
         self.rows += n_given
-        self.skipped += n_given - kept
+        self.skipped += n_given - (n_given if index is None else len(index))
         self.batches += 1
 
     def record_problems(self, failed: Any) -> None:
@@ -535,11 +579,11 @@ class _DatasetState:
             has_sample_idx,
             reader.cell_ids(state, n_cells),
             total,
-            tail,
-            tail_idx,
-            SeenSamples.from_indices(seen),
-            rows,
-            skipped,
+            carried=tail,
+            tail_idx=tail_idx,
+            seen=SeenSamples.from_indices(seen),
+            rows=rows,
+            skipped=skipped,
         )
 
     def summary(self, name: str) -> _RankSummary:
@@ -646,6 +690,10 @@ def _row_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
 def _map(function: Callable[..., Any], *stats: CellStats) -> CellStats:
     """Apply `function` field by field to one or more CellStats."""
     return CellStats(**{name: function(*(getattr(s, name) for s in stats)) for name in STAT_FIELDS})
+
+
+def _array_copy(values: Any) -> Any:
+    return values.clone() if is_tensor(values) else np.array(values)
 
 
 def _concat_rows(first: Any, second: Any) -> Any:

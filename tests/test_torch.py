@@ -273,6 +273,48 @@ def test_without_a_process_group_compute_treats_the_process_as_the_only_rank(tmp
     assert metric.compute().datasets.empty
 
 
+def test_held_back_rows_of_batches_with_other_dtypes_and_masks_score_as_without_sample_idx():
+    """The held-back rows are joined to the next batch's: float32, bfloat16 and float16, full, per-row and no dfs."""
+    rng = np.random.default_rng(5)
+    rhat = torch.tensor(rng.gamma(2.0, 0.5, size=(40, 5)), dtype=torch.float32)
+    robs = torch.tensor(rng.poisson(1.0, size=(40, 5)), dtype=torch.float32)
+    dfs = torch.tensor(rng.random((40, 5)) > 0.3).float()
+    masks = {"full": lambda rows: dfs[rows], "per row": lambda rows: dfs[rows][:, :1], "none": lambda rows: None}
+    batches = [  # batches shorter than the window, too
+        (range(10), torch.float32, "full"),
+        (range(10, 13), torch.bfloat16, "none"),
+        (range(13, 25), torch.float16, "per row"),
+        (range(25, 27), torch.float32, "full"),
+        (range(27, 40), torch.bfloat16, "none"),
+    ]
+    with_index, without = DistributedBPS(dedup_window=6), DistributedBPS()
+    for rows, dtype, mask in batches:
+        rows = list(rows)
+        with_index.update("s", rhat[rows].to(dtype), robs[rows], masks[mask](rows), sample_idx=torch.tensor(rows))
+        without.update("s", rhat[rows].to(dtype), robs[rows], masks[mask](rows))
+    held, reference = with_index.compute().cells, without.compute().cells
+    pd.testing.assert_frame_equal(held[CELL_EXACT], reference[CELL_EXACT])
+    np.testing.assert_allclose(held[CELL_CLOSE].to_numpy(float), reference[CELL_CLOSE].to_numpy(float), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_the_caller_may_reuse_its_buffers_as_soon_as_update_returns(kind):
+    """Held-back rows are copies: a loop refilling one buffer (no dfs, so no masked copy is made) scores every batch."""
+    rng = np.random.default_rng(6)
+    batches = [(rng.gamma(2.0, 0.5, size=(10, 4)), rng.poisson(1.0, size=(10, 4)).astype(float)) for _ in range(6)]
+    rates, counts = np.empty((10, 4)), np.empty((10, 4))
+    given = (torch.from_numpy(rates), torch.from_numpy(counts)) if kind == "tensor" else (rates, counts)
+    reused, fresh = DistributedBPS(dedup_window=4), DistributedBPS(dedup_window=4)
+    for number, (rate, count) in enumerate(batches):
+        rates[:], counts[:] = rate, count
+        index = np.arange(number * 10, (number + 1) * 10)
+        reused.update("s", *given, sample_idx=index)
+        copies = (rate.copy(), count.copy())
+        fresh.update("s", *(map(torch.from_numpy, copies) if kind == "tensor" else copies), sample_idx=index)
+        rates[:], counts[:] = np.nan, -1.0  # reused at once
+    assert_same_scores(reused.compute(), fresh.compute(), rtol=0)
+
+
 def test_numpy_input_and_cell_ids_give_the_same_result_as_tensors():
     data = sessions()["B"]
     ids = np.array(["u1", "u2", "u3"])

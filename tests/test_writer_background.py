@@ -62,11 +62,16 @@ def test_background_writes_the_same_shard_as_the_synchronous_writer(batches, sto
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
-def test_the_caller_may_reuse_its_buffers_as_soon_as_add_returns(tmp_path, background, kind):
-    """A loop writing into one preallocated buffer: every batch is stored as it was when given."""
+@pytest.mark.parametrize("n_cells", [23, 181])
+def test_the_caller_may_reuse_its_buffers_as_soon_as_add_returns(tmp_path, background, kind, n_cells):
+    """A loop writing into one preallocated buffer: every batch is stored as it was when given.
+
+    3840 rows: at 23 cells one chunk and staged rows; at 181, ten chunks, whose stages the background
+    writer hands to its thread and, once written, stages into again.
+    """
     rng = np.random.default_rng(0)
-    batches = [rng.random((64, 23), dtype=np.float32) for _ in range(60)]  # 3840 rows: one chunk and staged rows
-    buffer = np.empty((64, 23), np.float32)
+    batches = [rng.random((64, n_cells), dtype=np.float32) for _ in range(60)]
+    buffer = np.empty((64, n_cells), np.float32)
     given_buffer = torch.from_numpy(buffer) if kind == "torch" else buffer  # a CPU tensor shares the memory
     index = np.empty(64, np.int64)
     with ShardWriter(tmp_path, 0, 1, background=background) as writer:

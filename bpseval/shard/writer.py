@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import secrets
@@ -44,9 +45,11 @@ from bpseval.shard.format import (
 
 INT64_MAX = np.iinfo(np.int64).max
 QUEUE_BYTES = 1 << 26
-"""Bytes of batches a background writer holds (queued or being written) before `add` waits: 64 MiB.
+"""Bytes of whole chunks a background writer holds (queued or being written) before `add` waits: 64 MiB.
 
-A single batch larger than this is still taken, alone, when nothing else is queued."""
+The chunks a single batch completes are still taken, alone, when nothing else is queued, however large."""
+SPARE_CHUNKS = 2
+"""Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
 """A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
 
@@ -80,7 +83,10 @@ class _Column:
     written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
     not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
     when a row is larger), allocated when first needed; rows are copied into it, so the caller
-    may reuse its buffers as soon as `append` returns.
+    may reuse its buffers as soon as `stage_rows` returns.
+
+    Staging (`stage_rows`) and writing (`write`, `finish`) touch separate fields: a background
+    writer stages each batch on the caller's thread and writes the chunks on its own.
     """
 
     def __init__(self, name: str, first: np.ndarray) -> None:
@@ -88,26 +94,46 @@ class _Column:
         self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
         self.stage: np.ndarray | None = None
         self.staged = 0
+        self.spare: list[np.ndarray] = []
+        """Whole chunks handed over and written, reused as stages (a fresh 256 KiB array costs page faults)."""
         self.target: h5py.Dataset | None = None
         self.written = 0
 
-    def append(self, group: h5py.Group, rows: np.ndarray) -> None:
-        """Take `rows`: whole chunks go to the file straight from `rows` when the stage is empty."""
+    def stage_rows(self, rows: np.ndarray, write: Callable[[np.ndarray], None] | None = None) -> list[np.ndarray]:
+        """Take `rows`; each whole chunk they complete is passed to `write`, or without it returned, in order.
+
+        Whole chunks come straight from `rows` when the stage is empty. `write` writes a chunk
+        before it returns (the stage is then reused). Chunks returned are the writer's own (a copy
+        of rows, or a full stage, replaced by a spare one), to be written later while the caller
+        reuses its buffers.
+        """
+        if self.stage is not None and self.staged + len(rows) < self.chunk_rows:  # the usual small batch
+            _copy_rows(self.stage[self.staged : self.staged + len(rows)], rows)
+            self.staged += len(rows)
+            return _NO_CHUNKS
+        chunks: list[np.ndarray] = []
+        emit = write or chunks.append
         start = 0
         while start < len(rows):
             if self.staged == 0 and len(rows) - start >= self.chunk_rows:
                 stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                self._write(group, rows[start:stop])
+                if write:
+                    emit(rows[start:stop])
+                else:
+                    emit(_copy_rows(np.empty((stop - start, *self.tail), self.dtype), rows[start:stop]))
                 start = stop
                 continue
             if self.stage is None:
-                self.stage = np.empty((self.chunk_rows, *self.tail), self.dtype)
+                self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
             taken = min(self.chunk_rows - self.staged, len(rows) - start)
-            self.stage[self.staged : self.staged + taken] = rows[start : start + taken]
+            _copy_rows(self.stage[self.staged : self.staged + taken], rows[start : start + taken])
             self.staged, start = self.staged + taken, start + taken
             if self.staged == self.chunk_rows:
-                self._write(group, self.stage)
+                emit(self.stage)
                 self.staged = 0
+                if not write:
+                    self.stage = None
+        return chunks
 
     def finish(self, group: h5py.Group) -> None:
         """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
@@ -115,10 +141,16 @@ class _Column:
         if self.target is None:
             group.create_dataset(self.name, data=rows)
         elif len(rows):
-            self._write(group, rows)
+            self.write(group, rows)
         self.stage, self.staged = None, 0
 
-    def _write(self, group: h5py.Group, rows: np.ndarray) -> None:
+    def write_chunk(self, group: h5py.Group, chunk: np.ndarray) -> None:
+        """`write` a chunk that `stage_rows` handed over, then keep it to stage rows into again."""
+        self.write(group, chunk)
+        if len(chunk) == self.chunk_rows and len(self.spare) < SPARE_CHUNKS:
+            self.spare.append(chunk)  # list.append and list.pop are atomic: the threads need no lock
+
+    def write(self, group: h5py.Group, rows: np.ndarray) -> None:
         """Append rows to the chunked, resizable dataset, created on the first full chunk.
 
         A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
@@ -140,24 +172,54 @@ class _Column:
 
 @dataclass
 class _Stored:
-    """One dataset group in the file and its arrays; touched only by the thread that writes."""
+    """One dataset group and its arrays: the group is created and written by the thread that writes."""
 
-    group: h5py.Group
+    rate_kind: str
+    group: h5py.Group | None = None
     columns: dict[str, _Column] = field(default_factory=dict)
 
+    def column(self, name: str, first: np.ndarray) -> _Column:
+        return self.columns.get(name) or self.columns.setdefault(name, _Column(name, first))
+
+    def open(self, file: h5py.File, dataset: str) -> h5py.Group:
+        """The group, created on first use."""
+        if self.group is None:
+            self.group = file.create_group(f"{DATASETS_GROUP}/{dataset}")
+            self.group.attrs["rate_kind"] = self.rate_kind
+        return self.group
+
     def finish(self) -> None:
+        assert self.group is not None
         for column in self.columns.values():
             column.finish(self.group)
 
+
+def _copy_rows(target: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`target[...] = rows`, holding the GIL when both are contiguous arrays of one dtype; returns `target`.
+
+    numpy lets go of the GIL while it copies more than a few hundred values. A background writer's
+    thread waiting for the GIL may take it then, and keep the caller's thread waiting until its next
+    system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
+    spent in `add`. A memoryview copy is one memcpy under the GIL.
+    """
+    if rows.size and target.dtype == rows.dtype and target.flags.c_contiguous and rows.flags.c_contiguous:
+        memoryview(target).cast("B")[:] = memoryview(rows).cast("B")
+    else:
+        target[...] = rows
+    return target
+
+
+_NO_CHUNKS: list[np.ndarray] = []
+"""What `stage_rows` returns when no chunk was completed (never appended to)."""
 
 _Job = Callable[[], "BaseException | None"]
 
 
 class _Worker:
-    """A thread running a writer's writes in order, holding at most `limit` bytes of batches.
+    """A thread running a writer's writes in order, holding at most `limit` bytes of chunks.
 
-    `submit` waits while the queued and running batches plus the new one would exceed `limit` (a
-    batch larger than `limit` is taken when nothing else is queued). A job returns the error the
+    `submit` waits while the queued and running jobs' chunks plus the new one's would exceed `limit`
+    (a job larger than `limit` is taken when nothing else is queued). A job returns the error the
     writer must raise, or None; the first error stops the thread, drops the jobs queued after it
     and stays in `error`, and `submit` stops waiting then.
     """
@@ -349,13 +411,15 @@ class ShardWriter:
     end of the block), the partial file is deleted and an earlier shard at the final path stays
     as it was.
 
-    `background=True` writes on a thread of its own: `add` checks and copies the batch on the
-    caller's thread (for CUDA tensors, the copy to the host) and queues it; it waits only when
-    QUEUE_BYTES (64 MiB) of batches are queued. The thread also flushes the data to disk as it
-    goes (every SYNC_BYTES), so the end of the block has little left to wait for. A write that
-    fails raises its error at the next `add` or at the end of the `with` block, with the shard
-    discarded as above; no batch is dropped silently. With `store="stats"` nothing is written
-    before the end, so it changes nothing.
+    `background=True` writes on a thread of its own: `add` checks the batch and copies it into
+    the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
+    synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
+    queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
+    of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
+    stage into again. The thread also flushes the data to disk as it goes (every SYNC_BYTES), so
+    the end of the block has little left to wait for. A write that fails raises its error at the
+    next `add` or at the end of the `with` block, with the shard discarded as above; no batch is
+    dropped silently. With `store="stats"` nothing is written before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -507,7 +571,7 @@ class ShardWriter:
     def _finish_file(self) -> None:
         assert self._file is not None and self._io is not None
         for dataset, stats in self._stats.items():
-            stats.write(self._stored[dataset].group, self.block_size)
+            stats.write(self._stored[dataset].open(self._file, dataset), self.block_size)
         for stored in self._stored.values():
             stored.finish()
         self._file.close()
@@ -540,9 +604,10 @@ class ShardWriter:
         if self._state != "open":
             self._check_usable("add()")
             self.open()
-        if self._worker is not None:
+        if self._worker is not None and self._worker.error is not None:
             self._raise_failure(self._worker.error)
-        check_dataset_name(dataset)
+        if dataset not in self._written:  # the names of earlier batches were checked then
+            check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
         arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
@@ -553,7 +618,7 @@ class ShardWriter:
             has_sample_idx="sample_idx" in arrays,
         )
         written = self._written.get(dataset)
-        if written is not None:
+        if written is not None and written.layout != layout:
             _check_same_layout(dataset, written.layout, layout)
         ids = arrays.pop("cell_ids", None)
         if ids is not None:
@@ -570,36 +635,48 @@ class ShardWriter:
         if new_ids is not None:
             written.cell_ids = new_ids
         doing = f"adding a batch of dataset {dataset!r}"
+        stored = self._stored.get(dataset)
+        new_group = stored is None
+        if stored is None:
+            stored = self._stored[dataset] = _Stored(rate_kind)
         if self._worker is None:
-            self._run(doing, partial(self._store, dataset, rate_kind, new_ids, arrays))
-        else:  # the caller may reuse its buffers: the queue holds copies
-            given = (rhat, robs, dfs, sample_idx)
-            arrays = {name: _private(array, given) for name, array in arrays.items()}
-
-            def store() -> None:
-                assert self._io is not None
-                self._store(dataset, rate_kind, new_ids, arrays)
-                self._io.sync_written(SYNC_BYTES)
-
-            self._worker.submit(partial(self._attempt, doing, store), sum(array.nbytes for array in arrays.values()))
-            self._raise_failure(self._worker.error)
+            self._run(doing, partial(self._store, dataset, stored, new_ids, arrays))
+        else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
+            chunks: list[tuple[_Column, np.ndarray]] = []
+            for name, array in arrays.items():
+                column = stored.column(name, array)
+                completed = column.stage_rows(array)
+                if completed:
+                    chunks += [(column, chunk) for chunk in completed]
+            if chunks or new_group or new_ids is not None:
+                job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
+                self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
+                self._raise_failure(self._worker.error)
         if self.store == "stats":
             stats.commit(update)
             self._stats[dataset] = stats
 
-    def _store(self, dataset: str, rate_kind: str, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
-        """The file's side of `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
-        stored = self._stored.get(dataset)
-        if stored is None:
-            assert self._file is not None
-            group = self._file.create_group(f"{DATASETS_GROUP}/{dataset}")
-            group.attrs["rate_kind"] = rate_kind
-            stored = self._stored[dataset] = _Stored(group)
+    def _store(self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
+        """The file's side of a synchronous `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
+        assert self._file is not None
+        group = stored.open(self._file, dataset)
         if cell_ids is not None:
-            _store_cell_ids(stored.group, cell_ids)
+            _store_cell_ids(group, cell_ids)
         for name, array in arrays.items():
-            column = stored.columns.get(name) or stored.columns.setdefault(name, _Column(name, array))
-            column.append(stored.group, array)
+            column = stored.column(name, array)
+            column.stage_rows(array, partial(column.write, group))
+
+    def _write_chunks(
+        self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
+    ) -> None:
+        """The background thread's side of `add`: the group (on its first batch), its cell_ids, the whole chunks."""
+        assert self._file is not None and self._io is not None
+        group = stored.open(self._file, dataset)
+        if cell_ids is not None:
+            _store_cell_ids(group, cell_ids)
+        for column, chunk in chunks:
+            column.write_chunk(group, chunk)
+        self._io.sync_written(SYNC_BYTES)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -764,53 +841,69 @@ def _batch_arrays(
     dataset: str, rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any
 ) -> dict[str, np.ndarray]:
     """The batch as numpy arrays in their storage dtypes, with shapes and sample_idx checked."""
-    arrays = {"rhat": _float_array(dataset, to_numpy(rhat)), "robs": to_numpy(robs)}
-    if arrays["rhat"].ndim != 2 or arrays["robs"].shape != arrays["rhat"].shape:
+    rates, counts = _float_array(dataset, _numpy(rhat)), _numpy(robs)
+    if rates.ndim != 2 or counts.shape != rates.shape:
         raise ArgumentError(
             f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
-            f" got {arrays['rhat'].shape} and {arrays['robs'].shape}"
+            f" got {rates.shape} and {counts.shape}"
         )
-    n_rows, n_cells = arrays["rhat"].shape
+    arrays = {"rhat": rates, "robs": _numeric(dataset, "robs", counts)}
+    n_rows, n_cells = rates.shape
     if dfs is not None:
-        mask = to_numpy(dfs)
+        mask = _numpy(dfs)
         try:
             as_weights(mask, n_rows, n_cells)
         except BpsevalError as error:
             raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        arrays["dfs"] = mask.astype(np.uint8) if mask.dtype == bool else mask
+        arrays["dfs"] = _numeric(dataset, "dfs", mask.astype(np.uint8) if mask.dtype.kind == "b" else mask)
     if sample_idx is not None:
-        arrays["sample_idx"] = _sample_index(dataset, to_numpy(sample_idx), n_rows)
+        arrays["sample_idx"] = _sample_index(dataset, _numpy(sample_idx), n_rows)
     if cell_ids is not None:
         ids = np.asarray(cell_ids if not hasattr(cell_ids, "detach") else to_numpy(cell_ids))
         if ids.shape != (n_cells,):
             raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
         arrays["cell_ids"] = ids
-    for name in ("robs", "dfs"):
-        if name in arrays and not (np.issubdtype(arrays[name].dtype, np.number)):
-            raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {arrays[name].dtype}")
     return arrays
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
+    return value if type(value) is np.ndarray else to_numpy(value)
+
+
+def _numeric(dataset: str, name: str, array: np.ndarray) -> np.ndarray:
+    if not _is_a(array.dtype, np.number):
+        raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {array.dtype}")
+    return array
 
 
 def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
     """sample_idx as int64: integers of shape (n_rows,), in [0, 2^63 - 1] (never wrapped or truncated)."""
-    if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer):
+    if index.shape != (n_rows,) or not _is_a(index.dtype, np.integer):
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
         )
-    if len(index) and (index.min() < 0 or index.max() > INT64_MAX):
+    # only the bound its dtype can cross is looked at; argmin and argmax cost less than min and max
+    if len(index) and not 0 <= index[index.argmin() if index.dtype.kind != "u" else index.argmax()] <= INT64_MAX:
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
             f" set), got {len(bad)} value(s) outside, e.g. {bad[0]}"
         )
-    return index.astype(np.int64)
+    return index.astype(np.int64, copy=False)  # the writer copies it when it stages the rows
+
+
+@functools.cache
+def _is_a(dtype: np.dtype, kind: type[np.generic]) -> bool:
+    """`np.issubdtype`, remembered: `add` asks it of the same few dtypes on every batch."""
+    return bool(np.issubdtype(dtype, kind))
 
 
 def _float_array(dataset: str, array: np.ndarray) -> np.ndarray:
     """rhat as float16/32/64; integer predictions become float64."""
-    if np.issubdtype(array.dtype, np.floating):
+    if _is_a(array.dtype, np.floating):
         return array
-    if np.issubdtype(array.dtype, np.integer):
+    if _is_a(array.dtype, np.integer):
         return array.astype(np.float64)
     raise ArgumentError(f"dataset {dataset!r}: rhat must be floating point, got dtype {array.dtype}")
 
@@ -872,10 +965,3 @@ def _storable(target: np.dtype, dataset: str, name: str, array: np.ndarray) -> n
             f" {target} of earlier batches; give the same dtype on every batch"
         )
     return array.astype(target)
-
-
-def _private(array: np.ndarray, given: tuple[Any, ...]) -> np.ndarray:
-    """`array`, or a copy of it when it may share memory with what the caller gave (a numpy array, a CPU tensor)."""
-    if array.flags.owndata and not any(array is value for value in given):
-        return array
-    return array.copy()
