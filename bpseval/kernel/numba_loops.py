@@ -96,20 +96,21 @@ def accumulate(
     for first_row in range(0, n_rows, group):
         size = min(group, n_rows - first_row) * n_cells
         start = first_row * n_cells
-        _read_weights(weights, first_row, size, n_cells, w)
+        rhat_run, robs_run = rhat_flat[start : start + size], robs_flat[start : start + size]  # slices: indexed
+        _read_weights(weights, first_row, size, n_cells, w)  # by the loop variable alone, the loops vectorise
         bad = False
         for k in range(size):  # masked entries: harmless values (count 0, rate 1, log-rate 0)
             bad |= not ((w[k] >= 0.0) & (w[k] <= 1.0))
-            counts[k] = float(robs_flat[start + k]) if w[k] > 0.0 else 0.0
+            counts[k] = float(robs_run[k]) if w[k] > 0.0 else 0.0
             bad |= not ((counts[k] >= 0.0) & (counts[k] < math.inf))
         if log_rate:
             for k in range(size):
-                values[k] = float(rhat_flat[start + k]) if w[k] > 0.0 else 0.0
+                values[k] = float(rhat_run[k]) if w[k] > 0.0 else 0.0
                 bad |= not ((values[k] > -math.inf) & (values[k] <= MAX_LOG_RATE))
                 rates[k] = math.exp(values[k])
         else:
             for k in range(size):
-                value = float(rhat_flat[start + k]) if w[k] > 0.0 else 1.0
+                value = float(rhat_run[k]) if w[k] > 0.0 else 1.0
                 bad |= not ((value >= 0.0) & (value < math.inf))
                 rates[k] = max(value, MIN_RATE)
         if bad:
@@ -164,30 +165,34 @@ def accumulate(
 def _add_run(flat: Any, size: int, w: Any, counts: Any, rates: Any, rate_shift: Any, count_shift: Any) -> None:
     """Add the first `size` entries of a run's buffers into the flat accumulators, one short loop per sum
     (one or two arrays written per loop: with more, LLVM gives up proving they do not overlap)."""
+    n_valid, weight, spikes, rate_sum = flat[N_VALID], flat[WEIGHT], flat[SPIKES], flat[RATE_SUM]
+    rate_offset, rate_square, count_offset = flat[RATE_OFFSET], flat[RATE_SQUARE], flat[COUNT_OFFSET]
+    count_square, co_square = flat[COUNT_SQUARE], flat[CO_SQUARE]
+    rate_min, count_min, rate_max, count_max = flat[RATE_MIN], flat[COUNT_MIN], flat[RATE_MAX], flat[COUNT_MAX]
     for k in range(size):
-        flat[N_VALID, k] += w[k] > 0.0
+        n_valid[k] += w[k] > 0.0
     for k in range(size):
-        flat[WEIGHT, k] += w[k]
+        weight[k] += w[k]
     for k in range(size):
-        flat[SPIKES, k] += w[k] * counts[k]
+        spikes[k] += w[k] * counts[k]
     for k in range(size):
-        flat[RATE_SUM, k] += w[k] * rates[k]
+        rate_sum[k] += w[k] * rates[k]
     for k in range(size):  # masked entries have finite harmless values and w = 0: they add 0
         step = rates[k] - rate_shift[k]
-        flat[RATE_OFFSET, k] += w[k] * step
-        flat[RATE_SQUARE, k] += w[k] * step * step
+        rate_offset[k] += w[k] * step
+        rate_square[k] += w[k] * step * step
     for k in range(size):
         step = counts[k] - count_shift[k]
-        flat[COUNT_OFFSET, k] += w[k] * step
-        flat[COUNT_SQUARE, k] += w[k] * step * step
+        count_offset[k] += w[k] * step
+        count_square[k] += w[k] * step * step
     for k in range(size):
-        flat[CO_SQUARE, k] += w[k] * (rates[k] - rate_shift[k]) * (counts[k] - count_shift[k])
+        co_square[k] += w[k] * (rates[k] - rate_shift[k]) * (counts[k] - count_shift[k])
     for k in range(size):  # extremes over valid entries: an invalid one offers ±inf
-        flat[RATE_MIN, k] = min(flat[RATE_MIN, k], rates[k] if w[k] > 0.0 else math.inf)
-        flat[RATE_MAX, k] = max(flat[RATE_MAX, k], rates[k] if w[k] > 0.0 else -math.inf)
+        rate_min[k] = min(rate_min[k], rates[k] if w[k] > 0.0 else math.inf)
+        rate_max[k] = max(rate_max[k], rates[k] if w[k] > 0.0 else -math.inf)
     for k in range(size):
-        flat[COUNT_MIN, k] = min(flat[COUNT_MIN, k], counts[k] if w[k] > 0.0 else math.inf)
-        flat[COUNT_MAX, k] = max(flat[COUNT_MAX, k], counts[k] if w[k] > 0.0 else -math.inf)
+        count_min[k] = min(count_min[k], counts[k] if w[k] > 0.0 else math.inf)
+        count_max[k] = max(count_max[k], counts[k] if w[k] > 0.0 else -math.inf)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -195,10 +200,9 @@ def _read_weights(weights: Any, first_row: int, size: int, n_cells: int, w: Any)
     """The weights of the run of `size` entries from row `first_row` into `w` (all ones when there are none)."""
     if weights is not None:  # a plain `is None` test: numba drops the branch at compile time when it is None
         if weights.shape[1] == n_cells:
-            flat_weights = weights.reshape(-1)
-            start = first_row * n_cells
+            run = weights.reshape(-1)[first_row * n_cells : first_row * n_cells + size]
             for k in range(size):
-                w[k] = flat_weights[start + k]
+                w[k] = run[k]
         else:
             for row in range(size // n_cells):
                 w[row * n_cells : (row + 1) * n_cells] = weights[first_row + row, 0]
