@@ -226,7 +226,7 @@ def _merge_datasets(
         if indexed:
             with ShardFile(path) as shard:
                 for merge, part in indexed:
-                    merge.indices[part] = shard.sample_idx(merge.name)
+                    merge.indices[part] = shard.sample_idx(merge.parts[part][1])
     for merge in merges.values():
         merge.start()
     for path in order:
