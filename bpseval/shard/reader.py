@@ -7,6 +7,7 @@ become "damaged shard" errors: a bug in bpseval's own code surfaces as its own t
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,7 +247,7 @@ class _ArrayInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _array_info(path: Path, location: str, array: h5py.h5d.DatasetID) -> _ArrayInfo:
@@ -264,7 +265,7 @@ def _array_info(path: Path, location: str, array: h5py.h5d.DatasetID) -> _ArrayI
         stored = array.get_storage_size()
         chunks = plist.get_chunk() if layout == h5py.h5d.CHUNKED else None
         written = array.get_num_chunks() if chunks is not None else 0
-    expected = 0 if chunks is None else int(np.prod([-(-n // c) for n, c in zip(shape, chunks, strict=True)]))
+    expected = 0 if chunks is None else math.prod(-(-n // c) for n, c in zip(shape, chunks, strict=True))
     return _ArrayInfo(location, shape, dtype, None, filtered, stored, max(0, expected - written))
 
 
@@ -717,13 +718,13 @@ class ShardFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = _open_file(path)
+        self._file = _open_id(path)
 
     def __enter__(self) -> ShardFile:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._handle.close()
+        self._file.close()  # the file itself closes when its last array (held by a DatasetReader) is closed
 
     def dataset(self, layout: DatasetLayout) -> DatasetReader:
         """A reader of the rows of `layout`'s dataset."""
@@ -737,7 +738,7 @@ class ShardFile:
     def array(self, layout: DatasetLayout, key: str, shape: tuple[int, ...]) -> h5py.h5d.DatasetID:
         """The array `key` of `layout`'s dataset, opened, refused unless of `shape`."""
         try:
-            array = h5py.h5d.open(self._handle.id, f"{DATASETS_GROUP}/{layout.name}/{key}".encode())
+            array = h5py.h5d.open(self._file, f"{DATASETS_GROUP}/{layout.name}/{key}".encode())
             found = array.shape
         except H5PY_ERRORS as error:
             raise ShardError(
