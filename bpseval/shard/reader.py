@@ -339,7 +339,8 @@ def _text_attr(value: Any) -> str | None:
 def _attrs(path: Path, item: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """The attributes `keys` of an HDF5 object (None where absent), read with h5py calls only."""
     with _h5py_errors(path):
-        return {key: item.attrs.get(key) for key in keys}
+        attrs = item.attrs  # a File's attrs look up its root group on every access
+        return {key: attrs.get(key) for key in keys}
 
 
 def _members(path: Path, group: h5py.Group, keys: tuple[str, ...]) -> dict[str, Any]:
