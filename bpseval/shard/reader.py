@@ -791,14 +791,12 @@ class DatasetReader:
 
 def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = slice(None)) -> np.ndarray:
     """Rows [rows.start, rows.stop) of an array (clipped to its length, as h5py slices), or all of it, in its
-    stored dtype, with h5py's low-level calls (its Dataset.__getitem__ costs ~0.1 ms of Python per call)."""
+    stored dtype, with h5py's low-level calls (its Dataset.__getitem__ costs ~0.1 ms of Python per call).
+    An array without rows (a scalar, as h5py's slicing) is a ShardError."""
     try:
         shape = array.shape
-        if rows == slice(None):
-            out = np.empty(shape, dtype=array.dtype)
-            if out.size:
-                array.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
-            return out
+        if not shape:
+            raise ValueError("a scalar, not an array of rows")
         start, stop, _ = rows.indices(shape[0])
         count = (max(stop - start, 0), *shape[1:])
         out = np.empty(count, dtype=array.dtype)
