@@ -20,7 +20,7 @@ import bpseval
 from bpseval.errors import BpsevalError, ShardError
 from bpseval.kernel.stats import STAT_FIELDS
 from bpseval.run.catalog import RunCatalog
-from bpseval.run.merge import MergedDataset, _dataset_parts, _merge_datasets, merge_run, merge_step
+from bpseval.run.merge import PART_COST, MergedDataset, _dataset_parts, _merge_datasets, merge_run, merge_step
 from bpseval.run.parallel import MAX_BATCH_COST, MIN_BATCH_COST, batches, run_tasks
 from tests.conftest import poisson_dataset
 
@@ -156,3 +156,49 @@ def test_cli_json_is_identical_with_one_and_two_jobs_on_many_datasets(tmp_path, 
     one, two = (invoke("compute", run, "--no-cache", "--jobs", jobs, "--json", "-") for jobs in ("1", "2"))
     assert one.exit_code == two.exit_code == 0, one.output
     assert one.stdout == two.stdout and len(json.loads(one.stdout)["datasets"]) == 60
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ("robs", lambda values: np.concatenate([values, values[:, :1]], axis=1)),  # one more cell
+        ("rhat", lambda values: np.concatenate([values, values[:1]])),  # one more row: never read silently
+    ],
+    ids=["a cell added", "a row added"],
+)
+def test_an_array_whose_shape_changed_after_its_header_was_read_is_refused(tmp_path, key, change) -> None:
+    run = write_run(tmp_path / "run", 4)
+    catalog = RunCatalog.scan(run)
+    with h5py.File(run / "step-000000" / "rank-0001.h5", "r+") as handle:
+        values = handle[f"datasets/d003/{key}"][()]
+        del handle[f"datasets/d003/{key}"]
+        handle[f"datasets/d003/{key}"] = change(values)
+    with pytest.raises(
+        ShardError, match=rf"rank-0001\.h5: dataset 'd003': {key} has shape .* changed since its header"
+    ):
+        merge_step(catalog)
+
+
+def test_one_job_opens_each_shard_twice_however_many_tiny_datasets(tmp_path, monkeypatch) -> None:
+    """More parts than MAX_BATCH_COST holds at PART_COST each still make one task with one job: each shard
+    is opened once to read sample_idx and once to read rows, not once per task or dataset."""
+    datasets = MAX_BATCH_COST // PART_COST // 2 + 8
+    run = tmp_path / "run"
+    data = poisson_dataset(0, n_rows=4, n_cells=2)
+    for rank in range(2):
+        with bpseval.ShardWriter(run, rank, 2) as writer:
+            for index in range(datasets):
+                rows = np.arange(rank, 4, 2)  # no padding copies: nothing is read back to compare
+                writer.add(f"d{index:04d}", *(data[key][rows] for key in ("rhat", "robs", "dfs")), sample_idx=rows)
+    catalog = RunCatalog.scan(run)
+    opened: list[bytes] = []
+    open_file = h5py.h5f.open
+
+    def counting_open(name: bytes, *args: object, **kwargs: object) -> h5py.h5f.FileID:
+        opened.append(name)
+        return open_file(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.h5f, "open", counting_open)
+    merged = merge_step(catalog)
+    assert len(merged.datasets) == datasets
+    assert sorted(opened) == sorted(bytes(path) for path in merged.files for _ in range(2))

@@ -58,7 +58,7 @@ class _Deduplicator:
         self.paths = [header.path for header, _ in parts]
         self.window = window
         if indices is None:
-            indices = [read_sample_idx(header.path, layout.name) for header, layout in parts]
+            indices = [read_sample_idx(header.path, layout) for header, layout in parts]
         for path, index in zip(self.paths, indices, strict=True):
             if len(index) and index.min() < 0:
                 raise BpsevalError(

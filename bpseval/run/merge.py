@@ -123,7 +123,9 @@ def merge_selection(
     names = list(parts)
     costs = [_merge_cost(group) for group in parts.values()]
     sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
-    groups = batches(costs, jobs)
+    # one process: tasks as large as memory allows, by the bytes they read (each task opens every shard of its
+    # datasets twice, so splitting by the fixed cost of parts would only add opens)
+    groups = batches(costs if jobs > 1 or scheduler else sizes, jobs)
     done = [0]
 
     def finished(task: int) -> None:
@@ -226,7 +228,7 @@ def _merge_datasets(
         if indexed:
             with ShardFile(path) as shard:
                 for merge, part in indexed:
-                    merge.indices[part] = shard.sample_idx(merge.name)
+                    merge.indices[part] = shard.sample_idx(merge.parts[part][1])
     for merge in merges.values():
         merge.start()
     for path in order:

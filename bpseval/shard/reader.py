@@ -6,6 +6,8 @@ become "damaged shard" errors: a bug in bpseval's own code surfaces as its own t
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,8 +105,21 @@ def _has_hdf5_signature(path: Path) -> bool:
 
 
 def _open_file(path: Path) -> h5py.File:
+    return h5py.File(_open_id(path))
+
+
+@functools.cache
+def _file_access() -> h5py.h5p.PropFAID:
+    """The file access properties of `h5py.File(path, "r", locking=False)`, made once (h5py makes them on every open)."""
+    plist = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    plist.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
+    plist.set_file_locking(False, ignore_when_disabled=False)
+    return plist
+
+
+def _open_id(path: Path) -> h5py.h5f.FileID:
     try:
-        return h5py.File(path, "r", locking=False)
+        return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=_file_access())
     except PermissionError:
         raise ShardError(f"{path}: not readable (permission denied); fix its permissions or move it away.") from None
     except H5PY_ERRORS as error:
@@ -152,7 +167,7 @@ def read_header(path: Path) -> ShardHeader:
             raise ShardError(f"{path}: root attribute 'store' is {store!r}; it must be one of {STORES}.")
         read_layout = _read_stats_layout if store == "stats" else _read_layout
         with _h5py_errors(path):
-            items = list(group.items()) if group is not None else []
+            items = _children(group.id) if group is not None else []
         datasets = {}
         file_size = path.stat().st_size
         for name, item in items:
@@ -232,22 +247,49 @@ class _ArrayInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _array_info(path: Path, array: h5py.Dataset) -> _ArrayInfo:
+def _array_info(path: Path, location: str, array: h5py.h5d.DatasetID) -> _ArrayInfo:
+    """What the checks need of the array at `location`, with h5py's low-level calls (its Dataset properties
+    cost ~10x more, paid for every array of every dataset of every shard)."""
     with _h5py_errors(path):
-        location, shape, dtype = array.name, tuple(array.shape), array.dtype
-        foreign = "virtual dataset" if array.is_virtual else "dataset with external storage" if array.external else None
+        shape, dtype = tuple(array.shape), array.dtype
+        plist = array.get_create_plist()
+        layout = plist.get_layout()
+        virtual, external = layout == h5py.h5d.VIRTUAL, plist.get_external_count() > 0
+        foreign = "virtual dataset" if virtual else "dataset with external storage" if external else None
         if foreign is not None:
             return _ArrayInfo(location, shape, dtype, foreign, False, 0, 0)
-        plist = array.id.get_create_plist()
         filtered = plist.get_nfilters() > 0
-        stored = array.id.get_storage_size()
-        chunks = array.chunks
-        written = array.id.get_num_chunks() if chunks is not None else 0
-    expected = 0 if chunks is None else int(np.prod([-(-n // c) for n, c in zip(shape, chunks, strict=True)]))
+        stored = array.get_storage_size()
+        chunks = plist.get_chunk() if layout == h5py.h5d.CHUNKED else None
+        written = array.get_num_chunks() if chunks is not None else 0
+    expected = 0 if chunks is None else math.prod(-(-n // c) for n, c in zip(shape, chunks, strict=True))
     return _ArrayInfo(location, shape, dtype, None, filtered, stored, max(0, expected - written))
+
+
+def _children(group: h5py.h5g.GroupID) -> list[tuple[str | bytes, Any]]:
+    """The members of a group as (name, low-level object id), in HDF5's order; a name that is not valid
+    UTF-8 stays bytes, as h5py gives it. Must be called inside `_h5py_errors`."""
+    names: list[bytes] = []
+    group.links.iterate(names.append)
+    return [(_decoded(name), h5py.h5o.open(group, name)) for name in names]
+
+
+def _decoded(name: bytes) -> str | bytes:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name
+
+
+OBJECT_KINDS = {h5py.h5g.GroupID: "Group", h5py.h5d.DatasetID: "Dataset", h5py.h5t.TypeID: "Datatype"}
+"""The names h5py gives the objects behind low-level ids (in messages: "found a Group")."""
+
+
+def _kind(item: Any) -> str:
+    return next((name for kind, name in OBJECT_KINDS.items() if isinstance(item, kind)), type(item).__name__)
 
 
 def _refuse_foreign_storage(path: Path, info: _ArrayInfo) -> None:
@@ -297,7 +339,8 @@ def _text_attr(value: Any) -> str | None:
 def _attrs(path: Path, item: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """The attributes `keys` of an HDF5 object (None where absent), read with h5py calls only."""
     with _h5py_errors(path):
-        return {key: item.attrs.get(key) for key in keys}
+        attrs = item.attrs  # a File's attrs look up its root group on every access
+        return {key: attrs.get(key) for key in keys}
 
 
 def _members(path: Path, group: h5py.Group, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -322,17 +365,25 @@ BLOCK_IDS = "block_ids"
 
 
 def _read_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
+    """A dataset group of a raw shard (`group` a low-level object id): its arrays' shapes, types and storage."""
     where = f"{path}: dataset {name!r}"
-    if not isinstance(group, h5py.Group):
+    if not isinstance(group, h5py.h5g.GroupID):
         raise ShardError(f"{where}: /{DATASETS_GROUP}/{name} must be a group holding rhat and robs.")
-    arrays = _members(path, group, RAW_ARRAYS)
+    with _h5py_errors(path):
+        arrays = {
+            key: h5py.h5o.open(group, key.encode()) if group.links.exists(key.encode()) else None for key in RAW_ARRAYS
+        }
     for key in ("rhat", "robs"):
-        if not isinstance(arrays[key], h5py.Dataset):
+        if not isinstance(arrays[key], h5py.h5d.DatasetID):
             raise ShardError(f"{where}: missing the {key!r} array; every dataset group needs rhat and robs.")
     for key, array in arrays.items():
-        if array is not None and not isinstance(array, h5py.Dataset):
-            raise ShardError(f"{where}: {key} must be an array, found a {type(array).__name__}.")
-    info = {key: _array_info(path, array) for key, array in arrays.items() if array is not None}
+        if array is not None and not isinstance(array, h5py.h5d.DatasetID):
+            raise ShardError(f"{where}: {key} must be an array, found a {_kind(array)}.")
+    info = {
+        key: _array_info(path, f"/{DATASETS_GROUP}/{name}/{key}", array)
+        for key, array in arrays.items()
+        if array is not None
+    }
     rhat, robs, dfs, index = info["rhat"], info["robs"], info.get("dfs"), info.get("sample_idx")
     if len(rhat.shape) != 2 or robs.shape != rhat.shape:
         raise ShardError(
@@ -356,8 +407,9 @@ def _read_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLa
         raise ShardError(
             f"{where}: sample_idx must be integers of shape ({n_rows},), found {index.dtype} {index.shape}."
         )
-    cell_ids = _read_cell_ids(path, where, arrays["cell_ids"], n_cells, file_size)
-    rate_kind = _text_attr(_attrs(path, group, ("rate_kind",))["rate_kind"] or "rate")
+    ids = arrays["cell_ids"]
+    cell_ids = _read_cell_ids(path, where, None if ids is None else h5py.Dataset(ids), n_cells, file_size)
+    rate_kind = _text_attr(_attrs(path, h5py.Group(group), ("rate_kind",))["rate_kind"] or "rate")
     if rate_kind not in RATE_KINDS:
         raise ShardError(f"{where}: attribute rate_kind is {rate_kind!r}; it must be one of {RATE_KINDS}.")
     nbytes = sum(array.nbytes for key, array in info.items() if key != "cell_ids")
@@ -370,7 +422,7 @@ def _read_cell_ids(path: Path, where: str, array: Any, n_cells: int, file_size: 
         return None
     if not isinstance(array, h5py.Dataset):
         raise ShardError(f"{where}: cell_ids must be an array, found a {type(array).__name__}.")
-    _check_stored(path, where, _array_info(path, array), file_size)
+    _check_stored(path, where, _array_info(path, array.name, array.id), file_size)
     with _h5py_errors(path):
         cell_ids = read_cell_ids(array)
     if cell_ids.shape != (n_cells,):
@@ -381,11 +433,16 @@ def _read_cell_ids(path: Path, where: str, array: Any, n_cells: int, file_size: 
 def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> DatasetLayout:
     """A dataset group of a stats-only shard: per-cell sums, and optional per-block sums."""
     where = f"{path}: dataset {name!r}"
-    if not isinstance(group, h5py.Group):
+    if not isinstance(group, h5py.h5g.GroupID):
         raise ShardError(f"{where}: /{DATASETS_GROUP}/{name} must be a group.")
+    group = h5py.Group(group)
     members = _members(path, group, (*STAT_FIELDS, "blocks", "cell_ids"))
     fields = _stored_fields(where, "", members)
-    arrays = {key: _array_info(path, members[key]) for key in fields if isinstance(members[key], h5py.Dataset)}
+    arrays = {
+        key: _array_info(path, members[key].name, members[key].id)
+        for key in fields
+        if isinstance(members[key], h5py.Dataset)
+    }
     shapes = {key: arrays[key].shape if key in arrays else None for key in fields}
     if None in shapes.values() or len(set(shapes.values())) != 1 or len(shapes["n_valid"]) != 1:
         raise ShardError(
@@ -399,7 +456,9 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
     if members["blocks"] is not None:
         group_of_blocks = isinstance(members["blocks"], h5py.Group)
         blocks = _members(path, members["blocks"], (*STAT_FIELDS, BLOCK_IDS)) if group_of_blocks else {}
-        block_arrays = {key: _array_info(path, item) for key, item in blocks.items() if isinstance(item, h5py.Dataset)}
+        block_arrays = {
+            key: _array_info(path, item.name, item.id) for key, item in blocks.items() if isinstance(item, h5py.Dataset)
+        }
         block_shapes = {block_arrays[key].shape for key in fields if key in block_arrays}
         if (
             len(block_shapes) != 1
@@ -452,7 +511,7 @@ def read_stats(path: Path, layout: DatasetLayout) -> tuple[CellStats, Blocks | N
                 stored = group["blocks"]
                 keys = (*fields, BLOCK_IDS) if BLOCK_IDS in stored else fields
                 arrays.update({f"blocks/{key}": stored[key] for key in keys})
-        values = {key: _read(path, layout.name, array, slice(None)) for key, array in arrays.items()}
+        values = {key: _read(path, layout.name, array.id) for key, array in arrays.items()}
     where = f"{path}: dataset {layout.name!r}"
     total = _checked_sums(where, "", values, layout.n_rows)
     if layout.block_size is None:
@@ -642,71 +701,74 @@ def open_dataset(path: Path, layout: DatasetLayout) -> Iterator[DatasetReader]:
     code inside the block pass through unchanged. Open one shard at a time: HDF5 keeps a chunk
     cache of up to 8 MiB for every open array.
     """
-    with _open_file(path) as handle:
-        try:
-            reader = DatasetReader(path, layout, handle[DATASETS_GROUP][layout.name])
-        except H5PY_ERRORS as error:
-            raise ShardError(
-                f"{path}: dataset {layout.name!r} cannot be opened ({_short(error)}); the shard changed"
-                " since its header was read or is damaged."
-            ) from None
-        yield reader
+    with ShardFile(path) as shard:
+        yield shard.dataset(layout)
 
 
 class ShardFile:
     """A shard opened once to read the rows and sample_idx of several of its datasets.
 
-    `open_dataset` opens the file for every dataset; merging many small datasets (or many small
-    shards) then spends its time opening files and walking h5py Group objects (~0.5 ms per open,
-    ~0.3 ms per Group). Here the file is opened once and each array is looked up by its full path,
-    one HDF5 lookup. Arrays are closed with the `DatasetReader` that holds them, so the HDF5 chunk
-    cache (up to 8 MiB per open array) is held for one dataset at a time, as with `open_dataset`.
-    Use it as a context manager; opening and lookups raise ShardError naming the file and dataset.
+    Opening a file for every dataset, and h5py's high-level Group and Dataset objects, cost more
+    than reading a small dataset (~0.5 ms per open, ~0.1 ms per object). Here the file is opened
+    once and each array is opened by its full path with h5py's low-level calls and read the same
+    way. Arrays are closed with the `DatasetReader` that holds them, so the HDF5 chunk cache (up to
+    8 MiB per open array) is held for one dataset at a time. Use it as a context manager; opening
+    and reading raise ShardError naming the file and dataset, and so does an array whose shape is
+    not the one its header gave (the file changed since).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = _open_file(path)
+        self._file = _open_id(path)
 
     def __enter__(self) -> ShardFile:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._handle.close()
+        self._file.close()  # the file itself closes when its last array (held by a DatasetReader) is closed
 
     def dataset(self, layout: DatasetLayout) -> DatasetReader:
         """A reader of the rows of `layout`'s dataset."""
+        return DatasetReader(self, layout)
+
+    def sample_idx(self, layout: DatasetLayout) -> np.ndarray:
+        """The whole sample_idx array of one dataset, as `read_sample_idx` reads it."""
+        array = self.array(layout, "sample_idx", (layout.n_rows,))
+        return _read(self.path, layout.name, array).astype(np.int64)
+
+    def array(self, layout: DatasetLayout, key: str, shape: tuple[int, ...]) -> h5py.h5d.DatasetID:
+        """The array `key` of `layout`'s dataset, opened, refused unless of `shape`."""
         try:
-            return DatasetReader(self.path, layout, self._handle, f"{DATASETS_GROUP}/{layout.name}/")
+            array = h5py.h5d.open(self._file, f"{DATASETS_GROUP}/{layout.name}/{key}".encode())
+            found = array.shape
         except H5PY_ERRORS as error:
             raise ShardError(
                 f"{self.path}: dataset {layout.name!r} cannot be opened ({_short(error)}); the shard changed"
                 " since its header was read or is damaged."
             ) from None
+        if found != shape:
+            raise ShardError(
+                f"{self.path}: dataset {layout.name!r}: {key} has shape {found}, not {shape} as its header said; the"
+                " shard changed since its header was read. Run the command again."
+            )
+        return array
 
-    def sample_idx(self, dataset: str) -> np.ndarray:
-        """The whole sample_idx array of one dataset, as `read_sample_idx` reads it."""
-        with _h5py_errors(self.path):
-            array = self._handle[f"{DATASETS_GROUP}/{dataset}/sample_idx"]
-        return _read(self.path, dataset, array, slice(None)).astype(np.int64)
 
-
-def read_sample_idx(path: Path, dataset: str) -> np.ndarray:
+def read_sample_idx(path: Path, layout: DatasetLayout) -> np.ndarray:
     """The whole sample_idx array of one dataset of a shard (bounded by the header's `_check_stored`)."""
-    with open_shard(path) as handle:
-        with _h5py_errors(path):
-            array = handle[DATASETS_GROUP][dataset]["sample_idx"]
-        return _read(path, dataset, array, slice(None)).astype(np.int64)
+    with ShardFile(path) as shard:
+        return shard.sample_idx(layout)
 
 
 class DatasetReader:
-    """Reads the rows of one dataset of an open shard: each array is looked up once (h5py lookups cost ~0.1 ms)."""
+    """Reads the rows of one dataset of an open shard: each array is opened once, as its header described it."""
 
-    def __init__(self, path: Path, layout: DatasetLayout, group: h5py.Group, prefix: str = "") -> None:
-        self.path = path
+    def __init__(self, shard: ShardFile, layout: DatasetLayout) -> None:
+        self.path = shard.path
         self.layout = layout
-        self._rhat, self._robs = group[prefix + "rhat"], group[prefix + "robs"]
-        self._dfs = group[prefix + "dfs"] if layout.dfs_shape else None
+        shape = (layout.n_rows, layout.n_cells)
+        self._rhat, self._robs = shard.array(layout, "rhat", shape), shard.array(layout, "robs", shape)
+        self._dfs = shard.array(layout, "dfs", layout.dfs_shape) if layout.dfs_shape else None
 
     def rows(self, chunk_rows: int, sample_idx: np.ndarray | None = None) -> Iterator[RowChunk]:
         """The rows in chunks of `chunk_rows` rows. `sample_idx`, this dataset's whole sample_idx
@@ -723,15 +785,29 @@ class DatasetReader:
         dfs = None if self._dfs is None else self._read(self._dfs, rows)
         return RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), sample_idx)
 
-    def _read(self, array: h5py.Dataset, rows: slice) -> np.ndarray:
+    def _read(self, array: h5py.h5d.DatasetID, rows: slice) -> np.ndarray:
         return _read(self.path, self.layout.name, array, rows)
 
 
-def _read(path: Path, dataset: str, array: h5py.Dataset, rows: slice) -> np.ndarray:
+def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = slice(None)) -> np.ndarray:
+    """Rows [rows.start, rows.stop) of an array (clipped to its length, as h5py slices), or all of it, in its
+    stored dtype, with h5py's low-level calls (its Dataset.__getitem__ costs ~0.1 ms of Python per call).
+    An array without rows (a scalar, as h5py's slicing) is a ShardError."""
     try:
-        return array[rows]
+        shape = array.shape
+        if not shape:
+            raise ValueError("a scalar, not an array of rows")
+        start, stop, _ = rows.indices(shape[0])
+        count = (max(stop - start, 0), *shape[1:])
+        out = np.empty(count, dtype=array.dtype)
+        if out.size:
+            space = array.get_space()
+            space.select_hyperslab((start,) + (0,) * (len(shape) - 1), count)
+            array.read(h5py.h5s.create_simple(count), space, out)
+        return out
     except H5PY_ERRORS as error:
+        name = h5py.h5i.get_name(array) or b"?"
         raise ShardError(
-            f"{path}: dataset {dataset!r}: cannot read {array.name.rsplit('/', 1)[-1]} ({_short(error)});"
+            f"{path}: dataset {dataset!r}: cannot read {_decoded(name.rsplit(b'/', 1)[-1])} ({_short(error)});"
             " the file is probably truncated or damaged. Re-run validation to rewrite it."
         ) from None
