@@ -141,12 +141,50 @@ def test_many_blocks_with_a_shifting_mean_merge_like_the_reference() -> None:
     rhat = (level * rng.gamma(2.0, 0.5, size=(rows, cells))).astype(np.float32)
     robs = rng.poisson(np.minimum(rhat, 50.0)).astype(np.float32)
     dfs = (rng.random((rows, cells)) > 0.2).astype(np.float32) * rng.choice([0.5, 1.0], size=(rows, cells))
-    with kernel("auto"):  # the default takes the compiled kernel for rates
+    with kernel("auto"), compiled.work(compiled.WORTH_ENTRIES):  # the default, for work worth loading numba
         fast = batch_stats(rhat, robs, dfs)
         assert compiled.batch_sums(rhat, robs, dfs, "rate") is not None
     with kernel("numpy"):
         reference = batch_stats(rhat, robs, dfs)
     assert_agree(fast, reference, magnitudes(rhat, robs, dfs, "rate"), "rate")
+
+
+def test_auto_takes_the_compiled_kernel_only_for_work_worth_loading_it() -> None:
+    rhat = np.full((10, 3), 0.5, np.float32)
+    with kernel("auto"):
+        assert compiled.batch_sums(rhat, rhat, None, "rate") is None  # a small batch on its own
+        with compiled.work(compiled.WORTH_ENTRIES - 1):
+            assert compiled.batch_sums(rhat, rhat, None, "rate") is None
+        with compiled.work(compiled.WORTH_ENTRIES):
+            assert compiled.batch_sums(rhat, rhat, None, "rate") is not None
+            assert compiled.batch_sums(rhat, rhat, None, "log_rate") is None  # log-rates: numpy's vectorised exp
+        assert compiled.batch_sums(rhat, rhat, None, "rate") is None  # the work ended with its block
+    with kernel("compiled"):
+        assert compiled.batch_sums(rhat, rhat, None, "log_rate") is not None  # forced, whatever the work
+
+
+MERGE_PROBE = """
+import sys
+from bpseval.run.merge import merge_run
+merge_run(sys.argv[1])
+print("numba" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("setting", "loaded"), [("auto", "False"), ("compiled", "True")])
+def test_a_small_step_is_merged_without_loading_numba(tmp_path: Path, setting: str, loaded: str) -> None:
+    """The merge tells the kernel the size of the whole step: a small one does not pay for importing numba."""
+    for rank in range(2):
+        write_raw_shard(
+            tmp_path / "run" / f"shard_rank{rank}.h5", {"v1": poisson_dataset(rank, 300, 7)}, rank=rank, world_size=2
+        )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BPSEVAL_")}
+    env |= {"PYTHONPATH": str(REPO), compiled.ENVIRONMENT_VARIABLE: setting}
+    completed = subprocess.run(
+        [sys.executable, "-c", MERGE_PROBE, str(tmp_path / "run")], capture_output=True, text=True, env=env, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == loaded
 
 
 INVALID = {
@@ -188,7 +226,8 @@ from bpseval.kernel import compiled
 from bpseval.kernel.stats import batch_stats
 rng = np.random.default_rng(0)
 rhat = rng.gamma(1.0, 0.2, size=(300, 20)).astype(np.float32)
-stats = batch_stats(rhat, rng.poisson(rhat).astype(np.float32), (rng.random((300, 20)) > 0.2).astype(np.float32))
+with compiled.work(compiled.WORTH_ENTRIES):  # part of work large enough for the compiled kernel
+    stats = batch_stats(rhat, rng.poisson(rhat).astype(np.float32), (rng.random((300, 20)) > 0.2).astype(np.float32))
 accumulate = compiled._compiled()
 print(json.dumps({"numba": "numba" in sys.modules, "compiled": accumulate is not None,
                   "hits": sum(accumulate.stats.cache_hits.values()) if accumulate else 0,

@@ -21,9 +21,11 @@ in every process would cost more than it saves. `BPSEVAL_KERNEL=numpy` forces th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -32,7 +34,13 @@ from bpseval.kernel.stats import STAT_FIELDS, CellStats
 
 ENVIRONMENT_VARIABLE = "BPSEVAL_KERNEL"
 CHOICES = ("auto", "numpy", "compiled")
-"""`auto` (the default): the compiled kernel when numba is installed and can cache, else the numpy reference."""
+"""`auto` (the default): the compiled kernel for work of at least WORTH_ENTRIES entries when numba is installed
+and can cache, else the numpy reference."""
+WORTH_ENTRIES = 1 << 25
+"""Entries of work from which `auto` takes the compiled kernel. A process pays once for importing numba and
+loading the compiled code (about half a second), and the compiled pass saves about 20 ns per entry over
+the reference (benchmarks/README.md): below about 2^25 entries the reference finishes first."""
+_work: ContextVar[int | None] = ContextVar("bpseval_kernel_work", default=None)
 AUTO_RATE_KINDS = ("rate",)
 """Rate kinds the compiled kernel takes by default. Log-rates need exp of every entry, twice (once per pass):
 numba calls the scalar libm exp, numpy's vectorised exp is faster, so the reference is quicker there
@@ -52,17 +60,33 @@ def choice() -> str:
     return value
 
 
+@contextlib.contextmanager
+def work(entries: int) -> Iterator[None]:
+    """Batches reduced in the block belong to one piece of work of `entries` entries in all (a step's merge
+    reads it in many small chunks): `auto` decides by that size instead of each batch's, so that every
+    chunk of a step takes the same kernel, whichever steps or datasets a command merges with it."""
+    token = _work.set(entries)
+    try:
+        yield
+    finally:
+        _work.reset(token)
+
+
 def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, rate_kind: str) -> CellStats | None:
     """The `CellStats` of a numpy (rows, cells) batch, or None when the numpy reference must run instead.
 
     None when `BPSEVAL_KERNEL=numpy`; when the choice is `auto` and numba is not installed or cannot
-    cache, or the rate kind is not in AUTO_RATE_KINDS; when a dtype is not a plain number; or when some
-    value is invalid (the reference then raises `InvalidValuesError`). `weights` is None or an (rows, cells) /
-    (rows, 1) array.
+    cache, the rate kind is not in AUTO_RATE_KINDS, or the work (`work`, else this batch) is smaller than
+    WORTH_ENTRIES; when a dtype is not a plain number; or when some value is invalid (the reference then
+    raises `InvalidValuesError`). `weights` is None or an (rows, cells) / (rows, 1) array.
     """
     wanted = choice()
-    if wanted == "numpy" or (wanted == "auto" and rate_kind not in AUTO_RATE_KINDS):
+    if wanted == "numpy":
         return None
+    if wanted == "auto":
+        entries = _work.get()
+        if rate_kind not in AUTO_RATE_KINDS or (rhat.size if entries is None else entries) < WORTH_ENTRIES:
+            return None
     accumulate = _compiled()
     if accumulate is None:
         if wanted == "compiled":

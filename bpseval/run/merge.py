@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bpseval.errors import BpsevalError
+from bpseval.kernel.compiled import work
 from bpseval.kernel.stats import (
     BlockSums,
     CellStats,
@@ -138,11 +139,13 @@ def merge_selection(
     stored = entry.load(parts) if entry else None
     if stored is None:
         lean = {header.path: replace(header, datasets={}) for header in shards}  # tasks carry no other layouts
+        entries = sum(layout.n_rows * layout.n_cells for group in parts.values() for _, layout in group)
         tasks = [
             (
                 [(names[i], [(lean[header.path], layout) for header, layout in parts[names[i]]]) for i in group],
                 len(shards),
                 blocks,
+                entries,
             )
             for group in groups
         ]
@@ -204,15 +207,26 @@ def _merge_cost(parts: list[tuple[ShardHeader, DatasetLayout]]) -> int:
 
 
 def _merge_datasets(
-    datasets: list[tuple[str, list[tuple[ShardHeader, DatasetLayout]]]], world_size: int, blocks: int | None = None
+    datasets: list[tuple[str, list[tuple[ShardHeader, DatasetLayout]]]],
+    world_size: int,
+    blocks: int | None = None,
+    step_entries: int = 0,
 ) -> list[MergedDataset]:
     """Merge several datasets as one task; returns them in the order given.
 
     Each shard is opened once to read the sample_idx of all of the task's datasets in it, and once to
     read their rows, shard by shard in rank order: one file open at a time, and every dataset's
     chunks are added in the same order as if it were merged alone, so the numbers do not depend on
-    how datasets are grouped into tasks.
+    how datasets are grouped into tasks. `step_entries`, the entries of the whole step, chooses the
+    kernel (`kernel.compiled.work`): the same for every task of the step.
     """
+    with work(step_entries):
+        return _merge_task(datasets, world_size, blocks)
+
+
+def _merge_task(
+    datasets: list[tuple[str, list[tuple[ShardHeader, DatasetLayout]]]], world_size: int, blocks: int | None
+) -> list[MergedDataset]:
     merges = {
         name: _DatasetMerge(name, parts, world_size, blocks) for name, parts in datasets if parts[0][1].store != "stats"
     }
