@@ -121,8 +121,17 @@ def numpy_kernel(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellSta
         return batch_stats(rhat, robs, dfs)
 
 
+def compiled_kernel(rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray) -> CellStats:
+    """`batch_stats` with the compiled kernel whatever the size of the batch (BPSEVAL_KERNEL=compiled)."""
+    with kernel_setting("compiled"):
+        return batch_stats(rhat, robs, dfs)
+
+
 KERNELS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, np.ndarray], CellStats], str]] = {
-    "kernel": (batch_stats, f"bpseval.kernel.stats.batch_stats ({'compiled' if COMPILED else 'numpy'}), in memory"),
+    "kernel": (
+        compiled_kernel if COMPILED else batch_stats,
+        f"bpseval.kernel.stats.batch_stats ({'compiled' if COMPILED else 'numpy'}), in memory",
+    ),
     **({"kernel (numpy)": (numpy_kernel, "batch_stats, numpy reference, in memory")} if COMPILED else {}),
     "numpy floor": (numpy_floor, f"one naive numpy pass per block of {BLOCK_ENTRIES} entries"),
 }
