@@ -1,16 +1,9 @@
 """A compiled single pass of `batch_stats` for numpy batches (numba, the optional extra `bpseval[fast]`).
 
 The numpy code in `stats.py` stays the reference and the contract; this is a second implementation
-of the same 13 float64 statistics with the same validity rules and the same row blocks, without
-temporary arrays. It only says whether the batch is usable: on any invalid value it gives up and
-`batch_stats` runs the reference, which builds the message. Per block of rows (BLOCK_ENTRIES entries,
-in the CPU cache), with λ = max(rhat, MIN_RATE) (exp(rhat) for log-rates) and y = robs:
-
-    pass 1, row by row, branch-free over the cells (masked entries read as λ = 1, y = 0 and add 0):
-        n_valid, Σw, Σw·y, Σw·λ, the least and greatest λ and y over valid entries; validity OR-ed
-        over the row; then, at the entries with spikes only, Σw·y·ln λ and Σw·y·ln y
-    pass 2, over the same rows: Σw·(λ − λ̄)², Σw·(y − ȳ)², Σw·(λ − λ̄)(y − ȳ) around the block's means
-    the block's moments merged into the totals by Chan's update, as `combine` does
+of the same 13 float64 statistics with the same validity rules, in one pass without temporary
+arrays (`numba_loops.accumulate` says how). It only says whether the batch is usable: on any
+invalid value it gives up and `batch_stats` runs the reference, which builds the message.
 
 numba is imported on the first call, never by `import bpseval`. Compiled code is cached on disk
 (`cache=True`): where `NUMBA_CACHE_DIR` says, else in `__pycache__` next to this file, else in the
@@ -38,13 +31,12 @@ CHOICES = ("auto", "numpy", "compiled")
 and can cache, else the numpy reference."""
 WORTH_ENTRIES = 1 << 25
 """Entries of work from which `auto` takes the compiled kernel. A process pays once for importing numba and
-loading the compiled code (about half a second), and the compiled pass saves about 20 ns per entry over
-the reference (benchmarks/README.md): below about 2^25 entries the reference finishes first."""
+loading the compiled code (half a second or more), and the compiled pass saves a few to 20 ns per entry
+over the reference, whose own speed varies (benchmarks/README.md): below this the reference finishes first."""
 _work: ContextVar[int | None] = ContextVar("bpseval_kernel_work", default=None)
 AUTO_RATE_KINDS = ("rate",)
-"""Rate kinds the compiled kernel takes by default. Log-rates need exp of every entry, twice (once per pass):
-numba calls the scalar libm exp, numpy's vectorised exp is faster, so the reference is quicker there
-(benchmarks/README.md)."""
+"""Rate kinds the compiled kernel takes by default. Log-rates need exp of every entry: numba calls the scalar
+libm exp, numpy's vectorised exp is faster, so the reference is the default there."""
 NUMBA_DTYPE_KINDS = "biuf"
 """Dtype kinds the compiled kernel reads, each as float32 or float64 (`_readable`)."""
 
