@@ -276,7 +276,9 @@ class _DatasetMerge:
         self.chunk_rows = max(1, CHUNK_ELEMENTS // max(first.n_cells, 1))
         self.indices: list[np.ndarray] | None = [np.zeros(0, np.int64)] * len(parts) if first.has_sample_idx else None
         self.dedup: _Deduplicator | None = None
-        self.per_rank = [CellStats.zeros(first.n_cells) for _ in range(world_size)]
+        # each rank's statistics so far; None until its first chunk, taken as is (adding it to zeros would cost a
+        # merge per dataset and rank, a main cost per shard with many small shards)
+        self.per_rank: list[CellStats | None] = [None] * world_size
         self.per_block: CellStats | None = None
 
     def start(self) -> None:
@@ -294,15 +296,19 @@ class _DatasetMerge:
                 chunk = dedup.filter(part, chunk)
             try:
                 if self.per_block is None:
-                    self.per_rank[rank] += batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+                    self._add(rank, batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind))
                 else:
                     block_ids = sample_blocks(dedup.unique, chunk.sample_idx, self.blocks)
                     self.per_block, total = add_by_block(
                         self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind
                     )
-                    self.per_rank[rank] += total
+                    self._add(rank, total)
             except InvalidValuesError as error:
                 raise _invalid_values_error(reader, chunk, error, self.chunk_rows) from None
+
+    def _add(self, rank: int, stats: CellStats) -> None:
+        held = self.per_rank[rank]
+        self.per_rank[rank] = stats if held is None else held + stats
 
     def finish(self) -> MergedDataset:
         dedup, cell_ids = self.dedup, _cell_ids(self.parts)
@@ -312,7 +318,7 @@ class _DatasetMerge:
             name=self.name,
             cell_ids=cell_ids,
             rate_kind=self.first.rate_kind,
-            per_rank=self.per_rank,
+            per_rank=[CellStats.zeros(self.first.n_cells) if stats is None else stats for stats in self.per_rank],
             samples=total_rows - dropped,
             duplicates_dropped=dropped,
             identity=dataset_identity(self.name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
