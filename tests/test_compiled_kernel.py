@@ -134,19 +134,27 @@ def test_compiled_kernel_agrees_with_the_numpy_reference(batch) -> None:
 
 
 def test_many_blocks_with_a_shifting_mean_merge_like_the_reference() -> None:
-    """Several row blocks (BLOCK_ENTRIES) whose means jump by orders of magnitude: Chan's update at block ends."""
+    """Many runs of rows whose means jump by orders of magnitude; cells first valid late, never valid, and
+    near-constant at 1e6 (whose centred moments are what the shifts are for)."""
     rng = np.random.default_rng(7)
     rows, cells = 5 * BLOCK_ENTRIES // 200 + 17, 200
     level = np.repeat(10.0 ** rng.integers(-3, 4, size=(rows // 100 + 1, cells)), 100, axis=0)[:rows]
     rhat = (level * rng.gamma(2.0, 0.5, size=(rows, cells))).astype(np.float32)
     robs = rng.poisson(np.minimum(rhat, 50.0)).astype(np.float32)
     dfs = (rng.random((rows, cells)) > 0.2).astype(np.float32) * rng.choice([0.5, 1.0], size=(rows, cells))
+    dfs[:500, 0] = 0.0  # first valid many runs of rows later: its shift is set there
+    dfs[:, 1] = 0.0  # never valid
+    rhat[:, 2] = 1e6 + rng.random(rows).astype(np.float32)  # near-constant and large: the shifted sums cancel
+    dfs[:300, 2] = 0.0
     with kernel("auto"), compiled.work(compiled.WORTH_ENTRIES):  # the default, for work worth loading numba
         fast = batch_stats(rhat, robs, dfs)
         assert compiled.batch_sums(rhat, robs, dfs, "rate") is not None
     with kernel("numpy"):
         reference = batch_stats(rhat, robs, dfs)
     assert_agree(fast, reference, magnitudes(rhat, robs, dfs, "rate"), "rate")
+    # the scale above is the uncentred Σwλ², blind to cancellation: the near-constant cell's own moment
+    np.testing.assert_allclose(fast.rate_m2[2], reference.rate_m2[2], rtol=1e-9)
+    np.testing.assert_allclose(fast.co_m2[2], reference.co_m2[2], rtol=1e-6, atol=1e-9 * reference.rate_m2[2])
 
 
 def test_auto_takes_the_compiled_kernel_only_for_work_worth_loading_it() -> None:

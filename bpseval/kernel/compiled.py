@@ -130,6 +130,8 @@ def _compiled() -> Callable[..., bool] | None:
         if error.name != "numba":
             raise
         return None
-    except RuntimeError:  # numba's "cannot cache function ...: no locator available": no writable cache directory
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available" (no writable cache)
+        if "no locator available" not in str(error):
+            raise
         return None
     return numba_loops.accumulate

@@ -87,11 +87,9 @@ def accumulate(
     flat[RATE_MAX : COUNT_MAX + 1, :] = -math.inf
     w, counts, rates, values = np.ones(length), np.zeros(length), np.zeros(length), np.zeros(length)
     spiking = np.zeros(length, dtype=np.int64)
-    rate_shift, count_shift = np.zeros(length), np.zeros(length)
-    _first_valid_values(rhat, robs, weights, log_rate, rate_shift[:n_cells], count_shift[:n_cells])
-    for row in range(1, group):  # the shifts of each cell, repeated for every row of a run
-        rate_shift[row * n_cells : (row + 1) * n_cells] = rate_shift[:n_cells]
-        count_shift[row * n_cells : (row + 1) * n_cells] = count_shift[:n_cells]
+    rate_shift, count_shift = np.zeros(length), np.zeros(length)  # per cell, repeated for every row of a run
+    unshifted = np.arange(n_cells)  # the cells without a valid entry so far: their shift is not set yet
+    n_unshifted = n_cells
     rhat_flat, robs_flat = rhat.reshape(-1), robs.reshape(-1)
     for first_row in range(0, n_rows, group):
         size = min(group, n_rows - first_row) * n_cells
@@ -115,6 +113,8 @@ def accumulate(
                 rates[k] = max(value, MIN_RATE)
         if bad:
             return False
+        if n_unshifted:
+            n_unshifted = _set_shifts(unshifted, n_unshifted, n_cells, size, w, counts, rates, rate_shift, count_shift)
         _add_run(flat, size, w, counts, rates, rate_shift, count_shift)
         if log_rate:
             for k in range(size):
@@ -209,28 +209,36 @@ def _read_weights(weights: Any, first_row: int, size: int, n_cells: int, w: Any)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _first_valid_values(rhat: Any, robs: Any, weights: Any, log_rate: bool, rate_shift: Any, count_shift: Any) -> None:
-    """Per cell, λ and y at its first valid entry (left 0 for a cell without one): the shifts of `accumulate`.
+def _set_shifts(
+    unshifted: Any,
+    n_unshifted: int,
+    n_cells: int,
+    size: int,
+    w: Any,
+    counts: Any,
+    rates: Any,
+    rate_shift: Any,
+    count_shift: Any,
+) -> int:
+    """Give each cell of `unshifted[:n_unshifted]` with a valid entry in this run (of `size` entries) its shifts,
+    the λ and y of its first valid entry, in every row of the runs; keep the others in `unshifted` and return
+    how many they are.
 
-    Reads rows until every cell has one, usually the first. Values are not checked here: an invalid
-    one makes `accumulate` give up anyway.
+    Only the cells still without a shift are looked at, so a cell that is never valid costs one check per
+    row. The entries before a cell's first valid one have w = 0 and add nothing whatever its shift.
     """
-    n_rows, n_cells = rhat.shape
-    found = np.zeros(n_cells, dtype=np.bool_)
-    missing = n_cells
-    for row in range(n_rows):
-        if missing == 0:
-            break
-        for cell in range(n_cells):
-            if found[cell]:
-                continue
-            if weights is None:  # noqa: SIM108 - numba prunes an if statement on None at compile time
-                valid = True
-            else:
-                valid = weights[row, cell if weights.shape[1] == n_cells else 0] > 0
-            if valid:
-                value = float(rhat[row, cell])
-                rate_shift[cell] = math.exp(min(value, MAX_LOG_RATE)) if log_rate else max(value, MIN_RATE)
-                count_shift[cell] = float(robs[row, cell])
-                found[cell] = True
-                missing -= 1
+    kept = 0
+    for index in range(n_unshifted):
+        cell = unshifted[index]
+        first = -1
+        for k in range(cell, size, n_cells):
+            if w[k] > 0.0:
+                first = k
+                break
+        if first < 0:
+            unshifted[kept] = cell
+            kept += 1
+            continue
+        for k in range(cell, rate_shift.shape[0], n_cells):
+            rate_shift[k], count_shift[k] = rates[first], counts[first]
+    return kept
