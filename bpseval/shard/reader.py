@@ -792,22 +792,29 @@ class DatasetReader:
 def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = slice(None)) -> np.ndarray:
     """Rows [rows.start, rows.stop) of an array (clipped to its length, as h5py slices), or all of it, in its
     stored dtype, with h5py's low-level calls (its Dataset.__getitem__ costs ~0.1 ms of Python per call).
-    An array without rows (a scalar, as h5py's slicing) is a ShardError."""
+    An array without rows (a scalar, as h5py's slicing) is a ShardError. Only the h5py calls are guarded."""
+
+    def cannot_read(reason: str) -> ShardError:
+        name = h5py.h5i.get_name(array) or b"?"
+        return ShardError(
+            f"{path}: dataset {dataset!r}: cannot read {_decoded(name.rsplit(b'/', 1)[-1])} ({reason});"
+            " the file is probably truncated or damaged. Re-run validation to rewrite it."
+        )
+
     try:
-        shape = array.shape
-        if not shape:
-            raise ValueError("a scalar, not an array of rows")
-        start, stop, _ = rows.indices(shape[0])
-        count = (max(stop - start, 0), *shape[1:])
-        out = np.empty(count, dtype=array.dtype)
-        if out.size:
+        shape, dtype = array.shape, array.dtype
+    except H5PY_ERRORS as error:
+        raise cannot_read(_short(error)) from None
+    if not shape:
+        raise cannot_read("a scalar, not an array of rows")
+    start, stop, _ = rows.indices(shape[0])
+    count = (max(stop - start, 0), *shape[1:])
+    out = np.empty(count, dtype=dtype)
+    if out.size:
+        try:
             space = array.get_space()
             space.select_hyperslab((start,) + (0,) * (len(shape) - 1), count)
             array.read(h5py.h5s.create_simple(count), space, out)
-        return out
-    except H5PY_ERRORS as error:
-        name = h5py.h5i.get_name(array) or b"?"
-        raise ShardError(
-            f"{path}: dataset {dataset!r}: cannot read {_decoded(name.rsplit(b'/', 1)[-1])} ({_short(error)});"
-            " the file is probably truncated or damaged. Re-run validation to rewrite it."
-        ) from None
+        except H5PY_ERRORS as error:
+            raise cannot_read(_short(error)) from None
+    return out
