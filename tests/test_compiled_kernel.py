@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,44 @@ def test_many_blocks_with_a_shifting_mean_merge_like_the_reference() -> None:
     # the scale above is the uncentred Σwλ², blind to cancellation: the near-constant cell's own moment
     np.testing.assert_allclose(fast.rate_m2[2], reference.rate_m2[2], rtol=1e-9)
     np.testing.assert_allclose(fast.co_m2[2], reference.co_m2[2], rtol=1e-6, atol=1e-9 * reference.rate_m2[2])
+
+
+@given(rows=st.integers(0, 10**7), cells=st.integers(1, 2000))
+def test_a_batch_is_cut_into_parts_of_whole_rows_by_its_shape_alone(rows: int, cells: int) -> None:
+    bounds = compiled.part_bounds(rows, cells)
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == rows
+    assert 1 <= len(sizes) <= compiled.MAX_PARTS
+    assert sizes.max() - sizes.min() <= 1
+    if len(sizes) > 1:  # cut only when each part holds about PART_ENTRIES entries
+        assert sizes.min() * cells >= compiled.PART_ENTRIES // 2
+
+
+def test_a_large_batch_gives_the_same_numbers_on_any_number_of_threads() -> None:
+    """Cut into MAX_PARTS parts, reduced on 1, 2 or 5 threads: identical to the last bit (the parts and the
+    order of their merge depend only on the shape), and equal to the reference like a batch of one part.
+    An invalid value in the last part sends the batch to the reference, which names it."""
+    rng = np.random.default_rng(11)
+    rows, cells = compiled.MAX_PARTS * compiled.PART_ENTRIES // 97 + 5, 97
+    rhat = rng.gamma(2.0, 0.5, size=(rows, cells)).astype(np.float32)
+    robs = rng.poisson(rhat).astype(np.float32)
+    dfs = (rng.random((rows, 1)) > 0.1).astype(np.float32)
+    assert len(compiled.part_bounds(rows, cells)) == compiled.MAX_PARTS + 1
+    with kernel("compiled"):
+        with compiled.work(0, 1):
+            one = batch_stats(rhat, robs, dfs)
+        for threads in (2, 5):
+            with compiled.work(0, threads):
+                several = batch_stats(rhat, robs, dfs)
+            for name in STAT_FIELDS:
+                np.testing.assert_array_equal(getattr(several, name), getattr(one, name), err_msg=name)
+    with kernel("numpy"):
+        reference = batch_stats(rhat, robs, dfs)
+    assert_agree(one, reference, magnitudes(rhat, robs, dfs, "rate"), "rate")
+    rhat[-1, 3], dfs[-1] = np.nan, 1.0
+    message = re.escape(f"rhat has 1 NaN or infinite value (first at sample row {rows - 1}, cell 3). Fix")
+    with kernel("compiled"), compiled.work(0, 2), pytest.raises(InvalidValuesError, match=message):
+        batch_stats(rhat, robs, dfs)
 
 
 def test_auto_takes_the_compiled_kernel_only_for_work_worth_loading_it() -> None:

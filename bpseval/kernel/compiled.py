@@ -10,6 +10,10 @@ numba is imported on the first call, never by `import bpseval`. Compiled code is
 user's cache directory (numba's own order). When none is writable, the kernel is not used: compiling
 in every process would cost more than it saves. `BPSEVAL_KERNEL=numpy` forces the reference,
 `BPSEVAL_KERNEL=compiled` requires this kernel (an error when numba is missing).
+
+A large batch is cut into parts of whole rows, reduced on several threads (the compiled pass releases
+the GIL) and merged in order. The parts depend only on the batch's shape, never on the number of
+threads, so the numbers are the same to the last bit on any machine and with any `--jobs`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 
 import numpy as np
@@ -34,6 +39,13 @@ WORTH_ENTRIES = 1 << 25
 loading the compiled code (half a second or more), and the compiled pass saves a few to 20 ns per entry
 over the reference, whose own speed varies (benchmarks/README.md): below this the reference finishes first."""
 _work: ContextVar[int | None] = ContextVar("bpseval_kernel_work", default=None)
+_threads: ContextVar[int | None] = ContextVar("bpseval_kernel_threads", default=None)
+PART_ENTRIES = 1 << 19
+"""Entries per part of a batch cut for several threads: a part's fixed cost (a call, a merge of its statistics)
+stays small beside its pass."""
+MAX_PARTS = 16
+"""Most parts a batch is cut into: enough to balance the threads of common machines, few enough that the
+in-order merge of the parts costs little."""
 AUTO_RATE_KINDS = ("rate",)
 """Rate kinds the compiled kernel takes by default. Log-rates need exp of every entry: numba calls the scalar
 libm exp, numpy's vectorised exp is faster, so the reference is the default there."""
@@ -53,15 +65,24 @@ def choice() -> str:
 
 
 @contextlib.contextmanager
-def work(entries: int) -> Iterator[None]:
+def work(entries: int, threads: int | None = None) -> Iterator[None]:
     """Batches reduced in the block belong to one piece of work of `entries` entries in all (a step's merge
     reads it in many small chunks): `auto` decides by that size instead of each batch's, so that every
-    chunk of a step takes the same kernel, whichever steps or datasets a command merges with it."""
-    token = _work.set(entries)
+    chunk of a step takes the same kernel, whichever steps or datasets a command merges with it.
+
+    `threads` (default: the CPUs this process may use) bounds the threads of one batch, for callers that
+    already run several processes."""
+    tokens = _work.set(entries), _threads.set(threads)
     try:
         yield
     finally:
-        _work.reset(token)
+        _work.reset(tokens[0])
+        _threads.reset(tokens[1])
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, rate_kind: str) -> CellStats | None:
@@ -89,14 +110,65 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
         return None
     if not _fits(rhat, robs, weights):
         return None
-    n_cells = rhat.shape[1]
-    stats = CellStats.zeros(n_cells)
+    rhat, robs, weights = (None if array is None else _readable(array) for array in (rhat, robs, weights))
+    bounds = part_bounds(*rhat.shape)
+    threads = min(_threads.get() or available_cpus(), len(bounds) - 1)
+
+    def reduce_parts(first: int, stop: int) -> list[CellStats | None]:
+        return [
+            _reduce_rows(accumulate, rhat, robs, weights, rate_kind, bounds[part], bounds[part + 1])
+            for part in range(first, stop)
+        ]
+
+    groups = np.linspace(0, len(bounds) - 1, threads + 1).round().astype(int)
+    parts = _on_threads([functools.partial(reduce_parts, groups[i], groups[i + 1]) for i in range(threads)])
+    if any(part is None for part in parts):
+        return None
+    return functools.reduce(CellStats.__add__, parts)
+
+
+def part_bounds(n_rows: int, n_cells: int) -> list[int]:
+    """The first row of each part of a (n_rows, n_cells) batch, then n_rows: about PART_ENTRIES entries each,
+    at most MAX_PARTS parts, of sizes within one row. A function of the shape alone."""
+    parts = max(1, min(MAX_PARTS, n_rows, n_rows * n_cells // PART_ENTRIES))
+    return [n_rows * part // parts for part in range(parts + 1)]
+
+
+def _reduce_rows(
+    accumulate: Callable[..., bool],
+    rhat: np.ndarray,
+    robs: np.ndarray,
+    weights: np.ndarray | None,
+    rate_kind: str,
+    start: int,
+    stop: int,
+) -> CellStats | None:
+    """The statistics of rows start:stop, or None when they hold an invalid value."""
+    stats = CellStats.zeros(rhat.shape[1])
     valid = accumulate(
-        *(None if array is None else _readable(array) for array in (rhat, robs, weights)),
+        rhat[start:stop],
+        robs[start:stop],
+        None if weights is None else weights[start:stop],
         rate_kind == "log_rate",
         *(getattr(stats, name) for name in STAT_FIELDS),
     )
     return stats if valid else None
+
+
+def _on_threads(calls: list[Callable[[], list[CellStats | None]]]) -> list[CellStats | None]:
+    """The concatenated results of `calls`: the first on this thread, the others on the pool's meanwhile."""
+    futures = [_pool(os.getpid(), len(calls) - 1).submit(call) for call in calls[1:]] if len(calls) > 1 else []
+    results = calls[0]()
+    for future in futures:
+        results += future.result()
+    return results
+
+
+@functools.cache
+def _pool(pid: int, workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads for this process (`pid`: a forked child makes its own; the parent's threads
+    do not exist there)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"bpseval-kernel-{pid}")
 
 
 def _fits(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None) -> bool:

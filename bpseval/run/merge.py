@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bpseval.errors import BpsevalError
-from bpseval.kernel.compiled import work
+from bpseval.kernel.compiled import available_cpus, work
 from bpseval.kernel.stats import (
     BlockSums,
     CellStats,
@@ -140,12 +140,16 @@ def merge_selection(
     if stored is None:
         lean = {header.path: replace(header, datasets={}) for header in shards}  # tasks carry no other layouts
         entries = sum(layout.n_rows * layout.n_cells for group in parts.values() for _, layout in group)
+        threads = None  # the kernel's threads: every CPU for one process, a share each for several, 1 on Dask
+        if scheduler or jobs > 1:
+            threads = 1 if scheduler else max(1, available_cpus() // jobs)
         tasks = [
             (
                 [(names[i], [(lean[header.path], layout) for header, layout in parts[names[i]]]) for i in group],
                 len(shards),
                 blocks,
                 entries,
+                threads,
             )
             for group in groups
         ]
@@ -211,6 +215,7 @@ def _merge_datasets(
     world_size: int,
     blocks: int | None = None,
     step_entries: int = 0,
+    threads: int | None = None,
 ) -> list[MergedDataset]:
     """Merge several datasets as one task; returns them in the order given.
 
@@ -218,9 +223,9 @@ def _merge_datasets(
     read their rows, shard by shard in rank order: one file open at a time, and every dataset's
     chunks are added in the same order as if it were merged alone, so the numbers do not depend on
     how datasets are grouped into tasks. `step_entries`, the entries of the whole step, chooses the
-    kernel (`kernel.compiled.work`): the same for every task of the step.
+    kernel (`kernel.compiled.work`): the same for every task of the step; `threads` bounds its threads.
     """
-    with work(step_entries):
+    with work(step_entries, threads):
         return _merge_task(datasets, world_size, blocks)
 
 
