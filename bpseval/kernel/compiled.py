@@ -120,7 +120,8 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
             for part in range(first, stop)
         ]
 
-    groups = np.linspace(0, len(bounds) - 1, threads + 1).round().astype(int)
+    n_parts = len(bounds) - 1
+    groups = [n_parts * thread // threads for thread in range(threads + 1)]  # consecutive parts per thread
     parts = _on_threads([functools.partial(reduce_parts, groups[i], groups[i + 1]) for i in range(threads)])
     if any(part is None for part in parts):
         return None
