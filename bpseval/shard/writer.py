@@ -721,13 +721,13 @@ class ShardWriter:
         new_group = stored is None
         if stored is None:
             stored = self._stored[dataset] = _Stored(written.layout.rate_kind)
-        doing = f"adding a batch of dataset {dataset!r}"
         if self._worker is None:
-            self._run(doing, partial(self._store, dataset, stored, new_ids, arrays))
+            self._run(f"adding a batch of dataset {dataset!r}", partial(self._store, dataset, stored, new_ids, arrays))
         else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
             chunks = stored.stage(arrays)
             if chunks or new_group or new_ids is not None:
                 job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
+                doing = f"adding a batch of dataset {dataset!r}"
                 self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
                 self._raise_failure(self._worker.error)
         if update is not None:
@@ -944,15 +944,24 @@ def _batch_arrays(
 
 
 def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_kind: str) -> tuple[Any, ...] | None:
-    """What `add` checks of a batch's arrays but their values: rate_kind, dtypes and shapes; None unless numpy arrays without cell_ids."""
-    if cell_ids is not None or type(rhat) is not np.ndarray or type(robs) is not np.ndarray:
+    """What `add` checks of a batch but its values: rate_kind, dtypes and shapes; None unless numpy arrays without cell_ids."""
+    if (
+        cell_ids is not None
+        or type(rhat) is not np.ndarray
+        or type(robs) is not np.ndarray
+        or (dfs is not None and type(dfs) is not np.ndarray)
+        or (sample_idx is not None and type(sample_idx) is not np.ndarray)
+    ):
         return None
-    optional = []
-    for array in (dfs, sample_idx):
-        if array is not None and type(array) is not np.ndarray:
-            return None
-        optional.append(None if array is None else (array.dtype, array.shape))
-    return rate_kind, rhat.dtype, rhat.shape, robs.dtype, robs.shape, *optional
+    return (
+        rate_kind,
+        rhat.dtype,
+        rhat.shape,
+        robs.dtype,
+        robs.shape,
+        None if dfs is None else (dfs.dtype, dfs.shape),
+        None if sample_idx is None else (sample_idx.dtype, sample_idx.shape),
+    )
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -979,7 +988,7 @@ def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
 def _check_index_range(dataset: str, index: np.ndarray) -> np.ndarray:
     """`index` (integers) if its values are in [0, 2^63 - 1], else ArgumentError naming how many are not."""
     # only the bound its dtype can cross is looked at; argmin and argmax cost less than min and max
-    if len(index) and not 0 <= index[index.argmin() if index.dtype.kind != "u" else index.argmax()] <= INT64_MAX:
+    if len(index) and not 0 <= index.item(index.argmin() if index.dtype.kind != "u" else index.argmax()) <= INT64_MAX:
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
