@@ -10,7 +10,7 @@ import secrets
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -113,11 +113,6 @@ class _Column:
         own (a copy of rows, or a full stage, replaced by a spare one), to be written later while
         the caller reuses its buffers.
         """
-        end = self.staged + len(rows)
-        if end < self.chunk_rows and self.stage is not None:  # the usual small batch
-            _copy_rows(self.stage, self.stage_bytes, self.staged, rows)
-            self.staged = end
-            return _NO_CHUNKS
         chunks: list[np.ndarray] = []
         start = 0
         while start < len(rows):
@@ -188,6 +183,8 @@ class _Stored:
     rate_kind: str
     group: h5py.Group | None = None
     columns: dict[str, _Column] = field(default_factory=dict)
+    room: int = 0
+    """Rows fewer than which every array's stage takes without completing a chunk (`copy_in`)."""
 
     def stage(self, arrays: dict[str, np.ndarray], group: h5py.Group | None = None) -> list[tuple[_Column, np.ndarray]]:
         """Stage a batch (the same arrays, in the same order, on every batch; see `_Column.stage_rows`).
@@ -201,7 +198,18 @@ class _Stored:
             completed = column.stage_rows(rows, group)
             if completed:
                 chunks += [(column, chunk) for chunk in completed]
+        self.room = min(
+            (column.chunk_rows - column.staged if column.stage is not None else 0 for column in self.columns.values()),
+            default=0,
+        )
         return chunks
+
+    def copy_in(self, arrays: Iterable[np.ndarray], rows: int) -> None:
+        """The usual batch, of `rows` < `room` rows: copied into the stages, nothing else to do."""
+        for column, array in zip(self.columns.values(), arrays, strict=True):
+            _copy_rows(column.stage, column.stage_bytes, column.staged, array)
+            column.staged += rows
+        self.room -= rows
 
     def open(self, file: h5py.File, dataset: str) -> h5py.Group:
         """The group, created on first use."""
@@ -236,9 +244,6 @@ def _bytes(array: np.ndarray) -> memoryview | None:
     """A contiguous array's bytes, to copy into; None when it has none (memoryview cannot cast an empty shape)."""
     return memoryview(array).cast("B") if array.nbytes else None
 
-
-_NO_CHUNKS: list[np.ndarray] = []
-"""What `stage_rows` returns when no chunk was completed (never appended to)."""
 
 _Job = Callable[[], "BaseException | None"]
 
@@ -670,7 +675,11 @@ class ShardWriter:
                 arrays["dfs"] = dfs
             if sample_idx is not None:
                 arrays["sample_idx"] = _check_index_range(dataset, sample_idx)
-            self._keep(dataset, written, arrays, None)
+            stored = self._stored.get(dataset)
+            if stored is not None and len(rhat) < stored.room:  # no chunk to write: the batch is only copied
+                stored.copy_in(arrays.values(), len(rhat))
+            else:
+                self._keep(dataset, written, arrays, None)
             return
         if written is None:  # the names of earlier batches were checked then
             check_dataset_name(dataset)
