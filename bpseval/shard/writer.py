@@ -52,7 +52,7 @@ The chunks a single batch completes are still taken, alone, when nothing else is
 SPARE_CHUNKS = 2
 """Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
-"""A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
+"""Each time this much was written (4 MiB), the writer has the kernel start writing it to disk (`start_writeback`).
 
 The fsync at the end of the `with` block, which the loop waits for, then has little left to write."""
 
@@ -390,24 +390,24 @@ class _GuardedFile:
     def flush(self) -> None:
         """Nothing is buffered here; `finish` makes the data durable."""
 
-    def start_writeback(self, every: int) -> None:
+    def start_writeback(self, every: int, may_wait: bool) -> None:
         """Once `every` bytes were written since the last time, have the kernel start writing them to disk.
 
         The fsync at the end of the shard then has little left to wait for. On Linux this is
-        sync_file_range, which returns without waiting, and whose errors (a hint's) are left to
-        that fsync: a write that failed is reported there. Elsewhere it is fdatasync, which waits;
-        its error is recorded in `failure`.
+        sync_file_range, which returns without waiting for the disk, and whose errors (a hint's) are
+        left to that fsync: a write that failed is reported there. Elsewhere, when the caller
+        `may_wait` (a background writer's thread), it is fdatasync, its error recorded in `failure`.
         """
         if self.failure is None and self._unsynced >= every:
             self._unsynced = 0
             start = _sync_file_range()
             if start is not None:
                 start(self._file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
-                return
-            try:
-                getattr(os, "fdatasync", os.fsync)(self._file.fileno())
-            except OSError as error:
-                self.failure = error
+            elif may_wait:
+                try:
+                    getattr(os, "fdatasync", os.fsync)(self._file.fileno())
+                except OSError as error:
+                    self.failure = error
 
     def finish(self) -> None:
         """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
@@ -470,17 +470,23 @@ class ShardWriter:
     is written under a hidden `.tmp` name, made durable and renamed on a clean exit; after an
     exception, or when the disk fills or a write fails (`OSError` from that `add` or from the
     end of the block), the partial file is deleted and an earlier shard at the final path stays
-    as it was.
+    as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to disk
+    (on Linux, without waiting), so that the fsync at the end has little left to do.
+
+    A batch of numpy arrays with the dtypes and shapes of the dataset's last batch, which was
+    stored as given (no conversion), is not checked again but for its sample_idx values; any
+    other batch is checked in full. Either way a refused batch raises at its own `add`, nothing
+    of it is written, and the writer stays usable.
 
     `background=True` writes on a thread of its own: `add` checks the batch and copies it into
     the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
     synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
     queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
     of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
-    stage into again. The thread also flushes the data to disk as it goes (every SYNC_BYTES), so
-    the end of the block has little left to wait for. A write that fails raises its error at the
-    next `add` or at the end of the `with` block, with the shard discarded as above; no batch is
-    dropped silently. With `store="stats"` nothing is written before the end, so it changes nothing.
+    stage into again. Where the kernel cannot start writeback without waiting, the thread calls
+    fdatasync every SYNC_BYTES instead. A write that fails raises its error at the next `add` or
+    at the end of the `with` block, with the shard discarded as above; no batch is dropped
+    silently. With `store="stats"` nothing is written before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -750,7 +756,7 @@ class ShardWriter:
         if cell_ids is not None:
             _store_cell_ids(group, cell_ids)
         stored.stage(arrays, group)
-        self._io.start_writeback(SYNC_BYTES)
+        self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
         self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
@@ -762,7 +768,7 @@ class ShardWriter:
             _store_cell_ids(group, cell_ids)
         for column, chunk in chunks:
             column.write_chunk(group, chunk)
-        self._io.start_writeback(SYNC_BYTES)
+        self._io.start_writeback(SYNC_BYTES, may_wait=True)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
