@@ -435,9 +435,12 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's sync_file_range(fd, offset, nbytes, flags) on Linux (not in the os module), else None."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
+    try:
+        import ctypes
 
-    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+        function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    except (ImportError, OSError):  # a Python without ctypes, or a libc that cannot be loaded: fsync alone
+        return None
     if function is not None:
         function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         function.restype = ctypes.c_int
