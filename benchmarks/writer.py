@@ -13,7 +13,9 @@ is written BATCH_ROWS rows per call, every variant once per repetition, repetiti
   forward pass, during which the CPU thread waits for the device), as long as the synchronous
   ShardWriter's median time per batch; timed are the loop's time in `add` and, apart, at the end
   of the `with` block (the last chunks, HDF5's metadata, fsync and rename: the same work in both
-  modes, and in background mode also the wait for the queue to drain).
+  modes, and in background mode also the wait for the queue to drain). The background `add`s with
+  forward are also split by batch: those that only copy rows into the stages, and those that fill
+  a chunk and hand it to the thread (median per batch and total).
 """
 
 from __future__ import annotations
@@ -50,9 +52,16 @@ def plain_h5py(target: Path, arrays: dict[str, np.ndarray], fsync: bool) -> floa
 
 
 def shard_writer(
-    target: Path, arrays: dict[str, np.ndarray], background: bool, forward: float = 0.0
+    target: Path,
+    arrays: dict[str, np.ndarray],
+    background: bool,
+    forward: float = 0.0,
+    per_add: list[float] | None = None,
 ) -> tuple[float, float]:
-    """Seconds the loop spends in every `add` and at the end of the block, with `forward` seconds before each add."""
+    """Seconds the loop spends in every `add` and at the end of the block, with `forward` seconds before each add.
+
+    Each add's seconds are appended to `per_add` when given.
+    """
     rows = len(arrays["rhat"])
     in_writer = 0.0
     writer = ShardWriter(target, 0, 1, background=background)
@@ -63,9 +72,37 @@ def shard_writer(
             batch = {name: array[start : start + BATCH_ROWS] for name, array in arrays.items()}
             started = time.perf_counter()
             writer.add("session", batch["rhat"], batch["robs"], batch["dfs"], sample_idx=batch["sample_idx"])
-            in_writer += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            in_writer += seconds
+            if per_add is not None:
+                per_add.append(seconds)
         started = time.perf_counter()
     return in_writer, time.perf_counter() - started
+
+
+def completes_a_chunk(arrays: dict[str, np.ndarray], start: int) -> bool:
+    """Whether the batch at row `start` fills an array's chunk of about CHUNK_BYTES (ShardWriter then hands it over)."""
+    for array in arrays.values():
+        chunk_rows = max(1, CHUNK_BYTES // (array[:1].nbytes or 1))
+        if (start + BATCH_ROWS) // chunk_rows > start // chunk_rows:
+            return True
+    return False
+
+
+def per_batch(arrays: dict[str, np.ndarray], per_add: list[float]) -> dict[str, Any]:
+    """The background `add`'s median microseconds per batch, apart for the batches that only copy and those that hand chunks over."""
+    starts = range(0, len(arrays["rhat"]), BATCH_ROWS)
+    handing = [completes_a_chunk(arrays, start) for start in starts] * (len(per_add) // len(starts))
+    parts = {"only copying": [t for t, h in zip(per_add, handing, strict=True) if not h]}
+    parts["handing chunks over"] = [t for t, h in zip(per_add, handing, strict=True) if h]
+    return {
+        name: {
+            "batches": len(times),
+            "median_us": float(np.median(times)) * 1e6 if times else None,
+            "sum_s": sum(times),
+        }
+        for name, times in parts.items()
+    }
 
 
 def torch_save(target: Path, arrays: dict[str, np.ndarray]) -> float:
@@ -96,13 +133,14 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
     looped = [f"ShardWriter{mode} with forward: {part}" for mode in ("", " background") for part in ("add", "end")]
     timings = {name: Timing(name, [], bytes=raw) for name in [*variants, *looped]}
     target = scratch / "written"
+    background_adds: list[float] = []
     for _ in range(repeat):
         for name, variant in variants.items():
             timings[name].times.append(variant(target))
             shutil.rmtree(target)
         forward = timings["ShardWriter"].median / batches
         for mode, background in (("", False), (" background", True)):
-            in_add, at_end = shard_writer(target, arrays, background, forward)
+            in_add, at_end = shard_writer(target, arrays, background, forward, background_adds if background else None)
             timings[f"ShardWriter{mode} with forward: add"].times.append(in_add)
             timings[f"ShardWriter{mode} with forward: end"].times.append(at_end)
             shutil.rmtree(target)
@@ -131,6 +169,15 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
             f"{timing.name:<44}{timing.median:9.3f}{raw / MIB / timing.median:8.0f}"
             f"{f'[{min(speeds):.0f}-{max(speeds):.0f}]':>18}"
         )
+    split = per_batch(arrays, background_adds)
+    print(
+        "background add per batch, with forward (median): "
+        + "; ".join(
+            f"{part['median_us']:.0f} us {name} ({part['batches'] // repeat} batches, {part['sum_s'] / repeat * 1e3:.1f} ms)"
+            for name, part in split.items()
+            if part["batches"]
+        )
+    )
     for name, value in ratios.items():
         verdict = ""
         if name in TARGETS:
@@ -144,6 +191,7 @@ def measure(cells: int, samples: int, repeat: int, scratch: Path) -> dict[str, A
         "raw_bytes": raw,
         "batches": batches,
         "timings": {name: timing.summary() for name, timing in timings.items()},
+        "background_add_per_batch": split,
         "ratios": ratios,
     }
 

@@ -157,3 +157,54 @@ def test_the_first_error_stops_the_worker_and_unblocks_a_waiting_submit():
     waiting.join(timeout=30)
     assert not waiting.is_alive()
     assert worker.stop(drop=False) is failure and ran == []
+
+
+FORMS = ["contiguous", "fortran", "strided", "float16 rhat", "int32 sample_idx", "bool dfs"]
+
+
+def given_as(form: str, rhat: np.ndarray, robs: np.ndarray, dfs: np.ndarray, sample_idx: np.ndarray) -> dict:
+    """One batch in one of FORMS: laid out in memory, or typed, unlike the first batch (which is contiguous)."""
+    if form == "fortran":
+        rhat, robs, dfs = (np.asfortranarray(array) for array in (rhat, robs, dfs))
+    elif form == "strided":  # every other row of a larger buffer
+        rhat, robs, dfs = (np.repeat(array, 2, axis=0)[::2] for array in (rhat, robs, dfs))
+        sample_idx = np.repeat(sample_idx, 2)[::2]
+    elif form == "float16 rhat":
+        rhat = rhat.astype(np.float16)
+    elif form == "int32 sample_idx":
+        sample_idx = sample_idx.astype(np.int32)
+    elif form == "bool dfs":
+        dfs = dfs.astype(bool)
+    return {"rhat": rhat, "robs": robs, "dfs": dfs, "sample_idx": sample_idx}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batches=st.lists(st.tuples(st.sampled_from(FORMS), st.sampled_from([0, 7, 64, 300])), min_size=1, max_size=16),
+    background=st.booleans(),
+)
+def test_every_batch_is_stored_as_given_whatever_its_layout_and_the_batch_before(batches, background):
+    """181 cells (chunks of 362 rows): batches like the last one stored unconverted (taken as given, copied
+    into the stages) alternate with converted and non-contiguous ones, filling and crossing chunks."""
+    rng = np.random.default_rng(len(batches))
+    first = poisson_dataset(0, n_rows=5, n_cells=181)
+    plain = [{**first, "sample_idx": np.arange(5)}]
+    start = 5
+    for _, rows in batches:
+        data = poisson_dataset(int(rng.integers(1 << 30)), n_rows=rows, n_cells=181)
+        plain.append({**data, "sample_idx": np.arange(start, start + rows)})
+        start += rows
+    forms = ["contiguous"] + [form for form, _ in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        with ShardWriter(tmp, 0, 1, background=background) as writer:
+            for form, batch in zip(forms, plain, strict=True):
+                writer.add("d", **given_as(form, **{key: value.copy() for key, value in batch.items()}))
+        stored = arrays_of(writer.path)
+    for name in ("rhat", "robs", "dfs", "sample_idx"):
+        expected = np.concatenate([batch[name] for batch in plain])
+        if name == "rhat":  # float16 batches were rounded before they were given
+            expected = np.concatenate(
+                [given_as(form, **batch)["rhat"].astype(np.float32) for form, batch in zip(forms, plain, strict=True)]
+            )
+        np.testing.assert_array_equal(stored[f"datasets/d/{name}"], expected, err_msg=name)
+        assert stored[f"datasets/d/{name}"].dtype == (np.int64 if name == "sample_idx" else np.float32)

@@ -26,6 +26,7 @@ import bpseval
 from bpseval import ShardWriter
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.shard.reader import read_header
+from bpseval.shard.writer import SYNC_BYTES
 from tests.conftest import poisson_dataset
 from tests.gloo import _free_port as free_port
 from tests.gloo import run_gloo
@@ -319,3 +320,67 @@ def test_from_process_group_records_one_run_id_per_launch(tmp_path, monkeypatch)
             ids[launch, step] = found.pop()
     assert ids["first", 0] == ids["first", 1] != ids["second", 0] == ids["second", 1] == ids["second", 2]
     assert ids["second", 3] == "job-42"
+
+
+def test_a_batch_like_the_last_one_is_still_checked_and_a_refused_one_leaves_the_writer_usable(tmp_path, background):
+    """Batches with the dtypes and shapes of the last one skip the checks they passed, not their sample_idx values."""
+    batches = [
+        {**poisson_dataset(seed, n_rows=8, n_cells=3), "sample_idx": np.arange(8 * seed, 8 * seed + 8)}
+        for seed in range(4)
+    ]
+    negative = {**batches[2], "sample_idx": np.array([16, 17, -1, 19, 20, 21, 22, 23])}
+    with ShardWriter(tmp_path, 0, 1, background=background) as writer:
+        writer.add("d", **batches[0])
+        writer.add("d", **batches[1])  # like the last one
+        with pytest.raises(
+            ArgumentError, match=r"dataset 'd': sample_idx must be in \[0, .*1 value\(s\) outside, e.g. -1"
+        ):
+            writer.add("d", **negative)
+        with pytest.raises(ArgumentError, match="dataset 'd': robs dtype float64 cannot be stored without loss"):
+            writer.add("d", **{**batches[2], "robs": batches[2]["robs"].astype(np.float64)})
+        with pytest.raises(ArgumentError, match="dataset 'd': this batch has 4 cells, earlier batches had 3"):
+            writer.add(
+                "d",
+                **{**batches[2], "rhat": np.ones((8, 4), np.float32), "robs": np.ones((8, 4), np.float32), "dfs": None},
+            )
+        with pytest.raises(ArgumentError, match="dataset 'd': give sample_idx on every batch or on none"):
+            writer.add("d", **{**batches[2], "sample_idx": None})
+        writer.add("d", **batches[2])
+        writer.add("d", **batches[3])
+    with h5py.File(writer.path) as handle:
+        for name in ("rhat", "robs", "dfs", "sample_idx"):
+            expected = np.concatenate([batch[name] for batch in batches])
+            np.testing.assert_array_equal(handle[f"datasets/d/{name}"][()], expected, err_msg=name)
+
+
+def test_a_shard_larger_than_the_writeback_interval_is_stored_whole(tmp_path, background):
+    """Three times SYNC_BYTES: the kernel is asked to start writing back the file while it grows."""
+    rows = 3 * SYNC_BYTES // (3 * 4 * 181) + 100
+    data = {**poisson_dataset(1, n_rows=rows, n_cells=181), "sample_idx": np.arange(rows)}
+    with ShardWriter(tmp_path, 0, 1, background=background) as writer:
+        for start in range(0, rows, 256):
+            writer.add(DATASET, **{name: array[start : start + 256] for name, array in data.items()})
+    with h5py.File(writer.path) as handle:
+        for name, array in data.items():
+            np.testing.assert_array_equal(handle[f"datasets/{DATASET}/{name}"][()], array, err_msg=name)
+
+
+def test_a_disk_filling_after_writeback_started_is_an_oserror_and_leaves_nothing(tmp_path, background):
+    """A 6 MiB tmpfs and 12 MiB of batches: the writes fail after the first SYNC_BYTES were handed to writeback."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mount("-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk))
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"cannot mount a tmpfs here ({getattr(error, 'stderr', '') or error}); needs root")
+    try:
+        data = poisson_dataset(2, n_rows=6000, n_cells=181)
+        writer = ShardWriter(disk / "run", 0, 1, background=background)
+        with pytest.raises(OSError, match="No space left on device") as caught, writer:
+            for _ in range(3):
+                for start in range(0, 6000, 256):
+                    writer.add(DATASET, **{name: array[start : start + 256] for name, array in data.items()})
+        assert caught.value.errno == errno.ENOSPC and str(writer.path) in str(caught.value)
+        assert [p for p in disk.rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -7,9 +7,10 @@ import functools
 import math
 import os
 import secrets
+import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,7 +52,7 @@ The chunks a single batch completes are still taken, alone, when nothing else is
 SPARE_CHUNKS = 2
 """Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
-"""A background writer flushes its data to disk (fdatasync, on its thread) each time this much was written: 4 MiB.
+"""Each time this much was written (4 MiB), the writer has the kernel start writing it to disk (`start_writeback`).
 
 The fsync at the end of the `with` block, which the loop waits for, then has little left to write."""
 
@@ -73,6 +74,9 @@ class _Written:
     layout: _Layout
     dtypes: dict[str, np.dtype]
     cell_ids: np.ndarray | None = None
+    stored_as_given: tuple[Any, ...] | None = None
+    """The `_given` signature of the last batch stored as it came (no conversion): a batch with the
+    same one needs no checks but of its sample_idx values."""
 
 
 class _Column:
@@ -93,46 +97,48 @@ class _Column:
         self.name, self.dtype, self.tail = name, first.dtype, first.shape[1:]
         self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
         self.stage: np.ndarray | None = None
+        self.stage_bytes: memoryview | None = None
+        """The stage as bytes, what `_copy_rows` copies into (None when rows have no bytes)."""
         self.staged = 0
         self.spare: list[np.ndarray] = []
         """Whole chunks handed over and written, reused as stages (a fresh 256 KiB array costs page faults)."""
         self.target: h5py.Dataset | None = None
         self.written = 0
 
-    def stage_rows(self, rows: np.ndarray, write: Callable[[np.ndarray], None] | None = None) -> list[np.ndarray]:
-        """Take `rows`; each whole chunk they complete is passed to `write`, or without it returned, in order.
+    def stage_rows(self, rows: np.ndarray, group: h5py.Group | None = None) -> list[np.ndarray]:
+        """Take `rows`; each whole chunk they complete is written to `group`, or without it returned, in order.
 
-        Whole chunks come straight from `rows` when the stage is empty. `write` writes a chunk
-        before it returns (the stage is then reused). Chunks returned are the writer's own (a copy
-        of rows, or a full stage, replaced by a spare one), to be written later while the caller
-        reuses its buffers.
+        Whole chunks come straight from `rows` when the stage is empty. With `group`, a chunk is
+        written before this returns (the stage is then reused). Chunks returned are the writer's
+        own (a copy of rows, or a full stage, replaced by a spare one), to be written later while
+        the caller reuses its buffers.
         """
-        if self.stage is not None and self.staged + len(rows) < self.chunk_rows:  # the usual small batch
-            _copy_rows(self.stage[self.staged : self.staged + len(rows)], rows)
-            self.staged += len(rows)
-            return _NO_CHUNKS
         chunks: list[np.ndarray] = []
-        emit = write or chunks.append
         start = 0
         while start < len(rows):
             if self.staged == 0 and len(rows) - start >= self.chunk_rows:
                 stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                if write:
-                    emit(rows[start:stop])
+                if group is not None:
+                    self.write(group, rows[start:stop])
                 else:
-                    emit(_copy_rows(np.empty((stop - start, *self.tail), self.dtype), rows[start:stop]))
+                    whole = np.empty((stop - start, *self.tail), self.dtype)
+                    _copy_rows(whole, _bytes(whole), 0, rows[start:stop])
+                    chunks.append(whole)
                 start = stop
                 continue
             if self.stage is None:
                 self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
+                self.stage_bytes = _bytes(self.stage)
             taken = min(self.chunk_rows - self.staged, len(rows) - start)
-            _copy_rows(self.stage[self.staged : self.staged + taken], rows[start : start + taken])
+            _copy_rows(self.stage, self.stage_bytes, self.staged, rows[start : start + taken])
             self.staged, start = self.staged + taken, start + taken
             if self.staged == self.chunk_rows:
-                emit(self.stage)
                 self.staged = 0
-                if not write:
-                    self.stage = None
+                if group is not None:
+                    self.write(group, self.stage)
+                else:
+                    chunks.append(self.stage)
+                    self.stage = self.stage_bytes = None
         return chunks
 
     def finish(self, group: h5py.Group) -> None:
@@ -142,7 +148,7 @@ class _Column:
             group.create_dataset(self.name, data=rows)
         elif len(rows):
             self.write(group, rows)
-        self.stage, self.staged = None, 0
+        self.stage, self.stage_bytes, self.staged = None, None, 0
 
     def write_chunk(self, group: h5py.Group, chunk: np.ndarray) -> None:
         """`write` a chunk that `stage_rows` handed over, then keep it to stage rows into again."""
@@ -177,9 +183,33 @@ class _Stored:
     rate_kind: str
     group: h5py.Group | None = None
     columns: dict[str, _Column] = field(default_factory=dict)
+    room: int = 0
+    """Rows fewer than which every array's stage takes without completing a chunk (`copy_in`)."""
 
-    def column(self, name: str, first: np.ndarray) -> _Column:
-        return self.columns.get(name) or self.columns.setdefault(name, _Column(name, first))
+    def stage(self, arrays: dict[str, np.ndarray], group: h5py.Group | None = None) -> list[tuple[_Column, np.ndarray]]:
+        """Stage a batch (the same arrays, in the same order, on every batch; see `_Column.stage_rows`).
+
+        With `group`, whole chunks are written to it; without, they are returned with their columns.
+        """
+        if len(self.columns) != len(arrays):
+            self.columns = {name: _Column(name, array) for name, array in arrays.items()}
+        chunks: list[tuple[_Column, np.ndarray]] = []
+        for column, rows in zip(self.columns.values(), arrays.values(), strict=True):
+            completed = column.stage_rows(rows, group)
+            if completed:
+                chunks += [(column, chunk) for chunk in completed]
+        self.room = min(
+            (column.chunk_rows - column.staged if column.stage is not None else 0 for column in self.columns.values()),
+            default=0,
+        )
+        return chunks
+
+    def copy_in(self, arrays: Iterable[np.ndarray], rows: int) -> None:
+        """The usual batch, of `rows` < `room` rows: copied into the stages, nothing else to do."""
+        for column, array in zip(self.columns.values(), arrays, strict=True):
+            _copy_rows(column.stage, column.stage_bytes, column.staged, array)
+            column.staged += rows
+        self.room -= rows
 
     def open(self, file: h5py.File, dataset: str) -> h5py.Group:
         """The group, created on first use."""
@@ -194,23 +224,26 @@ class _Stored:
             column.finish(self.group)
 
 
-def _copy_rows(target: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`target[...] = rows`, holding the GIL when both are contiguous arrays of one dtype; returns `target`.
+def _copy_rows(target: np.ndarray, target_bytes: memoryview | None, start: int, rows: np.ndarray) -> None:
+    """`target[start : start + len(rows)] = rows` (same dtype and row shape), holding the GIL; `target_bytes` is `_bytes(target)`.
 
     numpy lets go of the GIL while it copies more than a few hundred values. A background writer's
     thread waiting for the GIL may take it then, and keep the caller's thread waiting until its next
     system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
-    spent in `add`. A memoryview copy is one memcpy under the GIL.
+    spent in `add`. A memoryview copy of contiguous rows is one memcpy under the GIL.
     """
-    if rows.size and target.dtype == rows.dtype and target.flags.c_contiguous and rows.flags.c_contiguous:
-        memoryview(target).cast("B")[:] = memoryview(rows).cast("B")
+    source = memoryview(rows)
+    if target_bytes is not None and source.nbytes and source.c_contiguous:
+        row_bytes = target_bytes.nbytes // len(target)
+        target_bytes[start * row_bytes : start * row_bytes + source.nbytes] = source.cast("B")
     else:
-        target[...] = rows
-    return target
+        target[start : start + len(rows)] = rows
 
 
-_NO_CHUNKS: list[np.ndarray] = []
-"""What `stage_rows` returns when no chunk was completed (never appended to)."""
+def _bytes(array: np.ndarray) -> memoryview | None:
+    """A contiguous array's bytes, to copy into; None when it has none (memoryview cannot cast an empty shape)."""
+    return memoryview(array).cast("B") if array.nbytes else None
+
 
 _Job = Callable[[], "BaseException | None"]
 
@@ -357,14 +390,24 @@ class _GuardedFile:
     def flush(self) -> None:
         """Nothing is buffered here; `finish` makes the data durable."""
 
-    def sync_written(self, every: int) -> None:
-        """Flush the data written so far to disk once `every` bytes await it; an error is recorded in `failure`."""
+    def start_writeback(self, every: int, may_wait: bool) -> None:
+        """Once `every` bytes were written since the last time, have the kernel start writing them to disk.
+
+        The fsync at the end of the shard then has little left to wait for. On Linux this is
+        sync_file_range, which returns without waiting for the disk, and whose errors (a hint's) are
+        left to that fsync: a write that failed is reported there. Elsewhere, when the caller
+        `may_wait` (a background writer's thread), it is fdatasync, its error recorded in `failure`.
+        """
         if self.failure is None and self._unsynced >= every:
-            try:
-                getattr(os, "fdatasync", os.fsync)(self._file.fileno())
-            except OSError as error:
-                self.failure = error
             self._unsynced = 0
+            start = _sync_file_range()
+            if start is not None:
+                start(self._file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+            elif may_wait:
+                try:
+                    getattr(os, "fdatasync", os.fsync)(self._file.fileno())
+                except OSError as error:
+                    self.failure = error
 
     def finish(self) -> None:
         """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
@@ -381,6 +424,27 @@ class _GuardedFile:
             self._file.close()
         except OSError as error:
             self.failure = self.failure or error
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+"""Linux's SYNC_FILE_RANGE_WRITE: start writing the range's dirty pages, do not wait."""
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(fd, offset, nbytes, flags) on Linux (not in the os module), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    except (ImportError, OSError):  # a Python without ctypes, or a libc that cannot be loaded: fsync alone
+        return None
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
 
 
 _PROCESS_LOCK = threading.Lock()
@@ -409,17 +473,23 @@ class ShardWriter:
     is written under a hidden `.tmp` name, made durable and renamed on a clean exit; after an
     exception, or when the disk fills or a write fails (`OSError` from that `add` or from the
     end of the block), the partial file is deleted and an earlier shard at the final path stays
-    as it was.
+    as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to disk
+    (on Linux, without waiting), so that the fsync at the end has little left to do.
+
+    A batch of numpy arrays with the dtypes and shapes of the dataset's last batch, which was
+    stored as given (no conversion), is not checked again but for its sample_idx values; any
+    other batch is checked in full. Either way a refused batch raises at its own `add`, nothing
+    of it is written, and the writer stays usable.
 
     `background=True` writes on a thread of its own: `add` checks the batch and copies it into
     the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
     synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
     queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
     of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
-    stage into again. The thread also flushes the data to disk as it goes (every SYNC_BYTES), so
-    the end of the block has little left to wait for. A write that fails raises its error at the
-    next `add` or at the end of the `with` block, with the shard discarded as above; no batch is
-    dropped silently. With `store="stats"` nothing is written before the end, so it changes nothing.
+    stage into again. Where the kernel cannot start writeback without waiting, the thread calls
+    fdatasync every SYNC_BYTES instead. A write that fails raises its error at the next `add` or
+    at the end of the `with` block, with the shard discarded as above; no batch is dropped
+    silently. With `store="stats"` nothing is written before the end, so it changes nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -606,7 +676,21 @@ class ShardWriter:
             self.open()
         if self._worker is not None and self._worker.error is not None:
             self._raise_failure(self._worker.error)
-        if dataset not in self._written:  # the names of earlier batches were checked then
+        written = self._written.get(dataset)
+        given = _given(rhat, robs, dfs, sample_idx, cell_ids, rate_kind)
+        if written is not None and given is not None and given == written.stored_as_given:
+            arrays = {"rhat": rhat, "robs": robs}  # types, dtypes and shapes as checked before
+            if dfs is not None:
+                arrays["dfs"] = dfs
+            if sample_idx is not None:
+                arrays["sample_idx"] = _check_index_range(dataset, sample_idx)
+            stored = self._stored.get(dataset)
+            if stored is not None and len(rhat) < stored.room:  # no chunk to write: the batch is only copied
+                stored.copy_in(arrays.values(), len(rhat))
+            else:
+                self._keep(dataset, written, arrays, None)
+            return
+        if written is None:  # the names of earlier batches were checked then
             check_dataset_name(dataset)
         if rate_kind not in RATE_KINDS:
             raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
@@ -617,43 +701,55 @@ class ShardWriter:
             dfs_shape_tail=arrays["dfs"].shape[1:] if "dfs" in arrays else None,
             has_sample_idx="sample_idx" in arrays,
         )
-        written = self._written.get(dataset)
         if written is not None and written.layout != layout:
             _check_same_layout(dataset, written.layout, layout)
         ids = arrays.pop("cell_ids", None)
         if ids is not None:
             ids = _checked_cell_ids(dataset, ids, None if written is None else written.cell_ids)
+        if self.store == "raw" and written is not None:
+            arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
+        update = None
         if self.store == "stats":
             stats = self._stats.get(dataset) or _RankStats(layout.n_cells)
-            update = stats.prepare(dataset, arrays, rate_kind, self.block_size)
-            arrays = {}
-        elif written is not None:
-            arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
+            update = (stats, stats.prepare(dataset, arrays, rate_kind, self.block_size))
         if written is None:
-            written = self._written[dataset] = _Written(layout, {name: array.dtype for name, array in arrays.items()})
+            dtypes = {name: array.dtype for name, array in arrays.items()} if self.store == "raw" else {}
+            written = self._written[dataset] = _Written(layout, dtypes)
+        as_given = {"rhat": rhat, "robs": robs, "dfs": dfs, "sample_idx": sample_idx}
+        unchanged = self.store == "raw" and all(array is as_given[name] for name, array in arrays.items())
+        written.stored_as_given = given if unchanged else None
         new_ids = ids if ids is not None and written.cell_ids is None else None
         if new_ids is not None:
             written.cell_ids = new_ids
-        doing = f"adding a batch of dataset {dataset!r}"
+        self._keep(dataset, written, arrays, new_ids, update)
+
+    def _keep(
+        self,
+        dataset: str,
+        written: _Written,
+        arrays: dict[str, np.ndarray],
+        new_ids: np.ndarray | None,
+        update: tuple[_RankStats, _StatsUpdate] | None = None,
+    ) -> None:
+        """The checked batch of `add`: staged and written (or queued), or its statistics kept."""
+        if update is not None:
+            stats, batch = update
+            arrays = {}
         stored = self._stored.get(dataset)
         new_group = stored is None
         if stored is None:
-            stored = self._stored[dataset] = _Stored(rate_kind)
+            stored = self._stored[dataset] = _Stored(written.layout.rate_kind)
         if self._worker is None:
-            self._run(doing, partial(self._store, dataset, stored, new_ids, arrays))
+            self._run(f"adding a batch of dataset {dataset!r}", partial(self._store, dataset, stored, new_ids, arrays))
         else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
-            chunks: list[tuple[_Column, np.ndarray]] = []
-            for name, array in arrays.items():
-                column = stored.column(name, array)
-                completed = column.stage_rows(array)
-                if completed:
-                    chunks += [(column, chunk) for chunk in completed]
+            chunks = stored.stage(arrays)
             if chunks or new_group or new_ids is not None:
                 job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
+                doing = f"adding a batch of dataset {dataset!r}"
                 self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
                 self._raise_failure(self._worker.error)
-        if self.store == "stats":
-            stats.commit(update)
+        if update is not None:
+            stats.commit(batch)
             self._stats[dataset] = stats
 
     def _store(self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
@@ -662,9 +758,8 @@ class ShardWriter:
         group = stored.open(self._file, dataset)
         if cell_ids is not None:
             _store_cell_ids(group, cell_ids)
-        for name, array in arrays.items():
-            column = stored.column(name, array)
-            column.stage_rows(array, partial(column.write, group))
+        stored.stage(arrays, group)
+        self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
         self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
@@ -676,7 +771,7 @@ class ShardWriter:
             _store_cell_ids(group, cell_ids)
         for column, chunk in chunks:
             column.write_chunk(group, chunk)
-        self._io.sync_written(SYNC_BYTES)
+        self._io.start_writeback(SYNC_BYTES, may_wait=True)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -866,6 +961,27 @@ def _batch_arrays(
     return arrays
 
 
+def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_kind: str) -> tuple[Any, ...] | None:
+    """What `add` checks of a batch but its values: rate_kind, dtypes and shapes; None unless numpy arrays without cell_ids."""
+    if (
+        cell_ids is not None
+        or type(rhat) is not np.ndarray
+        or type(robs) is not np.ndarray
+        or (dfs is not None and type(dfs) is not np.ndarray)
+        or (sample_idx is not None and type(sample_idx) is not np.ndarray)
+    ):
+        return None
+    return (
+        rate_kind,
+        rhat.dtype,
+        rhat.shape,
+        robs.dtype,
+        robs.shape,
+        None if dfs is None else (dfs.dtype, dfs.shape),
+        None if sample_idx is None else (sample_idx.dtype, sample_idx.shape),
+    )
+
+
 def _numpy(value: Any) -> np.ndarray:
     """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
     return value if type(value) is np.ndarray else to_numpy(value)
@@ -883,14 +999,20 @@ def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
         )
+    # no copy here: the writer copies the rows when it stages them
+    return _check_index_range(dataset, index).astype(np.int64, copy=False)
+
+
+def _check_index_range(dataset: str, index: np.ndarray) -> np.ndarray:
+    """`index` (integers) if its values are in [0, 2^63 - 1], else ArgumentError naming how many are not."""
     # only the bound its dtype can cross is looked at; argmin and argmax cost less than min and max
-    if len(index) and not 0 <= index[index.argmin() if index.dtype.kind != "u" else index.argmax()] <= INT64_MAX:
+    if len(index) and not 0 <= index.item(index.argmin() if index.dtype.kind != "u" else index.argmax()) <= INT64_MAX:
         bad = index[(index < 0) | (index > INT64_MAX)]
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
             f" set), got {len(bad)} value(s) outside, e.g. {bad[0]}"
         )
-    return index.astype(np.int64, copy=False)  # the writer copies it when it stages the rows
+    return index
 
 
 @functools.cache
