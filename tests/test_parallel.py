@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
+import threading
 
 import numpy as np
 import pytest
 
 import bpseval
-from bpseval.run.merge import merge_run
-from tests.conftest import poisson_dataset
+from bpseval.kernel.stats import STAT_FIELDS, CellStats, batch_stats
+from bpseval.run.merge import CHUNK_ELEMENTS, OVERLAP_ENTRIES, merge_run
+from bpseval.run.parallel import one_ahead
+from tests.conftest import poisson_dataset, write_raw_shard
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,58 @@ def test_several_runs_give_one_row_each_and_sort(invoke, run_dir, tmp_path):
     invoke("compute", worse, run_dir, "--csv", tmp_path / "runs.csv")
     header = (tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["run", "step", "bps", "bps_pooled"] and "bps[Allen_2022-05-01]" in header
+
+
+SCALE: contextvars.ContextVar[int] = contextvars.ContextVar("scale", default=1)
+
+
+def scaled_or_refused(item: int) -> tuple[int, str]:
+    """item x the caller's SCALE, with the thread it ran on; negative items are refused."""
+    if item < 0:
+        raise ValueError(f"refused {item}")
+    return item * SCALE.get(), threading.current_thread().name
+
+
+def test_one_ahead_gives_each_result_in_order_on_the_thread_it_was_worth() -> None:
+    items = [3, 40, 50, 4, 60, -70, 80, -5]
+    token = SCALE.set(10)  # seen by the background calls too
+    try:
+        outcomes = []
+        for item, result in one_ahead(iter(items), scaled_or_refused, lambda item: abs(item) >= 10):
+            try:
+                outcomes.append((item, *result()))
+            except ValueError as error:
+                outcomes.append((item, str(error), None))
+    finally:
+        SCALE.reset(token)
+    assert [item for item, *_ in outcomes] == items
+    for item, value, thread in outcomes:
+        if item < 0:
+            assert value == f"refused {item}" and thread is None
+        else:
+            assert value == 10 * item
+            assert thread.startswith("bpseval-merge-") == (item >= 10), (item, thread)
+
+
+def test_large_chunks_reduced_while_the_next_is_read_add_up_in_order(invoke, tmp_path) -> None:
+    """Chunks large enough to be reduced on the background thread: the dataset's statistics are the in-order
+    sum of its chunks' to the last bit, and a bad value in a later chunk is named at its row of the shard."""
+    n_cells = 300
+    chunk_rows = CHUNK_ELEMENTS // n_cells
+    assert chunk_rows * n_cells >= OVERLAP_ENTRIES
+    arrays = poisson_dataset(5, n_rows=4 * chunk_rows + 17, n_cells=n_cells)
+    write_raw_shard(tmp_path / "run" / "rank0.h5", {"big": arrays})
+    merged = merge_run(tmp_path / "run").datasets[0].total
+    chunks = [
+        batch_stats(*(arrays[name][start : start + chunk_rows] for name in ("rhat", "robs", "dfs")))
+        for start in range(0, len(arrays["rhat"]), chunk_rows)
+    ]
+    expected = functools.reduce(CellStats.__add__, chunks)
+    for name in STAT_FIELDS:
+        np.testing.assert_array_equal(getattr(merged, name), getattr(expected, name), err_msg=name)
+    row = 3 * chunk_rows + 5
+    arrays["rhat"][row, 7], arrays["dfs"][row, 7] = np.nan, 1.0
+    write_raw_shard(tmp_path / "bad" / "rank0.h5", {"big": arrays})
+    result = invoke("compute", tmp_path / "bad", "--no-cache")
+    assert result.exit_code == 2
+    assert f"rhat has 1 NaN or infinite value (first at sample row {row}, cell 7)" in result.output

@@ -28,7 +28,7 @@ from bpseval.kernel.stats import (
 )
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.dedup import _Deduplicator
-from bpseval.run.parallel import batches, run_tasks
+from bpseval.run.parallel import batches, one_ahead, run_tasks
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
 from bpseval.shard.reader import DatasetReader, ShardFile, read_stats
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 CHUNK_ELEMENTS = 1 << 18
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
+OVERLAP_ENTRIES = 1 << 16
+"""Entries from which a chunk is reduced on a thread while the next is read: below, the hand-over costs
+about what the overlap saves."""
 
 
 @dataclass
@@ -294,22 +297,34 @@ class _DatasetMerge:
                 self.per_block = CellStats.zeros((self.blocks, self.first.n_cells))
 
     def add(self, part: int, reader: DatasetReader) -> None:
-        """Add the rows of part `part`, read by `reader`, to its rank's statistics (and to the blocks)."""
-        dedup, rank, rate_kind = self.dedup, self.parts[part][0].rank, self.first.rate_kind
-        for chunk in reader.rows(self.chunk_rows, None if dedup is None else dedup.sample_idx_of(part)):
-            if dedup is not None:
-                chunk = dedup.filter(part, chunk)
+        """Add the rows of part `part`, read by `reader`, to its rank's statistics (and to the blocks).
+
+        Without blocks, a large chunk is reduced on a thread while the next one is read (`one_ahead`);
+        the chunks are added in order all the same.
+        """
+        dedup, rank = self.dedup, self.parts[part][0].rank
+        chunks = reader.rows(self.chunk_rows, None if dedup is None else dedup.sample_idx_of(part))
+        if dedup is not None:
+            chunks = (dedup.filter(part, chunk) for chunk in chunks)
+        for chunk, stats in one_ahead(chunks, self._reduce, self._worth_a_thread):
             try:
-                if self.per_block is None:
-                    self._add(rank, batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind))
-                else:
-                    block_ids = sample_blocks(dedup.unique, chunk.sample_idx, self.blocks)
-                    self.per_block, total = add_by_block(
-                        self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind
-                    )
-                    self._add(rank, total)
+                self._add(rank, stats())
             except InvalidValuesError as error:
                 raise _invalid_values_error(reader, chunk, error, self.chunk_rows) from None
+
+    def _worth_a_thread(self, chunk: RowChunk) -> bool:
+        """Whether `chunk` is reduced while the next is read: it is large, and no blocks are kept (each chunk's
+        blocks are added to the last's)."""
+        return self.per_block is None and chunk.rhat.size >= OVERLAP_ENTRIES
+
+    def _reduce(self, chunk: RowChunk) -> CellStats:
+        """The statistics of a chunk (and, with blocks, its blocks added to `per_block`)."""
+        rate_kind = self.first.rate_kind
+        if self.per_block is None:
+            return batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+        block_ids = sample_blocks(self.dedup.unique, chunk.sample_idx, self.blocks)
+        self.per_block, total = add_by_block(self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+        return total
 
     def _add(self, rank: int, stats: CellStats) -> None:
         held = self.per_rank[rank]

@@ -1,4 +1,5 @@
-"""Run independent per-dataset tasks serially, in local processes, or on a Dask cluster.
+"""Run independent per-dataset tasks serially, in local processes, or on a Dask cluster; and, within a
+task, reduce each chunk on a thread while the next one is read.
 
 Merging a dataset needs only its shards' paths and layouts, and its statistics add up, so the
 datasets of a run are independent tasks. Results come back in task order whatever the backend,
@@ -7,15 +8,19 @@ so the numbers do not depend on it.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import multiprocessing
+import os
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from bpseval.errors import BpsevalError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 """How bpseval starts worker processes, whatever the caller has imported: fork on Linux, where the
@@ -132,3 +137,34 @@ def _run_on_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def one_ahead(
+    items: Iterable[T], function: Callable[[T], R], worth: Callable[[T], bool]
+) -> Iterator[tuple[T, Callable[[], R]]]:
+    """`(item, result)` for each item in order, `result()` giving `function(item)` (or raising its error).
+
+    An item `worth` a thread is handed to this process's background thread as soon as it is produced,
+    so that `function` runs on it while the caller produces the next (reading a chunk while the last
+    one is reduced: both release the GIL in their long calls); any other item is computed when its
+    `result()` is asked for. Results are the same as `function(item)` in the caller's thread: the
+    background call runs in a copy of the caller's context (its context variables).
+    """
+    pending: tuple[T, Callable[[], R]] | None = None
+    for item in items:
+        if worth(item):
+            call = _background_thread(os.getpid()).submit(contextvars.copy_context().run, function, item)
+            current = (item, call.result)
+        else:
+            current = (item, functools.partial(function, item))
+        if pending is not None:
+            yield pending
+        pending = current
+    if pending is not None:
+        yield pending
+
+
+@functools.cache
+def _background_thread(pid: int) -> ThreadPoolExecutor:
+    """One worker thread for `one_ahead` in process `pid` (a forked child makes its own)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bpseval-merge-{pid}")
