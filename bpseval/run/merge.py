@@ -323,7 +323,9 @@ class _DatasetMerge:
         if self.per_block is None:
             return batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
         block_ids = sample_blocks(self.dedup.unique, chunk.sample_idx, self.blocks)
-        self.per_block, total = add_by_block(self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+        self.per_block, total = add_by_block(
+            self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind
+        )
         return total
 
     def _add(self, rank: int, stats: CellStats) -> None:
