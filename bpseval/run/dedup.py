@@ -15,27 +15,6 @@ RHAT_COPY_RTOL = 4e-3
 """Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
 
 
-def first_copies(sample_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct values of non-negative `sample_idx` (sorted), which positions hold the first
-    copy of their value, and which hold a value that occurs more than once.
-
-    Counts with `bincount` when the values are dense (the usual 0..N-1, in O(N)); sorts only
-    the repeated values, or everything when the values are sparse.
-    """
-    span = int(sample_idx.max()) + 1 if len(sample_idx) else 0
-    if span <= 4 * len(sample_idx) + 1024:
-        counts = np.bincount(sample_idx, minlength=span)
-        unique = np.flatnonzero(counts)
-        repeated = counts[sample_idx] > 1
-    else:
-        unique, inverse, counts = np.unique(sample_idx, return_inverse=True, return_counts=True)
-        repeated = counts[inverse] > 1
-    keep = ~repeated
-    positions = np.flatnonzero(repeated)
-    keep[positions[np.unique(sample_idx[positions], return_index=True)[1]]] = True
-    return unique, keep, repeated
-
-
 class _FirstSeen:
     """Where the first copy of every sample_idx seen so far is: its position over all parts of a dataset.
 

@@ -732,7 +732,7 @@ class ShardFile:
         return DatasetReader(self, layout)
 
     def sample_idx(self, layout: DatasetLayout) -> np.ndarray:
-        """The whole sample_idx array of one dataset, as `read_sample_idx` reads it."""
+        """The whole sample_idx array of one dataset, as int64 (bounded by the header's `_check_stored`)."""
         shape = (layout.n_rows,)
         return _read(self.path, layout.name, self.array(layout, "sample_idx", shape), shape=shape).astype(np.int64)
 
@@ -752,12 +752,6 @@ class ShardFile:
                 " shard changed since its header was read. Run the command again."
             )
         return array
-
-
-def read_sample_idx(path: Path, layout: DatasetLayout) -> np.ndarray:
-    """The whole sample_idx array of one dataset of a shard (bounded by the header's `_check_stored`)."""
-    with ShardFile(path) as shard:
-        return shard.sample_idx(layout)
 
 
 class DatasetReader:
