@@ -125,7 +125,7 @@ def merge_selection(
     costs = [_merge_cost(group) for group in parts.values()]
     sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
     # one process: tasks as large as memory allows, by the bytes they read (each task opens every shard of its
-    # datasets twice, so splitting by the fixed cost of parts would only add opens)
+    # datasets, so splitting by the fixed cost of parts would only add opens)
     groups = batches(costs if jobs > 1 or scheduler else sizes, jobs)
     done = [0]
 
