@@ -45,17 +45,23 @@ H5PY_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 """What h5py raises on damaged files; caught only around h5py calls."""
 
 
-@contextmanager
-def _h5py_errors(path: Path) -> Iterator[None]:
-    """Turn an h5py failure inside the block (which must hold h5py calls only) into a ShardError naming the file."""
-    try:
-        yield
-    except BpsevalError:
-        raise
-    except H5PY_ERRORS as error:
-        raise ShardError(
-            f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
-        ) from None
+class _h5py_errors:
+    """Turn an h5py failure inside the block (which must hold h5py calls only) into a ShardError naming the file.
+
+    A class rather than a generator-based context manager: it wraps every h5py call of every header.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        if kind is not None and isinstance(error, H5PY_ERRORS) and not isinstance(error, BpsevalError):
+            raise ShardError(
+                f"{self.path}: damaged shard ({kind.__name__}: {_short(error)}); re-run validation to rewrite it."
+            ) from None
 
 
 @contextmanager
