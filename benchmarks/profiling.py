@@ -19,7 +19,10 @@ from benchmarks.timing import MachineLoad, environment, print_load
 PROFILE_GROUPS = (
     ("h5py reads of rhat, robs, dfs (DatasetReader.rows)", ("rows@shard/reader.py",)),
     ("batch_stats", ("batch_stats",)),
-    ("dedup (reading sample_idx, first_copies, filter)", ("read_sample_idx", "first_copies", "filter@run/dedup.py")),
+    (
+        "dedup (reading sample_idx, begin, filter)",
+        ("sample_idx@shard/reader.py", "begin@run/dedup.py", "filter@run/dedup.py"),
+    ),
     ("shard headers (read_headers, in forked children)", ("read_headers",)),
     ("identity checksum", ("dataset_identity",)),
     ("scoring (score_run)", ("score_run",)),

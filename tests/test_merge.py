@@ -1,4 +1,5 @@
-"""Merging helpers: reading shard headers in parallel children, finding the first copy of every sample."""
+"""Merging helpers: reading shard headers in parallel children, finding the first copy of every sample as the
+shards are read."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpseval.run.dedup import first_copies
+from bpseval.kernel.stats import CellStats, add_by_block, as_weights, batch_stats
+from bpseval.run.dedup import _FirstSeen
+from bpseval.run.merge import dataset_identity, merge_run, sample_blocks
 from tests.conftest import poisson_dataset, write_raw_shard
 
 HANGS_HDF5 = Path(__file__).parent / "data" / "hangs_hdf5_global_heap.h5"
@@ -53,37 +56,95 @@ def test_headers_come_back_in_order_with_a_hanging_file_reported_whatever_the_ch
     assert f"{paths[2]}: reading its metadata did not finish within 2 s" in lines[2]
 
 
-DENSE = st.lists(st.integers(0, 60), max_size=200)
-SPARSE = st.lists(st.one_of(st.integers(0, 60), st.integers(2**40, 2**40 + 5)), max_size=200)
-
-
-def reference_first_copies(values: list[int]) -> tuple[list[int], list[bool], list[bool]]:
-    """The same answer by walking the values once in Python."""
-    seen: set[int] = set()
-    keep = []
-    for value in values:
-        keep.append(value not in seen)
-        seen.add(value)
-    repeated = [values.count(value) > 1 for value in values]
-    return sorted(seen), keep, repeated
+DENSE = st.lists(st.integers(0, 60), max_size=40)
+SPARSE = st.lists(st.one_of(st.integers(0, 60), st.integers(2**40, 2**40 + 5)), max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(DENSE, SPARSE))
-def test_first_copies_matches_a_walk_over_the_values(values: list[int]) -> None:
-    unique, keep, repeated = first_copies(np.asarray(values, dtype=np.int64))
-    expected_unique, expected_keep, expected_repeated = reference_first_copies(values)
-    assert unique.tolist() == expected_unique
-    assert keep.tolist() == expected_keep
-    assert repeated.tolist() == expected_repeated
+@given(st.lists(st.one_of(DENSE, SPARSE), max_size=6), st.integers(1, 80))
+def test_first_seen_matches_a_walk_over_the_values_batch_by_batch(batches: list[list[int]], span: int) -> None:
+    """Batch after batch (the parts of a dataset in rank order), each value's first position is that of its first
+    copy in all batches so far: in the table, after growing it, after leaving it for the sorted arrays (a value
+    reaching `span`), and in those."""
+    seen, first, position = _FirstSeen(span), {}, 0
+    for values in batches:
+        positions = np.arange(position, position + len(values), dtype=np.int64)
+        found = seen.first_positions(np.asarray(values, dtype=np.int64), positions)
+        for value, at in zip(values, positions.tolist(), strict=True):
+            first.setdefault(value, at)
+        assert found.tolist() == [first[value] for value in values]
+        position += len(values)
+    assert seen.unique().tolist() == sorted(first)
 
 
-def test_first_copies_sorts_sparse_values_without_a_table_of_their_span() -> None:
-    values = np.array([2**62, 5, 2**62, 7, 5], dtype=np.int64)  # a counting table would need 2^62 entries
-    unique, keep, repeated = first_copies(values)
-    assert unique.tolist() == [5, 7, 2**62]
-    assert keep.tolist() == [True, True, False, True, False]
-    assert repeated.tolist() == [True, True, True, False, True]
+def test_first_seen_keeps_sparse_values_without_a_table_of_their_span() -> None:
+    seen = _FirstSeen(1024)
+    assert seen.first_positions(np.array([5, 7, 5]), np.arange(3)).tolist() == [0, 1, 0]
+    assert seen.first_positions(np.array([2**62, 7, 2**62]), np.arange(3, 6)).tolist() == [3, 1, 3]
+    assert seen.table is None  # a table would need 2^62 entries
+    assert seen.unique().tolist() == [5, 7, 2**62]
+
+
+RANK_VALUES = st.lists(st.one_of(st.integers(0, 12), st.integers(2**40, 2**40 + 2)), max_size=9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(RANK_VALUES, min_size=1, max_size=4), st.sampled_from([None, 3]))
+def test_duplicates_found_while_streaming_keep_the_first_copy_in_rank_order_bit_for_bit(
+    tmp_path_factory, ranks: list[list[int]], blocks: int | None
+) -> None:
+    """Ranks whose sample_idx overlap in any pattern (repeats within a rank, across ranks, sparse values,
+    ranks without rows): each rank's statistics are those of its rows that no earlier rank (or earlier row)
+    holds, to the last bit; with blocks (sample_idx read before the rows) too."""
+    run = tmp_path_factory.mktemp("run")
+    cells = 3
+    by_value: dict[int, dict[str, np.ndarray]] = {}
+    for value in sorted({value for values in ranks for value in values}):
+        rng = np.random.default_rng(value % 1000 + len(by_value))
+        rhat = rng.gamma(2.0, 0.5, size=(1, cells)).astype(np.float32)
+        dfs = (rng.random((1, cells)) > 0.2).astype(np.float32)
+        by_value[value] = {"rhat": rhat, "robs": rng.poisson(rhat).astype(np.float32), "dfs": dfs}
+    for rank, values in enumerate(ranks):
+        arrays = {
+            key: np.concatenate([by_value[value][key] for value in values] + [np.zeros((0, cells), np.float32)])
+            for key in ("rhat", "robs", "dfs")
+        }
+        write_raw_shard(
+            run / f"rank-{rank:04d}.h5",
+            {"d": {**arrays, "sample_idx": np.asarray(values, dtype=np.int64)}},
+            rank=rank,
+            world_size=len(ranks),
+        )
+    merged = merge_run(run, blocks=blocks).datasets[0]
+    unique = np.array(sorted({value for values in ranks for value in values}), dtype=np.int64)
+    per_block = CellStats.zeros((blocks, cells)) if blocks else None
+    seen: set[int] = set()
+    for rank, values in enumerate(ranks):
+        kept = []
+        for value in values:
+            if value not in seen:
+                kept.append(value)
+            seen.add(value)
+        expected = CellStats.zeros(cells)
+        if kept:
+            rhat, robs, dfs = (
+                np.concatenate([by_value[value][key] for value in kept]) for key in ("rhat", "robs", "dfs")
+            )
+            weights = as_weights(dfs, *rhat.shape)
+            if per_block is None:
+                expected = batch_stats(rhat, robs, weights, "rate")
+            else:  # as the merge adds a chunk with blocks: its total comes with the blocks
+                block_ids = sample_blocks(unique, np.asarray(kept, dtype=np.int64), blocks)
+                per_block, expected = add_by_block(per_block, block_ids, rhat, robs, weights, "rate")
+        for key, value in expected.fields().items():
+            assert np.array_equal(getattr(merged.per_rank[rank], key), value, equal_nan=True), (rank, key)
+    if per_block is not None:
+        for key, value in per_block.fields().items():
+            assert np.array_equal(getattr(merged.per_block, key), value, equal_nan=True), key
+    total_rows = sum(len(values) for values in ranks)
+    assert (merged.samples, merged.duplicates_dropped) == (len(seen), total_rows - len(seen))
+    assert merged.identity == dataset_identity("d", np.arange(cells), unique, 0)
+    assert merged.warnings == []
 
 
 def test_headers_are_read_in_forked_children_with_torch_loaded_too(tmp_path):

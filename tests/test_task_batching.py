@@ -179,9 +179,11 @@ def test_an_array_whose_shape_changed_after_its_header_was_read_is_refused(tmp_p
         merge_step(catalog)
 
 
-def test_one_job_opens_each_shard_twice_however_many_tiny_datasets(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("blocks", [None, BLOCKS])
+def test_one_job_opens_each_shard_once_however_many_tiny_datasets(tmp_path, monkeypatch, blocks) -> None:
     """More parts than MAX_BATCH_COST holds at PART_COST each still make one task with one job: each shard
-    is opened once to read sample_idx and once to read rows, not once per task or dataset."""
+    is opened once to read sample_idx and rows together (duplicates dropped as they are met), not once per
+    task or dataset; with blocks, once more before, to read every sample_idx that the blocks cut."""
     datasets = MAX_BATCH_COST // PART_COST // 2 + 8
     run = tmp_path / "run"
     data = poisson_dataset(0, n_rows=4, n_cells=2)
@@ -199,6 +201,6 @@ def test_one_job_opens_each_shard_twice_however_many_tiny_datasets(tmp_path, mon
         return open_file(name, *args, **kwargs)
 
     monkeypatch.setattr(h5py.h5f, "open", counting_open)
-    merged = merge_step(catalog)
+    merged = merge_step(catalog, blocks=blocks)
     assert len(merged.datasets) == datasets
-    assert sorted(opened) == sorted(bytes(path) for path in merged.files for _ in range(2))
+    assert sorted(opened) == sorted(bytes(path) for path in merged.files for _ in range(1 if blocks is None else 2))

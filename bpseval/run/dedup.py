@@ -9,88 +9,133 @@ from bpseval.kernel.stats import (
     MIN_RATE,
 )
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader
-from bpseval.shard.reader import open_dataset, read_sample_idx
+from bpseval.shard.reader import open_dataset
 
 RHAT_COPY_RTOL = 4e-3
 """Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
 
 
-def first_copies(sample_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct values of non-negative `sample_idx` (sorted), which positions hold the first
-    copy of their value, and which hold a value that occurs more than once.
+class _FirstSeen:
+    """Where the first copy of every sample_idx seen so far is: its position over all parts of a dataset.
 
-    Counts with `bincount` when the values are dense (the usual 0..N-1, in O(N)); sorts only
-    the repeated values, or everything when the values are sparse.
+    A table indexed by value while the values stay below `span` (the usual 0..N-1: O(1) per value,
+    grown as larger values come); past it, the values seen and their positions as two sorted arrays.
     """
-    span = int(sample_idx.max()) + 1 if len(sample_idx) else 0
-    if span <= 4 * len(sample_idx) + 1024:
-        counts = np.bincount(sample_idx, minlength=span)
-        unique = np.flatnonzero(counts)
-        repeated = counts[sample_idx] > 1
-    else:
-        unique, inverse, counts = np.unique(sample_idx, return_inverse=True, return_counts=True)
-        repeated = counts[inverse] > 1
-    keep = ~repeated
-    positions = np.flatnonzero(repeated)
-    keep[positions[np.unique(sample_idx[positions], return_index=True)[1]]] = True
-    return unique, keep, repeated
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+        self.table: np.ndarray | None = np.full(0, -1, dtype=np.int64)
+        self.values = np.zeros(0, dtype=np.int64)
+        self.positions = np.zeros(0, dtype=np.int64)
+
+    def first_positions(self, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Record `values` (non-negative) met at `positions` (increasing, after every position recorded
+        before) and return, for each, the position of its first copy."""
+        if not len(values):
+            return positions
+        largest = int(values.max())
+        if self.table is not None and largest >= len(self.table):
+            if largest < self.span:
+                grown = np.full(min(self.span, max(largest + 1, 2 * len(self.table))), -1, dtype=np.int64)
+                grown[: len(self.table)] = self.table
+                self.table = grown
+            else:
+                self.values = np.flatnonzero(self.table >= 0)
+                self.positions = self.table[self.values]
+                self.table = None
+        if self.table is None:
+            return self._sorted_first_positions(values, positions)
+        first = self.table[values]
+        new = first < 0
+        every = bool(new.all())
+        new_values, new_positions = (values, positions) if every else (values[new], positions[new])
+        self.table[new_values] = new_positions  # with repeats among them, any copy may be stored
+        stored = self.table[new_values]
+        if (stored != new_positions).any():  # a value repeated among the new ones: its first copy is the first
+            distinct, first_index = np.unique(new_values, return_index=True)
+            self.table[distinct] = new_positions[first_index]
+            stored = self.table[new_values]
+        elif every:
+            return positions
+        first[new] = stored
+        return first
+
+    def _sorted_first_positions(self, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if len(self.values):
+            at = np.minimum(np.searchsorted(self.values, values), len(self.values) - 1)
+            first = np.where(self.values[at] == values, self.positions[at], -1)
+        else:
+            first = np.full(len(values), -1, dtype=np.int64)
+        new = first < 0
+        distinct, first_index, inverse = np.unique(values[new], return_index=True, return_inverse=True)
+        first[new] = positions[new][first_index][inverse]
+        at = np.searchsorted(self.values, distinct)
+        self.values = np.insert(self.values, at, distinct)
+        self.positions = np.insert(self.positions, at, positions[new][first_index])
+        return first
+
+    def unique(self) -> np.ndarray:
+        """The distinct values seen, sorted."""
+        return np.flatnonzero(self.table >= 0) if self.table is not None else self.values
 
 
 class _Deduplicator:
     """Keeps the first copy of every sample_idx of a dataset across its shards, in rank order.
 
+    The parts are deduplicated as they are read, in part (rank) order: `begin(part, sample_idx)`
+    before `filter`ing the part's row chunks, so no pass over every shard's sample_idx comes first.
     Copies must agree on robs and dfs (else BpsevalError); copies whose rhat differs beyond
     rounding keep the first and are reported as a warning. No copy is held in memory: the first
     copies of a chunk's later copies are read back from their shard in ranges of at most
     `window` rows, so memory stays bounded by a chunk even when every rank saw every sample.
     """
 
-    def __init__(
-        self,
-        name: str,
-        parts: list[tuple[ShardHeader, DatasetLayout]],
-        window: int,
-        indices: list[np.ndarray] | None = None,
-    ) -> None:
-        """`indices`: each part's sample_idx when the caller has read them (else they are read here)."""
+    def __init__(self, name: str, parts: list[tuple[ShardHeader, DatasetLayout]], window: int) -> None:
         self.name = name
         self.parts = parts
         self.paths = [header.path for header, _ in parts]
         self.window = window
-        if indices is None:
-            indices = [read_sample_idx(header.path, layout) for header, layout in parts]
-        for path, index in zip(self.paths, indices, strict=True):
-            if len(index) and index.min() < 0:
-                raise BpsevalError(
-                    f"{path}: dataset {name!r}: sample_idx has negative values (e.g. {index.min()}); it must index"
-                    " the dataset's validation set from 0."
-                )
-        self.offsets = np.cumsum([0] + [len(index) for index in indices])
-        self.sample_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-        self.unique, self.keep, self.repeated = first_copies(self.sample_idx)
-        self.dropped = len(self.sample_idx) - len(self.unique)
-        later = np.flatnonzero(~self.keep)
-        self.later_positions = later
-        """Positions (over all parts) of the copies that are not first, sorted, and of their first copies."""
-        _, first_index, inverse = np.unique(self.sample_idx[self.repeated], return_index=True, return_inverse=True)
-        first_of_repeated = np.flatnonzero(self.repeated)[first_index][inverse]
-        self.first_positions = first_of_repeated[~self.keep[self.repeated]]
+        self.offsets = np.cumsum([0] + [layout.n_rows for _, layout in parts])
+        self.seen = _FirstSeen(4 * int(self.offsets[-1]) + 1024)
+        self.part = -1
+        self.later_rows = np.zeros(0, dtype=np.int64)
+        """Rows (within the part begun last) of the copies that are not first, sorted, and the positions of their first copies."""
+        self.first_positions = np.zeros(0, dtype=np.int64)
+        self.dropped = 0
         self.rhat_mismatches = 0
         self.first_rhat_mismatch: tuple[int, int, int] | None = None
 
-    def sample_idx_of(self, part: int) -> np.ndarray:
-        """The sample_idx of part `part` (read once, here), to slice into its row chunks."""
-        return self.sample_idx[self.offsets[part] : self.offsets[part + 1]]
+    def begin(self, part: int, sample_idx: np.ndarray) -> None:
+        """Find the copies in part `part` (the next part, in order) from its whole `sample_idx`."""
+        if part != self.part + 1 or len(sample_idx) != self.offsets[part + 1] - self.offsets[part]:
+            raise AssertionError(f"part {part} of {self.name!r} deduplicated out of order or with the wrong rows")
+        self.part = part
+        if len(sample_idx) and sample_idx.min() < 0:
+            raise BpsevalError(
+                f"{self.paths[part]}: dataset {self.name!r}: sample_idx has negative values (e.g. {sample_idx.min()});"
+                " it must index the dataset's validation set from 0."
+            )
+        positions = np.arange(self.offsets[part], self.offsets[part + 1], dtype=np.int64)
+        first = self.seen.first_positions(sample_idx, positions)
+        self.later_rows = np.flatnonzero(first != positions)
+        self.first_positions = first[self.later_rows]
+        self.dropped += len(self.later_rows)
+
+    @property
+    def unique(self) -> np.ndarray:
+        """The distinct sample_idx of the parts begun so far, sorted."""
+        return self.seen.unique()
 
     def filter(self, part: int, chunk: RowChunk) -> RowChunk:
-        """The rows of `chunk` that are first copies; later copies are checked against their first copies."""
+        """The rows of `chunk` (of the part begun last) that are first copies; later copies are checked
+        against their first copies."""
         n_rows = len(chunk.rhat)
-        begin = self.offsets[part] + chunk.start
-        keep = self.keep[begin : begin + n_rows]
-        if keep.all():
+        lo, hi = np.searchsorted(self.later_rows, [chunk.start, chunk.start + n_rows])
+        if lo == hi:
             return chunk
-        lo, hi = np.searchsorted(self.later_positions, [begin, begin + n_rows])
-        rows = self.later_positions[lo:hi] - begin
+        rows = self.later_rows[lo:hi] - chunk.start
+        keep = np.ones(n_rows, dtype=bool)
+        keep[rows] = False
         firsts = self.first_positions[lo:hi]
         first_parts = np.searchsorted(self.offsets, firsts, side="right") - 1
         for first_part in np.unique(first_parts):

@@ -128,7 +128,7 @@ def merge_selection(
     costs = [_merge_cost(group) for group in parts.values()]
     sizes = [sum(layout.nbytes for _, layout in group) for group in parts.values()]
     # one process: tasks as large as memory allows, by the bytes they read (each task opens every shard of its
-    # datasets twice, so splitting by the fixed cost of parts would only add opens)
+    # datasets, so splitting by the fixed cost of parts would only add opens)
     groups = batches(costs if jobs > 1 or scheduler else sizes, jobs)
     done = [0]
 
@@ -222,8 +222,9 @@ def _merge_datasets(
 ) -> list[MergedDataset]:
     """Merge several datasets as one task; returns them in the order given.
 
-    Each shard is opened once to read the sample_idx of all of the task's datasets in it, and once to
-    read their rows, shard by shard in rank order: one file open at a time, and every dataset's
+    Each shard is opened once to read the sample_idx and rows of all of the task's datasets in it
+    (duplicates dropped as they are met), shard by shard in rank order (with blocks, once more
+    before, for the sample_idx of those datasets): one file open at a time, and every dataset's
     chunks are added in the same order as if it were merged alone, so the numbers do not depend on
     how datasets are grouped into tasks. `step_entries`, the entries of the whole step, chooses the
     kernel (`kernel.compiled.work`): the same for every task of the step; `threads` bounds its threads.
@@ -245,18 +246,20 @@ def _merge_task(
             by_shard.setdefault(header.path, []).append((merge, part))
             ranks[header.path] = header.rank
     order = sorted(by_shard, key=ranks.__getitem__)
-    for path in order:
-        indexed = [(merge, part) for merge, part in by_shard[path] if merge.indices is not None]
-        if indexed:
-            with ShardFile(path) as shard:
-                for merge, part in indexed:
-                    merge.indices[part] = shard.sample_idx(merge.parts[part][1])
-    for merge in merges.values():
-        merge.start()
+    blocked = [merge for merge in merges.values() if merge.cuts_blocks]
+    if blocked:  # blocks cut the distinct sample_idx of a whole dataset: all of them are read before its rows
+        for path in order:
+            wanted = [(merge, part) for merge, part in by_shard[path] if merge.cuts_blocks]
+            if wanted:
+                with ShardFile(path) as shard:
+                    for merge, part in wanted:
+                        merge.read_sample_idx(part, shard)
+        for merge in blocked:
+            merge.start_blocks()
     for path in order:
         with ShardFile(path) as shard:
             for merge, part in by_shard[path]:
-                merge.add(part, shard.dataset(merge.parts[part][1]))
+                merge.add(part, shard)
     return [
         merges[name].finish() if name in merges else _merge_stats_dataset(name, parts, world_size, _cell_ids(parts))
         for name, parts in datasets
@@ -272,8 +275,10 @@ def _cell_ids(parts: list[tuple[ShardHeader, DatasetLayout]]) -> np.ndarray:
 class _DatasetMerge:
     """The merge of one raw dataset: every rank's rows once (duplicates dropped) into per-rank statistics.
 
-    `indices` (one slot per part) is filled with each part's sample_idx, then `start()`; `add(part,
-    reader)` streams one part's rows, parts in rank order; `finish()` gives the MergedDataset.
+    `add(part, shard)` streams one part's rows, parts in rank order, dropping the copies of samples
+    seen before as it goes; `finish()` gives the MergedDataset. With blocks (`cuts_blocks`), every
+    part's sample_idx is read first (`read_sample_idx`, then `start_blocks()`): the blocks cut the
+    dataset's distinct sample_idx, known only once all of them are read.
     """
 
     def __init__(
@@ -282,28 +287,43 @@ class _DatasetMerge:
         first = parts[0][1]
         self.name, self.parts, self.first, self.blocks = name, parts, first, blocks
         self.chunk_rows = max(1, CHUNK_ELEMENTS // max(first.n_cells, 1))
-        self.indices: list[np.ndarray] | None = [np.zeros(0, np.int64)] * len(parts) if first.has_sample_idx else None
-        self.dedup: _Deduplicator | None = None
+        self.dedup = _Deduplicator(name, parts, self.chunk_rows) if first.has_sample_idx else None
+        self.indices: list[np.ndarray | None] = [None] * len(parts)
+        """Each part's sample_idx, when read before the rows (for the blocks)."""
+        self.unique: np.ndarray | None = None
         # each rank's statistics so far; None until its first chunk, taken as is (adding it to zeros would cost a
         # merge per dataset and rank, a main cost per shard with many small shards)
         self.per_rank: list[CellStats | None] = [None] * world_size
         self.per_block: CellStats | None = None
 
-    def start(self) -> None:
-        """Find the duplicates once every part's sample_idx is in `indices`."""
-        if self.indices is not None:
-            self.dedup = _Deduplicator(self.name, self.parts, self.chunk_rows, self.indices)
-            if self.blocks:
-                self.per_block = CellStats.zeros((self.blocks, self.first.n_cells))
+    @property
+    def cuts_blocks(self) -> bool:
+        """Whether statistics by block of sample_idx are kept (blocks asked for, and sample_idx present)."""
+        return bool(self.blocks) and self.dedup is not None
 
-    def add(self, part: int, reader: DatasetReader) -> None:
-        """Add the rows of part `part`, read by `reader`, to its rank's statistics (and to the blocks).
+    def read_sample_idx(self, part: int, shard: ShardFile) -> None:
+        """Read part `part`'s sample_idx before the rows."""
+        self.indices[part] = shard.sample_idx(self.parts[part][1])
+
+    def start_blocks(self) -> None:
+        """Set up the blocks once every part's sample_idx has been read."""
+        assert self.blocks
+        self.unique = np.unique(np.concatenate(self.indices))
+        self.per_block = CellStats.zeros((self.blocks, self.first.n_cells))
+
+    def add(self, part: int, shard: ShardFile) -> None:
+        """Add the rows of part `part`, read from `shard`, to its rank's statistics (and to the blocks).
 
         Without blocks, a large chunk is reduced on a thread while the next one is read (`one_ahead`);
         the chunks are added in order all the same.
         """
-        dedup, rank = self.dedup, self.parts[part][0].rank
-        chunks = reader.rows(self.chunk_rows, None if dedup is None else dedup.sample_idx_of(part))
+        dedup, rank, layout = self.dedup, self.parts[part][0].rank, self.parts[part][1]
+        reader, sample_idx = shard.dataset(layout), self.indices[part]
+        if dedup is not None:
+            sample_idx = shard.sample_idx(layout) if sample_idx is None else sample_idx
+            self.indices[part] = None
+            dedup.begin(part, sample_idx)
+        chunks = reader.rows(self.chunk_rows, sample_idx)
         if dedup is not None:
             chunks = (dedup.filter(part, chunk) for chunk in chunks)
         for chunk, stats in one_ahead(chunks, self._reduce, self._worth_a_thread):
@@ -322,7 +342,7 @@ class _DatasetMerge:
         rate_kind = self.first.rate_kind
         if self.per_block is None:
             return batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
-        block_ids = sample_blocks(self.dedup.unique, chunk.sample_idx, self.blocks)
+        block_ids = sample_blocks(self.unique, chunk.sample_idx, self.blocks)
         self.per_block, total = add_by_block(
             self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind
         )

@@ -45,17 +45,23 @@ H5PY_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 """What h5py raises on damaged files; caught only around h5py calls."""
 
 
-@contextmanager
-def _h5py_errors(path: Path) -> Iterator[None]:
-    """Turn an h5py failure inside the block (which must hold h5py calls only) into a ShardError naming the file."""
-    try:
-        yield
-    except BpsevalError:
-        raise
-    except H5PY_ERRORS as error:
-        raise ShardError(
-            f"{path}: damaged shard ({type(error).__name__}: {_short(error)}); re-run validation to rewrite it."
-        ) from None
+class _h5py_errors:
+    """Turn an h5py failure inside the block (which must hold h5py calls only) into a ShardError naming the file.
+
+    A class rather than a generator-based context manager: it wraps every h5py call of every header.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        if kind is not None and isinstance(error, H5PY_ERRORS) and not isinstance(error, BpsevalError):
+            raise ShardError(
+                f"{self.path}: damaged shard ({kind.__name__}: {_short(error)}); re-run validation to rewrite it."
+            ) from None
 
 
 @contextmanager
@@ -732,9 +738,9 @@ class ShardFile:
         return DatasetReader(self, layout)
 
     def sample_idx(self, layout: DatasetLayout) -> np.ndarray:
-        """The whole sample_idx array of one dataset, as `read_sample_idx` reads it."""
-        array = self.array(layout, "sample_idx", (layout.n_rows,))
-        return _read(self.path, layout.name, array).astype(np.int64)
+        """The whole sample_idx array of one dataset, as int64 (bounded by the header's `_check_stored`)."""
+        shape = (layout.n_rows,)
+        return _read(self.path, layout.name, self.array(layout, "sample_idx", shape), shape=shape).astype(np.int64)
 
     def array(self, layout: DatasetLayout, key: str, shape: tuple[int, ...]) -> h5py.h5d.DatasetID:
         """The array `key` of `layout`'s dataset, opened, refused unless of `shape`."""
@@ -754,20 +760,14 @@ class ShardFile:
         return array
 
 
-def read_sample_idx(path: Path, layout: DatasetLayout) -> np.ndarray:
-    """The whole sample_idx array of one dataset of a shard (bounded by the header's `_check_stored`)."""
-    with ShardFile(path) as shard:
-        return shard.sample_idx(layout)
-
-
 class DatasetReader:
     """Reads the rows of one dataset of an open shard: each array is opened once, as its header described it."""
 
     def __init__(self, shard: ShardFile, layout: DatasetLayout) -> None:
         self.path = shard.path
         self.layout = layout
-        shape = (layout.n_rows, layout.n_cells)
-        self._rhat, self._robs = shard.array(layout, "rhat", shape), shard.array(layout, "robs", shape)
+        self._shape = (layout.n_rows, layout.n_cells)
+        self._rhat, self._robs = shard.array(layout, "rhat", self._shape), shard.array(layout, "robs", self._shape)
         self._dfs = shard.array(layout, "dfs", layout.dfs_shape) if layout.dfs_shape else None
 
     def rows(self, chunk_rows: int, sample_idx: np.ndarray | None = None) -> Iterator[RowChunk]:
@@ -780,18 +780,25 @@ class DatasetReader:
     def row_range(self, start: int, stop: int, sample_idx: np.ndarray | None = None) -> RowChunk:
         """Rows [start, stop) (a bounded range: the caller keeps it to about one chunk)."""
         rows = slice(start, stop)
-        rhat = self._read(self._rhat, rows)
-        robs = self._read(self._robs, rows)
-        dfs = None if self._dfs is None else self._read(self._dfs, rows)
+        rhat = self._read(self._rhat, rows, self._shape)
+        robs = self._read(self._robs, rows, self._shape)
+        dfs = None if self._dfs is None else self._read(self._dfs, rows, self.layout.dfs_shape)
         return RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), sample_idx)
 
-    def _read(self, array: h5py.h5d.DatasetID, rows: slice) -> np.ndarray:
-        return _read(self.path, self.layout.name, array, rows)
+    def _read(self, array: h5py.h5d.DatasetID, rows: slice, shape: tuple[int, ...]) -> np.ndarray:
+        return _read(self.path, self.layout.name, array, rows, shape)
 
 
-def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = slice(None)) -> np.ndarray:
+def _read(
+    path: Path,
+    dataset: str,
+    array: h5py.h5d.DatasetID,
+    rows: slice = slice(None),
+    shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """Rows [rows.start, rows.stop) of an array (clipped to its length, as h5py slices), or all of it, in its
     stored dtype, with h5py's low-level calls (its Dataset.__getitem__ costs ~0.1 ms of Python per call).
+    `shape`: the array's, when the caller has checked it (`ShardFile.array`), else asked of HDF5.
     An array without rows (a scalar, as h5py's slicing) is a ShardError. Only the h5py calls are guarded."""
 
     def cannot_read(reason: str) -> ShardError:
@@ -802,7 +809,7 @@ def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = sli
         )
 
     try:
-        shape, dtype = array.shape, array.dtype
+        shape, dtype = array.shape if shape is None else shape, array.dtype
     except H5PY_ERRORS as error:
         raise cannot_read(_short(error)) from None
     if not shape:
@@ -812,9 +819,12 @@ def _read(path: Path, dataset: str, array: h5py.h5d.DatasetID, rows: slice = sli
     out = np.empty(count, dtype=dtype)
     if out.size:
         try:
-            space = array.get_space()
-            space.select_hyperslab((start,) + (0,) * (len(shape) - 1), count)
-            array.read(h5py.h5s.create_simple(count), space, out)
+            if count == shape:  # the whole array: no selection to make (a third of the time of a small read)
+                array.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+            else:
+                space = array.get_space()
+                space.select_hyperslab((start,) + (0,) * (len(shape) - 1), count)
+                array.read(h5py.h5s.create_simple(count), space, out)
         except H5PY_ERRORS as error:
             raise cannot_read(_short(error)) from None
     return out
