@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import bpseval
+from bpseval.kernel.compiled import ENVIRONMENT_VARIABLE, uses_compiled
 from bpseval.kernel.stats import STAT_FIELDS, CellStats, batch_stats
 from bpseval.run.merge import CHUNK_ELEMENTS, OVERLAP_ENTRIES, merge_run
 from bpseval.run.parallel import one_ahead
@@ -127,12 +128,14 @@ def test_one_ahead_gives_each_result_in_order_on_the_thread_it_was_worth() -> No
             assert thread.startswith("bpseval-merge-") == (item >= 10), (item, thread)
 
 
-def test_large_chunks_reduced_while_the_next_is_read_add_up_in_order(invoke, tmp_path) -> None:
-    """Chunks large enough to be reduced on the background thread: the dataset's statistics are the in-order
-    sum of its chunks' to the last bit, and a bad value in a later chunk is named at its row of the shard."""
+def test_large_chunks_reduced_while_the_next_is_read_add_up_in_order(invoke, tmp_path, monkeypatch) -> None:
+    """Chunks large enough to be reduced on the background thread (by the compiled kernel): the dataset's
+    statistics are the in-order sum of its chunks' to the last bit, and a bad value in a later chunk is
+    named at its row of the shard."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "compiled")
     n_cells = 300
     chunk_rows = CHUNK_ELEMENTS // n_cells
-    assert chunk_rows * n_cells >= OVERLAP_ENTRIES
+    assert chunk_rows * n_cells >= OVERLAP_ENTRIES and uses_compiled("rate", chunk_rows * n_cells)
     arrays = poisson_dataset(5, n_rows=4 * chunk_rows + 17, n_cells=n_cells)
     write_raw_shard(tmp_path / "run" / "rank0.h5", {"big": arrays})
     merged = merge_run(tmp_path / "run").datasets[0].total

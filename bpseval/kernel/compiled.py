@@ -88,26 +88,13 @@ def available_cpus() -> int:
 def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, rate_kind: str) -> CellStats | None:
     """The `CellStats` of a numpy (rows, cells) batch, or None when the numpy reference must run instead.
 
-    None when `BPSEVAL_KERNEL=numpy`; when the choice is `auto` and numba is not installed or cannot
-    cache, the rate kind is not in AUTO_RATE_KINDS, or the work (`work`, else this batch) is smaller than
-    WORTH_ENTRIES; when a dtype is not a plain number; or when some value is invalid (the reference then
-    raises `InvalidValuesError`). `weights` is None or an (rows, cells) / (rows, 1) array.
+    None when `uses_compiled` says so; when a dtype is not a plain number; or when some value is invalid
+    (the reference then raises `InvalidValuesError`). `weights` is None or an (rows, cells) / (rows, 1) array.
     """
-    wanted = choice()
-    if wanted == "numpy":
+    if not uses_compiled(rate_kind, rhat.size):
         return None
-    if wanted == "auto":
-        entries = _work.get()
-        if rate_kind not in AUTO_RATE_KINDS or (rhat.size if entries is None else entries) < WORTH_ENTRIES:
-            return None
     accumulate = _compiled()
-    if accumulate is None:
-        if wanted == "compiled":
-            raise MissingExtraError(
-                f"{ENVIRONMENT_VARIABLE}=compiled needs numba with a writable cache directory: pip install"
-                f" 'bpseval[fast]', and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
-            )
-        return None
+    assert accumulate is not None  # uses_compiled loaded it
     if not _fits(rhat, robs, weights):
         return None
     rhat, robs, weights = (None if array is None else _readable(array) for array in (rhat, robs, weights))
@@ -126,6 +113,30 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
     if any(part is None for part in parts):
         return None
     return functools.reduce(CellStats.__add__, parts)
+
+
+def uses_compiled(rate_kind: str, batch_entries: int) -> bool:
+    """Whether `batch_sums` takes a valid batch of `rate_kind` and `batch_entries` entries (in the current `work`).
+
+    False when `BPSEVAL_KERNEL=numpy`; when the choice is `auto` and numba is not installed or cannot
+    cache, the rate kind is not in AUTO_RATE_KINDS, or the work (`work`, else the batch) is smaller than
+    WORTH_ENTRIES. With `BPSEVAL_KERNEL=compiled` and no usable numba, MissingExtraError.
+    """
+    wanted = choice()
+    if wanted == "numpy":
+        return False
+    if wanted == "auto":
+        entries = _work.get()
+        if rate_kind not in AUTO_RATE_KINDS or (batch_entries if entries is None else entries) < WORTH_ENTRIES:
+            return False
+    if _compiled() is None:
+        if wanted == "compiled":
+            raise MissingExtraError(
+                f"{ENVIRONMENT_VARIABLE}=compiled needs numba with a writable cache directory: pip install"
+                f" 'bpseval[fast]', and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
+            )
+        return False
+    return True
 
 
 def part_bounds(n_rows: int, n_cells: int) -> list[int]:

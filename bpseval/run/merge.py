@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bpseval.errors import BpsevalError
-from bpseval.kernel.compiled import available_cpus, work
+from bpseval.kernel.compiled import available_cpus, uses_compiled, work
 from bpseval.kernel.stats import (
     BlockSums,
     CellStats,
@@ -333,9 +333,12 @@ class _DatasetMerge:
                 raise _invalid_values_error(reader, chunk, error, self.chunk_rows) from None
 
     def _worth_a_thread(self, chunk: RowChunk) -> bool:
-        """Whether `chunk` is reduced while the next is read: it is large, and no blocks are kept (each chunk's
-        blocks are added to the last's)."""
-        return self.per_block is None and chunk.rhat.size >= OVERLAP_ENTRIES
+        """Whether `chunk` is reduced while the next is read: it is large, the compiled kernel takes it (it
+        releases the GIL for the whole pass; the reference's many short numpy calls would contend for it
+        with the reads and take longer than inline), and no blocks are kept (each chunk's blocks are added
+        to the last's)."""
+        size = chunk.rhat.size
+        return self.per_block is None and size >= OVERLAP_ENTRIES and uses_compiled(self.first.rate_kind, size)
 
     def _reduce(self, chunk: RowChunk) -> CellStats:
         """The statistics of a chunk (and, with blocks, its blocks added to `per_block`)."""
