@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpseval.kernel.stats import CellStats, add_by_block, as_weights, batch_stats
+from bpseval.run.catalog import SHARDS_PER_CHILD
 from bpseval.run.dedup import _FirstSeen
 from bpseval.run.merge import dataset_identity, merge_run, sample_blocks
 from tests.conftest import poisson_dataset, write_raw_shard
@@ -54,6 +55,32 @@ def test_headers_come_back_in_order_with_a_hanging_file_reported_whatever_the_ch
     lines = completed.stdout.splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == ["0", "1", "None", "3", "4"]
     assert f"{paths[2]}: reading its metadata did not finish within 2 s" in lines[2]
+
+
+def test_many_shards_are_read_by_several_children_with_a_hang_in_any_share(tmp_path):
+    """2 x SHARDS_PER_CHILD + 3 shards with jobs=1 (one child per SHARDS_PER_CHILD shards on a machine with
+    several CPUs), received from every child at once: in order, with a hanging file in the last share
+    reported after the timeout and the files after it still read."""
+    count = 2 * SHARDS_PER_CHILD + 3
+    paths = [
+        write_raw_shard(
+            tmp_path / f"rank-{rank:04d}.h5", {"d": poisson_dataset(rank, n_rows=2)}, rank=rank, world_size=count
+        )
+        for rank in range(count)
+    ]
+    hanging = count - 2
+    shutil.copy(HANGS_HDF5, paths[hanging])
+    completed = subprocess.run(
+        [sys.executable, "-c", READ_HEADERS, "1", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == [str(r) if r != hanging else "None" for r in range(count)]
+    assert f"{paths[hanging]}: reading its metadata did not finish within 2 s" in lines[hanging]
 
 
 DENSE = st.lists(st.integers(0, 60), max_size=40)

@@ -11,13 +11,16 @@ import multiprocessing
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bpseval.errors import BpsevalError, RunError, ShardError
+from bpseval.kernel.compiled import available_cpus
 from bpseval.run.parallel import START_METHOD
 from bpseval.shard.format import ShardHeader, is_shard_name
 from bpseval.shard.reader import NotAShardError, read_header
@@ -164,59 +167,91 @@ HEADER_TIMEOUT = 30.0
 """Seconds one shard's metadata may take to read (milliseconds when healthy); BPSEVAL_METADATA_TIMEOUT overrides it."""
 
 
+SHARDS_PER_CHILD = 64
+"""Shards from which `read_headers` forks one more child, up to the CPUs, whatever `jobs`: a header takes
+milliseconds to read (most of it HDF5's per-array cost), a fork about ten."""
+
+
 def read_headers(paths: list[Path], timeout: float | None = None, jobs: int = 1) -> list[ShardHeader | BpsevalError]:
     """Every shard's header (or the error that makes it unusable), in the order of `paths`.
 
     HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
-    attribute), which no exception interrupts; so the headers are read in forked children (up
-    to `jobs`, each reading a contiguous share of `paths`) and a file that takes longer than
-    `timeout` is reported as damaged. Where bpseval does not fork (START_METHOD is not "fork":
-    not Linux) they are read here, without that bound.
+    attribute), which no exception interrupts; so the headers are read in forked children (`jobs`,
+    or one per SHARDS_PER_CHILD shards up to the CPUs when that is more; each reads a contiguous share
+    of `paths`) and a file that takes longer than `timeout` is reported as damaged. Where bpseval
+    does not fork (START_METHOD is not "fork": not Linux) they are read here, without that bound.
     """
     if not paths or START_METHOD != "fork":
         return [_header_or_error(path) for path in paths]
     if timeout is None:
         timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
-    shares = np.array_split(np.arange(len(paths)), max(1, min(jobs, len(paths))))
-    children = [_HeaderReader([paths[i] for i in share]) for share in shares]
-    return [header for child in children for header in child.collect(timeout)]
+    children = max(jobs, min(available_cpus(), len(paths) // SHARDS_PER_CHILD))
+    shares = np.array_split(np.arange(len(paths)), max(1, min(children, len(paths))))
+    readers = [_HeaderReader([paths[i] for i in share], timeout) for share in shares]
+    _receive_all(readers)
+    return [header for reader in readers for header in reader.finish()]
+
+
+def _receive_all(readers: list[_HeaderReader]) -> None:
+    """Take every reader's headers as they come, from all of them at once (a child whose pipe is full waits
+    until it is read), until each has sent all its headers, crashed, or let its timeout pass."""
+    waiting = {reader.receiver: reader for reader in readers}
+    while waiting:
+        deadline = min(reader.deadline for reader in waiting.values())
+        ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+        for receiver in ready:
+            if not waiting[receiver].receive():
+                del waiting[receiver]
+        now = time.monotonic()
+        for receiver, reader in list(waiting.items()):
+            if receiver not in ready and reader.deadline <= now:
+                reader.hung()
+                del waiting[receiver]
 
 
 class _HeaderReader:
-    """A forked child that reads the headers of `paths` in order and sends each back as it is read."""
+    """A forked child that reads the headers of `paths` in order and sends each back as it is read; a file
+    whose header takes longer than `timeout` to come, or that crashes the child, is reported as damaged."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[Path], timeout: float) -> None:
+        self.paths, self.timeout = paths, timeout
+        self.headers: list[ShardHeader | BpsevalError] = []
+        self.deadline = time.monotonic() + timeout
         context = multiprocessing.get_context("fork")
         self.receiver, sender = context.Pipe(duplex=False)
         self.child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
         self.child.start()
         sender.close()
 
-    def collect(self, timeout: float) -> list[ShardHeader | BpsevalError]:
-        """The headers, in order; a file that hangs or crashes the child is reported, and the
-        files after it are read by a new child."""
-        headers: list[ShardHeader | BpsevalError] = []
+    def receive(self) -> bool:
+        """Take the next header (the pipe is ready); False once all are in or the child crashed."""
         try:
-            for path in self.paths:
-                if not self.receiver.poll(timeout):
-                    headers.append(
-                        ShardError(
-                            f"{path}: reading its metadata did not finish within {timeout:g} s; the file is damaged"
-                            " (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
-                        )
-                    )
-                    break
-                headers.append(self.receiver.recv())
+            self.headers.append(self.receiver.recv())
         except EOFError:
-            headers.append(
-                ShardError(f"{self.paths[len(headers)]}: reading its metadata crashed the reader; the file is damaged.")
+            self.headers.append(
+                ShardError(
+                    f"{self.paths[len(self.headers)]}: reading its metadata crashed the reader; the file is damaged."
+                )
             )
-        finally:
-            self.child.kill()
-            self.child.join()
-            self.receiver.close()
-        return headers + read_headers(self.paths[len(headers) :], timeout)
+            return False
+        self.deadline = time.monotonic() + self.timeout
+        return len(self.headers) < len(self.paths)
+
+    def hung(self) -> None:
+        """The next file took longer than the timeout."""
+        self.headers.append(
+            ShardError(
+                f"{self.paths[len(self.headers)]}: reading its metadata did not finish within {self.timeout:g} s; the"
+                " file is damaged (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
+            )
+        )
+
+    def finish(self) -> list[ShardHeader | BpsevalError]:
+        """The headers, in order; the files after one that hung or crashed the child are read by a new child."""
+        self.child.kill()
+        self.child.join()
+        self.receiver.close()
+        return self.headers + read_headers(self.paths[len(self.headers) :], self.timeout)
 
 
 def _send_headers(paths: list[Path], sender: Any) -> None:
