@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -45,13 +46,12 @@ def background(request: pytest.FixtureRequest) -> bool:
     return request.param
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: room for one small shard and not much more. Needs root (the tests and CI run as root)."""
-    disk = tmp_path / "disk"
+@contextmanager
+def small_tmpfs(disk: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `disk` (created) for the block. Needs root (the tests and CI run as root)."""
     disk.mkdir()
     try:
-        mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk))
+        mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk))
     except (OSError, subprocess.CalledProcessError) as error:
         pytest.skip(f"cannot mount a small tmpfs here ({getattr(error, 'stderr', '') or error}); needs root")
     try:
@@ -60,6 +60,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         shard = disk / "run" / "step-000000" / "rank-0000.h5"
         subprocess.run(["umount", str(shard)], capture_output=True, check=False)  # the bind mount, if any
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: room for one small shard and not much more."""
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        yield disk
 
 
 def earlier_shard(run_dir: Path) -> tuple[Path, bytes]:
@@ -367,13 +374,7 @@ def test_a_shard_larger_than_the_writeback_interval_is_stored_whole(tmp_path, ba
 
 def test_a_disk_filling_after_writeback_started_is_an_oserror_and_leaves_nothing(tmp_path, background):
     """A 6 MiB tmpfs and 12 MiB of batches: the writes fail after the first SYNC_BYTES were handed to writeback."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    try:
-        mount("-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk))
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"cannot mount a tmpfs here ({getattr(error, 'stderr', '') or error}); needs root")
-    try:
+    with small_tmpfs(tmp_path / "disk", "6m") as disk:
         data = poisson_dataset(2, n_rows=6000, n_cells=181)
         writer = ShardWriter(disk / "run", 0, 1, background=background)
         with pytest.raises(OSError, match="No space left on device") as caught, writer:
@@ -382,5 +383,3 @@ def test_a_disk_filling_after_writeback_started_is_an_oserror_and_leaves_nothing
                     writer.add(DATASET, **{name: array[start : start + 256] for name, array in data.items()})
         assert caught.value.errno == errno.ENOSPC and str(writer.path) in str(caught.value)
         assert [p for p in disk.rglob("*") if p.is_file()] == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
