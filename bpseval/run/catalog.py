@@ -188,8 +188,13 @@ def read_headers(paths: list[Path], timeout: float | None = None, jobs: int = 1)
     children = max(jobs, min(available_cpus(), len(paths) // SHARDS_PER_CHILD))
     shares = np.array_split(np.arange(len(paths)), max(1, min(children, len(paths))))
     readers = [_HeaderReader([paths[i] for i in share], timeout) for share in shares]
-    _receive_all(readers)
-    return [header for reader in readers for header in reader.finish()]
+    try:
+        _receive_all(readers)
+    finally:  # also when receiving fails: no child outlives the call
+        for reader in readers:
+            reader.stop()
+    # the files after one that hung or crashed its child are read by new children
+    return [header for reader in readers for header in reader.headers + read_headers(reader.unread(), timeout)]
 
 
 def _receive_all(readers: list[_HeaderReader]) -> None:
@@ -246,12 +251,15 @@ class _HeaderReader:
             )
         )
 
-    def finish(self) -> list[ShardHeader | BpsevalError]:
-        """The headers, in order; the files after one that hung or crashed the child are read by a new child."""
+    def stop(self) -> None:
+        """End the child (done, hung or crashed) and close the pipe."""
         self.child.kill()
         self.child.join()
         self.receiver.close()
-        return self.headers + read_headers(self.paths[len(self.headers) :], self.timeout)
+
+    def unread(self) -> list[Path]:
+        """The files after the last header taken (after one that hung or crashed the child)."""
+        return self.paths[len(self.headers) :]
 
 
 def _send_headers(paths: list[Path], sender: Any) -> None:
