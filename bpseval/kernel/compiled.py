@@ -99,7 +99,9 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
         return None
     rhat, robs, weights = (None if array is None else _readable(array) for array in (rhat, robs, weights))
     bounds = part_bounds(*rhat.shape)
-    threads = min(_threads.get() or available_cpus(), len(bounds) - 1)
+    n_parts = len(bounds) - 1
+    threads = min(_threads.get() or available_cpus(), n_parts)
+    groups = [n_parts * thread // threads for thread in range(threads + 1)]  # consecutive parts per thread
 
     def reduce_parts(first: int, stop: int) -> list[CellStats | None]:
         return [
@@ -107,8 +109,6 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
             for part in range(first, stop)
         ]
 
-    n_parts = len(bounds) - 1
-    groups = [n_parts * thread // threads for thread in range(threads + 1)]  # consecutive parts per thread
     parts = _on_threads([functools.partial(reduce_parts, groups[i], groups[i + 1]) for i in range(threads)])
     if any(part is None for part in parts):
         return None
