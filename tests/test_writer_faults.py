@@ -223,7 +223,7 @@ def written(tmp_path: Path, **arrays) -> h5py.File:
         ({"cell_ids": np.array([2.0**70, 1.0, 2.0])}, "cell_ids must fit in int64"),
         ({"sample_idx": np.array([0, 1, 2, 2**63], dtype=np.uint64)}, r"sample_idx must be in \[0, 922\d+\]"),
         ({"sample_idx": [0, 1, 2, 2**63]}, "sample_idx must be in"),
-        ({"sample_idx": [0, 1, 2, 2**64]}, "sample_idx must be integers"),
+        ({"sample_idx": [0, 1, 2, 2**64]}, "sample_idx must be in"),
         ({"sample_idx": np.array([0.0, 1.0, 2.0, 3.0])}, "sample_idx must be integers"),
         ({"sample_idx": np.array([0, -1, 2, 3])}, "sample_idx must be in .*got 1 value.* outside, e.g. -1"),
     ],

@@ -297,18 +297,37 @@ def _block_stats(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) ->
     closely. Other namespaces are screened on their device (`screen_values`), then asked once
     whether anything was found: the one host synchronisation of this path.
     """
-    if weights is not None and weights.dtype == xp.bool:
-        weights = xp.astype(weights, xp.float32)
     if not is_numpy_namespace(xp):
         screened = screen_values(rhat, robs, weights, rate_kind)
         if bool(xp.any(screened.problems)):
             raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
         return _sums(xp, screened.rhat, screened.robs, screened.weights, rate_kind)
+    return _sums(xp, *validated_values(rhat, robs, weights, rate_kind), rate_kind)
+
+
+def validated_values(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> tuple[Any, Any, Any]:
+    """A numpy batch whose valid entries are all usable, with harmless values at its masked entries.
+
+    The value rule of every batch: rates finite and >= 0 (log-rates finite and <= MAX_LOG_RATE), counts
+    finite and >= 0, weights in [0, 1], at every entry whose weight is > 0; values at masked entries
+    are ignored, NaN or not. Decided from min and max of the inputs as given (NaN propagates through
+    both), so the usual all-valid batch costs no copy; only a failing batch is looked at closely.
+
+    Returns:
+        (rhat, robs, weights): the inputs, masked entries replaced only when some were not usable;
+        bool weights as float32.
+
+    Raises:
+        InvalidValuesError: naming each kind of bad value, its count and first (row, cell).
+    """
+    xp = np
+    if weights is not None and weights.dtype == np.bool_:
+        weights = weights.astype(np.float32)
     if not _weights_are_valid(xp, weights):
         raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
     if not _values_are_valid(xp, rhat, robs, rate_kind):
         rhat, robs = _neutralize_masked_entries(xp, rhat, robs, weights, rate_kind)
-    return _sums(xp, rhat, robs, weights, rate_kind)
+    return rhat, robs, weights
 
 
 def unchecked_batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rate") -> CellStats:

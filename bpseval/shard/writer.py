@@ -22,9 +22,20 @@ import numpy as np
 from bpseval._arrays import to_numpy
 from bpseval._version import __version__
 from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.kernel.batch import (
+    BatchLayout,
+    check_dataset_name,
+    check_index_range,
+    check_numeric,
+    check_rate_kind,
+    check_rates_dtype,
+    check_shapes,
+    checked_cell_ids,
+    sample_indices,
+    weights_of,
+)
 from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
-    RATE_KINDS,
     STAT_FIELDS,
     Blocks,
     BlockSums,
@@ -40,11 +51,9 @@ from bpseval.shard.format import (
     FORMAT,
     FORMAT_VERSION,
     STORES,
-    check_dataset_name,
     shard_path,
 )
 
-INT64_MAX = np.iinfo(np.int64).max
 QUEUE_BYTES = 1 << 26
 """Bytes of whole chunks a background writer holds (queued or being written) before `add` waits: 64 MiB.
 
@@ -58,20 +67,10 @@ The fsync at the end of the `with` block, which the loop waits for, then has lit
 
 
 @dataclass
-class _Layout:
-    """What the first `add` of a dataset fixed for the later ones."""
-
-    n_cells: int
-    rate_kind: str
-    dfs_shape_tail: tuple[int, ...] | None
-    has_sample_idx: bool
-
-
-@dataclass
 class _Written:
     """One dataset as `add` checks it: what its first batch fixed (layout, stored dtypes) and its cell_ids."""
 
-    layout: _Layout
+    layout: BatchLayout
     dtypes: dict[str, np.dtype]
     cell_ids: np.ndarray | None = None
     stored_as_given: tuple[Any, ...] | None = None
@@ -683,7 +682,7 @@ class ShardWriter:
             if dfs is not None:
                 arrays["dfs"] = dfs
             if sample_idx is not None:
-                arrays["sample_idx"] = _check_index_range(dataset, sample_idx)
+                arrays["sample_idx"] = check_index_range(dataset, sample_idx)
             stored = self._stored.get(dataset)
             if stored is not None and len(rhat) < stored.room:  # no chunk to write: the batch is only copied
                 stored.copy_in(arrays.values(), len(rhat))
@@ -692,20 +691,18 @@ class ShardWriter:
             return
         if written is None:  # the names of earlier batches were checked then
             check_dataset_name(dataset)
-        if rate_kind not in RATE_KINDS:
-            raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
+        check_rate_kind(dataset, rate_kind)
         arrays = _batch_arrays(dataset, rhat, robs, dfs, sample_idx, cell_ids)
-        layout = _Layout(
+        layout = BatchLayout(
             n_cells=arrays["rhat"].shape[1],
             rate_kind=rate_kind,
             dfs_shape_tail=arrays["dfs"].shape[1:] if "dfs" in arrays else None,
             has_sample_idx="sample_idx" in arrays,
         )
-        if written is not None and written.layout != layout:
-            _check_same_layout(dataset, written.layout, layout)
+        layout.check_follows(dataset, None if written is None else written.layout)
         ids = arrays.pop("cell_ids", None)
         if ids is not None:
-            ids = _checked_cell_ids(dataset, ids, None if written is None else written.cell_ids)
+            ids = checked_cell_ids(dataset, ids, layout.n_cells, None if written is None else written.cell_ids)
         if self.store == "raw" and written is not None:
             arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
         update = None
@@ -935,29 +932,21 @@ class _StatsUpdate:
 def _batch_arrays(
     dataset: str, rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any
 ) -> dict[str, np.ndarray]:
-    """The batch as numpy arrays in their storage dtypes, with shapes and sample_idx checked."""
-    rates, counts = _float_array(dataset, _numpy(rhat)), _numpy(robs)
-    if rates.ndim != 2 or counts.shape != rates.shape:
-        raise ArgumentError(
-            f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
-            f" got {rates.shape} and {counts.shape}"
-        )
-    arrays = {"rhat": rates, "robs": _numeric(dataset, "robs", counts)}
-    n_rows, n_cells = rates.shape
+    """The batch as numpy arrays in their storage dtypes, checked by the batch contract (but for its values)."""
+    rates, counts = _numpy(rhat), _numpy(robs)
+    n_rows, n_cells = check_shapes(dataset, rates, counts)
+    check_rates_dtype(dataset, rates)
+    check_numeric(dataset, "robs", counts)
+    arrays = {"rhat": rates if rates.dtype.kind == "f" else rates.astype(np.float64), "robs": counts}
     if dfs is not None:
         mask = _numpy(dfs)
-        try:
-            as_weights(mask, n_rows, n_cells)
-        except BpsevalError as error:
-            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        arrays["dfs"] = _numeric(dataset, "dfs", mask.astype(np.uint8) if mask.dtype.kind == "b" else mask)
-    if sample_idx is not None:
-        arrays["sample_idx"] = _sample_index(dataset, _numpy(sample_idx), n_rows)
+        check_numeric(dataset, "dfs", mask)
+        weights_of(dataset, mask, n_rows, n_cells)
+        arrays["dfs"] = mask.astype(np.uint8) if mask.dtype.kind == "b" else mask
+    if sample_idx is not None:  # no copy here: the writer copies the rows when it stages them
+        arrays["sample_idx"] = sample_indices(dataset, sample_idx, n_rows)
     if cell_ids is not None:
-        ids = np.asarray(cell_ids if not hasattr(cell_ids, "detach") else to_numpy(cell_ids))
-        if ids.shape != (n_cells,):
-            raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
-        arrays["cell_ids"] = ids
+        arrays["cell_ids"] = cell_ids
     return arrays
 
 
@@ -985,89 +974,6 @@ def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_
 def _numpy(value: Any) -> np.ndarray:
     """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
     return value if type(value) is np.ndarray else to_numpy(value)
-
-
-def _numeric(dataset: str, name: str, array: np.ndarray) -> np.ndarray:
-    if not _is_a(array.dtype, np.number):
-        raise ArgumentError(f"dataset {dataset!r}: {name} must be numeric, got dtype {array.dtype}")
-    return array
-
-
-def _sample_index(dataset: str, index: np.ndarray, n_rows: int) -> np.ndarray:
-    """sample_idx as int64: integers of shape (n_rows,), in [0, 2^63 - 1] (never wrapped or truncated)."""
-    if index.shape != (n_rows,) or not _is_a(index.dtype, np.integer):
-        raise ArgumentError(
-            f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
-        )
-    # no copy here: the writer copies the rows when it stages them
-    return _check_index_range(dataset, index).astype(np.int64, copy=False)
-
-
-def _check_index_range(dataset: str, index: np.ndarray) -> np.ndarray:
-    """`index` (integers) if its values are in [0, 2^63 - 1], else ArgumentError naming how many are not."""
-    # only the bound its dtype can cross is looked at; argmin and argmax cost less than min and max
-    if len(index) and not 0 <= index.item(index.argmin() if index.dtype.kind != "u" else index.argmax()) <= INT64_MAX:
-        bad = index[(index < 0) | (index > INT64_MAX)]
-        raise ArgumentError(
-            f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"
-            f" set), got {len(bad)} value(s) outside, e.g. {bad[0]}"
-        )
-    return index
-
-
-@functools.cache
-def _is_a(dtype: np.dtype, kind: type[np.generic]) -> bool:
-    """`np.issubdtype`, remembered: `add` asks it of the same few dtypes on every batch."""
-    return bool(np.issubdtype(dtype, kind))
-
-
-def _float_array(dataset: str, array: np.ndarray) -> np.ndarray:
-    """rhat as float16/32/64; integer predictions become float64."""
-    if _is_a(array.dtype, np.floating):
-        return array
-    if _is_a(array.dtype, np.integer):
-        return array.astype(np.float64)
-    raise ArgumentError(f"dataset {dataset!r}: rhat must be floating point, got dtype {array.dtype}")
-
-
-def _check_same_layout(dataset: str, known: _Layout, new: _Layout) -> None:
-    if known.n_cells != new.n_cells:
-        raise ArgumentError(
-            f"dataset {dataset!r}: this batch has {new.n_cells} cells, earlier batches had {known.n_cells}"
-        )
-    if known.rate_kind != new.rate_kind:
-        raise ArgumentError(
-            f"dataset {dataset!r}: rate_kind {new.rate_kind!r} differs from earlier {known.rate_kind!r}"
-        )
-    if known.dfs_shape_tail != new.dfs_shape_tail:
-        raise ArgumentError(
-            f"dataset {dataset!r}: dfs must be given with the same shape on every batch"
-            f" (earlier: {_describe_tail(known.dfs_shape_tail)}, now: {_describe_tail(new.dfs_shape_tail)})"
-        )
-    if known.has_sample_idx != new.has_sample_idx:
-        raise ArgumentError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
-
-
-def _describe_tail(tail: tuple[int, ...] | None) -> str:
-    return "no dfs" if tail is None else f"(N{''.join(f', {d}' for d in tail)})"
-
-
-def _checked_cell_ids(dataset: str, ids: np.ndarray, earlier: np.ndarray | None) -> np.ndarray:
-    """cell_ids as stored: UTF-8 strings or int64 (floats only when integral); the same as earlier batches'."""
-    if ids.dtype.kind in "USO":
-        values = ids.astype(str)
-    elif ids.dtype.kind in "iub" or (ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all()):
-        if len(ids) and not (ids.min() >= np.iinfo(np.int64).min and ids.max() <= INT64_MAX):
-            raise ArgumentError(f"dataset {dataset!r}: cell_ids must fit in int64, got values up to {ids.max()}")
-        values = ids.astype(np.int64)
-    else:
-        raise ArgumentError(
-            f"dataset {dataset!r}: cell_ids must be integers or strings; got {ids.dtype} values that are not whole"
-            " numbers (e.g. 1.5 or NaN), which would be truncated. Give the ids as integers or strings."
-        )
-    if earlier is not None and (earlier.dtype.kind != values.dtype.kind or not np.array_equal(earlier, values)):
-        raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
-    return values
 
 
 def _store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:
