@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -18,22 +19,23 @@ from array_api_compat import array_namespace, device
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError, BpsevalError
-from bpseval.kernel.samples import SeenSamples
+from bpseval.kernel.batch import Batch, BatchLayout, check_dataset_name
+from bpseval.kernel.samples import SampleFingerprints, SeenSamples, row_fingerprints
 from bpseval.kernel.stats import (
     RATE_KINDS,
     STAT_FIELDS,
     CellStats,
     InvalidValuesError,
-    as_weights,
     check_labels,
     find_invalid_values,
     reduce_rows,
     screen_values,
     unchecked_batch_stats,
 )
+from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.merge import MergedDataset, dataset_identity
 from bpseval.run.scored import score
-from bpseval.shard.format import DatasetLayout, check_agree, check_dataset_name
+from bpseval.shard.format import DatasetLayout, check_agree
 from bpseval.views.result import Result
 
 try:
@@ -45,8 +47,9 @@ except ImportError as error:
 DEFAULT_DEDUP_WINDOW = 8
 """Samples per dataset and rank whose contributions stay removable until `compute()`."""
 STATE_FORMAT = "bpseval.torch.DistributedBPS"
-STATE_VERSION = 2
-"""Version of the `state_dict()` layout; `load_state_dict` refuses any other. Version 1 held four of the
+STATE_VERSION = 3
+"""Version of the `state_dict()` layout; `load_state_dict` refuses any other. Version 2 lacked the rank, the world
+size and the fingerprints of the samples seen. Version 1 held four of the
 statistics (n_valid, weight, spikes, model_ll): the others cannot be rebuilt from them, so such a state
 is refused, naming them, rather than resumed with pseudo_r2 and corr undefined."""
 VALIDATE_MODES = ("deferred", "eager")
@@ -124,29 +127,21 @@ class DistributedBPS:
         list) they are read there; a CUDA `sample_idx` is copied to the host, which waits for
         the device.
         """
-        try:
-            check_dataset_name(dataset)
-        except ValueError as error:
-            raise ArgumentError(str(error)) from None
-        if rate_kind not in RATE_KINDS:
-            raise ArgumentError(f"dataset {dataset!r}: rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
-        rhat, robs, dfs = (_detached(value) for value in (rhat, robs, dfs))
-        if rhat.ndim != 2 or tuple(robs.shape) != tuple(rhat.shape):
-            raise ArgumentError(
-                f"dataset {dataset!r}: rhat and robs must both have shape (samples, cells);"
-                f" got {tuple(rhat.shape)} and {tuple(robs.shape)}"
-            )
-        n_rows, n_cells = rhat.shape
-        try:
-            weights = as_weights(dfs, n_rows, n_cells)
-        except BpsevalError as error:
-            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        index = None if sample_idx is None else _sample_index(dataset, sample_idx, n_rows)
-        ids = None if cell_ids is None else _cell_ids(dataset, cell_ids, n_cells)
         state = self._datasets.get(dataset)
-        if state is not None:
-            state.check_batch(dataset, n_cells, rate_kind, index is not None, ids)
-
+        batch = Batch.of(
+            dataset,
+            rhat,
+            robs,
+            dfs,
+            sample_idx,
+            cell_ids,
+            rate_kind,
+            earlier=None if state is None else state.layout,
+            earlier_cell_ids=None if state is None else state.cell_ids,
+            same_dfs_shape=False,
+        )
+        rhat, robs, weights, index, ids = batch.rhat, batch.robs, batch.weights, batch.sample_idx, batch.cell_ids
+        n_rows = batch.n_rows
         seen = state.seen if state is not None else SeenSamples()
         rows = np.arange(n_rows) if index is None else np.flatnonzero(seen.first_sightings(index))
         if len(rows) < n_rows:
@@ -164,6 +159,8 @@ class DistributedBPS:
             state = self._datasets[dataset] = _DatasetState.empty(rate_kind, index is not None, kept)
         window = self.dedup_window if index is not None else 0
         state.add(kept, None if index is None else index[rows], n_rows, window)
+        if index is not None:  # every copy's fingerprint, the dropped ones too: compute() compares them
+            state.fingerprints.add(index, row_fingerprints(batch.robs, batch.weights))
         if self.validate == "deferred":
             state.record_problems(screened.problems)
         if ids is not None and state.cell_ids is None:
@@ -184,6 +181,8 @@ class DistributedBPS:
             for rank, summary in enumerate(summaries):
                 if name in summary and summary[name].invalid is not None:
                     raise _invalid_values_error(name, rank, summary[name].invalid, summary[name].layout.rate_kind)
+                if name in summary and summary[name].conflict is not None:
+                    raise _conflicting_copies_error(name, summary[name].conflict, rank, rank)
         datasets = [self._merge(name, [summary.get(name) for summary in summaries], group) for name in names]
         return Result(score(datasets, step=step, world_size=group.world_size))
 
@@ -192,26 +191,38 @@ class DistributedBPS:
 
         Plain data only (str, int, bool, None, lists of str, dicts and CPU or device tensors), so
         `torch.load(path, weights_only=True)` reads it back. Layout, version `STATE_VERSION`:
-        `{"format", "version", "datasets": {name: {"rate_kind", "sample_idx" (bool), "cell_ids"
-        (int64 tensor, list of str or None), "arrays" ("torch" or "numpy": what `update` was
-        given), "total": {field: (cells,)}, "tail": {field: (rows, cells)} (the held-back
-        samples), "tail_idx", "seen" (sorted int64 sample indices), "rows", "skipped"}}}`,
-        fields as in `CellStats` (n_valid int64, the others float64). Each rank saves its own;
-        the state is a copy, later updates do not change it. Raises the ArgumentError that
-        `compute()` would when this rank was given invalid values (such a state is no use).
+        `{"format", "version", "rank", "world_size", "datasets": {name: {"rate_kind", "sample_idx"
+        (bool), "cell_ids" (int64 tensor, list of str or None), "arrays" ("torch" or "numpy": what
+        `update` was given), "total": {field: (cells,)}, "tail": {field: (rows, cells)} (the
+        held-back samples), "tail_idx", "seen" (sorted int64 sample indices), "fingerprints" (int64,
+        one per index of "seen"), "rows", "skipped"}}}`, fields as in `CellStats` (n_valid int64,
+        the others float64). Each rank saves its own; the state is a copy, later updates do not
+        change it. Raises the error that `compute()` would when this rank was given invalid values
+        or conflicting copies of a sample (such a state is no use).
         """
+        group = _Collectives(self.group)
         for name, state in self._datasets.items():
-            invalid = state.invalid_batches()
-            if invalid is not None:
-                raise _invalid_values_error(name, _Collectives(self.group).rank, invalid, state.rate_kind)
+            summary = state.summary(name)
+            if summary.invalid is not None:
+                raise _invalid_values_error(name, group.rank, summary.invalid, state.rate_kind)
+            if summary.conflict is not None:
+                raise _conflicting_copies_error(name, summary.conflict, group.rank, group.rank)
         datasets = {name: state.to_state() for name, state in self._datasets.items()}
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "datasets": datasets}
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "rank": group.rank,
+            "world_size": group.world_size,
+            "datasets": datasets,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace this rank's state by one `state_dict()` returned (on the same rank of the job being resumed).
 
-        Raises ArgumentError naming the key when `state` is of another version or malformed; the
-        metric is then unchanged. `dedup_window` and `group` stay this metric's own.
+        Raises ArgumentError naming the key when `state` is of another version, of another rank or world
+        size (each rank's samples and sums are its own: resuming them elsewhere would score some samples
+        twice and others never), malformed, or holds sums that no data could produce (`checked_sums`);
+        the metric is then unchanged. `dedup_window` and `group` stay this metric's own.
         """
         reader = _StateReader("state")
         if reader.get(state, "format", str) != STATE_FORMAT:
@@ -226,6 +237,15 @@ class DistributedBPS:
                 f"is {version}{lacking}, but this bpseval reads version {STATE_VERSION}; resume with the bpseval"
                 " that saved it, or restart the validation pass",
             )
+        group = _Collectives(self.group)
+        for key, here in (("world_size", group.world_size), ("rank", group.rank)):
+            saved = reader.get(state, key, int)
+            if saved != here:
+                raise reader.error(
+                    key,
+                    f"is {saved}, but this process is rank {group.rank} of {group.world_size}; load on each rank the"
+                    " state that rank saved, with the world size it had (or restart the validation pass)",
+                )
         datasets, inner = reader.get(state, "datasets", Mapping), reader.child("datasets")
         self._datasets = {
             name: _DatasetState.from_state(name, inner.get(datasets, name, Mapping), inner.child(name))
@@ -270,22 +290,32 @@ class DistributedBPS:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """The samples scored on any rank (sorted), and for each rank those of its samples a lower rank saw too.
 
-        Gathers each rank's sorted sample indices (padded to the longest with -1), so memory and
-        traffic follow the samples seen, not the largest index. Raises BpsevalError, on every rank
-        alike, when a duplicate is not held back.
+        Gathers each rank's sorted sample indices and their fingerprints (padded to the longest), so
+        memory and traffic follow the samples seen, not the largest index. Raises BpsevalError, on every
+        rank alike, when copies of a sample differ (the offline merge's rule), or when a duplicate is not
+        held back.
         """
         longest = max(part.n_seen for part in parts if part is not None)
         state = self._datasets.get(name)
-        local = np.full(longest, -1, dtype=np.int64)
+        local = np.full((2, longest), -1, dtype=np.int64)
         if state is not None:
-            mine = state.seen.indices()
-            local[: len(mine)] = mine
+            mine, prints, _ = state.fingerprints.by_sample()
+            local[0, : len(mine)], local[1, : len(mine)] = mine, prints
         gathered = group.gather_tensors(torch.from_numpy(local).to(group.device)) if longest else [local] * len(parts)
-        seen = [values[: 0 if part is None else part.n_seen] for values, part in zip(gathered, parts, strict=True)]
-        duplicates, below = [], np.zeros(0, dtype=np.int64)
-        for values in seen:
-            duplicates.append(np.intersect1d(values, below, assume_unique=True))
-            below = np.union1d(below, values)
+        sizes = [0 if part is None else part.n_seen for part in parts]
+        seen = [values[0, :size] for values, size in zip(gathered, sizes, strict=True)]
+        seen_prints = [values[1, :size] for values, size in zip(gathered, sizes, strict=True)]
+        duplicates, below, below_prints = [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        for rank, (values, prints) in enumerate(zip(seen, seen_prints, strict=True)):
+            common, here, there = np.intersect1d(values, below, assume_unique=True, return_indices=True)
+            differ = np.flatnonzero(prints[here] != below_prints[there])
+            if len(differ):
+                sample = common[differ[0]]
+                lower = next(other for other in range(rank) if np.isin(sample, seen[other]))
+                raise _conflicting_copies_error(name, int(sample), lower, rank)
+            duplicates.append(common)
+            below, order = np.unique(np.concatenate([below, values]), return_index=True)
+            below_prints = np.concatenate([below_prints, prints])[order]
         for rank, part in enumerate(parts):
             lost = np.setdiff1d(duplicates[rank], [] if part is None else part.tail_idx)
             if len(lost):
@@ -343,6 +373,8 @@ class _RankSummary:
     n_seen: int
     tail_idx: np.ndarray
     invalid: _InvalidBatches | None = None
+    conflict: int | None = None
+    """A sample index this rank was given twice with different robs or dfs."""
 
 
 @dataclass(frozen=True)
@@ -353,6 +385,15 @@ class _InvalidBatches:
     """Per check of `check_labels`: how many batches failed it."""
     first: int
     """The first batch (counting this dataset's `update` calls on the rank from 0) that failed any."""
+
+
+def _conflicting_copies_error(name: str, sample: int, first_rank: int, rank: int) -> BpsevalError:
+    where = f"twice on rank {rank}" if first_rank == rank else f"on rank {first_rank} and on rank {rank}"
+    return BpsevalError(
+        f"dataset {name!r}: sample_idx {sample} was given {where} with different robs or dfs. Copies of one"
+        " sample must be identical: sample_idx must be the sample's index in the dataset's validation set"
+        " (e.g. from bpseval.torch.WithSampleIndex), not its position in the batch."
+    )
 
 
 def _invalid_values_error(name: str, rank: int, invalid: _InvalidBatches, rate_kind: str) -> ArgumentError:
@@ -432,6 +473,8 @@ class _DatasetState:
     tail_idx: np.ndarray
     """The sample indices of the held-back rows: `carried`'s, then `held`'s."""
     seen: SeenSamples
+    fingerprints: SampleFingerprints = dataclass_field(default_factory=SampleFingerprints)
+    """Each copy's fingerprint of robs and dfs (with sample_idx): copies that differ are refused at `compute()`."""
     rows: int = 0
     skipped: int = 0
     batches: int = 0
@@ -461,20 +504,10 @@ class _DatasetState:
             return self.carried
         return _map(_concat_rows, self.carried, self.held.row_stats(self.rate_kind))
 
-    def check_batch(
-        self, dataset: str, n_cells: int, rate_kind: str, has_sample_idx: bool, ids: np.ndarray | None
-    ) -> None:
-        """Raise ArgumentError when a batch disagrees with the earlier batches of `dataset`."""
-        if n_cells != self.n_cells:
-            raise ArgumentError(
-                f"dataset {dataset!r}: this batch has {n_cells} cells, earlier batches had {self.n_cells}"
-            )
-        if rate_kind != self.rate_kind:
-            raise ArgumentError(f"dataset {dataset!r}: rate_kind {rate_kind!r} differs from earlier {self.rate_kind!r}")
-        if has_sample_idx != self.has_sample_idx:
-            raise ArgumentError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
-        if ids is not None and self.cell_ids is not None and not np.array_equal(ids, self.cell_ids):
-            raise ArgumentError(f"dataset {dataset!r}: cell_ids differ from the ones given with an earlier batch")
+    @property
+    def layout(self) -> BatchLayout:
+        """What the dataset's first batch fixed: later batches follow it (`Batch.of`), dfs's shape aside."""
+        return BatchLayout(self.n_cells, self.rate_kind, None, self.has_sample_idx)
 
     def add(self, kept: _Rows, index: np.ndarray | None, n_given: int, window: int) -> None:
         """Add a batch's kept rows (`index`: their sample indices, None without sample_idx).
@@ -539,6 +572,7 @@ class _DatasetState:
             "tail": {field: _tensor_copy(getattr(self.tail, field)) for field in STAT_FIELDS},
             "tail_idx": torch.from_numpy(self.tail_idx.copy()),
             "seen": torch.from_numpy(self.seen.indices()),
+            "fingerprints": torch.from_numpy(self.fingerprints.by_sample()[1]),
             "rows": self.rows,
             "skipped": self.skipped,
         }
@@ -569,9 +603,17 @@ class _DatasetState:
             raise reader.error("tail_idx", f"holds {len(tail_idx)} sample indices for {n_held} held-back rows")
         if (len(seen) and not has_sample_idx) or np.any(np.diff(seen) <= 0) or not np.isin(tail_idx, seen).all():
             raise reader.error("seen", "must be the sorted, distinct indices of the samples scored (tail_idx included)")
+        prints = reader.tensor(state, "fingerprints", torch.int64, 1).cpu().numpy()
+        if len(prints) != len(seen):
+            raise reader.error("fingerprints", f"holds {len(prints)} fingerprints for {len(seen)} samples seen")
         rows, skipped = reader.get(state, "rows", int), reader.get(state, "skipped", int)
         if not 0 <= skipped <= rows:
             raise reader.error("skipped", f"must be between 0 and rows ({rows}), got {skipped}")
+        scored = rows - skipped
+        if has_sample_idx and len(seen) != scored:
+            raise reader.error("seen", f"holds {len(seen)} samples, but rows - skipped is {scored}")
+        reader.possible_sums(total, "total", scored - n_held)
+        reader.possible_sums(tail, "tail", 1)
         if arrays == "numpy":
             total, tail = (_map(lambda values: values.cpu().numpy(), stats) for stats in (total, tail))
         return cls(
@@ -582,13 +624,16 @@ class _DatasetState:
             carried=tail,
             tail_idx=tail_idx,
             seen=SeenSamples.from_indices(seen),
+            fingerprints=SampleFingerprints.from_samples(seen, prints),
             rows=rows,
             skipped=skipped,
         )
 
     def summary(self, name: str) -> _RankSummary:
+        """What this rank tells the others about the dataset; reads the device (checks and fingerprints)."""
         layout = DatasetLayout(name, self.rows, self.n_cells, self.rate_kind, None, self.has_sample_idx, self.cell_ids)
-        return _RankSummary(layout, self.skipped, len(self.seen), self.tail_idx, self.invalid_batches())
+        _, _, conflict = self.fingerprints.by_sample()
+        return _RankSummary(layout, self.skipped, len(self.seen), self.tail_idx, self.invalid_batches(), conflict)
 
 
 class _StateReader:
@@ -638,6 +683,13 @@ class _StateReader:
                 problem = f"has shape {tuple(value.shape)} on {value.device}, not {shape} on {first.device}"
                 raise inner.error(field, problem)
         return CellStats(**values)
+
+    def possible_sums(self, stats: CellStats, key: str, samples: int) -> None:
+        """Refuse statistics no data could produce (the sums contract); `samples`: the most rows each covers."""
+        try:
+            checked_sums({name: values.cpu().numpy() for name, values in stats.fields().items()}, samples)
+        except ImpossibleSumsError as error:
+            raise self.error(key, f"holds impossible statistics: {error}") from None
 
     def indices(self, state: Any, key: str) -> np.ndarray:
         values = self.tensor(state, key, torch.int64, 1).cpu().numpy()
@@ -703,32 +755,6 @@ def _concat_rows(first: Any, second: Any) -> Any:
 def _take_rows(array: Any, rows: np.ndarray) -> Any:
     xp = array_namespace(array)
     return xp.take(array, xp.asarray(rows, device=device(array)), axis=0)
-
-
-def _detached(value: Any) -> Any:
-    """Tensors without autograd history, other values as numpy arrays; None stays None."""
-    if value is None:
-        return None
-    return value.detach() if is_tensor(value) else np.asarray(value)
-
-
-def _sample_index(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
-    """The indices as int64 numpy: read in place when on the CPU; a CUDA tensor is copied (and waited for)."""
-    on_host = is_tensor(sample_idx) and sample_idx.device.type == "cpu"
-    index = sample_idx.detach().numpy() if on_host else to_numpy(sample_idx)
-    if index.shape != (n_rows,) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
-        raise ArgumentError(
-            f"dataset {dataset!r}: sample_idx must be non-negative integers of shape ({n_rows},),"
-            f" got {index.dtype} {index.shape}"
-        )
-    return index.astype(np.int64)
-
-
-def _cell_ids(dataset: str, cell_ids: Any, n_cells: int) -> np.ndarray:
-    ids = to_numpy(cell_ids)
-    if ids.shape != (n_cells,):
-        raise ArgumentError(f"dataset {dataset!r}: cell_ids must have shape ({n_cells},), got {ids.shape}")
-    return ids.astype(str) if ids.dtype.kind in "USO" else ids.astype(np.int64)
 
 
 class _Collectives:

@@ -118,6 +118,9 @@ def failing_pass(rank: int, world_size: int, kind: str) -> str:
     if kind == "late duplicate":  # rank 1 scores sample 0 (also on rank 0) first, then 3 more samples
         rows = {0: [0, 2, 4], 1: [0, 1, 3, 5]}.get(rank, [6])
         metric.update("A", arrays["rhat"][rows], arrays["robs"][rows], arrays["dfs"][rows], sample_idx=rows)
+    elif kind == "position in batch":  # each rank numbers its own rows 0, 1, 2
+        rows = np.arange(3) + 3 * rank
+        metric.update("A", arrays["rhat"][rows], arrays["robs"][rows], arrays["dfs"][rows], sample_idx=np.arange(3))
     else:  # "cell mismatch": rank 1 gives one cell fewer
         cells = 4 if rank == 1 else 5
         metric.update("A", arrays["rhat"][:3, :cells], arrays["robs"][:3, :cells])
@@ -132,7 +135,9 @@ def worker(rank: int, world_size: int, out: str) -> None:
     torch.set_num_threads(1)
     run_dir = Path(out) / "run"
     results = {step: validation_pass(rank, world_size, case, run_dir, step) for step, case in CASES.items()}
-    results["errors"] = {kind: failing_pass(rank, world_size, kind) for kind in ("late duplicate", "cell mismatch")}
+    results["errors"] = {
+        kind: failing_pass(rank, world_size, kind) for kind in ("late duplicate", "position in batch", "cell mismatch")
+    }
     (Path(out) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(results))
 
 
@@ -219,6 +224,9 @@ def test_a_duplicate_outside_the_window_or_disagreeing_ranks_raise_the_same_erro
     assert "sample_idx 0 was scored on rank 0 and again on rank 1" in messages[0]["late duplicate"]
     assert "not among the last 2 samples" in messages[0]["late duplicate"]
     assert "has 4 cells but 5 in rank 0" in messages[0]["cell mismatch"]
+    position = messages[0]["position in batch"]
+    assert "sample_idx 0 was given on rank 0 and on rank 1 with different robs or dfs" in position
+    assert "dedup_window" not in position
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +279,36 @@ def test_without_a_process_group_compute_treats_the_process_as_the_only_rank(tmp
     assert_same_scores(metric.compute(), result, rtol=0)  # compute leaves the state as it was
     metric.reset()
     assert metric.compute().datasets.empty
+
+
+@pytest.mark.parametrize("dedup_window", [8, 64])
+def test_sample_idx_that_is_the_position_in_the_batch_is_refused_not_taken_for_duplicates(dedup_window):
+    """torch.arange(B) as sample_idx: every batch repeats 0..B-1 with other data; never scored as duplicates."""
+    rng = np.random.default_rng(9)
+    metric = DistributedBPS(dedup_window=dedup_window)
+    for _ in range(10):
+        rhat = torch.tensor(rng.gamma(2.0, 0.5, size=(32, 4)), dtype=torch.float32)
+        metric.update("s", rhat, torch.poisson(rhat), sample_idx=torch.arange(32))
+    with pytest.raises(
+        BpsevalError, match="sample_idx 0 was given twice on rank 0 with different robs or dfs"
+    ) as error:
+        metric.compute()
+    assert "not its position in the batch" in str(error.value) and "dedup_window" not in str(error.value)
+    with pytest.raises(BpsevalError, match="different robs or dfs"):
+        metric.state_dict()
+
+
+def test_identical_copies_on_one_rank_are_dropped_and_copies_that_differ_in_dfs_are_refused():
+    rhat, robs = torch.rand(4, 3) + 0.1, torch.ones(4, 3)
+    metric = DistributedBPS()
+    metric.update("s", rhat, robs, torch.ones(4, 3), sample_idx=[0, 1, 2, 3])
+    metric.update("s", rhat[:2], robs[:2], None, sample_idx=[0, 1])  # no dfs: every weight 1, as before
+    assert metric.compute().datasets["duplicates_dropped"].tolist() == [2]
+    masked = torch.ones(2, 3)
+    masked[1, 2] = 0.0
+    metric.update("s", rhat[:2], robs[:2], masked, sample_idx=[0, 1])
+    with pytest.raises(BpsevalError, match="sample_idx 1 was given twice on rank 0 with different robs or dfs"):
+        metric.compute()
 
 
 def test_held_back_rows_of_batches_with_other_dtypes_and_masks_score_as_without_sample_idx():
@@ -359,7 +397,7 @@ def test_eager_validation_names_the_dataset_and_the_row_of_the_batch_and_leaves_
             "this batch has 4 cells, earlier batches had 3",
         ),
         ({"sample_idx": None}, "give sample_idx on every batch or on none"),
-        ({"sample_idx": [0, -1]}, "sample_idx must be non-negative integers of shape"),
+        ({"sample_idx": [0, -1]}, "sample_idx must be in"),
         ({"dfs": torch.ones(3)}, r"dfs has shape \(3,\)"),
         ({"rate_kind": "log_rate"}, "rate_kind 'log_rate' differs"),
         ({"cell_ids": [7, 8, 9]}, "cell_ids differ"),

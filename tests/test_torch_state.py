@@ -106,10 +106,16 @@ def resume_worker(rank: int, world_size: int, out: str) -> None:
     path = Path(out) / f"state-{rank}.pt"
     torch.save(first.state_dict(), path)
     del first
+    torch.distributed.barrier()  # every rank's state is saved
+    try:  # rank 0's state loaded on every rank: refused on the others, never resumed as theirs
+        DistributedBPS(dedup_window=4).load_state_dict(torch.load(Path(out) / "state-0.pt", weights_only=True))
+        rank_zero_state = "loaded"
+    except ArgumentError as error:
+        rank_zero_state = str(error)
     resumed = DistributedBPS(dedup_window=4)
     resumed.load_state_dict(torch.load(path, weights_only=True))
     feed(resumed, calls[CHECKPOINT_AT:])
-    results = {"whole": whole.compute(step=3), "resumed": resumed.compute(step=3)}
+    results = {"whole": whole.compute(step=3), "resumed": resumed.compute(step=3), "rank 0 state": rank_zero_state}
     (Path(out) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(results))
 
 
@@ -136,6 +142,8 @@ def test_resuming_mid_validation_from_a_checkpoint_gives_the_uninterrupted_numbe
     assert np.isfinite(whole.overall.bps)
     state = torch.load(tmp_path / "state-0.pt", weights_only=True)
     assert state["version"] == STATE_VERSION and len(state["datasets"]["A"]["tail_idx"]) > 0
+    assert ranks[0]["rank 0 state"] == "loaded"
+    assert "state['rank'] is 0, but this process is rank 1 of 2" in ranks[1]["rank 0 state"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +154,13 @@ def small_metric(numpy_input: bool = False) -> DistributedBPS:
     metric = DistributedBPS(dedup_window=2)
     as_array = np.asarray if numpy_input else torch.as_tensor
     data = arrays(5, 6, 3)
+    copies = [0, 1, 0, 2]  # sample 3 given twice, identical both times
     metric.update(
-        "A", as_array(data["rhat"][:4]), as_array(data["robs"][:4]), sample_idx=[3, 9, 3, 0], cell_ids=["a", "b", "c"]
+        "A",
+        as_array(data["rhat"][copies]),
+        as_array(data["robs"][copies]),
+        sample_idx=[3, 9, 3, 0],
+        cell_ids=["a", "b", "c"],
     )
     metric.update("B", as_array(data["rhat"]), as_array(data["robs"]), as_array(data["dfs"]), cell_ids=[7, 8, 9])
     return metric
@@ -169,7 +182,8 @@ def test_state_survives_torch_save_weights_only_and_resumes_exactly(numpy_input)
     assert state["datasets"]["A"]["skipped"] == 1 and state["datasets"]["A"]["cell_ids"] == ["a", "b", "c"]
     resumed = DistributedBPS(dedup_window=2)
     resumed.load_state_dict(round_trip(state))
-    data = arrays(6, 3, 3)
+    first, later = arrays(5, 6, 3), arrays(6, 3, 3)
+    data = {key: np.concatenate([first[key][1:2], later[key][1:]]) for key in ("rhat", "robs")}  # sample 9 as before
     for target in (metric, resumed):  # sample 9 again: skipped only if the seen samples were restored
         as_array = np.asarray if numpy_input else torch.as_tensor
         target.update("A", as_array(data["rhat"]), as_array(data["robs"]), sample_idx=[9, 1, 2])
@@ -213,7 +227,7 @@ BAD_STATES = {
     "four statistics of version 1": (
         four_statistics,
         "state['version'] is 1 (without spike_log_spikes, rate_sum, rate_m2, count_m2, co_m2, rate_min, count_min,"
-        " rate_max, count_max: saved before pseudo_r2 and corr), but this bpseval reads version 2; resume with the"
+        " rate_max, count_max: saved before pseudo_r2 and corr), but this bpseval reads version 3; resume with the"
         " bpseval that saved it, or restart the validation pass",
     ),
     "a new field missing": (mutate((*A, "tail", "co_m2"), KeyError), "['A']['tail']['co_m2'] is missing"),
@@ -238,6 +252,30 @@ BAD_STATES = {
     "cell_ids length": (mutate(("datasets", "B", "cell_ids"), lambda t: t[:2]), "['B']['cell_ids'] holds 2 ids"),
     "arrays kind": (mutate((*A, "arrays"), "jax"), "['A']['arrays'] must be 'torch' or 'numpy'"),
     "not a dict": (lambda s: s["datasets"].update({"A": [1, 2]}), "state['datasets']['A'] must be Mapping"),
+    "another rank": (mutate(("rank",), 1), "state['rank'] is 1, but this process is rank 0 of 1"),
+    "another world size": (mutate(("world_size",), 3), "state['world_size'] is 3, but this process is rank 0 of 1"),
+    "weight zeroed": (
+        mutate((*A, "total", "weight"), lambda t: t * 0),
+        "['A']['total'] holds impossible statistics: weight is 0 while n_valid > 0",
+    ),
+    "spikes negated": (mutate((*A, "total", "spikes"), lambda t: -t - 1), "['A']['total'] holds impossible statistics"),
+    "negative n_valid": (mutate((*A, "total", "n_valid"), lambda t: t - 9), "n_valid is negative"),
+    "held-back row of two samples": (mutate((*A, "tail", "n_valid"), lambda t: t + 1), "exceeds the 1 samples"),
+    "seen emptied": (
+        lambda s: s["datasets"]["A"].update(seen=s["datasets"]["A"]["seen"][:0], tail_idx=torch.zeros(0, dtype=int)),
+        "['A']['tail_idx'] holds 0 sample indices",
+    ),
+    "seen and tail emptied": (
+        lambda s: s["datasets"]["A"].update(
+            {key: s["datasets"]["A"][key][:0] for key in ("seen", "fingerprints", "tail_idx")}
+            | {"tail": {field: value[:0] for field, value in s["datasets"]["A"]["tail"].items()}}
+        ),
+        "['A']['seen'] holds 0 samples, but rows - skipped is 3",
+    ),
+    "fingerprints dropped": (
+        mutate((*A, "fingerprints"), lambda t: t[:1]),
+        "['A']['fingerprints'] holds 1 fingerprints for 3 samples seen",
+    ),
 }
 
 

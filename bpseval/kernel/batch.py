@@ -195,8 +195,12 @@ class BatchLayout:
     """dfs's shape after the samples axis: () for (samples,), (1,) or (cells,); None without dfs."""
     has_sample_idx: bool
 
-    def check_follows(self, dataset: str, earlier: BatchLayout | None) -> None:
-        """Raise ArgumentError, naming what differs, unless this batch's layout is that of the `earlier` batches."""
+    def check_follows(self, dataset: str, earlier: BatchLayout | None, *, same_dfs_shape: bool = True) -> None:
+        """Raise ArgumentError, naming what differs, unless this batch's layout is that of the `earlier` batches.
+
+        `same_dfs_shape=False` lets dfs change shape between batches (full, per row, none): the online metric
+        reduces each batch at once, where a shard stores dfs as one array.
+        """
         if earlier is None or earlier == self:
             return
         if earlier.n_cells != self.n_cells:
@@ -209,7 +213,7 @@ class BatchLayout:
             )
         if earlier.has_sample_idx != self.has_sample_idx:
             raise ArgumentError(f"dataset {dataset!r}: give sample_idx on every batch or on none")
-        if earlier.dfs_shape_tail != self.dfs_shape_tail:
+        if same_dfs_shape and earlier.dfs_shape_tail != self.dfs_shape_tail:
             raise ArgumentError(
                 f"dataset {dataset!r}: dfs must be given with the same shape on every batch"
                 f" (earlier: {_describe_tail(earlier.dfs_shape_tail)}, now: {_describe_tail(self.dfs_shape_tail)})"
@@ -259,6 +263,7 @@ class Batch:
         *,
         earlier: BatchLayout | None = None,
         earlier_cell_ids: np.ndarray | None = None,
+        same_dfs_shape: bool = True,
     ) -> Batch:
         """Check a batch's name, shapes, dtypes, sample_idx and cell_ids, and that it follows the `earlier` batches.
 
@@ -272,6 +277,7 @@ class Batch:
             rate_kind: "rate" or "log_rate".
             earlier: the layout the dataset's first batch fixed (None for a first batch).
             earlier_cell_ids: the ids an earlier batch gave, which these must equal.
+            same_dfs_shape: whether dfs must keep the shape of the earlier batches' (see `BatchLayout.check_follows`).
 
         Returns:
             The batch, its arrays detached from autograd; values are not checked here (`check_values`).
@@ -291,7 +297,7 @@ class Batch:
         index = None if sample_idx is None else sample_indices(dataset, sample_idx, n_rows)
         ids = None if cell_ids is None else checked_cell_ids(dataset, cell_ids, n_cells, earlier_cell_ids)
         batch = cls(dataset, rhat, robs, dfs, weights, index, ids, rate_kind)
-        batch.layout.check_follows(dataset, earlier)
+        batch.layout.check_follows(dataset, earlier, same_dfs_shape=same_dfs_shape)
         return batch
 
 

@@ -1,10 +1,14 @@
-"""Which sample indices a rank has already scored: a sorted set, memory proportional to the samples seen."""
+"""Which sample indices a rank has already scored (a sorted set, memory proportional to the samples seen), and the fingerprints of their copies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace, device
+
+from bpseval._arrays import to_numpy
 
 
 def _empty() -> np.ndarray:
@@ -73,3 +77,100 @@ def _member(values: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.zeros(len(index), dtype=bool)
     position = np.minimum(np.searchsorted(values, index), len(values) - 1)
     return values[position] == index
+
+
+_MIX = np.random.default_rng(0x6270736576616C).integers(1, 1 << 62, size=(2, 1 << 12), dtype=np.int64) * 2 + 1
+"""Odd 64-bit multipliers, one per cell and side (mask, counts): fingerprints of rows that differ anywhere differ."""
+_MULTIPLIERS: dict[tuple[int, str], Any] = {}
+
+
+def row_fingerprints(robs: Any, weights: Any) -> Any:
+    """An int64 fingerprint of each row's weights and of its counts at valid entries, on the batch's device.
+
+    Copies of one sample must carry the same weights everywhere and the same counts where valid (the
+    offline merge's rule); two rows get the same fingerprint when they do, and different ones (but with
+    probability about 2^-63) when they do not. Made of exact integer arithmetic on the float64 bit
+    patterns, so it does not depend on the order of the sums, the device or the input dtype; computed
+    without waiting for the device.
+
+    Args:
+        robs: (rows, cells) counts, numpy or a tensor.
+        weights: (rows, cells) or (rows, 1) weights, or None (every entry valid).
+
+    Returns:
+        (rows,) int64 array in `robs`'s namespace and device.
+    """
+    xp = array_namespace(robs)
+    on = device(robs)
+    n_cells = robs.shape[1]
+    counts = xp.astype(robs, xp.float64)
+    full = xp.ones(counts.shape, dtype=xp.float64, device=on)
+    mask = full if weights is None else xp.broadcast_to(xp.astype(weights, xp.float64), counts.shape) * full
+    counts = xp.where(mask > 0, counts, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
+    key = (n_cells, xp.__name__, str(on))
+    if key not in _MULTIPLIERS:
+        columns = np.arange(n_cells) % _MIX.shape[1]
+        _MULTIPLIERS[key] = xp.asarray(_MIX[:, columns] + 2 * (np.arange(n_cells) // _MIX.shape[1]), device=on)
+    multipliers = _MULTIPLIERS[key]
+    entries = _mixed(_mixed(_bits(counts)) * multipliers[1, :] + _bits(mask) * multipliers[0, :])
+    return xp.sum(entries * multipliers[0, :], axis=1)
+
+
+def _mixed(x: Any) -> Any:
+    """A bijection of int64 that spreads every bit over all of them (a SplitMix64-style finaliser, wrapping)."""
+    x = x ^ (x >> 31)
+    x = x * _SPREAD
+    return x ^ (x >> 29)
+
+
+_SPREAD = -7723592293110705685  # 0x94D049BB133111EB as int64: odd
+
+
+def _bits(values: Any) -> Any:
+    """The float64 array's bit patterns as int64 (a view, no copy)."""
+    if isinstance(values, np.ndarray):
+        return values.view(np.int64)
+    import torch  # only reached with tensors, so torch is loaded already
+
+    return values.view(torch.int64)
+
+
+class SampleFingerprints:
+    """The fingerprint of every copy of every sample a rank was given, to refuse copies that differ.
+
+    Sample indices are kept on the host, fingerprints where the batches live (read only when asked):
+    16 bytes per row given.
+    """
+
+    def __init__(self) -> None:
+        self._index: list[np.ndarray] = []
+        self._prints: list[Any] = []
+
+    def add(self, index: np.ndarray, prints: Any) -> None:
+        """Record rows with sample indices `index` and fingerprints `prints` (from `row_fingerprints`)."""
+        self._index.append(np.asarray(index, dtype=np.int64))
+        self._prints.append(prints)
+
+    def by_sample(self) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """(sorted distinct indices, their fingerprints, the first index given twice with different fingerprints or None).
+
+        Reads the fingerprints from their device (waits for it).
+        """
+        if not self._index:
+            return _empty(), _empty(), None
+        index = np.concatenate(self._index)
+        prints = np.concatenate([np.asarray(to_numpy(part), dtype=np.int64) for part in self._prints])
+        order = np.lexsort((prints, index))
+        index, prints = index[order], prints[order]
+        same_sample = index[1:] == index[:-1]
+        conflicts = np.flatnonzero(same_sample & (prints[1:] != prints[:-1]))
+        first = np.r_[True, ~same_sample]
+        return index[first], prints[first], (int(index[conflicts[0]]) if len(conflicts) else None)
+
+    @classmethod
+    def from_samples(cls, index: np.ndarray, prints: np.ndarray) -> SampleFingerprints:
+        """The fingerprints `by_sample()` gave (a saved state)."""
+        fingerprints = cls()
+        if len(index):
+            fingerprints.add(index, np.asarray(prints, dtype=np.int64))
+        return fingerprints

@@ -83,6 +83,7 @@ def checked_sums(values: Mapping[str, Any], samples: int, prefix: str = "") -> C
         (name["weight"], "is negative", weight < 0),
         (name["spikes"], "is negative", spikes < 0),
         (name["weight"], "exceeds n_valid (every weight is at most 1)", weight > n_valid + slack),
+        (name["weight"], "is 0 while n_valid > 0 (n_valid counts the positive weights)", covered & (weight <= 0)),
         (name["spikes"], "is positive while weight is 0", (spikes > 0) & (weight == 0)),
         *((name[key], "is not 0 while n_valid is 0", (sums[key] != 0) & empty) for key in fields[3:9]),
     ]
