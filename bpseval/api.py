@@ -12,7 +12,8 @@ from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
 from bpseval.features.groups import group_run, grouping_table
 from bpseval.features.uncertainty import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings, intervals
-from bpseval.kernel.stats import RATE_KINDS, as_weights, batch_stats, cell_scores
+from bpseval.kernel.batch import Batch
+from bpseval.kernel.stats import InvalidValuesError, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
 from bpseval.views.result import Result
@@ -56,22 +57,26 @@ def evaluate(
     )
 
 
+IN_MEMORY = "in-memory arrays"
+"""The dataset name that `bits_per_spike`'s messages give its arrays."""
+
+
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
     """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
 
     Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
     pseudo_r2, corr, status; bps is NaN for silent, uncovered and overflow cells, pseudo_r2 and corr
-    also where a side is constant. Same code path as `bpseval compute`.
+    also where a side is constant. Same code path as `bpseval compute`; the arguments are checked
+    by the batch contract (`bpseval.kernel.batch`) as the writer and the online metric check them,
+    and messages name the data `IN_MEMORY`.
     """
-    if rate_kind not in RATE_KINDS:
-        raise ArgumentError(f"rate_kind must be one of {RATE_KINDS}, not {rate_kind!r}")
-    rhat_np, robs_np = to_numpy(rhat), to_numpy(robs)
-    if rhat_np.ndim != 2 or rhat_np.shape != robs_np.shape:
-        raise ArgumentError(
-            f"rhat and robs must both have shape (samples, cells); got {rhat_np.shape} and {robs_np.shape}"
-        )
-    weights = as_weights(None if dfs is None else to_numpy(dfs), *rhat_np.shape)
-    stats = batch_stats(rhat_np, robs_np, weights, rate_kind)
+    batch = Batch.of(IN_MEMORY, rhat, robs, dfs, rate_kind=rate_kind)
+    rhat_np, robs_np = to_numpy(batch.rhat), to_numpy(batch.robs)
+    weights = None if batch.weights is None else to_numpy(batch.weights)
+    try:
+        stats = batch_stats(rhat_np, robs_np, weights, rate_kind)
+    except InvalidValuesError as error:
+        raise ArgumentError(f"dataset {IN_MEMORY!r}: {error}") from None
     scores = cell_scores(stats)
     return pd.DataFrame(
         {
