@@ -729,3 +729,24 @@ def test_bits_per_spike_torch_log_rates_and_bool_mask_match_reference(dtype):
     data = DatasetSpec(log_rate.to(torch.float64).numpy(), robs.numpy(), mask.to(torch.float64).numpy())
     cells = reference_cells(reference_rows(data), 4, True)
     assert frame_mismatches(frame, cells) == []
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_centred_sums_of_counts_near_1e15_with_a_spread_of_10_are_exact(namespace, masked, monkeypatch):
+    """Means of values near 1e15 are off by a tenth in float64; the centred sums must not inherit that."""
+    monkeypatch.setenv("BPSEVAL_KERNEL", "numpy")
+    rng = np.random.default_rng(12)
+    rates = 1e15 + rng.normal(0.0, 10.0, size=(3000, 2))
+    counts = np.round(rates + rng.normal(0.0, 2.0, size=rates.shape))
+    weights = (rng.random((3000, 1)) > 0.3).astype(np.float32) if masked else None
+    convert = torch.as_tensor if namespace == "torch" else np.asarray
+    stats = bpseval.kernel.stats.batch_stats(
+        convert(rates), convert(counts), None if weights is None else convert(weights)
+    ).map(lambda values: np.asarray(values))
+    corr = bpseval.kernel.stats.cell_scores(stats).corr
+    valid = np.ones(3000, dtype=bool) if weights is None else weights[:, 0] > 0
+    for cell in range(2):  # differences from 1e15 are exact: both sides are multiples of 0.125 there
+        rate, count = rates[valid, cell] - 1e15, counts[valid, cell] - 1e15
+        assert corr[cell] == pytest.approx(np.corrcoef(rate, count)[0, 1], rel=1e-9)
+        assert stats.count_m2[cell] == pytest.approx(((count - count.mean()) ** 2).sum(), rel=1e-9)

@@ -367,7 +367,7 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
         spikes, spike_log_spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
     rate_sum = _weighted_column_sums(xp, rates, weights)
     spread = _numpy_spread if is_numpy_namespace(xp) else _spread
-    moments, extremes = spread(xp, rates, robs, weights, _mean(xp, rate_sum, weight), _mean(xp, spikes, weight))
+    moments, extremes = spread(xp, rates, robs, weights, weight, _mean(xp, rate_sum, weight), _mean(xp, spikes, weight))
     return CellStats(
         n_valid=n_valid,
         weight=weight,
@@ -389,16 +389,20 @@ Spread = tuple[tuple[Any, Any, Any], tuple[Any, Any, Any, Any]]
 """(rate_m2, count_m2, co_m2) and (rate_min, count_min, rate_max, count_max) of a batch."""
 
 
-def _spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, count_mean: Any) -> Spread:
+def _spread(xp: Any, rates: Any, robs: Any, weights: Any, weight: Any, rate_mean: Any, count_mean: Any) -> Spread:
     """Centred moments around the batch's means, and extremes over valid entries, on the batch's device."""
     rate_step = xp.astype(rates, xp.float64) - rate_mean
     count_step = robs - count_mean
     weighted_rate_step = rate_step if weights is None else weights * rate_step
     weighted_count_step = count_step if weights is None else weights * count_step
-    moments = (
-        xp.sum(weighted_rate_step * rate_step, axis=0),
-        xp.sum(weighted_count_step * count_step, axis=0),
-        xp.sum(weighted_rate_step * count_step, axis=0),
+    moments = _recentred(
+        (
+            xp.sum(weighted_rate_step * rate_step, axis=0),
+            xp.sum(weighted_count_step * count_step, axis=0),
+            xp.sum(weighted_rate_step * count_step, axis=0),
+        ),
+        (xp.sum(weighted_rate_step, axis=0), xp.sum(weighted_count_step, axis=0)),
+        weight,
     )
     valid = None if weights is None else weights > 0
 
@@ -415,7 +419,25 @@ def _spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, count_
     return moments, extremes
 
 
-def _numpy_spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, count_mean: Any) -> Spread:
+def _recentred(moments: tuple[Any, Any, Any], offsets: tuple[Any, Any], weight: Any) -> tuple[Any, Any, Any]:
+    """Moments taken around approximate means, moved to the exact weighted means (corrected two-pass).
+
+    With d = x − m for an approximate mean m, Σw(x − x̄)² = Σw·d² − (Σw·d)²/W: the correction is
+    tiny and exact enough, where the float64 mean of values near 1e15 is itself off by a tenth.
+    """
+    rate_offset, count_offset = offsets
+    xp = array_namespace(rate_offset)
+    has = weight > 0
+    inverse = xp.where(has, 1.0 / xp.where(has, weight, 1.0), 0.0)
+    rate_m2, count_m2, co_m2 = moments
+    return (
+        xp.maximum(rate_m2 - rate_offset * rate_offset * inverse, 0.0),
+        xp.maximum(count_m2 - count_offset * count_offset * inverse, 0.0),
+        co_m2 - rate_offset * count_offset * inverse,
+    )
+
+
+def _numpy_spread(xp: Any, rates: Any, robs: Any, weights: Any, weight: Any, rate_mean: Any, count_mean: Any) -> Spread:
     """`_spread` for numpy: float64 copies made once into three block-sized arrays, then written in place.
 
     Mixed-precision and masked ufuncs take numpy's slow buffered paths, and a fresh temporary per
@@ -435,13 +457,19 @@ def _numpy_spread(xp: Any, rates: Any, robs: Any, weights: Any, rate_mean: Any, 
             np.einsum("rc,rc->c", rate_step, count_step),
         )
         extremes = (rates.min(axis=0), robs.min(axis=0), rates.max(axis=0), robs.max(axis=0))
-        return moments, tuple(np.asarray(values, dtype=np.float64) for values in extremes)
+        offsets = (rate_step.sum(axis=0), count_step.sum(axis=0))
+        return _recentred(moments, offsets, weight), tuple(np.asarray(values, dtype=np.float64) for values in extremes)
     np.copyto(scratch, weights)
     scratch *= rate_step
     rate_m2, co_m2 = np.einsum("rc,rc->c", scratch, rate_step), np.einsum("rc,rc->c", scratch, count_step)
+    rate_offset = scratch.sum(axis=0)
     np.copyto(scratch, weights)
     scratch *= count_step
-    moments = (rate_m2, np.einsum("rc,rc->c", scratch, count_step), co_m2)
+    moments = _recentred(
+        (rate_m2, np.einsum("rc,rc->c", scratch, count_step), co_m2),
+        (rate_offset, scratch.sum(axis=0)),
+        weight,
+    )
     valid = np.ceil(weights)
     with np.errstate(divide="ignore", invalid="ignore"):
         least = [np.fmin.reduce(values / valid, axis=0).astype(np.float64) for values in (rates, robs)]
