@@ -103,3 +103,39 @@ def test_the_wheel_holds_every_module(tmp_path):
     (wheel,) = tmp_path.glob("bpseval-*.whl")
     packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     assert packaged == {path.relative_to(REPO).as_posix() for path in modules().values()}
+
+
+BATCH_RULES = (
+    "dataset name must be",
+    "rate_kind must be one of",
+    "rhat and robs must both have shape",
+    "sample_idx must be",
+    "cell_ids must",
+    "dfs must be given with the same shape",
+    "give sample_idx on every batch or on none",
+)
+
+
+@pytest.mark.parametrize("rule", BATCH_RULES)
+def test_each_batch_rule_is_written_once_in_the_batch_contract(rule):
+    """ARCHITECTURE.md: every batch is checked by one contract, `kernel/batch.py`; no path keeps a copy of a check.
+
+    The shard reader's checks of stored arrays (`shard/reader.py`) are the format's, not a batch's: they read
+    what a file declares, without its values.
+    """
+    holders = [path.relative_to(PACKAGE).as_posix() for path in modules().values() if rule in path.read_text()]
+    assert sorted(set(holders) - {"shard/reader.py"}) == ["kernel/batch.py"]
+
+
+@pytest.mark.parametrize(
+    "module", ["bpseval.shard.writer", "bpseval.torch", "bpseval.api", "bpseval.kernel.online"], ids=str
+)
+def test_every_path_that_takes_a_batch_goes_through_the_batch_contract(module):
+    assert "bpseval.kernel.batch" in imported_modules(modules()[module])
+
+
+@pytest.mark.parametrize("module", ["bpseval.shard.reader", "bpseval.torch"], ids=str)
+def test_every_path_that_takes_sums_it_did_not_make_goes_through_the_sums_contract(module):
+    """ARCHITECTURE.md: stats-only shards and saved online states pass `kernel.sums.checked_sums`."""
+    assert "bpseval.kernel.sums" in imported_modules(modules()[module])
+    assert "checked_sums(" in modules()[module].read_text() or "check_parts_add_up(" in modules()[module].read_text()

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.errors import BpsevalError
 
 FORMAT = "bpseval-shard"
 
@@ -53,17 +52,6 @@ def shard_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
 def is_shard_name(name: str) -> bool:
     """True for a finished shard's file name; hidden or `.tmp` names are writes in progress."""
     return name.endswith(".h5") and not name.startswith(".")
-
-
-def check_dataset_name(name: Any) -> None:
-    """Dataset names become HDF5 group names and table rows: no path separators, no control characters.
-
-    `.` and `..` are refused too: in HDF5 they name the group itself and its parent, not a new group.
-    """
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or not name.isprintable():
-        raise ArgumentError(f"dataset name must be a non-empty printable string without '/' or '\\', not {name!r}")
-    if name in (".", ".."):
-        raise ArgumentError(f"dataset name {name!r} is not allowed: HDF5 reads it as a path; give the session's name")
 
 
 @dataclass(frozen=True)
