@@ -152,3 +152,16 @@ def test_large_chunks_reduced_while_the_next_is_read_add_up_in_order(invoke, tmp
     result = invoke("compute", tmp_path / "bad", "--no-cache")
     assert result.exit_code == 2
     assert f"rhat has 1 NaN or infinite value (first at sample row {row}, cell 7)" in result.output
+
+
+def test_the_background_thread_ends_with_its_items_and_when_the_caller_stops_early() -> None:
+    def merge_threads() -> list[str]:
+        return [thread.name for thread in threading.enumerate() if thread.name.startswith("bpseval-merge-")]
+
+    assert [item for item, result in one_ahead(iter([20, 30]), scaled_or_refused, lambda item: True)] == [20, 30]
+    assert merge_threads() == []
+    stopped = one_ahead(iter([20, 30, 40]), scaled_or_refused, lambda item: True)
+    next(stopped)
+    assert merge_threads() != []
+    stopped.close()
+    assert merge_threads() == []

@@ -69,13 +69,13 @@ def run_tasks(
     scheduler: str | None = None,
     costs: Sequence[float] | None = None,
     on_done: Callable[[int], None] | None = None,
-    start_method: str = START_METHOD,
 ) -> list[T]:
     """`[function(*task) for task in tasks]`, computed with `jobs` processes or on a Dask scheduler.
 
     `scheduler` is a Dask scheduler address or "local" (a LocalCluster of `jobs` workers).
     `costs` orders the work (largest first) for load balance; `on_done(i)` is called in this
-    process as task i finishes. `start_method` starts the local processes.
+    process as task i finishes. Local processes start by START_METHOD; a Dask cluster's workers
+    are started by Dask.
     """
     order = sorted(range(len(tasks)), key=lambda i: -(costs[i] if costs else 0))
     results: dict[int, T] = {}
@@ -87,7 +87,7 @@ def run_tasks(
             if on_done:
                 on_done(index)
     else:
-        context = multiprocessing.get_context(start_method)
+        context = multiprocessing.get_context(START_METHOD)
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
             futures = {pool.submit(function, *tasks[index]): index for index in order}
             _gather(futures, as_completed, results, on_done)
@@ -147,24 +147,26 @@ def one_ahead(
     An item `worth` a thread is handed to this process's background thread as soon as it is produced,
     so that `function` runs on it while the caller produces the next (reading a chunk while the last
     one is reduced: both release the GIL in their long calls); any other item is computed when its
-    `result()` is asked for. Results are the same as `function(item)` in the caller's thread: the
+    `result()` is asked for. The thread belongs to this call: it ends when the items do, or when the
+    caller closes the generator. Results are the same as `function(item)` in the caller's thread: the
     background call runs in a copy of the caller's context (its context variables).
     """
     pending: tuple[T, Callable[[], R]] | None = None
-    for item in items:
-        if worth(item):
-            call = _background_thread(os.getpid()).submit(contextvars.copy_context().run, function, item)
-            current = (item, call.result)
-        else:
-            current = (item, functools.partial(function, item))
+    thread: ThreadPoolExecutor | None = None  # started for the first item worth it, ended with the items
+    try:
+        for item in items:
+            if worth(item):
+                if thread is None:
+                    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bpseval-merge-{os.getpid()}")
+                call = thread.submit(contextvars.copy_context().run, function, item)
+                current = (item, call.result)
+            else:
+                current = (item, functools.partial(function, item))
+            if pending is not None:
+                yield pending
+            pending = current
         if pending is not None:
             yield pending
-        pending = current
-    if pending is not None:
-        yield pending
-
-
-@functools.cache
-def _background_thread(pid: int) -> ThreadPoolExecutor:
-    """One worker thread for `one_ahead` in process `pid` (a forked child makes its own)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bpseval-merge-{pid}")
+    finally:  # also when the caller stops early (an error): a queued call is cancelled, a running one waited for
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)
