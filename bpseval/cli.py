@@ -1,22 +1,27 @@
 """The `bpseval` command line: a thin layer over the library.
 
-Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage (one message on stderr, no traceback).
+Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage (one message on stderr, no traceback),
+3 an internal error, a bug (its traceback and a request to report it), 130 interrupted (Ctrl-C),
+141 stdout closed by its reader (`bpseval compute | head -1`), quietly.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, NoReturn
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from bpseval._json import json_text
 from bpseval._lazy import pandas as pd
@@ -51,8 +56,78 @@ from bpseval.views.text import printable
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141
+"""128 + SIGPIPE: what a shell reports for git, or any program ended by writing to a pipe its reader closed."""
+
+
+class _Commands(TyperGroup):
+    """bpseval's commands: what a command raises past its own handling becomes an exit code (the module's docstring)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a closed stdout ends it quietly with EXIT_STDOUT_CLOSED, Ctrl-C with EXIT_INTERRUPTED."""
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe is told here, not by the interpreter's flush at exit
+            return result
+        except BrokenPipeError:
+            closed = _closed_pipes()
+            if not closed:  # another pipe (a child's, a socket): Typer would call it a failed gate
+                _report_bug()
+                raise typer.Exit(EXIT_BUG) from None
+            _end_quietly(closed)
+        except SystemExit as ending:
+            if isinstance(ending.__context__, BrokenPipeError):  # rich's Console.on_broken_pipe, for a write of ours
+                _end_quietly(_closed_pipes())
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Typer's main; an exception that escapes it is a bug: its traceback, one line asking to report it, EXIT_BUG.
+
+        Without `standalone_mode` the caller gets every exception as it is.
+        """
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, **kwargs)
+        except Exception:  # noqa: BLE001 -- Typer has turned every expected error into an exit code: this is a bug
+            _report_bug()
+            sys.exit(EXIT_BUG)
+
+
+def _report_bug() -> None:
+    """The traceback of the exception being handled, and one line asking to report it, on stderr."""
+    traceback.print_exc()
+    print(f"This is a bug in bpseval {__version__}: please report it with the traceback above.", file=sys.stderr)
+
+
+def _closed_pipes() -> list[int]:
+    """Which of stdout and stderr (1, 2) is a pipe whose reader is gone: such a pipe polls as an error or hang-up.
+
+    Empty where `select.poll` is missing (Windows, where a closed pipe is not EPIPE anyway).
+    """
+    if not hasattr(select, "poll"):
+        return []
+    poller = select.poll()
+    for descriptor in (1, 2):
+        poller.register(descriptor, select.POLLOUT)
+    return [descriptor for descriptor, events in poller.poll(0) if events & (select.POLLERR | select.POLLHUP)]
+
+
+def _end_quietly(closed: list[int]) -> NoReturn:
+    """The reader of our output is gone: send what is left for it to /dev/null (no one to tell) and exit 141."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for descriptor in closed:
+        os.dup2(devnull, descriptor)
+    os.close(devnull)
+    raise typer.Exit(EXIT_STDOUT_CLOSED)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="bpseval",
     help="Exact bits per spike of neural encoding models from the HDF5 shards of distributed validation.",
     rich_markup_mode="rich",
@@ -84,10 +159,14 @@ def stderr_console() -> Console:
 
 @contextmanager
 def bad_input_exits() -> Iterator[None]:
-    """Turn a BpsevalError (or a file we cannot write) into one message on stderr and exit code 2."""
+    """Turn a BpsevalError into one message on stderr and exit code 2.
+
+    Library errors (h5py, OS) are turned into BpsevalErrors where they are raised (an output file
+    that cannot be written: `write_output`), so anything else is a bug, and exits EXIT_BUG.
+    """
     try:
         yield
-    except (BpsevalError, OSError) as error:
+    except BpsevalError as error:
         stderr_console().print(f"[bold red]Error:[/] {escape(str(error))}", markup=True, highlight=False, emoji=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
@@ -156,8 +235,8 @@ class _Outputs(NamedTuple):
     tensorboard: str | None
     groups_csv: str | None = None
 
-    def check(self, runs: int) -> None:
-        """Refuse unusable paths, and dashboard outputs for several runs, before any shard is read."""
+    def check(self, runs: list[Path], cells: Path | None) -> None:
+        """Refuse unusable paths, inputs as outputs, and dashboard outputs for several runs, before any shard is read."""
         check_outputs(
             {
                 "--json": self.json,
@@ -167,10 +246,12 @@ class _Outputs(NamedTuple):
                 "--groups-csv": self.groups_csv,
             },
             folders={"--tensorboard"},
+            inputs=[*(("run directory", run) for run in runs), ("--cells", cells)],
         )
-        if runs > 1 and (self.metrics or self.tensorboard):
+        if len(runs) > 1 and (self.metrics or self.tensorboard):
             raise ArgumentError(
-                f"--metrics and --tensorboard take one run directory, not {runs}; run bpseval compute once per run."
+                f"--metrics and --tensorboard take one run directory, not {len(runs)}; run bpseval compute once per"
+                " run."
             )
         if self.tensorboard is not None:
             require_tensorboard()
@@ -261,7 +342,7 @@ def compute(
     scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples}
     grouping = {"cells": cells_path, "group_by": group_by}
     with bad_input_exits():
-        outputs.check(len(paths))
+        outputs.check(paths, cells_path)
         if any(option is not None for option in (cells_path, group_by, groups_csv_path)) and (
             all_steps or len(paths) > 1
         ):
@@ -437,7 +518,7 @@ def coverage(
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
     with bad_input_exits():
-        check_outputs({"--json": json_path, "--csv": csv_path})
+        check_outputs({"--json": json_path, "--csv": csv_path}, inputs=[("run directory", run_dir)])
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         report = check_coverage(
             run_dir,
@@ -480,7 +561,7 @@ def plan(
 ) -> None:
     """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
     with bad_input_exits():
-        check_outputs({"--json": json_path})
+        check_outputs({"--json": json_path}, inputs=[("mask file", masks)])
         plans = {
             name: check_cell_coverage(
                 mask,
@@ -538,7 +619,7 @@ def baseline(
         if output is not None and json_path is not None:
             raise ArgumentError("-o and --json both name the baseline file (the same JSON document); give one of them.")
         output = output or json_path or "baseline.json"
-        check_outputs({"-o/--output" if json_path is None else "--json": output})
+        check_outputs({"-o/--output" if json_path is None else "--json": output}, inputs=[("run directory", run_dir)])
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache)
         write_text(json_text(baseline_document(result)), output)
@@ -625,7 +706,8 @@ def compare(
     summary, markdown_path = _step_summary(markdown_path)
     with bad_input_exits():
         check_outputs(
-            {"--json": json_path, "--markdown": markdown_path, "--junit": junit_path, "$GITHUB_STEP_SUMMARY": summary}
+            {"--json": json_path, "--markdown": markdown_path, "--junit": junit_path, "$GITHUB_STEP_SUMMARY": summary},
+            inputs=[("run directory", run_dir), ("--baseline", baseline_path), ("--cells", cells_path)],
         )
         settings = CompareSettings(
             atol=atol,
@@ -690,7 +772,7 @@ def _step_summary(markdown_path: str | None) -> tuple[str | None, str | None]:
 def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
     """Check a run directory without computing: steps, ranks, leftovers, damaged files. Exit 1 on problems."""
     with bad_input_exits():
-        check_outputs({"--json": json_path})
+        check_outputs({"--json": json_path}, inputs=[("run directory", run_dir)])
         diagnosis = diagnose(run_dir)
         if json_path is not None:
             write_text(json_text(diagnosis.to_dict()), json_path)
@@ -790,7 +872,10 @@ def report(
     options += ["--cells", str(cells_path)] if cells_path is not None else []
     options += ["--group-by", group_by] if group_by is not None else []
     with bad_input_exits():
-        check_outputs({"-o/--output": output})
+        check_outputs(
+            {"-o/--output": output},
+            inputs=[("run directory", run_dir), ("--baseline", baseline_path), ("--cells", cells_path)],
+        )
         require_matplotlib()
         inputs = load_overview(
             run_dir,

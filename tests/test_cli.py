@@ -352,3 +352,88 @@ def test_readme_usage_line_lists_exactly_the_options_of_each_command(invoke, com
     documented = set(re.findall(r"(--[a-z][a-z-]+)", usage.group(0)))
     offered = set(re.findall(r"(--[a-z][a-z-]+)", invoke(command, "--help").output)) - {"--help"}
     assert documented == offered
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit codes: a bug is 3 with its traceback, Ctrl-C 130, a closed stdout quiet
+
+
+def _main_with(raised: str, run: Path) -> subprocess.CompletedProcess:
+    """`bpseval compute RUN` in a new process whose merge raises `raised` (a Python expression): a bug planted."""
+    script = (
+        "import sys\n"
+        "import bpseval.cli\n"
+        "def merge(*args, **kwargs):\n"
+        f"    raise {raised}\n"
+        "bpseval.cli.evaluate = merge\n"
+        f"sys.argv = ['bpseval', 'compute', {str(run)!r}]\n"
+        "bpseval.cli.main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=False)
+
+
+@pytest.mark.parametrize(
+    ("raised", "shown"),
+    [
+        ("RuntimeError('planted')", "RuntimeError: planted"),  # exited 1, the code of a failed gate
+        ("PermissionError(13, 'Permission denied')", "PermissionError: [Errno 13]"),  # exited 2, as bad input
+        ("BrokenPipeError(32, 'Broken pipe')", "BrokenPipeError: [Errno 32]"),  # a pipe that is not stdout's
+    ],
+)
+def test_a_bug_exits_3_with_its_traceback_and_a_request_to_report_it(tmp_path, raised, shown):
+    completed = _main_with(raised, two_rank_run(tmp_path / "run"))
+    assert completed.returncode == 3, completed.stderr
+    assert completed.stderr.startswith("Traceback (most recent call last):")
+    assert f"{shown}" in completed.stderr and "in merge" in completed.stderr
+    report = f"This is a bug in bpseval {bpseval.__version__}: please report it with the traceback above."
+    assert completed.stderr.splitlines()[-1] == report
+    assert completed.stdout == ""
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
+    completed = _main_with("KeyboardInterrupt", two_rank_run(tmp_path / "run"))
+    assert completed.returncode == 130, completed.stderr
+    assert "Traceback" not in completed.stderr and "bug" not in completed.stderr
+
+
+def _read_then_close(arguments: list[str], lines: int) -> tuple[int, str]:
+    """`bpseval ARGUMENTS | head -LINES`: read `lines` lines of stdout, close it; the exit code and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bpseval", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    for _ in range(lines):
+        process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    return process.wait(timeout=120), stderr
+
+
+def _long_output_run(run: Path) -> Path:
+    """One dataset of 600 cells: its JSON and CSV are far larger than a pipe holds, so the writer is still writing."""
+    write_raw_shard(run / "step-000000" / "rank-0000.h5", {"d": poisson_dataset(0, n_rows=20, n_cells=600)})
+    return run
+
+
+@pytest.mark.parametrize(
+    ("run", "output", "lines"),
+    [
+        ("example", [], 0),
+        ("example", [], 1),
+        ("example", ["--json", "-"], 0),
+        ("example", ["--csv", "-"], 0),
+        ("long", ["--json", "-"], 1),
+        ("long", ["--csv", "-"], 1),
+    ],
+)
+def test_a_closed_stdout_ends_quietly_with_0_or_141(tmp_path, run, output, lines):
+    """As `bpseval compute RUN | head -1`: it exited 1 (a failed gate) or 2 ("Error: [Errno 32] Broken pipe")."""
+    path = REPO / "examples" / "runs" / "exp1" if run == "example" else _long_output_run(tmp_path / "run")
+    code, stderr = _read_then_close(["compute", str(path), "--no-cache", *output], lines)
+    assert code in (0, 141), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Error" not in stderr, stderr
+    if lines == 0:  # closed before the first write, which fails then (a later one may be cut short without error)
+        assert code == 141

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -275,10 +279,12 @@ def test_outputs_without_write_permission_fail_before_any_shard_is_read():
     (run / "rank-0000.h5").write_text("not a shard")
     locked.mkdir()
     (locked / "old.json").write_text("{}")
+    (locked / "open.json").write_text("{}")
     try:
         for path in [base, *base.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         (locked / "old.json").chmod(0o444)
+        (locked / "open.json").chmod(0o666)  # writable, but replacing it whole needs its folder writable too
         locked.chmod(0o555)
         environment = {**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)}
         command = as_unprivileged(
@@ -293,7 +299,155 @@ def test_outputs_without_write_permission_fail_before_any_shard_is_read():
         missing, existing = compute_to(locked / "new" / "r.json"), compute_to(locked / "old.json")
         assert missing.returncode == 2 and f"the directory {locked} is not writable" in missing.stderr, missing.stderr
         assert existing.returncode == 2 and "the file exists and cannot be written" in existing.stderr, existing.stderr
-        assert DAMAGED not in missing.stderr + existing.stderr
+        writable = compute_to(locked / "open.json")
+        assert writable.returncode == 2, writable.stderr
+        assert f"the file is replaced whole, and its directory {locked} is not writable" in writable.stderr
+        assert DAMAGED not in missing.stderr + existing.stderr + writable.stderr
     finally:
         locked.chmod(0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# An output is never an input: a shard of the run, the baseline, the --cells table, the masks
+
+
+INPUT_REFUSED = "an output never overwrites an input: pass another path."
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_that_is_an_input_fails_before_any_shard_is_read(invoke, tmp_path, damaged_run, command):
+    """Each output option pointed at a shard of the run (plan: at its mask file) overwrote it and exited 0."""
+    shard = damaged_run / "step-000000" / "rank-0000.h5"
+    masks = tmp_path / "masks.npy"
+    masks.write_text("not a mask")
+    target = masks if command.startswith("plan") else shard
+    result = invoke(*_commands(damaged_run, masks, str(target))[command])
+    assert result.exit_code == 2, result.output
+    what = "the input mask file" if command.startswith("plan") else f"a shard of the input run directory {damaged_run}"
+    assert f"{target}: is {what}; {INPUT_REFUSED}" in result.stderr
+    assert DAMAGED not in result.stderr and "cannot be read as .npy" not in result.stderr
+    assert shard.read_text() == "not a shard" and masks.read_text() == "not a mask"
+
+
+def test_another_spelling_of_a_shard_is_caught_and_so_is_a_new_file_named_like_one(invoke, tmp_path, damaged_run):
+    shard = damaged_run / "step-000000" / "rank-0000.h5"
+    (tmp_path / "alias").symlink_to(damaged_run)
+    hard_link = tmp_path / "copy.json"
+    os.link(shard, hard_link)
+    for spelling in (tmp_path / "alias" / "step-000000" / "rank-0000.h5", hard_link):
+        result = invoke("compute", damaged_run, "--json", spelling)
+        assert result.exit_code == 2, result.output
+        assert f"{spelling}: is a shard of the input run directory {damaged_run} (the same file as {shard})" in (
+            result.stderr
+        )
+    lexical = damaged_run / "new" / ".." / "step-000000" / "rank-0000.h5"  # `new` is missing: `..` steps back
+    result = invoke("compute", damaged_run, "--csv", lexical)
+    assert result.exit_code == 2 and f"{lexical}: is a shard of the input run directory {damaged_run};" in result.stderr
+    new = damaged_run / "step-000000" / "rank-0001.h5"
+    result = invoke("baseline", damaged_run, "-o", new)
+    assert result.exit_code == 2 and f"-o/--output {new}: is inside the input run directory" in result.stderr
+    assert "with a shard's name (.h5), so it would be read as a shard of the run" in result.stderr
+    assert not new.exists() and shard.read_text() == "not a shard" and DAMAGED not in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--junit", "$GITHUB_STEP_SUMMARY"])
+def test_compare_never_writes_over_its_baseline(invoke, tmp_path, damaged_run, monkeypatch, option):
+    """`compare --baseline X --json X` (or --markdown, --junit, GITHUB_STEP_SUMMARY=X) overwrote the baseline."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text('{"format": "bpseval-baseline"}')
+    (tmp_path / "alias").symlink_to(tmp_path)
+    spelled = tmp_path / "alias" / "baseline.json"
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    arguments = ["compare", damaged_run, "--baseline", baseline]
+    if option == "$GITHUB_STEP_SUMMARY":
+        monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(spelled))
+    else:
+        arguments += [option, spelled]
+    result = invoke(*arguments)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"{option} {spelled}: is the input --baseline (the same file as {baseline}); {INPUT_REFUSED}" in result.stderr
+    )
+    assert baseline.read_text() == '{"format": "bpseval-baseline"}' and DAMAGED not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["compute --csv", "compare --markdown", "report -o"])
+def test_no_output_writes_over_the_cells_table(invoke, tmp_path, damaged_run, command):
+    table = tmp_path / "cells.csv"
+    table.write_text("dataset,cell,area\nA,0,V1\n")
+    name, option = command.split()
+    baseline = ["--baseline", str(damaged_run)] if name == "compare" else []
+    result = invoke(name, damaged_run, *baseline, "--cells", table, option, table)
+    assert result.exit_code == 2, result.output
+    assert f"{table}: is the input --cells; {INPUT_REFUSED}" in result.stderr
+    assert table.read_text() == "dataset,cell,area\nA,0,V1\n" and DAMAGED not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Files are written whole or not at all
+
+
+def _with_file_size_limit(limit: int) -> Callable[[], None]:
+    """For subprocess' preexec_fn: files of at most `limit` bytes, and a write past it fails (EFBIG), as a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed rather than told
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_that_fails_leaves_the_old_file_as_it_was_and_no_temporary_file(tmp_path, good_run):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "r.json").write_text("the earlier result\n")
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    for option, path in (("--json", out / "r.json"), ("--csv", out / "new.csv")):
+        completed = subprocess.run(
+            [sys.executable, "-m", "bpseval", "compute", str(good_run), "--no-cache", option, str(path)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            preexec_fn=_with_file_size_limit(1000),
+            check=False,
+        )
+        assert completed.returncode == 2, completed.stderr
+        assert f"Error: {path}: cannot be written (File too large)" in completed.stderr
+        assert "Traceback" not in completed.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["r.json"]  # no temporary file, no half a CSV
+    assert (out / "r.json").read_text() == "the earlier result\n"
+
+
+def test_tensorboard_files_that_cannot_be_written_exit_2_naming_the_folder(tmp_path, good_run):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bpseval", "compute", str(good_run), "--no-cache", "--tensorboard", str(folder)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=_with_file_size_limit(100),
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stderr  # TensorBoard's writing thread prints its own traceback first
+    assert f"Error: {folder}: TensorBoard event files cannot be written there (File too large)" in completed.stderr
+
+
+def test_a_replaced_output_keeps_its_permissions_and_a_symlink_to_it_stays(invoke, tmp_path, good_run):
+    out = tmp_path / "out"
+    out.mkdir()
+    real, link = out / "r.json", out / "link.json"
+    real.write_text("old")
+    real.chmod(0o640)
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.geteuid(), os.getegid())  # root writes a user's file
+    os.chown(real, *owner)
+    link.symlink_to(real.name)
+    assert invoke("compute", good_run, "--json", link).exit_code == 0
+    assert link.is_symlink() and json.loads(real.read_text())["overall"]["cells"]
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640 and (real.stat().st_uid, real.stat().st_gid) == owner
+    assert sorted(path.name for path in out.iterdir()) == ["link.json", "r.json"]
+    summary = out / "summary.md"
+    summary.write_text("# before\n")
+    write_text("after", summary, append=True)
+    assert summary.read_text() == "# before\nafter\n"

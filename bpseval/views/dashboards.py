@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bpseval._json import json_text
-from bpseval.errors import MissingExtraError
+from bpseval.errors import ArgumentError, MissingExtraError
 from bpseval.run.scored import ScoredRun
 from bpseval.views.result import Result
 
@@ -40,17 +40,25 @@ def require_tensorboard() -> None:
 def write_tensorboard(runs: Iterable[ScoredRun], folder: str) -> int:
     """Add each run's metrics to a new TensorBoard event file in `folder`, at its step; returns the points written.
 
-    TensorBoard's own writer (`tensorboard.summary.Writer`) stores them as float32 scalars.
+    TensorBoard's own writer (`tensorboard.summary.Writer`) stores them as float32 scalars, in
+    a file of its own naming: the one command output not written through `write_output`. Raises
+    ArgumentError naming `folder` when it cannot be written.
     """
     from tensorboard.summary import Writer
 
-    writer = Writer(str(folder))
     points = 0
     try:
-        for scored in runs:
-            for tag, value in Result(scored).metrics(PREFIX).items():
-                writer.add_scalar(tag, value, step=scored.step)
-                points += 1
-    finally:
-        writer.close()
+        writer = Writer(str(folder))
+        try:
+            for scored in runs:
+                for tag, value in Result(scored).metrics(PREFIX).items():
+                    writer.add_scalar(tag, value, step=scored.step)
+                    points += 1
+        finally:
+            writer.close()
+    except OSError as error:
+        raise ArgumentError(
+            f"{folder}: TensorBoard event files cannot be written there ({error.strerror or error}); pass a folder"
+            " you can write to."
+        ) from None
     return points

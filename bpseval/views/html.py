@@ -25,6 +25,7 @@ from bpseval.features.coverage import coverage_report
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import incomplete_text
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
+from bpseval.views.files import write_output
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
 from bpseval.views.result import DATASET_METRICS, Result
 from bpseval.views.text import (
@@ -650,11 +651,8 @@ def write_report(
     *,
     run_label: str | None = None,
 ) -> Path:
-    """Write the report of `inputs` to `output` (UTF-8); returns its path."""
-    path = Path(output)
-    text = render_report(inputs, command, run_label=run_label)
-    path.write_text(text, encoding="utf-8")
-    return path
+    """Write the report of `inputs` to `output` (UTF-8), whole or not at all (`write_output`); returns its path."""
+    return write_output(render_report(inputs, command, run_label=run_label).encode("utf-8"), output)
 
 
 __all__ = ["command_text", "render_report", "write_report"]

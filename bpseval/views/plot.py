@@ -28,6 +28,7 @@ from bpseval.features.overview import RunOverview
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.run.scored import ScoredRun
+from bpseval.views.files import write_output
 from bpseval.views.result import Result
 from bpseval.views.text import format_bps, plural
 
@@ -632,19 +633,22 @@ def dataset_stems(names: Sequence[str]) -> dict[str, str]:
 
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], fmt: str = "png") -> Path:
-    """Write `figure` to `path` as PNG (at DPI, exactly its size) or SVG."""
+    """Write `figure` to `path` as PNG (at DPI, exactly its size) or SVG, whole or not at all (`write_output`)."""
     if fmt not in FORMATS:
         raise BpsevalError(f"unknown image format {fmt!r}; use one of {', '.join(FORMATS)}")
-    path = Path(path)
-    figure.savefig(path, format=fmt, dpi=DPI, facecolor="white", metadata=_metadata(fmt))
-    return path
+    return write_output(figure_bytes(figure, fmt), path)
+
+
+def figure_bytes(figure: Figure, fmt: str = "png") -> bytes:
+    """`figure` as the bytes of a PNG (at DPI, exactly its size) or SVG file."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=DPI, facecolor="white", metadata=_metadata(fmt))
+    return buffer.getvalue()
 
 
 def png_bytes(figure: Figure) -> bytes:
     """`figure` as PNG bytes (for embedding)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, facecolor="white", metadata=_metadata("png"))
-    return buffer.getvalue()
+    return figure_bytes(figure, "png")
 
 
 def _metadata(fmt: str) -> dict[str, str]:
@@ -664,7 +668,6 @@ def write_plots(inputs: RunOverview, out_dir: str | os.PathLike[str], fmt: str =
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise BpsevalError(f"{folder}: exists and is not a directory; pass a folder for the pictures.")
-    folder.mkdir(parents=True, exist_ok=True)
     result = Result(inputs.scored)
     written = [save_figure(figure, folder / f"{stem}.{fmt}", fmt) for stem, figure in figures(inputs, result).items()]
     for name, stem in dataset_stems(inputs.scored.names).items():
