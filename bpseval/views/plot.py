@@ -29,7 +29,7 @@ from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.result import Result
-from bpseval.views.text import format_bps, plural
+from bpseval.views.text import format_bps, plural, samples_status
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -590,6 +590,7 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
                 headline += f", {plural(lost, 'cell')} lost coverage"
             if comparison.missing_datasets:
                 headline += f", {plural(len(comparison.missing_datasets), 'dataset')} missing"
+        headline += samples_status(comparison)
     axes.set_title(_text(headline), fontsize=10, loc="left")
     _dataset_legend(figure, entries, columns)
     return figure
