@@ -28,7 +28,7 @@ from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.api import evaluate
 from bpseval.errors import ArgumentError, BpsevalError
-from bpseval.features.compare import CompareSettings, compare_paths
+from bpseval.features.compare import CompareSettings, Comparison, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
 from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
@@ -391,7 +391,7 @@ def compute(
         if metrics_path is not None:  # one run: outputs.check refuses several
             write_text(metrics_json(next(iter(results.values())).scored), metrics_path)
         if tensorboard_dir is not None:
-            write_tensorboard([next(iter(results.values())).scored], tensorboard_dir)
+            print_warnings(write_tensorboard([next(iter(results.values())).scored], tensorboard_dir))
         if groups_csv_path is not None:  # one run: refused above with several
             write_csv(next(iter(results.values())).groups, groups_csv_path)
     errors = stderr_console()
@@ -474,7 +474,7 @@ def _compute_all_steps(
         if outputs.metrics is not None:
             write_text(metrics_lines(steps.results.values()), outputs.metrics)
         if outputs.tensorboard is not None:
-            write_tensorboard(steps.results.values(), outputs.tensorboard)
+            print_warnings(write_tensorboard(steps.results.values(), outputs.tensorboard))
     errors = stderr_console()
     print_warnings(steps.notes)
     for result in steps.results.values():
@@ -628,6 +628,16 @@ def baseline(
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)
 
 
+AllowDifferentSamples = Annotated[
+    bool,
+    typer.Option(
+        "--allow-different-samples",
+        help="Compare even when the run and the baseline scored different samples of a dataset (their identity"
+        " checksums differ); every verdict is then marked as made on different samples.",
+    ),
+]
+
+
 def _test_level(value: float | None) -> float | None:
     """--significance is a test level: strictly between 0 and 1 (0 would never flag, 1 always)."""
     if value is not None and not 0.0 < value < 1.0:
@@ -674,6 +684,7 @@ def compare(
             " (inconclusive; by default it passes with a warning).",
         ),
     ] = False,
+    allow_different_samples: AllowDifferentSamples = False,
     top: Annotated[
         int, typer.Option("--top", min=1, help="Cells (and groups) of each failed metric's change shown.")
     ] = 10,
@@ -721,6 +732,7 @@ def compare(
             bootstrap=bootstrap,
             seed=seed,
             fail_on_inconclusive=fail_on_inconclusive,
+            allow_different_samples=allow_different_samples,
         )
         comparison = compare_paths(
             run_dir,
@@ -810,6 +822,7 @@ def plot(
     step: Step = None,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format.")] = ImageFormat.png,
     baseline_path: Baseline = None,
+    allow_different_samples: AllowDifferentSamples = False,
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
@@ -828,12 +841,13 @@ def plot(
             step,
             baseline=baseline_path,
             min_samples=min_samples,
+            settings=CompareSettings(allow_different_samples=allow_different_samples),
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
         )
         written = write_plots(inputs, output, image_format.value)
-    print_warnings([*inputs.steps.notes, *inputs.scored.warnings])
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings, *_sample_warnings(inputs.comparison)])
     console = Console(highlight=False)
     console.print(
         f"{len(written)} pictures of step {inputs.scored.step} written to {escape(str(output))}:", markup=False
@@ -850,6 +864,7 @@ def report(
         str, typer.Option("--output", "-o", metavar="PATH", help="The HTML file to write ([bold]-[/] = stdout).")
     ] = ...,
     baseline_path: Baseline = None,
+    allow_different_samples: AllowDifferentSamples = False,
     step: Step = None,
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
@@ -866,6 +881,7 @@ def report(
 
     options = [str(run_dir), "-o", output]
     options += ["--baseline", str(baseline_path)] if baseline_path is not None else []
+    options += ["--allow-different-samples"] if allow_different_samples else []
     options += ["--step", str(step)] if step is not None else []
     options += ["--min-samples", str(min_samples)] if min_samples != 10 else []
     options += ["--no-cache"] if no_cache else []
@@ -882,6 +898,7 @@ def report(
             step,
             baseline=baseline_path,
             min_samples=min_samples,
+            settings=CompareSettings(allow_different_samples=allow_different_samples),
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
@@ -890,13 +907,19 @@ def report(
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)
-    print_warnings([*inputs.steps.notes, *inputs.scored.warnings, *(inputs.groups.warnings if inputs.groups else [])])
+    groups = inputs.groups.warnings if inputs.groups else []
+    print_warnings([*inputs.steps.notes, *inputs.scored.warnings, *groups, *_sample_warnings(inputs.comparison)])
     console = stderr_console() if output == "-" else Console(highlight=False)  # stdout holds the HTML then
     size = len(html.encode()) / 1024
     console.print(
         f"report of step {inputs.scored.step} written to {output} ({size:.0f} KB)", highlight=False, markup=False
     )
     _exit_if_bad_steps(inputs.steps)
+
+
+def _sample_warnings(comparison: Comparison | None) -> list[str]:
+    """What `plot` and `report` say of a baseline whose samples differ from the run's (or may)."""
+    return [] if comparison is None else comparison.sample_warnings
 
 
 def _command_line(command: str, options: list[str]) -> list[str]:

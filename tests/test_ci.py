@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -110,6 +111,31 @@ def test_bad_ci_options_exit_2_before_any_shard_is_read(invoke, tmp_path):
         assert str(error) == "ci_over must be one of blocks, cells, not 'samples'"
     else:
         raise AssertionError("evaluate accepted ci_over='samples'")
+
+
+@pytest.mark.parametrize(("level", "needed"), [(0.99, 199), (0.999, 1999), (0.9999, 19999)])
+def test_a_level_the_resamples_cannot_support_exits_2_naming_both_options(invoke, tmp_path, level, needed):
+    """With 100 resamples, the 0.99, 0.999 and 0.9999 intervals would all be the extreme replicates."""
+    result = invoke("compute", tmp_path / "nothing here", "--ci", str(level), "--ci-resamples", "100")
+    assert result.exit_code == 2
+    tail = f"{50 * (1 - level):g}"
+    assert result.stderr == (
+        f"Error: ci (--ci) {level:g} needs ci_resamples (--ci-resamples) >= {needed}: with 100 resamples the {tail}%"
+        f" tails of a {100 * level:g}% interval lie beyond the most extreme replicate; give at least {needed}"
+        " resamples, or a lower level.\n"
+    )
+    with pytest.raises(ArgumentError, match=f"ci_resamples \\(--ci-resamples\\) >= {needed}:"):
+        evaluate(tmp_path / "nothing here", ci=level, ci_resamples=needed - 1)
+    assert IntervalSettings(level, resamples=needed).resamples == needed
+
+
+def test_a_higher_level_with_enough_resamples_gives_a_wider_interval(tmp_path):
+    run = _run(tmp_path)
+    widths = []
+    for level in (0.95, 0.99):
+        low, high = evaluate(run, ci=level, ci_resamples=199).intervals.overall["bps"]
+        widths.append(high - low)
+    assert widths[0] < widths[1]
 
 
 def test_interval_table_keeps_every_number_whole_at_80_columns(tmp_path):

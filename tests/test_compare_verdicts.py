@@ -123,9 +123,9 @@ def test_fail_on_inconclusive_fails_the_gate_and_attributes_the_change(invoke, t
 
 
 def side_of(label: str, datasets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list]], clamp: bool) -> Side:
-    """A side built from arrays: per dataset rhat, robs, dfs and the cell ids."""
+    """A side built from arrays: per dataset rhat, robs, dfs and the cell ids (of the same samples as every other)."""
     merged = [
-        MergedDataset(name, np.array(ids), "rate", [batch_stats(rhat, robs, dfs)], len(robs), 0, identity=label)
+        MergedDataset(name, np.array(ids), "rate", [batch_stats(rhat, robs, dfs)], len(robs), 0, identity="same")
         for name, (rhat, robs, dfs, ids) in datasets.items()
     ]
     return Side(label, score_run(MergedRun(Path(label), 0, 1, [], merged), ScoreSettings(clamp_negative=clamp)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,8 +17,11 @@ from hypothesis import strategies as st
 
 import bpseval
 from bpseval import ShardWriter
+from bpseval.features.compare import CompareSettings, compare
+from bpseval.views.documents import compare_markdown
 from bpseval.views.files import FORMULA_STARTS, write_csv
 from tests.conftest import poisson_dataset
+from tests.test_compare_gate import in_memory_side
 
 
 def write_run(
@@ -169,3 +173,36 @@ def test_report_escapes_dataset_names_and_cell_ids_everywhere(tmp_path):
     assert escape("&amp;") in html  # "&amp;" itself is escaped, not taken as an entity
     # the places cell ids land: unscored cells, thinly covered cells, cells that lost coverage
     assert html.count(escape(SCRIPT_IDS[3])) >= 2 and 'id="unscored"' in html and 'id="coverage"' in html
+
+
+def test_report_writes_control_characters_of_group_values_as_escapes(invoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", {"s": None})
+    table = tmp_path / "cells.csv"
+    table.write_text("dataset,cell,kind\ns,0,\x1b[31mred\ns,1,\x07bell\u0085\ns,2,plain\n", encoding="utf-8")
+    result = invoke("report", run, "-o", tmp_path / "r.html", "--cells", table, "--group-by", "kind")
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert not any(char in html for char in "\x1b\x07\x85")
+    assert "\\x1b[31mred" in html and "\\x07bell\\x85" in html
+
+
+URL_NAMES = ["https://evil.example/a", "see www.evil.example now", "me@evil.example", "FTP://evil.example"]
+
+
+def test_markdown_never_turns_a_url_or_an_address_in_a_name_into_a_link():
+    """GitHub links http://, https://, ftp://, www. and e-mail addresses in markdown text: names are written so that
+    none is one (checked against GitHub's renderer, cmark-gfm, when this was written)."""
+    comparison = compare(
+        in_memory_side("run at https://evil.example/run", URL_NAMES, 3.0),
+        in_memory_side("www.evil.example/base", URL_NAMES, 1.0),
+        CompareSettings(),
+    )
+    assert comparison.failed_metrics  # the attribution tables, with the names and ids, are written too
+    markdown = compare_markdown(comparison)
+    assert re.search(r"(?<!\\)://", markdown) is None
+    assert re.search(r"www(?!\\\.)", markdown) is None
+    assert re.search(r"(?<!\u2060)@", markdown) is None
+    assert "https\\://evil.example/a" in markdown and "FTP\\://evil.example" in markdown
+    assert "see www\\.evil.example now" in markdown and "me\u2060@evil.example" in markdown
+    assert "run at https\\://evil.example/run" in markdown and "www\\.evil.example/base" in markdown

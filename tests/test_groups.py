@@ -211,12 +211,13 @@ def test_cells_missing_on_either_side_are_named_and_the_shards_ones_are_null(inv
     assert len([w for w in document["warnings"] if w.startswith("--cells")]) == 2
 
 
-def test_cells_matched_by_cell_id(invoke, tmp_path):
+def test_cells_matched_by_cell_id_as_exact_text(invoke, tmp_path):
     arrays = poisson_dataset(3, n_rows=30, n_cells=4)
-    numbers = {**arrays, "cell_ids": np.array([10, 11, 12, 13])}
+    numbers = {**arrays, "cell_ids": np.array([10, 11, 105, 13])}
     texts = {**arrays, "cell_ids": np.array([b"u1", b"u2", b"007", b"u4"])}
     write_raw_shard(tmp_path / "run" / "rank-0.h5", {"numbers": numbers, "texts": texts})
-    rows = [["numbers", "010", "L5"], ["numbers", "13", "L2/3"], ["texts", "007", "L5"], ["texts", "7", "L2/3"]]
+    rows = [["numbers", "010", "L5"], ["numbers", "13", "L2/3"], ["numbers", "1_05", "L5"], ["numbers", " 11", "L5"]]
+    rows += [["texts", "007", "L5"], ["texts", "7", "L2/3"]]
     table = write_table(tmp_path / "cells.csv", ["dataset", "cell_id", "layer"], rows)
     result = invoke("compute", tmp_path / "run", "--cells", table, "--group-by", "layer", "--json", "-")
     assert result.exit_code == 0, result.output
@@ -224,15 +225,17 @@ def test_cells_matched_by_cell_id(invoke, tmp_path):
     counts = {(g["dataset"], g["value"]): g["cells"][OK] for g in document["groups"]}
     assert counts == {
         ("numbers", "L2/3"): 1,
-        ("numbers", "L5"): 1,
-        ("numbers", None): 2,
+        ("numbers", None): 3,
         ("texts", "L5"): 1,
         ("texts", None): 3,
         (None, "L2/3"): 1,
-        (None, "L5"): 2,
-        (None, None): 5,
+        (None, "L5"): 1,
+        (None, None): 6,
     }
-    assert "dataset 'texts' cell_id 7." in result.stderr
+    assert (
+        "4 cells of the table are not in the run, so not used: dataset 'numbers' cell_id 010, dataset 'numbers'"
+        " cell_id 1_05, dataset 'numbers' cell_id  11, dataset 'texts' cell_id 7." in result.stderr
+    )
 
 
 BAD_TABLES = {
@@ -257,14 +260,31 @@ BAD_TABLES = {
     "non-integer cell": (
         "dataset,cell,area\ns,0,V1\ns,1.5,V1\n",
         "area",
-        "line 3, column 'cell': '1.5' is not a cell index (a whole number >= 0, the cell's position within its"
-        " dataset, from 0); fix the value, or use a 'cell_id' column instead.",
+        "line 3, column 'cell': '1.5' is not a cell index (a whole number >= 0 in the digits 0-9 alone, the cell's"
+        " position within its dataset, from 0); fix the value, or use a 'cell_id' column instead.",
     ),
+    **{
+        f"cell {label}": (
+            f"dataset,cell,area\ns,0,V1\ns,{text},V1\n",
+            "area",
+            f"line 3, column 'cell': {text!r} is not a cell index (a whole number >= 0 in the digits 0-9 alone, the"
+            " cell's position within its dataset, from 0); fix the value, or use a 'cell_id' column instead.",
+        )
+        for label, text in {
+            "with an underscore": "1_0",
+            "with a plus sign": "+3",
+            "with spaces": " 4 ",
+            "with a trailing space": "4 ",
+            "in Arabic-Indic digits": "\u0663",
+            "in full-width digits": "\uff13",
+            "in superscript": "\u00b2",
+        }.items()
+    },
     "negative cell": (
         "dataset,cell,area\ns,-1,V1\n",
         "area",
-        "line 2, column 'cell': '-1' is not a cell index (a whole number >= 0, the cell's position within its"
-        " dataset, from 0); fix the value, or use a 'cell_id' column instead.",
+        "line 2, column 'cell': '-1' is not a cell index (a whole number >= 0 in the digits 0-9 alone, the cell's"
+        " position within its dataset, from 0); fix the value, or use a 'cell_id' column instead.",
     ),
     "conflicting duplicate": (
         "dataset,cell,area\ns,0,V1\ns,1,V1\ns,00,LM\n",
@@ -342,12 +362,14 @@ def test_a_cell_id_that_contradicts_the_cell_index_exits_2(invoke, tmp_path):
         f"Error: --cells {table}: line 3, column 'cell_id': '7', but cell 1 of dataset 's' has cell_id '6' in the"
         " shards; fix the row, or leave out one of the columns 'cell' and 'cell_id'.\n"
     )
-    table = write_table(tmp_path / "ids.csv", ["dataset", "cell_id", "area"], [["s", "6", "V1"], ["s", "06", "LM"]])
+    table = write_table(
+        tmp_path / "both.csv", ["dataset", "cell", "cell_id", "area"], [["s", 0, 5, "V1"], ["s", 1, "06", "V1"]]
+    )
     result = invoke("compute", tmp_path / "run", "--cells", table, "--group-by", "area")
     assert (result.exit_code, result.stderr) == (
         2,
-        f"Error: --cells {table}: lines 2 and 3 both name cell 1 of dataset 's' (cell_id '6'); keep one row per"
-        " cell.\n",
+        f"Error: --cells {table}: line 3, column 'cell_id': '06', but cell 1 of dataset 's' has cell_id '6' in the"
+        " shards; fix the row, or leave out one of the columns 'cell' and 'cell_id'.\n",
     )
 
 
@@ -379,6 +401,29 @@ def test_values_from_the_table_are_escaped_in_every_output(invoke, tmp_path):
     assert {r["value"] for r in records} == {"'" + MARKUP, "\x1b[31mred"}
     assert {r["column"] for r in records} == {"'=kind"}
     assert len(records) == 6 and all(r["bps_pooled"] for r in records)
+
+
+def test_a_group_named_null_is_told_apart_from_the_cells_without_a_value_in_every_output(invoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    write_grouped_run(tmp_path / "run")
+    rows = [[name, cell, "null" if cell < 3 else ('"null"' if cell < 5 else "")] for name in NAMES for cell in range(6)]
+    table = write_table(tmp_path / "cells.csv", ["dataset", "cell", "kind"], rows)  # cell 6: not in the table
+    grouping = ["--cells", table, "--group-by", "kind"]
+    result = invoke("compute", tmp_path / "run", *grouping, "--groups-csv", tmp_path / "g.csv", "--json", "-")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert {g["value"] for g in document["groups"]} == {"null", '"null"', None}
+    records = list(csv.DictReader(io.StringIO((tmp_path / "g.csv").read_text(), newline="")))
+    assert [r["value"] for r in records if r["dataset"] == ""] == ['"null"', "null", ""]
+    terminal = invoke("compute", tmp_path / "run", *grouping)
+    assert terminal.exit_code == 0, terminal.output
+    cells = [line.split("│")[2].strip() for line in terminal.stdout.splitlines() if "all datasets" in line]
+    assert cells == ['"\\"null\\""', '"null"', "null"]  # the group "null" quoted, the group null bare
+    assert invoke("report", tmp_path / "run", *grouping, "-o", tmp_path / "r.html").exit_code == 0
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index('<section id="groups">') : page.index("</section>", page.index('<section id="groups">'))]
+    assert section.count("<td>&quot;null&quot;</td>") == 3 and section.count('<span class="muted">null</span>') == 3
+    assert section.count("<td>&quot;\\&quot;null\\&quot;&quot;</td>") == 3
 
 
 @pytest.mark.parametrize("width", WIDTHS)

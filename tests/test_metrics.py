@@ -107,6 +107,31 @@ def test_tensorboard_of_one_step_is_written_at_that_step(invoke, tmp_path):
     assert [event.step for event in events.Tensors("val_bps_overall")] == [4]
 
 
+def test_a_value_beyond_float32_is_left_out_of_tensorboard_with_a_warning_never_written_as_inf(invoke, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.util import tensor_util
+
+    run = write_run(tmp_path / "run")
+    huge = {"rhat": np.full((4, 1), 1e45), "robs": np.ones((4, 1))}  # bps about -1.4e45: -inf as a float32
+    write_raw_shard(run / "step-0" / "rank2.h5", {"huge": huge}, rank=0, world_size=1, step=1)
+    expected = bpseval.evaluate(run, 1).metrics()
+    beyond = {tag: value for tag, value in expected.items() if abs(value) > float(np.finfo(np.float32).max)}
+    assert "val_bps/huge" in beyond and beyond["val_bps/huge"] < -1e44
+    result = invoke("compute", run, "--step", "1", "--tensorboard", tmp_path / "tb")
+    assert result.exit_code == 0, result.output
+    for tag, value in beyond.items():
+        assert (
+            f"Warning: --tensorboard: {tag} = {value:.6g} at step 1 is beyond the float32 range of TensorBoard's"
+            " scalars, so it is not written there (--metrics and --json hold it)\n" in result.stderr
+        )
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    assert sorted(events.Tags()[event_accumulator.TENSORS]) == sorted(set(expected) - set(beyond))
+    for tag in events.Tags()[event_accumulator.TENSORS]:
+        (point,) = events.Tensors(tag)
+        assert np.isfinite(tensor_util.make_ndarray(point.tensor_proto).item()), tag
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

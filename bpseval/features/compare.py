@@ -8,7 +8,17 @@ passes with a warning unless `fail_on_inconclusive`; improved when all of it lie
 unchanged otherwise. When both sides are run directories that scored the same samples, the
 bootstrap is paired: the two models' per-cell statistics are resampled together over contiguous
 blocks of sample_idx, so the noise of the data cancels and only the difference between the models
-remains. Otherwise (a baseline JSON, or different samples) the bootstrap resamples cells.
+remains. Otherwise (a baseline JSON, or different samples) the bootstrap resamples cells. A dataset
+with fewer than two units to resample (blocks, or cells) has no interval, nor then has the overall
+scope: those verdicts are inconclusive, never read from an interval [Δ, Δ].
+
+One identity rule: the run and the baseline must have scored the same samples of every dataset they
+share, as the identity checksums of both sides say (`sample_identity`: dataset, cell ids and the
+scored sample_idx), whatever the baseline's kind, a run directory or a baseline document. Datasets
+whose samples differ are a `BaselineError` unless `allow_different_samples`; then every verdict they
+enter is marked as made on different samples (`MetricComparison.samples`). A baseline that holds no
+identity for a dataset (a document written before identities were stored) leaves it unknown: a
+warning says so and the verdicts are marked, never taken for "same".
 
 The gate fails closed: a metric defined in the baseline and undefined in the run regresses; a
 baseline dataset missing from the run fails unless allowed; the overall metrics are compared over
@@ -38,6 +48,7 @@ from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
 from bpseval.features.groups import cell_groups, grouping_table
+from bpseval.features.uncertainty import check_resamples, resampled_blocks
 from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
@@ -53,8 +64,11 @@ BASELINE_FORMAT = "bpseval-baseline"
 BASELINE_FORMAT_VERSION = 1
 REGRESSED, IMPROVED, UNCHANGED, UNDEFINED = "regressed", "improved", "unchanged", "undefined"
 INCONCLUSIVE = "inconclusive"
-"""With --significance: the interval of the change reaches below -tolerance, but not all of it."""
+"""With --significance: the interval of the change reaches below -tolerance, but not all of it, or there is no
+interval (fewer than two units to resample)."""
 OVERALL = "overall"
+SAME, DIFFERENT, UNKNOWN = "same", "different", "unknown"
+"""Whether the two sides scored the same samples of a dataset (`sample_identity`)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,12 +303,22 @@ class CompareSettings:
     bootstrap: int = 2000
     seed: int = 0
     fail_on_inconclusive: bool = False
+    allow_different_samples: bool = False
+    """Compare a run with a baseline that scored other samples (the verdicts are then marked so)."""
 
     def __post_init__(self) -> None:
         if self.significance is not None and not 0.0 < self.significance < 1.0:
             raise ArgumentError(
                 f"significance must be a two-sided test level between 0 and 1 (exclusive), not {self.significance!r};"
                 " e.g. 0.05 shows 95% intervals."
+            )
+        if self.significance is not None:
+            check_resamples(
+                1.0 - self.significance,
+                self.bootstrap,
+                "significance (--significance)",
+                self.significance,
+                "bootstrap (--bootstrap)",
             )
 
     def tolerance(self, scope: str, base: float) -> float:
@@ -326,6 +350,11 @@ class MetricComparison:
     verdict: str
     attribution: Attribution | None = None
     """The cells of the change, for a metric that fails the gate."""
+    samples: str = SAME
+    """Whether the verdict was made on the same samples on both sides: SAME, DIFFERENT (allowed by
+    `allow_different_samples`) or UNKNOWN (the baseline holds no identity)."""
+    no_interval: str = ""
+    """With --significance, why the metric has no interval (its verdict is then inconclusive)."""
 
     @property
     def label(self) -> str:
@@ -358,7 +387,32 @@ class Comparison:
     shared_datasets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    """What merging either side said (steps passed over, files skipped, ...), led by the side's label."""
+    """What merging either side said (steps passed over, files skipped, ...), led by the side's label, and the
+    `sample_warnings`."""
+    samples: dict[str, str] = field(default_factory=dict)
+    """Per shared dataset, whether both sides scored the same samples (SAME, DIFFERENT or UNKNOWN)."""
+
+    def datasets_with(self, samples: str) -> list[str]:
+        """The shared datasets whose samples are `samples` (SAME, DIFFERENT or UNKNOWN)."""
+        return [name for name, found in self.samples.items() if found == samples]
+
+    @property
+    def sample_warnings(self) -> list[str]:
+        """One line each for the datasets compared on different samples and those whose samples are unknown."""
+        warnings = []
+        different, unknown = self.datasets_with(DIFFERENT), self.datasets_with(UNKNOWN)
+        if different:
+            warnings.append(
+                f"the run and the baseline scored different samples of {_datasets_text(different)}"
+                " (--allow-different-samples): the verdicts on them, and overall, are made on different samples"
+            )
+        if unknown:
+            warnings.append(
+                f"the baseline {self.baseline} holds no identity of the samples of {_datasets_text(unknown)} (written"
+                " before bpseval stored it), so whether the run scored the same samples is unknown: the verdicts on"
+                " them, and overall, are marked so; recreate the baseline with `bpseval baseline RUN -o FILE`"
+            )
+        return warnings
 
     @property
     def population(self) -> str:
@@ -379,8 +433,15 @@ class Comparison:
         level = f"{100 * (1 - (self.settings.significance or 0)):g}%"
         warnings = []
         for m in self.metrics:
-            if m.gated and m.verdict == INCONCLUSIVE:
-                low, high = m.interval or (m.delta, m.delta)  # an inconclusive verdict always has an interval
+            if not (m.gated and m.verdict == INCONCLUSIVE):
+                continue
+            if m.interval is None:
+                warnings.append(
+                    f"{m.label} is inconclusive: Δ {m.delta:+.4f} has no {level} interval ({m.no_interval}); it passes"
+                    " (--fail-on-inconclusive fails it)"
+                )
+            else:
+                low, high = m.interval
                 warnings.append(
                     f"{m.label} is inconclusive: Δ {m.delta:+.4f}, {level} interval [{low:+.4f}, {high:+.4f}] reaches"
                     f" below -tolerance {-m.tolerance:+.4f}; it passes (--fail-on-inconclusive fails it)"
@@ -424,6 +485,7 @@ class Comparison:
                         "interval": m.interval,
                         "gated": m.gated,
                         "verdict": m.verdict,
+                        "samples": m.samples,
                         "attribution": None if m.attribution is None else m.attribution.to_dict(),
                     }
                     for m in self.metrics
@@ -436,6 +498,7 @@ class Comparison:
                 "shared_datasets": self.shared_datasets,
                 "missing_datasets": self.missing_datasets,
                 "new_datasets": self.new_datasets,
+                "samples": self.samples,
                 "notes": self.notes,
                 "warnings": self.warnings + self.inconclusive_warnings,
             }
@@ -451,10 +514,11 @@ def compare(
 ) -> Comparison:
     """Compare `new` with `base`: every gated metric, coverage, missing datasets, intervals, and attribution.
 
-    The overall metrics compare like with like: when the two sides hold different datasets, both
-    are recomputed over the datasets they share (the bootstraps resample those too). Each failed
-    metric is attributed to the cells (and with `groups`, mapping (dataset, str(cell_id)) to a value,
-    to the groups) whose contributions changed.
+    The two sides must have scored the same samples of every dataset they share (`sample_identity`): a
+    BaselineError names those that differ, unless `settings.allow_different_samples`. The overall metrics compare
+    like with like: when the two sides hold different datasets, both are recomputed over the datasets they share
+    (the bootstraps resample those too). Each failed metric is attributed to the cells (and with `groups`, mapping
+    (dataset, str(cell_id)) to a value, to the groups) whose contributions changed.
     """
     new_names, base_names = new.scored.names, base.scored.names
     news, bases = {d.name: d for d in new.scored.datasets}, {d.name: d for d in base.scored.datasets}
@@ -463,6 +527,15 @@ def compare(
         raise BaselineError(
             f"{new.label} and {base.label} share no dataset (run: {', '.join(new_names) or 'none'}; baseline:"
             f" {', '.join(base_names) or 'none'}); compare runs of the same model family."
+        )
+    samples = {name: sample_identity(news[name], bases[name]) for name in shared}
+    different = [name for name in shared if samples[name] == DIFFERENT]
+    if different and not settings.allow_different_samples:
+        raise BaselineError(
+            f"{new.label} and the baseline {base.label} did not score the same samples of {_datasets_text(different)}"
+            " (their identity checksums of the cell ids and sample_idx differ): compare with a baseline of the same"
+            " validation data, or pass --allow-different-samples to compare anyway (every verdict is then marked as"
+            " made on different samples)."
         )
     missing = [name for name in base_names if name not in news]
     added = [name for name in new_names if name not in bases]
@@ -474,21 +547,37 @@ def compare(
             f"overall metrics over the {len(shared)} dataset{'s' if len(shared) != 1 else ''} both sides hold"
             f" ({len(missing)} missing from the run, {len(added)} new in it)"
         )
-    mode, intervals = "tolerance", {}
+    mode, intervals, untested = "tolerance", {}, {}
     if settings.significance is not None:
         mode = "paired" if _can_pair(new, base, shared) else "cells"
         if mode == "cells" and new.scored.source is not None and base.scored.source is not None:
             notes.append("the runs did not score the same samples (sample_idx or cells differ): bootstrap over cells")
         rng = np.random.default_rng(settings.seed)
         bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
+        untested = _too_few_units(new, base, shared, mode)
+        if untested:
+            notes.append(f"no interval: {'; '.join(untested.values())}; those verdicts are inconclusive")
         intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
+    overall_samples = next((found for found in (DIFFERENT, UNKNOWN) if found in samples.values()), SAME)
     metrics = [
         _compare_metric(
-            OVERALL, metric, getattr(overall_base, metric), getattr(overall_new, metric), intervals, settings
+            OVERALL,
+            metric,
+            getattr(overall_base, metric),
+            getattr(overall_new, metric),
+            intervals,
+            settings,
+            overall_samples,
+            untested.get(OVERALL, ""),
         )
         for metric in ("bps", "bps_pooled")
     ]
-    metrics += [_compare_metric(name, "bps", bases[name].bps, news[name].bps, intervals, settings) for name in shared]
+    metrics += [
+        _compare_metric(
+            name, "bps", bases[name].bps, news[name].bps, intervals, settings, samples[name], untested.get(name, "")
+        )
+        for name in shared
+    ]
     comparison = Comparison(
         baseline=base.label,
         run=new.label,
@@ -501,7 +590,9 @@ def compare(
         shared_datasets=shared,
         notes=notes,
         warnings=[f"{side.label}: {warning}" for side in (new, base) for warning in side.scored.warnings],
+        samples=samples,
     )
+    comparison.warnings += comparison.sample_warnings
     for metric in comparison.failed_metrics:
         names = shared if metric.scope == OVERALL else [metric.scope]
         metric.attribution = attribute(
@@ -515,35 +606,94 @@ def compare(
     return comparison
 
 
+def sample_identity(new: ScoredDataset, base: ScoredDataset) -> str:
+    """Whether two scorings of a dataset were of the same samples, by their identity checksums (of the dataset
+    name, cell ids and scored sample_idx): SAME, DIFFERENT, or UNKNOWN when either holds none (a baseline
+    document written before identities were stored)."""
+    if not new.identity or not base.identity:
+        return UNKNOWN
+    return SAME if new.identity == base.identity else DIFFERENT
+
+
+def _datasets_text(names: list[str]) -> str:
+    """ "dataset 'a'", "datasets 'a', 'b'": names as the messages quote them."""
+    return f"dataset{'s' if len(names) != 1 else ''} {', '.join(map(repr, names))}"
+
+
+def _too_few_units(new: Side, base: Side, shared: list[str], mode: str) -> dict[str, str]:
+    """The scopes (datasets, and OVERALL when any dataset is one) that have no interval because a dataset has fewer
+    than two units to resample (blocks of samples holding a valid entry when paired, cells otherwise), each with
+    the reason."""
+    one, many = ("block of samples", "blocks of samples") if mode == "paired" else ("cell", "cells")
+    reasons = {}
+    for name in shared:
+        if mode == "paired":
+            units = resampled_blocks(new.scored.dataset(name)).n_valid.shape[0]
+        else:
+            units = min(new.scored.dataset(name).n_cells, base.scored.dataset(name).n_cells)
+        if units < 2:
+            reasons[name] = f"dataset {name!r} has {units} {one if units == 1 else many} to resample, fewer than 2"
+    if reasons:
+        reasons[OVERALL] = f"overall resamples {_datasets_text(list(reasons))}, with fewer than 2 {many}"
+    return reasons
+
+
 def shared_overall(scored: ScoredRun, names: list[str]) -> Overall:
     """The overall numbers of `scored` as if it held only the datasets `names` (as `overall_of` defines them)."""
     return overall_of([scored.dataset(name) for name in names], scored.settings.clamp_negative)
 
 
 def _compare_metric(
-    scope: str, metric: str, base: float, new: float, intervals: dict, settings: CompareSettings
+    scope: str,
+    metric: str,
+    base: float,
+    new: float,
+    intervals: dict,
+    settings: CompareSettings,
+    samples: str,
+    untested: str,
 ) -> MetricComparison:
-    """One number compared, with its tolerance, its interval (if any) and `verdict_of` them."""
+    """One number compared, with its tolerance, its interval (if any) and `verdict_of` them; `samples` says whether
+    both sides scored the same samples, `untested` why a scope has no interval (fewer than two units)."""
     base, new = float(base), float(new)
     tolerance = settings.tolerance(scope, base) if math.isfinite(base) else math.nan
-    interval = intervals.get((scope, metric))
-    verdict = verdict_of(base, new, tolerance, interval)
-    return MetricComparison(scope, metric, base, new, tolerance, interval, settings.gates(scope, metric), verdict)
+    interval = None if untested else intervals.get((scope, metric))
+    tested = settings.significance is not None
+    verdict = verdict_of(base, new, tolerance, interval, tested=tested)
+    no_interval = (untested or "every bootstrap replicate of it is undefined") if tested and interval is None else ""
+    return MetricComparison(
+        scope,
+        metric,
+        base,
+        new,
+        tolerance,
+        interval,
+        settings.gates(scope, metric),
+        verdict,
+        samples=samples,
+        no_interval=no_interval,
+    )
 
 
-def verdict_of(base: float, new: float, tolerance: float, interval: tuple[float, float] | None) -> str:
+def verdict_of(
+    base: float, new: float, tolerance: float, interval: tuple[float, float] | None, *, tested: bool = False
+) -> str:
     """The verdict on a change. Undefined in the baseline: nothing to hold the run to (undefined).
     Defined in the baseline and undefined now (every cell silent or uncovered, or sums that
     overflowed): regressed, whatever the tolerance or the interval; the gate fails closed.
-    Otherwise the change is held to ±tolerance: the point change alone without an interval; with
-    one, its whole interval (regressed below -tolerance, improved above +tolerance), and a change
-    whose interval or point reaches below -tolerance while part of the interval does not is
-    inconclusive."""
+    Otherwise the change is held to ±tolerance: the point change alone without a test; with
+    one (`tested`: --significance), its whole interval (regressed below -tolerance, improved above
+    +tolerance), and a change whose interval or point reaches below -tolerance while part of the
+    interval does not is inconclusive, as is a tested change without an interval."""
     delta = new - base
     low, high = (delta, delta) if interval is None else interval
     if not math.isfinite(base):
         return UNDEFINED
-    if not math.isfinite(new) or high < -tolerance:
+    if not math.isfinite(new):
+        return REGRESSED
+    if tested and interval is None:
+        return INCONCLUSIVE
+    if high < -tolerance:
         return REGRESSED
     if low < -tolerance or delta < -tolerance:
         return INCONCLUSIVE
@@ -573,7 +723,7 @@ def _can_pair(new: Side, base: Side, shared: list[str]) -> bool:
 
 def _same_samples(new: ScoredDataset, base: ScoredDataset) -> bool:
     """Same sample_idx and cells, and the same valid entries and spikes in every block."""
-    if new.per_block is None or base.per_block is None or new.identity != base.identity:
+    if new.per_block is None or base.per_block is None or sample_identity(new, base) != SAME:
         return False
     return bool(
         np.array_equal(new.per_block.n_valid, base.per_block.n_valid)
@@ -606,12 +756,16 @@ def _resampling_counts(rng: np.random.Generator, replicates: int, size: int) -> 
 def _paired_bootstrap(
     new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
 ) -> dict[tuple[str, str], np.ndarray]:
-    """Resample blocks of samples; both models are scored on the same resampled data."""
+    """Resample blocks of samples (those holding a valid entry); both models are scored on the same resampled
+    data."""
     replicates: dict[tuple[str, str], np.ndarray] = {}
     dataset_deltas, gain_deltas, spike_totals = [], [], []
     for name in shared:
-        blocks_new, blocks_base = new.scored.dataset(name).per_block, base.scored.dataset(name).per_block
-        assert blocks_new is not None and blocks_base is not None
+        # the same blocks on both sides (_same_samples: the same valid entries in every block)
+        blocks_new, blocks_base = (
+            resampled_blocks(new.scored.dataset(name)),
+            resampled_blocks(base.scored.dataset(name)),
+        )
         counts = _resampling_counts(rng, settings.bootstrap, blocks_new.n_valid.shape[0])
         with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow leave the metric undefined
             n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ class CellTable:
     key: str
     """`cell` (0-based index within the dataset) when that column is there, else `cell_id`."""
     rows: dict[tuple[str, str], dict[str, str]]
-    """Each cell's values by column, keyed by (dataset, key text); `cell` keys are normalised (`007` is `7`)."""
+    """Each cell's values by column, keyed by (dataset, key text); `cell` keys are normalised (`007` is `7`),
+    `cell_id` keys are the table's text as it is."""
     lines: dict[tuple[str, str], int]
     """The line of the file each cell was read from, for messages."""
 
@@ -44,8 +46,9 @@ def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
     """Read and check a cell table (CSV with a header row); ArgumentError naming the file, line and column otherwise.
 
     Refused: a file that cannot be read or is empty, no `dataset` column, neither `cell` nor `cell_id`, repeated
-    column names, rows of the wrong length, a `cell` that is not a whole number >= 0, an empty `dataset` or key,
-    and two rows for one cell with different values (identical repeats are kept once).
+    column names, rows of the wrong length, a `cell` that is not written in the ASCII digits 0-9 alone (no sign,
+    space, underscore, or other script's digits), an empty `dataset` or key, and two rows for one cell with
+    different values (identical repeats are kept once).
     """
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -102,18 +105,19 @@ def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
     return CellTable(str(path), columns, key, rows, lines)
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _cell_index(text: str, path: str | os.PathLike[str], line: int) -> str:
-    """A `cell` field as the text of a whole number >= 0, or ArgumentError naming the line."""
-    try:
-        index = int(text.strip())
-    except ValueError:
-        index = -1
-    if index < 0:
+    """A `cell` field (the ASCII digits 0-9 alone) as the text of its whole number, or ArgumentError naming the
+    line. Python's int() would also take `1_0`, `+3`, ` 4 ` and other scripts' digits."""
+    if not _DIGITS.fullmatch(text):
         raise ArgumentError(
-            f"--cells {path}: line {line}, column 'cell': {text!r} is not a cell index (a whole number >= 0, the"
-            " cell's position within its dataset, from 0); fix the value, or use a 'cell_id' column instead."
+            f"--cells {path}: line {line}, column 'cell': {text!r} is not a cell index (a whole number >= 0 in the"
+            " digits 0-9 alone, the cell's position within its dataset, from 0); fix the value, or use a 'cell_id'"
+            " column instead."
         )
-    return str(index)
+    return str(int(text))
 
 
 def check_group_column(table: CellTable, column: str) -> None:
@@ -172,10 +176,10 @@ def _is_number(text: str) -> bool:
 def cell_groups(table: CellTable, scored: ScoredRun, column: str) -> CellGroups:
     """Assign every cell of `scored` the value of `column` in `table`: per dataset an array of values.
 
-    Cells are matched by index (`cell`) or by id (`cell_id`, compared as whole numbers when the shards' ids are
-    numbers). An empty value, and a cell the table lacks, are the group null; table rows naming a cell the run
-    does not have are not used. Both kinds are named in `warnings`. With both `cell` and `cell_id` columns, a row
-    whose cell_id differs from the shards' id of that cell is an ArgumentError.
+    Cells are matched by index (`cell`) or by id (`cell_id`: the table's text equal to the text of the shards'
+    id, so `07` and `1_05` are not 7 and 105). An empty value, and a cell the table lacks, are the group null;
+    table rows naming a cell the run does not have are not used. Both kinds are named in `warnings`. With both
+    `cell` and `cell_id` columns, a row whose cell_id differs from the shards' id of that cell is an ArgumentError.
     """
     check_group_column(table, column)
     values: dict[str, np.ndarray] = {}
@@ -189,18 +193,11 @@ def cell_groups(table: CellTable, scored: ScoredRun, column: str) -> CellGroups:
         positions = _positions(table, dataset, keys)
         found = np.full(dataset.n_cells, None, dtype=object)
         seen = np.zeros(dataset.n_cells, dtype=bool)
-        line_of: dict[int, int] = {}
         for key in keys:
             if key not in positions:
                 continue
             cell, index = (dataset.name, key), positions[key]
             row = table.rows[cell]
-            if index in line_of:
-                raise ArgumentError(
-                    f"--cells {table.path}: lines {line_of[index]} and {table.lines[cell]} both name cell {index} of"
-                    f" dataset {dataset.name!r} (cell_id {_id_text(dataset.cell_ids[index])!r}); keep one row per cell."
-                )
-            line_of[index] = table.lines[cell]
             _check_cell_id(table, cell, row, dataset, index)
             found[index] = row[column] if row[column] != "" else None
             seen[index] = True
@@ -236,32 +233,18 @@ def _cells(count: int) -> str:
 
 
 def _positions(table: CellTable, dataset: ScoredDataset, keys: list[str]) -> dict[str, int]:
-    """The table's `keys` of `dataset` → cell index: the indices themselves, or the shards' cell ids as the table
-    writes them.
-
-    Ids written more than once in the shards cannot name one cell: they are left out, so their rows are reported
-    as not in the run."""
+    """The table's `keys` of `dataset` → cell index: the indices themselves, or the cells whose shards' id has
+    exactly that text. Two distinct keys never name one cell: `cell` keys are normalised when read, and two ids of
+    one text cannot name one cell, so they are left out and their rows reported as not in the run."""
     if table.key == INDEX_COLUMN:
         return {key: int(key) for key in keys if int(key) < dataset.n_cells}
-    ids = dataset.cell_ids.tolist()
-    texts = [_id_text(cell_id) for cell_id in ids]
+    texts = [_id_text(cell_id) for cell_id in dataset.cell_ids.tolist()]
     counts = Counter(texts)
-    positions = {text: index for index, text in enumerate(texts) if counts[text] == 1}
-    if not all(isinstance(cell_id, int) for cell_id in ids):
-        return positions
-    return {key: positions[_whole(key)] for key in keys if _whole(key) in positions}
+    return {text: index for index, text in enumerate(texts) if counts[text] == 1}
 
 
 def _id_text(cell_id: Any) -> str:
     return cell_id.decode() if isinstance(cell_id, bytes) else str(cell_id)
-
-
-def _whole(text: str) -> str:
-    """A table's cell_id text as the id of a numeric cell id (`07` is 7); unchanged when it is not a whole number."""
-    try:
-        return str(int(text.strip()))
-    except ValueError:
-        return text
 
 
 def _check_cell_id(
@@ -271,7 +254,7 @@ def _check_cell_id(
     if table.key != INDEX_COLUMN or ID_COLUMN not in row or row[ID_COLUMN] == "":
         return
     actual = _id_text(dataset.cell_ids[index])
-    if _whole(row[ID_COLUMN]) != _whole(actual):
+    if row[ID_COLUMN] != actual:
         raise ArgumentError(
             f"--cells {table.path}: line {table.lines[cell]}, column 'cell_id': {row[ID_COLUMN]!r}, but cell {index}"
             f" of dataset {dataset.name!r} has cell_id {actual!r} in the shards; fix the row, or leave out one of the"

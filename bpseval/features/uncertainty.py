@@ -21,6 +21,12 @@ drawn independently). The interval is undefined (None) where the metric is, wher
 than two units (blocks or cells) to draw, where the estimate's standard error is not a positive
 number, or where the studentized replicate is undefined in more than (1 − level)/2 of the replicates
 (its tail then cannot be placed).
+
+A level needs enough resamples to place its tails: with R replicates, the quantile at tail t lies
+inside them only when (R + 1) · t >= 1, so 0.99 needs at least 199, 0.999 at least 1999. A level that
+the resamples cannot support is refused (`check_resamples`, an ArgumentError naming the least
+resamples that support it), never answered with the extreme replicates: those would be the same
+interval at 0.99, 0.999 and 0.9999.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class IntervalSettings:
             raise ArgumentError(f"ci_resamples must be a whole number >= 100, not {self.resamples!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ArgumentError(f"ci_seed must be a whole number >= 0, not {self.seed!r}")
+        check_resamples(self.level, int(self.resamples), "ci (--ci)", self.level, "ci_resamples (--ci-resamples)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +98,26 @@ class IntervalSettings:
             "seed": int(self.seed),
             "method": METHOD,
         }
+
+
+def resamples_needed(level: float) -> int:
+    """The fewest bootstrap replicates whose quantiles place both tails of a two-sided `level` interval: R with
+    (R + 1) · (1 − level) / 2 >= 1 (the quantile at (R + 1) · tail, as `studentized` takes it, is then a replicate,
+    not beyond the most extreme one)."""
+    tail = (1.0 - level) / 2.0
+    return max(math.ceil((1.0 / tail - 1.0) * (1.0 - 1e-9)), 1)  # 1e-9: the rounding of 1 - level (1 - 0.9999)
+
+
+def check_resamples(level: float, resamples: int, level_option: str, value: float, resamples_option: str) -> None:
+    """ArgumentError unless `resamples` replicates support a two-sided interval at `level` (`resamples_needed`),
+    naming the options as given: `level_option` set to `value` (e.g. "ci (--ci)", 0.999), and `resamples_option`."""
+    needed = resamples_needed(level)
+    if resamples < needed:
+        raise ArgumentError(
+            f"{level_option} {value:g} needs {resamples_option} >= {needed}: with {resamples} resamples the"
+            f" {50 * (1.0 - level):g}% tails of a {100 * level:g}% interval lie beyond the most extreme replicate;"
+            f" give at least {needed} resamples, or a lower level."
+        )
 
 
 Interval = tuple[float, float] | None
@@ -192,10 +219,14 @@ class Rows:
 
 def _units(dataset: ScoredDataset, over: str) -> CellStats:
     """What one draw picks from: the dataset's blocks holding a valid entry, or its cells."""
-    if over == "cells":
-        return dataset.stats
+    return dataset.stats if over == "cells" else resampled_blocks(dataset)
+
+
+def resampled_blocks(dataset: ScoredDataset) -> CellStats:
+    """The blocks of samples a bootstrap over blocks draws from (`--ci-over blocks`, `compare --significance`):
+    those of `dataset.per_block` that hold a valid entry (a block of masked samples only is no unit of data)."""
     per_block = dataset.per_block
-    assert per_block is not None  # require_blocks
+    assert per_block is not None  # require_blocks, or a paired comparison
     return per_block.map(lambda values: values[per_block.n_valid.sum(axis=1) > 0])
 
 

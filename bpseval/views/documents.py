@@ -1,19 +1,22 @@
 """Documents for CI: the markdown summary and the JUnit XML of `bpseval compare`.
 
 User text (dataset names, cell ids, paths) is escaped for each format: markdown and HTML syntax
-in the summary, and characters that XML 1.0 forbids in the JUnit file, which therefore always parses.
+in the summary (where no URL or e-mail address in a name becomes a link), and characters that XML 1.0
+forbids in the JUnit file, which therefore always parses. Verdicts made on different samples (or on
+samples that may differ) are marked in both.
 """
 
 from __future__ import annotations
 
 from xml.etree import ElementTree
 
-from bpseval.features.compare import INCONCLUSIVE, OVERALL, UNDEFINED, Comparison, MetricComparison
+from bpseval.features.compare import INCONCLUSIVE, OVERALL, SAME, UNDEFINED, Comparison, MetricComparison
 from bpseval.views.text import (
     ATTRIBUTION_HEADER,
     ATTRIBUTION_TOP,
     COVERAGE_LISTED,
     GROUP_HEADER,
+    SAMPLES_MARKS,
     attribution_rows,
     attribution_title,
     cell_text,
@@ -26,6 +29,7 @@ from bpseval.views.text import (
     markdown_text,
     more_attributions_text,
     printable,
+    samples_status,
     share_text,
     verdict_text,
 )
@@ -35,6 +39,7 @@ def compare_markdown(comparison: Comparison, top: int = ATTRIBUTION_TOP) -> str:
     """A compact markdown summary for $GITHUB_STEP_SUMMARY (a row per metric; the `top` cells and groups of each
     failed metric's change; coverage capped)."""
     status = "✓ no regression" if comparison.passed else "✗ regression: " + "; ".join(comparison.reasons)
+    status += samples_status(comparison)
     significance = comparison.settings.significance
     header = (
         ["scope", "metric", "baseline", "new", "Δ", "tolerance"]
@@ -63,7 +68,8 @@ def compare_markdown(comparison: Comparison, top: int = ATTRIBUTION_TOP) -> str:
             cells.append(interval_text(metric))
         lines.append("| " + " | ".join([*cells, verdict_text(metric)]) + " |")
     lines += [""] + [f"- note: {markdown_text(note)}" for note in comparison.notes]
-    lines += [f"- warning: {markdown_text(warning)}" for warning in comparison.inconclusive_warnings]
+    warnings = comparison.sample_warnings + comparison.inconclusive_warnings
+    lines += [f"- warning: {markdown_text(warning)}" for warning in warnings]
     listed = (("missing from the run", comparison.missing_datasets), ("new in the run", comparison.new_datasets))
     for title, names in listed:
         if names:
@@ -98,6 +104,11 @@ def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]
     return lines + ["| " + " | ".join([markdown_text(a), markdown_text(b), *rest]) + " |" for a, b, *rest in rows]
 
 
+def _interval_clause(metric: MetricComparison) -> str:
+    """The interval of a change in a JUnit message, or why there is none."""
+    return f"no interval: {metric.no_interval}" if metric.no_interval else f"interval {interval_text(metric)}"
+
+
 def _largest_part(metric: MetricComparison) -> str:
     """The cell that contributes most to a failed metric's change, as the end of its JUnit message."""
     if metric.attribution is None or not metric.attribution.cells:
@@ -114,7 +125,8 @@ def compare_junit(comparison: Comparison) -> str:
     failure; one inconclusive that passes is skipped with the warning as its message, and so is one undefined
     in the baseline.
     """
-    cases: list[tuple[str, str, str, str | None]] = []  # classname, name, outcome ("failure", "skipped", ""), message
+    cases: list[tuple[str, str, str, str | None, str | None]] = []
+    # classname, name, outcome ("failure", "skipped", ""), message, the testcase's output (the samples' mark)
     failed = {id(metric) for metric in comparison.failed_metrics}
     for metric in comparison.metrics:
         if not metric.gated:
@@ -125,36 +137,45 @@ def compare_junit(comparison: Comparison) -> str:
                 "failure",
                 (
                     f"{metric.reason}: {format_bps(metric.base)} → {format_bps(metric.new)} ({delta_text(metric)},"
-                    f" tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)})"
-                    + _largest_part(metric)
+                    f" tolerance {format_bps(metric.tolerance)}, {_interval_clause(metric)})" + _largest_part(metric)
                 ),
             )
         elif metric.verdict == INCONCLUSIVE:
             outcome, message = (
                 "skipped",
                 f"{metric.label} is inconclusive: {format_bps(metric.base)} → {format_bps(metric.new)}"
-                f" ({delta_text(metric)}, tolerance {format_bps(metric.tolerance)}, interval {interval_text(metric)});"
+                f" ({delta_text(metric)}, tolerance {format_bps(metric.tolerance)}, {_interval_clause(metric)});"
                 " it passes (--fail-on-inconclusive fails it)",
             )
         elif metric.verdict == UNDEFINED:
             outcome, message = "skipped", f"{metric.label} is undefined in the baseline: nothing to compare"
         overall = metric.scope == OVERALL
         name = metric.metric if overall else f"{metric.scope}.{metric.metric}"
-        cases.append(("bpseval.overall" if overall else "bpseval.dataset", name, outcome, message))
+        output = None
+        if metric.samples != SAME:
+            output = f"{metric.label}: verdict{SAMPLES_MARKS[metric.samples]}"
+            message = None if message is None else message + f"; verdict{SAMPLES_MARKS[metric.samples]}"
+        cases.append(("bpseval.overall" if overall else "bpseval.dataset", name, outcome, message, output))
     regressions = comparison.coverage_regressions
     for dataset in regressions["dataset"].unique():
         lost = regressions[regressions["dataset"] == dataset]
         message = f"{len(lost)} cells ok in the baseline are now uncovered: cells {', '.join(map(str, lost['cell']))}"
-        cases.append(("bpseval.coverage", str(dataset), "failure", message))
+        cases.append(("bpseval.coverage", str(dataset), "failure", message, None))
     missing = ("", None) if comparison.settings.allow_missing_datasets else ("failure", "dataset missing from the run")
-    cases += [("bpseval.missing", dataset, *missing) for dataset in comparison.missing_datasets]
-    failures = sum(outcome == "failure" for _, _, outcome, _ in cases)
-    skipped = sum(outcome == "skipped" for _, _, outcome, _ in cases)
+    cases += [("bpseval.missing", dataset, *missing, None) for dataset in comparison.missing_datasets]
+    failures = sum(case[2] == "failure" for case in cases)
+    skipped = sum(case[2] == "skipped" for case in cases)
     suite = ElementTree.Element(
         "testsuite", name="bpseval compare", tests=str(len(cases)), failures=str(failures), skipped=str(skipped)
     )
-    for classname, name, outcome, message in cases:
+    if comparison.sample_warnings:
+        properties = ElementTree.SubElement(suite, "properties")
+        for warning in comparison.sample_warnings:
+            ElementTree.SubElement(properties, "property", name="samples", value=printable(warning))
+    for classname, name, outcome, message, output in cases:
         case = ElementTree.SubElement(suite, "testcase", classname=classname, name=printable(name))
         if outcome:
             ElementTree.SubElement(case, outcome, message=printable(message)).text = printable(message)
+        if output is not None:
+            ElementTree.SubElement(case, "system-out").text = printable(output)
     return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

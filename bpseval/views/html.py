@@ -32,16 +32,20 @@ from bpseval.views.text import (
     ATTRIBUTION_HEADER,
     ATTRIBUTION_TOP,
     GROUP_HEADER,
+    SAMPLES_MARKS,
     UNDEFINED_TEXT,
     VERDICT_MARKS,
     attribution_rows,
     attribution_title,
     format_bps,
     group_rows,
+    group_text,
     interval_text,
     listed_attributions,
     more_attributions_text,
     plural,
+    printable,
+    samples_status,
     signed,
 )
 
@@ -103,8 +107,9 @@ footer { margin-top: 40px; padding-top: 10px; border-top: 1px solid var(--line);
 
 
 def _e(value: Any) -> str:
-    """Any value as escaped HTML text."""
-    return escape(str(value), quote=True)
+    """Any value as escaped HTML text: control characters (and lone surrogates) written as their escapes, as every
+    view writes names (`printable`), then HTML's special characters as entities."""
+    return escape(printable(value), quote=True)
 
 
 def _metric(value: Any, digits: int = 4) -> str:
@@ -184,11 +189,12 @@ def _header(inputs: RunOverview, result: Result, run_label: str, created: str) -
 
 
 def _verdict(comparison: Comparison) -> str:
+    samples = _e(samples_status(comparison))
     if comparison.passed:
-        text, css = f"✓ No regression against the baseline <code>{_e(comparison.baseline)}</code>", "pass"
+        text, css = f"✓ No regression against the baseline <code>{_e(comparison.baseline)}</code>{samples}", "pass"
         detail = "Every gated metric is within tolerance and no cell lost its coverage."
     else:
-        text, css = f"✗ Regression against the baseline <code>{_e(comparison.baseline)}</code>", "fail"
+        text, css = f"✗ Regression against the baseline <code>{_e(comparison.baseline)}</code>{samples}", "fail"
         detail = "Regressed: " + _e("; ".join(_reason_summary(comparison)))
     return f'<div class="verdict {css}">{text}<small>{detail}</small></div>'
 
@@ -312,7 +318,9 @@ def _groups(result: Result) -> str:
         rows.append(
             [
                 "all datasets" if group.dataset is None else _e(group.dataset),
-                '<span class="muted">null</span>' if group.value is None else _e(group.value),
+                f'<span class="muted">{group_text(None)}</span>'
+                if group.value is None
+                else _e(group_text(group.value)),
                 *(str(group.cells[status]) for status in (OK, SILENT, UNCOVERED)),
                 *(_metric(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
             ]
@@ -468,6 +476,7 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
         if significance is not None:
             row.append(interval_text(metric))
         verdict = VERDICT_MARKS[metric.verdict] + ("" if metric.gated else " (not gated)")
+        verdict += SAMPLES_MARKS.get(metric.samples, "")
         row.append(f'<span class="{_e(metric.verdict)}">{_e(verdict)}</span>')
         rows.append(row)
     settings = comparison.settings
@@ -498,6 +507,7 @@ def _comparison(comparison: Comparison, figure_html: str) -> str:
             f'<p class="muted">Datasets not in the baseline (not compared): {_e(", ".join(comparison.new_datasets))}</p>'
         )
     parts += [f'<p class="muted">{_e(note)}</p>' for note in comparison.notes]
+    parts += [f'<p class="note">{_e(warning)}</p>' for warning in comparison.sample_warnings]
     parts.append("</section>")
     return "".join(parts)
 

@@ -30,7 +30,7 @@ from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.files import write_output
 from bpseval.views.result import Result
-from bpseval.views.text import format_bps, plural
+from bpseval.views.text import format_bps, plural, samples_status
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -591,6 +591,7 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
                 headline += f", {plural(lost, 'cell')} lost coverage"
             if comparison.missing_datasets:
                 headline += f", {plural(len(comparison.missing_datasets), 'dataset')} missing"
+        headline += samples_status(comparison)
     axes.set_title(_text(headline), fontsize=10, loc="left")
     _dataset_legend(figure, entries, columns)
     return figure

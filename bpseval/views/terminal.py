@@ -44,11 +44,13 @@ from bpseval.views.text import (
     delta_text,
     format_bps,
     group_rows,
+    group_text,
     interval_text,
     listed_attributions,
     more_attributions_text,
     plural,
     ranges,
+    samples_status,
     shown,
     verdict_text,
 )
@@ -312,7 +314,7 @@ def render_groups(groups: GroupScores, step: int, console: Console) -> None:
     rows = [
         [
             shown(group.dataset) if group.dataset is not None else "[bold]all datasets[/]",
-            shown(group.value) if group.value is not None else "[italic]null[/]",
+            shown(group_text(group.value)) if group.value is not None else f"[italic]{group_text(None)}[/]",
             *(str(group.cells[status]) for status in shown_statuses),
             *(format_bps(getattr(group.numbers, metric)) for metric in DATASET_METRICS),
         ]
@@ -505,11 +507,12 @@ def render_compare(comparison: Comparison, console: Console, top: int = ATTRIBUT
     if len(regressions) > COVERAGE_LISTED:
         console.print(f"  (+{len(regressions) - COVERAGE_LISTED} more cells ok → uncovered)")
     inconclusive = len(comparison.inconclusive_warnings)
+    samples = f"[yellow]{samples_status(comparison)}[/]" if samples_status(comparison) else ""
     if comparison.passed:
         more = f" [yellow]({inconclusive} inconclusive, passed: see the warnings)[/]" if inconclusive else ""
-        console.print(f"[green]✓ no regression[/]{more}")
+        console.print(f"[green]✓ no regression[/]{samples}{more}")
     else:
-        console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}")
+        console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}{samples}")
 
 
 def render_doctor(diagnosis: Diagnosis, console: Console) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 
 from rich.markup import escape
 
 from bpseval.features.attribution import POOLED_METRICS, Attribution, CellContribution
-from bpseval.features.compare import Comparison, MetricComparison
+from bpseval.features.compare import DIFFERENT, UNKNOWN, Comparison, MetricComparison
 
 
 def shown(text: object) -> str:
@@ -26,16 +27,23 @@ def printable(text: object) -> str:
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in str(text))
 
 
-_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]|~$]|_(?![^\W_])|(?<![^\W_])_")
-"""Characters that markdown (GitHub flavour: tables, strikethrough, math) may read as syntax inside a line.
-An underscore between two letters or digits cannot open or close emphasis (CommonMark), so Allen_2022 stays."""
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]|~$]|:(?=//)|(?<=www)\.|_(?![^\W_])|(?<![^\W_])_")
+"""Characters that markdown (GitHub flavour: tables, strikethrough, math, autolinks) may read as syntax inside a
+line. An underscore between two letters or digits cannot open or close emphasis (CommonMark), so Allen_2022 stays.
+The colon of `://` and the dot of `www.` are escaped too: GitHub turns `http://…`, `https://…`, `ftp://…` and
+`www.…` in text into links, but not `http\\://…` nor `www\\.…`, which show as typed."""
+
+WORD_JOINER = "\u2060"
+"""Put before each `@` of user text in markdown: GitHub links an e-mail address in text whatever is escaped in it
+(it finds them after the escapes are read), but not one broken by this invisible, zero-width character."""
 
 
 def markdown_text(text: object) -> str:
     """User text (dataset names, cell ids, paths) as literal text in markdown: unprintable characters
-    escaped, markdown punctuation backslash-escaped, and &, <, > as HTML entities."""
+    escaped, markdown punctuation backslash-escaped, &, <, > as HTML entities, and no link made of a URL or
+    an e-mail address in it (see `_MARKDOWN_SPECIAL` and `WORD_JOINER`)."""
     escaped = _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match.group(), printable(text))
-    return html.escape(escaped, quote=False)
+    return html.escape(escaped, quote=False).replace("@", WORD_JOINER + "@")
 
 
 UNDEFINED_TEXT = "—"
@@ -77,11 +85,24 @@ def delta_text(metric: MetricComparison) -> str:
     return UNDEFINED_TEXT if not math.isfinite(metric.delta) else f"{metric.delta:+.4f}"
 
 
+SAMPLES_MARKS = {DIFFERENT: " (different samples)", UNKNOWN: " (samples unknown)"}
+"""How a verdict made on different samples, or on samples that may differ, is marked in every view."""
+
+
+def samples_status(comparison: Comparison) -> str:
+    """What a view's verdict line adds when verdicts were made on different samples, or on samples that may
+    differ ("" when every dataset's samples are the same on both sides)."""
+    if comparison.datasets_with(DIFFERENT):
+        return " (verdicts made on different samples)"
+    return " (samples unknown)" if comparison.datasets_with(UNKNOWN) else ""
+
+
 def verdict_text(metric: MetricComparison) -> str:
-    """The verdict mark, saying when a regression is a value that became undefined, and when it does not gate."""
+    """The verdict mark, saying when a regression is a value that became undefined, when it does not gate, and when
+    it was made on different (or possibly different) samples."""
     undefined = metric.verdict == "regressed" and not math.isfinite(metric.new)
     suffix = (" (now undefined)" if undefined else "") + ("" if metric.gated else " (not gated)")
-    return VERDICT_MARKS[metric.verdict] + suffix
+    return VERDICT_MARKS[metric.verdict] + suffix + SAMPLES_MARKS.get(metric.samples, "")
 
 
 def ranges(values: list[int]) -> str:
@@ -169,12 +190,26 @@ def attribution_rows(attribution: Attribution, top: int) -> list[list[str]]:
     ]
 
 
+NULL_GROUP = "null"
+"""How the views write the group of the cells without a value (the group None)."""
+
+
+def group_text(value: object) -> str:
+    """A group's value as the human-readable views write it: the group None as `null`, and a value that could be
+    read as that (the text "null", or any text that starts with a double quote) quoted as a JSON string, e.g.
+    "null" as `"null"`; every other value as it is. No two groups look alike."""
+    if value is None:
+        return NULL_GROUP
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if text == NULL_GROUP or text.startswith('"') else text
+
+
 def group_rows(attribution: Attribution, top: int) -> list[list[str]]:
-    """The `top` groups, as GROUP_HEADER; the first two values are user text (cells the mapping lacks: "(no group)")."""
+    """The `top` groups, as GROUP_HEADER; the first two values are user text (cells the mapping lacks: `null`)."""
     return [
         [
             "all datasets" if group.dataset is None else group.dataset,
-            "(no group)" if group.value is None else str(group.value),
+            group_text(group.value),
             str(group.cells),
             contribution_text(group.delta),
             share_text(attribution.share(group)),
