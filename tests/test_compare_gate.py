@@ -288,6 +288,22 @@ BROKEN = {
         _edit(("cells", 2, "pseudo_r2"), True),
         "cells[2].pseudo_r2 must be a finite number or null, not a boolean true",
     ),
+    # the sums contract: n_valid, n, spikes, model_ll some data gives; ll_gain, bps and status what they score
+    "cells[1] model_ll halved": (
+        lambda d: d["cells"][1].update(model_ll=d["cells"][1]["model_ll"] * 0.5),
+        "cells[1].ll_gain is",
+    ),
+    "cells[1] spikes negative": (_edit(("cells", 1, "spikes"), -3.0), "hold impossible sums: spikes is negative"),
+    "cells[1] n_valid above the samples": (_edit(("cells", 1, "n_valid"), 10**6), "n_valid exceeds the 60 samples"),
+    "cells[1] n above n_valid": (
+        lambda d: d["cells"][1].update(n=d["cells"][1]["n_valid"] + 5.0),
+        "weight exceeds n_valid",
+    ),
+    "cells[1] bps edited": (lambda d: d["cells"][1].update(bps=d["cells"][1]["bps"] + 0.25), "cells[1].bps is"),
+    "cells[1] ok without spikes": (
+        lambda d: d["cells"][1].update(spikes=0.0),
+        "cells[1].status is 'ok', but its sums score 'silent'",
+    ),
 }
 
 

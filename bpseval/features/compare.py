@@ -49,7 +49,8 @@ from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
 from bpseval.features.groups import cell_groups, grouping_table
 from bpseval.features.uncertainty import check_resamples, resampled_blocks
-from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
+from bpseval.kernel.stats import LN2, LOW, OK, OVERFLOW, STATUSES, UNCOVERED, cell_scores
+from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
     Overall,
@@ -240,6 +241,45 @@ def check_baseline(document: Any, source: Path) -> None:
         if any(counts.get(status, 0) != statuses[name][status] for status in STATUSES):
             listed = ", ".join(f"{statuses[name][status]} {status}" for status in STATUSES)
             raise refuse(f"datasets[{index}].cells", f"does not match its entries in cells ({listed})")
+    cells_of: dict[str, list[tuple[int, dict[str, Any]]]] = {name: [] for name in first_of}
+    for position, cell in enumerate(document["cells"]):
+        cells_of[cell["dataset"]].append((position, cell))
+    for name, index in first_of.items():
+        _check_cell_sums(cells_of[name], document["datasets"][index]["samples"], refuse)
+
+
+SCORE_RTOL = 1e-9
+"""How far a baseline's ll_gain and bps may be from what its sums give: the rounding of a JSON round trip and more."""
+
+
+def _check_cell_sums(cells: list[tuple[int, dict[str, Any]]], samples: int, refuse: Any) -> None:
+    """The sums contract for a baseline's cells: n_valid, n, spikes and model_ll that some data gives
+    (`checked_sums`), and ll_gain, bps and status that are what those sums score. Overflow cells hold no sums.
+    """
+    kept = [(position, cell) for position, cell in cells if cell["status"] != OVERFLOW]
+    fields = {"n_valid": "n_valid", "weight": "n", "spikes": "spikes", "model_ll": "model_ll"}
+    values = {
+        key: np.array([math.nan if cell[name] is None else cell[name] for _, cell in kept], dtype=np.float64)
+        for key, name in fields.items()
+    }
+    try:
+        stats = checked_sums(values, samples)
+    except ImpossibleSumsError as error:
+        first = kept[0][0] if kept else 0
+        raise refuse(
+            f"cells[{first}...] of dataset {kept[0][1]['dataset']!r}", f"hold impossible sums: {error}"
+        ) from None
+    scores = cell_scores(stats)
+    for row, (position, cell) in enumerate(kept):
+        status = str(scores.status[row])
+        if cell["status"] != status and not (cell["status"] == LOW and status == OK):
+            raise refuse(f"cells[{position}].status", f"is {cell['status']!r}, but its sums score {status!r}")
+        for key in ("ll_gain", "bps"):
+            expected, written = float(getattr(scores, key)[row]), cell[key]
+            if math.isnan(expected) != (written is None) or (
+                written is not None and not math.isclose(written, expected, rel_tol=SCORE_RTOL, abs_tol=SCORE_RTOL)
+            ):
+                raise refuse(f"cells[{position}].{key}", f"is {written}, but its sums give {expected:.17g}")
 
 
 def _check_against(schema: Any, value: Any, where: str, refuse: Any) -> None:
