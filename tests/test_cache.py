@@ -31,7 +31,8 @@ from bpseval.kernel.stats import STAT_FIELDS
 from bpseval.run.cache import CACHE_DIRECTORY, CACHE_FORMAT, META, cache_directory, content_digest
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.merge import MergedRun, merge_run
-from tests.conftest import peak_bytes, poisson_dataset
+from tests.conftest import peak_bytes, poisson_dataset, write_raw_shard
+from tests.test_extreme_inputs import overflowing_arrays
 from tests.test_steps import write_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,6 +445,17 @@ def test_a_compressed_entry_is_refused_before_it_is_decompressed(tmp_path, caplo
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
     assert len([r for r in caplog.records if "cannot be used" in r.getMessage()]) == 1
     assert merge_run(run, cache=True).cached
+
+
+def test_a_step_whose_sums_overflow_is_merged_every_time_without_a_warning(tmp_path, caplog):
+    """Infinite sums are numbers no entry may hold (the sums contract): such a step is not stored, so it is never
+    refused either."""
+    rhat, robs = overflowing_arrays()
+    write_raw_shard(tmp_path / "run" / "rank-0.h5", {"extreme": {"rhat": rhat, "robs": robs}})
+    with caplog.at_level(logging.DEBUG, logger="bpseval.run.cache"):
+        assert [merge_run(tmp_path / "run", cache=True).cached for _ in range(2)] == [False, False]
+    assert [record.levelno for record in caplog.records] == [logging.DEBUG] * 2
+    assert "not cached" in caplog.records[0].getMessage() and entries(tmp_path / "run") == []
 
 
 def test_changing_the_kernel_makes_the_entry_miss(tmp_path, monkeypatch):
