@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import tracemalloc
@@ -16,6 +17,26 @@ import pytest
 from typer.testing import CliRunner
 
 from bpseval.cli import app
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One hypothesis seed for the whole run, shown in its header, so that any failure can be run again with
+    `--hypothesis-seed=N`: the one given, else a random one; xdist workers take the one of the run."""
+    if config.getoption("hypothesis_seed") is None:
+        given = getattr(config, "workerinput", {}).get("hypothesis_seed")
+        config.option.hypothesis_seed = given if given is not None else str(secrets.randbelow(2**32))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Hand the run's hypothesis seed to an xdist worker (its options are parsed afresh, without it)."""
+    node.workerinput["hypothesis_seed"] = node.config.getoption("hypothesis_seed")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed")
+    return f"hypothesis seed: {seed} (run a failure again with: python -m pytest --hypothesis-seed={seed} ...)"
 
 
 def write_raw_shard(

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bpseval"
 
-LEAVES = {"errors", "_version", "_arrays", "_lazy", "_json", "_distributed"}
+LEAVES = {"errors", "_version", "_arrays", "_lazy", "_json", "_sidefiles", "_distributed"}
 LAYERS = {"leaves": 0, "kernel": 1, "shard": 2, "run": 3, "features": 4, "views": 5, "entry points": 6}
 
 

@@ -318,6 +318,74 @@ def test_compiled_code_is_cached_on_disk_so_the_next_process_does_not_compile(tm
         )
 
 
+TRAINING = """
+import numpy as np
+from bpseval import bits_per_spike
+rng = np.random.default_rng(5)
+rhat = rng.gamma(1.0, 0.3, size=(3000, 40)).astype(np.float32)
+robs = rng.poisson(rhat).astype(np.float32)
+print(bits_per_spike(rhat, robs, (rng.random(rhat.shape) > 0.2).astype(np.float32)).to_json(double_precision=15))
+"""
+"""A training process scoring a batch in memory (BPSEVAL_KERNEL=compiled stands for one large enough)."""
+
+
+def training(kernel: str, numba_cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("NUMBA_", "BPSEVAL_"))}
+    env |= {"PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(numba_cache), compiled.ENVIRONMENT_VARIABLE: kernel}
+    return subprocess.run(  # a hang fails the test after 5 minutes
+        [sys.executable, "-c", TRAINING], capture_output=True, text=True, env=env, cwd=REPO, check=False, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def numba_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A numba cache of the compiled kernel, written by a training process; that process's output, and the numpy
+    kernel's."""
+    cache = tmp_path_factory.mktemp("numba") / "cache"
+    fast, reference = training("compiled", cache), training("numpy", cache)
+    assert fast.returncode == reference.returncode == 0, fast.stderr + reference.stderr
+    assert fast.stderr == "" and list(cache.rglob("numba_loops.accumulate-*.nbc")), fast.stderr
+    return cache, fast.stdout, reference.stdout
+
+
+def flip_a_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+NUMBA_CORRUPTIONS = {
+    "a garbage index": ("nbi", lambda path: path.write_bytes(os.urandom(500))),  # UnpicklingError, exit 1
+    "an empty index": ("nbi", lambda path: path.write_bytes(b"")),  # EOFError, exit 1
+    "a byte flipped in the object code's header": ("nbc", lambda path: flip_a_byte(path, 200)),  # LLVM abort, exit 134
+    "a byte flipped near the end": ("nbc", lambda path: flip_a_byte(path, path.stat().st_size - 300)),
+    "a FIFO in place of the index": ("nbi", lambda path: (path.unlink(), os.mkfifo(path))),  # a hang
+    "data cut short": ("nbc", lambda path: path.write_bytes(path.read_bytes()[:1000])),  # EOFError, exit 1
+}
+
+
+@pytest.mark.parametrize("corruption", list(NUMBA_CORRUPTIONS))
+def test_a_damaged_numba_cache_falls_back_to_the_numpy_kernel_with_one_warning(
+    tmp_path: Path, numba_cache: tuple[Path, str, str], corruption: str
+) -> None:
+    """numba unpickles its cache and runs the machine code in it: each damage was an exception, an abort or a crash."""
+    good, fast, reference = numba_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(good, cache)
+    suffix, damage = NUMBA_CORRUPTIONS[corruption]
+    (target,) = cache.rglob(f"numba_loops.accumulate-*.{suffix}")
+    damage(target)
+    result = training("compiled", cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: the compiled kernel's cache in "), result.stderr
+    assert target.name in lines[0] and "numpy kernel" in lines[0]
+    if corruption == "a garbage index":  # the damaged files were removed: the next process compiles them afresh
+        again = training("compiled", cache)
+        assert (again.returncode, again.stderr, again.stdout) == (0, "", fast)
+
+
 def read_only_install(tmp_path: Path) -> Path:
     """A copy of the package whose kernel directory cannot hold `__pycache__` (a file is in its place):
     numba's in-tree cache is unusable, as in a read-only site-packages (root ignores permissions)."""

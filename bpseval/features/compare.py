@@ -45,6 +45,7 @@ import numpy as np
 
 from bpseval._json import plain
 from bpseval._lazy import pandas as pd
+from bpseval._sidefiles import DOCUMENT_BYTES, DOCUMENT_DEPTH, SideFileError, read_json
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
 from bpseval.features.groups import cell_groups, grouping_table
@@ -97,10 +98,10 @@ def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **mer
     if source.is_dir():
         return load_run(source, blocks=blocks, **merge_options)
     try:
-        document = json.loads(source.read_text(encoding="utf-8"), parse_constant=_NonFinite)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        document = read_json(source, DOCUMENT_BYTES, DOCUMENT_DEPTH, parse_constant=_NonFinite)
+    except SideFileError as error:
         raise BaselineError(
-            f"{source}: cannot read the baseline ({error}). Write one with `bpseval baseline RUN -o FILE`."
+            f"{source}: cannot read the baseline ({error.reason}). Write one with `bpseval baseline RUN -o FILE`."
         ) from None
     check_baseline(document, source)
     return Side(str(source), scored_from_document(document))

@@ -9,6 +9,7 @@ that group's `bps_pooled`.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bpseval._sidefiles import TABLE_BYTES, SideFileError, read_text
 from bpseval.errors import ArgumentError
 from bpseval.run.scored import Overall, ScoredDataset, ScoredRun, overall_of, select_cells
 
@@ -51,10 +53,9 @@ def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
     different values (identical repeats are kept once).
     """
     try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            records = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        reason = error.strerror if isinstance(error, OSError) else str(error)
+        records = list(csv.reader(io.StringIO(read_text(path, TABLE_BYTES, "utf-8-sig"), newline="")))
+    except (SideFileError, csv.Error) as error:
+        reason = error.reason if isinstance(error, SideFileError) else str(error)
         raise ArgumentError(f"--cells {path}: cannot be read as a UTF-8 CSV table ({reason}).") from None
     if not records:
         raise ArgumentError(

@@ -11,6 +11,13 @@ user's cache directory (numba's own order). When none is writable, the kernel is
 in every process would cost more than it saves. `BPSEVAL_KERNEL=numpy` forces the reference,
 `BPSEVAL_KERNEL=compiled` requires this kernel (an error when numba is missing).
 
+numba unpickles its cache files and runs the machine code in them: a damaged file is an exception, an
+abort or a crash. So they are read by the side-file rule (regular files of bounded size) and loaded only
+when their sha256 is the one recorded next to them when they were written (`_load`, under a file lock
+so that processes loading or compiling at once keep files and digests together). A file that fails is
+one warning: the numpy reference runs for the rest of the process, and the files are removed, so that
+the next process compiles them afresh.
+
 A large batch is cut into parts of whole rows, reduced on several threads (the compiled pass releases
 the GIL) and merged in order. The parts depend only on the batch's shape, never on the number of
 threads, so the numbers are the same to the last bit on any machine and with any `--jobs`.
@@ -20,15 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
 import os
+import pickle
+import secrets
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from bpseval._sidefiles import SideFileError, read_bytes, read_json
 from bpseval.errors import ArgumentError, MissingExtraError
 from bpseval.kernel.stats import STAT_FIELDS, CellStats
+
+if sys.platform != "win32":
+    import fcntl
 
 ENVIRONMENT_VARIABLE = "BPSEVAL_KERNEL"
 CHOICES = ("auto", "numpy", "compiled")
@@ -51,6 +72,20 @@ AUTO_RATE_KINDS = ("rate",)
 libm exp, numpy's vectorised exp is faster, so the reference is the default there."""
 NUMBA_DTYPE_KINDS = "biuf"
 """Dtype kinds the compiled kernel reads, each as float32 or float64 (`_readable`)."""
+NUMBA_FILES = ("numba_loops.", (".nbi", ".nbc"))
+"""Prefix and suffixes of numba's cache files of `numba_loops` (`numba_loops.<function>-<line>.py<version>[.<n>].nbc`)."""
+NUMBA_FILE_BYTES = 1 << 26
+"""The largest numba cache file read (they hold a few hundred KB of machine code)."""
+DIGESTS = "numba_loops.bpseval-digests.json"
+"""The sha256 of each of numba's cache files of `numba_loops`, recorded next to them when they are written."""
+DIGESTS_BYTES = 1 << 20
+LOCK = "numba_loops.bpseval-lock"
+logger = logging.getLogger(__name__)
+_ready: set[tuple[Any, ...]] = set()
+"""The kinds of batch (`_kind`) whose compiled code is loaded in this process."""
+_failure: list[str] = []
+"""Why numba's cache could not be used in this process: then the reference runs."""
+_loading = threading.Lock()
 
 
 def choice() -> str:
@@ -98,6 +133,8 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
     if not _fits(rhat, robs, weights):
         return None
     rhat, robs, weights = (None if array is None else _readable(array) for array in (rhat, robs, weights))
+    if not _load(accumulate, rhat, robs, weights, rate_kind == "log_rate"):
+        return None
     bounds = part_bounds(*rhat.shape)
     n_parts = len(bounds) - 1
     threads = min(_threads.get() or available_cpus(), n_parts)
@@ -120,7 +157,8 @@ def uses_compiled(rate_kind: str, batch_entries: int) -> bool:
 
     False when `BPSEVAL_KERNEL=numpy`; when the choice is `auto` and numba is not installed or cannot
     cache, the rate kind is not in AUTO_RATE_KINDS, or the work (`work`, else the batch) is smaller than
-    WORTH_ENTRIES. With `BPSEVAL_KERNEL=compiled` and no usable numba, MissingExtraError.
+    WORTH_ENTRIES; and after numba's cache failed to load in this process, whatever the choice. With
+    `BPSEVAL_KERNEL=compiled` and no usable numba, MissingExtraError.
     """
     wanted = choice()
     if wanted == "numpy":
@@ -136,7 +174,25 @@ def uses_compiled(rate_kind: str, batch_entries: int) -> bool:
                 f" 'bpseval[fast]', and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
             )
         return False
-    return True
+    return not _failure
+
+
+def kernel_setting() -> str:
+    """The kernel as the numbers depend on it, for the merge cache's key: `BPSEVAL_KERNEL`'s choice, the numba
+    installed, and whether its cache failed to load in this process (the reference then ran)."""
+    wanted = choice()
+    if wanted == "numpy":
+        return wanted
+    return f"{wanted}, numba {_numba_version()}" + (", failed to load" if _failure else "")
+
+
+@functools.cache
+def _numba_version() -> str:
+    """The version of numba installed (from its metadata: numba is not imported), or "none"."""
+    try:
+        return importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def part_bounds(n_rows: int, n_cells: int) -> list[int]:
@@ -219,3 +275,147 @@ def _compiled() -> Callable[..., bool] | None:
             raise
         return None
     return numba_loops.accumulate
+
+
+def _load(accumulate: Any, rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, log_rate: bool) -> bool:
+    """Whether the compiled code for this kind of batch is ready in this process: loaded from numba's cache once its
+    files are checked (`_check_cache`), or compiled (numba caches it, and its digests are recorded).
+
+    False, with one warning, when the cache cannot be used: the reference runs instead for the rest of the process,
+    and the cache's files are removed, so that the next process compiles them afresh.
+    """
+    kind = (log_rate, *(None if array is None else _kind(array) for array in (rhat, robs, weights)))
+    if kind in _ready:
+        return True
+    with _loading:
+        if kind in _ready or _failure:
+            return not _failure
+        outputs = CellStats.zeros(rhat.shape[1]).fields().values()
+        arguments = (rhat, robs, weights, log_rate, *outputs)
+        signature = tuple(accumulate.typeof_pyval(argument) for argument in arguments)  # numba's types: 0.3 ms
+        directory = Path(accumulate._cache._cache_path)  # numba's cache directory of this module (no public name)
+        with _locked(directory):
+            problem = _check_cache(directory)
+            if problem is None:
+                try:
+                    accumulate.compile(signature)  # loads it from the cache, or compiles and caches it
+                except (pickle.UnpicklingError, EOFError, OSError) as error:  # a file changed since it was checked
+                    problem = f"{type(error).__name__}: {error}"
+            if problem is not None:
+                _failure.append(problem)
+                _remove_cache(directory)
+                logger.warning(
+                    "Warning: the compiled kernel's cache in %s cannot be used (%s); the numpy kernel computes the"
+                    " numbers instead, and the next process compiles the kernel afresh.",
+                    directory,
+                    problem,
+                )
+                return False
+            _record_digests(directory)
+        _ready.add(kind)
+    return True
+
+
+def _kind(array: np.ndarray) -> tuple[str, bool, bool]:
+    """What numba's type of an input array depends on besides what `_readable` fixes (2-D, C-contiguous, native):
+    its dtype, and whether it is aligned and writeable."""
+    return array.dtype.char, bool(array.flags.aligned), bool(array.flags.writeable)
+
+
+def _check_cache(directory: Path) -> str | None:
+    """Why numba's cache files of `numba_loops` in `directory` cannot be loaded, or None.
+
+    Each must be a regular file of at most NUMBA_FILE_BYTES whose sha256 is the one recorded in DIGESTS. A file
+    without a recorded digest (left by an older bpseval, or by a process killed before it recorded one) is removed:
+    numba compiles it again.
+    """
+    try:
+        recorded = read_json(directory / DIGESTS, DIGESTS_BYTES, 1)
+    except SideFileError as error:
+        if not error.missing:
+            return f"{DIGESTS}: {error.reason}"
+        recorded = {}
+    if not isinstance(recorded, dict) or not all(isinstance(digest, str) for digest in recorded.values()):
+        return f"{DIGESTS} is not an object of digests"
+    try:
+        files = _cache_files(directory)
+    except OSError as error:
+        return f"cannot list it ({error.strerror or error})"
+    for path in files:
+        if path.name not in recorded:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        try:
+            digest = _digest(path)
+        except SideFileError as error:
+            return f"{path.name}: {error.reason}"
+        if digest != recorded[path.name]:
+            return f"{path.name} changed after it was written"
+    return None
+
+
+def _record_digests(directory: Path) -> None:
+    """Record the sha256 of numba's cache files of `numba_loops` in DIGESTS (written whole: temporary file, rename).
+
+    A file that cannot be read, or digests that cannot be written, leave files without digests: removed and
+    compiled again by the next process that loads them.
+    """
+    digests = {}
+    with contextlib.suppress(OSError):
+        for path in _cache_files(directory):
+            with contextlib.suppress(SideFileError):
+                digests[path.name] = _digest(path)
+    temporary = directory / f".{DIGESTS}.{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        temporary.write_text(json.dumps(digests))
+        os.replace(temporary, directory / DIGESTS)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def _remove_cache(directory: Path) -> None:
+    """Remove numba's cache files of `numba_loops` in `directory` and their digests, as far as it can."""
+    paths = [directory / DIGESTS]
+    with contextlib.suppress(OSError):
+        paths += _cache_files(directory)
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a numba cache file read by the side-file rule (SideFileError when it cannot be)."""
+    return hashlib.sha256(read_bytes(path, NUMBA_FILE_BYTES)).hexdigest()
+
+
+def _cache_files(directory: Path) -> list[Path]:
+    """numba's cache files of `numba_loops` in `directory`: none when it does not exist (numba makes it again when
+    it saves); OSError when it cannot be listed."""
+    prefix, suffixes = NUMBA_FILES
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(prefix) and entry.name.endswith(suffixes)]
+    except FileNotFoundError:
+        return []
+    return [directory / name for name in sorted(names)]
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on numba's cache of `numba_loops` in `directory`, so that one process at a time checks,
+    loads or compiles, and records it. Without a lock where none can be taken (Windows, or the lock file cannot be made)."""
+    if sys.platform == "win32":
+        yield
+        return
+    try:
+        descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

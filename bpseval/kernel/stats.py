@@ -584,13 +584,12 @@ def _spike_sums(xp: Any, rates: Any, robs: Any, weights: Any) -> tuple[Any, ...]
     cells = where % n_cells
     counts = np.ravel(robs)[where].astype(np.float64)
     spikes = counts if weights is None else counts * np.ravel(weights)[where]
-    sums = [np.bincount(cells, weights=spikes, minlength=n_cells)]
-    sums.append(np.bincount(cells, weights=spikes * np.log(counts), minlength=n_cells))
+    terms = [spikes, spikes * np.log(counts)]
     if rates is not None:
-        terms = np.log(np.ravel(rates)[where], dtype=np.float64)
-        terms *= spikes
-        sums.append(np.bincount(cells, weights=terms, minlength=n_cells))
-    return tuple(sums)
+        terms.append(np.log(np.ravel(rates)[where], dtype=np.float64))
+        terms[-1] *= spikes
+    # without any spike, bincount gives int64 zeros whatever its weights: the sums are float64 all the same
+    return tuple(np.bincount(cells, weights=term, minlength=n_cells).astype(np.float64, copy=False) for term in terms)
 
 
 def pad_blocks(per_block: CellStats, n_blocks: int) -> CellStats:

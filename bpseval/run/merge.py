@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bpseval.errors import BpsevalError
-from bpseval.kernel.compiled import available_cpus, uses_compiled, work
+from bpseval.kernel.compiled import available_cpus, kernel_setting, uses_compiled, work
 from bpseval.kernel.stats import (
+    MIN_RATE,
     BlockSums,
     CellStats,
     InvalidValues,
@@ -26,59 +27,19 @@ from bpseval.kernel.stats import (
     batch_stats,
     find_invalid_values,
 )
+from bpseval.run.cache import StepCache
 from bpseval.run.catalog import RunCatalog, StepSelection
-from bpseval.run.dedup import _Deduplicator
+from bpseval.run.dedup import RHAT_COPY_RTOL, _Deduplicator
+from bpseval.run.merged import MergedDataset, MergedRun, dataset_cell_ids
 from bpseval.run.parallel import batches, one_ahead, run_tasks
 from bpseval.shard.format import DatasetLayout, RowChunk, ShardHeader, check_agree
 from bpseval.shard.reader import DatasetReader, ShardFile, read_stats
-
-if TYPE_CHECKING:
-    from bpseval.run.cache import StepCache
 
 CHUNK_ELEMENTS = 1 << 18
 """Entries (rows x cells) read per chunk: bounds memory whatever the shard size."""
 OVERLAP_ENTRIES = 1 << 16
 """Entries from which a chunk is reduced on a thread while the next is read: below, the hand-over costs
 about what the overlap saves."""
-
-
-@dataclass
-class MergedDataset:
-    """Statistics of one dataset after merging every rank's rows once."""
-
-    name: str
-    cell_ids: np.ndarray
-    rate_kind: str
-    per_rank: list[CellStats]
-    samples: int
-    duplicates_dropped: int
-    identity: str = ""
-    """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
-    per_block: CellStats | None = None
-    """(blocks, cells) statistics by contiguous sample_idx block, when asked for and sample_idx is present."""
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> CellStats:
-        """The statistics of all ranks together: they add up exactly."""
-        total = CellStats.zeros(len(self.cell_ids))
-        for stats in self.per_rank:
-            total = total + stats
-        return total
-
-
-@dataclass
-class MergedRun:
-    """One step of a run, merged."""
-
-    run_dir: Path
-    step: int
-    world_size: int
-    files: list[Path]
-    datasets: list[MergedDataset]
-    warnings: list[str] = field(default_factory=list)
-    cached: bool = False
-    """True when the datasets came from the merge cache (`bpseval.run.cache`) instead of the shards' rows."""
 
 
 def merge_run(
@@ -138,7 +99,7 @@ def merge_selection(
             if on_progress:
                 on_progress(done[0], sum(sizes))
 
-    entry = _cache_entry(catalog.root, shards, blocks) if cache else None
+    entry = StepCache.of(catalog.root, shards, blocks, merge_settings()) if cache else None
     stored = entry.load(parts) if entry else None
     if stored is None:
         lean = {header.path: replace(header, datasets={}) for header in shards}  # tasks carry no other layouts
@@ -166,7 +127,7 @@ def merge_selection(
         )
         datasets = [dataset for result in results for dataset in result]
         if entry:
-            entry.save(datasets)
+            entry.save(datasets, merge_settings())
     else:
         datasets = stored
     warnings = selection.notes + [warning for dataset in datasets for warning in dataset.warnings]
@@ -180,13 +141,14 @@ def merge_selection(
     )
 
 
-def _cache_entry(root: Path, shards: list[ShardHeader], blocks: int | None) -> StepCache | None:
-    """The merge-cache entry of a step's shards (None when a shard cannot be stat'ed: the merge says why)."""
-    from bpseval.run.cache import (
-        StepCache,  # imported here: the cache module is built on this module's types
-    )
-
-    return StepCache.of(root, shards, blocks)
+def merge_settings() -> dict[str, Any]:
+    """Every setting the numbers of a merge depend on besides its shards (the merge cache's key holds them)."""
+    return {
+        "chunk_elements": CHUNK_ELEMENTS,
+        "rhat_copy_rtol": RHAT_COPY_RTOL,
+        "min_rate": MIN_RATE,
+        "kernel": kernel_setting(),
+    }
 
 
 def _dataset_parts(shards: list[ShardHeader]) -> dict[str, list[tuple[ShardHeader, DatasetLayout]]]:
@@ -261,15 +223,11 @@ def _merge_task(
             for merge, part in by_shard[path]:
                 merge.add(part, shard)
     return [
-        merges[name].finish() if name in merges else _merge_stats_dataset(name, parts, world_size, _cell_ids(parts))
+        merges[name].finish()
+        if name in merges
+        else _merge_stats_dataset(name, parts, world_size, dataset_cell_ids(parts[0][1]))
         for name, parts in datasets
     ]
-
-
-def _cell_ids(parts: list[tuple[ShardHeader, DatasetLayout]]) -> np.ndarray:
-    """A dataset's cell ids (0..cells-1 when the shards give none)."""
-    first = parts[0][1]
-    return first.cell_ids if first.cell_ids is not None else np.arange(first.n_cells)
 
 
 class _DatasetMerge:
@@ -356,7 +314,7 @@ class _DatasetMerge:
         self.per_rank[rank] = stats if held is None else held + stats
 
     def finish(self) -> MergedDataset:
-        dedup, cell_ids = self.dedup, _cell_ids(self.parts)
+        dedup, cell_ids = self.dedup, dataset_cell_ids(self.first)
         total_rows = sum(layout.n_rows for _, layout in self.parts)
         dropped = dedup.dropped if dedup is not None else 0
         return MergedDataset(
