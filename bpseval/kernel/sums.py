@@ -57,6 +57,11 @@ def checked_sums(values: Mapping[str, Any], samples: int, prefix: str = "") -> C
     Raises:
         ImpossibleSumsError: naming the first field, problem and cell that no data could give.
     """
+    with np.errstate(all="ignore"):  # sums that overflowed (inf, NaN) are refused, without numpy's warnings
+        return _checked_sums(values, samples, prefix)
+
+
+def _checked_sums(values: Mapping[str, Any], samples: int, prefix: str) -> CellStats:
     fields = STAT_FIELDS if prefix + STAT_FIELDS[-1] in values else LEGACY_STAT_FIELDS
     missing = [prefix + key for key in fields if prefix + key not in values]
     if missing:
@@ -155,6 +160,11 @@ def check_parts_add_up(total: CellStats, parts: CellStats, prefix: str = "blocks
     Raises:
         ImpossibleSumsError: naming `prefix + field`, how far off it is and the first cell.
     """
+    with np.errstate(all="ignore"):
+        _check_parts_add_up(total, parts, prefix)
+
+
+def _check_parts_add_up(total: CellStats, parts: CellStats, prefix: str) -> None:
     merged = reduce_rows(parts)
     rounding = moment_rounding(total.fields())
     for key in STAT_FIELDS:

@@ -417,14 +417,13 @@ def _check_sums(dataset: MergedDataset) -> None:
     """Refuse (ImpossibleSumsError) statistics of `dataset` that no data gives: each rank's and each block's
     (`kernel.sums.checked_sums`), and blocks that do not add up to the ranks' total."""
     where = f"dataset {dataset.name!r}"
-    with np.errstate(invalid="ignore", over="ignore"):  # sums that overflowed (inf) are refused, without numpy's noise
-        for rank, stats in enumerate(dataset.per_rank):
-            prefix = f"{where} rank {rank} "
-            checked_sums(_stored_fields(stats, prefix), dataset.samples, prefix)
-        if dataset.per_block is not None:
-            prefix = f"{where} per-block "
-            checked_sums(_stored_fields(dataset.per_block, prefix), dataset.samples, prefix)
-            check_parts_add_up(dataset.total, dataset.per_block, prefix)
+    for rank, stats in enumerate(dataset.per_rank):
+        prefix = f"{where} rank {rank} "
+        checked_sums(_stored_fields(stats, prefix), dataset.samples, prefix)
+    if dataset.per_block is not None:
+        prefix = f"{where} per-block "
+        checked_sums(_stored_fields(dataset.per_block, prefix), dataset.samples, prefix)
+        check_parts_add_up(dataset.total, dataset.per_block, prefix)
 
 
 def _stored_fields(stats: CellStats, prefix: str) -> dict[str, np.ndarray]:
