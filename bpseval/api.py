@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpseval._arrays import to_numpy
-from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError
 from bpseval.features.groups import group_run, grouping_table
 from bpseval.features.uncertainty import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings, intervals
@@ -17,6 +16,9 @@ from bpseval.kernel.stats import InvalidValuesError, batch_stats, cell_scores
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
 from bpseval.views.result import Result
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def evaluate(
@@ -70,6 +72,8 @@ def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "r
     by the batch contract (`bpseval.kernel.batch`) as the writer and the online metric check them,
     and messages name the data `IN_MEMORY`.
     """
+    import pandas as pd
+
     batch = Batch.of(IN_MEMORY, rhat, robs, dfs, rate_kind=rate_kind)
     rhat_np, robs_np = to_numpy(batch.rhat), to_numpy(batch.robs)
     weights = None if batch.weights is None else to_numpy(batch.weights)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 
 import numpy as np
 import typer
@@ -24,7 +24,6 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from bpseval._json import json_text
-from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.api import evaluate
 from bpseval.errors import ArgumentError, BpsevalError
@@ -53,6 +52,9 @@ from bpseval.views.terminal import (
     render_steps,
 )
 from bpseval.views.text import printable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -422,6 +424,8 @@ def compute(
 
 def _runs_table(table: pd.DataFrame | None, failed: dict[str, str]) -> pd.DataFrame:
     """The runs table of a sweep with one row per run that could not be scored (its reason in `error`), last."""
+    import pandas as pd
+
     if not failed:
         return table
     errors = pd.DataFrame({"run": list(failed), "error": list(failed.values())})

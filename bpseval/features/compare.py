@@ -39,12 +39,11 @@ from collections import Counter
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpseval._json import plain
-from bpseval._lazy import pandas as pd
 from bpseval._sidefiles import DOCUMENT_BYTES, DOCUMENT_DEPTH, SideFileError, read_json
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
@@ -61,6 +60,9 @@ from bpseval.run.scored import (
     score_run,
     scored_from_document,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BASELINE_FORMAT = "bpseval-baseline"
 BASELINE_FORMAT_VERSION = 1
@@ -743,6 +745,8 @@ def verdict_of(
 
 def _coverage_regressions(new: ScoredRun, base: ScoredRun, shared: list[str]) -> pd.DataFrame:
     """Cells `ok` in the baseline and `uncovered` now, matched by dataset and cell_id."""
+    import pandas as pd
+
     rows = []
     for name in shared:
         before, now = base.dataset(name), new.dataset(name)

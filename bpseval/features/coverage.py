@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpseval._json import plain
-from bpseval._lazy import pandas as pd
 from bpseval.kernel.stats import SILENT, UNCOVERED
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoredDataset, ScoredRun, score_run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]
@@ -58,6 +60,8 @@ class CoverageReport:
 def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
     """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes), and list every cell
     that some rank saw no valid sample of."""
+    import pandas as pd
+
     summaries, flagged, zero_ranks = [], [], []
     for dataset in run.datasets:
         total = dataset.stats

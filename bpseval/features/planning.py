@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from bpseval._arrays import to_numpy
-from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.shard.format import FORMAT
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_WORLD_SIZE = 1 << 16
 """Largest world size `plan` predicts for: the per-rank table has one column per rank, so far beyond
@@ -97,6 +99,8 @@ def check_cell_coverage(
     `zero_ranks` (ranks with no valid sample: the condition that crashed legacy loops) and
     `below` (n_valid < min_samples). The cells below are `frame[frame.below]`.
     """
+    import pandas as pd
+
     if not 1 <= world_size <= MAX_WORLD_SIZE:
         raise ArgumentError(
             f"--world-size {world_size} is out of range: give the number of ranks of the validation job,"

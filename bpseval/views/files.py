@@ -13,12 +13,14 @@ import stat
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from bpseval._lazy import pandas as pd
 from bpseval.errors import ArgumentError, RunError
 from bpseval.run.catalog import scan_run_dir
 from bpseval.shard.format import is_shard_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 """First characters that make Excel, LibreOffice or Google Sheets read a CSV cell as a formula."""
@@ -264,6 +266,8 @@ def write_csv(frame: pd.DataFrame, path: str, stdout: TextIO | None = None) -> N
     Lines end in CRLF, as RFC 4180 says: then a text cell holding a carriage return is quoted too
     (with '\n' line ends Python's csv writer leaves a bare '\r' unquoted, which splits the row).
     """
+    import pandas as pd
+
     safe = frame.rename(columns=inert)
     for column, dtype in safe.dtypes.items():
         if not pd.api.types.is_numeric_dtype(dtype):

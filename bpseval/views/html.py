@@ -16,9 +16,8 @@ import shlex
 from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.features.compare import OVERALL, Comparison, MetricComparison
 from bpseval.features.coverage import coverage_report
@@ -48,6 +47,9 @@ from bpseval.views.text import (
     samples_status,
     signed,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CELLS_LISTED = 400
 """Rows of a cell table shown in full; longer tables say how many more there are."""

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bpseval._lazy import pandas as pd
 from bpseval.errors import BpsevalError
 from bpseval.features.compare import Comparison
 from bpseval.features.overview import RunOverview
@@ -33,6 +32,7 @@ from bpseval.views.result import Result
 from bpseval.views.text import format_bps, plural, samples_status
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 MISSING_MATPLOTLIB = "plots need matplotlib: pip install 'bpseval[plot]'"

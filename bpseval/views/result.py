@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpseval._json import json_text, plain
-from bpseval._lazy import pandas as pd
 from bpseval._version import __version__
 from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
 from bpseval.features.groups import GroupScores
@@ -22,6 +21,9 @@ from bpseval.features.steps import StepResults
 from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun, scored_from_document
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATASET_METRICS = list(SUMMARY_METRICS)
 """Every summary number of a dataset (and of the run), in the order the outputs show them."""
@@ -85,6 +87,8 @@ class Result:
     @cached_property
     def datasets(self) -> pd.DataFrame:
         """One row per dataset: samples, duplicates dropped, DATASET_METRICS, cells per status, identity."""
+        import pandas as pd
+
         rows = [
             {
                 "name": dataset.name,
@@ -101,6 +105,8 @@ class Result:
     @cached_property
     def cells(self) -> pd.DataFrame:
         """One row per cell of every dataset: its sums, ll_gain, CELL_METRICS and status."""
+        import pandas as pd
+
         datasets = self.scored.datasets
         sizes = [dataset.n_cells for dataset in datasets]
 
@@ -132,6 +138,8 @@ class Result:
     def groups(self) -> pd.DataFrame:
         """One row per group (`dataset` missing: over all datasets; `value` missing: the group null), every metric
         and the cells per status; empty without groups."""
+        import pandas as pd
+
         rows = [{**record, **record["cells"]} for record in self._group_records()]
         return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
@@ -258,6 +266,8 @@ STEP_COLUMNS = ["step", "world_size", *DATASET_METRICS, *STATUSES]
 
 def steps_frame(steps: StepResults) -> pd.DataFrame:
     """One row per scored step: world size, the overall metrics, cells per status, then bps[dataset]."""
+    import pandas as pd
+
     if not steps.results:
         return pd.DataFrame(columns=STEP_COLUMNS)
     return scored_frame(steps.results, key="step").sort_values("step", kind="stable").reset_index(drop=True)
@@ -276,6 +286,8 @@ def runs_frame(runs: dict[str, ScoredRun], sort: str = "run") -> pd.DataFrame:
 
 def scored_frame(runs: dict[Any, ScoredRun], key: str) -> pd.DataFrame:
     """One row per scored run, labelled `key` (run or step): step, world size, overall metrics and dataset bps."""
+    import pandas as pd
+
     rows = []
     for label, scored in runs.items():
         row = {key: label, "step": scored.step, "world_size": scored.world_size}  # key "step" keeps one column

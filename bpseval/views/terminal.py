@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.cells import cell_len
@@ -23,7 +24,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from bpseval._lazy import pandas as pd
 from bpseval.features.compare import Comparison
 from bpseval.features.coverage import CoverageReport
 from bpseval.features.doctor import Diagnosis
@@ -54,6 +54,9 @@ from bpseval.views.text import (
     shown,
     verdict_text,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CELLS_LISTED_PER_DATASET = 8
 
