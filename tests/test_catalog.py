@@ -406,25 +406,22 @@ def test_compute_doctor_and_compare_agree_on_a_truncated_shard(invoke, tmp_path,
 
 
 def test_files_that_hang_are_waited_for_side_by_side_and_each_is_named(invoke, tmp_path, monkeypatch):
-    """12 files on which libhdf5 loops forever, next to a good step, with a 0.5 s timeout: they used to be waited
-    for one after another (12 x 0.5 s); now up to READERS children wait at once, about 0.5 s x ceil(12 / READERS).
-    The bound is generous: it checks that the waits overlap, it is not a benchmark."""
-    run = tmp_path / "run"
-    write_step(run, 1)
-    hanging = [run / "step-000000" / f"rank-{rank:04d}.h5" for rank in range(12)]
+    """12 files on which libhdf5 loops forever, with a 0.5 s timeout: they used to be waited for one after another
+    (12 x 0.5 s); now up to READERS children wait at once, about 0.5 s x ceil(12 / READERS). The bound is
+    generous: it checks that the waits overlap, it is not a benchmark. (No good shard here: with a 0.5 s timeout
+    a loaded machine could make a healthy one late too; `test_merge.py` reads good shards around a hang.)"""
+    hanging = [tmp_path / "run" / "step-000000" / f"rank-{rank:04d}.h5" for rank in range(12)]
     hanging[0].parent.mkdir(parents=True)
     for path in hanging:
         shutil.copy(HANGS_HDF5, path)
     monkeypatch.setenv("BPSEVAL_METADATA_TIMEOUT", "0.5")
     started = time.perf_counter()
-    result = invoke("doctor", run, "--json", "-")
+    result = invoke("doctor", tmp_path / "run", "--json", "-")
     elapsed = time.perf_counter() - started
-    assert result.exit_code == 1, result.output
-    document = json.loads(result.stdout)
-    problems = {problem["path"]: problem["problem"] for problem in document["file_problems"]}
+    assert result.exit_code == 2, result.output
+    problems = {problem["path"]: problem["problem"] for problem in json.loads(result.stdout)["file_problems"]}
     assert sorted(problems) == sorted(map(str, hanging))
     assert all(problem.startswith("reading its metadata did not finish within 0.5 s") for problem in problems.values())
-    assert document["compute"]["step"] == 1  # the good step was read around them
     assert READERS > 1 and elapsed < 0.6 * len(hanging) * 0.5, elapsed
 
 

@@ -149,13 +149,13 @@ class _HeaderReader:
         """Files the child was allowed to read: the first `granted` of `indices`."""
         self.limit = len(indices)
         """Files this child is to read (fewer once it handed the rest over)."""
-        self.since = time.monotonic()
-        """When the current file's reading began, as far as the parent knows: the start, or the last header."""
         context = multiprocessing.get_context("fork")
         self.receiver, child_end = context.Pipe()
         self.child = context.Process(target=_send_headers, args=([paths[i] for i in indices], child_end), daemon=True)
         self.child.start()
         child_end.close()
+        self.since = time.monotonic()
+        """When the current file's reading began, as far as the parent knows: the fork, or the last header."""
         self._grant(GRANTED_AHEAD)
 
     @property
