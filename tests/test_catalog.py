@@ -405,24 +405,41 @@ def test_compute_doctor_and_compare_agree_on_a_truncated_shard(invoke, tmp_path,
 # Reading headers in forked children
 
 
-def test_files_that_hang_are_waited_for_side_by_side_and_each_is_named(invoke, tmp_path, monkeypatch):
+DIAGNOSE_TIMED = """
+import json, sys, time
+from bpseval.features.doctor import diagnose
+started = time.perf_counter()
+document = diagnose(sys.argv[1]).to_dict()
+print(json.dumps({"elapsed": time.perf_counter() - started, **document}))
+"""
+
+
+def test_files_that_hang_are_waited_for_side_by_side_and_each_is_named(tmp_path):
     """12 files on which libhdf5 loops forever, with a 0.5 s timeout: they used to be waited for one after another
     (12 x 0.5 s); now up to READERS children wait at once, about 0.5 s x ceil(12 / READERS). The bound is
-    generous: it checks that the waits overlap, it is not a benchmark. (No good shard here: with a 0.5 s timeout
-    a loaded machine could make a healthy one late too; `test_merge.py` reads good shards around a hang.)"""
+    generous: it checks that the waits overlap, it is not a benchmark. Timed inside a fresh interpreter, as
+    `bpseval doctor` runs (forking this test process, torch and all, costs far more per child); no good shard
+    here, since a 0.5 s timeout on a loaded machine could make a healthy one late too (`test_merge.py` reads
+    good shards around a hang)."""
     hanging = [tmp_path / "run" / "step-000000" / f"rank-{rank:04d}.h5" for rank in range(12)]
     hanging[0].parent.mkdir(parents=True)
     for path in hanging:
         shutil.copy(HANGS_HDF5, path)
-    monkeypatch.setenv("BPSEVAL_METADATA_TIMEOUT", "0.5")
-    started = time.perf_counter()
-    result = invoke("doctor", tmp_path / "run", "--json", "-")
-    elapsed = time.perf_counter() - started
-    assert result.exit_code == 2, result.output
-    problems = {problem["path"]: problem["problem"] for problem in json.loads(result.stdout)["file_problems"]}
-    assert sorted(problems) == sorted(map(str, hanging))
+    completed = subprocess.run(
+        [sys.executable, "-c", DIAGNOSE_TIMED, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "BPSEVAL_METADATA_TIMEOUT": "0.5"},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(completed.stdout)
+    problems = {problem["path"]: problem["problem"] for problem in document["file_problems"]}
+    assert sorted(problems) == sorted(map(str, hanging)) and document["status"] == "unusable"
     assert all(problem.startswith("reading its metadata did not finish within 0.5 s") for problem in problems.values())
-    assert READERS > 1 and elapsed < 0.6 * len(hanging) * 0.5, elapsed
+    assert READERS > 1 and document["elapsed"] < 0.6 * len(hanging) * 0.5, document["elapsed"]
 
 
 def test_a_bug_in_the_header_reading_child_is_raised_as_itself_not_called_a_damaged_file(invoke, tmp_path, monkeypatch):
