@@ -174,7 +174,17 @@ def bad_input_exits() -> Iterator[None]:
 
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory; shards are found in it and below it.", show_default=True)]
-Step = Annotated[int | None, typer.Option("--step", help="Validation step to use (default: the latest).")]
+Step = Annotated[
+    int | None,
+    typer.Option(
+        "--step",
+        help="Validation step to use (default: the latest complete one; newer incomplete ones are passed over).",
+    ),
+]
+LatestStep = Annotated[
+    int | None,
+    typer.Option("--step", help="Validation step to use (default: the latest, which must be complete)."),
+]
 JsonPath = Annotated[str | None, typer.Option("--json", metavar="PATH", help="Write JSON here ([bold]-[/] = stdout).")]
 CsvPath = Annotated[str | None, typer.Option("--csv", metavar="PATH", help="Write the per-cell table as CSV.")]
 CellsPath = Annotated[
@@ -655,7 +665,7 @@ def compare(
     baseline_path: Annotated[
         Path, typer.Option("--baseline", metavar="BASE", help="A baseline JSON (bpseval baseline) or a run directory.")
     ] = Path("baseline.json"),
-    step: Step = None,
+    step: LatestStep = None,
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance of the overall metrics.")] = 0.0,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance of the overall metrics.")] = 0.01,
     dataset_atol: Annotated[
@@ -869,7 +879,7 @@ def report(
     ] = ...,
     baseline_path: Baseline = None,
     allow_different_samples: AllowDifferentSamples = False,
-    step: Step = None,
+    step: LatestStep = None,
     min_samples: MinSamples = 10,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
@@ -908,6 +918,7 @@ def report(
             cache=not no_cache,
             cells=cells_path,
             group_by=group_by,
+            pass_over=False,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)

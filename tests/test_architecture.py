@@ -140,7 +140,7 @@ def test_every_path_that_takes_sums_it_did_not_make_goes_through_the_sums_contra
     assert "checked_sums(" in modules()[module].read_text() or "check_parts_add_up(" in modules()[module].read_text()
 
 
-def test_only_the_catalog_and_the_parallel_runner_start_processes():
+def test_only_the_header_readers_and_the_parallel_runner_start_processes():
     """ARCHITECTURE.md: processes are started in two modules, one way (`run.parallel.START_METHOD`)."""
     starters = ("multiprocessing", "ProcessPoolExecutor", "os.fork", "subprocess", "LocalCluster")
     holders = [
@@ -148,6 +148,6 @@ def test_only_the_catalog_and_the_parallel_runner_start_processes():
         for path in modules().values()
         if any(word in path.read_text() for word in starters)
     ]
-    assert sorted(holders) == ["run/catalog.py", "run/parallel.py"]
-    catalog = (PACKAGE / "run" / "catalog.py").read_text()
+    assert sorted(holders) == ["run/headers.py", "run/parallel.py"]
+    catalog = (PACKAGE / "run" / "headers.py").read_text()
     assert 'START_METHOD != "fork"' in catalog and "start_method" not in (PACKAGE / "run" / "parallel.py").read_text()

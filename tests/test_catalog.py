@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,9 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import bpseval.run.headers as headers
 from bpseval import ShardWriter
+from bpseval.errors import RunError
 from bpseval.run.catalog import RunCatalog
+from bpseval.run.headers import READERS, read_headers
+from bpseval.shard import reader
 from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
+from tests.test_merge import HANGS_HDF5
 from tests.test_steps import DATASETS, write_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +152,14 @@ def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_command(tmp_path)
         assert run_bpseval("compute", str(run), "--step", "0").returncode == 0
         doctor = run_bpseval("doctor", str(run))
         assert doctor.returncode == 1 and f"{hidden}: cannot be listed" in doctor.stdout
+        # doctor says what compute does: it fails without --step, and --step 0 works; no empty world size
+        assert f"without --step, compute fails: {hidden}: cannot be listed" in doctor.stdout
+        assert "--step 0 (the latest complete step) works" in doctor.stdout
+        assert "compute still has a complete step" not in doctor.stdout and "world size ," not in doctor.stdout
+        assert "step 1 is incomplete: no shard of it could be read, 1 path that cannot be read" in doctor.stdout
+        document = json.loads(run_bpseval("doctor", str(run), "--json", "-").stdout)
+        assert document["compute"]["step"] is None and f"{hidden}: cannot be listed" in document["compute"]["error"]
+        assert document["usable_steps"] == [0] and document["steps"][1]["world_sizes"] == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -241,13 +256,13 @@ def test_plot_and_report_draw_the_good_steps_then_exit_2(invoke, tmp_path):
 
 COUNT_HEADER_READS = """
 import sys
-import bpseval.run.catalog as catalog
+import bpseval.run.headers as headers
 log = open(sys.argv[1], "a", buffering=1)
-read_header = catalog.read_header
+read_header = headers.read_header
 def counted(path):
     log.write(f"{path}\\n")
     return read_header(path)
-catalog.read_header = counted
+headers.read_header = counted
 from bpseval.cli import app
 app(sys.argv[2:])
 """
@@ -272,3 +287,199 @@ def test_every_shard_header_is_read_once_per_command(tmp_path, command):
     assert completed.returncode == 0, completed.stderr
     reads = log.read_text().split()
     assert len(reads) == 12 and len(set(reads)) == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# One step rule: which step a command merges without --step (`RunCatalog.select`)
+
+
+def run_with_an_incomplete_latest_step(invoke, tmp_path: Path) -> tuple[Path, Path]:
+    """Complete steps 0 and 1, a baseline of step 1, then step 2 with rank 1 missing (crashed, or still writing)."""
+    run = tmp_path / "run"
+    for step in (0, 1):
+        write_step(run, step)
+    base = tmp_path / "base.json"
+    assert invoke("baseline", run, "-o", base).exit_code == 0
+    write_step(run, 2, ranks=(0,))
+    return run, base
+
+
+REFUSED = (
+    "the latest step, 2, is incomplete (rank 1 missing), and an older step is not used in its place without --step"
+)
+
+
+def test_compare_refuses_an_incomplete_latest_step_naming_its_missing_rank_and_compute_passes_over_it(invoke, tmp_path):
+    """compare used to pass over the incomplete step 2 and judge step 1 against the baseline: bad input (a rank
+    missing) reported as a verdict. Now it exits 2 naming the step, the rank and --step; compute still passes over
+    it, saying so; --step picks a step explicitly."""
+    run, base = run_with_an_incomplete_latest_step(invoke, tmp_path)
+    compared = invoke("compare", run, "--baseline", base)
+    assert compared.exit_code == 2, compared.output
+    assert f"Error: {run}: {REFUSED}: pass --step 1 (the latest complete step)" in compared.stderr
+    assert "Regression" not in compared.output and "Traceback" not in compared.output
+    computed = invoke("compute", run, "--json", "-")
+    assert computed.exit_code == 0 and json.loads(computed.stdout)["step"] == 1
+    assert "Warning: step 2 is incomplete (rank 1 missing); passed over." in computed.stderr
+    explicit = invoke("compare", run, "--baseline", base, "--step", "1", "--json", "-")
+    assert explicit.exit_code == 0, explicit.output
+    assert json.loads(explicit.stdout)["passed"] is True
+    assert invoke("compare", run, "--baseline", base, "--step", "2").exit_code == 2  # named: still incomplete
+    doctor = json.loads(invoke("doctor", run, "--json", "-").stdout)
+    assert doctor["compute"] == {
+        "step": 1,
+        "error": None,
+        "notes": ["step 2 is incomplete (rank 1 missing); passed over."],
+    }
+    assert doctor["compare"]["step"] is None and REFUSED in doctor["compare"]["error"]
+
+
+def test_report_refuses_an_incomplete_latest_step_as_compare_does(invoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, _ = run_with_an_incomplete_latest_step(invoke, tmp_path)
+    report = invoke("report", run, "-o", tmp_path / "report.html")
+    assert report.exit_code == 2 and f"Error: {run}: {REFUSED}: pass --step 1" in report.stderr
+    assert not (tmp_path / "report.html").exists()
+    explicit = invoke("report", run, "-o", tmp_path / "report.html", "--step", "1")
+    assert explicit.exit_code == 0, explicit.output
+    assert "report of step 1 written" in explicit.stdout
+
+
+def test_the_incomplete_latest_step_of_a_run_without_a_complete_one_says_to_wait(tmp_path):
+    run = tmp_path / "run"
+    write_step(run, 0, ranks=(1,))
+    scanned = RunCatalog.scan(run)
+    with pytest.raises(RunError) as refused:
+        scanned.select(pass_over=False)
+    assert "the latest step, 0, is incomplete (rank 0 missing)" in str(refused.value)
+    assert "--step (" not in str(refused.value) and "wait until every rank has written step 0" in str(refused.value)
+    with pytest.raises(RunError, match="step 0 has world size 2 but no shard for rank 0"):
+        scanned.select()  # passing over leaves nothing: the step's own reason
+
+
+def truncated_run(tmp_path: Path, where: str, keep: int) -> tuple[Path, Path]:
+    """Complete steps 0-2 (2 ranks each), one shard cut to its first `keep` bytes (negative: all but the last
+    -keep): in the latest step, in an older one, or a shard outside the step folders (its step is unknown)."""
+    run = tmp_path / "run"
+    for step in range(3):
+        write_step(run, step)
+    if where == "outside the step folders":
+        shard = write_raw_shard(run / "rank-0000.h5", {"d": poisson_dataset(0)}, step=7)
+    else:
+        shard = run / ("step-000002" if where == "latest step" else "step-000001") / "rank-0001.h5"
+    shard.write_bytes(shard.read_bytes()[:keep])
+    return run, shard
+
+
+@pytest.mark.parametrize("keep", [2000, -1])
+@pytest.mark.parametrize("where", ["latest step", "older step", "outside the step folders"])
+def test_compute_doctor_and_compare_agree_on_a_truncated_shard(invoke, tmp_path, where, keep):
+    """compute, compare and doctor decide through one rule: doctor's "compute"/"compare" entries are what those
+    commands do, word for word, and every one names the file. (doctor used to say "compute still has a complete
+    step" where compute exited 2.)"""
+    clean = tmp_path / "clean"
+    for step in range(3):
+        write_step(clean, step)
+    base = tmp_path / "base.json"
+    assert invoke("baseline", clean, "-o", base).exit_code == 0
+    run, shard = truncated_run(tmp_path, where, keep)
+    computed = invoke("compute", run)
+    compared = invoke("compare", run, "--baseline", base)
+    doctor = invoke("doctor", run, "--json", "-")
+    document = json.loads(doctor.stdout)
+    expected = {"latest step": (2, 2, 1), "older step": (0, 0, 1), "outside the step folders": (2, 2, 2)}[where]
+    assert (computed.exit_code, compared.exit_code, doctor.exit_code) == expected, (computed.output, compared.output)
+    for side, result in (("compute", computed), ("compare", compared)):
+        assert str(shard) in result.stderr
+        if result.exit_code == 2:
+            assert document[side]["step"] is None and f"Error: {document[side]['error']}" in result.stderr
+        else:
+            assert document[side]["step"] == 2 and document[side]["error"] is None
+    assert [problem["path"] for problem in document["file_problems"]] == [str(shard)]
+    verdict = invoke("doctor", run).stdout.splitlines()[-1]
+    assert ("compute fails" in verdict) == (computed.exit_code == 2)
+    assert "compute still has a complete step" not in verdict
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading headers in forked children
+
+
+DIAGNOSE_TIMED = """
+import json, sys, time
+from bpseval.features.doctor import diagnose
+started = time.perf_counter()
+document = diagnose(sys.argv[1]).to_dict()
+print(json.dumps({"elapsed": time.perf_counter() - started, **document}))
+"""
+
+
+def test_files_that_hang_are_waited_for_side_by_side_and_each_is_named(tmp_path):
+    """12 files on which libhdf5 loops forever, with a 0.5 s timeout: they used to be waited for one after another
+    (12 x 0.5 s); now up to READERS children wait at once, about 0.5 s x ceil(12 / READERS). The bound is
+    generous: it checks that the waits overlap, it is not a benchmark. Timed inside a fresh interpreter, as
+    `bpseval doctor` runs (forking this test process, torch and all, costs far more per child); no good shard
+    here, since a 0.5 s timeout on a loaded machine could make a healthy one late too (`test_merge.py` reads
+    good shards around a hang)."""
+    hanging = [tmp_path / "run" / "step-000000" / f"rank-{rank:04d}.h5" for rank in range(12)]
+    hanging[0].parent.mkdir(parents=True)
+    for path in hanging:
+        shutil.copy(HANGS_HDF5, path)
+    completed = subprocess.run(
+        [sys.executable, "-c", DIAGNOSE_TIMED, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "BPSEVAL_METADATA_TIMEOUT": "0.5"},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(completed.stdout)
+    problems = {problem["path"]: problem["problem"] for problem in document["file_problems"]}
+    assert sorted(problems) == sorted(map(str, hanging)) and document["status"] == "unusable"
+    assert all(problem.startswith("reading its metadata did not finish within 0.5 s") for problem in problems.values())
+    assert READERS > 1 and document["elapsed"] < 0.6 * len(hanging) * 0.5, document["elapsed"]
+
+
+def test_a_bug_in_the_header_reading_child_is_raised_as_itself_not_called_a_damaged_file(invoke, tmp_path, monkeypatch):
+    """An AttributeError while a forked child reads a header used to come back as "the file is damaged"."""
+    run = tmp_path / "run"
+    write_step(run, 0)
+
+    def bug(*args: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'shape' (a bug in bpseval)")
+
+    monkeypatch.setattr(reader, "_check_stored", bug)  # called by read_header; the forked children inherit it
+    with pytest.raises(AttributeError, match="a bug in bpseval") as raised:
+        RunCatalog.scan(run)
+    assert "in bug" in str(raised.value.__cause__)  # the child's traceback, as the cause
+    result = invoke("compute", run)
+    assert isinstance(result.exception, AttributeError) and "damaged" not in result.output
+
+
+def test_only_a_reader_killed_by_a_signal_means_a_damaged_file(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_step(run, 0)
+    paths = sorted(run.rglob("rank-*.h5"))
+    real = headers.read_header
+
+    def crashing(path: Path):
+        if path == paths[0]:
+            faulthandler.disable()  # pytest's handler would print this child's stack
+            os.kill(os.getpid(), signal.SIGSEGV)  # as libhdf5 crashing on a damaged file
+        return real(path)
+
+    monkeypatch.setattr(headers, "read_header", crashing)
+    first, second = read_headers(paths)
+    assert f"{paths[0]}: reading its metadata killed the reader (SIGSEGV); the file is damaged" in str(first)
+    assert second.rank == 1  # read by a new child
+
+    def leaving(path: Path):
+        os._exit(0)
+
+    monkeypatch.setattr(headers, "read_header", leaving)
+    with pytest.raises(
+        RuntimeError, match=r"ended without sending it \(exit code 0\): a bug in bpseval, not a damaged file"
+    ):
+        read_headers(paths)

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpseval.kernel.stats import CellStats, add_by_block, as_weights, batch_stats
-from bpseval.run.catalog import SHARDS_PER_CHILD
 from bpseval.run.dedup import _FirstSeen
+from bpseval.run.headers import SHARDS_PER_CHILD
 from bpseval.run.merge import dataset_identity, merge_run, sample_blocks
 from tests.conftest import poisson_dataset, write_raw_shard
 
@@ -26,7 +26,7 @@ HANGS_HDF5 = Path(__file__).parent / "data" / "hangs_hdf5_global_heap.h5"
 READ_HEADERS = """
 import sys
 from pathlib import Path
-from bpseval.run.catalog import read_headers
+from bpseval.run.headers import read_headers
 headers = read_headers([Path(p) for p in sys.argv[2:]], timeout=2.0, jobs=int(sys.argv[1]))
 for header in headers:
     print(getattr(header, "rank", None), str(header) if isinstance(header, Exception) else "")
@@ -166,7 +166,7 @@ def test_headers_are_read_in_forked_children_with_torch_loaded_too(tmp_path):
     a hanging file is reported after the timeout, not waited on forever."""
     import torch  # noqa: F401 - loaded in this process, as in a training script
 
-    from bpseval.run.catalog import read_headers
+    from bpseval.run.headers import read_headers
 
     good = write_raw_shard(tmp_path / "rank-0000.h5", {"d": poisson_dataset(0)}, world_size=2)
     hanging = tmp_path / "rank-0001.h5"

@@ -301,17 +301,25 @@ def test_doctor_reports_steps_ranks_leftovers_and_damaged_files(invoke, tmp_path
     leftover = tmp_path / "step-000003" / ".rank-0000.h5.tmp"
     leftover.write_text("partial")
     os.utime(leftover, (1, 1))
-    (tmp_path / "rank-0009.h5").write_text("not hdf5")  # named like a shard: damaged, not skipped
     result = invoke("doctor", tmp_path, "--json", "-")
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert [(s["step"], s["complete"], s["missing"]) for s in document["steps"]] == [(3, True, []), (4, False, [0])]
     assert document["leftovers"] == [{"path": str(leftover), "stale": True}]
-    assert document["file_problems"][0]["path"] == str(tmp_path / "rank-0009.h5")
     assert leftover.exists()  # reported, never deleted
+    assert document["compute"]["step"] == 3 and document["compare"]["step"] is None
     table = invoke("doctor", tmp_path).stdout
     assert "step 4 is incomplete: world size 2, ranks present [1], missing [0]" in table
-    assert "problems found" in table
+    assert "problems found: compute uses step 3. Without --step, compare and report fail" in table
+    damaged = tmp_path / "rank-0009.h5"
+    damaged.write_text("not hdf5")  # named like a shard: damaged, not skipped; of no known step, so of every step
+    result = invoke("doctor", tmp_path, "--json", "-")
+    assert result.exit_code == 2  # as compute, even with --step 3
+    assert invoke("compute", tmp_path, "--step", "3").exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["file_problems"][0]["path"] == str(damaged) and document["usable_steps"] == []
+    assert document["compute"]["step"] is None and str(damaged) in document["compute"]["error"]
+    assert "unusable: no step can be merged; compute fails: " in invoke("doctor", tmp_path).stdout
 
 
 def test_doctor_on_a_run_without_a_complete_step_exits_2(invoke, tmp_path):

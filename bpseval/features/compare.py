@@ -88,10 +88,16 @@ class Side:
 
 
 def load_run(
-    run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None, **merge_options: Any
+    run_dir: str | os.PathLike[str],
+    step: int | None = None,
+    blocks: int | None = None,
+    *,
+    pass_over: bool = True,
+    **merge_options: Any,
 ) -> Side:
-    """A run directory as a comparison side, with per-block statistics when `blocks` is given."""
-    return Side(str(run_dir), score_run(merge_run(run_dir, step, blocks=blocks, **merge_options)))
+    """A run directory as a comparison side, with per-block statistics when `blocks` is given (`pass_over`: see
+    `RunCatalog.select`)."""
+    return Side(str(run_dir), score_run(merge_run(run_dir, step, blocks=blocks, pass_over=pass_over, **merge_options)))
 
 
 def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **merge_options: Any) -> Side:
@@ -875,12 +881,14 @@ def compare_paths(
 ) -> Comparison:
     """Load both sides (with block statistics only when a paired test may be needed) and compare.
 
-    With a cell table `cells` and one of its columns `group_by`, each failed metric's change is also
+    The run's step is `step`, or its latest step, which must then be complete (an incomplete one is a
+    RunError naming the missing ranks, never a verdict on an older step); a baseline run directory
+    gives the step `bpseval baseline` would write. With a cell table `cells` and one of its columns `group_by`, each failed metric's change is also
     summed per group of the run's cells; the table is checked before anything is merged.
     """
     table = grouping_table(cells, group_by)
     blocks = settings.blocks if settings.significance is not None else None
-    new = load_run(run_dir, step, blocks, **merge_options)
+    new = load_run(run_dir, step, blocks, pass_over=False, **merge_options)  # its latest step only when complete
     base = load_baseline(baseline, blocks, **merge_options)
     if table is None or group_by is None:
         return compare(new, base, settings)

@@ -42,9 +42,11 @@ def load_overview(
     settings: CompareSettings | None = None,
     cells: str | os.PathLike[str] | None = None,
     group_by: str | None = None,
+    pass_over: bool = True,
     **merge_options: Any,
 ) -> RunOverview:
-    """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`).
+    """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`,
+    or with `pass_over` False, as `bpseval report`, the latest step only when it is complete: `RunCatalog.select`).
 
     The pictured step must be complete, as for `bpseval compute`; other steps that cannot be
     scored are listed in `steps` (see `StepResults.bad`). With `baseline` (a baseline
@@ -53,7 +55,7 @@ def load_overview(
     """
     table = grouping_table(cells, group_by)
     catalog = RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
-    chosen = catalog.select(step).entry.step  # the step `bpseval compute --step` merges, or its error
+    chosen = catalog.select(step, pass_over=pass_over).entry.step  # the step the one rule picks, or its error
     runs, steps = merge_steps(catalog, **merge_options)
     if chosen not in runs:
         raise RunError(f"{catalog.root}: {steps.failed[chosen]}")

@@ -7,23 +7,16 @@ are complete, what is wrong with the directory. Each shard's header is read once
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from bpseval.errors import BpsevalError, RunError, ShardError
-from bpseval.kernel.compiled import available_cpus
-from bpseval.run.parallel import START_METHOD
+from bpseval.run.headers import read_headers
 from bpseval.shard.format import ShardHeader, is_shard_name
-from bpseval.shard.reader import NotAShardError, read_header
+from bpseval.shard.reader import NotAShardError
 
 STEP_DIRECTORY = re.compile(r"step-(\d+)")
 """The folder ShardWriter puts a step's shards in (`shard_path`): tells a file's step without opening it."""
@@ -161,118 +154,6 @@ def listing(items: list[str]) -> str:
     """The first LISTED items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:LISTED])
     return shown + (f" (+{len(items) - LISTED} more)" if len(items) > LISTED else "")
-
-
-HEADER_TIMEOUT = 30.0
-"""Seconds one shard's metadata may take to read (milliseconds when healthy); BPSEVAL_METADATA_TIMEOUT overrides it."""
-
-
-SHARDS_PER_CHILD = 64
-"""Shards from which `read_headers` forks one more child, up to the CPUs, whatever `jobs`: a header takes
-milliseconds to read (most of it HDF5's per-array cost), a fork about ten."""
-
-
-def read_headers(paths: list[Path], timeout: float | None = None, jobs: int = 1) -> list[ShardHeader | BpsevalError]:
-    """Every shard's header (or the error that makes it unusable), in the order of `paths`.
-
-    HDF5 can loop forever on some damaged files (a corrupt global heap behind a string
-    attribute), which no exception interrupts; so the headers are read in forked children (`jobs`,
-    or one per SHARDS_PER_CHILD shards up to the CPUs when that is more; each reads a contiguous share
-    of `paths`) and a file that takes longer than `timeout` is reported as damaged. Where bpseval
-    does not fork (START_METHOD is not "fork": not Linux) they are read here, without that bound.
-    """
-    if not paths or START_METHOD != "fork":
-        return [_header_or_error(path) for path in paths]
-    if timeout is None:
-        timeout = float(os.environ.get("BPSEVAL_METADATA_TIMEOUT", HEADER_TIMEOUT))
-    children = max(jobs, min(available_cpus(), len(paths) // SHARDS_PER_CHILD))
-    shares = np.array_split(np.arange(len(paths)), max(1, min(children, len(paths))))
-    readers = [_HeaderReader([paths[i] for i in share], timeout) for share in shares]
-    try:
-        _receive_all(readers)
-    finally:  # also when receiving fails: no child outlives the call
-        for reader in readers:
-            reader.stop()
-    # the files after one that hung or crashed its child are read by new children
-    return [header for reader in readers for header in reader.headers + read_headers(reader.unread(), timeout)]
-
-
-def _receive_all(readers: list[_HeaderReader]) -> None:
-    """Take every reader's headers as they come, from all of them at once (a child whose pipe is full waits
-    until it is read), until each has sent all its headers, crashed, or let its timeout pass."""
-    waiting = {reader.receiver: reader for reader in readers}
-    while waiting:
-        deadline = min(reader.deadline for reader in waiting.values())
-        ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
-        for receiver in ready:
-            if not waiting[receiver].receive():
-                del waiting[receiver]
-        now = time.monotonic()
-        for receiver, reader in list(waiting.items()):
-            if receiver not in ready and reader.deadline <= now:
-                reader.hung()
-                del waiting[receiver]
-
-
-class _HeaderReader:
-    """A forked child that reads the headers of `paths` in order and sends each back as it is read; a file
-    whose header takes longer than `timeout` to come, or that crashes the child, is reported as damaged."""
-
-    def __init__(self, paths: list[Path], timeout: float) -> None:
-        self.paths, self.timeout = paths, timeout
-        self.headers: list[ShardHeader | BpsevalError] = []
-        self.deadline = time.monotonic() + timeout
-        context = multiprocessing.get_context("fork")
-        self.receiver, sender = context.Pipe(duplex=False)
-        self.child = context.Process(target=_send_headers, args=(paths, sender), daemon=True)
-        self.child.start()
-        sender.close()
-
-    def receive(self) -> bool:
-        """Take the next header (the pipe is ready); False once all are in or the child crashed."""
-        try:
-            self.headers.append(self.receiver.recv())
-        except EOFError:
-            self.headers.append(
-                ShardError(
-                    f"{self.paths[len(self.headers)]}: reading its metadata crashed the reader; the file is damaged."
-                )
-            )
-            return False
-        self.deadline = time.monotonic() + self.timeout
-        return len(self.headers) < len(self.paths)
-
-    def hung(self) -> None:
-        """The next file took longer than the timeout."""
-        self.headers.append(
-            ShardError(
-                f"{self.paths[len(self.headers)]}: reading its metadata did not finish within {self.timeout:g} s; the"
-                " file is damaged (HDF5 can loop forever on a corrupt heap). Move it out of the run directory."
-            )
-        )
-
-    def stop(self) -> None:
-        """End the child (done, hung or crashed) and close the pipe."""
-        self.child.kill()
-        self.child.join()
-        self.receiver.close()
-
-    def unread(self) -> list[Path]:
-        """The files after the last header taken (after one that hung or crashed the child)."""
-        return self.paths[len(self.headers) :]
-
-
-def _send_headers(paths: list[Path], sender: Any) -> None:
-    for path in paths:
-        sender.send(_header_or_error(path))
-    sender.close()
-
-
-def _header_or_error(path: Path) -> ShardHeader | BpsevalError:
-    try:
-        return read_header(path)
-    except BpsevalError as error:
-        return error
 
 
 @dataclass(frozen=True)
@@ -472,17 +353,25 @@ class RunCatalog:
         return [step for step, entry in self.steps.items() if entry.complete]
 
     @property
+    def usable_steps(self) -> list[int]:
+        """The steps `select(step)` merges: the complete ones, and none while a file of unknown step cannot be read."""
+        return [] if self.run_problems else self.complete_steps
+
+    @property
     def skipped_steps(self) -> dict[int, str]:
         """Every step that cannot be merged, with why."""
         return {step: entry.reason for step, entry in self.steps.items() if not entry.complete}
 
-    def select(self, step: int | None = None) -> StepSelection:
-        """The step to merge: `step`, or by default the latest complete one.
+    def select(self, step: int | None = None, *, pass_over: bool = True) -> StepSelection:
+        """The step to merge: `step`, or by default the latest complete one. The one rule of every command.
 
         Newer steps whose ranks are still missing are passed over with a note (their writers may
-        still be running); a newer step that is broken otherwise (damaged files, mixed launches or
-        world sizes) is not: it is refused, as is `step` when it cannot be merged. A file whose
-        step is unknown and cannot be read is refused whatever the step.
+        still be running), unless `pass_over` is False: then (`compare`, `report`) the latest step is
+        used only when it is complete, and an incomplete one is refused naming its missing ranks and
+        `--step`, since a verdict on an older step would pass for one on the latest. A newer step that
+        is broken otherwise (damaged files, mixed launches or world sizes) is never passed over: it is
+        refused, as is `step` when it cannot be merged. A file whose step is unknown and cannot be
+        read is refused whatever the step.
         """
         if self.run_problems:
             raise self.run_problems[0].error
@@ -497,8 +386,20 @@ class RunCatalog:
                 return StepSelection(entry, notes)
             if not entry.only_incomplete:
                 self._require(entry)
+            if not pass_over:
+                raise RunError(self._latest_incomplete_text(entry))
             notes.append(f"step {entry.step} is incomplete ({entry.missing_text()} missing); passed over.")
         return StepSelection(self._require(list(self.steps.values())[-1]), [])
+
+    def _latest_incomplete_text(self, entry: StepEntry) -> str:
+        """Why the latest step, whose ranks are missing, is not used when it must be complete; and the ways out."""
+        complete = self.complete_steps
+        way = f"pass --step {complete[-1]} (the latest complete step), or wait" if complete else "wait"
+        return (
+            f"{self.root}: the latest step, {entry.step}, is incomplete ({entry.missing_text()} missing), and an"
+            f" older step is not used in its place without --step: {way} until every rank has written step"
+            f" {entry.step}.{leftover_note(self.leftovers)}"
+        )
 
     @property
     def skipped_note(self) -> str:

@@ -43,18 +43,26 @@ about what the overlap saves."""
 
 
 def merge_run(
-    run_dir: str | os.PathLike[str], step: int | None = None, blocks: int | None = None, **options: Any
+    run_dir: str | os.PathLike[str],
+    step: int | None = None,
+    blocks: int | None = None,
+    *,
+    pass_over: bool = True,
+    **options: Any,
 ) -> MergedRun:
-    """Scan `run_dir` and merge one step of it (default: the latest complete one); `options` as for
-    `merge_selection` (`jobs` also reads the headers in that many processes)."""
-    return merge_step(RunCatalog.scan(run_dir, jobs=options.get("jobs", 1)), step, blocks, **options)
+    """Scan `run_dir` and merge one step of it (default: the latest complete one; see `RunCatalog.select` for
+    `pass_over`); `options` as for `merge_selection` (`jobs` also reads the headers in that many processes)."""
+    return merge_step(
+        RunCatalog.scan(run_dir, jobs=options.get("jobs", 1)), step, blocks, pass_over=pass_over, **options
+    )
 
 
-def merge_step(catalog: RunCatalog, step: int | None = None, blocks: int | None = None, **options: Any) -> MergedRun:
-    """Check and merge the shards of one step of a scanned run (`catalog.select(step)` chooses it);
-    `options` as for `merge_selection`. Steps not merged that have unreadable files are named in
-    the warnings."""
-    selection = catalog.select(step)
+def merge_step(
+    catalog: RunCatalog, step: int | None = None, blocks: int | None = None, *, pass_over: bool = True, **options: Any
+) -> MergedRun:
+    """Check and merge the shards of one step of a scanned run (`catalog.select(step, pass_over=pass_over)` chooses
+    it); `options` as for `merge_selection`. Steps not merged that have unreadable files are named in the warnings."""
+    selection = catalog.select(step, pass_over=pass_over)
     unused = [
         f"not merged, has unreadable files: {entry.reason}"
         for entry in catalog.steps.values()

@@ -530,11 +530,11 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
         [
             str(step.step),
             "[green]yes[/]" if step.complete else "[red]no[/]",
-            "/".join(map(str, step.world_sizes)),
-            ranges(step.ranks),
+            "/".join(map(str, step.world_sizes)) or "—",  # no shard of the step could be read
+            ranges(step.ranks) or "—",
             ranges(step.missing) or "—",
             ranges(step.repeated) or "—",
-            ", ".join(step.stores),
+            ", ".join(step.stores) or "—",
         ]
         for step in diagnosis.steps
     ]
@@ -543,12 +543,23 @@ def render_doctor(diagnosis: Diagnosis, console: Console) -> None:
         console.print(f"[red]✗[/] {shown(problem)}", soft_wrap=True)
     for note in diagnosis.notes:
         console.print(f"[yellow]•[/] {shown(note)}", soft_wrap=True)
-    verdict = {
-        0: "[green]✓ healthy[/]",
-        1: "[yellow]problems found[/] (compute still has a complete step)",
-        2: "[red]unusable:[/] no complete step",
-    }
-    console.print(verdict[diagnosis.status])
+    console.print(_doctor_verdict(diagnosis), soft_wrap=True)
+
+
+def _doctor_verdict(diagnosis: Diagnosis) -> str:
+    """The last line of `bpseval doctor`: healthy or not, and what compute and compare do without --step."""
+    compute, compare = diagnosis.compute, diagnosis.compare
+    if diagnosis.status == 0:
+        return "[green]✓ healthy[/]"
+    if diagnosis.status == 2:
+        return f"[red]unusable:[/] no step can be merged; compute fails: {shown(compute.error)}"
+    if compute.step is None:
+        return (
+            f"[yellow]problems found:[/] without --step, compute fails: {shown(compute.error)} --step"
+            f" {diagnosis.usable[-1]} (the latest complete step) works."
+        )
+    refused = f" Without --step, compare and report fail: {shown(compare.error)}" if compare.error else ""
+    return f"[yellow]problems found:[/] compute uses step {compute.step}.{refused}"
 
 
 def render_steps(steps: StepResults, console: Console, run: str | None = None) -> None:
