@@ -455,7 +455,8 @@ def test_a_bug_in_the_header_reading_child_is_raised_as_itself_not_called_a_dama
         RunCatalog.scan(run)
     assert "in bug" in str(raised.value.__cause__)  # the child's traceback, as the cause
     result = invoke("compute", run)
-    assert isinstance(result.exception, AttributeError) and "damaged" not in result.output
+    assert result.exit_code == 3 and "damaged" not in result.output  # a bug: its traceback, exit 3
+    assert "(a bug in bpseval)" in result.stderr and "This is a bug in bpseval" in result.stderr
 
 
 def test_only_a_reader_killed_by_a_signal_means_a_damaged_file(tmp_path, monkeypatch):
