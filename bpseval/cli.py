@@ -34,11 +34,12 @@ from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_d
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.features.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings
 from bpseval.kernel.stats import OK
+from bpseval.run.document import baseline_document
 from bpseval.run.scored import ScoredRun
 from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensorboard, write_tensorboard
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import check_outputs, write_csv, write_text
-from bpseval.views.result import baseline_document, runs_frame, steps_frame
+from bpseval.views.result import runs_frame, steps_frame
 from bpseval.views.terminal import (
     merge_progress,
     render_compare,
@@ -636,7 +637,7 @@ def baseline(
         check_outputs({"-o/--output" if json_path is None else "--json": output}, inputs=[("run directory", run_dir)])
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         result = evaluate(run_dir, step, jobs=jobs, scheduler=scheduler, on_progress=on_progress, cache=not no_cache)
-        write_text(json_text(baseline_document(result)), output)
+        write_text(json_text(baseline_document(result.to_dict())), output)
     print_warnings(result.warnings)
     if output != "-":
         stderr_console().print(f"baseline of step {result.step} written to {output}", highlight=False)

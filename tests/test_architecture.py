@@ -151,3 +151,13 @@ def test_only_the_header_readers_and_the_parallel_runner_start_processes():
     assert sorted(holders) == ["run/headers.py", "run/parallel.py"]
     catalog = (PACKAGE / "run" / "headers.py").read_text()
     assert 'START_METHOD != "fork"' in catalog and "start_method" not in (PACKAGE / "run" / "parallel.py").read_text()
+
+
+def test_the_run_document_is_owned_by_one_module():
+    """ARCHITECTURE.md: the document of `compute --json` and of baselines is written, read, versioned and
+    checked in `run/document.py` alone."""
+    owners = {
+        marker: [path.relative_to(PACKAGE).as_posix() for path in modules().values() if marker in path.read_text()]
+        for marker in ('"bpseval-baseline"', "def check_document", "def scored_from_document", '"n_valid": n_valid')
+    }
+    assert all(holders == ["run/document.py"] for holders in owners.values()), owners

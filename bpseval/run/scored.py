@@ -21,8 +21,6 @@ from bpseval.kernel.stats import (
     MIN_RATE,
     OK,
     OVERFLOW,
-    STAT_FIELDS,
-    STATUSES,
     CellScores,
     CellStats,
     cell_scores,
@@ -384,88 +382,4 @@ def score_run(run: MergedRun, settings: ScoreSettings = DEFAULT_SETTINGS) -> Sco
         warnings=run.warnings,
         source=str(run.run_dir),
         settings=settings,
-    )
-
-
-def stats_from_cells(cells: Sequence[dict[str, Any]]) -> CellStats:
-    """A dataset's per-cell statistics back from the JSON records of its cells (n is the weight).
-
-    A document carries n_valid, n, spikes and model_ll only: the other sums are unknown (NaN).
-    """
-    unknown = np.full(len(cells), math.nan)
-    return CellStats(
-        n_valid=np.array([cell["n_valid"] for cell in cells], dtype=np.int64),
-        weight=np.array([cell["n"] for cell in cells], dtype=np.float64),
-        spikes=np.array([cell["spikes"] for cell in cells], dtype=np.float64),
-        model_ll=np.array([_number(cell["model_ll"]) for cell in cells], dtype=np.float64),
-        **{name: unknown.copy() for name in STAT_FIELDS[4:]},
-    )
-
-
-def _number(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _numbers(records: Sequence[dict[str, Any]], key: str) -> np.ndarray:
-    """records[i][key] as float64, NaN where null or absent (documents written before the metric existed)."""
-    return np.array([_number(record.get(key)) for record in records], dtype=np.float64)
-
-
-def scored_from_document(document: dict[str, Any]) -> ScoredRun:
-    """A ScoredRun back from the JSON document of `bpseval compute --json` (a baseline), numbers as written.
-
-    Nothing is re-scored: per-cell and per-dataset numbers are the document's own (null becomes
-    NaN). There are no per-rank or per-block statistics. The caller validates the document.
-    """
-    cells_by_dataset: dict[str, list[dict[str, Any]]] = {}
-    for cell in document["cells"]:
-        cells_by_dataset.setdefault(cell["dataset"], []).append(cell)
-    datasets = []
-    for entry in document["datasets"]:
-        cells = sorted(cells_by_dataset.get(entry["name"], []), key=lambda cell: cell["cell"])
-        datasets.append(
-            ScoredDataset(
-                name=entry["name"],
-                cell_ids=np.array([cell["cell_id"] for cell in cells], dtype=object),
-                stats=stats_from_cells(cells),
-                scores=CellScores(
-                    ll_gain=np.array([_number(cell["ll_gain"]) for cell in cells], dtype=np.float64),
-                    bps=np.array([_number(cell["bps"]) for cell in cells], dtype=np.float64),
-                    status=np.array([cell["status"] for cell in cells], dtype=object),
-                    pseudo_r2=_numbers(cells, "pseudo_r2"),
-                    corr=_numbers(cells, "corr"),
-                    null_deviance=np.full(len(cells), math.nan),
-                    model_deviance=np.full(len(cells), math.nan),
-                ),
-                samples=int(entry["samples"]),
-                duplicates_dropped=int(entry["duplicates_dropped"]),
-                identity=str(entry.get("identity", "")),
-                bps=_number(entry["bps"]),
-                bps_pooled=_number(entry["bps_pooled"]),
-                cells={status: int(entry["cells"].get(status, 0)) for status in STATUSES},
-                **{key: _number(entry.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
-            )
-        )
-    overall = document["overall"]
-    settings = document.get("settings", {})
-    return ScoredRun(
-        step=int(document["step"]),
-        world_size=int(document["world_size"]),
-        files=[str(path) for path in document.get("files", [])],
-        datasets=datasets,
-        overall=Overall(
-            bps=_number(overall["bps"]),
-            bps_pooled=_number(overall["bps_pooled"]),
-            datasets=int(overall.get("datasets", sum(dataset.has_ok_cells for dataset in datasets))),
-            datasets_without_ok_cells=[str(name) for name in overall.get("datasets_without_ok_cells", [])],
-            cells={status: int(overall["cells"].get(status, 0)) for status in STATUSES},
-            **{key: _number(overall.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
-        ),
-        settings=ScoreSettings(
-            clamp_negative=bool(settings.get("clamp_negative", False)),
-            min_rate=float(settings.get("min_rate", MIN_RATE)),
-            duplicate_rhat_rtol=float(settings.get("duplicate_rhat_rtol", RHAT_COPY_RTOL)),
-            min_samples=int(settings.get("min_samples", 0)),
-        ),
-        warnings=[str(warning) for warning in document.get("warnings", [])],
     )

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bpseval._json import json_text, plain
-from bpseval._version import __version__
-from bpseval.features.compare import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, check_baseline
 from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults
 from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
-from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun, scored_from_document
+from bpseval.run.document import check_document, run_document, scored_from_document
+from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -159,75 +158,19 @@ class Result:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of `bpseval compute --json`, with None where a value is undefined (and `groups`
-        when the run was grouped)."""
-        scored = self.scored
-        datasets = [
-            {
-                "name": dataset.name,
-                "samples": dataset.samples,
-                "duplicates_dropped": dataset.duplicates_dropped,
-                **{metric: getattr(dataset, metric) for metric in DATASET_METRICS},
-                "cells": dataset.cells,
-                "identity": dataset.identity,
-            }
-            for dataset in scored.datasets
-        ]
-        cells = [
-            {
-                "dataset": dataset.name,
-                "cell": cell,
-                "cell_id": cell_id,
-                "n_valid": n_valid,
-                "n": weight,
-                "spikes": spikes,
-                "model_ll": model_ll,
-                "ll_gain": ll_gain,
-                "bps": bps,
-                "pseudo_r2": pseudo_r2,
-                "corr": corr,
-                "status": status,
-            }
-            for dataset in scored.datasets
-            for cell, (cell_id, n_valid, weight, spikes, model_ll, ll_gain, bps, pseudo_r2, corr, status) in enumerate(
-                zip(
-                    dataset.cell_ids.tolist(),
-                    dataset.stats.n_valid.tolist(),
-                    dataset.stats.weight.tolist(),
-                    dataset.stats.spikes.tolist(),
-                    dataset.stats.model_ll.tolist(),
-                    dataset.scores.ll_gain.tolist(),
-                    dataset.scores.bps.tolist(),
-                    dataset.scores.pseudo_r2.tolist(),
-                    dataset.scores.corr.tolist(),
-                    dataset.scores.status.tolist(),
-                    strict=True,
-                )
-            )
-        ]
+        """The JSON document of `bpseval compute --json` (`run.document.run_document`), with None where a value is
+        undefined, and the intervals and `groups` when the run has them."""
+        document = run_document(self.scored, self.warnings)
+        warnings = document.pop("warnings")  # groups come before the warnings, the interval settings after
+        if self.group_scores is not None:
+            document["groups"] = plain(self._group_records())
+        document["warnings"] = warnings
         if self.intervals is not None:
-            for entry in datasets:
-                entry.update(self.intervals.scope(entry["name"]))
-        overall = scored.overall.to_dict()
-        if self.intervals is not None:
-            overall.update(self.intervals.scope(None))
-        return plain(
-            {
-                "bpseval_version": __version__,
-                "step": scored.step,
-                "world_size": scored.world_size,
-                "ranks": self.ranks,
-                "files": scored.files,
-                "settings": self.settings,
-                "identity": scored.identity,
-                "overall": overall,
-                "datasets": datasets,
-                "cells": cells,
-                **({"groups": self._group_records()} if self.group_scores is not None else {}),
-                "warnings": self.warnings,
-                **({} if self.intervals is None else {"ci": self.intervals.settings.to_dict()}),
-            }
-        )
+            for entry in document["datasets"]:
+                entry.update(plain(self.intervals.scope(entry["name"])))
+            document["overall"].update(plain(self.intervals.scope(None)))
+            document["ci"] = plain(self.intervals.settings.to_dict())
+        return document
 
     def metrics(self, prefix: str = "val_", *, keep_undefined: bool = False) -> dict[str, float]:
         """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
@@ -252,13 +195,8 @@ class Result:
 
         The document is checked as a baseline is: one that no run could produce raises BaselineError.
         """
-        check_baseline(document, Path("the document given to Result.from_dict"))
+        check_document(document, Path("the document given to Result.from_dict"))
         return cls(scored_from_document(document))
-
-
-def baseline_document(result: Result) -> dict[str, Any]:
-    """The baseline file: the `compute` JSON (with per-cell sufficient statistics and identity checksums)."""
-    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, **result.to_dict()}
 
 
 STEP_COLUMNS = ["step", "world_size", *DATASET_METRICS, *STATUSES]
