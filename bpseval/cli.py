@@ -39,7 +39,7 @@ from bpseval.run.scored import ScoredRun
 from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensorboard, write_tensorboard
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import check_outputs, write_csv, write_text
-from bpseval.views.result import runs_frame, steps_frame
+from bpseval.views.result import Result, runs_frame, steps_frame
 from bpseval.views.terminal import (
     merge_progress,
     render_compare,
@@ -275,162 +275,190 @@ class _Outputs(NamedTuple):
         return "-" in (self.json, self.csv, self.metrics, self.groups_csv)
 
 
+ClampNegative = Annotated[
+    bool,
+    typer.Option(
+        "--clamp-negative", help="Reproduce legacy training-loop numbers: clamp each cell's bps at 0 before the means."
+    ),
+]
+LowBelow = Annotated[
+    int,
+    typer.Option(
+        "--min-samples",
+        min=0,
+        help="Cells with fewer valid samples are [bold]low[/]: listed, left out of the means, kept in bps_pooled.",
+    ),
+]
+Sort = Annotated[
+    SortKey, typer.Option("--sort", help="Order of the runs when several are given (a metric: best first).")
+]
+AllSteps = Annotated[
+    bool, typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored.")
+]
+MetricsPath = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        metavar="PATH",
+        help="Write the flat dashboard metrics as JSON (with --all-steps: JSON Lines) ([bold]-[/] = stdout).",
+    ),
+]
+TensorboardDir = Annotated[
+    str | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="DIR",
+        help="Write the dashboard metrics as TensorBoard event files, at each step. Needs bpseval\\[tensorboard].",
+    ),
+]
+GroupsCsv = Annotated[
+    str | None,
+    typer.Option("--groups-csv", metavar="PATH", help="Write the --group-by table as CSV ([bold]-[/] = stdout)."),
+]
+Ci = Annotated[
+    float | None,
+    typer.Option(
+        "--ci",
+        metavar="LEVEL",
+        help="Also give bootstrap intervals at this level, 0 < LEVEL < 1 (e.g. 0.95) of every summary number.",
+    ),
+]
+CiOverOption = Annotated[
+    CiOver,
+    typer.Option(
+        "--ci-over",
+        help="Resample [bold]blocks[/] of samples (validation-set noise; needs sample_idx) or [bold]cells[/]"
+        " (population noise).",
+    ),
+]
+CiResamples = Annotated[int, typer.Option("--ci-resamples", min=100, help="Bootstrap resamples of --ci.")]
+CiSeed = Annotated[int, typer.Option("--ci-seed", min=0, help="Seed of the --ci bootstrap.")]
+
+
 @app.command()
 def compute(
     run_dirs: RunDirs = None,
     step: Step = None,
     json_path: JsonPath = None,
     csv_path: CsvPath = None,
-    clamp_negative: Annotated[
-        bool,
-        typer.Option(
-            "--clamp-negative",
-            help="Reproduce legacy training-loop numbers: clamp each cell's bps at 0 before the means.",
-        ),
-    ] = False,
-    min_samples: Annotated[
-        int,
-        typer.Option(
-            "--min-samples",
-            min=0,
-            help="Cells with fewer valid samples are [bold]low[/]: listed, left out of the means, kept in bps_pooled.",
-        ),
-    ] = 0,
-    sort: Annotated[
-        SortKey, typer.Option("--sort", help="Order of the runs when several are given (a metric: best first).")
-    ] = SortKey.run,
+    clamp_negative: ClampNegative = False,
+    min_samples: LowBelow = 0,
+    sort: Sort = SortKey.run,
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
-    all_steps: Annotated[
-        bool,
-        typer.Option("--all-steps", help="One row per complete step found; incomplete steps are listed, not scored."),
-    ] = False,
-    metrics_path: Annotated[
-        str | None,
-        typer.Option(
-            "--metrics",
-            metavar="PATH",
-            help="Write the flat dashboard metrics as JSON (with --all-steps: JSON Lines) ([bold]-[/] = stdout).",
-        ),
-    ] = None,
-    tensorboard_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--tensorboard",
-            metavar="DIR",
-            help="Write the dashboard metrics as TensorBoard event files, at each step. Needs bpseval\\[tensorboard].",
-        ),
-    ] = None,
+    all_steps: AllSteps = False,
+    metrics_path: MetricsPath = None,
+    tensorboard_dir: TensorboardDir = None,
     no_cache: NoCache = False,
     cells_path: CellsPath = None,
     group_by: GroupBy = None,
-    groups_csv_path: Annotated[
-        str | None,
-        typer.Option("--groups-csv", metavar="PATH", help="Write the --group-by table as CSV ([bold]-[/] = stdout)."),
-    ] = None,
-    ci: Annotated[
-        float | None,
-        typer.Option(
-            "--ci",
-            metavar="LEVEL",
-            help="Also give bootstrap intervals at this level, 0 < LEVEL < 1 (e.g. 0.95) of every summary number.",
-        ),
-    ] = None,
-    ci_over: Annotated[
-        CiOver,
-        typer.Option(
-            "--ci-over",
-            help="Resample [bold]blocks[/] of samples (validation-set noise; needs sample_idx) or [bold]cells[/]"
-            " (population noise).",
-        ),
-    ] = CiOver.blocks,
-    ci_resamples: Annotated[
-        int, typer.Option("--ci-resamples", min=100, help="Bootstrap resamples of --ci.")
-    ] = DEFAULT_RESAMPLES,
-    ci_seed: Annotated[int, typer.Option("--ci-seed", min=0, help="Seed of the --ci bootstrap.")] = DEFAULT_SEED,
+    groups_csv_path: GroupsCsv = None,
+    ci: Ci = None,
+    ci_over: CiOverOption = CiOver.blocks,
+    ci_resamples: CiResamples = DEFAULT_RESAMPLES,
+    ci_seed: CiSeed = DEFAULT_SEED,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
     outputs = _Outputs(json_path, csv_path, metrics_path, tensorboard_dir, groups_csv_path)
     scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples}
-    grouping = {"cells": cells_path, "group_by": group_by}
+    merging = {"jobs": jobs, "scheduler": scheduler, "cache": not no_cache}
     with bad_input_exits():
         outputs.check(paths, cells_path)
-        if any(option is not None for option in (cells_path, group_by, groups_csv_path)) and (
-            all_steps or len(paths) > 1
-        ):
-            raise ArgumentError("--cells, --group-by and --groups-csv take one run directory and one step.")
-        if groups_csv_path is not None and group_by is None:
-            raise ArgumentError("--groups-csv writes the --group-by table: give --cells and --group-by too.")
-        if ci is not None:
-            IntervalSettings(ci, ci_over.value, ci_resamples, ci_seed)  # refused before any shard is read
-            if all_steps:
-                raise ArgumentError("--ci gives intervals on one step: leave out --all-steps.")
+        _check_compute_options(paths, all_steps, cells_path, group_by, groups_csv_path)
+        intervals = None if ci is None else IntervalSettings(ci, ci_over.value, ci_resamples, ci_seed)
+        if intervals is not None and all_steps:
+            raise ArgumentError("--ci gives intervals on one step: leave out --all-steps.")
     if all_steps:
-        _compute_all_steps(paths, step, outputs, scoring, jobs=jobs, scheduler=scheduler, cache=not no_cache)
+        _compute_all_steps(paths, step, outputs, scoring, **merging)
         return
-    several = len(paths) > 1
+    options = {**scoring, **merging, "cells": cells_path, "group_by": group_by}
+    if intervals is not None:
+        options.update(ci=ci, ci_over=intervals.over, ci_resamples=intervals.resamples, ci_seed=intervals.seed)
     with bad_input_exits():
-        results, failed = {}, {}
-        for path in paths:
-            try:
-                with merge_progress(f"{path}") as on_progress:
-                    results[str(path)] = evaluate(
-                        path,
-                        step,
-                        **scoring,
-                        **grouping,
-                        jobs=jobs,
-                        scheduler=scheduler,
-                        on_progress=on_progress,
-                        cache=not no_cache,
-                        ci=ci,
-                        ci_over=ci_over.value,
-                        ci_resamples=ci_resamples,
-                        ci_seed=ci_seed,
-                    )
-            except BpsevalError as error:
-                if not several:
-                    raise
-                failed[str(path)] = str(error)
+        results, failed = _score_runs(paths, step, options)
         table = runs_frame({run: result.scored for run, result in results.items()}, sort.value) if results else None
-        if csv_path is not None:
-            write_csv(_runs_table(table, failed) if several else next(iter(results.values())).cells, csv_path)
-        if json_path is not None:
-            documents = {run: {"run": run, **result.to_dict()} for run, result in results.items()}
-            documents.update({run: {"run": run, "error": error} for run, error in failed.items()})
-            entries = [documents[str(path)] for path in dict.fromkeys(paths)]
-            write_text(json_text({"runs": entries} if several else entries[0]), json_path)
-        if metrics_path is not None:  # one run: outputs.check refuses several
-            write_text(metrics_json(next(iter(results.values())).scored), metrics_path)
-        if tensorboard_dir is not None:
-            print_warnings(write_tensorboard([next(iter(results.values())).scored], tensorboard_dir))
-        if groups_csv_path is not None:  # one run: refused above with several
-            write_csv(next(iter(results.values())).groups, groups_csv_path)
-    errors = stderr_console()
-    for run, result in results.items():
-        print_warnings(result.warnings, f"{run}: " if several else "")
-    console = errors if outputs.on_stdout else Console(highlight=False)
-    if not outputs.on_stdout:
-        if not several:
-            result = next(iter(results.values()))
-            render_compute(result.scored, console)
-            if result.group_scores is not None:
-                render_groups(result.group_scores, result.step, console)
-            if result.intervals is not None:
-                render_intervals(result.scored, result.intervals, console)
-        elif table is not None:
-            render_runs(table, console)
-    for run, result in results.items():
-        note = _few_samples_note(result.scored)
-        if note is not None:
-            where = f"{run}: " if several else ""
-            console.print(f"[yellow]Note:[/] {escape(where + note)}", highlight=False)
+        _write_compute_outputs(outputs, paths, results, failed, table)
+    _show_compute(outputs, paths, results, table)
     if failed:
+        errors = stderr_console()
         for run, error in failed.items():
             reason = error.removeprefix(f"{run}: ")
             errors.print(f"[bold red]Error:[/] {escape(f'{run}: not scored: {reason}')}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _check_compute_options(
+    paths: list[Path], all_steps: bool, cells: Path | None, group_by: str | None, groups_csv: str | None
+) -> None:
+    """Refuse options of `compute` that do not go together, before any shard is read."""
+    if any(option is not None for option in (cells, group_by, groups_csv)) and (all_steps or len(paths) > 1):
+        raise ArgumentError("--cells, --group-by and --groups-csv take one run directory and one step.")
+    if groups_csv is not None and group_by is None:
+        raise ArgumentError("--groups-csv writes the --group-by table: give --cells and --group-by too.")
+
+
+def _score_runs(
+    paths: list[Path], step: int | None, options: dict[str, Any]
+) -> tuple[dict[str, Result], dict[str, str]]:
+    """Each run scored (`evaluate`), and the error of each that cannot be (with one run, its error is raised)."""
+    results: dict[str, Result] = {}
+    failed: dict[str, str] = {}
+    for path in paths:
+        try:
+            with merge_progress(f"{path}") as on_progress:
+                results[str(path)] = evaluate(path, step, on_progress=on_progress, **options)
+        except BpsevalError as error:
+            if len(paths) == 1:
+                raise
+            failed[str(path)] = str(error)
+    return results, failed
+
+
+def _write_compute_outputs(
+    outputs: _Outputs,
+    paths: list[Path],
+    results: dict[str, Result],
+    failed: dict[str, str],
+    table: pd.DataFrame | None,
+) -> None:
+    """The files of `compute`: CSV, JSON, dashboard metrics, TensorBoard events, the groups table."""
+    several = len(paths) > 1
+    only = next(iter(results.values()), None)  # one run: outputs.check refuses dashboards for several
+    if outputs.csv is not None:
+        write_csv(_runs_table(table, failed) if several or only is None else only.cells, outputs.csv)
+    if outputs.json is not None:
+        documents = {run: {"run": run, **result.to_dict()} for run, result in results.items()}
+        documents.update({run: {"run": run, "error": error} for run, error in failed.items()})
+        entries = [documents[str(path)] for path in dict.fromkeys(paths)]
+        write_text(json_text({"runs": entries} if several else entries[0]), outputs.json)
+    if only is not None and outputs.metrics is not None:
+        write_text(metrics_json(only.scored), outputs.metrics)
+    if only is not None and outputs.tensorboard is not None:
+        print_warnings(write_tensorboard([only.scored], outputs.tensorboard))
+    if only is not None and outputs.groups_csv is not None:
+        write_csv(only.groups, outputs.groups_csv)
+
+
+def _show_compute(outputs: _Outputs, paths: list[Path], results: dict[str, Result], table: pd.DataFrame | None) -> None:
+    """Warnings, then the tables (on stderr when stdout holds a document), then the few-samples notes."""
+    several = len(paths) > 1
+    for run, result in results.items():
+        print_warnings(result.warnings, f"{run}: " if several else "")
+    console = stderr_console() if outputs.on_stdout else Console(highlight=False)
+    if not outputs.on_stdout and not several and results:
+        result = next(iter(results.values()))
+        render_compute(result.scored, console)
+        if result.group_scores is not None:
+            render_groups(result.group_scores, result.step, console)
+        if result.intervals is not None:
+            render_intervals(result.scored, result.intervals, console)
+    elif not outputs.on_stdout and table is not None:
+        render_runs(table, console)
+    for run, result in results.items():
+        note = _few_samples_note(result.scored)
+        if note is not None:
+            console.print(f"[yellow]Note:[/] {escape((f'{run}: ' if several else '') + note)}", highlight=False)
 
 
 def _runs_table(table: pd.DataFrame | None, failed: dict[str, str]) -> pd.DataFrame:

@@ -1,8 +1,9 @@
 """The scored run: per dataset its merged statistics and per-cell scores, a typed overall, and the settings.
 
 Every output (tables, JSON, CSV, figures, the compare gate) is a view of a `ScoredRun`. The
-offline merge (`score_run`), the online `DistributedBPS.compute()` and a baseline JSON all
-produce one, through `score`: one place decides what a dataset's and the run's numbers are.
+offline merge (`score_run`) and the online `DistributedBPS.compute()` produce one through `score`:
+one place decides what a dataset's and the run's numbers are. A baseline document gives one back
+with its numbers as written (`run.document.scored_from_document`).
 """
 
 from __future__ import annotations
