@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
-import functools
-import math
 import os
 import secrets
-import sys
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,7 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval._version import __version__
-from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.errors import ArgumentError
 from bpseval.kernel.batch import (
     BatchLayout,
     check_dataset_name,
@@ -34,18 +30,11 @@ from bpseval.kernel.batch import (
     sample_indices,
     weights_of,
 )
-from bpseval.kernel.samples import SeenSamples
-from bpseval.kernel.stats import (
-    STAT_FIELDS,
-    Blocks,
-    BlockSums,
-    CellStats,
-    as_weights,
-    batch_stats,
-    block_stats,
-)
+from bpseval.shard._guarded_file import GuardedFile
+from bpseval.shard._staging import Column, StagedDataset, store_cell_ids
+from bpseval.shard._stats_store import RankStats, StatsUpdate
+from bpseval.shard._writer_thread import WriterThread
 from bpseval.shard.format import (
-    CHUNK_BYTES,
     DATASETS_GROUP,
     DEFAULT_BLOCK_SIZE,
     FORMAT,
@@ -54,12 +43,6 @@ from bpseval.shard.format import (
     shard_path,
 )
 
-QUEUE_BYTES = 1 << 26
-"""Bytes of whole chunks a background writer holds (queued or being written) before `add` waits: 64 MiB.
-
-The chunks a single batch completes are still taken, alone, when nothing else is queued, however large."""
-SPARE_CHUNKS = 2
-"""Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
 """Each time this much was written (4 MiB), the writer has the kernel start writing it to disk (`start_writeback`).
 
@@ -76,374 +59,6 @@ class _Written:
     stored_as_given: tuple[Any, ...] | None = None
     """The `_given` signature of the last batch stored as it came (no conversion): a batch with the
     same one needs no checks but of its sample_idx values."""
-
-
-class _Column:
-    """One array of a dataset group, its rows staged in memory until they fill an HDF5 chunk.
-
-    Only whole chunks of about CHUNK_BYTES are written while the pass runs (one HDF5 call per
-    chunk, not per batch), the last partial one at `finish`. An array that never fills a chunk is
-    written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
-    not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
-    when a row is larger), allocated when first needed; rows are copied into it, so the caller
-    may reuse its buffers as soon as `stage_rows` returns.
-
-    Staging (`stage_rows`) and writing (`write`, `finish`) touch separate fields: a background
-    writer stages each batch on the caller's thread and writes the chunks on its own.
-    """
-
-    def __init__(self, name: str, first: np.ndarray) -> None:
-        self.name, self.dtype, self.tail = name, first.dtype, first.shape[1:]
-        self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
-        self.stage: np.ndarray | None = None
-        self.stage_bytes: memoryview | None = None
-        """The stage as bytes, what `_copy_rows` copies into (None when rows have no bytes)."""
-        self.staged = 0
-        self.spare: list[np.ndarray] = []
-        """Whole chunks handed over and written, reused as stages (a fresh 256 KiB array costs page faults)."""
-        self.target: h5py.Dataset | None = None
-        self.written = 0
-
-    def stage_rows(self, rows: np.ndarray, group: h5py.Group | None = None) -> list[np.ndarray]:
-        """Take `rows`; each whole chunk they complete is written to `group`, or without it returned, in order.
-
-        Whole chunks come straight from `rows` when the stage is empty. With `group`, a chunk is
-        written before this returns (the stage is then reused). Chunks returned are the writer's
-        own (a copy of rows, or a full stage, replaced by a spare one), to be written later while
-        the caller reuses its buffers.
-        """
-        chunks: list[np.ndarray] = []
-        start = 0
-        while start < len(rows):
-            if self.staged == 0 and len(rows) - start >= self.chunk_rows:
-                stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                if group is not None:
-                    self.write(group, rows[start:stop])
-                else:
-                    whole = np.empty((stop - start, *self.tail), self.dtype)
-                    _copy_rows(whole, _bytes(whole), 0, rows[start:stop])
-                    chunks.append(whole)
-                start = stop
-                continue
-            if self.stage is None:
-                self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
-                self.stage_bytes = _bytes(self.stage)
-            taken = min(self.chunk_rows - self.staged, len(rows) - start)
-            _copy_rows(self.stage, self.stage_bytes, self.staged, rows[start : start + taken])
-            self.staged, start = self.staged + taken, start + taken
-            if self.staged == self.chunk_rows:
-                self.staged = 0
-                if group is not None:
-                    self.write(group, self.stage)
-                else:
-                    chunks.append(self.stage)
-                    self.stage = self.stage_bytes = None
-        return chunks
-
-    def finish(self, group: h5py.Group) -> None:
-        """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
-        rows = self.stage[: self.staged] if self.stage is not None else np.empty((0, *self.tail), self.dtype)
-        if self.target is None:
-            group.create_dataset(self.name, data=rows)
-        elif len(rows):
-            self.write(group, rows)
-        self.stage, self.stage_bytes, self.staged = None, None, 0
-
-    def write_chunk(self, group: h5py.Group, chunk: np.ndarray) -> None:
-        """`write` a chunk that `stage_rows` handed over, then keep it to stage rows into again."""
-        self.write(group, chunk)
-        if len(chunk) == self.chunk_rows and len(self.spare) < SPARE_CHUNKS:
-            self.spare.append(chunk)  # list.append and list.pop are atomic: the threads need no lock
-
-    def write(self, group: h5py.Group, rows: np.ndarray) -> None:
-        """Append rows to the chunked, resizable dataset, created on the first full chunk.
-
-        A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
-        """
-        if self.target is None:
-            self.target = group.create_dataset(
-                self.name,
-                shape=(0, *self.tail),
-                maxshape=(None, *(size or None for size in self.tail)),
-                dtype=self.dtype,
-                chunks=(self.chunk_rows, *(size or 1 for size in self.tail)),
-            )
-        end = self.written + len(rows)
-        self.target.resize(end, axis=0)
-        if rows.size:
-            self.target[self.written : end] = rows
-        self.written = end
-
-
-@dataclass
-class _Stored:
-    """One dataset group and its arrays: the group is created and written by the thread that writes."""
-
-    rate_kind: str
-    group: h5py.Group | None = None
-    columns: dict[str, _Column] = field(default_factory=dict)
-    room: int = 0
-    """Rows fewer than which every array's stage takes without completing a chunk (`copy_in`)."""
-
-    def stage(self, arrays: dict[str, np.ndarray], group: h5py.Group | None = None) -> list[tuple[_Column, np.ndarray]]:
-        """Stage a batch (the same arrays, in the same order, on every batch; see `_Column.stage_rows`).
-
-        With `group`, whole chunks are written to it; without, they are returned with their columns.
-        """
-        if len(self.columns) != len(arrays):
-            self.columns = {name: _Column(name, array) for name, array in arrays.items()}
-        chunks: list[tuple[_Column, np.ndarray]] = []
-        for column, rows in zip(self.columns.values(), arrays.values(), strict=True):
-            completed = column.stage_rows(rows, group)
-            if completed:
-                chunks += [(column, chunk) for chunk in completed]
-        self.room = min(
-            (column.chunk_rows - column.staged if column.stage is not None else 0 for column in self.columns.values()),
-            default=0,
-        )
-        return chunks
-
-    def copy_in(self, arrays: Iterable[np.ndarray], rows: int) -> None:
-        """The usual batch, of `rows` < `room` rows: copied into the stages, nothing else to do."""
-        for column, array in zip(self.columns.values(), arrays, strict=True):
-            _copy_rows(column.stage, column.stage_bytes, column.staged, array)
-            column.staged += rows
-        self.room -= rows
-
-    def open(self, file: h5py.File, dataset: str) -> h5py.Group:
-        """The group, created on first use."""
-        if self.group is None:
-            self.group = file.create_group(f"{DATASETS_GROUP}/{dataset}")
-            self.group.attrs["rate_kind"] = self.rate_kind
-        return self.group
-
-    def finish(self) -> None:
-        assert self.group is not None
-        for column in self.columns.values():
-            column.finish(self.group)
-
-
-def _copy_rows(target: np.ndarray, target_bytes: memoryview | None, start: int, rows: np.ndarray) -> None:
-    """`target[start : start + len(rows)] = rows` (same dtype and row shape), holding the GIL; `target_bytes` is `_bytes(target)`.
-
-    numpy lets go of the GIL while it copies more than a few hundred values. A background writer's
-    thread waiting for the GIL may take it then, and keep the caller's thread waiting until its next
-    system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
-    spent in `add`. A memoryview copy of contiguous rows is one memcpy under the GIL.
-    """
-    source = memoryview(rows)
-    if target_bytes is not None and source.nbytes and source.c_contiguous:
-        row_bytes = target_bytes.nbytes // len(target)
-        target_bytes[start * row_bytes : start * row_bytes + source.nbytes] = source.cast("B")
-    else:
-        target[start : start + len(rows)] = rows
-
-
-def _bytes(array: np.ndarray) -> memoryview | None:
-    """A contiguous array's bytes, to copy into; None when it has none (memoryview cannot cast an empty shape)."""
-    return memoryview(array).cast("B") if array.nbytes else None
-
-
-_Job = Callable[[], "BaseException | None"]
-
-
-class _Worker:
-    """A thread running a writer's writes in order, holding at most `limit` bytes of chunks.
-
-    `submit` waits while the queued and running jobs' chunks plus the new one's would exceed `limit`
-    (a job larger than `limit` is taken when nothing else is queued). A job returns the error the
-    writer must raise, or None; the first error stops the thread, drops the jobs queued after it
-    and stays in `error`, and `submit` stops waiting then.
-    """
-
-    def __init__(self, name: str, limit: int = QUEUE_BYTES) -> None:
-        self.error: BaseException | None = None
-        self._limit = limit
-        self._jobs: deque[tuple[_Job, int]] = deque()
-        self._held = 0
-        self._stopping = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: _Job, nbytes: int) -> None:
-        """Queue `job` (holding `nbytes` of arrays), waiting while the queue is full; not when it failed."""
-        with self._changed:
-            while self.error is None and self._held and self._held + nbytes > self._limit:
-                self._changed.wait()
-            if self.error is None:
-                self._jobs.append((job, nbytes))
-                self._held += nbytes
-                self._changed.notify_all()
-
-    def stop(self, drop: bool) -> BaseException | None:
-        """End the thread after the queued jobs (or after the running one, with `drop`); the first error."""
-        with self._changed:
-            self._stopping = True
-            if drop:
-                self._jobs.clear()
-            self._changed.notify_all()
-        self._thread.join()
-        return self.error
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while not self._jobs and not self._stopping:
-                    self._changed.wait()
-                if not self._jobs:
-                    return
-                job, nbytes = self._jobs.popleft()
-            try:
-                error = job()
-            except BaseException as unexpected:  # noqa: BLE001 - anything the job raises is re-raised in the caller's thread
-                error = unexpected
-            with self._changed:
-                self._held -= nbytes
-                if error is not None:
-                    self.error = error
-                    self._jobs.clear()
-                self._changed.notify_all()
-            if error is not None:
-                return
-
-
-class _GuardedFile:
-    """The temporary file as HDF5 sees it, through h5py's file-object driver; an I/O error never reaches HDF5.
-
-    libhdf5 cannot recover from a failed write: closing the file fails again, and the library
-    crashes at exit. So the first OSError (disk full, I/O error) is recorded instead of raised,
-    and from then on writes are kept in memory (`overlay`, read back consistently) so that
-    HDF5 finishes its operation and closes cleanly. The writer checks `failure` after every
-    step and deletes the file. Memory after a failure is bounded by what HDF5 still flushes:
-    the rest of the batch being written and its caches.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.failure: OSError | None = None
-        self.overlay: list[tuple[int, bytes]] = []
-        self._file = open(path, "xb+", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
-        self._position = 0
-        self._size = 0
-        self._unsynced = 0
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._position = offset + (self._size if whence == os.SEEK_END else self._position if whence else 0)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if self.failure is None:
-            try:
-                self._file.seek(self._position)
-                done = 0
-                while done < len(view):
-                    done += self._file.write(view[done:])
-                self._unsynced += done
-            except OSError as error:
-                self.failure = error
-        if self.failure is not None:
-            self.overlay.append((self._position, bytes(view)))
-        self._position += len(view)
-        self._size = max(self._size, self._position)
-        return len(view)
-
-    def readinto(self, buffer: Any) -> int:
-        """Fill `buffer` from the current position: zeros past the end, as HDF5's own driver does."""
-        view = memoryview(buffer).cast("B")
-        start, done = self._position, 0
-        try:
-            self._file.seek(start)
-            while done < len(view) and (got := self._file.readinto(view[done:])):
-                done += got
-        except OSError as error:
-            self.failure = self.failure or error
-        if done < len(view):
-            view[done:] = bytes(len(view) - done)
-        for offset, piece in self.overlay:  # later writes over earlier ones, as on a disk
-            low, high = max(offset, start), min(offset + len(piece), start + len(view))
-            if low < high:
-                view[low - start : high - start] = piece[low - offset : high - offset]
-        self._position += len(view)
-        return len(view)
-
-    def read(self, size: int) -> bytes:
-        """h5py recognises a file object by `read` (and then uses `readinto`)."""
-        buffer = bytearray(size)
-        self.readinto(buffer)
-        return bytes(buffer)
-
-    def truncate(self, size: int) -> int:
-        if self.failure is None:
-            try:
-                self._file.truncate(size)
-            except OSError as error:
-                self.failure = error
-        self._size = size
-        return size
-
-    def flush(self) -> None:
-        """Nothing is buffered here; `finish` makes the data durable."""
-
-    def start_writeback(self, every: int, may_wait: bool) -> None:
-        """Once `every` bytes were written since the last time, have the kernel start writing them to disk.
-
-        The fsync at the end of the shard then has little left to wait for. On Linux this is
-        sync_file_range, which returns without waiting for the disk, and whose errors (a hint's) are
-        left to that fsync: a write that failed is reported there. Elsewhere, when the caller
-        `may_wait` (a background writer's thread), it is fdatasync, its error recorded in `failure`.
-        """
-        if self.failure is None and self._unsynced >= every:
-            self._unsynced = 0
-            start = _sync_file_range()
-            if start is not None:
-                start(self._file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
-            elif may_wait:
-                try:
-                    getattr(os, "fdatasync", os.fsync)(self._file.fileno())
-                except OSError as error:
-                    self.failure = error
-
-    def finish(self) -> None:
-        """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
-        try:
-            if self.failure is None:
-                os.fsync(self._file.fileno())
-        except OSError as error:
-            self.failure = error
-        self.discard()
-
-    def discard(self) -> None:
-        """Close the file without caring whether its data reached the disk."""
-        try:
-            self._file.close()
-        except OSError as error:
-            self.failure = self.failure or error
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-"""Linux's SYNC_FILE_RANGE_WRITE: start writing the range's dirty pages, do not wait."""
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range(fd, offset, nbytes, flags) on Linux (not in the os module), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    except (ImportError, OSError):  # a Python without ctypes, or a libc that cannot be loaded: fsync alone
-        return None
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
 
 
 _PROCESS_LOCK = threading.Lock()
@@ -534,12 +149,12 @@ class ShardWriter:
         """new -> open -> finished, or -> discarded (exception, abort, failed write)."""
         self._entered = False
         self._claim: Path | None = None
-        self._io: _GuardedFile | None = None
+        self._io: GuardedFile | None = None
         self._file: h5py.File | None = None
         self._written: dict[str, _Written] = {}
-        self._stored: dict[str, _Stored] = {}
-        self._stats: dict[str, _RankStats] = {}
-        self._worker: _Worker | None = None
+        self._stored: dict[str, StagedDataset] = {}
+        self._stats: dict[str, RankStats] = {}
+        self._worker: WriterThread | None = None
 
     @classmethod
     def from_process_group(
@@ -586,14 +201,14 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._claim_path()
         try:
-            self._io = _GuardedFile(self._tmp_path)
+            self._io = GuardedFile(self._tmp_path)
         except OSError as error:
             self._discard()
             raise self._write_error(error, "creating its temporary file") from error
         self._state = "open"
         self._run("creating its temporary file", self._create_file)
         if self.background:
-            self._worker = _Worker(f"bpseval ShardWriter rank {self.rank} step {self.step}")
+            self._worker = WriterThread(f"bpseval ShardWriter rank {self.rank} step {self.step}")
 
     def _create_file(self) -> None:
         assert self._io is not None
@@ -707,7 +322,7 @@ class ShardWriter:
             arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
         update = None
         if self.store == "stats":
-            stats = self._stats.get(dataset) or _RankStats(layout.n_cells)
+            stats = self._stats.get(dataset) or RankStats(layout.n_cells)
             update = (stats, stats.prepare(dataset, arrays, rate_kind, self.block_size))
         if written is None:
             dtypes = {name: array.dtype for name, array in arrays.items()} if self.store == "raw" else {}
@@ -726,7 +341,7 @@ class ShardWriter:
         written: _Written,
         arrays: dict[str, np.ndarray],
         new_ids: np.ndarray | None,
-        update: tuple[_RankStats, _StatsUpdate] | None = None,
+        update: tuple[RankStats, StatsUpdate] | None = None,
     ) -> None:
         """The checked batch of `add`: staged and written (or queued), or its statistics kept."""
         if update is not None:
@@ -735,7 +350,7 @@ class ShardWriter:
         stored = self._stored.get(dataset)
         new_group = stored is None
         if stored is None:
-            stored = self._stored[dataset] = _Stored(written.layout.rate_kind)
+            stored = self._stored[dataset] = StagedDataset(written.layout.rate_kind)
         if self._worker is None:
             self._run(f"adding a batch of dataset {dataset!r}", partial(self._store, dataset, stored, new_ids, arrays))
         else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
@@ -749,23 +364,25 @@ class ShardWriter:
             stats.commit(batch)
             self._stats[dataset] = stats
 
-    def _store(self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
+    def _store(
+        self, dataset: str, stored: StagedDataset, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]
+    ) -> None:
         """The file's side of a synchronous `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
         assert self._file is not None
         group = stored.open(self._file, dataset)
         if cell_ids is not None:
-            _store_cell_ids(group, cell_ids)
+            store_cell_ids(group, cell_ids)
         stored.stage(arrays, group)
         self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
-        self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
+        self, dataset: str, stored: StagedDataset, cell_ids: np.ndarray | None, chunks: list[tuple[Column, np.ndarray]]
     ) -> None:
         """The background thread's side of `add`: the group (on its first batch), its cell_ids, the whole chunks."""
         assert self._file is not None and self._io is not None
         group = stored.open(self._file, dataset)
         if cell_ids is not None:
-            _store_cell_ids(group, cell_ids)
+            store_cell_ids(group, cell_ids)
         for column, chunk in chunks:
             column.write_chunk(group, chunk)
         self._io.start_writeback(SYNC_BYTES, may_wait=True)
@@ -810,7 +427,7 @@ class ShardWriter:
         self._state = "discarded"
         try:
             if file is not None and file.id.valid:
-                file.close()  # cannot fail on I/O: _GuardedFile never reports an error to HDF5
+                file.close()  # cannot fail on I/O: GuardedFile never reports an error to HDF5
         finally:
             if stream is not None:
                 stream.discard()
@@ -855,78 +472,6 @@ class ShardWriter:
             " filesystem, then run this validation again."
         )
         return OSError(error.errno, message) if error.errno is not None else OSError(message)
-
-
-@dataclass
-class _RankStats:
-    """One dataset's statistics on this rank, for `store="stats"`: total, per block, and the samples seen.
-
-    Blocks are kept sparse (`BlockSums`): only those that hold samples, so a sample_idx near 2^62 costs
-    one block, not every empty block below it.
-    """
-
-    n_cells: int
-    total: CellStats | None = None
-    blocks: BlockSums | None = None
-    """None until a batch with sample_idx comes."""
-    seen: SeenSamples = field(default_factory=SeenSamples)
-    samples: int = 0
-    duplicates_dropped: int = 0
-
-    def prepare(self, dataset: str, arrays: dict[str, np.ndarray], rate_kind: str, block_size: int) -> _StatsUpdate:
-        """The batch's statistics, without changing anything yet: a batch with bad values leaves no trace."""
-        rhat, robs, index = arrays["rhat"], arrays["robs"], arrays.get("sample_idx")
-        weights = as_weights(arrays.get("dfs"), *rhat.shape)
-        dropped = 0
-        if index is not None:
-            keep = self.seen.first_sightings(index)
-            dropped = int((~keep).sum())
-            rhat, robs, index = rhat[keep], robs[keep], index[keep]
-            weights = None if weights is None else weights[keep]
-        try:
-            if index is None:
-                return _StatsUpdate(batch_stats(rhat, robs, weights, rate_kind), None, None, len(rhat), 0)
-            blocks = block_stats(index // block_size, rhat, robs, weights, rate_kind)
-        except BpsevalError as error:
-            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        return _StatsUpdate(blocks.total(), blocks, index, len(rhat), dropped)
-
-    def commit(self, update: _StatsUpdate) -> None:
-        self.total = update.batch if self.total is None else self.total + update.batch
-        if update.blocks is not None:
-            if self.blocks is None:
-                self.blocks = BlockSums(self.n_cells)
-            self.blocks.add(update.blocks)
-        if update.index is not None:
-            self.seen.add(update.index)
-        self.samples += update.samples
-        self.duplicates_dropped += update.dropped
-
-    def write(self, group: h5py.Group, block_size: int) -> None:
-        """The sums, and the blocks that hold samples with their ids (`blocks/block_ids`, increasing)."""
-        total = self.total if self.total is not None else CellStats.zeros(self.n_cells)
-        for name in STAT_FIELDS:
-            group.create_dataset(name, data=getattr(total, name))
-        group.attrs["samples"] = self.samples
-        group.attrs["duplicates_dropped"] = self.duplicates_dropped
-        if self.blocks is not None:
-            blocks = self.blocks.sorted()
-            group.attrs["block_size"] = block_size
-            stored = group.create_group("blocks")
-            stored.create_dataset("block_ids", data=blocks.ids)
-            for name in STAT_FIELDS:
-                stored.create_dataset(name, data=getattr(blocks.stats, name))
-
-
-@dataclass(frozen=True)
-class _StatsUpdate:
-    """One batch's contribution to `_RankStats`, computed before anything is changed."""
-
-    batch: CellStats
-    blocks: Blocks | None
-    index: np.ndarray | None
-    samples: int
-    dropped: int
 
 
 def _batch_arrays(
@@ -974,13 +519,6 @@ def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_
 def _numpy(value: Any) -> np.ndarray:
     """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
     return value if type(value) is np.ndarray else to_numpy(value)
-
-
-def _store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:
-    if ids.dtype.kind == "U":
-        group.create_dataset("cell_ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
-    else:
-        group.create_dataset("cell_ids", data=ids)
 
 
 def _storable(target: np.dtype, dataset: str, name: str, array: np.ndarray) -> np.ndarray:
