@@ -45,15 +45,22 @@ class WriterThread:
                 self._held += nbytes
                 self._changed.notify_all()
 
-    def stop(self, drop: bool) -> BaseException | None:
-        """End the thread after the queued jobs (or after the running one, with `drop`); the first error."""
+    def stop(self, drop: bool, wait: float | None = None) -> BaseException | None:
+        """End the thread after the queued jobs (or after the running one, with `drop`); the first error.
+
+        Waits at most `wait` seconds when given (then `running` tells whether the thread ended).
+        """
         with self._changed:
             self._stopping = True
             if drop:
                 self._jobs.clear()
             self._changed.notify_all()
-        self._thread.join()
+        self._thread.join(wait)
         return self.error
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import secrets
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,12 +25,14 @@ from bpseval.kernel.batch import (
     check_rate_kind,
     check_rates_dtype,
     check_shapes,
+    check_values,
     checked_cell_ids,
     sample_indices,
     weights_of,
 )
-from bpseval.shard._guarded_file import GuardedFile
-from bpseval.shard._staging import Column, StagedDataset, store_cell_ids
+from bpseval.shard import _shard_claims
+from bpseval.shard._guarded_file import GuardedFile, signals_deferred
+from bpseval.shard._staging import ChunkBuffers, Column, Placed, StagedDataset, staged_rows, store_cell_ids
 from bpseval.shard._stats_store import RankStats, StatsUpdate
 from bpseval.shard._writer_thread import WriterThread
 from bpseval.shard.format import (
@@ -58,22 +59,15 @@ class _Written:
     cell_ids: np.ndarray | None = None
     stored_as_given: tuple[Any, ...] | None = None
     """The `_given` signature of the last batch stored as it came (no conversion): a batch with the
-    same one needs no checks but of its sample_idx values."""
+    same one needs no checks of its layout, only of its sample_idx and values."""
+    batches: int = 0
+    """Batches taken so far (refused ones not counted): a background writer names a bad batch by its number."""
+    rows: int = 0
 
-
-_PROCESS_LOCK = threading.Lock()
-_OPEN_HERE: set[Path] = set()
-"""Shard paths a writer of this process is writing now."""
-_FINISHED_HERE: dict[Path, tuple[int, int, int, int]] = {}
-"""Shard paths this process renamed into place, with the (device, inode, size, mtime) they had then."""
-
-
-def _fingerprint(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    def took(self, rows: int) -> None:
+        """Count a batch of `rows` rows, taken."""
+        self.batches += 1
+        self.rows += rows
 
 
 class ShardWriter:
@@ -81,29 +75,37 @@ class ShardWriter:
 
     Use as a context manager, once, and call `add` once per batch, for every loader of the
     validation pass. Rows are staged per array until they fill a chunk of about 256 KiB, then
-    written as whole chunks of a resizable HDF5 dataset; an array that never fills a chunk is
-    written at the end as one contiguous block of its own size, so small shards stay small.
-    Memory: one batch, plus less than one chunk per array (under 1 MiB per dataset). The file
-    is written under a hidden `.tmp` name, made durable and renamed on a clean exit; after an
-    exception, or when the disk fills or a write fails (`OSError` from that `add` or from the
-    end of the block), the partial file is deleted and an earlier shard at the final path stays
-    as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to disk
-    (on Linux, without waiting), so that the fsync at the end has little left to do.
+    written as whole chunks of a resizable HDF5 dataset, straight to the file (HDF5 keeps no chunk
+    cache here); an array that never fills a chunk is written at the end as one contiguous block of
+    its own size, so small shards stay small. Memory: one batch, plus less than one chunk per array
+    (at most 2 MiB of RSS per dataset, measured with 40 datasets). The file is written under a
+    hidden `.tmp` name, made durable and renamed on a clean exit; after an exception, or when the
+    disk fills or a write fails (`OSError` from the `add` whose chunk could not be written, or from
+    the end of the block), the partial file is deleted and an earlier shard at the final path
+    stays as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to
+    disk (on Linux, without waiting), so that the fsync at the end has little left to do. A writer
+    still open when the interpreter exits (the script ended, raised, or called `sys.exit`, also
+    from a signal handler) is discarded then, its temporary file deleted.
 
-    A batch of numpy arrays with the dtypes and shapes of the dataset's last batch, which was
-    stored as given (no conversion), is not checked again but for its sample_idx values; any
-    other batch is checked in full. Either way a refused batch raises at its own `add`, nothing
+    Every batch is checked by the batch contract (`bpseval.kernel.batch`), its values too:
+    finite non-negative rates (finite log-rates), counts >= 0, dfs in [0, 1], at every entry
+    dfs does not mask. A batch of numpy arrays with the dtypes and shapes of the dataset's last
+    batch, which was stored as given (no conversion), skips the checks of its layout, not those
+    of its sample_idx and values. A refused batch raises ArgumentError at its own `add`, nothing
     of it is written, and the writer stays usable.
 
-    `background=True` writes on a thread of its own: `add` checks the batch and copies it into
-    the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
-    synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
-    queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
-    of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
-    stage into again. Where the kernel cannot start writeback without waiting, the thread calls
-    fdatasync every SYNC_BYTES instead. A write that fails raises its error at the next `add` or
-    at the end of the `with` block, with the shard discarded as above; no batch is dropped
-    silently. With `store="stats"` nothing is written before the end, so it changes nothing.
+    `background=True` writes on a thread of its own: `add` checks the batch's layout and
+    sample_idx and copies it into the stages on the caller's thread (for CUDA tensors, after the
+    copy to the host), as the synchronous writer does, and queues the whole chunks it completes,
+    and the check of the batch's values, for the thread; it waits only when QUEUE_BYTES (64 MiB) of
+    chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks kept to stage into
+    again. Where the kernel cannot start writeback without waiting, the thread calls fdatasync
+    every SYNC_BYTES instead. A write that fails, or a batch whose values the thread refuses,
+    raises its error (OSError, or ArgumentError naming the dataset and the batch) at the next
+    `add` or at the end of the `with` block, with the shard discarded as above: the refused batch
+    is already staged beside the others, so the shard cannot be finished without it, and no batch
+    is dropped silently. With `store="stats"` nothing is written before the end, so it changes
+    nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -139,6 +141,12 @@ class ShardWriter:
             raise ArgumentError(f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if step < 0:
             raise ArgumentError(f"ShardWriter: step must be >= 0, got {step}")
+        # isprintable() is False for NUL, control characters and lone surrogates (which UTF-8 cannot encode)
+        if run_id is not None and (not isinstance(run_id, str) or not run_id or not run_id.isprintable()):
+            raise ArgumentError(
+                f"ShardWriter: run_id must be a non-empty printable string (it is stored as UTF-8 text and"
+                f" names the launch in every shard), not {run_id!r}"
+            )
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
         self.path = shard_path(run_dir, self.step, self.rank)
         # unique per writer: two writers of one rank (a restarted job) never write into one file
@@ -148,12 +156,12 @@ class ShardWriter:
         self._state = "new"
         """new -> open -> finished, or -> discarded (exception, abort, failed write)."""
         self._entered = False
-        self._claim: Path | None = None
         self._io: GuardedFile | None = None
         self._file: h5py.File | None = None
         self._written: dict[str, _Written] = {}
         self._stored: dict[str, StagedDataset] = {}
         self._stats: dict[str, RankStats] = {}
+        self._buffers = ChunkBuffers()
         self._worker: WriterThread | None = None
 
     @classmethod
@@ -211,8 +219,15 @@ class ShardWriter:
             self._worker = WriterThread(f"bpseval ShardWriter rank {self.rank} step {self.step}")
 
     def _create_file(self) -> None:
+        """The HDF5 file and its root attributes.
+
+        rdcc_nbytes=0: HDF5 keeps no chunk of any array in memory. The writer hands it only whole
+        chunks (and each array's last rows once), so a cache would gain nothing; with HDF5's default
+        (8 MiB per array) every dataset kept its chunks in memory until the file was closed, and a
+        full disk was found only then. Without it each chunk reaches the file in the call that writes it.
+        """
         assert self._io is not None
-        self._file = h5py.File(self._io, "w")
+        self._file = h5py.File(self._io, "w", rdcc_nbytes=0)
         attrs = self._file.attrs
         attrs["format"] = FORMAT
         attrs["format_version"] = FORMAT_VERSION
@@ -223,7 +238,7 @@ class ShardWriter:
         attrs["bpseval_version"] = __version__
         attrs["store"] = self.store
         if self.run_id is not None:
-            attrs["run_id"] = str(self.run_id)
+            attrs["run_id"] = self.run_id
         self._file.create_group(DATASETS_GROUP)
 
     def close(self) -> Path:
@@ -245,11 +260,7 @@ class ShardWriter:
             raise self._write_error(error, f"renaming it into place from {self._tmp_path.name}") from error
         self._file = self._io = None
         self._state = "finished"
-        with _PROCESS_LOCK:
-            _OPEN_HERE.discard(self._claim)
-            finished = _fingerprint(self.path)
-            if self._claim is not None and finished is not None:
-                _FINISHED_HERE[self._claim] = finished
+        _shard_claims.release(self, finished=True)
         return self.path
 
     def _finish_file(self) -> None:
@@ -280,10 +291,15 @@ class ShardWriter:
 
         Accepts numpy arrays or torch tensors on any device; bfloat16 is stored as float32, and
         nothing is stored at a lower precision than it was given. The caller may reuse its buffers
-        once `add` returns. Raises ArgumentError, naming the dataset, when shapes, values or settings
-        disagree with each other or with earlier batches (nothing of the batch is written then),
-        and OSError when writing fails (the partial shard is deleted then); with `background=True`,
-        the OSError of an earlier batch's write.
+        once `add` returns.
+
+        Raises:
+            ArgumentError: naming the dataset, when shapes, dtypes, identities, values or settings
+                disagree with each other or with earlier batches (nothing of the batch is written, the
+                writer stays usable); with `background=True`, for an earlier batch whose values the
+                writer's thread refused (the shard is discarded then).
+            OSError: when writing fails (the partial shard is deleted); with `background=True`, the
+                error of an earlier batch's write.
         """
         if self._state != "open":
             self._check_usable("add()")
@@ -298,9 +314,14 @@ class ShardWriter:
                 arrays["dfs"] = dfs
             if sample_idx is not None:
                 arrays["sample_idx"] = check_index_range(dataset, sample_idx)
+            if self._worker is None:
+                _check_values(dataset, arrays, rate_kind)
             stored = self._stored.get(dataset)
             if stored is not None and len(rhat) < stored.room:  # no chunk to write: the batch is only copied
-                stored.copy_in(arrays.values(), len(rhat))
+                placed = stored.copy_in(arrays.values(), len(rhat))
+                written.took(len(rhat))
+                if self._worker is not None:
+                    self._queue(dataset, written, stored, len(rhat), placed)
             else:
                 self._keep(dataset, written, arrays, None)
             return
@@ -320,6 +341,8 @@ class ShardWriter:
             ids = checked_cell_ids(dataset, ids, layout.n_cells, None if written is None else written.cell_ids)
         if self.store == "raw" and written is not None:
             arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
+        if self._worker is None:
+            _check_values(dataset, arrays, rate_kind)
         update = None
         if self.store == "stats":
             stats = self._stats.get(dataset) or RankStats(layout.n_cells)
@@ -344,25 +367,73 @@ class ShardWriter:
         update: tuple[RankStats, StatsUpdate] | None = None,
     ) -> None:
         """The checked batch of `add`: staged and written (or queued), or its statistics kept."""
+        rows = len(arrays["rhat"])
         if update is not None:
             stats, batch = update
             arrays = {}
         stored = self._stored.get(dataset)
         new_group = stored is None
         if stored is None:
-            stored = self._stored[dataset] = StagedDataset(written.layout.rate_kind)
+            stored = self._stored[dataset] = StagedDataset(written.layout.rate_kind, self._buffers)
         if self._worker is None:
             self._run(f"adding a batch of dataset {dataset!r}", partial(self._store, dataset, stored, new_ids, arrays))
+            written.took(rows)
         else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
-            chunks = stored.stage(arrays)
-            if chunks or new_group or new_ids is not None:
-                job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
-                doing = f"adding a batch of dataset {dataset!r}"
-                self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
-                self._raise_failure(self._worker.error)
+            placed: Placed = {}
+            chunks = stored.stage(arrays, placed=placed)
+            written.took(rows)
+            self._queue(dataset, written, stored, rows, placed, chunks, new_ids, new_group)
         if update is not None:
             stats.commit(batch)
             self._stats[dataset] = stats
+
+    def _queue(
+        self,
+        dataset: str,
+        written: _Written,
+        stored: StagedDataset,
+        rows: int,
+        placed: Placed,
+        chunks: list[tuple[Column, np.ndarray]] | None = None,
+        cell_ids: np.ndarray | None = None,
+        new_group: bool = False,
+    ) -> None:
+        """Hand the batch just staged to the background thread: the check of its `rows` (where `placed` says
+        the staging copied them), then the whole chunks it completed, the group and cell_ids if new.
+
+        The staged rows are not written over before the check has run: the memory they are in is
+        reused only once the thread has written it, after the jobs queued before.
+        """
+        if not (rows or chunks or cell_ids is not None or new_group):
+            return
+        check = None
+        if rows:
+            first = written.rows - rows
+            check = partial(self._check_staged, dataset, written.batches, first, written.layout.rate_kind, placed)
+        job = partial(self._write_chunks, dataset, stored, cell_ids, chunks or [], check)
+        assert self._worker is not None
+        nbytes = sum(chunk.nbytes for _, chunk in chunks or [])
+        self._worker.submit(partial(self._attempt, f"adding a batch of dataset {dataset!r}", job), nbytes)
+        self._raise_failure(self._worker.error)
+
+    def _check_staged(self, dataset: str, number: int, first_row: int, rate_kind: str, placed: Placed) -> None:
+        """The background thread's check of a batch's values, on the writer's copy of its rows.
+
+        Raises:
+            ArgumentError: naming the dataset and the batch, raised by the caller's next `add` (or
+                the end of the `with` block), which discards the shard.
+        """
+        arrays = {name: staged_rows(pieces) for name, pieces in placed.items() if name != "sample_idx"}
+        try:
+            _check_values(dataset, arrays, rate_kind)
+        except ArgumentError as error:
+            found = str(error).removeprefix(f"dataset {dataset!r}: ")
+            raise ArgumentError(
+                f"{self.path}: batch {number} of dataset {dataset!r} (the dataset's rows {first_row} to"
+                f" {first_row + len(arrays['rhat']) - 1} on this rank), given to an earlier add() and checked on"
+                f" the writer's thread, rows counted from the batch's first: {found} The shard was discarded,"
+                " with its temporary file: start a new ShardWriter to write this step again."
+            ) from None
 
     def _store(
         self, dataset: str, stored: StagedDataset, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]
@@ -376,16 +447,25 @@ class ShardWriter:
         self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
-        self, dataset: str, stored: StagedDataset, cell_ids: np.ndarray | None, chunks: list[tuple[Column, np.ndarray]]
+        self,
+        dataset: str,
+        stored: StagedDataset,
+        cell_ids: np.ndarray | None,
+        chunks: list[tuple[Column, np.ndarray]],
+        check: Callable[[], None] | None,
     ) -> None:
-        """The background thread's side of `add`: the group (on its first batch), its cell_ids, the whole chunks."""
+        """The background thread's side of `add`: `check`, then the group (on its first batch), its cell_ids,
+        the whole chunks."""
         assert self._file is not None and self._io is not None
-        group = stored.open(self._file, dataset)
-        if cell_ids is not None:
-            store_cell_ids(group, cell_ids)
-        for column, chunk in chunks:
-            column.write_chunk(group, chunk)
-        self._io.start_writeback(SYNC_BYTES, may_wait=True)
+        if check is not None:
+            check()
+        if chunks or cell_ids is not None or stored.group is None:
+            group = stored.open(self._file, dataset)
+            if cell_ids is not None:
+                store_cell_ids(group, cell_ids)
+            for column, chunk in chunks:
+                column.write_chunk(group, chunk)
+            self._io.start_writeback(SYNC_BYTES, may_wait=True)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -402,42 +482,48 @@ class ShardWriter:
 
     def _claim_path(self) -> None:
         """Refuse to replace a shard this process wrote, or is writing, at the same path (unless overwrite)."""
-        claim = self.path.resolve()
-        with _PROCESS_LOCK:
-            finished = _FINISHED_HERE.get(claim)
-            taken = claim in _OPEN_HERE or (finished is not None and finished == _fingerprint(claim))
-            if taken and not self.overwrite:
-                raise ArgumentError(
-                    f"{self.path}: this process already wrote (or is writing) the shard of rank {self.rank} for"
-                    f" step {self.step}; a second ShardWriter would replace it and lose its batches. Write every"
-                    " validation loader into one shard: one ShardWriter for the whole validation pass, and"
-                    " add(dataset=<the loader's dataset name>, ...) for each loader's batches. To replace the"
-                    " shard on purpose (validation run again for this step), pass overwrite=True."
-                )
-            _OPEN_HERE.add(claim)
-            self._claim = claim
+        if not _shard_claims.claim(self, self.path.resolve(), self.overwrite, self._discard):
+            raise ArgumentError(
+                f"{self.path}: this process already wrote (or is writing) the shard of rank {self.rank} for"
+                f" step {self.step}; a second ShardWriter would replace it and lose its batches. Write every"
+                " validation loader into one shard: one ShardWriter for the whole validation pass, and"
+                " add(dataset=<the loader's dataset name>, ...) for each loader's batches. To replace the"
+                " shard on purpose (validation run again for this step), pass overwrite=True."
+            )
 
-    def _discard(self) -> None:
-        """Close and delete the temporary file, whatever state it is in; the writer cannot be used again."""
-        if self._worker is not None:  # its queued batches are dropped with the file
-            worker, self._worker = self._worker, None
-            worker.stop(drop=True)
-        file, stream = self._file, self._io
+    def _discard(self, wait: float | None = None) -> None:
+        """Close and delete the temporary file, whatever state it is in; the writer cannot be used again.
+
+        A background thread is stopped first, after the write it is doing, waiting at most `wait`
+        seconds (at interpreter exit); if it is still writing then, HDF5 is not called from here
+        and only the temporary file is deleted.
+        """
+        worker, self._worker = self._worker, None
+        if worker is not None:  # its queued batches are dropped with the file
+            worker.stop(drop=True, wait=wait)
+        stopped = worker is None or not worker.running
+        file, stream = (self._file, self._io) if stopped else (None, None)
         self._file = self._io = None
         self._state = "discarded"
         try:
             if file is not None and file.id.valid:
-                file.close()  # cannot fail on I/O: GuardedFile never reports an error to HDF5
+                with signals_deferred():
+                    file.close()  # cannot fail on I/O: GuardedFile never reports an error to HDF5
         finally:
             if stream is not None:
                 stream.discard()
             self._tmp_path.unlink(missing_ok=True)
-            with _PROCESS_LOCK:
-                _OPEN_HERE.discard(self._claim)
+            _shard_claims.release(self)
 
     def _run(self, doing: str, action: Callable[[], None]) -> None:
-        """One step of writing, on this thread: on an exception or a failed write, the shard is discarded."""
-        self._raise_failure(self._attempt(doing, action))
+        """One step of writing, on this thread: on an exception or a failed write, the shard is discarded.
+
+        A signal's Python handler waits for the step to end (`signals_deferred`): an exception it
+        raises inside HDF5 would break the file, or be lost.
+        """
+        with signals_deferred():
+            error = self._attempt(doing, action)
+        self._raise_failure(error)
 
     def _attempt(self, doing: str, action: Callable[[], None]) -> BaseException | None:
         """Run `action`; the error to raise if it raised or a write failed during it, else None.
@@ -514,6 +600,12 @@ def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_
         None if dfs is None else (dfs.dtype, dfs.shape),
         None if sample_idx is None else (sample_idx.dtype, sample_idx.shape),
     )
+
+
+def _check_values(dataset: str, arrays: dict[str, np.ndarray], rate_kind: str) -> None:
+    """The batch contract's value check (`check_values`) of a batch's arrays in their storage dtypes."""
+    rhat = arrays["rhat"]
+    check_values(dataset, rhat, arrays["robs"], weights_of(dataset, arrays.get("dfs"), *rhat.shape), rate_kind)
 
 
 def _numpy(value: Any) -> np.ndarray:
