@@ -34,8 +34,8 @@ from benchmarks.data import BATCH_ROWS, MIB, SEED, synthetic_dataset
 from benchmarks.hdf5_settings import Layout, write_layout
 from benchmarks.timing import MachineLoad, Timing, environment, print_load, ratio
 from bpseval import ShardWriter
+from bpseval.shard._writer_thread import QUEUE_BYTES
 from bpseval.shard.format import CHUNK_BYTES
-from bpseval.shard.writer import QUEUE_BYTES
 
 TARGETS = {"ShardWriter / plain h5py throughput": (">=", 0.8), "background add / sync add, with forward": ("<=", 0.25)}
 """Issue #17: at least 0.8x plain h5py's throughput; the loop blocked at most 25% of the synchronous time."""

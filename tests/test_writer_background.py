@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from bpseval import ShardWriter
 from bpseval.errors import ArgumentError
-from bpseval.shard.writer import _Worker
+from bpseval.shard._writer_thread import WriterThread
 from tests.conftest import poisson_dataset
 from tests.test_writer_faults import DATASET, earlier_shard, small_disk  # noqa: F401 - small_disk is a fixture
 
@@ -131,7 +131,7 @@ def test_the_queue_holds_at_most_its_limit_and_submit_waits_until_there_is_room(
         release.wait(timeout=30)
         order.append("slow")
 
-    worker = _Worker("bpseval ShardWriter test", limit=100)
+    worker = WriterThread("bpseval ShardWriter test", limit=100)
     worker.submit(slow, 60)
     assert started.wait(timeout=30)
     waiting = threading.Thread(target=worker.submit, args=(lambda: order.append("next"), 60))
@@ -149,7 +149,7 @@ def test_the_first_error_stops_the_worker_and_unblocks_a_waiting_submit():
     release = threading.Event()
     failure = OSError(errno.EIO, "Input/output error")
     ran = []
-    worker = _Worker("bpseval ShardWriter test", limit=100)
+    worker = WriterThread("bpseval ShardWriter test", limit=100)
     worker.submit(lambda: release.wait(timeout=30) and failure, 80)
     waiting = threading.Thread(target=worker.submit, args=(lambda: ran.append("never"), 80))
     waiting.start()

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import bpseval
 from bpseval import ShardWriter
 from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.shard.format import CHUNK_BYTES
 from bpseval.shard.reader import read_header
 from bpseval.shard.writer import SYNC_BYTES
 from tests.conftest import poisson_dataset
@@ -316,6 +317,14 @@ def write_two_launches(rank: int, world_size: int, run_dir: str, second_port: in
             writer.add(DATASET, **poisson_dataset(rank, n_rows=4, n_cells=2))
 
 
+@pytest.mark.parametrize("run_id", ["job\x0042", "job-\ud800", "", "line\nbreak", 42, b"job-42"])
+def test_a_run_id_that_cannot_be_stored_as_text_is_refused_when_the_writer_is_made(tmp_path, run_id):
+    """A NUL or a lone surrogate used to raise ValueError / UnicodeEncodeError from h5py when the file was made."""
+    with pytest.raises(ArgumentError, match=r"ShardWriter: run_id must be a non-empty printable string.*not "):
+        ShardWriter(tmp_path, 0, 1, run_id=run_id)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_from_process_group_records_one_run_id_per_launch(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     run_gloo(write_two_launches, 2, str(tmp_path), free_port())
@@ -370,6 +379,28 @@ def test_a_shard_larger_than_the_writeback_interval_is_stored_whole(tmp_path, ba
     with h5py.File(writer.path) as handle:
         for name, array in data.items():
             np.testing.assert_array_equal(handle[f"datasets/{DATASET}/{name}"][()], array, err_msg=name)
+
+
+def test_a_full_disk_is_raised_by_the_add_whose_chunk_does_not_fit(tmp_path, background):
+    """Chunks reach the file as they fill: a 2 MiB disk fails within one chunk per array of the data given.
+
+    HDF5's default chunk cache (8 MiB per array) used to hold the chunks until the file was closed.
+    A background writer raises the error at a later add (its queue may hold more by then).
+    """
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        data = {**poisson_dataset(3, n_rows=256, n_cells=181), "sample_idx": np.arange(256)}
+        per_batch = sum(array.nbytes for array in data.values())
+        writer = ShardWriter(disk / "run", 0, 1, background=background)
+        given = 0
+        with pytest.raises(OSError, match="No space left on device") as caught, writer:
+            for number in range(200):  # 136 MiB of batches
+                writer.add(DATASET, **{**data, "sample_idx": data["sample_idx"] + number * 256})
+                given += per_batch
+        assert "close" not in [entry.name for entry in caught.traceback]  # raised by add()
+        assert caught.value.errno == errno.ENOSPC and str(writer.path) in str(caught.value)
+        if not background:  # the disk's 2 MiB, less than one chunk staged per array, the failing batch
+            assert given <= 2 * 1024 * 1024 + 4 * CHUNK_BYTES + per_batch, given
+        assert [p for p in disk.rglob("*") if p.is_file()] == []
 
 
 def test_a_disk_filling_after_writeback_started_is_an_oserror_and_leaves_nothing(tmp_path, background):

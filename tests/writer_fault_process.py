@@ -31,7 +31,7 @@ def fill_disk(path: Path) -> None:
 
 
 def validation_pass(run_dir: str, mode: str, background: bool) -> None:
-    rows = 40_000 if mode == "add" else 64  # 16 MB per array: more than the disk and HDF5's chunk cache
+    rows = 40_000 if mode == "add" else 64  # 16 MB per array: more than the disk
     rng = np.random.default_rng(0)
     rhat = rng.gamma(2.0, 0.5, size=(rows, 100)).astype(np.float32)
     with ShardWriter(run_dir, 0, 1, background=background) as writer:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
-import functools
-import math
 import os
 import secrets
-import sys
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,7 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval._version import __version__
-from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.errors import ArgumentError
 from bpseval.kernel.batch import (
     BatchLayout,
     check_dataset_name,
@@ -30,22 +25,17 @@ from bpseval.kernel.batch import (
     check_rate_kind,
     check_rates_dtype,
     check_shapes,
+    check_values,
     checked_cell_ids,
     sample_indices,
     weights_of,
 )
-from bpseval.kernel.samples import SeenSamples
-from bpseval.kernel.stats import (
-    STAT_FIELDS,
-    Blocks,
-    BlockSums,
-    CellStats,
-    as_weights,
-    batch_stats,
-    block_stats,
-)
+from bpseval.shard import _shard_claims
+from bpseval.shard._guarded_file import GuardedFile, signals_deferred
+from bpseval.shard._staging import ChunkBuffers, Column, Placed, StagedDataset, staged_rows, store_cell_ids
+from bpseval.shard._stats_store import RankStats, StatsUpdate
+from bpseval.shard._writer_thread import WriterThread
 from bpseval.shard.format import (
-    CHUNK_BYTES,
     DATASETS_GROUP,
     DEFAULT_BLOCK_SIZE,
     FORMAT,
@@ -54,12 +44,6 @@ from bpseval.shard.format import (
     shard_path,
 )
 
-QUEUE_BYTES = 1 << 26
-"""Bytes of whole chunks a background writer holds (queued or being written) before `add` waits: 64 MiB.
-
-The chunks a single batch completes are still taken, alone, when nothing else is queued, however large."""
-SPARE_CHUNKS = 2
-"""Chunks per array a background writer keeps, once written, to stage rows into again."""
 SYNC_BYTES = 1 << 22
 """Each time this much was written (4 MiB), the writer has the kernel start writing it to disk (`start_writeback`).
 
@@ -75,390 +59,15 @@ class _Written:
     cell_ids: np.ndarray | None = None
     stored_as_given: tuple[Any, ...] | None = None
     """The `_given` signature of the last batch stored as it came (no conversion): a batch with the
-    same one needs no checks but of its sample_idx values."""
+    same one needs no checks of its layout, only of its sample_idx and values."""
+    batches: int = 0
+    """Batches taken so far (refused ones not counted): a background writer names a bad batch by its number."""
+    rows: int = 0
 
-
-class _Column:
-    """One array of a dataset group, its rows staged in memory until they fill an HDF5 chunk.
-
-    Only whole chunks of about CHUNK_BYTES are written while the pass runs (one HDF5 call per
-    chunk, not per batch), the last partial one at `finish`. An array that never fills a chunk is
-    written at `finish` as one contiguous block of exactly its size: a toy dataset costs its bytes,
-    not a 256 KiB chunk. Memory: the stage holds less than one chunk (CHUNK_BYTES, or one row
-    when a row is larger), allocated when first needed; rows are copied into it, so the caller
-    may reuse its buffers as soon as `stage_rows` returns.
-
-    Staging (`stage_rows`) and writing (`write`, `finish`) touch separate fields: a background
-    writer stages each batch on the caller's thread and writes the chunks on its own.
-    """
-
-    def __init__(self, name: str, first: np.ndarray) -> None:
-        self.name, self.dtype, self.tail = name, first.dtype, first.shape[1:]
-        self.chunk_rows = max(1, CHUNK_BYTES // max(1, math.prod(self.tail) * first.dtype.itemsize))
-        self.stage: np.ndarray | None = None
-        self.stage_bytes: memoryview | None = None
-        """The stage as bytes, what `_copy_rows` copies into (None when rows have no bytes)."""
-        self.staged = 0
-        self.spare: list[np.ndarray] = []
-        """Whole chunks handed over and written, reused as stages (a fresh 256 KiB array costs page faults)."""
-        self.target: h5py.Dataset | None = None
-        self.written = 0
-
-    def stage_rows(self, rows: np.ndarray, group: h5py.Group | None = None) -> list[np.ndarray]:
-        """Take `rows`; each whole chunk they complete is written to `group`, or without it returned, in order.
-
-        Whole chunks come straight from `rows` when the stage is empty. With `group`, a chunk is
-        written before this returns (the stage is then reused). Chunks returned are the writer's
-        own (a copy of rows, or a full stage, replaced by a spare one), to be written later while
-        the caller reuses its buffers.
-        """
-        chunks: list[np.ndarray] = []
-        start = 0
-        while start < len(rows):
-            if self.staged == 0 and len(rows) - start >= self.chunk_rows:
-                stop = start + (len(rows) - start) // self.chunk_rows * self.chunk_rows
-                if group is not None:
-                    self.write(group, rows[start:stop])
-                else:
-                    whole = np.empty((stop - start, *self.tail), self.dtype)
-                    _copy_rows(whole, _bytes(whole), 0, rows[start:stop])
-                    chunks.append(whole)
-                start = stop
-                continue
-            if self.stage is None:
-                self.stage = self.spare.pop() if self.spare else np.empty((self.chunk_rows, *self.tail), self.dtype)
-                self.stage_bytes = _bytes(self.stage)
-            taken = min(self.chunk_rows - self.staged, len(rows) - start)
-            _copy_rows(self.stage, self.stage_bytes, self.staged, rows[start : start + taken])
-            self.staged, start = self.staged + taken, start + taken
-            if self.staged == self.chunk_rows:
-                self.staged = 0
-                if group is not None:
-                    self.write(group, self.stage)
-                else:
-                    chunks.append(self.stage)
-                    self.stage = self.stage_bytes = None
-        return chunks
-
-    def finish(self, group: h5py.Group) -> None:
-        """Write the staged rows: the last chunk, or the whole array, contiguous, if it never filled one."""
-        rows = self.stage[: self.staged] if self.stage is not None else np.empty((0, *self.tail), self.dtype)
-        if self.target is None:
-            group.create_dataset(self.name, data=rows)
-        elif len(rows):
-            self.write(group, rows)
-        self.stage, self.stage_bytes, self.staged = None, None, 0
-
-    def write_chunk(self, group: h5py.Group, chunk: np.ndarray) -> None:
-        """`write` a chunk that `stage_rows` handed over, then keep it to stage rows into again."""
-        self.write(group, chunk)
-        if len(chunk) == self.chunk_rows and len(self.spare) < SPARE_CHUNKS:
-            self.spare.append(chunk)  # list.append and list.pop are atomic: the threads need no lock
-
-    def write(self, group: h5py.Group, rows: np.ndarray) -> None:
-        """Append rows to the chunked, resizable dataset, created on the first full chunk.
-
-        A dataset without cells ((N, 0) arrays) gets a resizable width too: HDF5 chunks cannot be 0 wide.
-        """
-        if self.target is None:
-            self.target = group.create_dataset(
-                self.name,
-                shape=(0, *self.tail),
-                maxshape=(None, *(size or None for size in self.tail)),
-                dtype=self.dtype,
-                chunks=(self.chunk_rows, *(size or 1 for size in self.tail)),
-            )
-        end = self.written + len(rows)
-        self.target.resize(end, axis=0)
-        if rows.size:
-            self.target[self.written : end] = rows
-        self.written = end
-
-
-@dataclass
-class _Stored:
-    """One dataset group and its arrays: the group is created and written by the thread that writes."""
-
-    rate_kind: str
-    group: h5py.Group | None = None
-    columns: dict[str, _Column] = field(default_factory=dict)
-    room: int = 0
-    """Rows fewer than which every array's stage takes without completing a chunk (`copy_in`)."""
-
-    def stage(self, arrays: dict[str, np.ndarray], group: h5py.Group | None = None) -> list[tuple[_Column, np.ndarray]]:
-        """Stage a batch (the same arrays, in the same order, on every batch; see `_Column.stage_rows`).
-
-        With `group`, whole chunks are written to it; without, they are returned with their columns.
-        """
-        if len(self.columns) != len(arrays):
-            self.columns = {name: _Column(name, array) for name, array in arrays.items()}
-        chunks: list[tuple[_Column, np.ndarray]] = []
-        for column, rows in zip(self.columns.values(), arrays.values(), strict=True):
-            completed = column.stage_rows(rows, group)
-            if completed:
-                chunks += [(column, chunk) for chunk in completed]
-        self.room = min(
-            (column.chunk_rows - column.staged if column.stage is not None else 0 for column in self.columns.values()),
-            default=0,
-        )
-        return chunks
-
-    def copy_in(self, arrays: Iterable[np.ndarray], rows: int) -> None:
-        """The usual batch, of `rows` < `room` rows: copied into the stages, nothing else to do."""
-        for column, array in zip(self.columns.values(), arrays, strict=True):
-            _copy_rows(column.stage, column.stage_bytes, column.staged, array)
-            column.staged += rows
-        self.room -= rows
-
-    def open(self, file: h5py.File, dataset: str) -> h5py.Group:
-        """The group, created on first use."""
-        if self.group is None:
-            self.group = file.create_group(f"{DATASETS_GROUP}/{dataset}")
-            self.group.attrs["rate_kind"] = self.rate_kind
-        return self.group
-
-    def finish(self) -> None:
-        assert self.group is not None
-        for column in self.columns.values():
-            column.finish(self.group)
-
-
-def _copy_rows(target: np.ndarray, target_bytes: memoryview | None, start: int, rows: np.ndarray) -> None:
-    """`target[start : start + len(rows)] = rows` (same dtype and row shape), holding the GIL; `target_bytes` is `_bytes(target)`.
-
-    numpy lets go of the GIL while it copies more than a few hundred values. A background writer's
-    thread waiting for the GIL may take it then, and keep the caller's thread waiting until its next
-    system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
-    spent in `add`. A memoryview copy of contiguous rows is one memcpy under the GIL.
-    """
-    source = memoryview(rows)
-    if target_bytes is not None and source.nbytes and source.c_contiguous:
-        row_bytes = target_bytes.nbytes // len(target)
-        target_bytes[start * row_bytes : start * row_bytes + source.nbytes] = source.cast("B")
-    else:
-        target[start : start + len(rows)] = rows
-
-
-def _bytes(array: np.ndarray) -> memoryview | None:
-    """A contiguous array's bytes, to copy into; None when it has none (memoryview cannot cast an empty shape)."""
-    return memoryview(array).cast("B") if array.nbytes else None
-
-
-_Job = Callable[[], "BaseException | None"]
-
-
-class _Worker:
-    """A thread running a writer's writes in order, holding at most `limit` bytes of chunks.
-
-    `submit` waits while the queued and running jobs' chunks plus the new one's would exceed `limit`
-    (a job larger than `limit` is taken when nothing else is queued). A job returns the error the
-    writer must raise, or None; the first error stops the thread, drops the jobs queued after it
-    and stays in `error`, and `submit` stops waiting then.
-    """
-
-    def __init__(self, name: str, limit: int = QUEUE_BYTES) -> None:
-        self.error: BaseException | None = None
-        self._limit = limit
-        self._jobs: deque[tuple[_Job, int]] = deque()
-        self._held = 0
-        self._stopping = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: _Job, nbytes: int) -> None:
-        """Queue `job` (holding `nbytes` of arrays), waiting while the queue is full; not when it failed."""
-        with self._changed:
-            while self.error is None and self._held and self._held + nbytes > self._limit:
-                self._changed.wait()
-            if self.error is None:
-                self._jobs.append((job, nbytes))
-                self._held += nbytes
-                self._changed.notify_all()
-
-    def stop(self, drop: bool) -> BaseException | None:
-        """End the thread after the queued jobs (or after the running one, with `drop`); the first error."""
-        with self._changed:
-            self._stopping = True
-            if drop:
-                self._jobs.clear()
-            self._changed.notify_all()
-        self._thread.join()
-        return self.error
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while not self._jobs and not self._stopping:
-                    self._changed.wait()
-                if not self._jobs:
-                    return
-                job, nbytes = self._jobs.popleft()
-            try:
-                error = job()
-            except BaseException as unexpected:  # noqa: BLE001 - anything the job raises is re-raised in the caller's thread
-                error = unexpected
-            with self._changed:
-                self._held -= nbytes
-                if error is not None:
-                    self.error = error
-                    self._jobs.clear()
-                self._changed.notify_all()
-            if error is not None:
-                return
-
-
-class _GuardedFile:
-    """The temporary file as HDF5 sees it, through h5py's file-object driver; an I/O error never reaches HDF5.
-
-    libhdf5 cannot recover from a failed write: closing the file fails again, and the library
-    crashes at exit. So the first OSError (disk full, I/O error) is recorded instead of raised,
-    and from then on writes are kept in memory (`overlay`, read back consistently) so that
-    HDF5 finishes its operation and closes cleanly. The writer checks `failure` after every
-    step and deletes the file. Memory after a failure is bounded by what HDF5 still flushes:
-    the rest of the batch being written and its caches.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.failure: OSError | None = None
-        self.overlay: list[tuple[int, bytes]] = []
-        self._file = open(path, "xb+", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
-        self._position = 0
-        self._size = 0
-        self._unsynced = 0
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._position = offset + (self._size if whence == os.SEEK_END else self._position if whence else 0)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if self.failure is None:
-            try:
-                self._file.seek(self._position)
-                done = 0
-                while done < len(view):
-                    done += self._file.write(view[done:])
-                self._unsynced += done
-            except OSError as error:
-                self.failure = error
-        if self.failure is not None:
-            self.overlay.append((self._position, bytes(view)))
-        self._position += len(view)
-        self._size = max(self._size, self._position)
-        return len(view)
-
-    def readinto(self, buffer: Any) -> int:
-        """Fill `buffer` from the current position: zeros past the end, as HDF5's own driver does."""
-        view = memoryview(buffer).cast("B")
-        start, done = self._position, 0
-        try:
-            self._file.seek(start)
-            while done < len(view) and (got := self._file.readinto(view[done:])):
-                done += got
-        except OSError as error:
-            self.failure = self.failure or error
-        if done < len(view):
-            view[done:] = bytes(len(view) - done)
-        for offset, piece in self.overlay:  # later writes over earlier ones, as on a disk
-            low, high = max(offset, start), min(offset + len(piece), start + len(view))
-            if low < high:
-                view[low - start : high - start] = piece[low - offset : high - offset]
-        self._position += len(view)
-        return len(view)
-
-    def read(self, size: int) -> bytes:
-        """h5py recognises a file object by `read` (and then uses `readinto`)."""
-        buffer = bytearray(size)
-        self.readinto(buffer)
-        return bytes(buffer)
-
-    def truncate(self, size: int) -> int:
-        if self.failure is None:
-            try:
-                self._file.truncate(size)
-            except OSError as error:
-                self.failure = error
-        self._size = size
-        return size
-
-    def flush(self) -> None:
-        """Nothing is buffered here; `finish` makes the data durable."""
-
-    def start_writeback(self, every: int, may_wait: bool) -> None:
-        """Once `every` bytes were written since the last time, have the kernel start writing them to disk.
-
-        The fsync at the end of the shard then has little left to wait for. On Linux this is
-        sync_file_range, which returns without waiting for the disk, and whose errors (a hint's) are
-        left to that fsync: a write that failed is reported there. Elsewhere, when the caller
-        `may_wait` (a background writer's thread), it is fdatasync, its error recorded in `failure`.
-        """
-        if self.failure is None and self._unsynced >= every:
-            self._unsynced = 0
-            start = _sync_file_range()
-            if start is not None:
-                start(self._file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
-            elif may_wait:
-                try:
-                    getattr(os, "fdatasync", os.fsync)(self._file.fileno())
-                except OSError as error:
-                    self.failure = error
-
-    def finish(self) -> None:
-        """Make the data durable and close the file; an error is recorded in `failure`, not raised."""
-        try:
-            if self.failure is None:
-                os.fsync(self._file.fileno())
-        except OSError as error:
-            self.failure = error
-        self.discard()
-
-    def discard(self) -> None:
-        """Close the file without caring whether its data reached the disk."""
-        try:
-            self._file.close()
-        except OSError as error:
-            self.failure = self.failure or error
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-"""Linux's SYNC_FILE_RANGE_WRITE: start writing the range's dirty pages, do not wait."""
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range(fd, offset, nbytes, flags) on Linux (not in the os module), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    except (ImportError, OSError):  # a Python without ctypes, or a libc that cannot be loaded: fsync alone
-        return None
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
-
-
-_PROCESS_LOCK = threading.Lock()
-_OPEN_HERE: set[Path] = set()
-"""Shard paths a writer of this process is writing now."""
-_FINISHED_HERE: dict[Path, tuple[int, int, int, int]] = {}
-"""Shard paths this process renamed into place, with the (device, inode, size, mtime) they had then."""
-
-
-def _fingerprint(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    def took(self, rows: int) -> None:
+        """Count a batch of `rows` rows, taken."""
+        self.batches += 1
+        self.rows += rows
 
 
 class ShardWriter:
@@ -466,29 +75,37 @@ class ShardWriter:
 
     Use as a context manager, once, and call `add` once per batch, for every loader of the
     validation pass. Rows are staged per array until they fill a chunk of about 256 KiB, then
-    written as whole chunks of a resizable HDF5 dataset; an array that never fills a chunk is
-    written at the end as one contiguous block of its own size, so small shards stay small.
-    Memory: one batch, plus less than one chunk per array (under 1 MiB per dataset). The file
-    is written under a hidden `.tmp` name, made durable and renamed on a clean exit; after an
-    exception, or when the disk fills or a write fails (`OSError` from that `add` or from the
-    end of the block), the partial file is deleted and an earlier shard at the final path stays
-    as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to disk
-    (on Linux, without waiting), so that the fsync at the end has little left to do.
+    written as whole chunks of a resizable HDF5 dataset, straight to the file (HDF5 keeps no chunk
+    cache here); an array that never fills a chunk is written at the end as one contiguous block of
+    its own size, so small shards stay small. Memory: one batch, plus less than one chunk per array
+    (at most 2 MiB of RSS per dataset, measured with 40 datasets). The file is written under a
+    hidden `.tmp` name, made durable and renamed on a clean exit; after an exception, or when the
+    disk fills or a write fails (`OSError` from the `add` whose chunk could not be written, or from
+    the end of the block), the partial file is deleted and an earlier shard at the final path
+    stays as it was. Every SYNC_BYTES written, the kernel is asked to start writing the file to
+    disk (on Linux, without waiting), so that the fsync at the end has little left to do. A writer
+    still open when the interpreter exits (the script ended, raised, or called `sys.exit`, also
+    from a signal handler) is discarded then, its temporary file deleted.
 
-    A batch of numpy arrays with the dtypes and shapes of the dataset's last batch, which was
-    stored as given (no conversion), is not checked again but for its sample_idx values; any
-    other batch is checked in full. Either way a refused batch raises at its own `add`, nothing
+    Every batch is checked by the batch contract (`bpseval.kernel.batch`), its values too:
+    finite non-negative rates (finite log-rates), counts >= 0, dfs in [0, 1], at every entry
+    dfs does not mask. A batch of numpy arrays with the dtypes and shapes of the dataset's last
+    batch, which was stored as given (no conversion), skips the checks of its layout, not those
+    of its sample_idx and values. A refused batch raises ArgumentError at its own `add`, nothing
     of it is written, and the writer stays usable.
 
-    `background=True` writes on a thread of its own: `add` checks the batch and copies it into
-    the stages on the caller's thread (for CUDA tensors, after the copy to the host), as the
-    synchronous writer does, and queues the whole chunks it completes (with narrow batches, one
-    queue item for many batches) for the thread to write; it waits only when QUEUE_BYTES (64 MiB)
-    of chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks per array kept to
-    stage into again. Where the kernel cannot start writeback without waiting, the thread calls
-    fdatasync every SYNC_BYTES instead. A write that fails raises its error at the next `add` or
-    at the end of the `with` block, with the shard discarded as above; no batch is dropped
-    silently. With `store="stats"` nothing is written before the end, so it changes nothing.
+    `background=True` writes on a thread of its own: `add` checks the batch's layout and
+    sample_idx and copies it into the stages on the caller's thread (for CUDA tensors, after the
+    copy to the host), as the synchronous writer does, and queues the whole chunks it completes,
+    and the check of the batch's values, for the thread; it waits only when QUEUE_BYTES (64 MiB) of
+    chunks are queued. Memory: that, plus up to SPARE_CHUNKS written chunks kept to stage into
+    again. Where the kernel cannot start writeback without waiting, the thread calls fdatasync
+    every SYNC_BYTES instead. A write that fails, or a batch whose values the thread refuses,
+    raises its error (OSError, or ArgumentError naming the dataset and the batch) at the next
+    `add` or at the end of the `with` block, with the shard discarded as above: the refused batch
+    is already staged beside the others, so the shard cannot be finished without it, and no batch
+    is dropped silently. With `store="stats"` nothing is written before the end, so it changes
+    nothing.
 
     One process writes each shard once: a second writer of the same run directory, step and
     rank in this process is refused while the first one's shard is still in place, unless
@@ -524,6 +141,12 @@ class ShardWriter:
             raise ArgumentError(f"ShardWriter: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if step < 0:
             raise ArgumentError(f"ShardWriter: step must be >= 0, got {step}")
+        # isprintable() is False for NUL, control characters and lone surrogates (which UTF-8 cannot encode)
+        if run_id is not None and (not isinstance(run_id, str) or not run_id or not run_id.isprintable()):
+            raise ArgumentError(
+                f"ShardWriter: run_id must be a non-empty printable string (it is stored as UTF-8 text and"
+                f" names the launch in every shard), not {run_id!r}"
+            )
         self.rank, self.world_size, self.step, self.run_id = int(rank), int(world_size), int(step), run_id
         self.path = shard_path(run_dir, self.step, self.rank)
         # unique per writer: two writers of one rank (a restarted job) never write into one file
@@ -533,13 +156,13 @@ class ShardWriter:
         self._state = "new"
         """new -> open -> finished, or -> discarded (exception, abort, failed write)."""
         self._entered = False
-        self._claim: Path | None = None
-        self._io: _GuardedFile | None = None
+        self._io: GuardedFile | None = None
         self._file: h5py.File | None = None
         self._written: dict[str, _Written] = {}
-        self._stored: dict[str, _Stored] = {}
-        self._stats: dict[str, _RankStats] = {}
-        self._worker: _Worker | None = None
+        self._stored: dict[str, StagedDataset] = {}
+        self._stats: dict[str, RankStats] = {}
+        self._buffers = ChunkBuffers()
+        self._worker: WriterThread | None = None
 
     @classmethod
     def from_process_group(
@@ -586,18 +209,25 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._claim_path()
         try:
-            self._io = _GuardedFile(self._tmp_path)
+            self._io = GuardedFile(self._tmp_path)
         except OSError as error:
             self._discard()
             raise self._write_error(error, "creating its temporary file") from error
         self._state = "open"
         self._run("creating its temporary file", self._create_file)
         if self.background:
-            self._worker = _Worker(f"bpseval ShardWriter rank {self.rank} step {self.step}")
+            self._worker = WriterThread(f"bpseval ShardWriter rank {self.rank} step {self.step}")
 
     def _create_file(self) -> None:
+        """The HDF5 file and its root attributes.
+
+        rdcc_nbytes=0: HDF5 keeps no chunk of any array in memory. The writer hands it only whole
+        chunks (and each array's last rows once), so a cache would gain nothing; with HDF5's default
+        (8 MiB per array) every dataset kept its chunks in memory until the file was closed, and a
+        full disk was found only then. Without it each chunk reaches the file in the call that writes it.
+        """
         assert self._io is not None
-        self._file = h5py.File(self._io, "w")
+        self._file = h5py.File(self._io, "w", rdcc_nbytes=0)
         attrs = self._file.attrs
         attrs["format"] = FORMAT
         attrs["format_version"] = FORMAT_VERSION
@@ -608,7 +238,7 @@ class ShardWriter:
         attrs["bpseval_version"] = __version__
         attrs["store"] = self.store
         if self.run_id is not None:
-            attrs["run_id"] = str(self.run_id)
+            attrs["run_id"] = self.run_id
         self._file.create_group(DATASETS_GROUP)
 
     def close(self) -> Path:
@@ -630,11 +260,7 @@ class ShardWriter:
             raise self._write_error(error, f"renaming it into place from {self._tmp_path.name}") from error
         self._file = self._io = None
         self._state = "finished"
-        with _PROCESS_LOCK:
-            _OPEN_HERE.discard(self._claim)
-            finished = _fingerprint(self.path)
-            if self._claim is not None and finished is not None:
-                _FINISHED_HERE[self._claim] = finished
+        _shard_claims.release(self, finished=True)
         return self.path
 
     def _finish_file(self) -> None:
@@ -665,10 +291,15 @@ class ShardWriter:
 
         Accepts numpy arrays or torch tensors on any device; bfloat16 is stored as float32, and
         nothing is stored at a lower precision than it was given. The caller may reuse its buffers
-        once `add` returns. Raises ArgumentError, naming the dataset, when shapes, values or settings
-        disagree with each other or with earlier batches (nothing of the batch is written then),
-        and OSError when writing fails (the partial shard is deleted then); with `background=True`,
-        the OSError of an earlier batch's write.
+        once `add` returns.
+
+        Raises:
+            ArgumentError: naming the dataset, when shapes, dtypes, identities, values or settings
+                disagree with each other or with earlier batches (nothing of the batch is written, the
+                writer stays usable); with `background=True`, for an earlier batch whose values the
+                writer's thread refused (the shard is discarded then).
+            OSError: when writing fails (the partial shard is deleted); with `background=True`, the
+                error of an earlier batch's write.
         """
         if self._state != "open":
             self._check_usable("add()")
@@ -683,9 +314,14 @@ class ShardWriter:
                 arrays["dfs"] = dfs
             if sample_idx is not None:
                 arrays["sample_idx"] = check_index_range(dataset, sample_idx)
+            if self._worker is None:
+                _check_values(dataset, arrays, rate_kind)
             stored = self._stored.get(dataset)
             if stored is not None and len(rhat) < stored.room:  # no chunk to write: the batch is only copied
-                stored.copy_in(arrays.values(), len(rhat))
+                placed = stored.copy_in(arrays.values(), len(rhat))
+                written.took(len(rhat))
+                if self._worker is not None:
+                    self._queue(dataset, written, stored, len(rhat), placed)
             else:
                 self._keep(dataset, written, arrays, None)
             return
@@ -705,9 +341,11 @@ class ShardWriter:
             ids = checked_cell_ids(dataset, ids, layout.n_cells, None if written is None else written.cell_ids)
         if self.store == "raw" and written is not None:
             arrays = {name: _storable(written.dtypes[name], dataset, name, array) for name, array in arrays.items()}
+        if self._worker is None:
+            _check_values(dataset, arrays, rate_kind)
         update = None
         if self.store == "stats":
-            stats = self._stats.get(dataset) or _RankStats(layout.n_cells)
+            stats = self._stats.get(dataset) or RankStats(layout.n_cells)
             update = (stats, stats.prepare(dataset, arrays, rate_kind, self.block_size))
         if written is None:
             dtypes = {name: array.dtype for name, array in arrays.items()} if self.store == "raw" else {}
@@ -726,49 +364,108 @@ class ShardWriter:
         written: _Written,
         arrays: dict[str, np.ndarray],
         new_ids: np.ndarray | None,
-        update: tuple[_RankStats, _StatsUpdate] | None = None,
+        update: tuple[RankStats, StatsUpdate] | None = None,
     ) -> None:
         """The checked batch of `add`: staged and written (or queued), or its statistics kept."""
+        rows = len(arrays["rhat"])
         if update is not None:
             stats, batch = update
             arrays = {}
         stored = self._stored.get(dataset)
         new_group = stored is None
         if stored is None:
-            stored = self._stored[dataset] = _Stored(written.layout.rate_kind)
+            stored = self._stored[dataset] = StagedDataset(written.layout.rate_kind, self._buffers)
         if self._worker is None:
             self._run(f"adding a batch of dataset {dataset!r}", partial(self._store, dataset, stored, new_ids, arrays))
+            written.took(rows)
         else:  # staged on this thread into memory of the writer's own: the caller may reuse its buffers
-            chunks = stored.stage(arrays)
-            if chunks or new_group or new_ids is not None:
-                job = partial(self._write_chunks, dataset, stored, new_ids, chunks)
-                doing = f"adding a batch of dataset {dataset!r}"
-                self._worker.submit(partial(self._attempt, doing, job), sum(chunk.nbytes for _, chunk in chunks))
-                self._raise_failure(self._worker.error)
+            placed: Placed = {}
+            chunks = stored.stage(arrays, placed=placed)
+            written.took(rows)
+            self._queue(dataset, written, stored, rows, placed, chunks, new_ids, new_group)
         if update is not None:
             stats.commit(batch)
             self._stats[dataset] = stats
 
-    def _store(self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]) -> None:
+    def _queue(
+        self,
+        dataset: str,
+        written: _Written,
+        stored: StagedDataset,
+        rows: int,
+        placed: Placed,
+        chunks: list[tuple[Column, np.ndarray]] | None = None,
+        cell_ids: np.ndarray | None = None,
+        new_group: bool = False,
+    ) -> None:
+        """Hand the batch just staged to the background thread: the check of its `rows` (where `placed` says
+        the staging copied them), then the whole chunks it completed, the group and cell_ids if new.
+
+        The staged rows are not written over before the check has run: the memory they are in is
+        reused only once the thread has written it, after the jobs queued before.
+        """
+        if not (rows or chunks or cell_ids is not None or new_group):
+            return
+        check = None
+        if rows:
+            first = written.rows - rows
+            check = partial(self._check_staged, dataset, written.batches, first, written.layout.rate_kind, placed)
+        job = partial(self._write_chunks, dataset, stored, cell_ids, chunks or [], check)
+        assert self._worker is not None
+        nbytes = sum(chunk.nbytes for _, chunk in chunks or [])
+        self._worker.submit(partial(self._attempt, f"adding a batch of dataset {dataset!r}", job), nbytes)
+        self._raise_failure(self._worker.error)
+
+    def _check_staged(self, dataset: str, number: int, first_row: int, rate_kind: str, placed: Placed) -> None:
+        """The background thread's check of a batch's values, on the writer's copy of its rows.
+
+        Raises:
+            ArgumentError: naming the dataset and the batch, raised by the caller's next `add` (or
+                the end of the `with` block), which discards the shard.
+        """
+        arrays = {name: staged_rows(pieces) for name, pieces in placed.items() if name != "sample_idx"}
+        try:
+            _check_values(dataset, arrays, rate_kind)
+        except ArgumentError as error:
+            found = str(error).removeprefix(f"dataset {dataset!r}: ")
+            raise ArgumentError(
+                f"{self.path}: batch {number} of dataset {dataset!r} (the dataset's rows {first_row} to"
+                f" {first_row + len(arrays['rhat']) - 1} on this rank), given to an earlier add() and checked on"
+                f" the writer's thread, rows counted from the batch's first: {found} The shard was discarded,"
+                " with its temporary file: start a new ShardWriter to write this step again."
+            ) from None
+
+    def _store(
+        self, dataset: str, stored: StagedDataset, cell_ids: np.ndarray | None, arrays: dict[str, np.ndarray]
+    ) -> None:
         """The file's side of a synchronous `add`: the dataset's group (on its first batch), its cell_ids, its rows."""
         assert self._file is not None
         group = stored.open(self._file, dataset)
         if cell_ids is not None:
-            _store_cell_ids(group, cell_ids)
+            store_cell_ids(group, cell_ids)
         stored.stage(arrays, group)
         self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
-        self, dataset: str, stored: _Stored, cell_ids: np.ndarray | None, chunks: list[tuple[_Column, np.ndarray]]
+        self,
+        dataset: str,
+        stored: StagedDataset,
+        cell_ids: np.ndarray | None,
+        chunks: list[tuple[Column, np.ndarray]],
+        check: Callable[[], None] | None,
     ) -> None:
-        """The background thread's side of `add`: the group (on its first batch), its cell_ids, the whole chunks."""
+        """The background thread's side of `add`: `check`, then the group (on its first batch), its cell_ids,
+        the whole chunks."""
         assert self._file is not None and self._io is not None
-        group = stored.open(self._file, dataset)
-        if cell_ids is not None:
-            _store_cell_ids(group, cell_ids)
-        for column, chunk in chunks:
-            column.write_chunk(group, chunk)
-        self._io.start_writeback(SYNC_BYTES, may_wait=True)
+        if check is not None:
+            check()
+        if chunks or cell_ids is not None or stored.group is None:
+            group = stored.open(self._file, dataset)
+            if cell_ids is not None:
+                store_cell_ids(group, cell_ids)
+            for column, chunk in chunks:
+                column.write_chunk(group, chunk)
+            self._io.start_writeback(SYNC_BYTES, may_wait=True)
 
     def _check_usable(self, call: str) -> None:
         if self._state == "finished":
@@ -785,42 +482,48 @@ class ShardWriter:
 
     def _claim_path(self) -> None:
         """Refuse to replace a shard this process wrote, or is writing, at the same path (unless overwrite)."""
-        claim = self.path.resolve()
-        with _PROCESS_LOCK:
-            finished = _FINISHED_HERE.get(claim)
-            taken = claim in _OPEN_HERE or (finished is not None and finished == _fingerprint(claim))
-            if taken and not self.overwrite:
-                raise ArgumentError(
-                    f"{self.path}: this process already wrote (or is writing) the shard of rank {self.rank} for"
-                    f" step {self.step}; a second ShardWriter would replace it and lose its batches. Write every"
-                    " validation loader into one shard: one ShardWriter for the whole validation pass, and"
-                    " add(dataset=<the loader's dataset name>, ...) for each loader's batches. To replace the"
-                    " shard on purpose (validation run again for this step), pass overwrite=True."
-                )
-            _OPEN_HERE.add(claim)
-            self._claim = claim
+        if not _shard_claims.claim(self, self.path.resolve(), self.overwrite, self._discard):
+            raise ArgumentError(
+                f"{self.path}: this process already wrote (or is writing) the shard of rank {self.rank} for"
+                f" step {self.step}; a second ShardWriter would replace it and lose its batches. Write every"
+                " validation loader into one shard: one ShardWriter for the whole validation pass, and"
+                " add(dataset=<the loader's dataset name>, ...) for each loader's batches. To replace the"
+                " shard on purpose (validation run again for this step), pass overwrite=True."
+            )
 
-    def _discard(self) -> None:
-        """Close and delete the temporary file, whatever state it is in; the writer cannot be used again."""
-        if self._worker is not None:  # its queued batches are dropped with the file
-            worker, self._worker = self._worker, None
-            worker.stop(drop=True)
-        file, stream = self._file, self._io
+    def _discard(self, wait: float | None = None) -> None:
+        """Close and delete the temporary file, whatever state it is in; the writer cannot be used again.
+
+        A background thread is stopped first, after the write it is doing, waiting at most `wait`
+        seconds (at interpreter exit); if it is still writing then, HDF5 is not called from here
+        and only the temporary file is deleted.
+        """
+        worker, self._worker = self._worker, None
+        if worker is not None:  # its queued batches are dropped with the file
+            worker.stop(drop=True, wait=wait)
+        stopped = worker is None or not worker.running
+        file, stream = (self._file, self._io) if stopped else (None, None)
         self._file = self._io = None
         self._state = "discarded"
         try:
             if file is not None and file.id.valid:
-                file.close()  # cannot fail on I/O: _GuardedFile never reports an error to HDF5
+                with signals_deferred():
+                    file.close()  # cannot fail on I/O: GuardedFile never reports an error to HDF5
         finally:
             if stream is not None:
                 stream.discard()
             self._tmp_path.unlink(missing_ok=True)
-            with _PROCESS_LOCK:
-                _OPEN_HERE.discard(self._claim)
+            _shard_claims.release(self)
 
     def _run(self, doing: str, action: Callable[[], None]) -> None:
-        """One step of writing, on this thread: on an exception or a failed write, the shard is discarded."""
-        self._raise_failure(self._attempt(doing, action))
+        """One step of writing, on this thread: on an exception or a failed write, the shard is discarded.
+
+        A signal's Python handler waits for the step to end (`signals_deferred`): an exception it
+        raises inside HDF5 would break the file, or be lost.
+        """
+        with signals_deferred():
+            error = self._attempt(doing, action)
+        self._raise_failure(error)
 
     def _attempt(self, doing: str, action: Callable[[], None]) -> BaseException | None:
         """Run `action`; the error to raise if it raised or a write failed during it, else None.
@@ -855,78 +558,6 @@ class ShardWriter:
             " filesystem, then run this validation again."
         )
         return OSError(error.errno, message) if error.errno is not None else OSError(message)
-
-
-@dataclass
-class _RankStats:
-    """One dataset's statistics on this rank, for `store="stats"`: total, per block, and the samples seen.
-
-    Blocks are kept sparse (`BlockSums`): only those that hold samples, so a sample_idx near 2^62 costs
-    one block, not every empty block below it.
-    """
-
-    n_cells: int
-    total: CellStats | None = None
-    blocks: BlockSums | None = None
-    """None until a batch with sample_idx comes."""
-    seen: SeenSamples = field(default_factory=SeenSamples)
-    samples: int = 0
-    duplicates_dropped: int = 0
-
-    def prepare(self, dataset: str, arrays: dict[str, np.ndarray], rate_kind: str, block_size: int) -> _StatsUpdate:
-        """The batch's statistics, without changing anything yet: a batch with bad values leaves no trace."""
-        rhat, robs, index = arrays["rhat"], arrays["robs"], arrays.get("sample_idx")
-        weights = as_weights(arrays.get("dfs"), *rhat.shape)
-        dropped = 0
-        if index is not None:
-            keep = self.seen.first_sightings(index)
-            dropped = int((~keep).sum())
-            rhat, robs, index = rhat[keep], robs[keep], index[keep]
-            weights = None if weights is None else weights[keep]
-        try:
-            if index is None:
-                return _StatsUpdate(batch_stats(rhat, robs, weights, rate_kind), None, None, len(rhat), 0)
-            blocks = block_stats(index // block_size, rhat, robs, weights, rate_kind)
-        except BpsevalError as error:
-            raise ArgumentError(f"dataset {dataset!r}: {error}") from None
-        return _StatsUpdate(blocks.total(), blocks, index, len(rhat), dropped)
-
-    def commit(self, update: _StatsUpdate) -> None:
-        self.total = update.batch if self.total is None else self.total + update.batch
-        if update.blocks is not None:
-            if self.blocks is None:
-                self.blocks = BlockSums(self.n_cells)
-            self.blocks.add(update.blocks)
-        if update.index is not None:
-            self.seen.add(update.index)
-        self.samples += update.samples
-        self.duplicates_dropped += update.dropped
-
-    def write(self, group: h5py.Group, block_size: int) -> None:
-        """The sums, and the blocks that hold samples with their ids (`blocks/block_ids`, increasing)."""
-        total = self.total if self.total is not None else CellStats.zeros(self.n_cells)
-        for name in STAT_FIELDS:
-            group.create_dataset(name, data=getattr(total, name))
-        group.attrs["samples"] = self.samples
-        group.attrs["duplicates_dropped"] = self.duplicates_dropped
-        if self.blocks is not None:
-            blocks = self.blocks.sorted()
-            group.attrs["block_size"] = block_size
-            stored = group.create_group("blocks")
-            stored.create_dataset("block_ids", data=blocks.ids)
-            for name in STAT_FIELDS:
-                stored.create_dataset(name, data=getattr(blocks.stats, name))
-
-
-@dataclass(frozen=True)
-class _StatsUpdate:
-    """One batch's contribution to `_RankStats`, computed before anything is changed."""
-
-    batch: CellStats
-    blocks: Blocks | None
-    index: np.ndarray | None
-    samples: int
-    dropped: int
 
 
 def _batch_arrays(
@@ -971,16 +602,15 @@ def _given(rhat: Any, robs: Any, dfs: Any, sample_idx: Any, cell_ids: Any, rate_
     )
 
 
+def _check_values(dataset: str, arrays: dict[str, np.ndarray], rate_kind: str) -> None:
+    """The batch contract's value check (`check_values`) of a batch's arrays in their storage dtypes."""
+    rhat = arrays["rhat"]
+    check_values(dataset, rhat, arrays["robs"], weights_of(dataset, arrays.get("dfs"), *rhat.shape), rate_kind)
+
+
 def _numpy(value: Any) -> np.ndarray:
     """`to_numpy`, with numpy arrays, what most loops give, passed through first."""
     return value if type(value) is np.ndarray else to_numpy(value)
-
-
-def _store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:
-    if ids.dtype.kind == "U":
-        group.create_dataset("cell_ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
-    else:
-        group.create_dataset("cell_ids", data=ids)
 
 
 def _storable(target: np.dtype, dataset: str, name: str, array: np.ndarray) -> np.ndarray:
