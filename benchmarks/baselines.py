@@ -17,8 +17,9 @@ import numpy as np
 from benchmarks.data import BATCH_ROWS, SEED, DatasetSpec, load_dataset, synthetic_dataset
 from benchmarks.processes import run_child
 from benchmarks.timing import Timing, timed
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.compiled import ENVIRONMENT_VARIABLE
-from bpseval.kernel.stats import BLOCK_ENTRIES, LN2, MIN_RATE, STAT_FIELDS, CellStats, batch_stats
+from bpseval.kernel.stats import BLOCK_ENTRIES, LN2, MIN_RATE, batch_stats
 from bpseval.run.merge import CHUNK_ELEMENTS
 from bpseval.shard.format import DATASETS_GROUP
 

@@ -41,8 +41,9 @@ from benchmarks.processes import READ_PROBE, bpseval_command, compile_bytecode, 
 from benchmarks.report import FLOOR, NUMPY_KERNEL_RUN, compute_ratios, compute_targets, print_report
 from benchmarks.timing import MachineLoad, Timing, environment, spread, timed
 from bpseval import bits_per_spike
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.compiled import choice
-from bpseval.kernel.stats import BLOCK_ENTRIES, STAT_FIELDS, CellStats
+from bpseval.kernel.stats import BLOCK_ENTRIES
 from bpseval.run.merge import CHUNK_ELEMENTS
 
 MEASUREMENTS = ("read", "kernel", "bpseval", "legacy", "in-memory", "parallel")

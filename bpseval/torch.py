@@ -19,6 +19,7 @@ from bpseval._arrays import is_tensor
 from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError
 from bpseval.kernel.batch import Batch, check_dataset_name
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.online import (
     OnlineDataset,
     RankSummary,
@@ -28,7 +29,7 @@ from bpseval.kernel.online import (
     map_stats,
 )
 from bpseval.kernel.samples import SampleFingerprints, SeenSamples
-from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, CellStats
+from bpseval.kernel.stats import RATE_KINDS
 from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.merge import MergedDataset, dataset_identity
 from bpseval.run.scored import score

@@ -161,3 +161,22 @@ def test_the_run_document_is_owned_by_one_module():
         for marker in ('"bpseval-baseline"', "def check_document", "def scored_from_document", '"n_valid": n_valid')
     }
     assert all(holders == ["run/document.py"] for holders in owners.values()), owners
+
+
+def test_there_is_no_import_cycle():
+    """ARCHITECTURE.md: imports go one way, also those made inside functions (no cycle hidden by a late import)."""
+    graph = {module: imported_modules(path) & set(modules()) for module, path in modules().items()}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(target) :], target])}")
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

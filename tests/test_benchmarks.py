@@ -32,7 +32,8 @@ from benchmarks.data import (
 )
 from benchmarks.hdf5_settings import measure_case, write_with_shard_writer
 from benchmarks.shards import sampled_bpseval_run
-from bpseval.kernel.stats import STAT_FIELDS, batch_stats
+from bpseval.kernel.cellstats import STAT_FIELDS
+from bpseval.kernel.stats import batch_stats
 from bpseval.run.cache import CACHE_DIRECTORY
 from bpseval.shard.format import CHUNK_BYTES
 

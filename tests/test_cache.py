@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from bpseval import ShardWriter
 from bpseval.features.steps import merge_steps
-from bpseval.kernel.stats import STAT_FIELDS
+from bpseval.kernel.cellstats import STAT_FIELDS
 from bpseval.run.cache import CACHE_DIRECTORY, CACHE_FORMAT, META, cache_directory, content_digest
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.merge import MergedRun, merge_run

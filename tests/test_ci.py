@@ -15,7 +15,8 @@ from bpseval import evaluate
 from bpseval.cli import app
 from bpseval.errors import ArgumentError
 from bpseval.features.uncertainty import GROUPS, METRICS, IntervalSettings, estimates, intervals
-from bpseval.kernel.stats import CellStats, batch_stats, block_stats, reduce_rows
+from bpseval.kernel.cellstats import CellStats
+from bpseval.kernel.stats import batch_stats, block_stats, reduce_rows
 from bpseval.run.merge import MergedDataset
 from bpseval.run.scored import (
     ScoreSettings,

@@ -13,7 +13,8 @@ import pytest
 import bpseval
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.features.planning import distributed_sampler_indices
-from bpseval.kernel.stats import LN2, STAT_FIELDS, CellStats, batch_stats
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.stats import LN2, batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import ScoredRun, score_run
 from bpseval.views.text import ATTRIBUTED_METRICS_LISTED

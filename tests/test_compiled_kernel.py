@@ -26,15 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpseval.kernel import compiled
-from bpseval.kernel.stats import (
-    BLOCK_ENTRIES,
-    MIN_RATE,
-    STAT_FIELDS,
-    CellStats,
-    InvalidValuesError,
-    as_weights,
-    batch_stats,
-)
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.stats import BLOCK_ENTRIES, MIN_RATE, InvalidValuesError, as_weights, batch_stats
 from tests.conftest import poisson_dataset, write_raw_shard
 
 REPO = Path(__file__).resolve().parents[1]

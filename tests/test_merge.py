@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpseval.kernel.stats import CellStats, add_by_block, as_weights, batch_stats
+from bpseval.kernel.cellstats import CellStats
+from bpseval.kernel.stats import add_by_block, as_weights, batch_stats
 from bpseval.run.dedup import _FirstSeen
 from bpseval.run.headers import SHARDS_PER_CHILD
 from bpseval.run.merge import dataset_identity, merge_run, sample_blocks

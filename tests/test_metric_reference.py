@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 import bpseval
 from bpseval import ShardWriter
 from bpseval.features.planning import distributed_sampler_indices
-from bpseval.kernel.stats import GREATEST_FIELDS, LEAST_FIELDS, STAT_FIELDS, CellStats, batch_stats, reduce_rows
+from bpseval.kernel.cellstats import GREATEST_FIELDS, LEAST_FIELDS, STAT_FIELDS, CellStats
+from bpseval.kernel.stats import batch_stats, reduce_rows
 from bpseval.torch import DistributedBPS
 from tests.gloo import run_gloo
 

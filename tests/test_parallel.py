@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import bpseval
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.compiled import ENVIRONMENT_VARIABLE, uses_compiled
-from bpseval.kernel.stats import STAT_FIELDS, CellStats, batch_stats
+from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import CHUNK_ELEMENTS, OVERLAP_ENTRIES, merge_run
 from bpseval.run.parallel import one_ahead
 from tests.conftest import poisson_dataset, write_raw_shard

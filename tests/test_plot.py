@@ -15,7 +15,8 @@ import bpseval
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.features.overview import RunOverview, load_overview
 from bpseval.features.steps import StepResults
-from bpseval.kernel.stats import CellStats, batch_stats
+from bpseval.kernel.cellstats import CellStats
+from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import score_run
 from bpseval.views.result import Result

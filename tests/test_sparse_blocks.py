@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import bpseval
 from bpseval import ShardWriter
-from bpseval.kernel.stats import STAT_FIELDS, batch_stats
+from bpseval.kernel.cellstats import STAT_FIELDS
+from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import merge_run
 from bpseval.shard.format import DEFAULT_BLOCK_SIZE, shard_path
 from bpseval.shard.reader import read_header, read_stats

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bpseval.kernel.stats import (
-    BLOCK_ENTRIES,
-    MIN_RATE,
-    STAT_FIELDS,
-    InvalidValuesError,
-    batch_stats,
-)
+from bpseval.kernel.cellstats import STAT_FIELDS
+from bpseval.kernel.stats import BLOCK_ENTRIES, MIN_RATE, InvalidValuesError, batch_stats
 
 N_CELLS = 40
 N_ROWS = 3 * BLOCK_ENTRIES // N_CELLS + 17

@@ -12,7 +12,7 @@ import pytest
 import bpseval
 from bpseval import BpsevalError, ShardWriter
 from bpseval.features.planning import distributed_sampler_indices
-from bpseval.kernel.stats import STAT_FIELDS
+from bpseval.kernel.cellstats import STAT_FIELDS
 from tests.conftest import poisson_dataset
 
 DATASETS = {

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import bpseval
 from bpseval.errors import BpsevalError, ShardError
-from bpseval.kernel.stats import STAT_FIELDS
+from bpseval.kernel.cellstats import STAT_FIELDS
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.merge import PART_COST, MergedDataset, _dataset_parts, _merge_datasets, merge_run, merge_step
 from bpseval.run.parallel import MAX_BATCH_COST, MIN_BATCH_COST, batches, run_tasks

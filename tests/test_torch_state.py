@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bpseval import CellBalancedDistributedSampler
 from bpseval.errors import ArgumentError, BpsevalError
-from bpseval.kernel.stats import STAT_FIELDS
+from bpseval.kernel.cellstats import STAT_FIELDS
 from bpseval.torch import STATE_VERSION, DistributedBPS, WithSampleIndex
 from bpseval.views.result import Result
 from tests.gloo import run_gloo

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from bpseval.errors import ArgumentError
-from bpseval.kernel.stats import STAT_FIELDS, CellScores, CellStats, reduce_rows
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.stats import CellScores, reduce_rows
 from bpseval.run.scored import (
     SUMMARY_METRICS,
     ScoredDataset,

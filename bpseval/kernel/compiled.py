@@ -46,7 +46,7 @@ import numpy as np
 
 from bpseval._sidefiles import SideFileError, read_bytes, read_json
 from bpseval.errors import ArgumentError, MissingExtraError
-from bpseval.kernel.stats import STAT_FIELDS, CellStats
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 
 if sys.platform != "win32":
     import fcntl

@@ -20,10 +20,9 @@ from array_api_compat import array_namespace, device
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.batch import Batch, BatchLayout
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.samples import SampleFingerprints, SeenSamples, row_fingerprints
 from bpseval.kernel.stats import (
-    STAT_FIELDS,
-    CellStats,
     InvalidValuesError,
     check_labels,
     find_invalid_values,

@@ -30,16 +30,18 @@ from array_api_compat import array_namespace, device, is_numpy_namespace
 
 from bpseval._arrays import to_numpy
 from bpseval.errors import BpsevalError
+from bpseval.kernel.cellstats import (
+    GREATEST_FIELDS,
+    LEAST_FIELDS,
+    MOMENT_FIELDS,
+    CellStats,
+    mean_or_zero,
+)
+from bpseval.kernel.compiled import batch_sums
 
 LN2 = math.log(2.0)
 MIN_RATE = 1e-9
 RATE_KINDS = ("rate", "log_rate")
-ADDITIVE_FIELDS = ("n_valid", "weight", "spikes", "model_ll", "spike_log_spikes", "rate_sum")
-MOMENT_FIELDS = ("rate_m2", "count_m2", "co_m2")
-LEAST_FIELDS = ("rate_min", "count_min")
-GREATEST_FIELDS = ("rate_max", "count_max")
-STAT_FIELDS = (*ADDITIVE_FIELDS, *MOMENT_FIELDS, *LEAST_FIELDS, *GREATEST_FIELDS)
-"""Every field of `CellStats`, in order: added, merged as centred moments, merged by min, by max."""
 OK, SILENT, UNCOVERED, OVERFLOW, LOW = "ok", "silent", "uncovered", "overflow", "low"
 STATUSES = (OK, SILENT, UNCOVERED, OVERFLOW, LOW)
 """`overflow`: a covered cell whose float64 sums, ll_gain or bps are not finite (extreme but finite inputs,
@@ -50,93 +52,6 @@ that silently leaves it out.
 `low`: a cell that would be `ok` but has fewer valid samples than the scoring setting `min_samples`
 (never set by `cell_scores`). Its bps is kept, but left out of the means; it stays in bps_pooled, which
 pools every covered cell."""
-
-
-@dataclass
-class CellStats:
-    """Sufficient statistics of every metric, one entry per cell (or per block and cell), mergeable exactly.
-
-    `+` merges two of them as if one process had seen both sets of samples: sums add, centred
-    moments combine by Chan's update, extremes by min and max. Fields are numpy arrays, or arrays
-    of one other array-API namespace (torch tensors in the online metric).
-    """
-
-    n_valid: Any
-    weight: Any
-    spikes: Any
-    model_ll: Any
-    spike_log_spikes: Any
-    rate_sum: Any
-    rate_m2: Any
-    count_m2: Any
-    co_m2: Any
-    rate_min: Any
-    count_min: Any
-    rate_max: Any
-    count_max: Any
-
-    @classmethod
-    def zeros(cls, shape: int | tuple[int, ...]) -> CellStats:
-        """Statistics of no sample at all, for `shape` = cells or (blocks, cells)."""
-        return cls(
-            n_valid=np.zeros(shape, dtype=np.int64),
-            **{name: np.zeros(shape) for name in STAT_FIELDS[1:] if name not in LEAST_FIELDS + GREATEST_FIELDS},
-            **{name: np.full(shape, math.inf) for name in LEAST_FIELDS},
-            **{name: np.full(shape, -math.inf) for name in GREATEST_FIELDS},
-        )
-
-    @property
-    def n_cells(self) -> int:
-        return self.n_valid.shape[-1]
-
-    def fields(self) -> dict[str, Any]:
-        """Every field by name, in `STAT_FIELDS` order."""
-        return {name: getattr(self, name) for name in STAT_FIELDS}
-
-    def map(self, function: Callable[[Any], Any]) -> CellStats:
-        """`function` applied to every field (indexing, copying, moving between devices)."""
-        return CellStats(**{name: function(values) for name, values in self.fields().items()})
-
-    def __add__(self, other: CellStats) -> CellStats:
-        if other.n_valid.shape != self.n_valid.shape:
-            raise BpsevalError(f"cannot add statistics of shape {other.n_valid.shape} to shape {self.n_valid.shape}")
-        return combine(self, other)
-
-
-def _mean(xp: Any, total: Any, weight: Any) -> Any:
-    """total / weight, 0 where the weight is 0."""
-    has = weight > 0
-    return xp.where(has, total / xp.where(has, weight, 1.0), 0.0)
-
-
-def combine(a: CellStats, b: CellStats) -> CellStats:
-    """The statistics of the samples of `a` and of `b` together, entry by entry (Chan et al. 1979)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
-        return _combine(a, b)
-
-
-def _combine(a: CellStats, b: CellStats) -> CellStats:
-    xp = array_namespace(a.weight, b.weight)
-    weight = a.weight + b.weight
-    both = (a.weight > 0) & (b.weight > 0)
-    share = xp.where(both, a.weight * b.weight / xp.where(both, weight, 1.0), 0.0)
-    rate_step = _mean(xp, b.rate_sum, b.weight) - _mean(xp, a.rate_sum, a.weight)
-    count_step = _mean(xp, b.spikes, b.weight) - _mean(xp, a.spikes, a.weight)
-    return CellStats(
-        n_valid=a.n_valid + b.n_valid,
-        weight=weight,
-        spikes=a.spikes + b.spikes,
-        model_ll=a.model_ll + b.model_ll,
-        spike_log_spikes=a.spike_log_spikes + b.spike_log_spikes,
-        rate_sum=a.rate_sum + b.rate_sum,
-        rate_m2=a.rate_m2 + b.rate_m2 + share * rate_step * rate_step,
-        count_m2=a.count_m2 + b.count_m2 + share * count_step * count_step,
-        co_m2=a.co_m2 + b.co_m2 + share * rate_step * count_step,
-        rate_min=xp.minimum(a.rate_min, b.rate_min),
-        count_min=xp.minimum(a.count_min, b.count_min),
-        rate_max=xp.maximum(a.rate_max, b.rate_max),
-        count_max=xp.maximum(a.count_max, b.count_max),
-    )
 
 
 def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
@@ -164,13 +79,13 @@ def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
 
     weight = total(stats.weight)
     all_weight = xp.sum(stats.weight, axis=0)
-    rate_shift = _mean(xp, xp.sum(stats.rate_sum, axis=0), all_weight)
-    count_shift = _mean(xp, xp.sum(stats.spikes, axis=0), all_weight)
-    rate_offset = xp.where(stats.weight > 0, _mean(xp, stats.rate_sum, stats.weight) - rate_shift, 0.0)
-    count_offset = xp.where(stats.weight > 0, _mean(xp, stats.spikes, stats.weight) - count_shift, 0.0)
+    rate_shift = mean_or_zero(xp, xp.sum(stats.rate_sum, axis=0), all_weight)
+    count_shift = mean_or_zero(xp, xp.sum(stats.spikes, axis=0), all_weight)
+    rate_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.rate_sum, stats.weight) - rate_shift, 0.0)
+    count_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.spikes, stats.weight) - count_shift, 0.0)
     rate_sum, spikes = total(stats.rate_sum), total(stats.spikes)
-    rate_away = _mean(xp, rate_sum, weight) - rate_shift
-    count_away = _mean(xp, spikes, weight) - count_shift
+    rate_away = mean_or_zero(xp, rate_sum, weight) - rate_shift
+    count_away = mean_or_zero(xp, spikes, weight) - count_shift
     taken = k > 0
 
     def extreme(values: Any, pick: Callable[..., Any], empty: float) -> Any:
@@ -266,11 +181,9 @@ def batch_stats(rhat: Any, robs: Any, weights: Any = None, rate_kind: str = "rat
 
 def _batch_stats(rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellStats:
     xp = array_namespace(rhat, robs, *(() if weights is None else (weights,)))
-    if is_numpy_namespace(xp):  # the compiled single pass (bpseval[fast]) when installed; None: the reference below
-        from bpseval.kernel.compiled import batch_sums
-
-        if (compiled := batch_sums(rhat, robs, weights, rate_kind)) is not None:
-            return compiled
+    # the compiled single pass (bpseval[fast]) when installed and worth it; None: the reference below
+    if is_numpy_namespace(xp) and (compiled := batch_sums(rhat, robs, weights, rate_kind)) is not None:
+        return compiled
     n_rows, n_cells = rhat.shape
     rows = max(1, BLOCK_ENTRIES // max(n_cells, 1)) if is_numpy_namespace(xp) else n_rows
     if n_rows <= rows:
@@ -367,7 +280,9 @@ def _sums(xp: Any, rhat: Any, robs: Any, weights: Any, rate_kind: str) -> CellSt
         spikes, spike_log_spikes, spike_log_rates = _spike_sums(xp, rates, robs, weights)
     rate_sum = _weighted_column_sums(xp, rates, weights)
     spread = _numpy_spread if is_numpy_namespace(xp) else _spread
-    moments, extremes = spread(xp, rates, robs, weights, weight, _mean(xp, rate_sum, weight), _mean(xp, spikes, weight))
+    moments, extremes = spread(
+        xp, rates, robs, weights, weight, mean_or_zero(xp, rate_sum, weight), mean_or_zero(xp, spikes, weight)
+    )
     return CellStats(
         n_valid=n_valid,
         weight=weight,

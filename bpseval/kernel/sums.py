@@ -14,15 +14,15 @@ from typing import Any, NoReturn
 import numpy as np
 
 from bpseval.errors import BpsevalError
-from bpseval.kernel.stats import (
+from bpseval.kernel.cellstats import (
     ADDITIVE_FIELDS,
     GREATEST_FIELDS,
     LEAST_FIELDS,
     MOMENT_FIELDS,
     STAT_FIELDS,
     CellStats,
-    reduce_rows,
 )
+from bpseval.kernel.stats import reduce_rows
 
 SUM_RTOL = 1e-9
 """Relative difference between float64 sums of the same values added in different orders that counts as rounding."""

@@ -45,7 +45,7 @@ import numpy as np
 
 from bpseval._sidefiles import SideFileError, parse_json, read_bytes
 from bpseval._version import __version__
-from bpseval.kernel.stats import STAT_FIELDS, CellStats
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.sums import LEGACY_STAT_FIELDS, ImpossibleSumsError, check_parts_add_up, checked_sums
 from bpseval.run.merged import MergedDataset, dataset_cell_ids
 from bpseval.shard.format import FORMAT_VERSION, DatasetLayout, ShardHeader

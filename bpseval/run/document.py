@@ -21,7 +21,8 @@ from bpseval._json import plain
 from bpseval._sidefiles import DOCUMENT_BYTES, DOCUMENT_DEPTH, SideFileError, read_json
 from bpseval._version import __version__
 from bpseval.errors import BaselineError
-from bpseval.kernel.stats import LOW, MIN_RATE, OK, OVERFLOW, STAT_FIELDS, STATUSES, CellScores, CellStats, cell_scores
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.stats import LOW, MIN_RATE, OK, OVERFLOW, STATUSES, CellScores, cell_scores
 from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredDataset, ScoredRun, ScoreSettings

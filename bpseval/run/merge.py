@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from bpseval.errors import BpsevalError
+from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.compiled import available_cpus, kernel_setting, uses_compiled, work
 from bpseval.kernel.stats import (
     MIN_RATE,
     BlockSums,
-    CellStats,
     InvalidValues,
     InvalidValuesError,
     add_by_block,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpseval.kernel.stats import CellStats
+from bpseval.kernel.cellstats import CellStats
 from bpseval.shard.format import DatasetLayout
 
 

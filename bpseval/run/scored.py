@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from bpseval.errors import ArgumentError
+from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.stats import (
     LOW,
     MIN_RATE,
     OK,
     OVERFLOW,
     CellScores,
-    CellStats,
     cell_scores,
     mean_bps,
     mean_bps_rows,

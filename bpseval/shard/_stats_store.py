@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 
 from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.samples import SeenSamples
-from bpseval.kernel.stats import STAT_FIELDS, Blocks, BlockSums, CellStats, as_weights, batch_stats, block_stats
+from bpseval.kernel.stats import Blocks, BlockSums, as_weights, batch_stats, block_stats
 
 
 @dataclass

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from bpseval.errors import BpsevalError, ShardError
-from bpseval.kernel.stats import RATE_KINDS, STAT_FIELDS, Blocks, CellStats, as_weights
+from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.stats import RATE_KINDS, Blocks, as_weights
 from bpseval.kernel.sums import LEGACY_STAT_FIELDS, ImpossibleSumsError, check_parts_add_up, checked_sums
 from bpseval.shard.format import (
     DATASETS_GROUP,
