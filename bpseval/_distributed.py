@@ -69,7 +69,7 @@ def shared_run_id(group: Any = None) -> str:
 
     key = group if group is not None else dist.group.WORLD
     if key not in _RUN_IDS:
-        made = [None]
+        made: list[str | None] = [None]
         if dist.get_rank(group) == 0:
             made[0] = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
         dist.broadcast_object_list(made, src=0 if group is None else dist.get_global_rank(group, 0), group=group)

@@ -54,7 +54,7 @@ def evaluate(
     scored = score_run(merge_run(run_dir, step, **merge_options), settings)
     return Result(
         scored,
-        None if table is None else group_run(scored, table, group_by),
+        None if table is None or group_by is None else group_run(scored, table, group_by),
         None if wanted is None else intervals(scored, wanted),
     )
 

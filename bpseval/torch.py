@@ -322,7 +322,7 @@ def _layout(name: str, part: RankSummary) -> DatasetLayout:
 
 def _saved(self: OnlineDataset) -> dict[str, Any]:
     """A dataset's part of `DistributedBPS.state_dict()`: copies, as tensors, lists and scalars."""
-    cell_ids = self.cell_ids
+    cell_ids: Any = self.cell_ids
     if cell_ids is not None:
         cell_ids = cell_ids.tolist() if cell_ids.dtype.kind == "U" else torch.from_numpy(cell_ids.copy())
     return {

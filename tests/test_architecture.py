@@ -78,7 +78,8 @@ def test_importing_bpseval_loads_no_heavy_dependency():
 
 
 def test_the_wheel_holds_every_module(tmp_path):
-    """A real install (not editable) gets every subpackage, not only the top-level one."""
+    """A real install (not editable) gets every subpackage, not only the top-level one, and the `py.typed`
+    marker that lets type checkers read the package's hints."""
     built = subprocess.run(
         [
             sys.executable,
@@ -100,8 +101,11 @@ def test_the_wheel_holds_every_module(tmp_path):
     import zipfile
 
     (wheel,) = tmp_path.glob("bpseval-*.whl")
-    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
-    assert packaged == {path.relative_to(REPO).as_posix() for path in modules().values()}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name for name in names if name.endswith(".py")} == {
+        path.relative_to(REPO).as_posix() for path in modules().values()
+    }
+    assert "bpseval/py.typed" in names
 
 
 BATCH_RULES = (

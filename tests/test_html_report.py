@@ -188,6 +188,15 @@ def test_report_with_baseline_steps_and_markup_in_names(cli, tmp_path):
     assert f"Made by bpseval report {run} -o {output} --baseline {baseline} --step 1 --min-samples 20" in text
 
 
+def test_report_of_an_older_step_highlights_that_step_only(cli, tmp_path):
+    run = markup_run(tmp_path / "run")
+    output = tmp_path / "report.html"
+    assert cli.invoke(app, ["report", str(run), "-o", str(output), "--step", "0"]).exit_code == 0
+    html = output.read_text(encoding="utf-8")
+    assert '<tr class="chosen"><td class="num">0</td>' in html and '<tr><td class="num">1</td>' in html
+    assert "The highlighted step (0) is the one the rest of this page shows." in page_text(check_page(html))
+
+
 def test_report_lists_the_cells_that_carry_a_failed_metric(cli, tmp_path):
     from tests.test_compare_gate import SESSIONS, model, run_of
 

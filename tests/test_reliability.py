@@ -322,6 +322,14 @@ def test_doctor_reports_steps_ranks_leftovers_and_damaged_files(invoke, tmp_path
     assert "unusable: no step can be merged; compute fails: " in invoke("doctor", tmp_path).stdout
 
 
+def test_doctor_lists_ranks_as_ranges(invoke, tmp_path):
+    for rank in (0, 1, 2, 5):
+        with ShardWriter(tmp_path, rank, 7) as writer:
+            writer.add("d", np.ones((2, 2)), np.ones((2, 2)))
+    (row,) = [line for line in invoke("doctor", tmp_path).stdout.splitlines() if line.startswith("│")]
+    assert [cell.strip() for cell in row.split("│")][3:6] == ["7", "0-2, 5", "3-4, 6"]  # world size, present, missing
+
+
 def test_doctor_on_a_run_without_a_complete_step_exits_2(invoke, tmp_path):
     with ShardWriter(tmp_path, 0, 2) as writer:
         writer.add("d", np.ones((2, 2)), np.ones((2, 2)))

@@ -608,8 +608,8 @@ def _cells_bootstrap(
 ) -> dict[tuple[str, str], np.ndarray]:
     """Resample each dataset's cells (the same draw on both sides when their cells match)."""
     replicates: dict[tuple[str, str], np.ndarray] = {}
-    means = {"new": [], "base": []}
-    pooled = {"new": ([], []), "base": ([], [])}
+    means: dict[str, list[np.ndarray]] = {"new": [], "base": []}
+    pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"new": ([], []), "base": ([], [])}
     for name in shared:
         datasets = {"new": new.scored.dataset(name), "base": base.scored.dataset(name)}
         same_cells = [str(c) for c in datasets["new"].cell_ids] == [str(c) for c in datasets["base"].cell_ids]

@@ -79,12 +79,12 @@ def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None =
                 "min_n_valid": int(total.n_valid.min()) if len(status) else 0,
             }
         )
-        for cell in np.flatnonzero(below | few_spikes):
+        for cell in np.flatnonzero(below | few_spikes).tolist():
             reasons = ["below_min_samples"] * bool(below[cell]) + ["below_min_spikes"] * bool(few_spikes[cell])
             fields = {"spikes": float(total.spikes[cell]), "status": str(status[cell]), "reasons": reasons}
             flagged.append(_cell_row(dataset, cell, per_rank, **fields))
         without = per_rank == 0
-        for cell in np.flatnonzero(without.any(axis=1)):
+        for cell in np.flatnonzero(without.any(axis=1)).tolist():
             zero_ranks.append(_cell_row(dataset, cell, per_rank, ranks_without=np.flatnonzero(without[cell]).tolist()))
     return CoverageReport(
         min_samples=min_samples,
@@ -102,7 +102,7 @@ def _cell_row(dataset: ScoredDataset, cell: int, per_rank: np.ndarray, **fields:
     """The fields every listed cell has (which cell, its valid samples in total and per rank), plus `fields`."""
     return {
         "dataset": dataset.name,
-        "cell": int(cell),
+        "cell": cell,
         "cell_id": dataset.cell_ids[cell],
         "n_valid": int(dataset.stats.n_valid[cell]),
         "per_rank": per_rank[cell].tolist(),

@@ -160,9 +160,9 @@ class CellGroups:
     def order(self) -> list[str | None]:
         """The group values in the order they are shown: numbers by value when all are numbers, else text order;
         null last."""
-        found = {value for values in self.values.values() for value in values.tolist() if value is not None}
+        found: set[str] = {value for values in self.values.values() for value in values.tolist() if value is not None}
         numeric = all(_is_number(value) for value in found)
-        ordered: list[str | None] = sorted(found, key=lambda value: (float(value), value) if numeric else value)
+        ordered = sorted(found, key=lambda value: (float(value), value)) if numeric else sorted(found)
         has_null = any(value is None for values in self.values.values() for value in values.tolist())
         return ordered + [None] * has_null
 

@@ -62,7 +62,7 @@ def load_overview(
     steps.results = {number: score_run(merged) for number, merged in runs.items()}
     scored = steps.results[chosen]
     inputs = RunOverview(scored=scored, steps=steps, min_samples=min_samples)
-    if table is not None:
+    if table is not None and group_by is not None:
         inputs.groups = group_run(scored, table, group_by)
     if baseline is not None:
         base = load_baseline(baseline, **merge_options)

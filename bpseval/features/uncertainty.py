@@ -261,7 +261,7 @@ def estimates(
         )
         for index in range(len(units))
     ]
-    variance = dict.fromkeys(METRICS, 0.0)
+    variance: dict[str, np.ndarray | float] = dict.fromkeys(METRICS, 0.0)
     for index, count in enumerate(groups):
         parts = [left_out[index] if other == index else _repeated(part, count) for other, part in enumerate(full)]
         left = overall_rows(parts, clamp)

@@ -132,7 +132,8 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
     assert accumulate is not None  # uses_compiled loaded it
     if not _fits(rhat, robs, weights):
         return None
-    rhat, robs, weights = (None if array is None else _readable(array) for array in (rhat, robs, weights))
+    rhat, robs = _readable(rhat), _readable(robs)
+    weights = None if weights is None else _readable(weights)
     if not _load(accumulate, rhat, robs, weights, rate_kind == "log_rate"):
         return None
     bounds = part_bounds(*rhat.shape)
@@ -147,9 +148,10 @@ def batch_sums(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None, r
         ]
 
     parts = _on_threads([functools.partial(reduce_parts, groups[i], groups[i + 1]) for i in range(threads)])
-    if any(part is None for part in parts):
+    sums = [part for part in parts if part is not None]
+    if len(sums) < len(parts):
         return None
-    return functools.reduce(CellStats.__add__, parts)
+    return functools.reduce(CellStats.__add__, sums)
 
 
 def uses_compiled(rate_kind: str, batch_entries: int) -> bool:

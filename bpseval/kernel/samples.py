@@ -81,7 +81,7 @@ def _member(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 _MIX = np.random.default_rng(0x6270736576616C).integers(1, 1 << 62, size=(2, 1 << 12), dtype=np.int64) * 2 + 1
 """Odd 64-bit multipliers, one per cell and side (mask, counts): fingerprints of rows that differ anywhere differ."""
-_MULTIPLIERS: dict[tuple[int, str], Any] = {}
+_MULTIPLIERS: dict[tuple[int, str, str], Any] = {}
 
 
 def row_fingerprints(robs: Any, weights: Any) -> Any:

@@ -373,7 +373,8 @@ def _numpy_spread(xp: Any, rates: Any, robs: Any, weights: Any, weight: Any, rat
         )
         extremes = (rates.min(axis=0), robs.min(axis=0), rates.max(axis=0), robs.max(axis=0))
         offsets = (rate_step.sum(axis=0), count_step.sum(axis=0))
-        return _recentred(moments, offsets, weight), tuple(np.asarray(values, dtype=np.float64) for values in extremes)
+        rate_min, count_min, rate_max, count_max = (np.asarray(values, dtype=np.float64) for values in extremes)
+        return _recentred(moments, offsets, weight), (rate_min, count_min, rate_max, count_max)
     np.copyto(scratch, weights)
     scratch *= rate_step
     rate_m2, co_m2 = np.einsum("rc,rc->c", scratch, rate_step), np.einsum("rc,rc->c", scratch, count_step)

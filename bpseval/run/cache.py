@@ -351,7 +351,7 @@ class StepCache:
             name=entry["name"],
             cell_ids=dataset_cell_ids(layout),
             rate_kind=layout.rate_kind,
-            per_rank=[per_rank.map(lambda values, rank=rank: values[rank].copy()) for rank in range(ranks)],
+            per_rank=[_row(per_rank, rank) for rank in range(ranks)],
             samples=entry["samples"],
             duplicates_dropped=entry["duplicates_dropped"],
             identity=entry["identity"],
@@ -407,6 +407,11 @@ class _Limits:
 
 def _member(index: int, group: str, field: str) -> str:
     return f"{index}/{group}/{field}.npy"
+
+
+def _row(stats: CellStats, index: int) -> CellStats:
+    """Row `index` of (rows, cells) statistics, as arrays of its own."""
+    return stats.map(lambda values: values[index].copy())
 
 
 def _is_index(text: str, count: int) -> bool:

@@ -82,8 +82,8 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
     """
     root = Path(run_dir)
     if not root.is_dir():
-        kind = "is a file, not a directory" if root.exists() else "no such directory"
-        raise RunError(f"{root}: {kind}. Pass the run directory that holds the shards.")
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise RunError(f"{root}: {what}. Pass the run directory that holds the shards.")
     inside = root.resolve()
     shards: dict[Path, Path] = {}
     leftovers: list[Path] = []
@@ -183,7 +183,8 @@ class StepEntry:
     @property
     def missing(self) -> list[int]:
         """The first LISTED missing ranks (a shard may claim any world size: never all of them)."""
-        present, found = set(self.ranks), []
+        present = set(self.ranks)
+        found: list[int] = []
         for rank in range(max(self.world_sizes, default=0)):
             if len(found) == LISTED:
                 break

@@ -169,6 +169,7 @@ class _Deduplicator:
     def _check_copies(
         self, first_part: int, part: int, first: RowChunk, first_rows: np.ndarray, later: RowChunk, rows: np.ndarray
     ) -> None:
+        assert later.sample_idx is not None  # only datasets with sample_idx are deduplicated
         w_a, w_b = (_weights(chunk, picked) for chunk, picked in ((first, first_rows), (later, rows)))
         robs_a, robs_b = first.robs[first_rows].astype(np.float64), later.robs[rows].astype(np.float64)
         rhat_a, rhat_b = first.rhat[first_rows].astype(np.float64), later.rhat[rows].astype(np.float64)

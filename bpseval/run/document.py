@@ -392,7 +392,9 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
                 bps=_number(entry["bps"]),
                 bps_pooled=_number(entry["bps_pooled"]),
                 cells={status: int(entry["cells"].get(status, 0)) for status in STATUSES},
-                **{key: _number(entry.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
+                pseudo_r2=_number(entry.get("pseudo_r2")),
+                pseudo_r2_pooled=_number(entry.get("pseudo_r2_pooled")),
+                corr=_number(entry.get("corr")),
             )
         )
     overall = document["overall"]

@@ -273,8 +273,9 @@ class _DatasetMerge:
 
     def start_blocks(self) -> None:
         """Set up the blocks once every part's sample_idx has been read."""
-        assert self.blocks
-        self.unique = np.unique(np.concatenate(self.indices))
+        indices = [values for values in self.indices if values is not None]
+        assert self.blocks and len(indices) == len(self.parts)
+        self.unique = np.unique(np.concatenate(indices))
         self.per_block = CellStats.zeros((self.blocks, self.first.n_cells))
 
     def add(self, part: int, shard: ShardFile) -> None:
@@ -311,6 +312,8 @@ class _DatasetMerge:
         rate_kind = self.first.rate_kind
         if self.per_block is None:
             return batch_stats(chunk.rhat, chunk.robs, chunk.weights, rate_kind)
+        # per_block is set by start_blocks, which only runs with blocks and sample_idx
+        assert self.unique is not None and self.blocks and chunk.sample_idx is not None
         block_ids = sample_blocks(self.unique, chunk.sample_idx, self.blocks)
         self.per_block, total = add_by_block(
             self.per_block, block_ids, chunk.rhat, chunk.robs, chunk.weights, rate_kind

@@ -422,16 +422,16 @@ def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
     if len(steps.results) <= 1 and not (steps.incomplete or steps.bad):
         return ""
     rows, classes = [], []
-    for step, result in steps.results.items():
-        cells = result.overall.cells
+    for step, scored in steps.results.items():
+        cells = scored.overall.cells
         rows.append(
             [
                 str(step),
-                str(result.world_size),
+                str(scored.world_size),
                 str(cells["ok"]),
                 str(cells[SILENT]),
                 str(cells[UNCOVERED]),
-                *(_metric(getattr(result.overall, metric)) for metric in DATASET_METRICS),
+                *(_metric(getattr(scored.overall, metric)) for metric in DATASET_METRICS),
             ]
         )
         classes.append("chosen" if step == result.step else "")

@@ -33,6 +33,7 @@ from bpseval.views.text import format_bps, plural, samples_status
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.artist import Artist
     from matplotlib.figure import Figure
 
 MISSING_MATPLOTLIB = "plots need matplotlib: pip install 'bpseval[plot]'"
@@ -208,7 +209,8 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
         low, high = _robust_limits(values, (row.bps, row.bps_pooled, 0.0))
         shown = np.clip(values, low, high)
         bins = np.histogram_bin_edges(shown, bins=min(30, max(8, int(math.sqrt(len(values))) * 2)), range=(low, high))
-        axes.hist(shown, bins=bins, color="#4c78a8", edgecolor="white", linewidth=0.5)
+        # matplotlib's stub types bins as a count or a sequence, not the array of edges hist takes
+        axes.hist(shown, bins=bins, color="#4c78a8", edgecolor="white", linewidth=0.5)  # type: ignore[arg-type]
         axes.set_xlim(low, high)
         outside = int(np.sum((values < low) | (values > high)))
         if outside:
@@ -240,7 +242,8 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
                 label=f"bps_pooled {row.bps_pooled:.3f}",
             )
         )
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    # the default locator is an AutoLocator, whose set_params takes integer; the stub types Locator's, which takes none
+    axes.yaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
     if handles:
         figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     return figure
@@ -555,7 +558,7 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
     x, y = both_ok["bps_base"].to_numpy(float), both_ok["bps_new"].to_numpy(float)
     low, high = _robust_limits(np.concatenate([x, y]), (0.0,))
     edges = _edges(low, high)
-    entries = []
+    entries: list[tuple[Artist, str]] = []
     for name in datasets:
         mask = (both_ok["dataset"] == name).to_numpy()
         dots = axes.scatter(

@@ -512,8 +512,8 @@ def render_compare(comparison: Comparison, console: Console, top: int = ATTRIBUT
     inconclusive = len(comparison.inconclusive_warnings)
     samples = f"[yellow]{samples_status(comparison)}[/]" if samples_status(comparison) else ""
     if comparison.passed:
-        more = f" [yellow]({inconclusive} inconclusive, passed: see the warnings)[/]" if inconclusive else ""
-        console.print(f"[green]✓ no regression[/]{samples}{more}")
+        note = f" [yellow]({inconclusive} inconclusive, passed: see the warnings)[/]" if inconclusive else ""
+        console.print(f"[green]✓ no regression[/]{samples}{note}")
     else:
         console.print(f"[red]✗ regression:[/] {shown('; '.join(comparison.reasons))}{samples}")
 

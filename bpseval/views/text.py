@@ -107,7 +107,7 @@ def verdict_text(metric: MetricComparison) -> str:
 
 def ranges(values: list[int]) -> str:
     """[0, 1, 2, 5] as "0-2, 5"."""
-    parts: list[str] = []
+    parts: list[tuple[int, int]] = []
     for value in values:
         if parts and parts[-1][1] == value - 1:
             parts[-1] = (parts[-1][0], value)
