@@ -93,7 +93,7 @@ class _Commands(TyperGroup):
         Without `standalone_mode` the caller gets every exception as it is.
         """
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
         try:
             return super().main(*args, **kwargs)
         except Exception:  # noqa: BLE001 -- Typer has turned every expected error into an exit code: this is a bug
@@ -372,7 +372,7 @@ def compute(
     if all_steps:
         _compute_all_steps(paths, step, outputs, scoring, **merging)
         return
-    options = {**scoring, **merging, "cells": cells_path, "group_by": group_by}
+    options: dict[str, Any] = {**scoring, **merging, "cells": cells_path, "group_by": group_by}
     if intervals is not None:
         options.update(ci=ci, ci_over=intervals.over, ci_resamples=intervals.resamples, ci_seed=intervals.seed)
     with bad_input_exits():
@@ -861,7 +861,7 @@ def plot(
     run_dir: RunDir = Path("."),
     output: Annotated[
         Path, typer.Option("--output", "-o", metavar="DIR", help="Folder for the pictures (created if needed).")
-    ] = ...,
+    ] = ...,  # type: ignore[assignment]  # a required option, as typer spells it
     step: Step = None,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format.")] = ImageFormat.png,
     baseline_path: Baseline = None,
@@ -905,7 +905,7 @@ def report(
     run_dir: RunDir = Path("."),
     output: Annotated[
         str, typer.Option("--output", "-o", metavar="PATH", help="The HTML file to write ([bold]-[/] = stdout).")
-    ] = ...,
+    ] = ...,  # type: ignore[assignment]  # a required option, as typer spells it
     baseline_path: Baseline = None,
     allow_different_samples: AllowDifferentSamples = False,
     step: LatestStep = None,

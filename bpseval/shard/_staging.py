@@ -188,6 +188,7 @@ class StagedDataset:
         """The usual batch, of `rows` < `room` rows: copied into the stages, nothing else to do; where it went."""
         placed: Placed = {}
         for (name, column), array in zip(self.columns.items(), arrays, strict=True):
+            assert column.stage is not None  # room > rows: every column's stage exists
             copy_rows(column.stage, column.stage_bytes, column.staged, array)
             placed[name] = [(column.stage, column.staged, column.staged + rows)]
             column.staged += rows
@@ -226,7 +227,7 @@ def copy_rows(target: np.ndarray, target_bytes: memoryview | None, start: int, r
     system call, up to the interpreter's switch interval (5 ms): rare, but most of the time the loop
     spent in `add`. A memoryview copy of contiguous rows is one memcpy under the GIL.
     """
-    source = memoryview(rows)
+    source = memoryview(rows)  # type: ignore[arg-type]  # numpy's stubs declare the buffer protocol from Python 3.12
     if target_bytes is not None and source.nbytes and source.c_contiguous:
         row_bytes = target_bytes.nbytes // len(target)
         target_bytes[start * row_bytes : start * row_bytes + source.nbytes] = source.cast("B")
@@ -236,7 +237,7 @@ def copy_rows(target: np.ndarray, target_bytes: memoryview | None, start: int, r
 
 def bytes_of(array: np.ndarray) -> memoryview | None:
     """A contiguous array's bytes, to copy into; None when it has none (memoryview cannot cast an empty shape)."""
-    return memoryview(array).cast("B") if array.nbytes else None
+    return memoryview(array).cast("B") if array.nbytes else None  # type: ignore[arg-type]  # as in copy_rows
 
 
 def store_cell_ids(group: h5py.Group, ids: np.ndarray) -> None:

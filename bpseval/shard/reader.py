@@ -441,11 +441,12 @@ def _read_stats_layout(path: Path, name: str, group: Any, file_size: int) -> Dat
         if isinstance(members[key], h5py.Dataset)
     }
     shapes = {key: arrays[key].shape if key in arrays else None for key in fields}
-    if None in shapes.values() or len(set(shapes.values())) != 1 or len(shapes["n_valid"]) != 1:
+    one_shape = {shape for shape in shapes.values() if shape is not None}
+    if None in shapes.values() or len(one_shape) != 1 or len(shape := one_shape.pop()) != 1:
         raise ShardError(
             f"{where}: a stats-only dataset needs arrays {', '.join(fields)} of one shape (cells,); found {shapes}."
         )
-    n_cells = shapes["n_valid"][0]
+    n_cells = shape[0]
     if n_cells > MAX_CELLS:
         raise ShardError(f"{where}: {n_cells} cells is more than bpseval reads ({MAX_CELLS}).")
     attrs = _attrs(path, group, ("block_size", "rate_kind", "samples", "duplicates_dropped"))
@@ -662,7 +663,10 @@ class DatasetReader:
         rows = slice(start, stop)
         rhat = self._read(self._rhat, rows, self._shape)
         robs = self._read(self._robs, rows, self._shape)
-        dfs = None if self._dfs is None else self._read(self._dfs, rows, self.layout.dfs_shape)
+        dfs = None
+        if self._dfs is not None:
+            assert self.layout.dfs_shape is not None  # a layout with dfs has its shape
+            dfs = self._read(self._dfs, rows, self.layout.dfs_shape)
         return RowChunk(start, rhat, robs, as_weights(dfs, *rhat.shape), sample_idx)
 
     def _read(self, array: h5py.h5d.DatasetID, rows: slice, shape: tuple[int, ...]) -> np.ndarray:
@@ -682,9 +686,10 @@ def _read(
     An array without rows (a scalar, as h5py's slicing) is a ShardError. Only the h5py calls are guarded."""
 
     def cannot_read(reason: str) -> ShardError:
-        name = h5py.h5i.get_name(array) or b"?"
+        name = _decoded((h5py.h5i.get_name(array) or b"?").rsplit(b"/", 1)[-1])
+        shown = name if isinstance(name, str) else repr(name)  # bytes that are not UTF-8: their escapes
         return ShardError(
-            f"{path}: dataset {dataset!r}: cannot read {_decoded(name.rsplit(b'/', 1)[-1])} ({reason});"
+            f"{path}: dataset {dataset!r}: cannot read {shown} ({reason});"
             " the file is probably truncated or damaged. Re-run validation to rewrite it."
         )
 

@@ -444,6 +444,7 @@ class ShardWriter:
         if cell_ids is not None:
             store_cell_ids(group, cell_ids)
         stored.stage(arrays, group)
+        assert self._io is not None  # an open writer has its file
         self._io.start_writeback(SYNC_BYTES, may_wait=False)
 
     def _write_chunks(
@@ -540,9 +541,9 @@ class ShardWriter:
         failure = self._io.failure if self._io is not None else None
         if failure is None:
             return None
-        error = self._write_error(failure, doing)
-        error.__cause__ = failure
-        return error
+        raised = self._write_error(failure, doing)
+        raised.__cause__ = failure
+        return raised
 
     def _raise_failure(self, error: BaseException | None) -> None:
         """Discard the shard and raise `error`, if there is one."""
