@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +181,8 @@ def test_a_large_batch_gives_the_same_numbers_on_any_number_of_threads() -> None
                 several = batch_stats(rhat, robs, dfs)
             for name in STAT_FIELDS:
                 np.testing.assert_array_equal(getattr(several, name), getattr(one, name), err_msg=name)
+    # the threads belong to the call that started them: none is left once it returns
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("bpseval-kernel")]
     with kernel("numpy"):
         reference = batch_stats(rhat, robs, dfs)
     assert_agree(one, reference, magnitudes(rhat, robs, dfs, "rate"), "rate")

@@ -226,19 +226,19 @@ def _reduce_rows(
 
 
 def _on_threads(calls: list[Callable[[], list[CellStats | None]]]) -> list[CellStats | None]:
-    """The concatenated results of `calls`: the first on this thread, the others on the pool's meanwhile."""
-    futures = [_pool(os.getpid(), len(calls) - 1).submit(call) for call in calls[1:]] if len(calls) > 1 else []
-    results = calls[0]()
-    for future in futures:
-        results += future.result()
+    """The concatenated results of `calls`: the first on this thread, the others on threads of this call's own.
+
+    The threads live as long as the call (started for a batch of a million entries or more, they cost
+    a fraction of a percent of it), so no pool outlives its work or a fork.
+    """
+    if len(calls) == 1:
+        return calls[0]()
+    with ThreadPoolExecutor(max_workers=len(calls) - 1, thread_name_prefix="bpseval-kernel") as pool:
+        futures = [pool.submit(call) for call in calls[1:]]
+        results = calls[0]()
+        for future in futures:
+            results += future.result()
     return results
-
-
-@functools.cache
-def _pool(pid: int, workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads for this process (`pid`: a forked child makes its own; the parent's threads
-    do not exist there)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"bpseval-kernel-{pid}")
 
 
 def _fits(rhat: np.ndarray, robs: np.ndarray, weights: np.ndarray | None) -> bool:
