@@ -184,3 +184,9 @@ def test_there_is_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_cells_of_two_runs_are_matched_by_one_rule():
+    """ARCHITECTURE.md: compare, attribution and the figures match cells with `run.scored.cell_pairs` only."""
+    for module in ("bpseval.features.compare", "bpseval.features.attribution", "bpseval.views.plot"):
+        assert "cell_pairs(" in modules()[module].read_text(), module

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bpseval.kernel.stats import LN2, OK, UNCOVERED
-from bpseval.run.scored import ScoredDataset
+from bpseval.run.scored import ScoredDataset, cell_pairs
 
 MEAN_METRICS = ("bps", "pseudo_r2", "corr")
 POOLED_METRICS = {"bps_pooled": "bps", "pseudo_r2_pooled": "pseudo_r2"}
@@ -183,9 +183,7 @@ def attribute(
     for index, (dataset_new, dataset_base) in enumerate(zip(new, base, strict=True)):
         (part_new, in_new), (part_base, in_base) = sides["new"][index], sides["base"][index]
         ids_new, ids_base = dataset_new.cell_ids.tolist(), dataset_base.cell_ids.tolist()
-        where_new, where_base = _positions(ids_new), _positions(ids_base)
-        for key in list(where_base) + [key for key in where_new if key not in where_base]:
-            i, j = where_new.get(key), where_base.get(key)
+        for j, i in cell_pairs(dataset_base, dataset_new):
             status_new = None if i is None else str(dataset_new.scores.status[i])
             status_base = None if j is None else str(dataset_base.scores.status[j])
             takes_part = (i is not None and in_new[i]) or (j is not None and in_base[j])
@@ -207,17 +205,6 @@ def attribute(
     cells.sort(key=lambda cell: cell.delta)
     summed = [] if groups is None else _by_group(cells, groups, several=len(new) > 1)
     return Attribution(values[0] - values[1], cells, summed)
-
-
-def _positions(cell_ids: list[Hashable]) -> dict[tuple[str, int], int]:
-    """Each cell's index by (cell id as text, how many cells before it share that id): the key that matches sides."""
-    seen: dict[str, int] = {}
-    positions = {}
-    for index, cell_id in enumerate(cell_ids):
-        text = str(cell_id)
-        positions[(text, seen.get(text, 0))] = index
-        seen[text] = seen.get(text, 0) + 1
-    return positions
 
 
 def _by_group(

@@ -53,6 +53,7 @@ from bpseval.run.scored import (
     Overall,
     ScoredDataset,
     ScoredRun,
+    cell_pairs,
     overall_of,
     score_run,
 )
@@ -525,13 +526,13 @@ def _coverage_regressions(new: ScoredRun, base: ScoredRun, shared: list[str]) ->
     rows = []
     for name in shared:
         before, now = base.dataset(name), new.dataset(name)
-        uncovered = {
-            str(cell_id) for cell_id, status in zip(now.cell_ids, now.scores.status, strict=True) if status == UNCOVERED
-        }
         rows += [
-            {"dataset": name, "cell": cell, "cell_id": cell_id}
-            for cell, (cell_id, status) in enumerate(zip(before.cell_ids.tolist(), before.scores.status, strict=True))
-            if status == OK and str(cell_id) in uncovered
+            {"dataset": name, "cell": cell, "cell_id": before.cell_ids[cell]}
+            for cell, later in cell_pairs(before, now)
+            if cell is not None
+            and later is not None
+            and before.scores.status[cell] == OK
+            and now.scores.status[later] == UNCOVERED
         ]
     return pd.DataFrame(rows, columns=["dataset", "cell", "cell_id"])
 

@@ -250,6 +250,33 @@ def select_cells(dataset: ScoredDataset, cells: np.ndarray, clamp_negative: bool
     )
 
 
+def cell_pairs(base: ScoredDataset, new: ScoredDataset) -> list[tuple[int | None, int | None]]:
+    """The cells of one dataset on two sides, matched: (index in `base`, index in `new`), None where a side lacks it.
+
+    The one rule that matches the cells of two runs (compare, attribution, figures): by cell id as text,
+    and among cells that share an id, by their order. Base's cells first, in order, then the new ones.
+
+    Example:
+        >>> import numpy as np
+        >>> from types import SimpleNamespace as Side
+        >>> cell_pairs(Side(cell_ids=np.array([7, 8, 8])), Side(cell_ids=np.array(["8", "9", "7"])))
+        [(0, 2), (1, 0), (2, None), (None, 1)]
+    """
+
+    def keys(cell_ids: np.ndarray) -> dict[tuple[str, int], int]:
+        seen: dict[str, int] = {}
+        found = {}
+        for index, cell_id in enumerate(cell_ids.tolist()):
+            text = str(cell_id)
+            found[(text, seen.get(text, 0))] = index
+            seen[text] = seen.get(text, 0) + 1
+        return found
+
+    in_base, in_new = keys(base.cell_ids), keys(new.cell_ids)
+    pairs = [(index, in_new.get(key)) for key, index in in_base.items()]
+    return pairs + [(None, index) for key, index in in_new.items() if key not in in_base]
+
+
 def overall_of(datasets: Sequence[ScoredDataset], clamp_negative: bool = False) -> Overall:
     """The overall numbers of `datasets` (all of a run's, or the ones two runs share).
 

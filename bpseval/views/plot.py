@@ -26,7 +26,7 @@ from bpseval.features.compare import Comparison
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
-from bpseval.run.scored import ScoredRun
+from bpseval.run.scored import ScoredRun, cell_pairs
 from bpseval.views.files import write_output
 from bpseval.views.result import Result
 from bpseval.views.text import format_bps, plural, samples_status
@@ -531,19 +531,30 @@ def steps_figure(results: dict[int, ScoredRun] | StepResults) -> Figure:
 
 
 def matched_cells(new: Result, base: Result) -> pd.DataFrame:
-    """Cells of the datasets both sides scored, matched by dataset and cell_id.
+    """Cells of the datasets both sides scored, matched by `run.scored.cell_pairs`.
 
     Columns: dataset, cell_id, bps_base, bps_new, status_base, status_new.
     """
-    keys = ["dataset", "key"]
-    sides = []
-    for result, suffix in ((base, "_base"), (new, "_new")):
-        cells = result.cells[["dataset", "cell_id", "bps", "status"]].copy()
-        cells["key"] = cells["cell_id"].astype(str)
-        renamed = {"bps": f"bps{suffix}", "status": f"status{suffix}", "cell_id": f"cell_id{suffix}"}
-        sides.append(cells.rename(columns=renamed))
-    merged = sides[0].merge(sides[1], on=keys, how="inner")
-    return merged.rename(columns={"cell_id_new": "cell_id"}).drop(columns=["cell_id_base", "key"])
+    import pandas as pd
+
+    names = {dataset.name for dataset in new.scored.datasets}
+    rows = [
+        {
+            "dataset": before.name,
+            "cell_id": now.cell_ids[later],
+            "bps_base": before.scores.bps[cell],
+            "bps_new": now.scores.bps[later],
+            "status_base": before.scores.status[cell],
+            "status_new": now.scores.status[later],
+        }
+        for before in base.scored.datasets
+        if before.name in names
+        for now in [new.scored.dataset(before.name)]
+        for cell, later in cell_pairs(before, now)
+        if cell is not None and later is not None
+    ]
+    columns = ["dataset", "cell_id", "bps_base", "bps_new", "status_base", "status_new"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def compare_figure(new: Result, base: Result, comparison: Comparison | None = None) -> Figure:
