@@ -81,21 +81,22 @@ def _member(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 _MIX = np.random.default_rng(0x6270736576616C).integers(1, 1 << 62, size=(2, 1 << 12), dtype=np.int64) * 2 + 1
 """Odd 64-bit multipliers, one per cell and side (mask, counts): fingerprints of rows that differ anywhere differ."""
-_MULTIPLIERS: dict[tuple[int, str, str], Any] = {}
+_MULTIPLIERS: dict[tuple[int, str, str], tuple[Any, int]] = {}
 
 
 def row_fingerprints(robs: Any, weights: Any) -> Any:
     """An int64 fingerprint of each row's weights and of its counts at valid entries, on the batch's device.
 
     Copies of one sample must carry the same weights everywhere and the same counts where valid (the
-    offline merge's rule); two rows get the same fingerprint when they do, and different ones (but with
-    probability about 2^-63) when they do not. Made of exact integer arithmetic on the float64 bit
-    patterns, so it does not depend on the order of the sums, the device or the input dtype; computed
+    offline merge's rule). Rows that do get the same fingerprint, always: it is exact integer arithmetic
+    (wrapping) on the float64 bit patterns, so it depends neither on the order of a sum, nor on the
+    device or the input dtype. Rows that do not get different ones but with a probability of about 2^-44
+    (each value's bits are folded onto themselves, then weighted by odd per-cell multipliers). Computed
     without waiting for the device.
 
     Args:
         robs: (rows, cells) counts, numpy or a tensor.
-        weights: (rows, cells) or (rows, 1) weights, or None (every entry valid).
+        weights: (rows, cells) or (rows, 1) weights, or None (every entry valid, as weights of 1).
 
     Returns:
         (rows,) int64 array in `robs`'s namespace and device.
@@ -103,27 +104,26 @@ def row_fingerprints(robs: Any, weights: Any) -> Any:
     xp = array_namespace(robs)
     on = device(robs)
     n_cells = robs.shape[1]
-    counts = xp.astype(robs, xp.float64)
-    full = xp.ones(counts.shape, dtype=xp.float64, device=on)
-    mask = full if weights is None else xp.broadcast_to(xp.astype(weights, xp.float64), counts.shape) * full
-    counts = xp.where(mask > 0, counts, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
     key = (n_cells, xp.__name__, str(on))
-    if key not in _MULTIPLIERS:
+    if key not in _MULTIPLIERS:  # made once per shape and device: a copy to the device, never from it
         columns = np.arange(n_cells) % _MIX.shape[1]
-        _MULTIPLIERS[key] = xp.asarray(_MIX[:, columns] + 2 * (np.arange(n_cells) // _MIX.shape[1]), device=on)
-    multipliers = _MULTIPLIERS[key]
-    entries = _mixed(_mixed(_bits(counts)) * multipliers[1, :] + _bits(mask) * multipliers[0, :])
-    return xp.sum(entries * multipliers[0, :], axis=1)
+        multipliers = _MIX[:, columns] + 2 * (np.arange(n_cells) // _MIX.shape[1])
+        unit = np.full(n_cells, np.float64(1.0).view(np.int64), dtype=np.int64)
+        all_valid = int((_folded(unit) * multipliers[0]).sum())  # the weights' part when every weight is 1
+        _MULTIPLIERS[key] = (xp.asarray(multipliers, device=on), all_valid)
+    multipliers, all_valid = _MULTIPLIERS[key]
+    counts = xp.astype(robs, xp.float64)
+    if weights is None:
+        return xp.sum(_folded(_bits(counts + 0.0)) * multipliers[1, :], axis=1) + all_valid
+    mask = xp.astype(xp.broadcast_to(weights, counts.shape), xp.float64)
+    counts = xp.where(mask > 0, counts, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return xp.sum(_folded(_bits(counts)) * multipliers[1, :] + _folded(_bits(mask)) * multipliers[0, :], axis=1)
 
 
-def _mixed(x: Any) -> Any:
-    """A bijection of int64 that spreads every bit over all of them (a SplitMix64-style finaliser, wrapping)."""
-    x = x ^ (x >> 31)
-    x = x * _SPREAD
-    return x ^ (x >> 29)
-
-
-_SPREAD = -7723592293110705685  # 0x94D049BB133111EB as int64: odd
+def _folded(bits: Any) -> Any:
+    """int64 bit patterns with their high half folded onto their low half: float64 values of small integers
+    differ in their top bits only, and an odd multiplier would keep their low bits zero."""
+    return bits ^ (bits >> 29)
 
 
 def _bits(values: Any) -> Any:
