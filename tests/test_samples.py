@@ -38,3 +38,36 @@ def test_many_batches_past_the_merge_threshold_keep_the_set_exact() -> None:
         expected.update(index.tolist())
     assert len(seen.recent) <= max(1024, len(seen.sorted) // 4)
     assert seen.indices().tolist() == sorted(expected)
+
+
+def test_row_fingerprints_agree_across_arrays_dtypes_and_mask_forms_and_change_no_input():
+    import torch
+
+    from bpseval.kernel.samples import row_fingerprints
+
+    rng = np.random.default_rng(4)
+    robs = rng.poisson(1.0, size=(50, 9)).astype(np.float64)
+    full = np.ones((50, 9))
+    prints = row_fingerprints(robs, None)
+    same = [
+        row_fingerprints(robs.astype(np.float32), full[:, :1]),
+        row_fingerprints(robs, full),
+        np.asarray(row_fingerprints(torch.tensor(robs, dtype=torch.float32), None)),
+        np.asarray(row_fingerprints(torch.tensor(robs), torch.tensor(full))),
+    ]
+    for other in same:
+        np.testing.assert_array_equal(other, prints)
+    masked = full.copy()
+    masked[3, 4] = 0.0
+    changed = robs.copy()
+    changed[3, 4] += 7.0  # at a masked entry: not part of the sample
+    tensor_robs, tensor_mask = torch.tensor(changed), torch.tensor(masked)
+    given = (tensor_robs.clone(), tensor_mask.clone())
+    np.testing.assert_array_equal(
+        np.asarray(row_fingerprints(tensor_robs, tensor_mask)), row_fingerprints(robs, masked)
+    )
+    assert torch.equal(tensor_robs, given[0]) and torch.equal(tensor_mask, given[1])  # computed on copies
+    differs = row_fingerprints(robs, masked) != prints  # a weight differs: row 3 only
+    assert differs.tolist() == [row == 3 for row in range(50)]
+    rows = rng.poisson(0.5, size=(20000, 20)).astype(np.float32)  # many rows differing in one or two small counts
+    assert len(np.unique(row_fingerprints(rows, None))) == len(np.unique(rows, axis=0))

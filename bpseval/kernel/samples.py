@@ -112,12 +112,40 @@ def row_fingerprints(robs: Any, weights: Any) -> Any:
         all_valid = int((_folded(unit) * multipliers[0]).sum())  # the weights' part when every weight is 1
         _MULTIPLIERS[key] = (xp.asarray(multipliers, device=on), all_valid)
     multipliers, all_valid = _MULTIPLIERS[key]
-    counts = xp.astype(robs, xp.float64)
-    if weights is None:
-        return xp.sum(_folded(_bits(counts + 0.0)) * multipliers[1, :], axis=1) + all_valid
-    mask = xp.astype(xp.broadcast_to(weights, counts.shape), xp.float64)
-    counts = xp.where(mask > 0, counts, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
-    return xp.sum(_folded(_bits(counts)) * multipliers[1, :] + _folded(_bits(mask)) * multipliers[0, :], axis=1)
+    # copies of our own, changed in place: a temporary per step would cost more than the arithmetic
+    if isinstance(robs, np.ndarray):
+        counts = robs.astype(np.float64)  # a copy, whatever robs's dtype
+        if weights is not None:
+            np.copyto(counts, 0.0, where=np.broadcast_to(~(weights > 0), counts.shape))
+        mask = None if weights is None else np.broadcast_to(weights, counts.shape).astype(np.float64)
+    else:  # a tensor: copies made with torch's own calls (the array API has no in-place ones)
+        counts = robs.to(dtype=_float64_of(robs), copy=True)
+        mask = None
+        if weights is not None:
+            counts.masked_fill_((weights > 0).logical_not().expand_as(counts), 0.0)
+            mask = counts.new_empty(counts.shape).copy_(weights.expand_as(counts))
+    counts += 0.0  # turns -0.0 into 0.0
+    prints = _folded_in_place(_bits(counts))
+    prints *= multipliers[1, :]
+    if mask is None:
+        return prints.sum(1) + all_valid
+    weighted = _folded_in_place(_bits(mask))
+    weighted *= multipliers[0, :]
+    prints += weighted
+    return prints.sum(1)
+
+
+def _float64_of(tensor: Any) -> Any:
+    """torch.float64, without importing torch here (only reached with a tensor)."""
+    import torch
+
+    return torch.float64
+
+
+def _folded_in_place(bits: Any) -> Any:
+    """`_folded`, written over `bits`."""
+    bits ^= bits >> 29
+    return bits
 
 
 def _folded(bits: Any) -> Any:
