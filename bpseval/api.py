@@ -37,14 +37,34 @@ def evaluate(
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
 
-    Cells that would be ok with fewer than `min_samples` valid samples get the status `low`: they
-    are left out of the means and kept in bps_pooled. `cells` (a cell table, CSV) and `group_by` (one of its
-    columns) add every metric per group of cells (`Result.groups`). `merge_options` go to `merge_run`: `jobs`,
-    `scheduler`, `on_progress`, `blocks`, `cache`.
+    Args:
+        run_dir: the run directory; shards are found in it and below it.
+        step: the step to merge (None: the latest complete one, passing over a newer incomplete step).
+        clamp_negative: reproduce legacy loops, which clamped each cell's bps at 0 before the means.
+        min_samples: cells that would be ok with fewer valid samples are `low`: left out of the means,
+            kept in bps_pooled.
+        cells: a cell table (CSV) whose column `group_by` groups the cells (`Result.groups`).
+        group_by: that column.
+        ci: a level (e.g. 0.95): bootstrap intervals of every summary number (`Result.intervals`).
+        ci_over: resample "blocks" of samples (`blocks` per dataset of raw shards, default 100) or "cells".
+        ci_resamples: how many resamples.
+        ci_seed: their seed.
+        merge_options: to `merge_run`: `jobs`, `scheduler`, `on_progress`, `blocks`, `cache`.
 
-    With `ci` (a level, e.g. 0.95), the result also holds bootstrap intervals of every summary number
-    (`Result.intervals`), resampling `ci_over` "blocks" of samples (`blocks` per dataset of raw shards,
-    default 100) or "cells", `ci_resamples` times from `ci_seed`.
+    Returns:
+        The scored step: its numbers per cell, per dataset and overall, as frames and as JSON.
+
+    Raises:
+        BpsevalError: for a run that cannot be scored exactly (a rank missing, a damaged shard, ...),
+            naming what is wrong.
+
+    Example:
+        >>> from pathlib import Path
+        >>> import bpseval
+        >>> run = Path(bpseval.__file__).parents[1] / "examples" / "runs" / "exp1"
+        >>> result = bpseval.evaluate(run, cache=False)
+        >>> result.step, result.world_size, round(result.overall.bps, 6)
+        (4, 2, 0.182477)
     """
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
     table = grouping_table(cells, group_by)
@@ -66,11 +86,30 @@ IN_MEMORY = "in-memory arrays"
 def bits_per_spike(rhat: Any, robs: Any, dfs: Any = None, *, rate_kind: str = "rate") -> pd.DataFrame:
     """Exact per-cell bits per spike of in-memory arrays (numpy or torch, shape (samples, cells)).
 
-    Returns one row per cell with columns cell, n_valid, n, spikes, model_ll, ll_gain, bps,
-    pseudo_r2, corr, status; bps is NaN for silent, uncovered and overflow cells, pseudo_r2 and corr
-    also where a side is constant. Same code path as `bpseval compute`; the arguments are checked
-    by the batch contract (`bpseval.kernel.batch`) as the writer and the online metric check them,
-    and messages name the data `IN_MEMORY`.
+    Same code path as `bpseval compute`; the arguments are checked by the batch contract
+    (`bpseval.kernel.batch`) as the writer and the online metric check them, and messages name the
+    data `IN_MEMORY`.
+
+    Args:
+        rhat: predicted rates (log-rates with `rate_kind="log_rate"`), (samples, cells).
+        robs: observed spike counts, the same shape.
+        dfs: the validity mask, (samples, cells), (samples, 1) or (samples,); None: every entry is valid.
+        rate_kind: "rate" or "log_rate".
+
+    Returns:
+        One row per cell: cell, n_valid, n, spikes, model_ll, ll_gain, bps, pseudo_r2, corr, status.
+        bps is NaN for silent, uncovered and overflow cells; pseudo_r2 and corr also where a side is constant.
+
+    Raises:
+        ArgumentError: for arguments the batch contract refuses, or values no likelihood takes (at a valid entry).
+
+    Example:
+        >>> import numpy as np
+        >>> from bpseval import bits_per_spike
+        >>> robs = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 0.0]])
+        >>> cells = bits_per_spike(np.array([[0.5, 0.9], [1.5, 0.1], [1.0, 0.1]]), robs)
+        >>> cells["status"].tolist(), cells["bps"].round(4).tolist()
+        (['ok', 'ok'], [0.39, 1.2887])
     """
     import pandas as pd
 

@@ -49,6 +49,18 @@ class BPSShardCallback(pl.Callback):
     `val_corr_overall`, `val_corr/<dataset>` included) are logged in float64
     on every rank (so ModelCheckpoint and EarlyStopping can monitor `val_bps_overall`; a value is
     NaN when no cell could be scored). The sanity-check pass is neither written nor logged.
+
+    Args:
+        run_dir: where the shards go.
+        every_n_epochs: write shards every this many validation epochs (0: never).
+        also_log: log the exact numbers every validation epoch (a `DistributedBPS`).
+        dedup_window: the `DistributedBPS`'s.
+
+    Example:
+        >>> from bpseval.lightning import BPSShardCallback
+        >>> callback = BPSShardCallback("runs/exp1", every_n_epochs=5)  # then: Trainer(callbacks=[callback])
+        >>> callback.every_n_epochs, callback.also_log
+        (5, True)
     """
 
     def __init__(

@@ -66,6 +66,20 @@ class CellBalancedDistributedSampler(Sampler[int]):
     Ranks may get one sample fewer: avoid collectives inside the validation loop (compute
     metrics after it, e.g. with shards or `DistributedBPS`), or wrap it in
     `torch.distributed.algorithms.Join`.
+
+    Args:
+        dfs: the dataset's validation mask, (samples, cells) (numpy or torch); entries > 0 are valid.
+        num_replicas: the ranks (None: from the initialised process group).
+        rank: this rank (None: from the process group).
+        shuffle: a new order every epoch (`set_epoch`).
+        seed: the shuffle's seed.
+
+    Example:
+        >>> import numpy as np
+        >>> from bpseval import CellBalancedDistributedSampler
+        >>> dfs = np.array([[1, 0], [1, 1], [0, 1], [1, 1], [1, 0]])
+        >>> [list(CellBalancedDistributedSampler(dfs, num_replicas=2, rank=rank)) for rank in range(2)]
+        [[0, 1], [4, 2, 3]]
     """
 
     def __init__(

@@ -83,6 +83,21 @@ class DistributedBPS:
     the bad batch, naming its first bad row and cell, with the metric unchanged.
 
     `state_dict()` / `load_state_dict()` checkpoint and resume each rank's state mid-validation.
+
+    Args:
+        dedup_window: samples per dataset and rank held back until `compute()`, to drop padding copies.
+        group: the process group (None: the default one, or this process alone without one).
+        validate: "deferred" (values checked on the device, raised at `compute()`) or "eager".
+
+    Example:
+        >>> import torch
+        >>> from bpseval.torch import DistributedBPS
+        >>> metric = DistributedBPS()  # without a process group: this process is the only rank
+        >>> robs = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 3.0]])
+        >>> metric.update("session", torch.ones(3, 2), robs, sample_idx=torch.arange(3))
+        >>> metric.update("session", torch.ones(1, 2), robs[:1], sample_idx=torch.tensor([0]))  # a padding copy
+        >>> metric.compute().datasets[["samples", "duplicates_dropped"]].values.tolist()
+        [[3, 1]]
     """
 
     def __init__(self, dedup_window: int = DEFAULT_DEDUP_WINDOW, group: Any = None, validate: str = "deferred") -> None:
@@ -288,6 +303,14 @@ class WithSampleIndex(torch.utils.data.Dataset):
     `batch["sample_idx"]` for `DistributedBPS.update` and `ShardWriter.add`, so that the
     padding copies of `DistributedSampler` count once. Other attributes are the wrapped
     dataset's.
+
+    Args:
+        dataset: a map-style dataset whose items are dicts.
+
+    Example:
+        >>> from bpseval.torch import WithSampleIndex
+        >>> WithSampleIndex([{"x": 1}, {"x": 2}])[1]
+        {'x': 2, 'sample_idx': 1}
     """
 
     def __init__(self, dataset: Any) -> None:

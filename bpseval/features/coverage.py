@@ -118,5 +118,29 @@ def check_coverage(
     min_spikes: float | None = None,
     **merge_options: Any,
 ) -> CoverageReport:
-    """Merge one step of `run_dir` (default: the latest) and report its coverage (`merge_options`: see merge_run)."""
+    """Merge one step of `run_dir` (default: the latest) and report which cells have too few valid samples.
+
+    Args:
+        run_dir: the run directory.
+        min_samples: a cell with fewer valid samples than this is below.
+        step: the step (None: the latest complete one).
+        min_spikes: also below: a cell with fewer spikes than this.
+        merge_options: to `merge_run` (`jobs`, `scheduler`, `cache`, ...).
+
+    Returns:
+        Per dataset the cells below, uncovered and silent; the cells below; those without a valid
+        sample on some rank (the legacy crash), with their per-rank counts.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from bpseval import ShardWriter, check_coverage
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     for rank in range(2):
+        ...         with ShardWriter(run, rank=rank, world_size=2) as shards:
+        ...             shards.add("session", np.full((3, 2), 0.5), np.ones((3, 2)), sample_idx=np.arange(rank, 6, 2))
+        ...     report = check_coverage(run, min_samples=10, cache=False)
+        >>> report.datasets[["name", "cells", "below", "min_n_valid"]].values.tolist()
+        [['session', 2, 2, 6]]
+    """
     return coverage_report(score_run(merge_run(run_dir, step, **merge_options)), min_samples, min_spikes)

@@ -94,10 +94,27 @@ def check_cell_coverage(
     batched by `batch_size` (None: one batch per sample) and limited to the first
     `int(fraction * batches)` batches per rank, as Lightning's `limit_val_batches` does.
 
-    Returns one row per cell: `n_valid` (distinct samples, padding duplicates counted once, as
-    `bpseval compute` counts them), `rank_<r>` (what each rank sees, duplicates included),
-    `zero_ranks` (ranks with no valid sample: the condition that crashed legacy loops) and
-    `below` (n_valid < min_samples). The cells below are `frame[frame.below]`.
+    Args:
+        dfs: the mask.
+        world_size: ranks of the validation job.
+        fraction: the share of the batches kept (`limit_val_batches` as a fraction).
+        batch_size: the validation batch size (None: one sample per batch).
+        min_samples: a cell with fewer valid samples than this is `below`.
+        seed: the sampler's seed (None: no shuffle).
+        epoch: the sampler's epoch (with a seed).
+
+    Returns:
+        One row per cell: `n_valid` (distinct samples, padding duplicates counted once, as `bpseval
+        compute` counts them), `rank_<r>` (what each rank sees, duplicates included), `zero_ranks`
+        (ranks with no valid sample: the condition that crashed legacy loops) and `below` (n_valid <
+        min_samples). The cells below are `frame[frame.below]`.
+
+    Example:
+        >>> import numpy as np
+        >>> from bpseval import check_cell_coverage
+        >>> cells = check_cell_coverage(np.array([[1, 1], [1, 0], [1, 0], [1, 1]]), world_size=2, min_samples=3)
+        >>> cells[["n_valid", "rank_0", "rank_1", "below"]].values.tolist()
+        [[4, 2, 2, False], [2, 1, 1, True]]
     """
     import pandas as pd
 

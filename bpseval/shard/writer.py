@@ -116,6 +116,30 @@ class ShardWriter:
     dataset): in total, and per block of `block_size` consecutive sample_idx for the paired
     bootstrap of `bpseval compare`. Samples repeated on this rank are dropped by sample_idx;
     repeats across ranks cannot be seen any more and are not checked.
+
+    Args:
+        run_dir: the run directory; the shard goes to `<run_dir>/step-SSSSSS/rank-RRRR.h5`.
+        rank: this process's rank.
+        world_size: the number of ranks of the validation job.
+        step: the validation step (e.g. the epoch).
+        run_id: the same text on every rank of one launch (`from_process_group` finds one).
+        store: "raw" (the arrays) or "stats" (per-cell sums).
+        block_size: samples per block of a stats-only shard.
+        overwrite: replace a shard this process already wrote for this step.
+        background: write on a thread of its own.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from bpseval import ShardWriter, evaluate
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     for rank in range(2):  # each rank writes its own shard, here one after the other
+        ...         with ShardWriter(run, rank=rank, world_size=2) as shards:
+        ...             rows = np.arange(rank, 6, 2)  # the samples DistributedSampler gives this rank
+        ...             shards.add("session", np.full((3, 2), 0.5), np.array([[0, 1], [1, 0], [2, 1]]), sample_idx=rows)
+        ...     result = evaluate(run, cache=False)
+        >>> result.datasets["samples"].tolist(), result.cells["status"].tolist()
+        ([6], ['ok', 'ok'])
     """
 
     def __init__(

@@ -38,6 +38,20 @@ class Result:
     Undefined values are NaN in the frames and null in JSON. `groups` (`--cells` and `--group-by`) adds the
     `groups` frame and the JSON `groups` list; `intervals`, the bootstrap intervals of `compute --ci`
     (`evaluate(ci=...)`), None when not asked for.
+
+    Args:
+        scored: the scored run.
+        groups: every metric per group of cells, when asked for.
+        intervals: the bootstrap intervals, when asked for.
+
+    Example:
+        >>> import numpy as np
+        >>> from bpseval.torch import DistributedBPS
+        >>> metric = DistributedBPS()
+        >>> metric.update("session", np.ones((2, 2)), np.array([[0.0, 2.0], [1.0, 0.0]]))
+        >>> result = metric.compute(step=3)
+        >>> result.step, list(result.datasets["name"]), sorted(result.metrics("val_"))[:2]
+        (3, ['session'], ['val_bps/session', 'val_bps_overall'])
     """
 
     def __init__(
