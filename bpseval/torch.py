@@ -58,7 +58,8 @@ class DistributedBPS:
 
     `update` once per batch on every rank, `compute()` on every rank after the validation loop
     (it is a collective: every rank must call it, whatever data it saw), `reset()` before the
-    next pass. Memory is O(cells) per dataset plus 8 bytes per sample seen; sums are
+    next pass. Memory is O(cells) per dataset plus 16 bytes per sample given (its index on the
+    host, its fingerprint on the device); sums are
     float64 on the device of the tensors given. Without an initialised process group,
     `compute()` treats the process as the only rank.
 
@@ -72,7 +73,10 @@ class DistributedBPS:
     always held back (a window of 1 would do). A duplicate outside the window (a sampler that
     repeats samples elsewhere) makes `compute()` raise the same BpsevalError on every rank.
 
-    Not checked online (the offline merge of shards does): that copies of a sample agree.
+    Copies of a sample must agree, as offline: each row given with `sample_idx` leaves a
+    fingerprint of its robs (where valid) and dfs on the device (`kernel.samples.row_fingerprints`),
+    and `compute()` raises the same BpsevalError on every rank for a sample given twice with
+    different ones, on one rank or two (`sample_idx` numbering the rows of a batch, say).
 
     `update` never waits for the device (no `.item()`, no copy to the host of a tensor it was
     given; `sample_idx` is read where it lives, so give it on the CPU, as DataLoader batches
