@@ -160,6 +160,10 @@ def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_command(tmp_path)
         document = json.loads(run_bpseval("doctor", str(run), "--json", "-").stdout)
         assert document["compute"]["step"] is None and f"{hidden}: cannot be listed" in document["compute"]["error"]
         assert document["usable_steps"] == [0] and document["steps"][1]["world_sizes"] == []
+        hidden.chmod(0o644)  # listed, but not entered: its entries cannot be looked at
+        computed = run_bpseval("compute", str(run))
+        assert computed.returncode == 2 and f"{hidden}: cannot be listed (Permission denied)" in computed.stderr
+        assert "Traceback" not in computed.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -104,6 +104,12 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunFiles:
             subdirectories[:] = []
             continue
         visited.add(here.resolve())
+        try:  # a folder that can be listed but not entered: its entries cannot be looked at
+            os.lstat(os.path.join(directory, "."))  # a string: pathlib would drop the "."
+        except OSError as error:
+            unlistable(OSError(error.errno, error.strerror, str(here)))
+            subdirectories[:] = []
+            continue
         for name in subdirectories + files:
             path = here / name
             if path.is_symlink() and not path.resolve().is_relative_to(inside):
