@@ -137,9 +137,12 @@ def test_every_path_that_takes_a_batch_goes_through_the_batch_contract(module):
     assert "bpseval.kernel.batch" in imported_modules(modules()[module])
 
 
-@pytest.mark.parametrize("module", ["bpseval.shard.reader", "bpseval.torch"], ids=str)
+@pytest.mark.parametrize(
+    "module", ["bpseval.shard.reader", "bpseval.torch", "bpseval.run.cache", "bpseval.run.document"], ids=str
+)
 def test_every_path_that_takes_sums_it_did_not_make_goes_through_the_sums_contract(module):
-    """ARCHITECTURE.md: stats-only shards and saved online states pass `kernel.sums.checked_sums`."""
+    """ARCHITECTURE.md: stats-only shards, saved online states, cache entries and baseline documents pass
+    `kernel.sums.checked_sums`."""
     assert "bpseval.kernel.sums" in imported_modules(modules()[module])
     assert "checked_sums(" in modules()[module].read_text() or "check_parts_add_up(" in modules()[module].read_text()
 

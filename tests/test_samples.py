@@ -71,3 +71,17 @@ def test_row_fingerprints_agree_across_arrays_dtypes_and_mask_forms_and_change_n
     assert differs.tolist() == [row == 3 for row in range(50)]
     rows = rng.poisson(0.5, size=(20000, 20)).astype(np.float32)  # many rows differing in one or two small counts
     assert len(np.unique(row_fingerprints(rows, None))) == len(np.unique(rows, axis=0))
+
+
+def test_fingerprints_asked_for_twice_keep_one_per_sample_and_every_conflict():
+    from bpseval.kernel.samples import SampleFingerprints
+
+    prints = SampleFingerprints()
+    prints.add(np.array([3, 1, 3]), np.array([30, 10, 30]))
+    first = prints.by_sample()
+    assert [part.tolist() for part in first[:2]] == [[1, 3], [10, 30]] and first[2] is None
+    assert [part.tolist() for part in prints.by_sample()[:2]] == [[1, 3], [10, 30]]  # the same, asked again
+    prints.add(np.array([1, 5]), np.array([11, 50]))  # sample 1 again, different: against the kept one
+    assert prints.by_sample()[2] == 1
+    prints.add(np.array([0, 0]), np.array([1, 2]))
+    assert prints.by_sample()[2] == 0 and prints.by_sample()[0].tolist() == [0, 1, 3, 5]

@@ -20,7 +20,7 @@ Numpy arrays and torch tensors (on any device) alike; nothing here imports torch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def dtype_kind(array: Any) -> str:
         if str(dtype) == "torch.bool":
             return "b"
         return "i" if dtype.is_signed else "u"
-    return np.asarray(array).dtype.kind if not isinstance(array, np.ndarray) else array.dtype.kind
+    return np.asarray(array).dtype.kind
 
 
 def check_rates_dtype(dataset: str, rhat: Any) -> None:
@@ -117,7 +117,7 @@ def sample_indices(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
         except OverflowError:  # Python ints beyond every integer dtype
             index = np.asarray(sample_idx, dtype=object)
     if index.dtype == object and index.shape == (n_rows,) and all(isinstance(value, int) for value in index.tolist()):
-        index = _object_ints(dataset, index)
+        _refuse_out_of_range(dataset, index.tolist())  # only ints beyond every integer dtype make an object array
     if index.shape != (n_rows,) or index.dtype.kind not in "iu":
         raise ArgumentError(
             f"dataset {dataset!r}: sample_idx must be integers of shape ({n_rows},), got {index.dtype} {index.shape}"
@@ -125,9 +125,8 @@ def sample_indices(dataset: str, sample_idx: Any, n_rows: int) -> np.ndarray:
     return check_index_range(dataset, index).astype(np.int64, copy=False)
 
 
-def _object_ints(dataset: str, index: np.ndarray) -> np.ndarray:
+def _refuse_out_of_range(dataset: str, values: list[int]) -> NoReturn:
     """Python ints, some beyond int64: refused naming the first out of range."""
-    values = index.tolist()
     outside = [value for value in values if not 0 <= value <= INT64_MAX]
     raise ArgumentError(
         f"dataset {dataset!r}: sample_idx must be in [0, {INT64_MAX}] (an index into the dataset's validation"

@@ -109,7 +109,7 @@ def row_fingerprints(robs: Any, weights: Any) -> Any:
         columns = np.arange(n_cells) % _MIX.shape[1]
         multipliers = _MIX[:, columns] + 2 * (np.arange(n_cells) // _MIX.shape[1])
         unit = np.full(n_cells, np.float64(1.0).view(np.int64), dtype=np.int64)
-        all_valid = int((_folded(unit) * multipliers[0]).sum())  # the weights' part when every weight is 1
+        all_valid = int((_folded_in_place(unit) * multipliers[0]).sum())  # the weights' part when every weight is 1
         _MULTIPLIERS[key] = (xp.asarray(multipliers, device=on), all_valid)
     multipliers, all_valid = _MULTIPLIERS[key]
     # copies of our own, changed in place: a temporary per step would cost more than the arithmetic
@@ -143,15 +143,10 @@ def _float64_of(tensor: Any) -> Any:
 
 
 def _folded_in_place(bits: Any) -> Any:
-    """`_folded`, written over `bits`."""
+    """int64 bit patterns with their high half folded onto their low half, written over `bits`: float64 values of
+    small integers differ in their top bits only, and an odd multiplier would keep their low bits zero."""
     bits ^= bits >> 29
     return bits
-
-
-def _folded(bits: Any) -> Any:
-    """int64 bit patterns with their high half folded onto their low half: float64 values of small integers
-    differ in their top bits only, and an odd multiplier would keep their low bits zero."""
-    return bits ^ (bits >> 29)
 
 
 def _bits(values: Any) -> Any:
@@ -166,13 +161,15 @@ def _bits(values: Any) -> Any:
 class SampleFingerprints:
     """The fingerprint of every copy of every sample a rank was given, to refuse copies that differ.
 
-    Sample indices are kept on the host, fingerprints where the batches live (read only when asked):
-    16 bytes per row given.
+    Sample indices are kept on the host, fingerprints where the batches live until they are asked
+    for: 16 bytes per row given since then. Asking (`by_sample`) reads them once and keeps one per
+    sample (and the conflict found, if any), so a later ask reads only the rows given since.
     """
 
     def __init__(self) -> None:
         self._index: list[np.ndarray] = []
         self._prints: list[Any] = []
+        self._conflict: int | None = None
 
     def add(self, index: np.ndarray, prints: Any) -> None:
         """Record rows with sample indices `index` and fingerprints `prints` (from `row_fingerprints`)."""
@@ -180,20 +177,25 @@ class SampleFingerprints:
         self._prints.append(prints)
 
     def by_sample(self) -> tuple[np.ndarray, np.ndarray, int | None]:
-        """(sorted distinct indices, their fingerprints, the first index given twice with different fingerprints or None).
+        """(sorted distinct indices, their fingerprints, the smallest index given twice with different fingerprints
+        or None).
 
-        Reads the fingerprints from their device (waits for it).
+        Reads the fingerprints given since the last call from their device (waits for it).
         """
         if not self._index:
-            return _empty(), _empty(), None
+            return _empty(), _empty(), self._conflict
         index = np.concatenate(self._index)
         prints = np.concatenate([np.asarray(to_numpy(part), dtype=np.int64) for part in self._prints])
         order = np.lexsort((prints, index))
         index, prints = index[order], prints[order]
         same_sample = index[1:] == index[:-1]
         conflicts = np.flatnonzero(same_sample & (prints[1:] != prints[:-1]))
+        if len(conflicts):
+            found = int(index[conflicts[0]])
+            self._conflict = found if self._conflict is None else min(self._conflict, found)
         first = np.r_[True, ~same_sample]
-        return index[first], prints[first], (int(index[conflicts[0]]) if len(conflicts) else None)
+        self._index, self._prints = [index[first]], [prints[first]]  # one per sample, on the host from now
+        return index[first], prints[first], self._conflict
 
     @classmethod
     def from_samples(cls, index: np.ndarray, prints: np.ndarray) -> SampleFingerprints:

@@ -233,13 +233,12 @@ def validated_values(rhat: Any, robs: Any, weights: Any = None, rate_kind: str =
     Raises:
         InvalidValuesError: naming each kind of bad value, its count and first (row, cell).
     """
-    xp = np
     if weights is not None and weights.dtype == np.bool_:
         weights = weights.astype(np.float32)
-    if not _weights_are_valid(xp, weights):
+    if not _weights_are_valid(np, weights):
         raise InvalidValuesError(find_invalid_values(to_numpy(rhat), to_numpy(robs), to_numpy(weights), rate_kind))
-    if not _values_are_valid(xp, rhat, robs, rate_kind):
-        rhat, robs = _neutralize_masked_entries(xp, rhat, robs, weights, rate_kind)
+    if not _values_are_valid(np, rhat, robs, rate_kind):
+        rhat, robs = _neutralize_masked_entries(np, rhat, robs, weights, rate_kind)
     return rhat, robs, weights
 
 
