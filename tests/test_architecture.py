@@ -203,3 +203,20 @@ def test_every_long_module_says_why_in_architecture_md():
         path.relative_to(PACKAGE).as_posix() for path in modules().values() if len(path.read_text().splitlines()) > 600
     ]
     assert [name for name in long if f"`{name}`" not in listed] == []
+
+
+def test_every_summary_metric_is_declared_in_one_table():
+    """ARCHITECTURE.md: the summary metrics are declared once (`kernel.metrics.METRICS`), and only the kernel
+    turns nats into bits: no other module divides by ln 2 or keeps a metric's formula of its own."""
+    from bpseval.kernel.metrics import METRICS
+    from bpseval.run.scored import SUMMARY_METRICS
+
+    assert tuple(METRICS) == SUMMARY_METRICS
+    bits = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in modules().values()
+        if "LN2" in path.read_text() or "log(2" in path.read_text()
+    ]
+    assert sorted(bits) == ["kernel/metrics.py", "kernel/stats.py"]
+    for module in ("bpseval.run.scored", "bpseval.features.uncertainty", "bpseval.features.attribution"):
+        assert "METRICS[" in modules()[module].read_text() or "metric_values(" in modules()[module].read_text()

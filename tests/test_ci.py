@@ -14,16 +14,16 @@ from typer.testing import CliRunner
 from bpseval import evaluate
 from bpseval.cli import app
 from bpseval.errors import ArgumentError
-from bpseval.features.uncertainty import GROUPS, METRICS, IntervalSettings, estimates, intervals
+from bpseval.features.uncertainty import GROUPS, METRICS, IntervalSettings, Units, estimates, intervals, units_of
 from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.stats import batch_stats, block_stats, reduce_rows
 from bpseval.run.merge import MergedDataset
 from bpseval.run.scored import (
     ScoreSettings,
-    dataset_rows,
     marked_scores,
+    metric_values,
     overall_of,
-    overall_rows,
+    overall_values,
     score,
     score_dataset,
 )
@@ -215,12 +215,12 @@ def test_standard_errors_are_the_grouped_jackknife_of_the_cells_by_hand():
         jackknife([(kept.mean() + bps[1].mean()) / 2 for kept in left_out(bps[0])]),
         jackknife([(bps[0].mean() + kept.mean()) / 2 for kept in left_out(bps[1])]),
     ]
-    units = [dataset.stats for dataset in scored.datasets]
-    datasets, whole = estimates(scored, units, [np.arange(unit.n_cells)[None, :] for unit in units], "cells")
+    units = [units_of(dataset, "cells") for dataset in scored.datasets]
+    datasets, whole = estimates(units, [np.arange(unit.count)[None, :] for unit in units], scored.settings)
     for found, variance, dataset in zip(datasets, variances, scored.datasets, strict=True):
         assert math.isclose(found.values["bps"][0], dataset.bps, rel_tol=1e-12)
-        assert math.isclose(found.errors["bps"][0], math.sqrt(variance), rel_tol=1e-9)
-    assert math.isclose(whole.errors["bps"][0], math.sqrt(sum(overall)), rel_tol=1e-9)
+        assert math.isclose(found.errors()["bps"][0], math.sqrt(variance), rel_tol=1e-9)
+    assert math.isclose(whole.errors()["bps"][0], math.sqrt(sum(overall)), rel_tol=1e-9)
 
 
 def test_block_standard_errors_are_the_grouped_jackknife_of_the_blocks_left_out():
@@ -237,12 +237,12 @@ def test_block_standard_errors_are_the_grouped_jackknife_of_the_blocks_left_out(
         left_out.append(
             score([MergedDataset("d", np.arange(6), "rate", [reduce_rows(kept)], 600, 0)], step=0, world_size=1)
         )
-    datasets, whole = estimates(scored, [blocks], [np.arange(30)[None, :]], "blocks")
+    datasets, whole = estimates([Units(blocks)], [np.arange(30)[None, :]], scored.settings)
     for metric in METRICS:
-        values = np.array([getattr(run.datasets[0], metric) for run in left_out])
+        values = np.array([run.datasets[0].numbers[metric] for run in left_out])
         expected = math.sqrt((GROUPS - 1) / GROUPS * float(np.sum((values - values.mean()) ** 2)))
-        assert math.isclose(datasets[0].errors[metric][0], expected, rel_tol=1e-9), metric
-        assert math.isclose(whole.errors[metric][0], expected, rel_tol=1e-9), metric
+        assert math.isclose(datasets[0].errors()[metric][0], expected, rel_tol=1e-9), metric
+        assert math.isclose(whole.errors()[metric][0], expected, rel_tol=1e-9), metric
 
 
 def _stats(draw, rows: int, cells: int) -> CellStats:
@@ -268,12 +268,12 @@ def test_row_wise_summaries_equal_score_dataset_and_overall_of_row_by_row(data, 
     for index in range(datasets):
         stats = _stats(data.draw, rows, data.draw(st.integers(1, 6)))
         scores = marked_scores(stats, scoring)
-        parts.append((stats, scores, dataset_rows(stats, scores, clamp)))
+        parts.append((scores, stats, metric_values(scores, stats, clamp)))
         for row in range(rows):
             stats_row = stats.map(lambda values, row=row: values[row])
             merged = MergedDataset(f"d{index}", np.arange(stats.n_cells), "rate", [stats_row], 12, 0)
             per_row[row].append(score_dataset(merged, scoring))
-    overall = overall_rows(parts, clamp)
+    overall = overall_values(parts, clamp)
     for row in range(rows):
         expected = overall_of(per_row[row], clamp)
         for metric in METRICS:

@@ -307,12 +307,12 @@ def true_delta(rates: np.ndarray, rhat_new: np.ndarray, rhat_base: np.ndarray) -
 @pytest.mark.parametrize(("gain", "label"), [(1.0, "equally good models"), (1.03, "slightly miscalibrated model")])
 def test_paired_interval_covers_the_true_change_at_the_nominal_rate(gain, label):
     rng = np.random.default_rng(11)
-    n_samples, n_cells, trials = 2000, 20, 200
+    n_samples, n_cells, trials = 2000, 20, 100
     drive_scale = rng.uniform(-1.0, 0.5, n_cells)
     population = np.exp(rng.normal(0, 0.6, (400_000, n_cells)) + drive_scale)
     noise_base, noise_new = (rng.normal(0, 0.3, population.shape) for _ in range(2))
     truth = true_delta(population, gain * population * np.exp(noise_new), population * np.exp(noise_base))
-    settings = CompareSettings(significance=0.05, bootstrap=1000, blocks=50, rtol=0.0)
+    settings = CompareSettings(significance=0.05, bootstrap=300, blocks=50, rtol=0.0)
     covered = flagged = 0
     for trial in range(trials):
         rows = rng.integers(0, len(population), n_samples)

@@ -171,7 +171,7 @@ def test_contributions_add_up_to_the_change_whatever_the_statuses_and_the_cell_o
         for datasets_new, datasets_base in scopes:
             values = tuple(float(getattr(overall_of(d, clamp), metric)) for d in (datasets_new, datasets_base))
             for datasets, value in zip((datasets_new, datasets_base), values, strict=True):
-                parts = contributions(datasets, metric, value, clamp)
+                parts = contributions(datasets, metric, clamp)
                 total = sum(float(part.sum()) for part, _ in parts)
                 assert total == pytest.approx(value if math.isfinite(value) else 0.0, abs=1e-12), metric
             attribution = attribute(datasets_new, datasets_base, metric, values, (clamp, clamp))

@@ -1,12 +1,12 @@
 """Regression attribution: each cell's part in the change of a metric between a run and its baseline.
 
-Every metric the gate compares is a sum over cells of a per-cell contribution:
+Every metric is a sum over cells of a per-cell contribution, as its declaration in `kernel.metrics` says:
 
 - a mean over a dataset's cells (bps, pseudo_r2, corr): value / n, over the n `ok` cells where the value is
   defined (the cell's clamped bps with `clamp_negative`);
 - the overall mean of the datasets' means: value / (n_d · D), over the D datasets where it is defined;
-- a pooled ratio over the covered cells: ll_gain / (ln 2 · Σ spikes) for bps_pooled, and
-  (D_null − D_model) / Σ D_null for pseudo_r2_pooled.
+- a pooled ratio over the covered cells: numerator / Σ denominator (ll_gain / (ln 2 · Σ spikes) for
+  bps_pooled, (D_null − D_model) / Σ D_null for pseudo_r2_pooled).
 
 The cells of the two sides are matched by dataset and cell id; the change of a cell's contribution is its
 contribution in the run minus that in the baseline, and these changes add up to the change of the metric
@@ -24,12 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bpseval.kernel.stats import LN2, OK, UNCOVERED
+from bpseval.kernel.metrics import METRICS
 from bpseval.run.scored import ScoredDataset, cell_pairs
-
-MEAN_METRICS = ("bps", "pseudo_r2", "corr")
-POOLED_METRICS = {"bps_pooled": "bps", "pseudo_r2_pooled": "pseudo_r2"}
-"""Pooled metrics, and the per-cell score shown beside their contributions."""
 
 
 @dataclass(frozen=True)
@@ -127,36 +123,12 @@ class Attribution:
 
 
 def contributions(
-    datasets: Sequence[ScoredDataset], metric: str, value: float, clamp_negative: bool = False
+    datasets: Sequence[ScoredDataset], metric: str, clamp_negative: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per dataset, each cell's contribution to `value` (`metric` over `datasets`) and whether it takes part.
-
-    Nothing takes part when `value` is undefined. The contributions add up to `value` (to rounding).
-    """
-    if not math.isfinite(value):
-        return [(np.zeros(d.n_cells), np.zeros(d.n_cells, dtype=bool)) for d in datasets]
-    if metric in POOLED_METRICS:
-        parts = []
-        for dataset in datasets:
-            covered, scores = dataset.scores.status != UNCOVERED, dataset.scores
-            if metric == "bps_pooled":
-                numerator, denominator = scores.ll_gain, LN2 * dataset.stats.spikes
-            else:
-                numerator, denominator = scores.null_deviance - scores.model_deviance, scores.null_deviance
-            parts.append((np.where(covered, numerator, 0.0), np.where(covered, denominator, 0.0), covered))
-        total = sum(float(denominator.sum()) for _, denominator, _ in parts)
-        return [(numerator / total, covered) for numerator, _, covered in parts]
-    if metric not in MEAN_METRICS:
-        raise KeyError(metric)
-    means = []
-    for dataset in datasets:
-        values = np.asarray(getattr(dataset.scores, metric), dtype=np.float64)
-        if clamp_negative and metric == "bps":
-            values = np.maximum(values, 0.0)
-        chosen = (dataset.scores.status == OK) & ~np.isnan(values)
-        means.append((np.where(chosen, values, 0.0) / max(int(chosen.sum()), 1), chosen))
-    defined = max(sum(bool(chosen.any()) for _, chosen in means), 1)
-    return [(part / defined, chosen) for part, chosen in means]
+    """Per dataset, each cell's contribution to `metric` over `datasets` and whether it takes part, as the metric's
+    declaration (`kernel.metrics.METRICS`) defines them: they add up to the metric (to rounding), and nothing takes
+    part where it is undefined."""
+    return METRICS[metric].contributions([(dataset.scores, dataset.stats) for dataset in datasets], clamp_negative)
 
 
 def attribute(
@@ -174,10 +146,10 @@ def attribute(
     None): the contributions are then also summed per (dataset, value), and per value over all datasets when
     there are several.
     """
-    metric_value_of = POOLED_METRICS.get(metric, metric)
+    metric_value_of = METRICS[metric].cell_score
     sides = {
-        "new": contributions(new, metric, values[0], clamp_negative[0]),
-        "base": contributions(base, metric, values[1], clamp_negative[1]),
+        "new": contributions(new, metric, clamp_negative[0]),
+        "base": contributions(base, metric, clamp_negative[1]),
     }
     cells: list[CellContribution] = []
     for index, (dataset_new, dataset_base) in enumerate(zip(new, base, strict=True)):

@@ -45,8 +45,16 @@ from bpseval._json import plain
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
 from bpseval.features.groups import cell_groups, grouping_table
-from bpseval.features.uncertainty import check_resamples, resampled_blocks
-from bpseval.kernel.stats import LN2, OK, UNCOVERED
+from bpseval.features.uncertainty import (
+    check_resamples,
+    estimates,
+    identity_draws,
+    replicate_values,
+    resampled_blocks,
+    scope_intervals,
+    units_of,
+)
+from bpseval.kernel.stats import OK, UNCOVERED
 from bpseval.run.document import read_document
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
@@ -66,6 +74,8 @@ INCONCLUSIVE = "inconclusive"
 """With --significance: the interval of the change reaches below -tolerance, but not all of it, or there is no
 interval (fewer than two units to resample)."""
 OVERALL = "overall"
+GATED_METRICS = ("bps", "bps_pooled")
+"""The metrics the gate compares: overall both (as `--metric` says), per dataset bps."""
 SAME, DIFFERENT, UNKNOWN = "same", "different", "unknown"
 """Whether the two sides scored the same samples of a dataset (`sample_identity`)."""
 
@@ -371,12 +381,10 @@ def compare(
         mode = "paired" if _can_pair(new, base, shared) else "cells"
         if mode == "cells" and new.scored.source is not None and base.scored.source is not None:
             notes.append("the runs did not score the same samples (sample_idx or cells differ): bootstrap over cells")
-        rng = np.random.default_rng(settings.seed)
-        bootstrap = _paired_bootstrap if mode == "paired" else _cells_bootstrap
         untested = _too_few_units(new, base, shared, mode)
         if untested:
             notes.append(f"no interval: {'; '.join(untested.values())}; those verdicts are inconclusive")
-        intervals = _intervals(bootstrap(new, base, shared, settings, rng), settings.significance)
+        intervals = _change_intervals(new, base, shared, settings, mode, (overall_new, overall_base))
     overall_samples = next((found for found in (DIFFERENT, UNKNOWN) if found in samples.values()), SAME)
     metrics = [
         _compare_metric(
@@ -389,7 +397,7 @@ def compare(
             overall_samples,
             untested.get(OVERALL, ""),
         )
-        for metric in ("bps", "bps_pooled")
+        for metric in GATED_METRICS
     ]
     metrics += [
         _compare_metric(
@@ -479,7 +487,7 @@ def _compare_metric(
     interval = None if untested else intervals.get((scope, metric))
     tested = settings.significance is not None
     verdict = verdict_of(base, new, tolerance, interval, tested=tested)
-    no_interval = (untested or "every bootstrap replicate of it is undefined") if tested and interval is None else ""
+    no_interval = (untested or "its bootstrap leaves it undefined") if tested and interval is None else ""
     return MetricComparison(
         scope,
         metric,
@@ -553,90 +561,52 @@ def _same_samples(new: ScoredDataset, base: ScoredDataset) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bootstraps: each returns, per (scope, metric), the bootstrap replicates of new - base.
+# The bootstrap of the change
 
 
-def _intervals(
-    replicates: dict[tuple[str, str], np.ndarray], significance: float
-) -> dict[tuple[str, str], tuple[float, float]]:
-    """Two-sided percentile intervals at level 1 - significance (replicates that are NaN are dropped)."""
-    intervals = {}
-    for key, values in replicates.items():
-        values = values[np.isfinite(values)]
-        if len(values):
-            low, high = np.quantile(values, [significance / 2, 1 - significance / 2])
-            intervals[key] = (float(low), float(high))
+def _change_intervals(
+    new: Side, base: Side, shared: list[str], settings: CompareSettings, mode: str, overall: tuple[Overall, Overall]
+) -> dict[tuple[str, str], tuple[float, float] | None]:
+    """Per (scope, metric), the interval of new − base by the bootstrap and the interval method of `--ci`
+    (`features.uncertainty`: studentized, jackknife standard errors), at level 1 − significance.
+
+    Paired: both models scored on the same drawn blocks of samples. Cells: each dataset's cells drawn, the same
+    draw on both sides where their cells match, apart otherwise."""
+    over = "blocks" if mode == "paired" else "cells"
+    sides = [(side, [units_of(side.scored.dataset(name), over) for name in shared]) for side in (new, base)]
+    alike = [mode == "paired" or _same_cells(new.scored.dataset(name), base.scored.dataset(name)) for name in shared]
+    rng = np.random.default_rng(settings.seed)
+
+    def draw(size: int) -> list[list[np.ndarray]]:
+        drawn: list[list[np.ndarray]] = [[], []]
+        for unit_new, unit_base, same in zip(sides[0][1], sides[1][1], alike, strict=True):
+            drawn[0].append(rng.integers(0, max(unit_new.count, 1), size=(size, unit_new.count)))
+            drawn[1].append(
+                drawn[0][-1] if same else rng.integers(0, max(unit_base.count, 1), size=(size, unit_base.count))
+            )
+        return drawn
+
+    scoring = [(units, side.scored.settings) for side, units in sides]
+    points = [estimates(units, identity_draws(units), settings_, GATED_METRICS) for units, settings_ in scoring]
+    replicates = replicate_values(scoring, draw, settings.bootstrap, GATED_METRICS)
+    tail = (settings.significance or 0.0) / 2.0
+    intervals: dict[tuple[str, str], tuple[float, float] | None] = {}
+    scopes = [(name, index, [alike[index]]) for index, name in enumerate(shared)] + [(OVERALL, None, alike)]
+    for scope, index, paired in scopes:
+        if index is None:
+            numbers = [side.numbers for side in overall]
+            point, change = (pair[0][1].minus(pair[1][1], paired) for pair in (points, replicates))
+        else:
+            numbers = [side.scored.dataset(scope).numbers for side in (new, base)]
+            point, change = (pair[0][0][index].minus(pair[1][0][index], paired) for pair in (points, replicates))
+        delta = {metric: numbers[0][metric] - numbers[1][metric] for metric in GATED_METRICS}
+        intervals |= {(scope, metric): found for metric, found in scope_intervals(delta, point, change, tail).items()}
     return intervals
 
 
-def _resampling_counts(rng: np.random.Generator, replicates: int, size: int) -> np.ndarray:
-    """How often each of `size` units is drawn, for each bootstrap replicate: shape (replicates, size)."""
-    return rng.multinomial(size, np.full(size, 1.0 / size), size=replicates).astype(np.float64)
-
-
-def _paired_bootstrap(
-    new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
-) -> dict[tuple[str, str], np.ndarray]:
-    """Resample blocks of samples (those holding a valid entry); both models are scored on the same resampled
-    data."""
-    replicates: dict[tuple[str, str], np.ndarray] = {}
-    dataset_deltas, gain_deltas, spike_totals = [], [], []
-    for name in shared:
-        # the same blocks on both sides (_same_samples: the same valid entries in every block)
-        blocks_new, blocks_base = (
-            resampled_blocks(new.scored.dataset(name)),
-            resampled_blocks(base.scored.dataset(name)),
-        )
-        counts = _resampling_counts(rng, settings.bootstrap, blocks_new.n_valid.shape[0])
-        with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow leave the metric undefined
-            n_valid, spikes = counts @ blocks_new.n_valid, counts @ blocks_new.spikes
-            gain = counts @ (blocks_new.model_ll - blocks_base.model_ll)  # the null model is the same: it cancels
-        ok, covered = (n_valid > 0) & (spikes > 0), n_valid > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_cell = np.where(ok, gain / (np.where(ok, spikes, 1.0) * LN2), 0.0)
-            replicates[(name, "bps")] = per_cell.sum(axis=1) / ok.sum(axis=1)
-        dataset_deltas.append(replicates[(name, "bps")])
-        gain_deltas.append(np.where(covered, gain, 0.0).sum(axis=1))
-        spike_totals.append(np.where(covered, spikes, 0.0).sum(axis=1))
-    replicates[(OVERALL, "bps")] = np.nanmean(np.stack(dataset_deltas), axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        replicates[(OVERALL, "bps_pooled")] = np.sum(gain_deltas, axis=0) / (LN2 * np.sum(spike_totals, axis=0))
-    return replicates
-
-
-def _cells_bootstrap(
-    new: Side, base: Side, shared: list[str], settings: CompareSettings, rng: np.random.Generator
-) -> dict[tuple[str, str], np.ndarray]:
-    """Resample each dataset's cells (the same draw on both sides when their cells match)."""
-    replicates: dict[tuple[str, str], np.ndarray] = {}
-    means: dict[str, list[np.ndarray]] = {"new": [], "base": []}
-    pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"new": ([], []), "base": ([], [])}
-    for name in shared:
-        datasets = {"new": new.scored.dataset(name), "base": base.scored.dataset(name)}
-        same_cells = [str(c) for c in datasets["new"].cell_ids] == [str(c) for c in datasets["base"].cell_ids]
-        shared_draw = _resampling_counts(rng, settings.bootstrap, datasets["new"].n_cells) if same_cells else None
-        dataset_means = {}
-        for side, dataset in datasets.items():
-            draw = (
-                shared_draw if shared_draw is not None else _resampling_counts(rng, settings.bootstrap, dataset.n_cells)
-            )
-            status = dataset.scores.status
-            ok, covered = status == OK, status != UNCOVERED
-            bps = np.where(ok, dataset.scores.bps, 0.0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                dataset_means[side] = (draw @ bps) / (draw @ ok.astype(float))
-            pooled[side][0].append(draw @ np.where(covered, dataset.scores.ll_gain, 0.0))
-            pooled[side][1].append(draw @ np.where(covered, dataset.stats.spikes, 0.0))
-            means[side].append(dataset_means[side])
-        replicates[(name, "bps")] = dataset_means["new"] - dataset_means["base"]
-    overall = {side: np.nanmean(np.stack(means[side]), axis=0) for side in means}
-    replicates[(OVERALL, "bps")] = overall["new"] - overall["base"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pooled_values = {
-            side: np.sum(gains, axis=0) / (LN2 * np.sum(spikes, axis=0)) for side, (gains, spikes) in pooled.items()
-        }
-    replicates[(OVERALL, "bps_pooled")] = pooled_values["new"] - pooled_values["base"]
-    return replicates
+def _same_cells(new: ScoredDataset, base: ScoredDataset) -> bool:
+    """The two sides' cells are the same, in the same order (a cell bootstrap then draws them alike)."""
+    return [str(cell) for cell in new.cell_ids] == [str(cell) for cell in base.cell_ids]
 
 
 def compare_paths(

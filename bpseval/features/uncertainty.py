@@ -32,7 +32,7 @@ interval at 0.99, 0.999 and 0.9999.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,15 +40,17 @@ import numpy as np
 
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
+from bpseval.kernel.metrics import sums_needed
 from bpseval.kernel.stats import CellScores, reduce_rows
 from bpseval.run.scored import (
     SUMMARY_METRICS,
     ScoredDataset,
     ScoredRun,
     ScoreSettings,
-    dataset_rows,
+    joined_scores,
     marked_scores,
-    overall_rows,
+    metric_values,
+    overall_values,
 )
 
 SCHEMES = ("blocks", "cells")
@@ -152,38 +154,42 @@ def intervals(scored: ScoredRun, settings: IntervalSettings) -> Intervals:
     """Bootstrap intervals of every metric of every dataset and of the run (see the module docstring)."""
     if settings.over == "blocks":
         require_blocks(scored)
-    units = [_units(dataset, settings.over) for dataset in scored.datasets]
+    units = [units_of(dataset, settings.over) for dataset in scored.datasets]
     if not units:
         return Intervals(settings, {}, dict.fromkeys(METRICS))
-    identity = [np.arange(_count(unit))[None, :] for unit in units]
-    (point_datasets, point_overall), (datasets, overall) = (
-        estimates(scored, units, identity, settings.over),
-        replicate_values(scored, units, settings),
-    )
+    point = estimates(units, identity_draws(units), scored.settings)
+    rngs = [np.random.default_rng(child) for child in np.random.SeedSequence(settings.seed).spawn(len(units))]
+
+    def draw(size: int) -> list[np.ndarray]:
+        return [
+            rng.integers(0, max(unit.count, 1), size=(size, unit.count)) for unit, rng in zip(units, rngs, strict=True)
+        ]
+
+    ((datasets, overall),) = replicate_values([(units, scored.settings)], lambda size: [draw(size)], settings.resamples)
     tail = (1.0 - settings.level) / 2.0
-    enough = [_count(unit) >= 2 for unit in units]
-
-    def interval(point: float, error: Rows, replicates: Rows, metric: str, usable: bool) -> Interval:
-        if not usable:
-            return None
-        return studentized(replicates.values[metric], replicates.errors[metric], tail, point, error.errors[metric][0])
-
+    enough = [unit.count >= 2 for unit in units]
     return Intervals(
         settings,
         {
-            dataset.name: {
-                metric: interval(
-                    getattr(dataset, metric), point_datasets[index], datasets[index], metric, enough[index]
-                )
-                for metric in METRICS
-            }
+            dataset.name: scope_intervals(dataset.numbers, point[0][index], datasets[index], tail, enough[index])
             for index, dataset in enumerate(scored.datasets)
         },
-        {
-            metric: interval(getattr(scored.overall, metric), point_overall, overall, metric, all(enough))
-            for metric in METRICS
-        },
+        scope_intervals(scored.overall.numbers, point[1], overall, tail, all(enough)),
     )
+
+
+def scope_intervals(
+    numbers: Mapping[str, float], point: Replicates, replicates: Replicates, tail: float, usable: bool = True
+) -> dict[str, Interval]:
+    """The `studentized` interval of each metric of `replicates`, around `numbers` with the standard errors of
+    `point` (the estimate's own `Replicates`); None for every metric when not `usable` (too few units)."""
+    if not usable:
+        return dict.fromkeys(replicates.values)
+    errors, point_errors = replicates.errors(), point.errors()
+    return {
+        metric: studentized(values, errors[metric], tail, numbers[metric], float(point_errors[metric][0]))
+        for metric, values in replicates.values.items()
+    }
 
 
 def studentized(values: np.ndarray, errors: np.ndarray, tail: float, point: float, error: float) -> Interval:
@@ -196,11 +202,15 @@ def studentized(values: np.ndarray, errors: np.ndarray, tail: float, point: floa
     values) is low, with a small spread, exactly when those cells are missing, and percentile
     intervals (plain, BC or BCa) then miss the truth above. The t quantiles are taken at (replicates + 1)
     · tail from either end (numpy's "weibull"), not the inward (replicates − 1) · tail + 1 of the default,
-    which costs about 1/replicates of coverage in each tail. None when the estimate or its error is not
-    a finite number with error > 0, or more than `tail` of the t are undefined.
+    which costs about 1/replicates of coverage in each tail. [point, point] when nothing varies: the
+    error is 0 and every replicate is the point (a change between two runs that score every sample
+    alike). None when the estimate or its error is not a finite number, the error is 0 while some
+    replicate differs, or more than `tail` of the t are undefined.
     """
-    if not (math.isfinite(point) and math.isfinite(error) and error > 0):
+    if not (math.isfinite(point) and math.isfinite(error) and error >= 0):
         return None
+    if error == 0:
+        return (point, point) if bool(np.all(values == point)) else None
     with np.errstate(all="ignore"):
         t = (values - point) / errors
     defined = t[np.isfinite(t)]
@@ -211,16 +221,21 @@ def studentized(values: np.ndarray, errors: np.ndarray, tail: float, point: floa
 
 
 @dataclass(frozen=True)
-class Rows:
-    """Each metric of some replicates and its jackknife standard error, metric → (replicates,) arrays."""
+class Units:
+    """What one draw of a dataset picks from: its blocks of samples (scored once drawn), or its cells (with their
+    own scores: a cell's scores do not depend on the draw)."""
 
-    values: dict[str, np.ndarray]
-    errors: dict[str, np.ndarray]
+    stats: CellStats
+    scores: CellScores | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.stats.n_valid.shape[0])
 
 
-def _units(dataset: ScoredDataset, over: str) -> CellStats:
-    """What one draw picks from: the dataset's blocks holding a valid entry, or its cells."""
-    return dataset.stats if over == "cells" else resampled_blocks(dataset)
+def units_of(dataset: ScoredDataset, over: str) -> Units:
+    """The dataset's units of a draw: its blocks holding a valid entry (`over` "blocks"), or its cells."""
+    return Units(dataset.stats, dataset.scores) if over == "cells" else Units(resampled_blocks(dataset))
 
 
 def resampled_blocks(dataset: ScoredDataset) -> CellStats:
@@ -231,44 +246,53 @@ def resampled_blocks(dataset: ScoredDataset) -> CellStats:
     return per_block.map(lambda values: values[per_block.n_valid.sum(axis=1) > 0])
 
 
-def _count(units: CellStats) -> int:
-    return int(units.n_valid.shape[0])
+def identity_draws(units: Sequence[Units]) -> list[np.ndarray]:
+    """The draw of every unit once: the estimate itself, as one replicate (with its jackknife error)."""
+    return [np.arange(unit.count)[None, :] for unit in units]
 
 
 def _groups(count: int) -> int:
     return max(1, min(count, GROUPS))
 
 
-Scored = tuple[CellStats, CellScores]
-Part = tuple[CellStats, CellScores, dict[str, np.ndarray]]
+Values = dict[str, np.ndarray]
 
 
-def estimates(
-    scored: ScoredRun, units: Sequence[CellStats], draws: Sequence[np.ndarray], over: str
-) -> tuple[list[Rows], Rows]:
-    """Every metric of the replicates whose drawn units (per dataset, (replicates, units) indices) are `draws`, with
-    its grouped-jackknife standard error: per dataset (in order), and overall (stratified over the datasets)."""
-    clamp = scored.settings.clamp_negative
-    full: list[Part] = []
-    left_out: list[Part] = []
-    for unit, drawn in zip(units, draws, strict=True):
-        for parts, (stats, scores) in zip((full, left_out), _drawn(unit, drawn, over, scored.settings), strict=True):
-            parts.append((stats, scores, dataset_rows(stats, scores, clamp)))
-    groups = [_groups(drawn.shape[1]) for drawn in draws]
-    datasets = [
-        Rows(
-            full[index][2], {metric: _jackknife_error(left_out[index][2][metric], groups[index]) for metric in METRICS}
-        )
-        for index in range(len(units))
-    ]
-    variance: dict[str, np.ndarray | float] = dict.fromkeys(METRICS, 0.0)
-    for index, count in enumerate(groups):
-        parts = [left_out[index] if other == index else _repeated(part, count) for other, part in enumerate(full)]
-        left = overall_rows(parts, clamp)
-        for metric in METRICS:
-            variance[metric] = variance[metric] + _jackknife_error(left[metric], count) ** 2
-    overall = Rows(overall_rows(full, clamp), {metric: np.sqrt(variance[metric]) for metric in METRICS})
-    return datasets, overall
+@dataclass(frozen=True)
+class Replicates:
+    """Some metrics of some replicates, metric → (replicates,), with their grouped-jackknife left-out values.
+
+    `strata` holds per independently drawn stratum (a dataset; for a difference of two sides drawn apart, a
+    dataset of one side) its leave-a-group-out values, metric → (replicates · groups,), and its number of groups;
+    the variance of a replicate is the sum of its strata's jackknife variances.
+    """
+
+    values: Values
+    strata: list[tuple[Values, int]]
+
+    def errors(self) -> Values:
+        """The grouped-jackknife standard error of each replicate of each metric."""
+        return {
+            metric: np.sqrt(sum((_jackknife_error(left[metric], groups) ** 2 for left, groups in self.strata), 0.0))
+            for metric in self.values
+        }
+
+    def minus(self, other: Replicates, paired: Sequence[bool]) -> Replicates:
+        """self − other, replicate by replicate. `paired[i]`: stratum i was drawn alike on both sides (its left-out
+        values subtract), else apart (each side's stratum varies with the other side held at its replicate)."""
+        values = {metric: self.values[metric] - other.values[metric] for metric in self.values}
+        strata = []
+        for (mine, groups), (theirs, _), alike in zip(self.strata, other.strata, paired, strict=True):
+            if alike:
+                strata.append(({metric: mine[metric] - theirs[metric] for metric in values}, groups))
+                continue
+            strata.append(({m: mine[m] - np.repeat(other.values[m], groups) for m in values}, groups))
+        strata += [
+            ({m: np.repeat(self.values[m], groups) - theirs[m] for m in values}, groups)
+            for (theirs, groups), alike in zip(other.strata, paired, strict=True)
+            if not alike
+        ]
+        return Replicates(values, strata)
 
 
 def _jackknife_error(left_out: np.ndarray, groups: int) -> np.ndarray:
@@ -278,32 +302,55 @@ def _jackknife_error(left_out: np.ndarray, groups: int) -> np.ndarray:
     return np.sqrt((groups - 1) / groups * spread)
 
 
+Part = tuple[CellScores, CellStats, Values]
+
+
+def estimates(
+    units: Sequence[Units], draws: Sequence[np.ndarray], settings: ScoreSettings, metrics: Sequence[str] = METRICS
+) -> tuple[list[Replicates], Replicates]:
+    """The `metrics` of the replicates whose drawn units (per dataset, (replicates, units) indices) are `draws`,
+    with their left-out values: per dataset (in order), and overall (one stratum per dataset)."""
+    clamp = settings.clamp_negative
+    needs = sums_needed(metrics)
+    full: list[Part] = []
+    left_out: list[Part] = []
+    for unit, drawn in zip(units, draws, strict=True):
+        for parts, (stats, scores) in zip((full, left_out), _drawn(unit, drawn, settings, needs), strict=True):
+            parts.append((scores, stats, metric_values(scores, stats, clamp, metrics)))
+    groups = [_groups(drawn.shape[1]) for drawn in draws]
+    datasets = [Replicates(full[index][2], [(left_out[index][2], groups[index])]) for index in range(len(units))]
+    strata = []
+    for index, count in enumerate(groups):
+        parts = [left_out[index] if other == index else _repeated(part, count) for other, part in enumerate(full)]
+        strata.append((overall_values(parts, clamp, metrics), count))
+    return datasets, Replicates(overall_values(full, clamp, metrics), strata)
+
+
 def _repeated(part: Part, times: int) -> Part:
     """Every replicate row of a dataset's part `times` times in a row, next to another dataset's left-out groups."""
 
     def repeat(values: np.ndarray) -> np.ndarray:
         return np.repeat(values, times, axis=0)
 
-    stats, scores, rows = part
-    return (
-        stats.map(repeat),
-        scores.map(repeat),
-        {metric: repeat(values) for metric, values in rows.items()},
-    )
+    scores, stats, values = part
+    return scores.map(repeat), stats.map(repeat), {metric: repeat(value) for metric, value in values.items()}
 
 
-def _drawn(units: CellStats, drawn: np.ndarray, over: str, settings: ScoreSettings) -> tuple[Scored, Scored]:
+Scored = tuple[CellStats, CellScores]
+
+
+def _drawn(units: Units, drawn: np.ndarray, settings: ScoreSettings, needs: tuple[str, ...]) -> tuple[Scored, Scored]:
     """(replicates, cells) statistics and scores of the draws, and (replicates · groups, cells) ones with each group
     of drawn units left out (drawn position j is in group j mod groups)."""
-    if over == "cells" and drawn.shape[1] > 0:
-        return _drawn_cells(units, drawn, settings)
-    stats, without = _drawn_blocks(units, drawn)
+    if units.scores is not None and drawn.shape[1] > 0:
+        return _drawn_cells(units.stats, units.scores, drawn, settings)
+    stats, without = _drawn_blocks(units.stats, drawn, needs)
     return (stats, marked_scores(stats, settings)), (without, marked_scores(without, settings))
 
 
-def _drawn_blocks(units: CellStats, drawn: np.ndarray) -> tuple[CellStats, CellStats]:
+def _drawn_blocks(units: CellStats, drawn: np.ndarray, needs: tuple[str, ...]) -> tuple[CellStats, CellStats]:
     """The merge of the drawn blocks, and of the drawn blocks less a group: a left-out block is merged with its
-    multiplicity lowered (`reduce_rows`)."""
+    multiplicity lowered (`reduce_rows`, of the fields the metrics need)."""
     size, count = drawn.shape
     groups = _groups(count)
     if count == 0:
@@ -313,66 +360,81 @@ def _drawn_blocks(units: CellStats, drawn: np.ndarray) -> tuple[CellStats, CellS
     np.add.at(counts, (rows, drawn), 1.0)
     in_group = np.zeros((size, groups, count))
     np.add.at(in_group, (rows, (np.arange(count) % groups)[None, :], drawn), 1.0)
-    return reduce_rows(units, counts), reduce_rows(units, (counts[:, None, :] - in_group).reshape(size * groups, count))
+    without = (counts[:, None, :] - in_group).reshape(size * groups, count)
+    return reduce_rows(units, counts, needs), reduce_rows(units, without, needs)
 
 
-def _drawn_cells(units: CellStats, drawn: np.ndarray, settings: ScoreSettings) -> tuple[Scored, Scored]:
+def _drawn_cells(
+    units: CellStats, scores: CellScores, drawn: np.ndarray, settings: ScoreSettings
+) -> tuple[Scored, Scored]:
     """The drawn cells, and the drawn cells with a group of them left out as cells without a sample (uncovered),
-    which no summary counts. A cell's scores are its own, so they are looked up (`marked_scores` of the cells and of
-    a cell without a sample, drawn as the last one), not computed again for every replicate."""
+    which no summary counts. A cell's scores are its own, so they are looked up (the cells' and those of a cell
+    without a sample, drawn as the last one), not computed again for every replicate."""
     size, count = drawn.shape
     groups = _groups(count)
+    nothing = CellStats.zeros(1)
     cells = CellStats(
-        **{
-            name: np.concatenate([values, empty])
-            for (name, values), empty in zip(units.fields().items(), CellStats.zeros(1).fields().values(), strict=True)
-        }
+        **{name: np.concatenate([values, getattr(nothing, name)]) for name, values in units.fields().items()}
     )
-    scores = marked_scores(cells, settings)
+    every = joined_scores([scores, marked_scores(nothing, settings)])
     out = (np.arange(count) % groups)[None, :] == np.arange(groups)[:, None]
     left = np.where(out, units.n_cells, drawn[:, None, :]).reshape(size * groups, count)
 
     def side(index: np.ndarray) -> Scored:
         return (
             cells.map(lambda values: values[index]),
-            scores.map(lambda values: values[index]),
+            every.map(lambda values: values[index]),
         )
 
     return side(drawn), side(left)
 
 
+Draw = Callable[[int], list[list[np.ndarray]]]
+"""`size` → per side, per dataset, the (size, units) indices drawn for `size` replicates."""
+
+
 def replicate_values(
-    scored: ScoredRun, units: Sequence[CellStats], settings: IntervalSettings
-) -> tuple[list[Rows], Rows]:
-    """Every metric in each bootstrap replicate with its standard error: per dataset (in order), and overall."""
-    rngs = [np.random.default_rng(child) for child in np.random.SeedSequence(settings.seed).spawn(len(units))]
+    sides: Sequence[tuple[Sequence[Units], ScoreSettings]],
+    draw: Draw,
+    resamples: int,
+    metrics: Sequence[str] = METRICS,
+) -> list[tuple[list[Replicates], Replicates]]:
+    """The `metrics` of `resamples` bootstrap replicates of each side (a run, or a run and its baseline drawn by one
+    `draw`), in chunks that bound memory: per side, per dataset (in order) and overall."""
+    chunk = _chunk_size([unit for units, _ in sides for unit in units], resamples)
     chunks = []
-    chunk = _chunk_size(units, settings)
-    for start in range(0, settings.resamples, chunk):
-        size = min(chunk, settings.resamples - start)
-        draws = [
-            rng.integers(0, max(_count(unit), 1), size=(size, _count(unit)))
-            for unit, rng in zip(units, rngs, strict=True)
-        ]
-        chunks.append(estimates(scored, units, draws, settings.over))
-
-    def joined(pieces: list[Rows]) -> Rows:
-        return Rows(
-            *(
-                {metric: np.concatenate([getattr(piece, side)[metric] for piece in pieces]) for metric in METRICS}
-                for side in ("values", "errors")
-            )
+    for start in range(0, resamples, chunk):
+        draws = draw(min(chunk, resamples - start))
+        chunks.append(
+            [estimates(units, drawn, settings, metrics) for (units, settings), drawn in zip(sides, draws, strict=True)]
         )
+    return [
+        (
+            [_joined([piece[side][0][index] for piece in chunks]) for index in range(len(units))],
+            _joined([piece[side][1] for piece in chunks]),
+        )
+        for side, (units, _) in enumerate(sides)
+    ]
 
-    per_dataset = [joined([datasets[index] for datasets, _ in chunks]) for index in range(len(units))]
-    return per_dataset, joined([overall for _, overall in chunks])
+
+def _joined(pieces: Sequence[Replicates]) -> Replicates:
+    """The replicates of several chunks, one after the other."""
+
+    def joined(parts: Sequence[Values]) -> Values:
+        return {metric: np.concatenate([part[metric] for part in parts]) for metric in parts[0]}
+
+    strata = [
+        (joined([piece.strata[index][0] for piece in pieces]), pieces[0].strata[index][1])
+        for index in range(len(pieces[0].strata))
+    ]
+    return Replicates(joined([piece.values for piece in pieces]), strata)
 
 
-def _chunk_size(units: Sequence[CellStats], settings: IntervalSettings) -> int:
+def _chunk_size(units: Sequence[Units], resamples: int) -> int:
     """Replicates per chunk: each takes GROUPS + 1 rows of statistics, whose widest temporaries are float64
     (blocks, cells) extremes in reduce_rows, or the fields and scores of the drawn cells."""
-    if settings.over == "cells":
-        width = sum(2 * len(STAT_FIELDS) * unit.n_cells for unit in units)
-    else:
-        width = sum(_count(unit) * unit.n_cells for unit in units)
-    return max(1, min(settings.resamples, MEMORY_BOUND // (8 * (GROUPS + 1) * max(width, 1))))
+    width = sum(
+        2 * len(STAT_FIELDS) * unit.stats.n_cells if unit.scores is not None else unit.count * unit.stats.n_cells
+        for unit in units
+    )
+    return max(1, min(resamples, MEMORY_BOUND // (8 * (GROUPS + 1) * max(width, 1))))

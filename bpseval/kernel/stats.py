@@ -34,6 +34,7 @@ from bpseval.kernel.cellstats import (
     GREATEST_FIELDS,
     LEAST_FIELDS,
     MOMENT_FIELDS,
+    STAT_FIELDS,
     CellStats,
     mean_or_zero,
 )
@@ -54,38 +55,39 @@ that silently leaves it out.
 pools every covered cell."""
 
 
-def reduce_rows(stats: CellStats, counts: Any = None) -> CellStats:
+def reduce_rows(stats: CellStats, counts: Any = None, fields: tuple[str, ...] = STAT_FIELDS) -> CellStats:
     """Merge (rows, cells) statistics over their rows, row r taken counts[r] times (1 when None).
 
     With 2-D `counts` (replicates, rows), one merge per replicate: the bootstrap's resamples, as
     (replicates, cells). Moments are gathered around the mean of all rows (each row's centred
     moment plus its offset from that shift), then re-centred on each replicate's own mean; the
-    shift is that close to every replicate's mean, so nothing large cancels.
+    shift is that close to every replicate's mean, so nothing large cancels. Only `fields` are merged
+    (and n_valid, weight and spikes, which every status needs): the others are NaN, which leaves the
+    numbers that read them undefined.
     """
     with np.errstate(over="ignore", invalid="ignore"):  # sums that overflow make the cell `overflow` in cell_scores
-        return _reduce_rows(stats, counts)
+        return _reduce_rows(stats, counts, {"n_valid", "weight", "spikes", *fields})
 
 
-def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
+def _reduce_rows(stats: CellStats, counts: Any, fields: set[str]) -> CellStats:
     xp = array_namespace(stats.weight)
     n_rows = stats.weight.shape[0]
     on = device(stats.weight)
     if n_rows == 0:  # min and max of no row have no identity: the statistics of no sample, per replicate
         return _no_samples(xp, (stats.n_cells,) if counts is None else (*counts.shape[:-1], stats.n_cells), on)
     k = xp.ones((n_rows,), dtype=xp.float64, device=on) if counts is None else xp.astype(counts, xp.float64)
-
-    def total(values: Any) -> Any:
-        return k @ xp.astype(values, xp.float64)
-
-    weight = total(stats.weight)
-    all_weight = xp.sum(stats.weight, axis=0)
-    rate_shift = mean_or_zero(xp, xp.sum(stats.rate_sum, axis=0), all_weight)
-    count_shift = mean_or_zero(xp, xp.sum(stats.spikes, axis=0), all_weight)
-    rate_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.rate_sum, stats.weight) - rate_shift, 0.0)
-    count_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.spikes, stats.weight) - count_shift, 0.0)
-    rate_sum, spikes = total(stats.rate_sum), total(stats.spikes)
-    rate_away = mean_or_zero(xp, rate_sum, weight) - rate_shift
-    count_away = mean_or_zero(xp, spikes, weight) - count_shift
+    moments = bool(fields & set(MOMENT_FIELDS))
+    summed = ["n_valid", "weight", "spikes"]
+    summed += [name for name in ("model_ll", "spike_log_spikes") if name in fields]
+    summed += ["rate_sum"] if "rate_sum" in fields or moments else []
+    columns = {name: getattr(stats, name) for name in summed}
+    if moments:
+        shifts, row_moments = _row_moments(xp, stats)
+        columns |= row_moments
+    merged = _totals(xp, k, columns)
+    merged["n_valid"] = xp.astype(xp.round(merged["n_valid"]), xp.int64)
+    if moments:
+        merged |= _recentred_moments(xp, merged, shifts)
     taken = k > 0
 
     def extreme(values: Any, pick: Callable[..., Any], empty: float) -> Any:
@@ -96,25 +98,46 @@ def _reduce_rows(stats: CellStats, counts: Any) -> CellStats:
             return reduce(spread, axis=-2, where=rows_taken, initial=empty)
         return pick(xp.where(rows_taken, values, empty), axis=-2)
 
-    return CellStats(
-        n_valid=xp.astype(xp.round(total(stats.n_valid)), xp.int64),
-        weight=weight,
-        spikes=spikes,
-        model_ll=total(stats.model_ll),
-        spike_log_spikes=total(stats.spike_log_spikes),
-        rate_sum=rate_sum,
-        rate_m2=xp.maximum(
-            total(stats.rate_m2 + stats.weight * rate_offset * rate_offset) - weight * rate_away * rate_away, 0.0
-        ),
-        count_m2=xp.maximum(
-            total(stats.count_m2 + stats.weight * count_offset * count_offset) - weight * count_away * count_away, 0.0
-        ),
-        co_m2=total(stats.co_m2 + stats.weight * rate_offset * count_offset) - weight * rate_away * count_away,
-        rate_min=extreme(stats.rate_min, xp.min, math.inf),
-        count_min=extreme(stats.count_min, xp.min, math.inf),
-        rate_max=extreme(stats.rate_max, xp.max, -math.inf),
-        count_max=extreme(stats.count_max, xp.max, -math.inf),
-    )
+    merged |= {name: extreme(getattr(stats, name), xp.min, math.inf) for name in LEAST_FIELDS if name in fields}
+    merged |= {name: extreme(getattr(stats, name), xp.max, -math.inf) for name in GREATEST_FIELDS if name in fields}
+    for name in STAT_FIELDS:
+        merged.setdefault(name, xp.full(merged["weight"].shape, math.nan, dtype=xp.float64, device=on))
+    return CellStats(**{name: merged[name] for name in STAT_FIELDS})
+
+
+def _totals(xp: Any, counts: Any, columns: dict[str, Any]) -> dict[str, Any]:
+    """counts @ each (rows, cells) column, as one product of the columns side by side (the counts read once)."""
+    cells = next(iter(columns.values())).shape[-1]
+    side_by_side = xp.concat([xp.astype(values, xp.float64) for values in columns.values()], axis=-1)
+    product = counts @ side_by_side
+    return {name: product[..., index * cells : (index + 1) * cells] for index, name in enumerate(columns)}
+
+
+def _row_moments(xp: Any, stats: CellStats) -> tuple[tuple[Any, Any], dict[str, Any]]:
+    """Each row's centred moments moved to a common shift (the mean of all rows), which add up over rows: the shifts
+    (of λ and robs), and the moved moments by field name."""
+    all_weight = xp.sum(stats.weight, axis=0)
+    rate_shift = mean_or_zero(xp, xp.sum(stats.rate_sum, axis=0), all_weight)
+    count_shift = mean_or_zero(xp, xp.sum(stats.spikes, axis=0), all_weight)
+    rate_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.rate_sum, stats.weight) - rate_shift, 0.0)
+    count_offset = xp.where(stats.weight > 0, mean_or_zero(xp, stats.spikes, stats.weight) - count_shift, 0.0)
+    return (rate_shift, count_shift), {
+        "rate_m2": stats.rate_m2 + stats.weight * rate_offset * rate_offset,
+        "count_m2": stats.count_m2 + stats.weight * count_offset * count_offset,
+        "co_m2": stats.co_m2 + stats.weight * rate_offset * count_offset,
+    }
+
+
+def _recentred_moments(xp: Any, merged: dict[str, Any], shifts: tuple[Any, Any]) -> dict[str, Any]:
+    """The merged moments about the common shift, re-centred on each merge's own means."""
+    weight = merged["weight"]
+    rate_away = mean_or_zero(xp, merged["rate_sum"], weight) - shifts[0]
+    count_away = mean_or_zero(xp, merged["spikes"], weight) - shifts[1]
+    return {
+        "rate_m2": xp.maximum(merged["rate_m2"] - weight * rate_away * rate_away, 0.0),
+        "count_m2": xp.maximum(merged["count_m2"] - weight * count_away * count_away, 0.0),
+        "co_m2": merged["co_m2"] - weight * rate_away * count_away,
+    }
 
 
 @dataclass(frozen=True)
@@ -726,96 +749,6 @@ def cell_scores(stats: CellStats) -> CellScores:
         values[overflow] = np.nan
     status = np.where(overflow, OVERFLOW, np.where(ok, OK, np.where(covered, SILENT, UNCOVERED)))
     return CellScores(ll_gain, bps, status, pseudo_r2, corr, null_deviance, model_deviance)
-
-
-def mean_of_ok(values: np.ndarray, status: np.ndarray) -> float:
-    """Mean of a per-cell metric over the `ok` cells where it is defined (NaN when none is, or a cell overflowed)."""
-    if (status == OVERFLOW).any():
-        return math.nan
-    chosen = values[(status == OK) & ~np.isnan(values)]
-    return float(chosen.mean()) if len(chosen) else math.nan
-
-
-def mean_of_ok_rows(values: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """`mean_of_ok` of each row of (rows, cells) arrays (bootstrap replicates), as (rows,)."""
-    chosen = (status == OK) & ~np.isnan(values)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(chosen, values, 0.0).sum(axis=-1) / chosen.sum(axis=-1)
-    return np.where((status == OVERFLOW).any(axis=-1), math.nan, means)
-
-
-def pooled_pseudo_r2(scores: CellScores) -> float:
-    """1 − Σ D_model / Σ D_null over the covered cells that bps_pooled pools, silent ones included.
-
-    NaN when a cell overflowed, or Σ D_null is not a positive finite number."""
-    if (scores.status == OVERFLOW).any():
-        return math.nan
-    covered = scores.status != UNCOVERED
-    null = float(scores.null_deviance[covered].sum())
-    if not 0 < null < math.inf:
-        return math.nan
-    with np.errstate(all="ignore"):
-        pooled = 1.0 - float(scores.model_deviance[covered].sum()) / null
-    return pooled if math.isfinite(pooled) else math.nan
-
-
-def pooled_pseudo_r2_rows(scores: CellScores) -> np.ndarray:
-    """`pooled_pseudo_r2` of each row of (rows, cells) scores, as (rows,)."""
-    covered = scores.status != UNCOVERED
-    null = np.where(covered, scores.null_deviance, 0.0).sum(axis=-1)
-    with np.errstate(all="ignore"):
-        pooled = 1.0 - np.where(covered, scores.model_deviance, 0.0).sum(axis=-1) / null
-    usable = (null > 0) & (null < math.inf) & np.isfinite(pooled) & ~(scores.status == OVERFLOW).any(axis=-1)
-    return np.where(usable, pooled, math.nan)
-
-
-def mean_bps(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> float:
-    """Mean bits per spike over the `ok` cells (NaN when there is none, or when a cell overflowed).
-
-    `clamp_negative` reproduces legacy training loops, which clamped each cell at 0 first.
-    """
-    if (status == OVERFLOW).any():
-        return math.nan
-    values = bps[status == OK]
-    if clamp_negative:
-        values = np.maximum(values, 0.0)
-    return float(values.mean()) if len(values) else math.nan
-
-
-def mean_bps_rows(bps: np.ndarray, status: np.ndarray, clamp_negative: bool = False) -> np.ndarray:
-    """`mean_bps` of each row of (rows, cells) arrays (bootstrap replicates), as (rows,)."""
-    ok = status == OK
-    values = np.where(ok, bps, 0.0)
-    if clamp_negative:
-        values = np.maximum(values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = values.sum(axis=-1) / ok.sum(axis=-1)
-    return np.where((status == OVERFLOW).any(axis=-1), math.nan, means)
-
-
-def pooled_bps(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> float:
-    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent ones included (Neural Latents Benchmark).
-
-    NaN when a cell overflowed or the pooled sums themselves are not finite."""
-    if (status == OVERFLOW).any():
-        return math.nan
-    covered = status != UNCOVERED
-    total_spikes = float(spikes[covered].sum())
-    if not 0 < total_spikes < math.inf:
-        return math.nan
-    with np.errstate(all="ignore"):
-        pooled = float(ll_gain[covered].sum()) / (LN2 * total_spikes)
-    return pooled if math.isfinite(pooled) else math.nan
-
-
-def pooled_bps_rows(ll_gain: np.ndarray, spikes: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """`pooled_bps` of each row of (rows, cells) arrays, as (rows,)."""
-    covered = status != UNCOVERED
-    total_spikes = np.where(covered, spikes, 0.0).sum(axis=-1)
-    with np.errstate(all="ignore"):
-        pooled = np.where(covered, ll_gain, 0.0).sum(axis=-1) / (LN2 * total_spikes)
-    usable = (total_spikes > 0) & (total_spikes < math.inf) & np.isfinite(pooled)
-    return np.where(usable & ~(status == OVERFLOW).any(axis=-1), pooled, math.nan)
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:

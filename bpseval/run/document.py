@@ -46,7 +46,7 @@ def run_document(scored: ScoredRun, warnings: list[str]) -> dict[str, Any]:
             "name": dataset.name,
             "samples": dataset.samples,
             "duplicates_dropped": dataset.duplicates_dropped,
-            **{metric: getattr(dataset, metric) for metric in SUMMARY_METRICS},
+            **dataset.numbers,
             "cells": dataset.cells,
             "identity": dataset.identity,
         }
@@ -389,12 +389,8 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
                 samples=int(entry["samples"]),
                 duplicates_dropped=int(entry["duplicates_dropped"]),
                 identity=str(entry.get("identity", "")),
-                bps=_number(entry["bps"]),
-                bps_pooled=_number(entry["bps_pooled"]),
+                numbers={metric: _number(entry.get(metric)) for metric in SUMMARY_METRICS},
                 cells={status: int(entry["cells"].get(status, 0)) for status in STATUSES},
-                pseudo_r2=_number(entry.get("pseudo_r2")),
-                pseudo_r2_pooled=_number(entry.get("pseudo_r2_pooled")),
-                corr=_number(entry.get("corr")),
             )
         )
     overall = document["overall"]
@@ -405,12 +401,10 @@ def scored_from_document(document: dict[str, Any]) -> ScoredRun:
         files=[str(path) for path in document.get("files", [])],
         datasets=datasets,
         overall=Overall(
-            bps=_number(overall["bps"]),
-            bps_pooled=_number(overall["bps_pooled"]),
+            numbers={metric: _number(overall.get(metric)) for metric in SUMMARY_METRICS},
             datasets=int(overall.get("datasets", sum(dataset.has_ok_cells for dataset in datasets))),
             datasets_without_ok_cells=[str(name) for name in overall.get("datasets_without_ok_cells", [])],
             cells={status: int(overall["cells"].get(status, 0)) for status in STATUSES},
-            **{key: _number(overall.get(key)) for key in ("pseudo_r2", "pseudo_r2_pooled", "corr")},
         ),
         settings=ScoreSettings(
             clamp_negative=bool(settings.get("clamp_negative", False)),

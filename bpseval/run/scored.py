@@ -9,8 +9,7 @@ with its numbers as written (`run.document.scored_from_document`).
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,23 +17,8 @@ import numpy as np
 
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import CellStats
-from bpseval.kernel.stats import (
-    LOW,
-    MIN_RATE,
-    OK,
-    OVERFLOW,
-    CellScores,
-    cell_scores,
-    mean_bps,
-    mean_bps_rows,
-    mean_of_ok,
-    mean_of_ok_rows,
-    pooled_bps,
-    pooled_bps_rows,
-    pooled_pseudo_r2,
-    pooled_pseudo_r2_rows,
-    status_counts,
-)
+from bpseval.kernel.metrics import METRICS
+from bpseval.kernel.stats import LOW, MIN_RATE, OK, OVERFLOW, CellScores, cell_scores, status_counts
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.merge import MergedDataset, MergedRun
 
@@ -67,12 +51,32 @@ class ScoreSettings:
 
 DEFAULT_SETTINGS = ScoreSettings()
 
-SUMMARY_METRICS = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
-"""The summary numbers that every `ScoredDataset` and the `Overall` carry, under these attribute names."""
+
+class _Number:
+    """A summary number read as an attribute: `dataset.bps` is `dataset.numbers["bps"]`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, holder: Numbers, owner: type | None = None) -> float:
+        return holder.numbers[self.name]
+
+
+class Numbers:
+    """The summary numbers (`kernel.metrics.METRICS`) of a dataset, a group of cells or a run, by name in `numbers`,
+    NaN where undefined; each also as an attribute (bps: the mean over ok cells, of a run the mean of its
+    datasets'; bps_pooled: Σ ll_gain / (ln 2 · Σ spikes) over covered cells; ...)."""
+
+    numbers: dict[str, float]
+    bps = _Number()
+    bps_pooled = _Number()
+    pseudo_r2 = _Number()
+    pseudo_r2_pooled = _Number()
+    corr = _Number()
 
 
 @dataclass(frozen=True)
-class ScoredDataset:
+class ScoredDataset(Numbers):
     """One dataset: its statistics over all ranks, every cell's scores, and its summary numbers."""
 
     name: str
@@ -83,18 +87,9 @@ class ScoredDataset:
     duplicates_dropped: int
     identity: str
     """Checksum of the dataset name, cell ids and scored sample_idx: equal identities scored the same samples."""
-    bps: float
-    """Mean bps over the ok cells (NaN when there is none, or a cell overflowed)."""
-    bps_pooled: float
-    """Σ ll_gain / (ln 2 · Σ spikes) over covered cells, silent and low ones included."""
+    numbers: dict[str, float]
     cells: dict[str, int]
     """How many cells have each status."""
-    pseudo_r2: float = math.nan
-    """Mean deviance explained over the ok cells where it is defined."""
-    pseudo_r2_pooled: float = math.nan
-    """1 − Σ D_model / Σ D_null over the cells bps_pooled pools."""
-    corr: float = math.nan
-    """Mean correlation of λ and robs over the ok cells where it is defined."""
     per_rank: list[CellStats] = field(default_factory=list)
     """Each rank's statistics (empty when not known: a baseline document)."""
     per_block: CellStats | None = None
@@ -111,29 +106,19 @@ class ScoredDataset:
 
 
 @dataclass(frozen=True)
-class Overall:
-    """The run's numbers: bps is the mean of the datasets' bps, bps_pooled pools every covered cell."""
+class Overall(Numbers):
+    """The run's numbers: a mean metric is the mean of the datasets' numbers, a pooled one pools every covered
+    cell."""
 
-    bps: float
-    bps_pooled: float
+    numbers: dict[str, float]
     datasets: int
     """Datasets with an ok cell, which the overall bps averages."""
     datasets_without_ok_cells: list[str]
     cells: dict[str, int]
-    pseudo_r2: float = math.nan
-    """Mean of the datasets' pseudo_r2, over those where it is defined."""
-    pseudo_r2_pooled: float = math.nan
-    """1 − Σ D_model / Σ D_null over every covered cell of every dataset."""
-    corr: float = math.nan
-    """Mean of the datasets' corr, over those where it is defined."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "bps": self.bps,
-            "bps_pooled": self.bps_pooled,
-            "pseudo_r2": self.pseudo_r2,
-            "pseudo_r2_pooled": self.pseudo_r2_pooled,
-            "corr": self.corr,
+            **self.numbers,
             "datasets": self.datasets,
             "datasets_without_ok_cells": list(self.datasets_without_ok_cells),
             "cells": dict(self.cells),
@@ -209,23 +194,39 @@ def score_dataset(
         samples=merged.samples,
         duplicates_dropped=merged.duplicates_dropped,
         identity=merged.identity,
-        **dataset_numbers(scores, total.spikes, settings.clamp_negative),
+        **dataset_numbers(scores, total, settings.clamp_negative),
         per_rank=list(merged.per_rank),
         per_block=merged.per_block,
         rate_kind=merged.rate_kind,
     )
 
 
-def dataset_numbers(scores: CellScores, spikes: np.ndarray, clamp_negative: bool = False) -> dict[str, Any]:
-    """The summary numbers of a set of cells (bps, bps_pooled, cells, pseudo_r2, pseudo_r2_pooled, corr): the one
-    definition of a dataset's numbers, and of a group of its cells."""
+def dataset_numbers(scores: CellScores, stats: CellStats, clamp_negative: bool = False) -> dict[str, Any]:
+    """The summary numbers of a set of cells: every metric of `kernel.metrics.METRICS`, under `numbers`, and the
+    cells per status, under `cells`. The one definition of a dataset's numbers, and of a group of its cells."""
+    numbers = metric_values(scores, stats, clamp_negative)
+    return {"numbers": {name: float(value) for name, value in numbers.items()}, "cells": status_counts(scores.status)}
+
+
+def metric_values(
+    scores: CellScores, stats: CellStats, clamp_negative: bool = False, names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Each metric `names` (all of `METRICS` when None) of one dataset's (..., cells) scores and statistics, as
+    (...) arrays: a dataset's numbers, or a bootstrap's replicates of them."""
+    return {name: METRICS[name].of_dataset(scores, stats, clamp_negative) for name in names or METRICS}
+
+
+def overall_values(
+    datasets: Sequence[tuple[CellScores, CellStats, Mapping[str, float | np.ndarray]]],
+    clamp_negative: bool = False,
+    names: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Each metric `names` over several datasets, given per dataset its scores, statistics and `metric_values`: the
+    run's numbers, or a bootstrap's replicates of them."""
+    parts = [(scores, stats) for scores, stats, _ in datasets]
     return {
-        "bps": mean_bps(scores.bps, scores.status, clamp_negative),
-        "bps_pooled": pooled_bps(scores.ll_gain, spikes, scores.status),
-        "cells": status_counts(scores.status),
-        "pseudo_r2": mean_of_ok(scores.pseudo_r2, scores.status),
-        "pseudo_r2_pooled": pooled_pseudo_r2(scores),
-        "corr": mean_of_ok(scores.corr, scores.status),
+        name: METRICS[name].of_datasets(parts, clamp_negative, [values[name] for _, _, values in datasets])
+        for name in names or METRICS
     }
 
 
@@ -244,7 +245,7 @@ def select_cells(dataset: ScoredDataset, cells: np.ndarray, clamp_negative: bool
         stats=stats,
         scores=scores,
         identity="",
-        **dataset_numbers(scores, stats.spikes, clamp_negative),
+        **dataset_numbers(scores, stats, clamp_negative),
         per_rank=[part.map(pick) for part in dataset.per_rank],
         per_block=None if dataset.per_block is None else dataset.per_block.map(pick),
     )
@@ -278,78 +279,21 @@ def cell_pairs(base: ScoredDataset, new: ScoredDataset) -> list[tuple[int | None
 
 
 def overall_of(datasets: Sequence[ScoredDataset], clamp_negative: bool = False) -> Overall:
-    """The overall numbers of `datasets` (all of a run's, or the ones two runs share).
-
-    bps is the mean of the datasets' bps over those with an ok cell (undefined when any cell
-    overflowed); bps_pooled pools ll_gain and spikes over every covered cell.
-    """
-    with_ok = [dataset for dataset in datasets if dataset.has_ok_cells]
-    overflowed = any(dataset.cells[OVERFLOW] for dataset in datasets)
-    bps = math.nan if overflowed or not with_ok else float(np.mean([dataset.bps for dataset in with_ok]))
-    if clamp_negative and math.isfinite(bps):
-        bps = max(bps, 0.0)
-    scores = joined_scores([dataset.scores for dataset in datasets])
-    spikes = np.concatenate([dataset.stats.spikes for dataset in datasets]) if datasets else np.zeros(0)
+    """The overall numbers of `datasets` (all of a run's, or the ones two runs share): each metric of
+    `kernel.metrics.METRICS` over them (a mean metric the mean of the datasets' numbers, a pooled one over every
+    covered cell)."""
+    parts = [(dataset.scores, dataset.stats, dataset.numbers) for dataset in datasets]
+    numbers = overall_values(parts, clamp_negative)
     return Overall(
-        bps=bps,
-        bps_pooled=pooled_bps(scores.ll_gain, spikes, scores.status),
-        datasets=len(with_ok),
+        numbers={name: float(value) for name, value in numbers.items()},
+        datasets=sum(dataset.has_ok_cells for dataset in datasets),
         datasets_without_ok_cells=[dataset.name for dataset in datasets if not dataset.has_ok_cells],
-        cells=status_counts(scores.status),
-        pseudo_r2=_mean_of_defined([dataset.pseudo_r2 for dataset in datasets], overflowed),
-        pseudo_r2_pooled=pooled_pseudo_r2(scores),
-        corr=_mean_of_defined([dataset.corr for dataset in datasets], overflowed),
+        cells=status_counts(joined_scores([dataset.scores for dataset in datasets]).status),
     )
 
 
-def _mean_of_defined(values: Sequence[float], overflowed: bool) -> float:
-    """Mean of the datasets' values that are defined; NaN when none is, or a cell overflowed."""
-    defined = [value for value in values if not math.isnan(value)]
-    return math.nan if overflowed or not defined else float(np.mean(defined))
-
-
-SUMMARY_METRICS = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
-"""The summary numbers of a dataset and of the run."""
-
-
-def dataset_rows(stats: CellStats, scores: CellScores, clamp_negative: bool = False) -> dict[str, np.ndarray]:
-    """`score_dataset`'s summary numbers for each row of (replicates, cells) statistics and `marked_scores`."""
-    return {
-        "bps": mean_bps_rows(scores.bps, scores.status, clamp_negative),
-        "bps_pooled": pooled_bps_rows(scores.ll_gain, stats.spikes, scores.status),
-        "pseudo_r2": mean_of_ok_rows(scores.pseudo_r2, scores.status),
-        "pseudo_r2_pooled": pooled_pseudo_r2_rows(scores),
-        "corr": mean_of_ok_rows(scores.corr, scores.status),
-    }
-
-
-def overall_rows(
-    parts: Sequence[tuple[CellStats, CellScores, dict[str, np.ndarray]]], clamp_negative: bool = False
-) -> dict[str, np.ndarray]:
-    """`overall_of`'s numbers for each replicate: `parts` holds per dataset its (replicates, cells) statistics,
-    scores and `dataset_rows`."""
-    scores = joined_scores([part[1] for part in parts])
-    overflowed = (scores.status == OVERFLOW).any(axis=-1)
-    with_ok = np.stack([(part[1].status == OK).any(axis=-1) for part in parts])
-
-    def mean_over(values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(chosen, values, 0.0).sum(axis=0) / chosen.sum(axis=0)
-        return np.where(overflowed, math.nan, means)
-
-    bps = mean_over(np.stack([part[2]["bps"] for part in parts]), with_ok)
-    if clamp_negative:
-        bps = np.where(np.isfinite(bps), np.maximum(bps, 0.0), bps)
-    defined = {metric: np.stack([part[2][metric] for part in parts]) for metric in ("pseudo_r2", "corr")}
-    return {
-        "bps": bps,
-        "bps_pooled": pooled_bps_rows(
-            scores.ll_gain, np.concatenate([part[0].spikes for part in parts], axis=-1), scores.status
-        ),
-        "pseudo_r2": mean_over(defined["pseudo_r2"], ~np.isnan(defined["pseudo_r2"])),
-        "pseudo_r2_pooled": pooled_pseudo_r2_rows(scores),
-        "corr": mean_over(defined["corr"], ~np.isnan(defined["corr"])),
-    }
+SUMMARY_METRICS = tuple(METRICS)
+"""The summary numbers of a dataset and of the run, in the order the outputs show them."""
 
 
 def joined_scores(parts: Sequence[CellScores]) -> CellScores:

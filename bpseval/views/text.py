@@ -9,8 +9,9 @@ import re
 
 from rich.markup import escape
 
-from bpseval.features.attribution import POOLED_METRICS, Attribution, CellContribution
+from bpseval.features.attribution import Attribution, CellContribution
 from bpseval.features.compare import DIFFERENT, UNKNOWN, Comparison, MetricComparison
+from bpseval.kernel.metrics import METRICS
 
 
 def shown(text: object) -> str:
@@ -154,7 +155,7 @@ def attribution_title(metric: MetricComparison, listed: int) -> str:
     """What an attribution table shows (user text in it: the dataset name of `metric.label`)."""
     attribution = metric.attribution
     assert attribution is not None
-    score = POOLED_METRICS.get(metric.metric, metric.metric)
+    score = METRICS[metric.metric].cell_score
     return (
         f"{metric.label}: the {listed} of {plural(len(attribution.cells), 'cell')} contributing most to"
         f" Δ {signed(metric.delta)} (per cell: its {score}, the change of its contribution, its share of Δ)"
