@@ -13,10 +13,11 @@ from bpseval.errors import BpsevalError, MissingExtraError
 
 
 def missing_torch(feature: str, error: ImportError, extra: str = "torch") -> MissingExtraError:
-    """The error for `feature` used without torch installed: names the extra to install and a CPU-only pin."""
+    """The error for `feature` used without torch installed: names the extra to install and where a CPU-only torch comes from."""
     missing = MissingExtraError(
         f"{feature} needs PyTorch, which cannot be imported ({error}): pip install 'bpseval[{extra}]'"
-        " (pin a CPU build first, e.g. pip install torch==2.13.0, to avoid the multi-GB CUDA one)."
+        " (for a CPU-only torch, without the multi-GB CUDA libraries, first:"
+        " pip install torch --index-url https://download.pytorch.org/whl/cpu)."
         " The command line and the numpy API work without it."
     )
     missing.name = "torch"
