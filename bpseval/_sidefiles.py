@@ -1,13 +1,13 @@
 """The side-file rule: every file bpseval reads besides shards is opened one way, here.
 
-Merge-cache entries, baseline documents, `--cells` tables and the compiled kernel's cache files are
-read with `read_bytes` (or `read_text`, `read_json`):
+Merge-cache entries, baseline documents, `--cells` tables, settings files and the compiled kernel's cache files
+are read with `read_bytes` (or `read_text`, `read_json`, `read_toml`):
 
 - a regular file only, never a FIFO, device or directory: checked before opening, and again on the
   descriptor, which is opened without blocking (opening a FIFO would wait for a writer forever);
 - at most `limit` bytes, checked before reading;
 - JSON nested at most `depth` levels, checked before parsing (json's recursive parser would fail with
-  a RecursionError on deep nesting).
+  a RecursionError on deep nesting); TOML parsed whole or refused, deep nesting included.
 
 Every failure is one `SideFileError`, whose `reason` the caller puts in its own message: a cache
 rebuilds what it cannot use, a file the user named is exit 2 naming it.
@@ -19,11 +19,17 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
 from bpseval.errors import BpsevalError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 DOCUMENT_BYTES = 1 << 28
 """The largest JSON document read from a path the user gives (a baseline): 256 MiB, about 800,000 cells."""
@@ -31,6 +37,8 @@ DOCUMENT_DEPTH = 32
 """Levels of nesting of a JSON document read from a path the user gives (bpseval writes 4 to 6)."""
 TABLE_BYTES = 1 << 28
 """The largest table read from a path the user gives (`--cells`): 256 MiB."""
+SETTINGS_BYTES = 1 << 20
+"""The largest settings file read (`bpseval.toml`, `pyproject.toml`): 1 MiB, far beyond any real one."""
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 """A JSON string literal (escapes included), in one pass without backtracking."""
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -127,6 +135,28 @@ def parse_json(
         return json.loads(text, parse_constant=parse_constant)
     except ValueError as error:  # json.JSONDecodeError, or an integer too long to convert
         raise SideFileError(source, f"not JSON ({error})") from None
+
+
+def read_toml(path: str | os.PathLike[str], limit: int) -> dict[str, Any]:
+    """The TOML document in the file at `path`: at most `limit` bytes of UTF-8.
+
+    Args:
+        path: the file.
+        limit: the most bytes the file may hold.
+
+    Returns:
+        Its tables and values, as `tomllib` gives them.
+
+    Raises:
+        SideFileError: as for `read_bytes`, or not UTF-8, or not TOML (nesting too deep for the parser included).
+    """
+    text = read_text(path, limit)
+    try:
+        return tomllib.loads(text)
+    except ValueError as error:  # tomllib.TOMLDecodeError
+        raise SideFileError(path, f"not TOML ({error})") from None
+    except RecursionError:  # arrays or inline tables nested deeper than the parser recurses
+        raise SideFileError(path, "not TOML this parser can read (nested too deeply)") from None
 
 
 def _decoded(data: bytes, encoding: str, source: str | os.PathLike[str]) -> str:

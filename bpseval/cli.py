@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from bpseval import config
 from bpseval._json import json_text
 from bpseval._version import __version__
 from bpseval.api import evaluate
@@ -149,11 +150,37 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     """Exact bits per spike of neural encoding models from the HDF5 shards of distributed validation."""
+    command = ctx.invoked_subcommand
+    if command is None:
+        return
+    _apply_settings(ctx, command)
+
+
+def _apply_settings(ctx: typer.Context, command: str) -> None:
+    """Make the settings file's keys (`bpseval.config`) the defaults of `command`'s options, and say so on stderr.
+
+    They become click's `default_map` of the command: an option given on the command line wins, and `--help`
+    shows them as the defaults.
+    """
+    group = ctx.command
+    assert isinstance(group, TyperGroup)
+    options = {
+        name: {param.name.replace("_", "-") for param in sub.params if param.name and param.param_type_name == "option"}
+        for name, sub in group.commands.items()
+    }
+    with bad_input_exits():
+        settings = config.load(commands=options)
+    defaults = settings.default_map(command, options.get(command, set()))
+    if defaults:
+        ctx.default_map = {command: defaults}
+        keys = ", ".join(name.replace("_", "-") for name in defaults)
+        stderr_console().print(f"using settings from {settings.path} ({keys})", highlight=False, markup=False)
 
 
 def stderr_console() -> Console:

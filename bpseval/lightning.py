@@ -14,6 +14,7 @@ from bpseval._arrays import is_tensor, to_numpy
 from bpseval._distributed import missing_torch
 from bpseval.errors import ArgumentError, MissingExtraError
 from bpseval.shard.writer import ShardWriter
+from bpseval.views.dashboards import dashboard_metrics
 from bpseval.views.result import Result
 
 try:
@@ -142,10 +143,13 @@ class BPSShardCallback(pl.Callback):
         if self.also_log:
             self.result = self.metric.compute(step=trainer.current_epoch)
             # NaN kept: ModelCheckpoint and EarlyStopping expect their monitored key every epoch
-            for key, value in self.result.metrics("val_", keep_undefined=True).items():
-                # float64 tensor: a Python float would be logged as float32. Already global: no sync.
+            for key, value in dashboard_metrics(self.result.scored, keep_undefined=True).items():
+                # float64 tensor: a Python float would be logged as float32. The value is already global, the
+                # same on every rank: sync_dist with max hands it back unchanged (a mean could round it) and
+                # tells Lightning it needs no accumulating (without it, it warns once per key); every rank keeps
+                # it, so monitors work on every rank (rank_zero_only would take it from them).
                 tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
-                pl_module.log(key, tensor, sync_dist=False, batch_size=1)
+                pl_module.log(key, tensor, sync_dist=True, reduce_fx="max", batch_size=1)
         self.metric.reset()
         self._active = False
 

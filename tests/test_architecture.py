@@ -20,7 +20,7 @@ LAYERS = {"leaves": 0, "kernel": 1, "shard": 2, "run": 3, "features": 4, "views"
 def layer_of(module: str) -> str:
     """The layer of `bpseval.<...>` as ARCHITECTURE.md lays them out."""
     parts = module.split(".")[1:]
-    if not parts or parts[0] in {"cli", "api", "torch", "lightning", "sampler", "__main__"}:
+    if not parts or parts[0] in {"cli", "config", "api", "torch", "lightning", "sampler", "__main__"}:
         return "entry points"
     if parts[0] in LEAVES:
         return "leaves"

@@ -58,6 +58,9 @@ def assert_same_merge(cached: MergedRun, fresh: MergedRun) -> None:
         )
         assert a.cell_ids.dtype == b.cell_ids.dtype and np.array_equal(a.cell_ids, b.cell_ids)
         assert (a.per_block is None) == (b.per_block is None)
+        assert (a.copies_valid is None) == (b.copies_valid is None)
+        assert b.copies_valid is None or (a.copies_valid.dtype == b.copies_valid.dtype == np.int64)
+        assert np.array_equal(a.rank_valid, b.rank_valid)
         pairs = list(zip(a.per_rank, b.per_rank, strict=True)) + ([(a.per_block, b.per_block)] if b.per_block else [])
         for x, y in pairs:
             for field in STAT_FIELDS:
@@ -103,6 +106,22 @@ def test_cached_numbers_are_bit_identical_to_a_fresh_merge(tmp_path, store, bloc
     assert_same_merge(second, merge_run(run, blocks=blocks))
     if store == "raw":
         assert any("rhat differs beyond rounding" in warning for warning in second.warnings)
+
+
+def test_entries_are_deflated_and_keep_each_ranks_padding_copies(tmp_path):
+    """The messy step's rank 1 repeats sample 0 of rank 0: its copy is kept, as a count, through the cache."""
+    run = tmp_path / "run"
+    write_messy_step(run, 0)
+    fresh = merge_run(run, blocks=4, cache=True)
+    with zipfile.ZipFile(entries(run)[0]) as archive:
+        infos = archive.infolist()
+    assert {info.compress_type for info in infos} == {zipfile.ZIP_DEFLATED}
+    assert "0/copies_valid.npy" in {info.filename for info in infos}
+    assert sum(info.compress_size for info in infos) < 0.6 * sum(info.file_size for info in infos)
+    cached = merge_run(run, blocks=4, cache=True)
+    assert cached.cached and fresh.datasets[0].copies_valid is not None
+    assert_same_merge(cached, fresh)
+    assert cached.datasets[0].copies_valid[1].sum() > 0 and not cached.datasets[0].copies_valid[0].any()
 
 
 def test_warnings_of_a_cached_step_name_the_shards_as_this_command_reached_them(tmp_path):
@@ -310,7 +329,7 @@ CORRUPTIONS = {
     "another step's entry": lambda path: shutil.copy(path.with_name("step-000001.blocks-3.npz"), path),
     "a directory": lambda path: (path.unlink(), path.mkdir()),
     "model_ll halved": lambda path: rewrite_entry(path, changed("0/per_rank/model_ll.npy", lambda a: a * 0.5)),
-    "a compressed member": lambda path: rewrite_entry(path, lambda n, d: d, zipfile.ZIP_DEFLATED),
+    "a member compressed otherwise than deflated": lambda path: rewrite_entry(path, lambda n, d: d, zipfile.ZIP_BZIP2),
     "a header nested 100,000 deep": lambda path: rewrite_entry(
         path, lambda n, d: b"[" * 100_000 + b"]" * 100_000 if n == META else d
     ),

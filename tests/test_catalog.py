@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -85,10 +86,31 @@ def test_a_folder_of_runs_is_recognised_and_never_called_a_stale_copy(invoke, tm
     result = invoke("compute", sweep)
     assert result.exit_code == 2
     assert f"{sweep}: holds 3 runs, not one (lr-1e-3, lr-1e-4, lr-3e-4)" in result.stderr
-    assert f"bpseval compute {sweep}/*" in result.stderr and "stale" not in result.stderr
+    runs = " ".join(str(sweep / name) for name in ("lr-1e-3", "lr-1e-4", "lr-3e-4"))
+    assert f"bpseval compute {runs}" in result.stderr and "stale" not in result.stderr
     assert invoke("doctor", sweep).exit_code == 2
     several = invoke("compute", *sorted(sweep.iterdir()), "--json", "-")
     assert several.exit_code == 0 and len(json.loads(several.stdout)["runs"]) == 3
+
+
+def test_the_hint_for_a_folder_of_runs_names_only_the_runs_and_runs_as_given(tmp_path):
+    sweep = tmp_path / "my sweep"  # a space: the hint is quoted for the shell
+    for name in ("lr-1e-3", "nested/lr-1e-4"):
+        write_step(sweep / name, 0)
+    (sweep / "notes").mkdir()  # neither a folder without shards nor a file is a run
+    (sweep / "notes" / "todo.txt").write_text("compare the learning rates\n")
+    (sweep / "baseline.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "bpseval", "compute", str(sweep)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    hint = result.stderr.split("to compare them in one table: ", 1)[1].strip()
+    assert shlex.split(hint) == ["bpseval", "compute", str(sweep / "lr-1e-3"), str(sweep / "nested" / "lr-1e-4")]
+    again = subprocess.run(
+        [sys.executable, "-m", *shlex.split(hint), "--json", "-"], capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 0, again.stderr
+    assert [entry["run"] for entry in json.loads(again.stdout)["runs"]] == shlex.split(hint)[2:]
 
 
 def test_stale_copies_inside_a_run_are_not_a_sweep(tmp_path):

@@ -33,11 +33,12 @@ RANK1_DFS = np.array(
     ],
     dtype=np.float32,
 )
-# cell 0: 4 + 4 (copy dropped) = 8 valid, per rank [4, 4]
-# cell 1: 2 on rank 0, 0 on rank 1                -> covered on one rank only
-# cell 2: 0 on rank 0, 1 on rank 1
-# cell 3: 4 on rank 0, 0 on rank 1, and no spikes -> silent
-EXPECTED = {0: (8, [4, 4]), 1: (2, [2, 0]), 2: (1, [0, 1]), 3: (4, [4, 0])}
+# Per rank, what each rank saw, its padding copy included (as `bpseval plan` predicts); in total, each sample once:
+# cell 0: 4 + 4 = 8 valid (the copy counted once), per rank [4, 5]
+# cell 1: 2 on rank 0, 1 on rank 1 (its copy of sample 0): 2 in all
+# cell 2: 0 on rank 0, 1 on rank 1                     -> no valid sample on rank 0
+# cell 3: 4 on rank 0, 1 on rank 1 (the copy), and no spikes -> silent
+EXPECTED = {0: (8, [4, 5]), 1: (2, [2, 1]), 2: (1, [0, 1]), 3: (4, [4, 1])}
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_cli_lists_exactly_the_cells_below_and_exits_1(invoke, run_dir):
         "step": 4,
         "world_size": 2,
     }
-    assert [(c["cell"], c["n_valid"], c["per_rank"]) for c in document["cells"]] == [(1, 2, [2, 0]), (2, 1, [0, 1])]
+    assert [(c["cell"], c["n_valid"], c["per_rank"]) for c in document["cells"]] == [(1, 2, [2, 1]), (2, 1, [0, 1])]
     assert document["cells"][0]["status"] == "ok" and document["cells"][0]["dataset"] == "Allen_2022-04-13"
     assert document["datasets"] == [
         {"name": "Allen_2022-04-13", "cells": 4, "below": 2, "uncovered": 0, "silent": 1, "min_n_valid": 1}
@@ -95,8 +96,8 @@ def test_table_marks_ranks_without_valid_samples(invoke, run_dir):
     result = invoke("coverage", run_dir, "--min-samples", "3")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    cell_1 = next(line for line in lines if line.startswith("│ Allen_2022-04-13 │    1 │"))
-    assert cell_1.split("│")[6:8] == ["      2 ", "    0 ✗ "]
+    cell_2 = next(line for line in lines if line.startswith("│ Allen_2022-04-13 │    2 │"))
+    assert cell_2.split("│")[6:8] == ["    0 ✗ ", "      1 "]
     assert "✗ 2 cells below 3 valid samples" in result.stdout
 
 

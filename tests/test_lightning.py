@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import bpseval
 from bpseval.torch import WithSampleIndex
+from bpseval.views.dashboards import PREFIX, metric_keys
 
 pl = pytest.importorskip("lightning.pytorch")
 from bpseval.lightning import BPSShardCallback, dataset_name  # noqa: E402
@@ -72,6 +75,27 @@ class TinyModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class RecordWarnings(pl.Callback):
+    """Every warning raised in a rank's process during the fit, one line each in `<folder>/warnings-<rank>.txt`
+    (the ranks are spawned processes: pytest's own recording does not reach them)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.catcher: warnings.catch_warnings | None = None
+        self.caught: list[warnings.WarningMessage] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.catcher = warnings.catch_warnings(record=True)
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        assert self.catcher is not None
+        self.catcher.__exit__(None, None, None)
+        lines = [f"{caught.category.__name__}: {caught.message}" for caught in self.caught]
+        (self.folder / f"warnings-{trainer.global_rank}.txt").write_text("".join(line + "\n" for line in lines))
+
+
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     """Fit for 2 epochs on 2 CPU processes; returns the shard directory, the CSV log and the final metrics."""
@@ -98,6 +122,7 @@ def lightning_run(tmp_path_factory) -> tuple[Path, Path, dict]:
         callbacks=[
             BPSShardCallback(run_dir),
             pl.callbacks.ModelCheckpoint(root / "checkpoints", monitor="val_bps_overall", mode="max"),
+            RecordWarnings(root),
         ],
     )
     trainer.fit(TinyModel(), train, val)
@@ -135,6 +160,28 @@ def test_the_logged_metric_is_bpseval_compute_of_that_epochs_shards(lightning_ru
         assert offline.datasets["samples"].tolist() == [2 * VAL_BATCH] * 2  # one batch per rank and session
     assert final["val_bps_overall"].dtype == torch.float64
     assert final["val_bps_overall"].item() == pytest.approx(bpseval.evaluate(run_dir).overall.bps, rel=1e-12)
+
+
+def test_logging_the_metrics_raises_no_warning_on_any_rank(lightning_run):
+    run_dir, _, _ = lightning_run
+    files = sorted(run_dir.parent.glob("warnings-*.txt"))
+    assert [path.name for path in files] == ["warnings-0.txt", "warnings-1.txt"]  # the recorder ran on both ranks
+    caught = [line for path in files for line in path.read_text().splitlines()]
+    assert not [line for line in caught if "sync_dist" in line or "val_" in line or "bpseval" in line], caught
+
+
+def test_the_callback_logs_exactly_the_declared_metric_keys_and_compute_metrics_writes_them(lightning_run, tmp_path):
+    run_dir, csv, _ = lightning_run
+    log = pd.read_csv(csv)
+    keys = metric_keys(SESSIONS)
+    assert [key for key in log.columns if key.startswith(PREFIX)] == sorted(keys)  # the CSV logger sorts them
+    written = tmp_path / "metrics.json"
+    subprocess.run(
+        [sys.executable, "-m", "bpseval", "compute", str(run_dir), "--metrics", str(written)],
+        check=True,
+        capture_output=True,
+    )
+    assert list(json.loads(written.read_text())) == keys  # every value defined here: every key, in the declared order
 
 
 def test_the_seed_scenario_cell_is_scored_although_rank_0_has_no_valid_sample(lightning_run):

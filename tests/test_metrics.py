@@ -98,6 +98,30 @@ def test_all_steps_tensorboard_writes_each_metric_at_each_step(invoke, tmp_path)
         assert points == {step: float(np.float32(values[tag])) for step, values in expected.items()}
 
 
+def tensorboard_points(folder: Path) -> list[tuple[str, int]]:
+    """Every (tag, step) point in every event file below `folder`, as TensorBoard's loader reads each file (no
+    purging of repeated steps, which would hide duplicates)."""
+    loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    points = []
+    for path in sorted(folder.rglob("*tfevents*")):
+        for event in loader.EventFileLoader(str(path)).Load():
+            points += [(value.tag, event.step) for value in event.summary.value]
+    return points
+
+
+def test_rerunning_tensorboard_on_the_same_folder_writes_each_step_once(invoke, tmp_path):
+    run = write_run(tmp_path / "run", steps=(1, 4))
+    expected = sorted((tag, step) for step in (1, 4) for tag in bpseval.evaluate(run, step).metrics())
+    for arguments in (["--all-steps"], ["--all-steps"], ["--step", "4"]):
+        result = invoke("compute", run, *arguments, "--tensorboard", tmp_path / "tb", "--no-cache")
+        assert result.exit_code == 0, result.output
+        assert sorted(tensorboard_points(tmp_path / "tb")) == expected
+    assert sorted(path.name for path in (tmp_path / "tb").iterdir()) == [
+        "events.out.tfevents.bpseval.step-000001",
+        "events.out.tfevents.bpseval.step-000004",
+    ]  # no staging folder left behind
+
+
 def test_tensorboard_of_one_step_is_written_at_that_step(invoke, tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     result = invoke("compute", EXAMPLE, "--tensorboard", tmp_path / "tb")

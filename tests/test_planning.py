@@ -132,3 +132,33 @@ def test_plan_command_too_small_fraction_exits_2(invoke, tmp_path):
     np.save(tmp_path / "m.npy", np.ones((100, 2)))
     result = invoke("plan", tmp_path / "m.npy", "--world-size", "2", "--fraction", "0.01", "--batch-size", "16")
     assert result.exit_code == 2 and "keeps no batch" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("n_samples", "world_size", "seed", "store"),
+    [(9, 2, None, "raw"), (10, 4, 3, "raw"), (7, 3, None, "stats"), (3, 4, None, "raw")],
+    ids=["one padding copy", "two copies, shuffled", "stats-only shards", "more ranks than samples"],
+)
+def test_plan_and_coverage_give_the_same_per_rank_counts_padding_copies_included(
+    tmp_path, n_samples, world_size, seed, store
+):
+    """Shards written as DistributedSampler deals the samples (N not a multiple of the world size: the last
+    ranks get copies of the first samples): `plan` predicts what `coverage` then reports, rank by rank, also
+    when the coverage is read back from the merge cache."""
+    rng = np.random.default_rng(n_samples)
+    mask = rng.random((n_samples, 4)) > 0.4
+    mask[0] = True  # sample 0, the first to be repeated as padding, is valid for every cell
+    rhat = rng.gamma(2.0, 0.5, size=(n_samples, 4))
+    robs = rng.poisson(rhat).astype(np.float64)
+    run = tmp_path / "run"
+    for rank in range(world_size):
+        index = distributed_sampler_indices(n_samples, world_size, rank, seed=seed)
+        with bpseval.ShardWriter(run, rank, world_size, store=store) as writer:
+            writer.add("session", rhat[index], robs[index], mask[index].astype(np.float32), sample_idx=index)
+    plan = bpseval.check_cell_coverage(mask, world_size=world_size, seed=seed, min_samples=0)
+    predicted = plan[[f"rank_{rank}" for rank in range(world_size)]].to_numpy().tolist()
+    for cache in (False, True, True):  # the second cached pass reads the entry the first one wrote
+        report = bpseval.check_coverage(run, min_samples=10**6, cache=cache)
+        assert report.cells["per_rank"].tolist() == predicted
+    if store == "raw":
+        assert report.cells["n_valid"].tolist() == plan["n_valid"].tolist()  # in total, each sample once

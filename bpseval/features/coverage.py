@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,16 +58,36 @@ class CoverageReport:
         )
 
 
-def coverage_report(run: ScoredRun, min_samples: int, min_spikes: float | None = None) -> CoverageReport:
+def coverage_report(
+    run: ScoredRun,
+    min_samples: int,
+    min_spikes: float | None = None,
+    rank_valid: Mapping[str, np.ndarray] | None = None,
+) -> CoverageReport:
     """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes), and list every cell
-    that some rank saw no valid sample of."""
+    that some rank saw no valid sample of.
+
+    Args:
+        run: the scored step.
+        min_samples: a cell with fewer valid samples (in total, each sample once) is below.
+        min_spikes: also below: a cell with fewer spikes than this.
+        rank_valid: per dataset, the (ranks, cells) valid samples each rank saw, padding copies included
+            (`MergedDataset.rank_valid`: what `bpseval plan` predicts per rank); without it, each rank's
+            scored samples (a padding copy counted on the rank that saw the sample first).
+
+    Returns:
+        The report.
+    """
     import pandas as pd
 
     summaries, flagged, zero_ranks = [], [], []
     for dataset in run.datasets:
         total = dataset.stats
         status = dataset.scores.status
-        per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
+        if rank_valid is not None and dataset.name in rank_valid:
+            per_rank = rank_valid[dataset.name].T
+        else:
+            per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
         below = total.n_valid < min_samples
         few_spikes = total.spikes < min_spikes if min_spikes is not None else np.zeros_like(below)
         summaries.append(
@@ -129,7 +150,8 @@ def check_coverage(
 
     Returns:
         Per dataset the cells below, uncovered and silent; the cells below; those without a valid
-        sample on some rank (the legacy crash), with their per-rank counts.
+        sample on some rank (the legacy crash), with their per-rank counts: the valid samples each rank
+        saw, padding copies included, as `bpseval plan` predicts them (`MergedDataset.rank_valid`).
 
     Example:
         >>> import tempfile
@@ -143,4 +165,6 @@ def check_coverage(
         >>> report.datasets[["name", "cells", "below", "min_n_valid"]].values.tolist()
         [['session', 2, 2, 6]]
     """
-    return coverage_report(score_run(merge_run(run_dir, step, **merge_options)), min_samples, min_spikes)
+    merged = merge_run(run_dir, step, **merge_options)
+    rank_valid = {dataset.name: dataset.rank_valid for dataset in merged.datasets}
+    return coverage_report(score_run(merged), min_samples, min_spikes, rank_valid)

@@ -105,7 +105,8 @@ def check_cell_coverage(
 
     Returns:
         One row per cell: `n_valid` (distinct samples, padding duplicates counted once, as `bpseval
-        compute` counts them), `rank_<r>` (what each rank sees, duplicates included), `zero_ranks`
+        compute` counts them), `rank_<r>` (the valid samples rank r sees, its padding copies included: the
+        count `bpseval coverage` reports per rank, `MergedDataset.rank_valid`), `zero_ranks`
         (ranks with no valid sample: the condition that crashed legacy loops) and `below` (n_valid <
         min_samples). The cells below are `frame[frame.below]`.
 

@@ -9,8 +9,11 @@ every setting the merge says its numbers depend on (chunk size, duplicate rule, 
 rewritten in place gets a new inode (ShardWriter renames a new file into place) and a new ctime,
 which no `os.utime` can set back.
 
-Entries are zip files of `.npy` arrays and a JSON header, read without unpickling: a cache never
-runs code. They live in `<run>/.bpseval-cache/` when this process may write in the run directory
+Entries are zip files of `.npy` arrays and a JSON header, deflated (zlib), read without unpickling: a
+cache never runs code. Deflating takes an entry to about 38% of its arrays' size (the counts, spike
+sums and least and greatest counts shrink to a few percent, the float sums of rates and logs hardly at
+all; byte shuffling before deflating gained nothing); `benchmarks/README.md` measures it against the
+shards. They live in `<run>/.bpseval-cache/` when this process may write in the run directory
 and owns it (a command run as root leaves no root-owned folder in a user's run), else in
 `$XDG_CACHE_HOME/bpseval/<hash of the resolved run path>/` (default `~/.cache`). The run catalog
 never takes them for shards (not `*.h5`), nor their temporary files for unfinished writes
@@ -19,7 +22,7 @@ concurrent commands never see a partial one.
 
 An entry is read by the side-file rule (`bpseval._sidefiles`: a regular file, never a FIFO, of at
 most the size its key implies) and checked before anything in it is used: members stored
-uncompressed and no larger than the shards' layouts allow, a header of bounded size and nesting, a
+uncompressed or deflated, and no larger (unpacked) than the shards' layouts allow, a header of bounded size and nesting, a
 sha256 digest of the header and every array (written with the entry, so a changed number is
 found), the dtypes and shapes the merge makes, and the sums contract (`kernel.sums`). An entry
 that fails any check is one warning line on this module's logger (`bpseval.run.cache`) and is
@@ -50,9 +53,10 @@ from bpseval.kernel.sums import LEGACY_STAT_FIELDS, ImpossibleSumsError, check_p
 from bpseval.run.merged import MergedDataset, dataset_cell_ids
 from bpseval.shard.format import FORMAT_VERSION, DatasetLayout, ShardHeader
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Bump when the layout of an entry or the meaning of its numbers changes: older entries are then rebuilt.
-Format 3 adds the digest and takes cell ids from the shards; format 2 held every field of `CellStats`; format 1
+Format 4 deflates the members and adds each rank's padding copies (`MergedDataset.copies_valid`); format 3 adds
+the digest and takes cell ids from the shards; format 2 held every field of `CellStats`; format 1
 held n_valid, weight, spikes and model_ll only."""
 CACHE_DIRECTORY = ".bpseval-cache"
 """The cache folder inside a run directory: the catalog walks into it and finds no `*.h5` file there."""
@@ -67,6 +71,8 @@ MEMBER_BYTES = 1 << 10
 """Bytes per member of an entry beyond its numbers: the .npy header (128 as written) and the zip's headers."""
 _GROUPS = ("per_rank", "per_block")
 _STAT_DTYPES = {field: np.dtype("<i8" if field == "n_valid" else "<f8") for field in STAT_FIELDS}
+COPIES = "copies_valid"
+"""The member of a dataset's `MergedDataset.copies_valid`, (ranks, cells) int64, when it has one."""
 _ENTRY_FIELDS = {
     "name": str,
     "samples": int,
@@ -74,6 +80,7 @@ _ENTRY_FIELDS = {
     "identity": str,
     "warnings": list,
     "per_block": bool,
+    "copies": bool,
 }
 _ZIP_ERRORS = (zipfile.BadZipFile, EOFError, NotImplementedError, ValueError)
 """What zipfile raises reading a damaged archive (found by flipping its bytes): a bad signature or CRC-32, a cut
@@ -206,7 +213,7 @@ class StepCache:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(META, json.dumps({**header, "digest": content_digest(header, members)}))
                 for name, data in members.items():
                     archive.writestr(name, data)
@@ -240,18 +247,20 @@ class StepCache:
                     "identity": dataset.identity,
                     "warnings": warnings,
                     "per_block": dataset.per_block is not None,
+                    "copies": dataset.copies_valid is not None,
                 }
             )
+            if dataset.copies_valid is not None:
+                members[f"{index}/{COPIES}.npy"] = _npy(
+                    dataset.copies_valid.astype(_STAT_DTYPES["n_valid"], casting="same_kind")
+                )
             for field in STAT_FIELDS:
                 arrays = {"per_rank": np.stack([getattr(stats, field) for stats in dataset.per_rank])}
                 if dataset.per_block is not None:
                     arrays["per_block"] = getattr(dataset.per_block, field)
                 for group, values in arrays.items():
-                    buffer = io.BytesIO()  # the kernel's dtypes: another is a bug of the merge, not cast away
-                    np.lib.format.write_array(
-                        buffer, values.astype(_STAT_DTYPES[field], casting="equiv"), allow_pickle=False
-                    )
-                    members[_member(index, group, field)] = buffer.getvalue()
+                    # the kernel's dtypes: another is a bug of the merge, not cast away
+                    members[_member(index, group, field)] = _npy(values.astype(_STAT_DTYPES[field], casting="equiv"))
         return {"key": self.key, "datasets": entries}, members
 
     def _read(self, parts: dict[str, list[tuple[ShardHeader, DatasetLayout]]]) -> list[MergedDataset] | None:
@@ -288,7 +297,7 @@ class StepCache:
                 for index, entry in enumerate(entries)
                 for group in _GROUPS[: 1 + entry["per_block"]]
                 for field in STAT_FIELDS
-            }
+            } | {f"{index}/{COPIES}.npy" for index, entry in enumerate(entries) if entry["copies"]}
             if set(infos) - {META} != expected:
                 raise self._damaged("its arrays are not those of the datasets it lists")
             members = {name: self._member(archive, infos[name], limits.content) for name in sorted(expected)}
@@ -305,11 +314,14 @@ class StepCache:
         return datasets
 
     def _member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-        """The bytes of a member stored uncompressed, unencrypted and of at most `limit` bytes."""
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size > limit:
-            raise self._damaged(f"{info.filename} is compressed, encrypted or larger than these shards allow")
+        """The bytes of a member stored or deflated, unencrypted, of at most `limit` bytes unpacked."""
+        packed = info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+        if packed or info.flag_bits & 0x1 or info.file_size > limit:
+            raise self._damaged(
+                f"{info.filename} is compressed otherwise than deflated, encrypted or larger than these shards allow"
+            )
         try:
-            return archive.read(info)  # checks the CRC-32
+            return archive.read(info)  # unpacks at most file_size bytes, and checks the CRC-32
         except _ZIP_ERRORS as error:
             raise self._damaged(f"{info.filename} cannot be read ({error})") from None
 
@@ -335,13 +347,23 @@ class StepCache:
         ranks, cells = len(self.shards), layout.n_cells
         groups = {}
         for group in _GROUPS[: 1 + entry["per_block"]]:
-            fields = {field: self._array(members[_member(index, group, field)], field) for field in STAT_FIELDS}
+            fields = {
+                field: self._array(members[_member(index, group, field)], field, _STAT_DTYPES[field])
+                for field in STAT_FIELDS
+            }
             shapes = {values.shape for values in fields.values()}
             rows, width = next(iter(shapes))
             if len(shapes) != 1 or width != cells or (rows != ranks if group == "per_rank" else rows > block_rows):
                 raise self._damaged(f"{group} statistics of dataset {entry['name']!r} have shapes {sorted(shapes)}")
             groups[group] = CellStats(**fields)
         per_rank = groups["per_rank"]
+        copies = None
+        if entry["copies"]:
+            copies = self._array(members[f"{index}/{COPIES}.npy"], COPIES, _STAT_DTYPES["n_valid"])
+            if copies.shape != (ranks, cells) or copies.min(initial=0) < 0:
+                raise self._damaged(f"{COPIES} of dataset {entry['name']!r} is not a count per rank and cell")
+            if (copies.sum(axis=0) > entry["duplicates_dropped"]).any():
+                raise self._damaged(f"{COPIES} of dataset {entry['name']!r} counts more copies than were dropped")
         warnings = []
         for warning in entry["warnings"]:
             pieces = warning.split("\0")
@@ -357,11 +379,13 @@ class StepCache:
             identity=entry["identity"],
             per_block=groups.get("per_block"),
             warnings=warnings,
+            copies_valid=copies,
         )
 
-    def _array(self, data: bytes, field: str) -> np.ndarray:
-        """A 2-D .npy member of `field`'s dtype, as a native array of its own (its header read before its data)."""
-        stream, expected = io.BytesIO(data), _STAT_DTYPES[field]
+    def _array(self, data: bytes, field: str, expected: np.dtype) -> np.ndarray:
+        """A 2-D .npy member `field` of dtype `expected`, as a native array of its own (its header read before its
+        data)."""
+        stream = io.BytesIO(data)
         try:
             if np.lib.format.read_magic(stream) != (1, 0):  # the version write_array gives these arrays
                 raise ValueError("not version 1.0")
@@ -394,19 +418,26 @@ class _Limits:
         """Raw rows give `blocks` blocks; a stats-only dataset stores only blocks that hold samples (one each at
         most). Cell ids count as slack: an older format stored them."""
         meta = META_BYTES + META_BYTES_EACH * (ranks + len(parts))
-        members = 1 + len(parts) * (1 + 2 * len(STAT_FIELDS))
+        members = 1 + len(parts) * (2 + 2 * len(STAT_FIELDS))
         block_rows, content = [], meta
         for group in parts.values():
             layout = group[0][1]
             rows = sum(part.n_rows for _, part in group) if layout.store == "stats" else blocks or 0
             block_rows.append(rows)
             ids = dataset_cell_ids(layout).nbytes
-            content += (ranks + rows) * layout.n_cells * 8 * len(STAT_FIELDS) + ids
+            content += ((ranks + rows) * len(STAT_FIELDS) + ranks) * layout.n_cells * 8 + ids
         return cls(members, content + MEMBER_BYTES * members, meta, block_rows, content + 2 * MEMBER_BYTES * members)
 
 
 def _member(index: int, group: str, field: str) -> str:
     return f"{index}/{group}/{field}.npy"
+
+
+def _npy(values: np.ndarray) -> bytes:
+    """`values` as the bytes of a .npy file (never pickled)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _row(stats: CellStats, index: int) -> CellStats:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,5 +437,11 @@ def _refuse_sweep(root: Path, shards: list[Path]) -> None:
     names = listing([str(run.relative_to(root)) for run in runs])
     raise RunError(
         f"{root}: holds {len(runs)} runs, not one ({names}). Pass each run directory itself; to compare them in one"
-        f" table: bpseval compute {root}/*"
+        f" table: {runs_command(runs)}"
     )
+
+
+def runs_command(runs: list[Path]) -> str:
+    """The `bpseval compute` command line that scores exactly `runs`: each run named, quoted for a POSIX shell, and
+    no other folder or file (a glob of their folder would also take folders that are not runs, and files)."""
+    return shlex.join(["bpseval", "compute", *map(str, runs)])

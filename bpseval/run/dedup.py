@@ -101,6 +101,11 @@ class _Deduplicator:
         self.later_rows = np.zeros(0, dtype=np.int64)
         """Rows (within the part begun last) of the copies that are not first, sorted, and the positions of their first copies."""
         self.first_positions = np.zeros(0, dtype=np.int64)
+        self.copy_rows = np.zeros(0, dtype=np.int64)
+        """Rows (within the part begun last, sorted) that are this part's one copy of a sample first seen in another
+        part: a rank's padding copies, dropped from the merge but counted among what the rank saw."""
+        self.copies_valid: dict[int, np.ndarray] = {}
+        """Per part, the valid entries per cell of its `copy_rows`."""
         self.dropped = 0
         self.rhat_mismatches = 0
         self.first_rhat_mismatch: tuple[int, int, int] | None = None
@@ -120,6 +125,9 @@ class _Deduplicator:
         self.later_rows = np.flatnonzero(first != positions)
         self.first_positions = first[self.later_rows]
         self.dropped += len(self.later_rows)
+        elsewhere = self.first_positions < self.offsets[part]  # first seen in an earlier part
+        _, once = np.unique(self.first_positions[elsewhere], return_index=True)  # a sample repeated here counts once
+        self.copy_rows = np.sort(self.later_rows[elsewhere][once])
 
     @property
     def unique(self) -> np.ndarray:
@@ -130,6 +138,7 @@ class _Deduplicator:
         """The rows of `chunk` (of the part begun last) that are first copies; later copies are checked
         against their first copies."""
         n_rows = len(chunk.rhat)
+        self._count_copies(part, chunk)
         lo, hi = np.searchsorted(self.later_rows, [chunk.start, chunk.start + n_rows])
         if lo == hi:
             return chunk
@@ -148,6 +157,15 @@ class _Deduplicator:
             None if chunk.weights is None else chunk.weights[keep],
             None if chunk.sample_idx is None else chunk.sample_idx[keep],
         )
+
+    def _count_copies(self, part: int, chunk: RowChunk) -> None:
+        """Add the valid entries of the chunk's `copy_rows` to the part's `copies_valid`."""
+        lo, hi = np.searchsorted(self.copy_rows, [chunk.start, chunk.start + len(chunk.rhat)])
+        if lo == hi:
+            return
+        valid = (_weights(chunk, self.copy_rows[lo:hi] - chunk.start) > 0).sum(axis=0, dtype=np.int64)
+        held = self.copies_valid.get(part)
+        self.copies_valid[part] = valid if held is None else held + valid
 
     def _compare(self, first_part: int, first_rows: np.ndarray, part: int, chunk: RowChunk, rows: np.ndarray) -> None:
         """Compare later copies (`rows` of `chunk`) with their first copies (`first_rows` of part `first_part`).

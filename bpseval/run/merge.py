@@ -338,7 +338,17 @@ class _DatasetMerge:
             identity=dataset_identity(self.name, cell_ids, dedup.unique if dedup is not None else None, total_rows),
             per_block=self.per_block,
             warnings=[dedup.rhat_mismatch_message()] if dedup is not None and dedup.rhat_mismatch else [],
+            copies_valid=self._copies_valid(),
         )
+
+    def _copies_valid(self) -> np.ndarray | None:
+        """Per rank, the valid entries of the copies the deduplicator dropped as first seen on another rank."""
+        if self.dedup is None or not self.dedup.copies_valid:
+            return None
+        counts = np.zeros((len(self.per_rank), self.first.n_cells), dtype=np.int64)
+        for part, valid in self.dedup.copies_valid.items():
+            counts[self.parts[part][0].rank] += valid
+        return counts
 
 
 def sample_blocks(unique: np.ndarray, sample_idx: np.ndarray, blocks: int) -> np.ndarray:

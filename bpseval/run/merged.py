@@ -30,6 +30,20 @@ class MergedDataset:
     per_block: CellStats | None = None
     """(blocks, cells) statistics by contiguous sample_idx block, when asked for and sample_idx is present."""
     warnings: list[str] = field(default_factory=list)
+    copies_valid: np.ndarray | None = None
+    """(ranks, cells) int64: per rank, the valid entries of its copies of samples first seen on another rank
+    (DistributedSampler's padding), which the merge drops; None: no such copy was dropped."""
+
+    @property
+    def rank_valid(self) -> np.ndarray:
+        """(ranks, cells) int64: the valid samples each rank saw of every cell, its padding copies included.
+
+        The one per-rank count that `bpseval plan` predicts (`rank_<r>`) and `bpseval coverage` reports
+        (`per_rank`): the distinct samples a rank was given, counted on that rank whether or not another rank
+        was given the same sample. Stats-only shards count so on their own (their sums keep such copies).
+        """
+        counts = np.stack([stats.n_valid for stats in self.per_rank]).astype(np.int64)
+        return counts if self.copies_valid is None else counts + self.copies_valid
 
     @property
     def total(self) -> CellStats:

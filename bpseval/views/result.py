@@ -6,7 +6,6 @@ or JSON never imports pandas.
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
 from bpseval.run.document import check_document, run_document, scored_from_document
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun
+from bpseval.views.dashboards import PREFIX, dashboard_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -186,18 +186,16 @@ class Result:
             document["ci"] = plain(self.intervals.settings.to_dict())
         return document
 
-    def metrics(self, prefix: str = "val_", *, keep_undefined: bool = False) -> dict[str, float]:
+    def metrics(self, prefix: str = PREFIX, *, keep_undefined: bool = False) -> dict[str, float]:
         """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
 
+        The keys are `bpseval.views.dashboards.metric_keys` of this run's datasets:
         `{prefix}<metric>_overall` for each of `DATASET_METRICS` (bps, bps_pooled, pseudo_r2,
         pseudo_r2_pooled, corr), then `{prefix}<metric>/<dataset>` for each dataset. Undefined values
         are left out, not NaN (a dashboard would draw NaN as a gap or zero); `keep_undefined` keeps
         them as NaN, for a logger whose monitors expect every key every epoch.
         """
-        values = {f"{prefix}{metric}_overall": getattr(self.overall, metric) for metric in DATASET_METRICS}
-        for dataset in self.scored.datasets:
-            values.update({f"{prefix}{metric}/{dataset.name}": getattr(dataset, metric) for metric in DATASET_METRICS})
-        return {key: float(value) for key, value in values.items() if keep_undefined or math.isfinite(value)}
+        return dashboard_metrics(self.scored, prefix, keep_undefined=keep_undefined)
 
     def to_json(self) -> str:
         """`to_dict` as strict JSON (no NaN or Infinity), one line per dataset and per cell."""
