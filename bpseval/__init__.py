@@ -3,12 +3,11 @@
 from typing import Any
 
 from bpseval._version import __version__
-from bpseval.api import bits_per_spike, evaluate
+from bpseval.api import Result, bits_per_spike, evaluate
 from bpseval.errors import BpsevalError
 from bpseval.features.coverage import CoverageReport, check_coverage
 from bpseval.features.planning import check_cell_coverage
 from bpseval.shard.writer import ShardWriter
-from bpseval.views.result import Result
 
 __all__ = [
     "BpsevalError",

@@ -1,8 +1,9 @@
-"""The Python entry points that return frames or a `Result`: `evaluate` a run directory, `bits_per_spike` in memory."""
+"""The Python entry points: `Result`, what they return; `evaluate` a run directory; `bits_per_spike` in memory."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,12 +14,71 @@ from bpseval.features.groups import group_run, grouping_table
 from bpseval.features.uncertainty import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings, intervals
 from bpseval.kernel.batch import Batch
 from bpseval.kernel.stats import InvalidValuesError, batch_stats, cell_scores
+from bpseval.run.document import check_document, scored_from_document
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import ScoreSettings, score_run
-from bpseval.views.result import Result
+from bpseval.views.dashboards import PREFIX, dashboard_metrics
+from bpseval.views.frames import RunFrames
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+class Result(RunFrames):
+    """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
+
+    Returned by `evaluate`, `DistributedBPS.compute` and the Lightning callback. Undefined values are NaN in
+    the frames and null in JSON. `groups` (`--cells` and `--group-by`) adds the `groups` frame and the JSON
+    `groups` list; `intervals`, the bootstrap intervals of `compute --ci` (`evaluate(ci=...)`), None when not
+    asked for. Every figure of `bpseval.views.plot` takes one.
+
+    Args:
+        scored: the scored run.
+        groups: every metric per group of cells, when asked for.
+        intervals: the bootstrap intervals, when asked for.
+
+    Example:
+        >>> import numpy as np
+        >>> from bpseval.torch import DistributedBPS
+        >>> metric = DistributedBPS()
+        >>> metric.update("session", np.ones((2, 2)), np.array([[0.0, 2.0], [1.0, 0.0]]))
+        >>> result = metric.compute(step=3)
+        >>> result.step, list(result.datasets["name"]), sorted(result.metrics("val_"))[:2]
+        (3, ['session'], ['val_bps/session', 'val_bps_overall'])
+    """
+
+    def __repr__(self) -> str:
+        return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
+
+    def metrics(self, prefix: str = PREFIX, *, keep_undefined: bool = False) -> dict[str, float]:
+        """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
+
+        Args:
+            prefix: put before every key.
+            keep_undefined: keep undefined values as NaN (for a logger whose monitors expect every key every
+                epoch), instead of leaving them out (a dashboard would draw NaN as a gap or zero).
+
+        Returns:
+            `bpseval.views.dashboards.metric_keys` of this run's datasets and their values:
+            `{prefix}<metric>_overall` for each summary metric, then `{prefix}<metric>/<dataset>`.
+        """
+        return dashboard_metrics(self.scored, prefix, keep_undefined=keep_undefined)
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> Result:
+        """A Result back from its JSON document (`to_dict`), numbers as they were written; null becomes NaN.
+
+        Args:
+            document: the JSON document of `bpseval compute --json` (or a baseline).
+
+        Returns:
+            The Result, without per-rank or per-block statistics.
+
+        Raises:
+            BaselineError: a document that no run could produce, naming what is wrong.
+        """
+        check_document(document, Path("the document given to Result.from_dict"))
+        return cls(scored_from_document(document))
 
 
 def evaluate(

@@ -26,7 +26,7 @@ from typer.core import TyperGroup
 from bpseval import config
 from bpseval._json import json_text
 from bpseval._version import __version__
-from bpseval.api import evaluate
+from bpseval.api import Result, evaluate
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.features.compare import CompareSettings, Comparison, compare_paths
 from bpseval.features.coverage import check_coverage
@@ -40,7 +40,7 @@ from bpseval.run.scored import ScoredRun
 from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensorboard, write_tensorboard
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import check_outputs, write_csv, write_text
-from bpseval.views.result import Result, runs_frame, steps_frame
+from bpseval.views.frames import runs_frame, steps_frame
 from bpseval.views.terminal import (
     merge_progress,
     render_compare,

@@ -12,10 +12,10 @@ from typing import Any
 
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval._distributed import missing_torch
+from bpseval.api import Result
 from bpseval.errors import ArgumentError, MissingExtraError
 from bpseval.shard.writer import ShardWriter
 from bpseval.views.dashboards import dashboard_metrics
-from bpseval.views.result import Result
 
 try:
     import torch

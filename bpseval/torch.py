@@ -17,6 +17,7 @@ import numpy as np
 
 from bpseval._arrays import is_tensor
 from bpseval._distributed import missing_torch
+from bpseval.api import Result
 from bpseval.errors import ArgumentError
 from bpseval.kernel.batch import Batch, check_dataset_name
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
@@ -34,7 +35,6 @@ from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.merge import MergedDataset, dataset_identity
 from bpseval.run.scored import score
 from bpseval.shard.format import DatasetLayout, check_agree
-from bpseval.views.result import Result
 
 try:
     import torch

@@ -125,10 +125,10 @@ def test_the_report_marks_verdicts_on_different_samples(invoke, tmp_path):
     section = section[: section.index("</section>")]
     assert section.count(DIFFERENT_MARK) == 3  # overall bps, overall bps_pooled, B
     assert "the run and the baseline scored different samples of dataset &#x27;B&#x27;" in section
+    from bpseval.api import Result
     from bpseval.features.compare import CompareSettings
     from bpseval.features.overview import load_overview
     from bpseval.views.plot import compare_figure
-    from bpseval.views.result import Result
 
     inputs = load_overview(new, baseline=base, settings=CompareSettings(allow_different_samples=True))
     figure = compare_figure(Result(inputs.scored), Result(inputs.baseline), inputs.comparison)

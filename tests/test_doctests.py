@@ -35,7 +35,7 @@ PUBLIC = [
     "bpseval.features.planning.check_cell_coverage",
     "bpseval.shard.writer.ShardWriter",
     "bpseval.sampler.CellBalancedDistributedSampler",
-    "bpseval.views.result.Result",
+    "bpseval.api.Result",
     "bpseval.torch.DistributedBPS",
     "bpseval.torch.WithSampleIndex",
     "bpseval.lightning.BPSShardCallback",

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 import bpseval
+from bpseval.api import Result
 from bpseval.cli import app
 from bpseval.errors import BaselineError
-from bpseval.views.result import Result
 from tests.conftest import poisson_dataset, write_raw_shard
 
 DATASET_KEYS = ("pseudo_r2", "pseudo_r2_pooled", "corr")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bpseval
+from bpseval.api import Result
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.features.overview import RunOverview, load_overview
 from bpseval.features.steps import StepResults
@@ -19,7 +20,6 @@ from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import score_run
-from bpseval.views.result import Result
 from tests.test_steps import DATASETS, multi_step_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import bpseval
 from bpseval import ShardWriter
 from bpseval.features.steps import evaluate_steps
 from bpseval.run.catalog import RunCatalog
-from bpseval.views.result import steps_frame
+from bpseval.views.frames import steps_frame
 from tests.conftest import poisson_dataset
 
 DATASETS = ("Allen_2022-04-13", "Allen_2022-05-02")

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
 from bpseval import BpsevalError, ShardWriter
+from bpseval.api import Result
 from bpseval.torch import DistributedBPS, WithSampleIndex
-from bpseval.views.result import Result
 from tests.gloo import run_gloo
 
 BATCH = 4

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bpseval import CellBalancedDistributedSampler
+from bpseval.api import Result
 from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.kernel.cellstats import STAT_FIELDS
 from bpseval.torch import STATE_VERSION, DistributedBPS, WithSampleIndex
-from bpseval.views.result import Result
 from tests.gloo import run_gloo
 
 Call = tuple[str, dict[str, Any]]

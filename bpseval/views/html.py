@@ -25,8 +25,8 @@ from bpseval.features.overview import RunOverview
 from bpseval.features.steps import incomplete_text
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.views.files import write_output
+from bpseval.views.frames import DATASET_METRICS, RunFrames
 from bpseval.views.plot import bps_histogram_figure, figures, png_bytes
-from bpseval.views.result import DATASET_METRICS, Result
 from bpseval.views.text import (
     ATTRIBUTION_HEADER,
     ATTRIBUTION_TOP,
@@ -167,7 +167,7 @@ def command_text(command: Sequence[str] | str | None) -> str:
 # Sections
 
 
-def _header(inputs: RunOverview, result: Result, run_label: str, created: str) -> str:
+def _header(inputs: RunOverview, result: RunFrames, run_label: str, created: str) -> str:
     shards = plural(len(result.files), "shard")
     sub = (
         f"run <code>{_e(run_label)}</code> · step {result.step} · world size {result.world_size} · {shards}"
@@ -214,7 +214,7 @@ def _reason_summary(comparison: Comparison, shown: int = 5) -> list[str]:
     return summary + [reason for reason in comparison.reasons if reason not in labels]
 
 
-def _cards(inputs: RunOverview, result: Result, below: int) -> str:
+def _cards(inputs: RunOverview, result: RunFrames, below: int) -> str:
     overall, cells = result.overall, result.overall.cells
     datasets = len(result.datasets)
 
@@ -252,7 +252,7 @@ def _cards(inputs: RunOverview, result: Result, below: int) -> str:
     return f'<section id="numbers">{rows}</section>'
 
 
-def _notes(inputs: RunOverview, result: Result) -> str:
+def _notes(inputs: RunOverview, result: RunFrames) -> str:
     notes = [_e(warning) for warning in result.warnings]
     excluded = result.overall.datasets_without_ok_cells
     if excluded:
@@ -262,7 +262,7 @@ def _notes(inputs: RunOverview, result: Result) -> str:
     return "".join(f'<p class="note">{note}</p>' for note in notes)
 
 
-def _dataset_table(inputs: RunOverview, result: Result) -> str:
+def _dataset_table(inputs: RunOverview, result: RunFrames) -> str:
     rows, classes = [], []
     for row in result.datasets.itertuples(index=False):
         rows.append(
@@ -311,7 +311,7 @@ def _dataset_table(inputs: RunOverview, result: Result) -> str:
     )
 
 
-def _groups(result: Result) -> str:
+def _groups(result: RunFrames) -> str:
     """The `--group-by` table: every metric per (dataset, value), then per value over all datasets; '' without."""
     if result.group_scores is None:
         return ""
@@ -360,7 +360,7 @@ def _status_list(cells: pd.DataFrame, status: str, reason: str) -> str:
     return f"<h3>{title}</h3>" + _table([("dataset", False), ("cells", True), ("cell (id)", False)], rows)
 
 
-def _unscored(inputs: RunOverview, result: Result) -> str:
+def _unscored(inputs: RunOverview, result: RunFrames) -> str:
     cells = result.cells
     return (
         '<section id="unscored"><h2>Unscored cells</h2>'
@@ -372,7 +372,7 @@ def _unscored(inputs: RunOverview, result: Result) -> str:
     )
 
 
-def _coverage(inputs: RunOverview, result: Result, report: Any, figure_html: str) -> str:
+def _coverage(inputs: RunOverview, result: RunFrames, report: Any, figure_html: str) -> str:
     min_samples = inputs.min_samples
     flagged = report.cells
     parts = [
@@ -417,7 +417,7 @@ def _coverage(inputs: RunOverview, result: Result, report: Any, figure_html: str
     return "".join(parts)
 
 
-def _steps(inputs: RunOverview, result: Result, figure_html: str) -> str:
+def _steps(inputs: RunOverview, result: RunFrames, figure_html: str) -> str:
     steps = inputs.steps
     if len(steps.results) <= 1 and not (steps.incomplete or steps.bad):
         return ""
@@ -537,7 +537,7 @@ def _escaped(rows: list[list[str]]) -> list[list[str]]:
     return [[_e(value) for value in row] for row in rows]
 
 
-def _histograms(inputs: RunOverview, result: Result) -> str:
+def _histograms(inputs: RunOverview, result: RunFrames) -> str:
     items = []
     for name in result.datasets["name"]:
         png = png_bytes(bps_histogram_figure(result, name))
@@ -550,7 +550,7 @@ def _histograms(inputs: RunOverview, result: Result) -> str:
     )
 
 
-def _provenance(command: str, result: Result, created: str) -> str:
+def _provenance(command: str, result: RunFrames, created: str) -> str:
     files = result.files
     listed = "".join(f"<li><code>{_e(path)}</code></li>" for path in files[:64])
     more = f"<li>… and {len(files) - 64} more</li>" if len(files) > 64 else ""
@@ -579,7 +579,7 @@ def render_report(
     `command` is the command line that made it (shown at the bottom, with the bpseval version);
     `run_label` names the run (default: the merged run's directory).
     """
-    result = Result(inputs.scored, inputs.groups)
+    result = RunFrames(inputs.scored, inputs.groups)
     run_label = run_label if run_label is not None else str(inputs.scored.source)
     created_text = (created or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d %H:%M %Z").strip()
     report = coverage_report(inputs.scored, inputs.min_samples)

@@ -1,6 +1,6 @@
 """Pictures of a scored run: per-cell bps, bps against rate, coverage per rank, bps over steps, run vs baseline.
 
-Every `*_figure` function takes library objects (a `Result`, a `ScoredRun`, per-step scored runs, a
+Every `*_figure` function takes library objects (a `Result` or its frames, `RunFrames`, a `ScoredRun`, per-step scored runs, a
 `Comparison`) and returns a matplotlib `Figure`; `write_plots` writes them all to a folder.
 matplotlib is an optional extra (`pip install 'bpseval[plot]'`) and is imported only when a
 figure is made: `import bpseval` never imports it. Figures are drawn on the Agg canvas directly
@@ -28,7 +28,7 @@ from bpseval.features.steps import StepResults
 from bpseval.kernel.stats import OK, SILENT, UNCOVERED
 from bpseval.run.scored import ScoredRun, cell_pairs
 from bpseval.views.files import write_output
-from bpseval.views.result import Result
+from bpseval.views.frames import RunFrames
 from bpseval.views.text import format_bps, plural, samples_status
 
 if TYPE_CHECKING:
@@ -186,13 +186,13 @@ def _edges(low: float, high: float) -> tuple[float, float]:
 # Per-cell bps: one dataset as a histogram, all datasets as a strip plot
 
 
-def _ok_bps(result: Result, dataset: str) -> np.ndarray:
+def _ok_bps(result: RunFrames, dataset: str) -> np.ndarray:
     cells = result.cells
     selected = cells[(cells["dataset"] == dataset) & (cells["status"] == OK)]
     return selected["bps"].to_numpy(float)
 
 
-def bps_histogram_figure(result: Result, dataset: str) -> Figure:
+def bps_histogram_figure(result: RunFrames, dataset: str) -> Figure:
     """The distribution of one dataset's per-cell bps (ok cells), with its mean and pooled bps marked."""
     rows = result.datasets[result.datasets["name"] == dataset]
     if rows.empty:
@@ -249,7 +249,7 @@ def bps_histogram_figure(result: Result, dataset: str) -> Figure:
     return figure
 
 
-def bps_strip_figure(result: Result) -> Figure:
+def bps_strip_figure(result: RunFrames) -> Figure:
     """Every dataset's per-cell bps in one picture: one row per dataset, the mean and pooled bps marked.
 
     Counts of ok, silent and uncovered cells are on the right; cells far outside the bulk are
@@ -330,7 +330,7 @@ def bps_strip_figure(result: Result) -> Figure:
 # bps against the observed rate
 
 
-def bps_rate_figure(result: Result, min_samples: int | None = None) -> Figure:
+def bps_rate_figure(result: RunFrames, min_samples: int | None = None) -> Figure:
     """Per-cell bps against the cell's mean observed rate (spikes per valid bin), log x, coloured by dataset.
 
     Silent cells (rate 0) and uncovered ones cannot be placed and are counted in the title. With
@@ -530,7 +530,7 @@ def steps_figure(results: dict[int, ScoredRun] | StepResults) -> Figure:
 # Run against baseline
 
 
-def matched_cells(new: Result, base: Result) -> pd.DataFrame:
+def matched_cells(new: RunFrames, base: RunFrames) -> pd.DataFrame:
     """Cells of the datasets both sides scored, matched by `run.scored.cell_pairs`.
 
     Columns: dataset, cell_id, bps_base, bps_new, status_base, status_new.
@@ -557,7 +557,7 @@ def matched_cells(new: Result, base: Result) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def compare_figure(new: Result, base: Result, comparison: Comparison | None = None) -> Figure:
+def compare_figure(new: RunFrames, base: RunFrames, comparison: Comparison | None = None) -> Figure:
     """Per-cell bps of the run against the baseline (cells ok on both sides), with the diagonal."""
     pairs = matched_cells(new, base)
     both_ok = pairs[(pairs["status_base"] == OK) & (pairs["status_new"] == OK)]
@@ -615,12 +615,12 @@ def compare_figure(new: Result, base: Result, comparison: Comparison | None = No
 # Everything a picture or a report needs, loaded once
 
 
-def figures(inputs: RunOverview, result: Result | None = None) -> dict[str, Figure]:
+def figures(inputs: RunOverview, result: RunFrames | None = None) -> dict[str, Figure]:
     """Every overview figure of `inputs` by file stem (the per-dataset histograms are separate).
 
-    `result` is `Result(inputs.scored)` when the caller already has it (its frames are built once).
+    `result` is `RunFrames(inputs.scored)` when the caller already has it (its frames are built once).
     """
-    result = result if result is not None else Result(inputs.scored)
+    result = result if result is not None else RunFrames(inputs.scored)
     made = {
         "bps-by-dataset": bps_strip_figure(result),
         "bps-vs-rate": bps_rate_figure(result, inputs.min_samples),
@@ -629,7 +629,7 @@ def figures(inputs: RunOverview, result: Result | None = None) -> dict[str, Figu
     if len(inputs.steps.results) > 1:
         made["bps-over-steps"] = steps_figure(inputs.steps)
     if inputs.baseline is not None:
-        made["compare-cells"] = compare_figure(result, Result(inputs.baseline), inputs.comparison)
+        made["compare-cells"] = compare_figure(result, RunFrames(inputs.baseline), inputs.comparison)
     return made
 
 
@@ -683,7 +683,7 @@ def write_plots(inputs: RunOverview, out_dir: str | os.PathLike[str], fmt: str =
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise BpsevalError(f"{folder}: exists and is not a directory; pass a folder for the pictures.")
-    result = Result(inputs.scored)
+    result = RunFrames(inputs.scored)
     written = [save_figure(figure, folder / f"{stem}.{fmt}", fmt) for stem, figure in figures(inputs, result).items()]
     for name, stem in dataset_stems(inputs.scored.names).items():
         written.append(save_figure(bps_histogram_figure(result, name), folder / f"{stem}.{fmt}", fmt))

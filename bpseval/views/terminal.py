@@ -32,7 +32,7 @@ from bpseval.features.steps import StepResults, incomplete_text
 from bpseval.features.uncertainty import Interval, Intervals
 from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
-from bpseval.views.result import DATASET_METRICS
+from bpseval.views.frames import DATASET_METRICS
 from bpseval.views.text import (
     ATTRIBUTION_HEADER,
     ATTRIBUTION_TOP,

@@ -1,13 +1,13 @@
-"""`Result`: a scored run as pandas frames and as the JSON document of `bpseval compute --json`.
+"""A scored run as pandas frames and as the JSON document of `bpseval compute --json`: what the views show.
 
-A view of `ScoredRun`: the frames are built on first use, so a command that only prints tables
-or JSON never imports pandas.
+`RunFrames` is a view of a `ScoredRun` (with its groups and intervals, when asked for); the public
+`bpseval.Result` (`api.py`) is a `RunFrames` with the methods a user calls. The frames are built on
+first use, so a command that only prints tables or JSON never imports pandas.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,9 +17,8 @@ from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults
 from bpseval.features.uncertainty import Intervals
 from bpseval.kernel.stats import STATUSES
-from bpseval.run.document import check_document, run_document, scored_from_document
+from bpseval.run.document import run_document
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredRun
-from bpseval.views.dashboards import PREFIX, dashboard_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,8 +31,8 @@ CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "n", "spikes", "model_l
 GROUP_COLUMNS = ["dataset", "column", "value", *DATASET_METRICS, *STATUSES]
 
 
-class Result:
-    """What `bpseval compute` reports: `overall` (typed), and the `datasets` and `cells` frames.
+class RunFrames:
+    """A scored run as frames: `overall` (typed), and the `datasets`, `cells` and `groups` frames, and its JSON.
 
     Undefined values are NaN in the frames and null in JSON. `groups` (`--cells` and `--group-by`) adds the
     `groups` frame and the JSON `groups` list; `intervals`, the bootstrap intervals of `compute --ci`
@@ -43,15 +42,6 @@ class Result:
         scored: the scored run.
         groups: every metric per group of cells, when asked for.
         intervals: the bootstrap intervals, when asked for.
-
-    Example:
-        >>> import numpy as np
-        >>> from bpseval.torch import DistributedBPS
-        >>> metric = DistributedBPS()
-        >>> metric.update("session", np.ones((2, 2)), np.array([[0.0, 2.0], [1.0, 0.0]]))
-        >>> result = metric.compute(step=3)
-        >>> result.step, list(result.datasets["name"]), sorted(result.metrics("val_"))[:2]
-        (3, ['session'], ['val_bps/session', 'val_bps_overall'])
     """
 
     def __init__(
@@ -60,9 +50,6 @@ class Result:
         self.scored = scored
         self.group_scores = groups
         self.intervals = intervals
-
-    def __repr__(self) -> str:
-        return f"Result(step={self.step}, datasets={len(self.scored.datasets)}, bps={self.overall.bps:.4f})"
 
     @property
     def step(self) -> int:
@@ -186,29 +173,9 @@ class Result:
             document["ci"] = plain(self.intervals.settings.to_dict())
         return document
 
-    def metrics(self, prefix: str = PREFIX, *, keep_undefined: bool = False) -> dict[str, float]:
-        """The headline numbers as one flat dict for dashboards and loggers, under the Lightning callback's names.
-
-        The keys are `bpseval.views.dashboards.metric_keys` of this run's datasets:
-        `{prefix}<metric>_overall` for each of `DATASET_METRICS` (bps, bps_pooled, pseudo_r2,
-        pseudo_r2_pooled, corr), then `{prefix}<metric>/<dataset>` for each dataset. Undefined values
-        are left out, not NaN (a dashboard would draw NaN as a gap or zero); `keep_undefined` keeps
-        them as NaN, for a logger whose monitors expect every key every epoch.
-        """
-        return dashboard_metrics(self.scored, prefix, keep_undefined=keep_undefined)
-
     def to_json(self) -> str:
         """`to_dict` as strict JSON (no NaN or Infinity), one line per dataset and per cell."""
         return json_text(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, document: dict[str, Any]) -> Result:
-        """A Result back from its JSON document (`to_dict`), numbers as they were written; null becomes NaN.
-
-        The document is checked as a baseline is: one that no run could produce raises BaselineError.
-        """
-        check_document(document, Path("the document given to Result.from_dict"))
-        return cls(scored_from_document(document))
 
 
 STEP_COLUMNS = ["step", "world_size", *DATASET_METRICS, *STATUSES]
