@@ -10,7 +10,7 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval.errors import ArgumentError
-from bpseval.features.groups import group_run, grouping_table
+from bpseval.features.groups import group_run, grouping_table, load_exclusions
 from bpseval.features.uncertainty import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings, intervals
 from bpseval.kernel.batch import Batch
 from bpseval.kernel.stats import InvalidValuesError, batch_stats, cell_scores
@@ -93,6 +93,7 @@ def evaluate(
     ci_over: str = "blocks",
     ci_resamples: int = DEFAULT_RESAMPLES,
     ci_seed: int = DEFAULT_SEED,
+    exclude_cells: str | os.PathLike[str] | None = None,
     **merge_options: Any,
 ) -> Result:
     """Merge the shards of one step of `run_dir` (default: the latest complete one) and score them exactly.
@@ -109,6 +110,8 @@ def evaluate(
         ci_over: resample "blocks" of samples (`blocks` per dataset of raw shards, default 100) or "cells".
         ci_resamples: how many resamples.
         ci_seed: their seed.
+        exclude_cells: a table of cells (CSV: dataset, cell or cell_id, and an optional reason) to leave out of
+            every number; they are `excluded` in the cells frame, and the warnings name them.
         merge_options: to `merge_run`: `jobs`, `scheduler`, `on_progress`, `blocks`, `cache`.
 
     Returns:
@@ -126,7 +129,8 @@ def evaluate(
         >>> result.step, result.world_size, round(result.overall.bps, 6)
         (4, 2, 0.182477)
     """
-    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)  # checked before the merge
+    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)  # checked before the merge
+    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples, exclusions=exclusions)
     table = grouping_table(cells, group_by)
     wanted = None if ci is None else IntervalSettings(ci, ci_over, ci_resamples, ci_seed)
     if wanted is not None and wanted.over == "blocks":

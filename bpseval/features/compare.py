@@ -44,7 +44,7 @@ import numpy as np
 from bpseval._json import plain
 from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
-from bpseval.features.groups import cell_groups, grouping_table
+from bpseval.features.groups import cell_groups, grouping_table, load_exclusions
 from bpseval.features.uncertainty import (
     check_resamples,
     estimates,
@@ -58,12 +58,15 @@ from bpseval.kernel.stats import OK, UNCOVERED
 from bpseval.run.document import read_document
 from bpseval.run.merge import merge_run
 from bpseval.run.scored import (
+    Exclusions,
     Overall,
     ScoredDataset,
     ScoredRun,
+    ScoreSettings,
     cell_pairs,
     overall_of,
     score_run,
+    with_exclusions,
 )
 
 if TYPE_CHECKING:
@@ -98,19 +101,25 @@ def load_run(
     blocks: int | None = None,
     *,
     pass_over: bool = True,
+    exclusions: Exclusions | None = None,
     **merge_options: Any,
 ) -> Side:
     """A run directory as a comparison side, with per-block statistics when `blocks` is given (`pass_over`: see
-    `RunCatalog.select`)."""
-    return Side(str(run_dir), score_run(merge_run(run_dir, step, blocks=blocks, pass_over=pass_over, **merge_options)))
+    `RunCatalog.select`), and the cells of `exclusions` excluded."""
+    merged = merge_run(run_dir, step, blocks=blocks, pass_over=pass_over, **merge_options)
+    return Side(str(run_dir), score_run(merged, ScoreSettings(exclusions=exclusions)))
 
 
-def load_baseline(path: str | os.PathLike[str], blocks: int | None = None, **merge_options: Any) -> Side:
-    """A baseline: a run directory, or a JSON file written by `bpseval baseline` or `compute --json`."""
+def load_baseline(
+    path: str | os.PathLike[str], blocks: int | None = None, exclusions: Exclusions | None = None, **merge_options: Any
+) -> Side:
+    """A baseline: a run directory, or a JSON file written by `bpseval baseline` or `compute --json`; the cells of
+    `exclusions` excluded, as in the run."""
     source = Path(path)
     if source.is_dir():
-        return load_run(source, blocks=blocks, **merge_options)
-    return Side(str(source), read_document(source))
+        return load_run(source, blocks=blocks, exclusions=exclusions, **merge_options)
+    scored = read_document(source)
+    return Side(str(source), scored if exclusions is None else with_exclusions(scored, exclusions))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,19 +626,22 @@ def compare_paths(
     *,
     cells: str | os.PathLike[str] | None = None,
     group_by: str | None = None,
+    exclude_cells: str | os.PathLike[str] | None = None,
     **merge_options: Any,
 ) -> Comparison:
     """Load both sides (with block statistics only when a paired test may be needed) and compare.
 
     The run's step is `step`, or its latest step, which must then be complete (an incomplete one is a
     RunError naming the missing ranks, never a verdict on an older step); a baseline run directory
-    gives the step `bpseval baseline` would write. With a cell table `cells` and one of its columns `group_by`, each failed metric's change is also
-    summed per group of the run's cells; the table is checked before anything is merged.
+    gives the step `bpseval baseline` would write. With a cell table `cells` and one of its columns `group_by`, each
+    failed metric's change is also summed per group of the run's cells; the table is checked before anything is
+    merged. The cells of the table `exclude_cells` are excluded on both sides.
     """
     table = grouping_table(cells, group_by)
     blocks = settings.blocks if settings.significance is not None else None
-    new = load_run(run_dir, step, blocks, pass_over=False, **merge_options)  # its latest step only when complete
-    base = load_baseline(baseline, blocks, **merge_options)
+    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+    new = load_run(run_dir, step, blocks, pass_over=False, exclusions=exclusions, **merge_options)  # latest if complete
+    base = load_baseline(baseline, blocks, exclusions, **merge_options)
     if table is None or group_by is None:
         return compare(new, base, settings)
     assigned = cell_groups(table, new.scored, group_by)

@@ -10,16 +10,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bpseval._json import plain
-from bpseval.kernel.stats import SILENT, UNCOVERED
+from bpseval.features.groups import load_exclusions
+from bpseval.kernel.stats import EXCLUDED, SILENT, UNCOVERED
 from bpseval.run.merge import merge_run
-from bpseval.run.scored import ScoredDataset, ScoredRun, score_run
+from bpseval.run.scored import ScoredDataset, ScoredRun, ScoreSettings, score_run
 
 if TYPE_CHECKING:
     import pandas as pd
 
-DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "min_n_valid"]
+DATASET_COLUMNS = ["name", "cells", "below", "uncovered", "silent", "excluded", "min_n_valid"]
 CELL_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "spikes", "per_rank", "status", "reasons"]
 ZERO_RANK_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "per_rank", "ranks_without"]
+EXCLUDED_COLUMNS = ["dataset", "cell", "cell_id", "n_valid", "per_rank", "reason"]
 
 
 @dataclass
@@ -34,6 +36,8 @@ class CoverageReport:
     datasets: pd.DataFrame
     cells: pd.DataFrame
     zero_on_some_rank: pd.DataFrame
+    excluded: pd.DataFrame | None = None
+    """The cells left out on purpose (`--exclude-cells`), with their reasons: in no threshold and no list above."""
     warnings: list[str] = field(default_factory=list)
     """What the merge said (steps passed over, files skipped, ...): said, never dropped."""
 
@@ -53,6 +57,7 @@ class CoverageReport:
                 "datasets": self.datasets.to_dict(orient="records"),
                 "cells": self.cells.to_dict(orient="records"),
                 "zero_on_some_rank": self.zero_on_some_rank.to_dict(orient="records"),
+                "excluded": [] if self.excluded is None else self.excluded.to_dict(orient="records"),
                 "warnings": self.warnings,
             }
         )
@@ -80,16 +85,18 @@ def coverage_report(
     """
     import pandas as pd
 
-    summaries, flagged, zero_ranks = [], [], []
+    summaries, flagged, zero_ranks, excluded = [], [], [], []
+    exclusions = run.settings.exclusions
     for dataset in run.datasets:
         total = dataset.stats
         status = dataset.scores.status
+        left_out = status == EXCLUDED
         if rank_valid is not None and dataset.name in rank_valid:
             per_rank = rank_valid[dataset.name].T
         else:
             per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
-        below = total.n_valid < min_samples
-        few_spikes = total.spikes < min_spikes if min_spikes is not None else np.zeros_like(below)
+        below = (total.n_valid < min_samples) & ~left_out
+        few_spikes = (total.spikes < min_spikes) & ~left_out if min_spikes is not None else np.zeros_like(below)
         summaries.append(
             {
                 "name": dataset.name,
@@ -97,6 +104,7 @@ def coverage_report(
                 "below": int(below.sum()),
                 "uncovered": int((status == UNCOVERED).sum()),
                 "silent": int((status == SILENT).sum()),
+                "excluded": int(left_out.sum()),
                 "min_n_valid": int(total.n_valid.min()) if len(status) else 0,
             }
         )
@@ -104,7 +112,11 @@ def coverage_report(
             reasons = ["below_min_samples"] * bool(below[cell]) + ["below_min_spikes"] * bool(few_spikes[cell])
             fields = {"spikes": float(total.spikes[cell]), "status": str(status[cell]), "reasons": reasons}
             flagged.append(_cell_row(dataset, cell, per_rank, **fields))
-        without = per_rank == 0
+        why = {} if exclusions is None else exclusions.reasons(dataset.name, dataset.cell_ids)
+        excluded += [
+            _cell_row(dataset, cell, per_rank, reason=why.get(cell, "")) for cell in np.flatnonzero(left_out).tolist()
+        ]
+        without = (per_rank == 0) & ~left_out[:, None]
         for cell in np.flatnonzero(without.any(axis=1)).tolist():
             zero_ranks.append(_cell_row(dataset, cell, per_rank, ranks_without=np.flatnonzero(without[cell]).tolist()))
     return CoverageReport(
@@ -115,6 +127,7 @@ def coverage_report(
         datasets=pd.DataFrame(summaries, columns=DATASET_COLUMNS),
         cells=pd.DataFrame(flagged, columns=CELL_COLUMNS),
         zero_on_some_rank=pd.DataFrame(zero_ranks, columns=ZERO_RANK_COLUMNS),
+        excluded=pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS),
         warnings=list(run.warnings),
     )
 
@@ -137,6 +150,7 @@ def check_coverage(
     *,
     step: int | None = None,
     min_spikes: float | None = None,
+    exclude_cells: str | os.PathLike[str] | None = None,
     **merge_options: Any,
 ) -> CoverageReport:
     """Merge one step of `run_dir` (default: the latest) and report which cells have too few valid samples.
@@ -146,6 +160,7 @@ def check_coverage(
         min_samples: a cell with fewer valid samples than this is below.
         step: the step (None: the latest complete one).
         min_spikes: also below: a cell with fewer spikes than this.
+        exclude_cells: a table of cells to leave out (`--exclude-cells`): listed as excluded, never below.
         merge_options: to `merge_run` (`jobs`, `scheduler`, `cache`, ...).
 
     Returns:
@@ -165,6 +180,7 @@ def check_coverage(
         >>> report.datasets[["name", "cells", "below", "min_n_valid"]].values.tolist()
         [['session', 2, 2, 6]]
     """
+    settings = ScoreSettings(exclusions=None if exclude_cells is None else load_exclusions(exclude_cells))
     merged = merge_run(run_dir, step, **merge_options)
     rank_valid = {dataset.name: dataset.rank_valid for dataset in merged.datasets}
-    return coverage_report(score_run(merged), min_samples, min_spikes, rank_valid)
+    return coverage_report(score_run(merged, settings), min_samples, min_spikes, rank_valid)

@@ -22,7 +22,7 @@ import numpy as np
 
 from bpseval._sidefiles import TABLE_BYTES, SideFileError, read_text
 from bpseval.errors import ArgumentError
-from bpseval.run.scored import Overall, ScoredDataset, ScoredRun, overall_of, select_cells
+from bpseval.run.scored import Exclusions, Overall, ScoredDataset, ScoredRun, overall_of, select_cells
 
 DATASET_COLUMN, INDEX_COLUMN, ID_COLUMN = "dataset", "cell", "cell_id"
 CELLS_NAMED = 8
@@ -44,60 +44,62 @@ class CellTable:
     """The line of the file each cell was read from, for messages."""
 
 
-def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
+def load_cell_table(path: str | os.PathLike[str], option: str = "--cells") -> CellTable:
     """Read and check a cell table (CSV with a header row); ArgumentError naming the file, line and column otherwise.
 
     Refused: a file that cannot be read or is empty, no `dataset` column, neither `cell` nor `cell_id`, repeated
     column names, rows of the wrong length, a `cell` that is not written in the ASCII digits 0-9 alone (no sign,
     space, underscore, or other script's digits), an empty `dataset` or key, and two rows for one cell with
-    different values (identical repeats are kept once).
+    different values (identical repeats are kept once). Messages name the table by `option`, which gave it.
     """
     try:
         records = list(csv.reader(io.StringIO(read_text(path, TABLE_BYTES, "utf-8-sig"), newline="")))
     except (SideFileError, csv.Error) as error:
         reason = error.reason if isinstance(error, SideFileError) else str(error)
-        raise ArgumentError(f"--cells {path}: cannot be read as a UTF-8 CSV table ({reason}).") from None
+        raise ArgumentError(f"{option} {path}: cannot be read as a UTF-8 CSV table ({reason}).") from None
     if not records:
         raise ArgumentError(
-            f"--cells {path}: the file is empty; give a CSV table with a header row (dataset, cell or cell_id, and"
+            f"{option} {path}: the file is empty; give a CSV table with a header row (dataset, cell or cell_id, and"
             " the columns to group by) and one row per cell."
         )
     columns = records[0]
     repeated = sorted({name for name in columns if columns.count(name) > 1})
     if repeated:
-        raise ArgumentError(f"--cells {path}: line 1 names the column {repeated[0]!r} twice; name each column once.")
+        raise ArgumentError(f"{option} {path}: line 1 names the column {repeated[0]!r} twice; name each column once.")
     if DATASET_COLUMN not in columns:
         raise ArgumentError(
-            f"--cells {path}: line 1 has no column 'dataset' (columns: {', '.join(map(repr, columns))}); add the"
+            f"{option} {path}: line 1 has no column 'dataset' (columns: {', '.join(map(repr, columns))}); add the"
             " dataset name of each cell."
         )
     if INDEX_COLUMN not in columns and ID_COLUMN not in columns:
         raise ArgumentError(
-            f"--cells {path}: line 1 has neither a 'cell' column (0-based index of the cell within its dataset)"
+            f"{option} {path}: line 1 has neither a 'cell' column (0-based index of the cell within its dataset)"
             " nor a 'cell_id' column (the shards' cell_ids); add one of them."
         )
     if len(records) == 1:
-        raise ArgumentError(f"--cells {path}: the table has a header but no row; add one row per cell.")
+        raise ArgumentError(f"{option} {path}: the table has a header but no row; add one row per cell.")
     key = INDEX_COLUMN if INDEX_COLUMN in columns else ID_COLUMN
     rows: dict[tuple[str, str], dict[str, str]] = {}
     lines: dict[tuple[str, str], int] = {}
     for line, record in enumerate(records[1:], start=2):
         if len(record) != len(columns):
             raise ArgumentError(
-                f"--cells {path}: line {line} has {len(record)} fields, the header {len(columns)}; give every row"
+                f"{option} {path}: line {line} has {len(record)} fields, the header {len(columns)}; give every row"
                 " one value per column (empty for none)."
             )
         values = dict(zip(columns, record, strict=True))
         for name in (DATASET_COLUMN, key):
             if values[name] == "":
-                raise ArgumentError(f"--cells {path}: line {line}, column {name!r} is empty; every row names its cell.")
+                raise ArgumentError(
+                    f"{option} {path}: line {line}, column {name!r} is empty; every row names its cell."
+                )
         if key == INDEX_COLUMN:
-            values[key] = _cell_index(values[key], path, line)
+            values[key] = _cell_index(values[key], path, line, option)
         cell = (values[DATASET_COLUMN], values[key])
         if cell in rows and rows[cell] != values:
             differing = next(name for name in columns if rows[cell][name] != values[name])
             raise ArgumentError(
-                f"--cells {path}: lines {lines[cell]} and {line} both describe dataset {cell[0]!r} {key} {cell[1]}"
+                f"{option} {path}: lines {lines[cell]} and {line} both describe dataset {cell[0]!r} {key} {cell[1]}"
                 f" with different values (column {differing!r}: {rows[cell][differing]!r} and {values[differing]!r});"
                 " keep one row per cell."
             )
@@ -109,12 +111,12 @@ def load_cell_table(path: str | os.PathLike[str]) -> CellTable:
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _cell_index(text: str, path: str | os.PathLike[str], line: int) -> str:
+def _cell_index(text: str, path: str | os.PathLike[str], line: int, option: str) -> str:
     """A `cell` field (the ASCII digits 0-9 alone) as the text of its whole number, or ArgumentError naming the
     line. Python's int() would also take `1_0`, `+3`, ` 4 ` and other scripts' digits."""
     if not _DIGITS.fullmatch(text):
         raise ArgumentError(
-            f"--cells {path}: line {line}, column 'cell': {text!r} is not a cell index (a whole number >= 0 in the"
+            f"{option} {path}: line {line}, column 'cell': {text!r} is not a cell index (a whole number >= 0 in the"
             " digits 0-9 alone, the cell's position within its dataset, from 0); fix the value, or use a 'cell_id'"
             " column instead."
         )
@@ -144,6 +146,30 @@ def grouping_table(cells: str | os.PathLike[str] | None, group_by: str | None) -
     table = load_cell_table(cells)
     check_group_column(table, group_by)
     return table
+
+
+REASON_COLUMN = "reason"
+
+
+def load_exclusions(path: str | os.PathLike[str]) -> Exclusions:
+    """The cells to leave out of every number (`--exclude-cells`): a cell table (`load_cell_table`) with the columns
+    dataset, cell or cell_id, and an optional reason; ArgumentError naming the file and what is wrong otherwise.
+
+    Args:
+        path: the CSV table.
+
+    Returns:
+        The exclusions, which `ScoreSettings(exclusions=...)` applies.
+    """
+    table = load_cell_table(path, "--exclude-cells")
+    extra = [name for name in table.columns if name not in (DATASET_COLUMN, INDEX_COLUMN, ID_COLUMN, REASON_COLUMN)]
+    if extra:
+        raise ArgumentError(
+            f"--exclude-cells {path}: line 1 names the column {extra[0]!r}; the table has the columns dataset, cell"
+            " (or cell_id) and an optional reason."
+        )
+    cells = tuple((dataset, key, row.get(REASON_COLUMN, "")) for (dataset, key), row in sorted(table.rows.items()))
+    return Exclusions(str(path), table.key, cells)
 
 
 @dataclass(frozen=True)

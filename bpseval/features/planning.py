@@ -17,6 +17,7 @@ import numpy as np
 
 from bpseval._arrays import to_numpy
 from bpseval.errors import ArgumentError, BpsevalError
+from bpseval.run.scored import Exclusions
 from bpseval.shard.format import FORMAT
 
 if TYPE_CHECKING:
@@ -218,6 +219,30 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return masks
 
 
+def exclude_from_plans(plans: dict[str, pd.DataFrame], exclusions: Exclusions) -> list[str]:
+    """Mark the cells of `exclusions` in `plans` (in place): their `excluded` column holds the reason ("" for none,
+    None for a cell not excluded), and they are never `below` nor flagged for a rank without samples.
+
+    Returns:
+        The lines that say which cells were excluded, and which rows of the table name no cell of the masks.
+
+    Raises:
+        ArgumentError: a table of cell ids, which masks do not have (they know cells by index).
+    """
+    if exclusions.by != "cell":
+        raise ArgumentError(
+            f"--exclude-cells {exclusions.source}: plan knows the cells of a mask by their index; give the table a"
+            " 'cell' column (0-based index within its dataset) instead of 'cell_id'."
+        )
+    for name, frame in plans.items():
+        reasons = exclusions.reasons(name, frame["cell"].to_numpy())
+        excluded = frame["cell"].isin(list(reasons))
+        frame["excluded"] = [reasons.get(cell) for cell in frame["cell"].tolist()]
+        frame.loc[excluded, "below"] = False
+        frame["zero_ranks"] = [[] if out else ranks for out, ranks in zip(excluded, frame["zero_ranks"], strict=True)]
+    return exclusions.lines([(name, frame["cell"].to_numpy()) for name, frame in plans.items()])
+
+
 def plan_to_dict(plans: dict[str, pd.DataFrame], settings: dict[str, Any]) -> dict[str, Any]:
     """The JSON document of `bpseval plan --json`: settings, then per mask its flagged cells."""
     datasets = []
@@ -239,6 +264,11 @@ def plan_to_dict(plans: dict[str, pd.DataFrame], settings: dict[str, Any]) -> di
                         "below": bool(row["below"]),
                     }
                     for _, row in flagged.iterrows()
+                ],
+                "excluded": [
+                    {"cell": int(row["cell"]), "reason": row["excluded"]}
+                    for _, row in frame.iterrows()
+                    if "excluded" in frame.columns and row["excluded"] is not None
                 ],
             }
         )

@@ -41,7 +41,7 @@ import numpy as np
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.metrics import sums_needed
-from bpseval.kernel.stats import CellScores, reduce_rows
+from bpseval.kernel.stats import EXCLUDED, CellScores, reduce_rows
 from bpseval.run.scored import (
     SUMMARY_METRICS,
     ScoredDataset,
@@ -227,6 +227,8 @@ class Units:
 
     stats: CellStats
     scores: CellScores | None = None
+    excluded: np.ndarray | None = None
+    """The dataset's excluded cells, which a drawn block's scores mark excluded too (`marked_scores`)."""
 
     @property
     def count(self) -> int:
@@ -235,7 +237,9 @@ class Units:
 
 def units_of(dataset: ScoredDataset, over: str) -> Units:
     """The dataset's units of a draw: its blocks holding a valid entry (`over` "blocks"), or its cells."""
-    return Units(dataset.stats, dataset.scores) if over == "cells" else Units(resampled_blocks(dataset))
+    if over == "cells":
+        return Units(dataset.stats, dataset.scores)
+    return Units(resampled_blocks(dataset), excluded=dataset.scores.status == EXCLUDED)
 
 
 def resampled_blocks(dataset: ScoredDataset) -> CellStats:
@@ -345,7 +349,8 @@ def _drawn(units: Units, drawn: np.ndarray, settings: ScoreSettings, needs: tupl
     if units.scores is not None and drawn.shape[1] > 0:
         return _drawn_cells(units.stats, units.scores, drawn, settings)
     stats, without = _drawn_blocks(units.stats, drawn, needs)
-    return (stats, marked_scores(stats, settings)), (without, marked_scores(without, settings))
+    excluded = units.excluded
+    return (stats, marked_scores(stats, settings, excluded)), (without, marked_scores(without, settings, excluded))
 
 
 def _drawn_blocks(units: CellStats, drawn: np.ndarray, needs: tuple[str, ...]) -> tuple[CellStats, CellStats]:

@@ -9,8 +9,8 @@ A dataset's number is a ratio of sums over the cells that take part, Σ numerato
 
 - a mean (`MEAN`: bps, pseudo_r2, corr) takes the `ok` cells where the cell's value is defined, with
   numerator the value and denominator 1;
-- a pooled number (`POOLED`: bps_pooled, pseudo_r2_pooled) takes every covered cell (ok, low and silent), with
-  the numerator and denominator its declaration gives.
+- a pooled number (`POOLED`: bps_pooled, pseudo_r2_pooled) takes every covered cell (ok, low and silent; not an
+  excluded one), with the numerator and denominator its declaration gives.
 
 The run's number (and a group's over several datasets) is, for a mean, the mean of the datasets' numbers
 where they are defined, and for a pooled number the same ratio over every dataset's cells. Any `overflow`
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bpseval.kernel.cellstats import GREATEST_FIELDS, LEAST_FIELDS, STAT_FIELDS, CellStats
-from bpseval.kernel.stats import LN2, OK, OVERFLOW, UNCOVERED, CellScores
+from bpseval.kernel.stats import EXCLUDED, LN2, OK, OVERFLOW, UNCOVERED, CellScores
 
 MEAN, POOLED = "mean", "pooled"
 
@@ -73,7 +73,7 @@ class Metric:
                 denominator = takes_part.astype(np.float64)
             else:
                 assert self.denominator is not None
-                takes_part = scores.status != UNCOVERED
+                takes_part = (scores.status != UNCOVERED) & (scores.status != EXCLUDED)
                 denominator = np.where(takes_part, self.denominator(scores, stats), 0.0)
         return np.where(takes_part, value, 0.0), denominator, takes_part
 

@@ -44,7 +44,8 @@ LN2 = math.log(2.0)
 MIN_RATE = 1e-9
 RATE_KINDS = ("rate", "log_rate")
 OK, SILENT, UNCOVERED, OVERFLOW, LOW = "ok", "silent", "uncovered", "overflow", "low"
-STATUSES = (OK, SILENT, UNCOVERED, OVERFLOW, LOW)
+EXCLUDED = "excluded"
+STATUSES = (OK, SILENT, UNCOVERED, OVERFLOW, LOW, EXCLUDED)
 """`overflow`: a covered cell whose float64 sums, ll_gain or bps are not finite (extreme but finite inputs,
 e.g. spike counts near 1e308, log-rates near 700 over many samples, subnormal spike counts). Its bps is
 undefined, and so are the bps and bps_pooled of its dataset and of the whole run: no number is reported
@@ -52,7 +53,11 @@ that silently leaves it out.
 
 `low`: a cell that would be `ok` but has fewer valid samples than the scoring setting `min_samples`
 (never set by `cell_scores`). Its bps is kept, but left out of the means; it stays in bps_pooled, which
-pools every covered cell."""
+pools every covered cell.
+
+`excluded`: a cell the user left out on purpose (`--exclude-cells`: a unit known to be dead, say), whatever
+its sums (never set by `cell_scores`). It takes part in no number and fails no coverage gate, and every
+output lists it as excluded."""
 
 
 def reduce_rows(stats: CellStats, counts: Any = None, fields: tuple[str, ...] = STAT_FIELDS) -> CellStats:

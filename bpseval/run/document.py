@@ -22,7 +22,7 @@ from bpseval._sidefiles import DOCUMENT_BYTES, DOCUMENT_DEPTH, SideFileError, re
 from bpseval._version import __version__
 from bpseval.errors import BaselineError
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
-from bpseval.kernel.stats import LOW, MIN_RATE, OK, OVERFLOW, STATUSES, CellScores, cell_scores
+from bpseval.kernel.stats import EXCLUDED, LOW, MIN_RATE, OK, OVERFLOW, STATUSES, CellScores, cell_scores
 from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredDataset, ScoredRun, ScoreSettings
@@ -266,7 +266,8 @@ SCORE_RTOL = 1e-9
 
 def _check_cell_sums(cells: list[tuple[int, dict[str, Any]]], samples: int, refuse: Any) -> None:
     """The sums contract for a baseline's cells: n_valid, n, spikes and model_ll that some data gives
-    (`checked_sums`), and ll_gain, bps and status that are what those sums score. Overflow cells hold no sums.
+    (`checked_sums`), and ll_gain, bps and status that are what those sums score (or `low` for ok, or
+    `excluded` for any). Overflow cells hold no sums.
     """
     kept = [(position, cell) for position, cell in cells if cell["status"] != OVERFLOW]
     fields = {"n_valid": "n_valid", "weight": "n", "spikes": "spikes", "model_ll": "model_ll"}
@@ -284,7 +285,7 @@ def _check_cell_sums(cells: list[tuple[int, dict[str, Any]]], samples: int, refu
     scores = cell_scores(stats)
     for row, (position, cell) in enumerate(kept):
         status = str(scores.status[row])
-        if cell["status"] != status and not (cell["status"] == LOW and status == OK):
+        if cell["status"] not in (status, EXCLUDED) and not (cell["status"] == LOW and status == OK):
             raise refuse(f"cells[{position}].status", f"is {cell['status']!r}, but its sums score {status!r}")
         for key in ("ll_gain", "bps"):
             expected, written = float(getattr(scores, key)[row]), cell[key]

@@ -18,9 +18,58 @@ import numpy as np
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.metrics import METRICS
-from bpseval.kernel.stats import LOW, MIN_RATE, OK, OVERFLOW, CellScores, cell_scores, status_counts
+from bpseval.kernel.stats import EXCLUDED, LOW, MIN_RATE, OK, OVERFLOW, CellScores, cell_scores, status_counts
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.merge import MergedDataset, MergedRun
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Cells left out of every number on purpose (`--exclude-cells`), each with its reason ("" when none given).
+
+    Matched by dataset name and either the cell's index in its dataset (`by` "cell") or its cell id as text
+    (`by` "cell_id").
+    """
+
+    source: str
+    """The table they were read from, for messages and the document's settings."""
+    by: str
+    cells: tuple[tuple[str, str, str], ...]
+    """(dataset, index or cell id as text, reason) of every excluded cell."""
+
+    def reasons(self, name: str, cell_ids: np.ndarray) -> dict[int, str]:
+        """The excluded cells of the dataset `name` (with these cell ids), by index, each with its reason."""
+        wanted = {key: reason for dataset, key, reason in self.cells if dataset == name}
+        keys = [str(index) for index in range(len(cell_ids))] if self.by == "cell" else map(str, cell_ids.tolist())
+        return {index: wanted[key] for index, key in enumerate(keys) if key in wanted}
+
+    def mask(self, name: str, cell_ids: np.ndarray) -> np.ndarray:
+        """Which cells of the dataset `name` are excluded."""
+        excluded = np.zeros(len(cell_ids), dtype=bool)
+        excluded[list(self.reasons(name, cell_ids))] = True
+        return excluded
+
+    def lines(self, datasets: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+        """One line per dataset (name, cell ids) with excluded cells, each named with its reason, and one for the
+        rows of the table that name no cell of `datasets`: what every command says about the exclusions."""
+        lines, found = [], set()
+        for name, cell_ids in datasets:
+            reasons = self.reasons(name, cell_ids)
+            keys = {index: str(index) if self.by == "cell" else str(cell_ids[index]) for index in reasons}
+            if reasons:
+                named = ", ".join(
+                    f"{self.by} {keys[index]}" + (f" ({why})" if why else "") for index, why in reasons.items()
+                )
+                count = f"{len(reasons)} cell{'s' * (len(reasons) != 1)}"
+                lines.append(f"dataset {name!r}: {count} excluded by {self.source}: {named}")
+            found |= {(name, key) for key in keys.values()}
+        unknown = [(dataset, key) for dataset, key, _ in self.cells if (dataset, key) not in found]
+        if unknown:
+            shown = ", ".join(f"dataset {dataset!r} {self.by} {key}" for dataset, key in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            count = f"{len(unknown)} cell{'s' * (len(unknown) != 1)}"
+            lines.append(f"{self.source} names {count} that the run does not hold: {shown}{more}")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -34,6 +83,8 @@ class ScoreSettings:
     min_samples: int = 0
     """Cells that would be ok with fewer valid samples than this are `low`: left out of the means, kept in the
     pooled number. 0 (or 1) marks no cell."""
+    exclusions: Exclusions | None = None
+    """Cells marked `excluded`: in no number, in no coverage gate, and listed as excluded in every output."""
 
     def __post_init__(self) -> None:
         value = self.min_samples
@@ -46,6 +97,7 @@ class ScoreSettings:
             "min_rate": self.min_rate,
             "duplicate_rhat_rtol": self.duplicate_rhat_rtol,
             "min_samples": int(self.min_samples),
+            **({"exclude_cells": self.exclusions.source} if self.exclusions is not None else {}),
         }
 
 
@@ -167,16 +219,21 @@ class ScoredRun:
         return digest.hexdigest()
 
 
-def marked_scores(stats: CellStats, settings: ScoreSettings = DEFAULT_SETTINGS) -> CellScores:
+def marked_scores(
+    stats: CellStats, settings: ScoreSettings = DEFAULT_SETTINGS, excluded: np.ndarray | None = None
+) -> CellScores:
     """`cell_scores` with the settings applied, for statistics of any shape (cells, or (replicates, cells)).
 
     The one place where the settings change the scores: ok cells with fewer than `settings.min_samples`
-    valid samples become `low`, which the means leave out and the pooled number keeps.
+    valid samples become `low`, which the means leave out and the pooled number keeps; the cells of
+    `excluded` (a mask over the cells, from `settings.exclusions`) become `excluded`, in no number.
     """
     scores = cell_scores(stats)
     if settings.min_samples > 1:
         low = (scores.status == OK) & (stats.n_valid < settings.min_samples)
         scores = scores.with_status(np.where(low, LOW, scores.status))
+    if excluded is not None and excluded.any():
+        scores = scores.with_status(np.where(excluded, EXCLUDED, scores.status))
     return scores
 
 
@@ -185,7 +242,8 @@ def score_dataset(
 ) -> ScoredDataset:
     """Score every cell of a merged dataset and summarise it (`stats`: its total, when already added up)."""
     total = merged.total if stats is None else stats
-    scores = marked_scores(total, settings)
+    excluded = None if settings.exclusions is None else settings.exclusions.mask(merged.name, merged.cell_ids)
+    scores = marked_scores(total, settings, excluded)
     return ScoredDataset(
         name=merged.name,
         cell_ids=merged.cell_ids,
@@ -328,7 +386,15 @@ def score(
         datasets=scored,
         overall=overall_of(scored, settings.clamp_negative),
         settings=settings,
-        warnings=[*warnings, *(_overflow_warning(dataset) for dataset in scored if dataset.cells[OVERFLOW])],
+        warnings=[
+            *warnings,
+            *(_overflow_warning(dataset) for dataset in scored if dataset.cells[OVERFLOW]),
+            *(
+                settings.exclusions.lines([(d.name, d.cell_ids) for d in scored])
+                if settings.exclusions is not None
+                else []
+            ),
+        ],
         source=source,
     )
 
@@ -354,4 +420,27 @@ def score_run(run: MergedRun, settings: ScoreSettings = DEFAULT_SETTINGS) -> Sco
         warnings=run.warnings,
         source=str(run.run_dir),
         settings=settings,
+    )
+
+
+def with_exclusions(scored: ScoredRun, exclusions: Exclusions) -> ScoredRun:
+    """A scored run as written (a baseline document) with `exclusions` applied as scoring applies them: the cells
+    marked `excluded` (`marked_scores`' rule) and every number summarised again without them."""
+    settings = replace(scored.settings, exclusions=exclusions)
+    datasets = []
+    for dataset in scored.datasets:
+        excluded = exclusions.mask(dataset.name, dataset.cell_ids)
+        if not excluded.any():
+            datasets.append(dataset)
+            continue
+        scores = dataset.scores.with_status(np.where(excluded, EXCLUDED, dataset.scores.status))
+        datasets.append(
+            replace(dataset, scores=scores, **dataset_numbers(scores, dataset.stats, settings.clamp_negative))
+        )
+    return replace(
+        scored,
+        datasets=datasets,
+        overall=overall_of(datasets, settings.clamp_negative),
+        settings=settings,
+        warnings=[*scored.warnings, *exclusions.lines([(d.name, d.cell_ids) for d in datasets])],
     )
