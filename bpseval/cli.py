@@ -762,7 +762,7 @@ def compare(
         typer.Option(
             "--top",
             min=1,
-            help=f"Cells (and groups) of each failed metric's change shown. [default: {PRINTED_TOP} printed,"
+            help=f"Cells (and groups) of each failed metric's change shown. \\[default: {PRINTED_TOP} printed,"
             f" {ATTRIBUTION_TOP} in --markdown]",
         ),
     ] = None,
