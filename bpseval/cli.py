@@ -41,6 +41,7 @@ from bpseval.views.dashboards import metrics_json, metrics_lines, require_tensor
 from bpseval.views.documents import compare_junit, compare_markdown
 from bpseval.views.files import check_outputs, write_csv, write_text
 from bpseval.views.frames import runs_frame, steps_frame
+from bpseval.views.tables import TableFormat, print_line
 from bpseval.views.terminal import (
     merge_progress,
     render_compare,
@@ -53,7 +54,7 @@ from bpseval.views.terminal import (
     render_runs,
     render_steps,
 )
-from bpseval.views.text import printable
+from bpseval.views.text import ATTRIBUTION_TOP, PRINTED_TOP, printable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -252,6 +253,22 @@ class Choice(str, Enum):  # not StrEnum: that is Python 3.11+, and bpseval suppo
     """The values of an option that takes one of a few words."""
 
 
+class Layout(Choice):
+    table = "table"
+    plain = "plain"
+    markdown = "markdown"
+
+
+Format = Annotated[
+    Layout,
+    typer.Option(
+        "--format",
+        help="How tables are printed: [bold]table[/] (box lines), [bold]plain[/] (columns of spaces, for grep and"
+        " diff) or [bold]markdown[/] (GitHub tables, for pasting).",
+    ),
+]
+
+
 class CiOver(Choice):
     blocks = "blocks"
     cells = "cells"
@@ -384,6 +401,7 @@ def compute(
     ci_over: CiOverOption = CiOver.blocks,
     ci_resamples: CiResamples = DEFAULT_RESAMPLES,
     ci_seed: CiSeed = DEFAULT_SEED,
+    layout: Format = Layout.table,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
@@ -397,7 +415,7 @@ def compute(
         if intervals is not None and all_steps:
             raise ArgumentError("--ci gives intervals on one step: leave out --all-steps.")
     if all_steps:
-        _compute_all_steps(paths, step, outputs, scoring, **merging)
+        _compute_all_steps(paths, step, outputs, scoring, layout.value, **merging)
         return
     options: dict[str, Any] = {**scoring, **merging, "cells": cells_path, "group_by": group_by}
     if intervals is not None:
@@ -406,11 +424,11 @@ def compute(
         results, failed = _score_runs(paths, step, options)
         table = runs_frame({run: result.scored for run, result in results.items()}, sort.value) if results else None
         _write_compute_outputs(outputs, paths, results, failed, table)
-    _show_compute(outputs, paths, results, table)
+    reasons = {run: error.removeprefix(f"{run}: ") for run, error in failed.items()}
+    _show_compute(outputs, paths, results, table, reasons, layout.value)
     if failed:
         errors = stderr_console()
-        for run, error in failed.items():
-            reason = error.removeprefix(f"{run}: ")
+        for run, reason in reasons.items():
             errors.print(f"[bold red]Error:[/] {escape(f'{run}: not scored: {reason}')}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -467,25 +485,33 @@ def _write_compute_outputs(
         write_csv(only.groups, outputs.groups_csv)
 
 
-def _show_compute(outputs: _Outputs, paths: list[Path], results: dict[str, Result], table: pd.DataFrame | None) -> None:
-    """Warnings, then the tables (on stderr when stdout holds a document), then the few-samples notes."""
+def _show_compute(
+    outputs: _Outputs,
+    paths: list[Path],
+    results: dict[str, Result],
+    table: pd.DataFrame | None,
+    failed: dict[str, str],
+    form: TableFormat,
+) -> None:
+    """Warnings, then the tables (on stderr when stdout holds a document; with several runs, a row for each run that
+    could not be scored, `failed`: its reason), then the few-samples notes."""
     several = len(paths) > 1
     for run, result in results.items():
         print_warnings(result.warnings, f"{run}: " if several else "")
     console = stderr_console() if outputs.on_stdout else Console(highlight=False)
     if not outputs.on_stdout and not several and results:
         result = next(iter(results.values()))
-        render_compute(result.scored, console)
+        render_compute(result.scored, console, form)
         if result.group_scores is not None:
-            render_groups(result.group_scores, result.step, console)
+            render_groups(result.group_scores, result.step, console, form)
         if result.intervals is not None:
-            render_intervals(result.scored, result.intervals, console)
-    elif not outputs.on_stdout and table is not None:
-        render_runs(table, console)
+            render_intervals(result.scored, result.intervals, console, form)
+    elif not outputs.on_stdout and several:
+        render_runs(table, console, form, failed)
     for run, result in results.items():
         note = _few_samples_note(result.scored)
         if note is not None:
-            console.print(f"[yellow]Note:[/] {escape((f'{run}: ' if several else '') + note)}", highlight=False)
+            print_line(console, f"[yellow]Note:[/] {escape((f'{run}: ' if several else '') + note)}", form)
 
 
 def _runs_table(table: pd.DataFrame | None, failed: dict[str, str]) -> pd.DataFrame:
@@ -527,6 +553,7 @@ def _compute_all_steps(
     step: int | None,
     outputs: _Outputs,
     scoring: dict[str, Any],
+    form: TableFormat,
     **merge_options: Any,
 ) -> None:
     """`compute --all-steps`: one row per complete step of one run (JSON: `StepResults.to_dict`, CSV: `steps_frame`,
@@ -550,7 +577,7 @@ def _compute_all_steps(
     for result in steps.results.values():
         print_warnings(result.warnings, f"step {result.step}: ")
     if not outputs.on_stdout:
-        render_steps(steps, Console(highlight=False))
+        render_steps(steps, Console(highlight=False), form=form)
     else:
         for number, reason in steps.incomplete.items():
             errors.print(
@@ -585,6 +612,7 @@ def coverage(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
+    layout: Format = Layout.table,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
     with bad_input_exits():
@@ -606,7 +634,7 @@ def coverage(
             write_text(json_text(report.to_dict()), json_path)
     print_warnings(report.warnings)
     if "-" not in (json_path, csv_path):
-        render_coverage(report, Console(highlight=False))
+        render_coverage(report, Console(highlight=False), layout.value)
     if not report.passed:
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -628,6 +656,7 @@ def plan(
         typer.Option("--seed", help="DistributedSampler(shuffle=True) with this seed (default: no shuffle)."),
     ] = None,
     json_path: JsonPath = None,
+    layout: Format = Layout.table,
 ) -> None:
     """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
     with bad_input_exits():
@@ -653,7 +682,7 @@ def plan(
         if json_path is not None:
             write_text(json_text(plan_to_dict(plans, settings)), json_path)
     if json_path != "-":
-        render_plan(plans, min_samples, Console(highlight=False))
+        render_plan(plans, min_samples, Console(highlight=False), layout.value)
     if any(frame["below"].any() for frame in plans.values()):
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -756,8 +785,14 @@ def compare(
     ] = False,
     allow_different_samples: AllowDifferentSamples = False,
     top: Annotated[
-        int, typer.Option("--top", min=1, help="Cells (and groups) of each failed metric's change shown.")
-    ] = 10,
+        int | None,
+        typer.Option(
+            "--top",
+            min=1,
+            help=f"Cells (and groups) of each failed metric's change shown. \\[default: {PRINTED_TOP} printed,"
+            f" {ATTRIBUTION_TOP} in --markdown]",
+        ),
+    ] = None,
     blocks: Annotated[int, typer.Option("--blocks", min=2, help="Sample blocks of the paired bootstrap.")] = 100,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
@@ -778,6 +813,7 @@ def compare(
     no_cache: NoCache = False,
     cells_path: CellsPath = None,
     group_by: GroupBy = None,
+    layout: Format = Layout.table,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined (or, with
     --fail-on-inconclusive, is inconclusive), or coverage was lost; the cells that carry each failed change are listed.
@@ -817,19 +853,19 @@ def compare(
         )
         for path, text in (
             (json_path, json_text(comparison.to_dict())),
-            (markdown_path, compare_markdown(comparison, top)),
+            (markdown_path, compare_markdown(comparison, top or ATTRIBUTION_TOP)),
             (junit_path, compare_junit(comparison)),
         ):
             if path is not None:
                 write_text(text, path)
         if summary is not None:
-            write_text("\n" + compare_markdown(comparison, top), summary, append=True)
+            write_text("\n" + compare_markdown(comparison, top or ATTRIBUTION_TOP), summary, append=True)
             stderr_console().print(
                 f"markdown summary appended to $GITHUB_STEP_SUMMARY ({summary})", highlight=False, markup=False
             )
     print_warnings(comparison.warnings + comparison.inconclusive_warnings)
     if "-" not in (json_path, markdown_path, junit_path):
-        render_compare(comparison, Console(highlight=False), top)
+        render_compare(comparison, Console(highlight=False), top or PRINTED_TOP, layout.value)
     if not comparison.passed:
         stderr_console().print(f"Regression: {printable('; '.join(comparison.reasons))}", highlight=False, markup=False)
         raise typer.Exit(EXIT_GATE_FAILED)
@@ -851,7 +887,7 @@ def _step_summary(markdown_path: str | None) -> tuple[str | None, str | None]:
 
 
 @app.command()
-def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
+def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None, layout: Format = Layout.table) -> None:
     """Check a run directory without computing: steps, ranks, leftovers, damaged files. Exit 1 on problems."""
     with bad_input_exits():
         check_outputs({"--json": json_path}, inputs=[("run directory", run_dir)])
@@ -859,7 +895,7 @@ def doctor(run_dir: RunDir = Path("."), json_path: JsonPath = None) -> None:
         if json_path is not None:
             write_text(json_text(diagnosis.to_dict()), json_path)
     if json_path != "-":
-        render_doctor(diagnosis, Console(highlight=False))
+        render_doctor(diagnosis, Console(highlight=False), layout.value)
     if diagnosis.status:
         raise typer.Exit(diagnosis.status)
 

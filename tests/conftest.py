@@ -96,6 +96,17 @@ def invoke(runner: CliRunner):
     return run
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The rows of the tables in `text` (as `--format table` prints them), each the list of its stripped values;
+    header rows (those over a rule) left out. A table split in parts gives each row once per part."""
+    lines = text.splitlines()
+    return [
+        [value.strip() for value in line.split("│")]
+        for line, below in zip(lines, [*lines[1:], ""], strict=True)
+        if " │ " in line and "┿" not in below
+    ]
+
+
 def peak_bytes(function: Callable[[], object]) -> int:
     """The peak of Python allocations while `function()` runs (tracemalloc)."""
     tracemalloc.start()

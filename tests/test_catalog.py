@@ -22,7 +22,7 @@ from bpseval.errors import RunError
 from bpseval.run.catalog import RunCatalog
 from bpseval.run.headers import READERS, read_headers
 from bpseval.shard import reader
-from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
+from tests.conftest import as_unprivileged, poisson_dataset, table_rows, write_raw_shard
 from tests.test_merge import HANGS_HDF5
 from tests.test_steps import DATASETS, write_step
 
@@ -232,8 +232,7 @@ def test_all_steps_scores_every_good_step_then_exits_2_naming_the_bad_one(invoke
     run, damaged = damaged_middle_step(tmp_path)
     result = invoke("compute", run, "--all-steps")
     assert result.exit_code == 2
-    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
-    assert rows == ["0", "2"]
+    assert [row[0] for row in table_rows(result.stdout)] == ["0", "2"]
     assert f"Error: step 1: {damaged}:" in result.stderr
     as_json = invoke("compute", run, "--all-steps", "--json", "-")
     document = json.loads(as_json.stdout)

@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
+from tests.conftest import table_rows
 from tests.test_compare_gate import N_CELLS, N_SAMPLES, SESSIONS, assert_exit, model, run_of
 
 DIFFERENT_MARK = "(different samples)"
@@ -72,7 +73,7 @@ def test_allowed_different_samples_exit_per_the_metrics_and_every_output_marks_t
         " verdicts on them, and overall, are made on different samples\n"
     )
     assert warning in result.stderr
-    marked = {line.split("│")[1].strip() for line in result.stdout.splitlines() if f"{DIFFERENT_MARK} │" in line}
+    marked = {row[0].rsplit(" ", 1)[0] for row in table_rows(result.stdout) if row[5].endswith(DIFFERENT_MARK)}
     assert marked == {"overall", "B"}
     assert "(verdicts made on different samples)" in result.stdout.splitlines()[-1]
 
@@ -149,7 +150,7 @@ def test_a_baseline_without_sample_identity_is_unknown_never_the_same(invoke, tm
         " it), so whether the run scored the same samples is unknown: the verdicts on them, and overall, are marked"
         " so; recreate the baseline with `bpseval baseline RUN -o FILE`\n" in result.stderr
     )
-    marked = {line.split("│")[1].strip() for line in result.stdout.splitlines() if f"{UNKNOWN_MARK} │" in line}
+    marked = {row[0].rsplit(" ", 1)[0] for row in table_rows(result.stdout) if row[5].endswith(UNKNOWN_MARK)}
     assert marked == {"overall", "B"} and UNKNOWN_MARK in result.stdout.splitlines()[-1]
     compared = json.loads((tmp_path / "c.json").read_text())
     assert compared["samples"] == {"A": "same", "B": "unknown"}

@@ -33,6 +33,7 @@ from bpseval.run.merge import MergedDataset, MergedRun
 from bpseval.run.scored import ScoreSettings, overall_of, score_run
 from bpseval.views.documents import compare_markdown
 from bpseval.views.terminal import render_compare
+from tests.conftest import table_rows
 from tests.test_compare_gate import SESSIONS, assert_exit, model, run_of
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_a_regression_names_the_cell_that_carries_it_in_every_output(tmp_path):
     assert all(cell_len(line) <= 80 for line in stdout.splitlines()) and "…" not in stdout
     assert f"{cells[0]['delta']:+.6f}" in stdout and f"{100 * cells[0]['share']:.1f}%" in stdout
     listed = stdout.split("dataset 'A' bps: the 2 of 5 cells")[1].split("✗ regression")[0]  # --top 2
-    assert [line.split("│")[2].strip() for line in listed.splitlines() if line.startswith("│")] == ["3", "0"]
+    assert [row[1] for row in table_rows(listed)] == ["3", "0"]
     markdown = (tmp_path / "c.md").read_text()
     table = markdown.split("contributing most to Δ")[1].split("\n\n")[1].splitlines()
     assert table[0] == "| dataset | cell | status | baseline | new | Δ contribution | share |" and len(table) == 4
@@ -305,7 +306,7 @@ def test_groups_are_shown_in_the_terminal_and_the_markdown():
     render_compare(comparison, console)
     text = console.export_text()
     assert "dataset 'd0' bps: Δ per group" in text and all(cell_len(line) <= 80 for line in text.splitlines())
-    assert f"│ d0      │ low-rate  │     3 │      {low.delta:+.6f} │ 100.0% │" in text
+    assert ["d0", "low-rate", "3", f"{low.delta:+.6f}", "100.0%"] in table_rows(text)
     markdown = compare_markdown(comparison)
     assert f"| d0 | low-rate | 3 | {low.delta:+.6f} | 100.0% |" in markdown
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bpseval
-from tests.conftest import write_raw_shard
+from tests.conftest import table_rows, write_raw_shard
 
 # Hand-made two-rank run of one dataset with 4 cells. Rank 1 repeats sample 0 as padding.
 #   rank 0: samples 0, 2, 4, 6        rank 1: samples 1, 3, 5, 7, 0 (padding copy)
@@ -95,9 +95,8 @@ def test_cli_lists_exactly_the_cells_below_and_exits_1(invoke, run_dir):
 def test_table_marks_ranks_without_valid_samples(invoke, run_dir):
     result = invoke("coverage", run_dir, "--min-samples", "3")
     assert result.exit_code == 1
-    lines = result.stdout.splitlines()
-    cell_2 = next(line for line in lines if line.startswith("│ Allen_2022-04-13 │    2 │"))
-    assert cell_2.split("│")[6:8] == ["    0 ✗ ", "      1 "]
+    cell_2 = next(row for row in table_rows(result.stdout) if row[:2] == ["Allen_2022-04-13", "2"])
+    assert cell_2[5:7] == ["0 ✗", "1"]
     assert "✗ 2 cells below 3 valid samples" in result.stdout
 
 

@@ -18,7 +18,7 @@ from nlb_tools.evaluation import bits_per_spike as nlb_bits_per_spike
 import bpseval
 from bpseval.features.groups import cell_groups, group_run, load_cell_table, score_groups
 from bpseval.kernel.stats import LN2, OK, STATUSES, UNCOVERED
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import poisson_dataset, table_rows, write_raw_shard
 from tests.test_tables import WIDTHS, assert_whole, invoke_at
 
 N_ROWS, N_CELLS = 60, 7
@@ -417,7 +417,7 @@ def test_a_group_named_null_is_told_apart_from_the_cells_without_a_value_in_ever
     assert [r["value"] for r in records if r["dataset"] == ""] == ['"null"', "null", ""]
     terminal = invoke("compute", tmp_path / "run", *grouping)
     assert terminal.exit_code == 0, terminal.output
-    cells = [line.split("│")[2].strip() for line in terminal.stdout.splitlines() if "all datasets" in line]
+    cells = [row[1] for row in table_rows(terminal.stdout) if row[0] == "all datasets"]
     assert cells == ['"\\"null\\""', '"null"', "null"]  # the group "null" quoted, the group null bare
     assert invoke("report", tmp_path / "run", *grouping, "-o", tmp_path / "r.html").exit_code == 0
     page = (tmp_path / "r.html").read_text()

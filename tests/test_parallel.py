@@ -16,7 +16,7 @@ from bpseval.kernel.compiled import ENVIRONMENT_VARIABLE, uses_compiled
 from bpseval.kernel.stats import batch_stats
 from bpseval.run.merge import CHUNK_ELEMENTS, OVERLAP_ENTRIES, merge_run
 from bpseval.run.parallel import one_ahead
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import poisson_dataset, table_rows, write_raw_shard
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_several_runs_give_one_row_each_and_sort(invoke, run_dir, tmp_path):
     runs = json.loads(result.stdout)["runs"]
     assert [run["run"] for run in runs] == [str(worse), str(run_dir)]
     table = invoke("compute", worse, run_dir, "--sort", "bps")
-    names = "".join(line.split("│")[1].strip() for line in table.stdout.splitlines() if line.startswith("│"))
-    assert names.index(str(run_dir)) < names.index(str(worse))  # best first; a long name may fold over lines
+    names = [row[0] for row in table_rows(table.stdout)]
+    assert names.index(str(run_dir)) < names.index(str(worse))  # best first
     invoke("compute", worse, run_dir, "--csv", tmp_path / "runs.csv")
     header = (tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["run", "step", "bps", "bps_pooled"] and "bps[Allen_2022-05-01]" in header

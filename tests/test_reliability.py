@@ -19,7 +19,7 @@ import pytest
 import bpseval
 from bpseval import ShardWriter
 from bpseval.shard.reader import read_header
-from tests.conftest import as_unprivileged, poisson_dataset, write_raw_shard
+from tests.conftest import as_unprivileged, poisson_dataset, table_rows, write_raw_shard
 from tests.writer_process import write_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,8 +326,8 @@ def test_doctor_lists_ranks_as_ranges(invoke, tmp_path):
     for rank in (0, 1, 2, 5):
         with ShardWriter(tmp_path, rank, 7) as writer:
             writer.add("d", np.ones((2, 2)), np.ones((2, 2)))
-    (row,) = [line for line in invoke("doctor", tmp_path).stdout.splitlines() if line.startswith("│")]
-    assert [cell.strip() for cell in row.split("│")][3:6] == ["7", "0-2, 5", "3-4, 6"]  # world size, present, missing
+    (row,) = table_rows(invoke("doctor", tmp_path).stdout)
+    assert row[2:5] == ["7", "0-2, 5", "3-4, 6"]  # world size, present, missing
 
 
 def test_doctor_on_a_run_without_a_complete_step_exits_2(invoke, tmp_path):

@@ -16,7 +16,7 @@ from bpseval import ShardWriter
 from bpseval.features.steps import evaluate_steps
 from bpseval.run.catalog import RunCatalog
 from bpseval.views.frames import steps_frame
-from tests.conftest import poisson_dataset
+from tests.conftest import poisson_dataset, table_rows
 
 DATASETS = ("Allen_2022-04-13", "Allen_2022-05-02")
 
@@ -95,7 +95,7 @@ def test_cli_all_steps_table_lists_steps_and_skipped_ones(invoke, tmp_path):
     out = result.stdout
     assert "Bits per spike by step" in out
     steps = evaluate_steps(run)
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    rows = table_rows(out)
     metrics = ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr")
     assert rows == [
         [str(step), "2", "11", "0", "1", *(f"{getattr(scored.overall, metric):.4f}" for metric in metrics)]

@@ -13,7 +13,7 @@ import pytest
 import bpseval
 from bpseval import ShardWriter
 from bpseval.run.catalog import RunCatalog
-from tests.conftest import poisson_dataset, write_raw_shard
+from tests.conftest import poisson_dataset, table_rows, write_raw_shard
 
 
 def write_run(run: Path, world_size: int = 2, ranks: tuple[int, ...] | None = None, seed: int = 0) -> Path:
@@ -72,8 +72,9 @@ def test_a_sweep_where_no_run_can_be_scored_names_each_and_exits_2(invoke, tmp_p
     assert [entry["run"] for entry in json.loads(result.stdout)["runs"]] == [str(run) for run in runs]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 2 and "no shard for rank 1" in errors[0] and "no such directory" in errors[1]
-    table = invoke("compute", *runs)
-    assert table.exit_code == 2 and table.stdout == ""
+    table = invoke("compute", *runs)  # a row per run, its reason last
+    assert table.exit_code == 2 and [row[0] for row in table_rows(table.stdout)] == [str(run) for run in runs]
+    assert [row[-1] for row in table_rows(table.stdout)] == [error.split("not scored: ")[1] for error in errors]
 
 
 def test_one_run_that_cannot_be_scored_is_still_one_error_and_nothing_else(invoke, tmp_path):

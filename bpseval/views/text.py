@@ -47,6 +47,17 @@ def markdown_text(text: object) -> str:
     return html.escape(escaped, quote=False).replace("@", WORD_JOINER + "@")
 
 
+_MARKDOWN_BLOCK_START = re.compile(r"^([-+=#>]|\d+[.)])")
+"""What opens a block (a list item, a heading, a quote, a rule) when it starts a line of markdown."""
+
+
+def markdown_line(text: object) -> str:
+    """User text as a line of literal text in markdown: `markdown_text`, without the spaces that lead it (four of
+    them open code), and what would open a block at its start backslash-escaped."""
+    escaped = markdown_text(text).lstrip()
+    return _MARKDOWN_BLOCK_START.sub(lambda match: match.group()[:-1] + "\\" + match.group()[-1], escaped)
+
+
 UNDEFINED_TEXT = "—"
 """How every view writes a number that is undefined (never as a number)."""
 
@@ -122,7 +133,9 @@ COVERAGE_LISTED = 50
 
 
 ATTRIBUTION_TOP = 10
-"""Cells (and groups) of a failed metric's change listed in the terminal, markdown and HTML; the JSON holds all."""
+"""Cells (and groups) of a failed metric's change listed in the markdown summary and HTML; the JSON holds all."""
+PRINTED_TOP = 3
+"""Cells (and groups) of a failed metric's change that the printed compare report lists (unless --top says)."""
 ATTRIBUTED_METRICS_LISTED = 10
 """Failed metrics whose attribution the terminal, markdown and HTML show (the overall ones first); the JSON holds all."""
 
