@@ -31,7 +31,8 @@ from bpseval.errors import ArgumentError, BpsevalError
 from bpseval.features.compare import CompareSettings, Comparison, compare_paths
 from bpseval.features.coverage import check_coverage
 from bpseval.features.doctor import diagnose
-from bpseval.features.planning import check_cell_coverage, load_masks, plan_to_dict
+from bpseval.features.groups import load_exclusions
+from bpseval.features.planning import check_cell_coverage, exclude_from_plans, load_masks, plan_to_dict
 from bpseval.features.steps import StepResults, evaluate_steps, incomplete_text
 from bpseval.features.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, IntervalSettings
 from bpseval.kernel.stats import OK
@@ -224,6 +225,15 @@ CellsPath = Annotated[
         help="CSV of cell attributes: columns dataset, cell (0-based index) or cell_id, and any others.",
     ),
 ]
+ExcludeCells = Annotated[
+    Path | None,
+    typer.Option(
+        "--exclude-cells",
+        metavar="TABLE",
+        help="CSV of cells to leave out of every number and gate (dead units): columns dataset, cell (0-based index)"
+        " or cell_id, and an optional reason. Listed as excluded in every output.",
+    ),
+]
 GroupBy = Annotated[
     str | None,
     typer.Option(
@@ -292,7 +302,7 @@ class _Outputs(NamedTuple):
     tensorboard: str | None
     groups_csv: str | None = None
 
-    def check(self, runs: list[Path], cells: Path | None) -> None:
+    def check(self, runs: list[Path], tables: list[tuple[str, Path | None]]) -> None:
         """Refuse unusable paths, inputs as outputs, and dashboard outputs for several runs, before any shard is read."""
         check_outputs(
             {
@@ -303,7 +313,7 @@ class _Outputs(NamedTuple):
                 "--groups-csv": self.groups_csv,
             },
             folders={"--tensorboard"},
-            inputs=[*(("run directory", run) for run in runs), ("--cells", cells)],
+            inputs=[*(("run directory", run) for run in runs), *tables],
         )
         if len(runs) > 1 and (self.metrics or self.tensorboard):
             raise ArgumentError(
@@ -402,14 +412,15 @@ def compute(
     ci_resamples: CiResamples = DEFAULT_RESAMPLES,
     ci_seed: CiSeed = DEFAULT_SEED,
     layout: Format = Layout.table,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Merge the shards of one step and print exact bits per spike per dataset and overall."""
     paths = run_dirs or [Path(".")]
     outputs = _Outputs(json_path, csv_path, metrics_path, tensorboard_dir, groups_csv_path)
-    scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples}
+    scoring = {"clamp_negative": clamp_negative, "min_samples": min_samples, "exclude_cells": exclude_cells}
     merging = {"jobs": jobs, "scheduler": scheduler, "cache": not no_cache}
     with bad_input_exits():
-        outputs.check(paths, cells_path)
+        outputs.check(paths, [("--cells", cells_path), ("--exclude-cells", exclude_cells)])
         _check_compute_options(paths, all_steps, cells_path, group_by, groups_csv_path)
         intervals = None if ci is None else IntervalSettings(ci, ci_over.value, ci_resamples, ci_seed)
         if intervals is not None and all_steps:
@@ -613,16 +624,21 @@ def coverage(
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
     layout: Format = Layout.table,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Count the valid samples of every cell, in total and per rank. Exit 1 if a cell falls below."""
     with bad_input_exits():
-        check_outputs({"--json": json_path, "--csv": csv_path}, inputs=[("run directory", run_dir)])
+        check_outputs(
+            {"--json": json_path, "--csv": csv_path},
+            inputs=[("run directory", run_dir), ("--exclude-cells", exclude_cells)],
+        )
     with bad_input_exits(), merge_progress(str(run_dir)) as on_progress:
         report = check_coverage(
             run_dir,
             min_samples,
             step=step,
             min_spikes=min_spikes,
+            exclude_cells=exclude_cells,
             jobs=jobs,
             scheduler=scheduler,
             on_progress=on_progress,
@@ -657,10 +673,12 @@ def plan(
     ] = None,
     json_path: JsonPath = None,
     layout: Format = Layout.table,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
     with bad_input_exits():
-        check_outputs({"--json": json_path}, inputs=[("mask file", masks)])
+        check_outputs({"--json": json_path}, inputs=[("mask file", masks), ("--exclude-cells", exclude_cells)])
+        exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
         plans = {
             name: check_cell_coverage(
                 mask,
@@ -672,15 +690,18 @@ def plan(
             )
             for name, mask in load_masks(masks).items()
         }
+        excluded = [] if exclusions is None else exclude_from_plans(plans, exclusions)
         settings = {
             "world_size": world_size,
             "fraction": fraction,
             "batch_size": batch_size,
             "min_samples": min_samples,
             "seed": seed,
+            **({"exclude_cells": str(exclude_cells)} if exclude_cells is not None else {}),
         }
         if json_path is not None:
             write_text(json_text(plan_to_dict(plans, settings)), json_path)
+    print_warnings(excluded)
     if json_path != "-":
         render_plan(plans, min_samples, Console(highlight=False), layout.value)
     if any(frame["below"].any() for frame in plans.values()):
@@ -814,6 +835,7 @@ def compare(
     cells_path: CellsPath = None,
     group_by: GroupBy = None,
     layout: Format = Layout.table,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Compare a run with a baseline. Exit 1 if a gated metric regressed or became undefined (or, with
     --fail-on-inconclusive, is inconclusive), or coverage was lost; the cells that carry each failed change are listed.
@@ -824,7 +846,12 @@ def compare(
     with bad_input_exits():
         check_outputs(
             {"--json": json_path, "--markdown": markdown_path, "--junit": junit_path, "$GITHUB_STEP_SUMMARY": summary},
-            inputs=[("run directory", run_dir), ("--baseline", baseline_path), ("--cells", cells_path)],
+            inputs=[
+                ("run directory", run_dir),
+                ("--baseline", baseline_path),
+                ("--cells", cells_path),
+                ("--exclude-cells", exclude_cells),
+            ],
         )
         settings = CompareSettings(
             atol=atol,
@@ -847,6 +874,7 @@ def compare(
             step,
             cells=cells_path,
             group_by=group_by,
+            exclude_cells=exclude_cells,
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
@@ -933,6 +961,7 @@ def plot(
     jobs: Jobs = 1,
     scheduler: Scheduler = None,
     no_cache: NoCache = False,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Draw per-cell bps, bps against rate, coverage per rank, bps over steps, and run vs baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -940,7 +969,11 @@ def plot(
     from bpseval.views.plot import require_matplotlib, write_plots
 
     with bad_input_exits():
-        check_outputs({"-o/--output": output}, folders={"-o/--output"})
+        check_outputs(
+            {"-o/--output": output},
+            folders={"-o/--output"},
+            inputs=[("run directory", run_dir), ("--baseline", baseline_path), ("--exclude-cells", exclude_cells)],
+        )
         require_matplotlib()
         inputs = load_overview(
             run_dir,
@@ -948,6 +981,7 @@ def plot(
             baseline=baseline_path,
             min_samples=min_samples,
             settings=CompareSettings(allow_different_samples=allow_different_samples),
+            exclude_cells=exclude_cells,
             jobs=jobs,
             scheduler=scheduler,
             cache=not no_cache,
@@ -978,6 +1012,7 @@ def report(
     no_cache: NoCache = False,
     cells_path: CellsPath = None,
     group_by: GroupBy = None,
+    exclude_cells: ExcludeCells = None,
 ) -> None:
     """Write one self-contained HTML page: tables, pictures, unscored cells, the verdict against a baseline.
     Needs [bold]bpseval\\[plot][/]."""
@@ -993,10 +1028,16 @@ def report(
     options += ["--no-cache"] if no_cache else []
     options += ["--cells", str(cells_path)] if cells_path is not None else []
     options += ["--group-by", group_by] if group_by is not None else []
+    options += ["--exclude-cells", str(exclude_cells)] if exclude_cells is not None else []
     with bad_input_exits():
         check_outputs(
             {"-o/--output": output},
-            inputs=[("run directory", run_dir), ("--baseline", baseline_path), ("--cells", cells_path)],
+            inputs=[
+                ("run directory", run_dir),
+                ("--baseline", baseline_path),
+                ("--cells", cells_path),
+                ("--exclude-cells", exclude_cells),
+            ],
         )
         require_matplotlib()
         inputs = load_overview(
@@ -1011,6 +1052,7 @@ def report(
             cells=cells_path,
             group_by=group_by,
             pass_over=False,
+            exclude_cells=exclude_cells,
         )
         html = render_report(inputs, _command_line("report", options), run_label=str(run_dir))
         write_text(html, output)

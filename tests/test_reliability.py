@@ -44,8 +44,9 @@ def expected_result(tmp_path: Path, world_size: int, step: int) -> bpseval.Resul
 
 
 def test_killed_writers_never_leave_a_partial_shard(invoke, tmp_path):
-    """At least 50 writers killed with SIGKILL while writing: every visible shard is whole; re-runs succeed."""
-    assert kill_writers(invoke, tmp_path, rounds=6, seed=0) >= 50
+    """At least 50 writers killed with SIGKILL while writing: every visible shard is whole; re-runs succeed. Rounds
+    go on until 50 kills (at most 12): on a loaded machine more writers finish before their kill."""
+    assert kill_writers(invoke, tmp_path, rounds=12, seed=0, enough=50) >= 50
 
 
 @pytest.mark.soak
@@ -54,8 +55,9 @@ def test_killed_writers_soak(invoke, tmp_path):
     assert kill_writers(invoke, tmp_path, rounds=40, seed=1) >= 500
 
 
-def kill_writers(invoke, tmp_path: Path, rounds: int, seed: int) -> int:
-    """Start 8 two-rank runs per round, SIGKILL their writers at random points, check, re-run; returns the kills."""
+def kill_writers(invoke, tmp_path: Path, rounds: int, seed: int, enough: int | None = None) -> int:
+    """Start 8 two-rank runs per round, SIGKILL their writers at random points, check, re-run; returns the kills
+    (after at most `rounds` rounds, or the round that reaches `enough` kills)."""
     rng = random.Random(seed)
     expected = expected_result(tmp_path, 2, 0).to_dict()
     kills = 0
@@ -83,6 +85,8 @@ def kill_writers(invoke, tmp_path: Path, rounds: int, seed: int) -> int:
                 write_rank(str(run), rank, 2, 0)
             document = bpseval.evaluate(run).to_dict()
             assert document["datasets"] == expected["datasets"] and document["overall"] == expected["overall"]
+        if enough is not None and kills >= enough:
+            break
     return kills
 
 

@@ -105,7 +105,7 @@ def coverage_report(
                 "uncovered": int((status == UNCOVERED).sum()),
                 "silent": int((status == SILENT).sum()),
                 "excluded": int(left_out.sum()),
-                "min_n_valid": int(total.n_valid.min()) if len(status) else 0,
+                "min_n_valid": int(total.n_valid[~left_out].min()) if (~left_out).any() else 0,
             }
         )
         for cell in np.flatnonzero(below | few_spikes).tolist():

@@ -14,10 +14,10 @@ from bpseval.features.compare import (
     compare,
     load_baseline,
 )
-from bpseval.features.groups import GroupScores, group_run, grouping_table
+from bpseval.features.groups import GroupScores, group_run, grouping_table, load_exclusions
 from bpseval.features.steps import StepResults, merge_steps
 from bpseval.run.catalog import RunCatalog
-from bpseval.run.scored import ScoredRun, score_run
+from bpseval.run.scored import ScoredRun, ScoreSettings, score_run
 
 
 @dataclass
@@ -43,6 +43,7 @@ def load_overview(
     cells: str | os.PathLike[str] | None = None,
     group_by: str | None = None,
     pass_over: bool = True,
+    exclude_cells: str | os.PathLike[str] | None = None,
     **merge_options: Any,
 ) -> RunOverview:
     """Merge every complete step of `run_dir` once; `step` is the one pictured (default: as `bpseval compute`,
@@ -52,20 +53,22 @@ def load_overview(
     scored are listed in `steps` (see `StepResults.bad`). With `baseline` (a baseline
     JSON or a run directory), the run is compared with it as `bpseval compare` does with `settings`. With `cells`
     (a cell table) and `group_by` (one of its columns), every metric per group, as `bpseval compute --group-by`.
+    The cells of the table `exclude_cells` are excluded, in the run and in the baseline.
     """
     table = grouping_table(cells, group_by)
+    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
     catalog = RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     chosen = catalog.select(step, pass_over=pass_over).entry.step  # the step the one rule picks, or its error
     runs, steps = merge_steps(catalog, **merge_options)
     if chosen not in runs:
         raise RunError(f"{catalog.root}: {steps.failed[chosen]}")
-    steps.results = {number: score_run(merged) for number, merged in runs.items()}
+    steps.results = {number: score_run(merged, ScoreSettings(exclusions=exclusions)) for number, merged in runs.items()}
     scored = steps.results[chosen]
     inputs = RunOverview(scored=scored, steps=steps, min_samples=min_samples)
     if table is not None and group_by is not None:
         inputs.groups = group_run(scored, table, group_by)
     if baseline is not None:
-        base = load_baseline(baseline, **merge_options)
+        base = load_baseline(baseline, exclusions=exclusions, **merge_options)
         inputs.baseline = base.scored
         inputs.comparison = compare(Side(str(run_dir), scored), base, settings or CompareSettings())
     return inputs

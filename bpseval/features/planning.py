@@ -268,7 +268,7 @@ def plan_to_dict(plans: dict[str, pd.DataFrame], settings: dict[str, Any]) -> di
                 "excluded": [
                     {"cell": int(row["cell"]), "reason": row["excluded"]}
                     for _, row in frame.iterrows()
-                    if "excluded" in frame.columns and row["excluded"] is not None
+                    if isinstance(row.get("excluded"), str)
                 ],
             }
         )

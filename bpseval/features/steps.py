@@ -15,6 +15,7 @@ from typing import Any
 
 from bpseval._json import plain
 from bpseval.errors import BpsevalError, RunError
+from bpseval.features.groups import load_exclusions
 from bpseval.run.catalog import RunCatalog, StepSelection
 from bpseval.run.merge import MergedRun, merge_selection
 from bpseval.run.scored import SUMMARY_METRICS, ScoredRun, ScoreSettings, score_run
@@ -90,14 +91,16 @@ def evaluate_steps(
     *,
     clamp_negative: bool = False,
     min_samples: int = 0,
+    exclude_cells: str | os.PathLike[str] | None = None,
     **merge_options: Any,
 ) -> StepResults:
     """Score every complete step of a run exactly, as `evaluate(run_dir, step)` would, step by step.
 
     Steps that cannot be scored are listed in the result (`incomplete`, `failed`), not raised:
-    one bad step does not hide the good ones.
+    one bad step does not hide the good ones. The cells of the table `exclude_cells` are excluded in every step.
     """
-    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples)
+    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+    settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples, exclusions=exclusions)
     catalog = (
         run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     )

@@ -26,7 +26,7 @@ from bpseval.features.doctor import Diagnosis
 from bpseval.features.groups import GroupScores
 from bpseval.features.steps import StepResults, incomplete_text
 from bpseval.features.uncertainty import Interval, Intervals
-from bpseval.kernel.stats import LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
+from bpseval.kernel.stats import EXCLUDED, LOW, OK, OVERFLOW, SILENT, STATUSES, UNCOVERED
 from bpseval.run.scored import ScoredRun
 from bpseval.views.frames import DATASET_METRICS
 from bpseval.views.tables import TABLE, Column, TableFormat, name_column, print_line, print_table
@@ -61,7 +61,11 @@ CELLS_LISTED_PER_DATASET = 8
 def render_compute(scored: ScoredRun, console: Console, form: TableFormat = TABLE) -> None:
     """The `bpseval compute` report: one row per dataset and the overall row, with every metric, then the cells
     without a number."""
-    optional = {OVERFLOW: scored.overall.cells[OVERFLOW], LOW: scored.settings.min_samples > 1}
+    optional = {
+        OVERFLOW: scored.overall.cells[OVERFLOW],
+        LOW: scored.settings.min_samples > 1,
+        EXCLUDED: scored.overall.cells[EXCLUDED],
+    }
     shown_statuses = [status for status in STATUSES if optional.get(status, True)]
     columns = [name_column("dataset"), *map(Column, (*shown_statuses, "samples", *DATASET_METRICS))]
     rows = [
@@ -177,6 +181,8 @@ def render_runs(
 ) -> None:
     """Several runs side by side, one row per run: the overall metrics and cell counts, and each dataset's bps; then
     a row per run that could not be scored (`failed`: its reason), each number undefined and the reason said."""
+    if runs is not None and EXCLUDED in runs.columns and not runs[EXCLUDED].any():
+        runs = runs.drop(columns=EXCLUDED)  # shown when some run excludes cells
     names = [] if runs is None else list(runs.columns)
     reasons = failed or {}
     columns = [name_column("run"), *(Column(shown(column)) for column in names[1:])]
@@ -221,13 +227,20 @@ def render_coverage(report: CoverageReport, console: Console, form: TableFormat 
     sample on some rank (whatever the thresholds), then the verdict."""
     title = f"Coverage · step {report.step} · world size {report.world_size}"
     title += f" · below: fewer than {report.min_samples} valid samples{_spikes_clause(report)}"
-    headers = ("cells", "below", "uncovered", "silent", "min n_valid")
-    columns = [name_column("dataset"), *map(Column, headers)]
-    rows = [
-        [shown(row.name), *(str(v) for v in (row.cells, row.below, row.uncovered, row.silent, row.min_n_valid))]
-        for row in report.datasets.itertuples(index=False)
-    ]
+    excluded = report.excluded if report.excluded is not None else report.cells.iloc[:0]
+    counts = ["cells", "below", "uncovered", "silent", *(["excluded"] * (not excluded.empty)), "min_n_valid"]
+    columns = [name_column("dataset"), *(Column("min n_valid" if name == "min_n_valid" else name) for name in counts)]
+    rows = [[shown(row["name"]), *(str(row[name]) for name in counts)] for _, row in report.datasets.iterrows()]
     print_table(console, title, columns, rows, form=form)
+    if not excluded.empty:
+        rows = [
+            [shown(row.dataset), str(row.cell), shown(row.cell_id), str(row.n_valid), shown(row.reason)]
+            for row in excluded.itertuples(index=False)
+        ]
+        columns = [*_cell_columns(0)[:4], Column("reason", justify="left", wraps=True)]
+        print_table(
+            console, "Cells excluded (--exclude-cells): in no number and no threshold", columns, rows, keys=2, form=form
+        )
     if not report.passed:
         rows = [
             [
