@@ -9,13 +9,13 @@ import secrets
 from types import ModuleType
 from typing import Any
 
-from bpseval.errors import BpsevalError, MissingExtraError
+from bpseval.errors import BpsevalError, MissingExtraError, install_hint
 
 
 def missing_torch(feature: str, error: ImportError, extra: str = "torch") -> MissingExtraError:
     """The error for `feature` used without torch installed: names the extra to install and where a CPU-only torch comes from."""
     missing = MissingExtraError(
-        f"{feature} needs PyTorch, which cannot be imported ({error}): pip install 'bpseval[{extra}]'"
+        f"{feature} needs PyTorch, which cannot be imported ({error}): {install_hint(extra)}"
         " (for a CPU-only torch, without the multi-GB CUDA libraries, first:"
         " pip install torch --index-url https://download.pytorch.org/whl/cpu)."
         " The command line and the numpy API work without it."

@@ -33,3 +33,37 @@ class MissingExtraError(BpsevalError, ImportError):
     An ImportError, as Python's convention for a missing extra wants (`except ImportError` works),
     and a BpsevalError, so that the CLI reports it in one line with exit code 2.
     """
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs what bpseval's optional `extra` brings, for messages.
+
+    bpseval is installed from a checkout or a wheel built from one, never from a package index, so
+    the hint names the extra's own packages (read from the installed metadata, the one list in
+    `pyproject.toml`), and the extra for a checkout.
+
+    Args:
+        extra: the extra's name (plot, tensorboard, fast, dask, torch, lightning).
+
+    Returns:
+        e.g. "pip install 'matplotlib>=3.7' (bpseval's [plot] extra: pip install -e '.[plot]' in its checkout)".
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        declared = requires("bpseval") or []
+    except PackageNotFoundError:  # run from a source folder that was never installed
+        declared = []
+    wanted, packages = [extra], []
+    while wanted:
+        name = wanted.pop()
+        for line in declared:
+            requirement, _, marker = line.partition(";")
+            if marker.replace("'", '"').strip() != f'extra == "{name}"':
+                continue
+            if requirement.startswith("bpseval["):
+                wanted += requirement.strip()[len("bpseval[") : -1].split(",")
+            else:
+                packages.append(f"'{requirement.strip()}'")
+    checkout = f"pip install -e '.[{extra}]' in its checkout"
+    return f"pip install {' '.join(packages)} (bpseval's [{extra}] extra: {checkout})" if packages else checkout

@@ -1,6 +1,6 @@
 """Lightning integration: `BPSShardCallback` writes shards and logs the exact bits per spike.
 
-Needs the optional dependency `lightning` (`pip install "bpseval[lightning]"`); the rest of
+Needs the optional dependency `lightning` (the `lightning` extra); the rest of
 bpseval works without it.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from bpseval._arrays import is_tensor, to_numpy
 from bpseval._distributed import missing_torch
 from bpseval.api import Result
-from bpseval.errors import ArgumentError, MissingExtraError
+from bpseval.errors import ArgumentError, MissingExtraError, install_hint
 from bpseval.shard.writer import ShardWriter
 from bpseval.views.dashboards import dashboard_metrics
 
@@ -25,7 +25,7 @@ try:
     import lightning.pytorch as pl
 except ImportError as error:
     raise MissingExtraError(
-        f"bpseval.lightning needs Lightning, which cannot be imported ({error}): pip install 'bpseval[lightning]'"
+        f"bpseval.lightning needs Lightning, which cannot be imported ({error}): {install_hint('lightning')}"
     ) from error
 
 from bpseval.torch import DEFAULT_DEDUP_WINDOW, DistributedBPS

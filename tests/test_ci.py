@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +288,25 @@ def test_row_wise_summaries_equal_score_dataset_and_overall_of_row_by_row(data, 
 
 def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_the_table_says_in_one_line_when_the_intervals_are_asymmetric_and_why(tmp_path):
+    """The shipped run's overall bps_pooled interval is lopsided around its number: one line names the most
+    lopsided interval, with the numbers of the JSON, and says why."""
+    run = Path(__file__).resolve().parents[1] / "examples" / "runs" / "exp1"
+    command = [sys.executable, "-m", "bpseval", "compute", str(run), "--ci", "0.95", "--no-cache"]
+    command += ["--json", str(tmp_path / "ci.json")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, check=False)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("Asymmetric intervals")]
+    document = json.loads((tmp_path / "ci.json").read_text())
+    label, metric = line.split("(")[1].split(" in ")[0].rsplit(" ", 2)[:2]
+    scope = (
+        document["overall"]
+        if label == "overall"
+        else next(entry for entry in document["datasets"] if f"dataset {entry['name']}" == label)
+    )
+    point, (low, high) = scope[metric], scope[f"{metric}_ci"]
+    assert f"{metric} {point:.4f} in [{low:.4f}, {high:.4f}]" in line
+    assert abs((high - point) - (point - low)) > 0.2 * (high - low)
+    assert "skew" in line

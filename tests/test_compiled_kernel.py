@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bpseval.errors import install_hint
 from bpseval.kernel import compiled
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 from bpseval.kernel.stats import BLOCK_ENTRIES, MIN_RATE, InvalidValuesError, as_weights, batch_stats
@@ -423,7 +424,7 @@ def test_without_numba_the_reference_runs_and_compiled_names_the_extra() -> None
     assert run.returncode == 0 and run.stdout.strip() == "[3, 3]", run.stderr
     env["BPSEVAL_KERNEL"] = "compiled"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    assert run.returncode == 1 and "pip install 'bpseval[fast]'" in run.stderr
+    assert run.returncode == 1 and install_hint("fast") in run.stderr
 
 
 def test_compute_refuses_an_unknown_kernel_in_one_line(tmp_path: Path, invoke) -> None:

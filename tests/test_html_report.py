@@ -20,7 +20,7 @@ from bpseval.cli import app
 from bpseval.features.compare import CompareSettings, compare_paths
 from tests.conftest import poisson_dataset
 
-pytest.importorskip("matplotlib", reason="the HTML report embeds matplotlib pictures: pip install 'bpseval[plot]'")
+pytest.importorskip("matplotlib", reason="the HTML report embeds matplotlib pictures (the plot extra)")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "runs" / "exp1"

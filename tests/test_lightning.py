@@ -22,6 +22,7 @@ from bpseval.torch import WithSampleIndex
 from bpseval.views.dashboards import PREFIX, metric_keys
 
 pl = pytest.importorskip("lightning.pytorch")
+from bpseval.errors import install_hint  # noqa: E402
 from bpseval.lightning import BPSShardCallback, dataset_name  # noqa: E402
 
 N_FEATURES = 4
@@ -218,4 +219,4 @@ def test_bpseval_imports_without_lightning_and_bpseval_lightning_says_how_to_get
         "try:\n    import bpseval.lightning\nexcept ImportError as error:\n    print(error)\n"
     )
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert "pip install 'bpseval[lightning]'" in output
+    assert install_hint("lightning") in output

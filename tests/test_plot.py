@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 import bpseval
 from bpseval.api import Result
+from bpseval.errors import install_hint
 from bpseval.features.compare import CompareSettings, Side, compare
 from bpseval.features.overview import RunOverview, load_overview
 from bpseval.features.steps import StepResults
@@ -24,7 +26,7 @@ from tests.test_steps import DATASETS, multi_step_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "runs" / "exp1"
-MISSING = "plots need matplotlib: pip install 'bpseval[plot]'"
+MISSING = f"plots need matplotlib: {install_hint('plot')}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def test_without_matplotlib_plot_and_report_exit_2_saying_how_to_install(invoke,
         assert not target.exists()  # it failed before merging anything
     from bpseval.views.plot import bps_strip_figure
 
-    with pytest.raises(bpseval.BpsevalError, match=r"pip install 'bpseval\[plot\]'"):
+    with pytest.raises(bpseval.BpsevalError, match=re.escape(install_hint("plot"))):
         bps_strip_figure(bpseval.evaluate(EXAMPLE))
 
 

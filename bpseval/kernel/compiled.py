@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from bpseval._sidefiles import SideFileError, read_bytes, read_json
-from bpseval.errors import ArgumentError, MissingExtraError
+from bpseval.errors import ArgumentError, MissingExtraError, install_hint
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
 
 if sys.platform != "win32":
@@ -172,8 +172,8 @@ def uses_compiled(rate_kind: str, batch_entries: int) -> bool:
     if _compiled() is None:
         if wanted == "compiled":
             raise MissingExtraError(
-                f"{ENVIRONMENT_VARIABLE}=compiled needs numba with a writable cache directory: pip install"
-                f" 'bpseval[fast]', and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
+                f"{ENVIRONMENT_VARIABLE}=compiled needs numba with a writable cache directory: {install_hint('fast')};"
+                " and set NUMBA_CACHE_DIR if the install directory and ~/.cache are read-only"
             )
         return False
     return not _failure

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import BpsevalError, install_hint
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -120,7 +120,7 @@ def _run_on_dask(
         from dask.distributed import Client, LocalCluster
         from dask.distributed import as_completed as dask_completed
     except ImportError:
-        raise BpsevalError("--scheduler needs Dask: pip install 'bpseval[dask]'") from None
+        raise BpsevalError(f"--scheduler needs Dask: {install_hint('dask')}") from None
     if scheduler == "local":
         cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bpseval._json import json_text
-from bpseval.errors import ArgumentError, MissingExtraError
+from bpseval.errors import ArgumentError, MissingExtraError, install_hint
 from bpseval.run.scored import SUMMARY_METRICS, ScoredRun
 
 PREFIX = "val_"
@@ -91,7 +91,7 @@ def require_tensorboard() -> None:
     except ImportError as error:
         raise MissingExtraError(
             f"--tensorboard needs the tensorboard package, which cannot be imported ({error}):"
-            " pip install 'bpseval[tensorboard]'"
+            f" {install_hint('tensorboard')}"
         ) from None
 
 

@@ -2,7 +2,7 @@
 
 Every `*_figure` function takes library objects (a `Result` or its frames, `RunFrames`, a `ScoredRun`, per-step scored runs, a
 `Comparison`) and returns a matplotlib `Figure`; `write_plots` writes them all to a folder.
-matplotlib is an optional extra (`pip install 'bpseval[plot]'`) and is imported only when a
+matplotlib is the optional extra `plot` (`errors.install_hint("plot")`) and is imported only when a
 figure is made: `import bpseval` never imports it. Figures are drawn on the Agg canvas directly
 (no pyplot, so no display is needed and the caller's pyplot backend and figure list are left
 alone); they show in Jupyter like any other Figure.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bpseval.errors import BpsevalError
+from bpseval.errors import BpsevalError, install_hint
 from bpseval.features.compare import Comparison
 from bpseval.features.overview import RunOverview
 from bpseval.features.steps import StepResults
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.figure import Figure
 
-MISSING_MATPLOTLIB = "plots need matplotlib: pip install 'bpseval[plot]'"
+MISSING_MATPLOTLIB = f"plots need matplotlib: {install_hint('plot')}"
 MIN_MATPLOTLIB = (3, 7)
 DPI = 110
 """Pixels per inch of the PNG files: a figure of width w inches is round(w * DPI) pixels wide."""
@@ -67,7 +67,7 @@ def _matplotlib() -> Any:
     if version < MIN_MATPLOTLIB:
         raise BpsevalError(
             f"plots need matplotlib >= {'.'.join(map(str, MIN_MATPLOTLIB))} (found {matplotlib.__version__}):"
-            " pip install -U 'bpseval[plot]'"
+            f" {install_hint('plot')}"
         )
     return matplotlib
 

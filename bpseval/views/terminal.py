@@ -127,6 +127,41 @@ def render_intervals(scored: ScoredRun, intervals: Intervals, console: Console, 
     rows.append(["[bold]overall[/]", *(_interval_cell(intervals.overall[m]) for m in INTERVAL_METRICS)])
     title = f"Bootstrap intervals · over {unit} · {settings.resamples} resamples, seed {settings.seed}"
     print_table(console, title, columns, rows, form=form)
+    lopsided = asymmetry_line(scored, intervals)
+    if lopsided:
+        print_line(console, lopsided, form)
+
+
+ASYMMETRY = 0.2
+"""An interval is called asymmetric when its two sides around the number differ by more than this share of its width."""
+
+
+def asymmetry_line(scored: ScoredRun, intervals: Intervals) -> str:
+    """One line saying that the intervals are asymmetric and why, naming the most asymmetric; "" when none is."""
+    found = [
+        (label, metric, numbers[metric], bounds)
+        for label, numbers, scope in [
+            *(
+                (f"dataset {dataset.name}", dataset.numbers, intervals.datasets[dataset.name])
+                for dataset in scored.datasets
+            ),
+            ("overall", scored.overall.numbers, intervals.overall),
+        ]
+        for metric, bounds in scope.items()
+        if metric in INTERVAL_METRICS and bounds is not None and bounds[1] > bounds[0]
+    ]
+
+    def lopsided(entry: tuple[str, str, float, tuple[float, float]]) -> float:
+        _, _, point, (low, high) = entry
+        return abs((high - point) - (point - low)) / (high - low)
+
+    if not found or lopsided(worst := max(found, key=lopsided)) <= ASYMMETRY:
+        return ""
+    label, metric, point, (low, high) = worst
+    return (
+        f"Asymmetric intervals ({shown(label)} {metric} {format_bps(point)} in [{format_bps(low)},"
+        f" {format_bps(high)}]): bootstrap-t follows the skew of the cells' values, which ± would hide."
+    )
 
 
 def _interval_cell(interval: Interval) -> str:
