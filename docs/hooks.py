@@ -5,6 +5,8 @@
 - `project/*.md`: the repository's own ARCHITECTURE.md, CHANGELOG.md, tests/README.md and
   benchmarks/README.md, whose links to files outside the site become plain text;
 - the footer names the version from `bpseval/_version.py`;
+- the metrics page's list of dashboard keys (`METRIC_KEYS_MARK`), from `bpseval.views.dashboards.metric_keys`
+  and the metrics' declarations (`bpseval.kernel.metrics.METRICS`);
 - `ExampleSections`, a griffe extension (mkdocs.yml), reads the docstrings' `Example:` sections as
   examples (griffe's Google style knows only `Examples:`), so that their doctests show as code.
 """
@@ -144,6 +146,30 @@ def cli_reference() -> str:
 def project_page(source: str) -> str:
     """A repository file as a page: links to files outside the site become their text."""
     return LOCAL_LINK.sub(r"\1", (REPO / source).read_text(encoding="utf-8"))
+
+
+METRIC_KEYS_MARK = "<!-- metric keys: generated -->"
+"""Where the metrics page lists the dashboard keys, replaced at build time."""
+
+
+def metric_keys_table() -> str:
+    """The keys `--metrics`, `--tensorboard`, `Result.metrics` and the Lightning callback emit, each with what it
+    holds: one row per key pattern, in the order they are written."""
+    _bpseval()
+    from bpseval.kernel.metrics import METRICS
+    from bpseval.views.dashboards import PREFIX, metric_keys
+
+    rows = ["| key | what it holds |", "| --- | --- |"]
+    for key in metric_keys(["<dataset>"]):
+        name = key.removeprefix(PREFIX).removesuffix("_overall").split("/")[0]
+        scope = "over every dataset" if key.endswith("_overall") else "of one dataset"
+        rows.append(f"| `{key}` | {METRICS[name].description}, {scope} |")
+    return "\n".join(rows)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Put the generated list of dashboard keys where the metrics page marks it."""
+    return markdown.replace(METRIC_KEYS_MARK, metric_keys_table()) if METRIC_KEYS_MARK in markdown else markdown
 
 
 def on_config(config: Any) -> Any:

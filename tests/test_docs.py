@@ -82,6 +82,21 @@ def test_the_generated_cli_reference_names_every_option(command: str) -> None:
     assert "[bold]" not in section and "[/]" not in section  # Rich markup is removed
 
 
+def test_the_metrics_page_lists_every_dashboard_key_from_its_one_definition() -> None:
+    """The keys of `--metrics`, `--tensorboard`, `Result.metrics` and the callback are listed from `metric_keys`
+    and the metrics' declarations, at the place the metrics page marks."""
+    from bpseval.kernel.metrics import METRICS
+    from bpseval.views.dashboards import PREFIX, metric_keys
+
+    hooks = _hooks()
+    page = (DOCS / "metrics.md").read_text(encoding="utf-8")
+    assert hooks.METRIC_KEYS_MARK in page
+    built = hooks.on_page_markdown(page, None, None, None)
+    keys = re.findall(rf"^\| `({PREFIX}[^`]+)` \|", built, flags=re.MULTILINE)
+    assert keys == metric_keys(["<dataset>"])
+    assert all(metric.description in built for metric in METRICS.values())
+
+
 def test_generated_pages_and_the_built_site_are_not_committed() -> None:
     assert not (DOCS / "reference" / "cli.md").exists()
     assert not (DOCS / "project").exists()
