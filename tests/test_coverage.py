@@ -72,6 +72,7 @@ def test_per_rank_counts_match_the_hand_computed_case(run_dir):
         "below": 4,
         "uncovered": 0,
         "silent": 1,
+        "excluded": 0,
         "min_n_valid": 1,
     }
 
@@ -88,7 +89,15 @@ def test_cli_lists_exactly_the_cells_below_and_exits_1(invoke, run_dir):
     assert [(c["cell"], c["n_valid"], c["per_rank"]) for c in document["cells"]] == [(1, 2, [2, 1]), (2, 1, [0, 1])]
     assert document["cells"][0]["status"] == "ok" and document["cells"][0]["dataset"] == "Allen_2022-04-13"
     assert document["datasets"] == [
-        {"name": "Allen_2022-04-13", "cells": 4, "below": 2, "uncovered": 0, "silent": 1, "min_n_valid": 1}
+        {
+            "name": "Allen_2022-04-13",
+            "cells": 4,
+            "below": 2,
+            "uncovered": 0,
+            "silent": 1,
+            "excluded": 0,
+            "min_n_valid": 1,
+        }
     ]
 
 

@@ -72,7 +72,7 @@ def same(a: float, b: float) -> bool:
 def test_the_default_keeps_todays_numbers_and_the_setting_is_recorded():
     default, zero, one = (bpseval.evaluate(EXAMPLE, min_samples=n) for n in (0, 0, 1))
     assert default.to_dict()["overall"] == one.to_dict()["overall"] == zero.to_dict()["overall"]
-    assert default.overall.cells == {"ok": 123, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0}
+    assert default.overall.cells == {"ok": 123, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0, "excluded": 0}
     assert default.settings["min_samples"] == 0
     marked = bpseval.evaluate(EXAMPLE, min_samples=10)
     assert marked.settings["min_samples"] == 10
@@ -92,7 +92,7 @@ def test_the_example_without_its_one_sample_cells(tmp_path):
     assert marked.overall.bps == pytest.approx(per_dataset.mean(), rel=1e-12)
     assert marked.overall.bps > plain.overall.bps  # cell 20 (bps -1.49) no longer pulls the mean down
     assert marked.overall.bps_pooled == plain.overall.bps_pooled  # NLB pools every covered cell, low ones too
-    assert marked.overall.cells == {"ok": 120, "silent": 0, "uncovered": 1, "overflow": 0, "low": 3}
+    assert marked.overall.cells == {"ok": 120, "silent": 0, "uncovered": 1, "overflow": 0, "low": 3, "excluded": 0}
 
 
 def test_compute_names_the_few_sample_cells_of_the_example_and_the_option(invoke, tmp_path):

@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import bpseval
+from bpseval.features.coverage import coverage_report
+from bpseval.features.overview import load_overview
 from bpseval.features.planning import distributed_sampler_indices
 
 
@@ -160,5 +162,7 @@ def test_plan_and_coverage_give_the_same_per_rank_counts_padding_copies_included
     for cache in (False, True, True):  # the second cached pass reads the entry the first one wrote
         report = bpseval.check_coverage(run, min_samples=10**6, cache=cache)
         assert report.cells["per_rank"].tolist() == predicted
+    overview = load_overview(run, cache=False)  # what the HTML report's coverage section reads
+    assert coverage_report(overview.scored, 10**6).cells["per_rank"].tolist() == predicted
     if store == "raw":
         assert report.cells["n_valid"].tolist() == plan["n_valid"].tolist()  # in total, each sample once

@@ -52,7 +52,7 @@ def test_evaluate_steps_scores_each_complete_step_like_evaluate(tmp_path):
         assert result.step == step
         assert result.overall.bps == alone.overall.bps
         assert result.overall.bps_pooled == alone.overall.bps_pooled
-        assert result.overall.cells == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0}
+        assert result.overall.cells == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0, "excluded": 0}
     frame = steps_frame(steps)
     assert list(frame.columns[:10]) == [
         "step",
@@ -119,7 +119,7 @@ def test_cli_all_steps_json_and_csv(invoke, tmp_path):
     for metric in ("bps", "bps_pooled", "pseudo_r2", "pseudo_r2_pooled", "corr"):
         assert entry[metric] == getattr(expected.overall, metric), metric
         assert [d[metric] for d in entry["datasets"]] == [getattr(d, metric) for d in expected.scored.datasets]
-    assert entry["cells"] == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0}
+    assert entry["cells"] == {"ok": 11, "silent": 0, "uncovered": 1, "overflow": 0, "low": 0, "excluded": 0}
     assert entry["world_size"] == 2 and len(entry["files"]) == 2
     assert [d["name"] for d in entry["datasets"]] == list(DATASETS)
     assert "Skipped incomplete step: step 3 has world size 2" in result.stderr

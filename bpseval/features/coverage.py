@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,18 +66,15 @@ def coverage_report(
     run: ScoredRun,
     min_samples: int,
     min_spikes: float | None = None,
-    rank_valid: Mapping[str, np.ndarray] | None = None,
 ) -> CoverageReport:
     """Flag every cell with fewer than `min_samples` valid samples (or `min_spikes` spikes), and list every cell
-    that some rank saw no valid sample of.
+    that some rank saw no valid sample of. Per rank, the valid samples it saw, padding copies included
+    (`ScoredDataset.rank_valid`, what `bpseval plan` predicts); where that is not known, each rank's scored samples.
 
     Args:
         run: the scored step.
         min_samples: a cell with fewer valid samples (in total, each sample once) is below.
         min_spikes: also below: a cell with fewer spikes than this.
-        rank_valid: per dataset, the (ranks, cells) valid samples each rank saw, padding copies included
-            (`MergedDataset.rank_valid`: what `bpseval plan` predicts per rank); without it, each rank's
-            scored samples (a padding copy counted on the rank that saw the sample first).
 
     Returns:
         The report.
@@ -91,8 +87,8 @@ def coverage_report(
         total = dataset.stats
         status = dataset.scores.status
         left_out = status == EXCLUDED
-        if rank_valid is not None and dataset.name in rank_valid:
-            per_rank = rank_valid[dataset.name].T
+        if dataset.rank_valid is not None:
+            per_rank = dataset.rank_valid.T
         else:
             per_rank = np.stack([stats.n_valid for stats in dataset.per_rank], axis=1)
         below = (total.n_valid < min_samples) & ~left_out
@@ -182,5 +178,4 @@ def check_coverage(
     """
     settings = ScoreSettings(exclusions=None if exclude_cells is None else load_exclusions(exclude_cells))
     merged = merge_run(run_dir, step, **merge_options)
-    rank_valid = {dataset.name: dataset.rank_valid for dataset in merged.datasets}
-    return coverage_report(score_run(merged, settings), min_samples, min_spikes, rank_valid)
+    return coverage_report(score_run(merged, settings), min_samples, min_spikes)

@@ -147,6 +147,9 @@ class ScoredDataset(Numbers):
     per_block: CellStats | None = None
     """(blocks, cells) statistics by contiguous sample_idx block, when asked for."""
     rate_kind: str = "rate"
+    rank_valid: np.ndarray | None = None
+    """(ranks, cells): the valid samples each rank saw, padding copies included (`MergedDataset.rank_valid`, the
+    count `plan` predicts); None when not known (the online metric, a document)."""
 
     @property
     def n_cells(self) -> int:
@@ -256,6 +259,7 @@ def score_dataset(
         per_rank=list(merged.per_rank),
         per_block=merged.per_block,
         rate_kind=merged.rate_kind,
+        rank_valid=merged.rank_valid,
     )
 
 
