@@ -30,8 +30,8 @@ class SeenSamples:
     first copy is (`first_positions`). Two forms, chosen as indices come:
 
     - a table indexed by sample (bool; with positions, the position, -1 for none) while the largest index
-      stays below `span`, `TABLE_FLOOR`, or the entries that cost `TABLE_BYTES_PER_SAMPLE` per index seen
-      (the usual 0..N-1: O(1) per index, 1 byte per entry, 8 with positions);
+      stays below the greatest of `span`, `TABLE_FLOOR` and the entries that cost `TABLE_BYTES_PER_SAMPLE`
+      per index seen (the usual 0..N-1: O(1) per index, 1 byte per entry, 8 with positions);
     - past that, a sorted array plus a smaller sorted array of recent additions (merged into it when they
       grow past a quarter of it) and, with positions, theirs: 8 bytes per index seen (16 with positions)
       whatever the largest index, two binary searches per lookup, O(N log N) to add N indices. A merge
@@ -95,8 +95,15 @@ class SeenSamples:
         self._insert(new[~self.contains(new)], None)
 
     def first_positions(self, index: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Record `index` (non-negative) met at `positions` (increasing, after every position recorded before) and
-        return, for each row, the position of its index's first copy."""
+        """Record the rows of a part and give, for each, where its index's first copy is.
+
+        Args:
+            index: (rows,) non-negative sample indices.
+            positions: (rows,) int64 positions of the rows, increasing, after every position recorded before.
+
+        Returns:
+            (rows,) int64: the position of each row's first copy, among those recorded before and these.
+        """
         if not self.positions:
             raise TypeError("a SeenSamples without positions records indices with add")
         index = np.asarray(index, dtype=np.int64)
