@@ -58,8 +58,10 @@ class DistributedBPS:
 
     `update` once per batch on every rank, `compute()` on every rank after the validation loop
     (it is a collective: every rank must call it, whatever data it saw), `reset()` before the
-    next pass. Memory is O(cells) per dataset plus 16 bytes per sample given (its index on the
-    host, its fingerprint on the device); sums are
+    next pass. Memory is O(cells) per dataset plus 17-24 bytes per sample given with `sample_idx`:
+    its index on the host and its fingerprint on the device (16 bytes per row given until `compute()`
+    keeps one per sample), and the set of samples seen (`kernel.samples.SeenSamples`: 1 byte per
+    sample for indices 0..N-1, up to 8 for sparse or huge ones); sums are
     float64 on the device of the tensors given. Without an initialised process group,
     `compute()` treats the process as the only rank.
 

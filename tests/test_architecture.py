@@ -220,3 +220,28 @@ def test_every_summary_metric_is_declared_in_one_table():
     assert sorted(bits) == ["kernel/metrics.py", "kernel/stats.py"]
     for module in ("bpseval.run.scored", "bpseval.features.uncertainty", "bpseval.features.attribution"):
         assert "METRICS[" in modules()[module].read_text() or "metric_values(" in modules()[module].read_text()
+
+
+SET_METHODS = {"contains", "__contains__", "first_sightings", "first_positions"}
+
+
+def test_one_structure_holds_the_sample_indices_seen():
+    """ARCHITECTURE.md: `kernel.samples.SeenSamples` is the one set of sample indices seen (with first positions for
+    the merge): no other class has a set's methods, no other module grows a sorted array by insertion (`np.insert`),
+    and the modules that track the samples seen use it."""
+    others: dict[str, list[str]] = {}
+    for module, path in modules().items():
+        if module == "bpseval.kernel.samples":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)} & SET_METHODS
+                if methods:
+                    others.setdefault(module, []).append(f"class {node.name} with {sorted(methods)}")
+            elif (
+                isinstance(node, ast.Attribute) and node.attr == "insert" and ast.unparse(node.value) in {"np", "numpy"}
+            ):
+                others.setdefault(module, []).append("np.insert")
+    assert others == {}
+    users = {module for module, path in modules().items() if "SeenSamples" in path.read_text()}
+    assert {"bpseval.kernel.online", "bpseval.run.dedup", "bpseval.shard._stats_store"} <= users

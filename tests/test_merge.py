@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from bpseval.kernel.cellstats import CellStats
 from bpseval.kernel.stats import add_by_block, as_weights, batch_stats
-from bpseval.run.dedup import _FirstSeen
 from bpseval.run.headers import SHARDS_PER_CHILD
 from bpseval.run.merge import dataset_identity, merge_run, sample_blocks
 from tests.conftest import poisson_dataset, write_raw_shard
@@ -69,35 +68,6 @@ def test_many_shards_are_read_by_several_children_with_a_hang_in_any_share(tmp_p
     several CPUs), received from every child at once, a hanging file in the last share."""
     count = 2 * SHARDS_PER_CHILD + 3
     assert_headers_in_order_with_a_hang(tmp_path, count, count - 2, 1)
-
-
-DENSE = st.lists(st.integers(0, 60), max_size=40)
-SPARSE = st.lists(st.one_of(st.integers(0, 60), st.integers(2**40, 2**40 + 5)), max_size=40)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(DENSE, SPARSE), max_size=6), st.integers(1, 80))
-def test_first_seen_matches_a_walk_over_the_values_batch_by_batch(batches: list[list[int]], span: int) -> None:
-    """Batch after batch (the parts of a dataset in rank order), each value's first position is that of its first
-    copy in all batches so far: in the table, after growing it, after leaving it for the sorted arrays (a value
-    reaching `span`), and in those."""
-    seen, first, position = _FirstSeen(span), {}, 0
-    for values in batches:
-        positions = np.arange(position, position + len(values), dtype=np.int64)
-        found = seen.first_positions(np.asarray(values, dtype=np.int64), positions)
-        for value, at in zip(values, positions.tolist(), strict=True):
-            first.setdefault(value, at)
-        assert found.tolist() == [first[value] for value in values]
-        position += len(values)
-    assert seen.unique().tolist() == sorted(first)
-
-
-def test_first_seen_keeps_sparse_values_without_a_table_of_their_span() -> None:
-    seen = _FirstSeen(1024)
-    assert seen.first_positions(np.array([5, 7, 5]), np.arange(3)).tolist() == [0, 1, 0]
-    assert seen.first_positions(np.array([2**62, 7, 2**62]), np.arange(3, 6)).tolist() == [3, 1, 3]
-    assert seen.table is None  # a table would need 2^62 entries
-    assert seen.unique().tolist() == [5, 7, 2**62]
 
 
 RANK_VALUES = st.lists(st.one_of(st.integers(0, 12), st.integers(2**40, 2**40 + 2)), max_size=9)

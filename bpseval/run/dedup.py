@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bpseval.errors import BpsevalError
+from bpseval.kernel.samples import SeenSamples
 from bpseval.kernel.stats import (
     MIN_RATE,
 )
@@ -13,70 +14,6 @@ from bpseval.shard.reader import open_dataset
 
 RHAT_COPY_RTOL = 4e-3
 """Relative difference between copies of one sample's rhat that counts as rounding (float16 included)."""
-
-
-class _FirstSeen:
-    """Where the first copy of every sample_idx seen so far is: its position over all parts of a dataset.
-
-    A table indexed by value while the values stay below `span` (the usual 0..N-1: O(1) per value,
-    grown as larger values come); past it, the values seen and their positions as two sorted arrays.
-    """
-
-    def __init__(self, span: int) -> None:
-        self.span = span
-        self.table: np.ndarray | None = np.full(0, -1, dtype=np.int64)
-        self.values = np.zeros(0, dtype=np.int64)
-        self.positions = np.zeros(0, dtype=np.int64)
-
-    def first_positions(self, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Record `values` (non-negative) met at `positions` (increasing, after every position recorded
-        before) and return, for each, the position of its first copy."""
-        if not len(values):
-            return positions
-        largest = int(values.max())
-        if self.table is not None and largest >= len(self.table):
-            if largest < self.span:
-                grown = np.full(min(self.span, max(largest + 1, 2 * len(self.table))), -1, dtype=np.int64)
-                grown[: len(self.table)] = self.table
-                self.table = grown
-            else:
-                self.values = np.flatnonzero(self.table >= 0)
-                self.positions = self.table[self.values]
-                self.table = None
-        if self.table is None:
-            return self._sorted_first_positions(values, positions)
-        first = self.table[values]
-        new = first < 0
-        every = bool(new.all())
-        new_values, new_positions = (values, positions) if every else (values[new], positions[new])
-        self.table[new_values] = new_positions  # with repeats among them, any copy may be stored
-        stored = self.table[new_values]
-        if (stored != new_positions).any():  # a value repeated among the new ones: its first copy is the first
-            distinct, first_index = np.unique(new_values, return_index=True)
-            self.table[distinct] = new_positions[first_index]
-            stored = self.table[new_values]
-        elif every:
-            return positions
-        first[new] = stored
-        return first
-
-    def _sorted_first_positions(self, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if len(self.values):
-            at = np.minimum(np.searchsorted(self.values, values), len(self.values) - 1)
-            first = np.where(self.values[at] == values, self.positions[at], -1)
-        else:
-            first = np.full(len(values), -1, dtype=np.int64)
-        new = first < 0
-        distinct, first_index, inverse = np.unique(values[new], return_index=True, return_inverse=True)
-        first[new] = positions[new][first_index][inverse]
-        at = np.searchsorted(self.values, distinct)
-        self.values = np.insert(self.values, at, distinct)
-        self.positions = np.insert(self.positions, at, positions[new][first_index])
-        return first
-
-    def unique(self) -> np.ndarray:
-        """The distinct values seen, sorted."""
-        return np.flatnonzero(self.table >= 0) if self.table is not None else self.values
 
 
 class _Deduplicator:
@@ -96,7 +33,7 @@ class _Deduplicator:
         self.paths = [header.path for header, _ in parts]
         self.window = window
         self.offsets = np.cumsum([0] + [layout.n_rows for _, layout in parts])
-        self.seen = _FirstSeen(4 * int(self.offsets[-1]) + 1024)
+        self.seen = SeenSamples(span=4 * int(self.offsets[-1]), positions=True)
         self.part = -1
         self.later_rows = np.zeros(0, dtype=np.int64)
         """Rows (within the part begun last) of the copies that are not first, sorted, and the positions of their first copies."""
@@ -132,7 +69,7 @@ class _Deduplicator:
     @property
     def unique(self) -> np.ndarray:
         """The distinct sample_idx of the parts begun so far, sorted."""
-        return self.seen.unique()
+        return self.seen.indices()
 
     def filter(self, part: int, chunk: RowChunk) -> RowChunk:
         """The rows of `chunk` (of the part begun last) that are first copies; later copies are checked
