@@ -815,7 +815,9 @@ def compare(
         ),
     ] = None,
     blocks: Annotated[int, typer.Option("--blocks", min=2, help="Sample blocks of the paired bootstrap.")] = 100,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates.")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates (as many as --ci-resamples by default).")
+    ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
     json_path: JsonPath = None,
     markdown_path: Annotated[

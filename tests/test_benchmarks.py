@@ -214,3 +214,14 @@ def test_the_online_floor_computes_the_statistics_update_keeps() -> None:
     assert floor.shape == (len(STAT_FIELDS), 30)
     for row, key in enumerate(STAT_FIELDS):
         np.testing.assert_allclose(floor[row], getattr(kernel, key), rtol=1e-9, atol=1e-9, err_msg=key)
+
+
+def test_compare_significance_times_the_paired_bootstrap_of_the_change(monkeypatch, capsys) -> None:
+    from benchmarks import compare_significance
+
+    monkeypatch.setattr(compare_significance, "DATASETS", 2)
+    monkeypatch.setattr("sys.argv", ["compare_significance.py", "--repeat", "1", "--bootstrap", "100"])
+    compare_significance.main()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("compare --significance 0.05 --bootstrap 100 (paired), 2 datasets x 93 cells")
+    assert float(line.rsplit("best ", 1)[1].split(" s")[0]) > 0

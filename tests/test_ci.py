@@ -25,6 +25,7 @@ from bpseval.run.merge import MergedDataset
 from bpseval.run.scored import (
     ScoreSettings,
     marked_scores,
+    metric_partials,
     metric_values,
     overall_of,
     overall_values,
@@ -272,18 +273,19 @@ def test_row_wise_summaries_equal_score_dataset_and_overall_of_row_by_row(data, 
     for index in range(datasets):
         stats = _stats(data.draw, rows, data.draw(st.integers(1, 6)))
         scores = marked_scores(stats, scoring)
-        parts.append((scores, stats, metric_values(scores, stats, clamp)))
+        parts.append(metric_partials(scores, stats, clamp))
         for row in range(rows):
             stats_row = stats.map(lambda values, row=row: values[row])
             merged = MergedDataset(f"d{index}", np.arange(stats.n_cells), "rate", [stats_row], 12, 0)
             per_row[row].append(score_dataset(merged, scoring))
-    overall = overall_values(parts, clamp)
+    overall = overall_values(parts)
     for row in range(rows):
         expected = overall_of(per_row[row], clamp)
         for metric in METRICS:
             assert _same(overall[metric][row], getattr(expected, metric)), (metric, row)
             for index, part in enumerate(parts):
-                assert _same(part[2][metric][row], getattr(per_row[row][index], metric)), (metric, row, index)
+                value = metric_values(part)[metric][row]
+                assert _same(value, getattr(per_row[row][index], metric)), (metric, row, index)
 
 
 def _same(a: float, b: float) -> bool:

@@ -239,6 +239,8 @@ def _drop_cells_of_b(document):
 BROKEN = {
     "not an object": (lambda d: d.clear() or d.update({"runs": []}), "not a bpseval baseline"),
     "overall.bps missing": (_edit(("overall", "bps")), "overall.bps is missing"),
+    "overall.cells.excluded null": (_edit(("overall", "cells", "excluded"), None), "overall.cells.excluded must be"),
+    "datasets[0].cells.excluded text": (_edit(("datasets", 0, "cells", "excluded"), "1"), "cells.excluded must be"),
     "overall a list": (_edit(("overall",), [0.1, 0.2]), "overall must be an object, not a list"),
     "datasets an object": (_edit(("datasets",), {"A": {}}), "datasets must be a non-empty list, not an object"),
     "datasets[1] a list": (_edit(("datasets", 1), ["B"]), "datasets[1] must be an object, not a list"),

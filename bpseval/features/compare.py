@@ -46,6 +46,7 @@ from bpseval.errors import ArgumentError, BaselineError
 from bpseval.features.attribution import Attribution, attribute
 from bpseval.features.groups import cell_groups, grouping_table, load_exclusions
 from bpseval.features.uncertainty import (
+    DEFAULT_RESAMPLES,
     check_resamples,
     estimates,
     identity_draws,
@@ -138,7 +139,8 @@ class CompareSettings:
     allow_missing_datasets: bool = False
     significance: float | None = None
     blocks: int = 100
-    bootstrap: int = 2000
+    bootstrap: int = DEFAULT_RESAMPLES
+    """Replicates of the bootstrap of the change, as many as `compute --ci` draws by default."""
     seed: int = 0
     fail_on_inconclusive: bool = False
     allow_different_samples: bool = False

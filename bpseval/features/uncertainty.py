@@ -40,7 +40,7 @@ import numpy as np
 
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
-from bpseval.kernel.metrics import sums_needed
+from bpseval.kernel.metrics import SPIKE_SUMS, Partial, sums_needed
 from bpseval.kernel.stats import EXCLUDED, CellScores, reduce_rows
 from bpseval.run.scored import (
     SUMMARY_METRICS,
@@ -49,6 +49,7 @@ from bpseval.run.scored import (
     ScoreSettings,
     joined_scores,
     marked_scores,
+    metric_partials,
     metric_values,
     overall_values,
 )
@@ -306,38 +307,38 @@ def _jackknife_error(left_out: np.ndarray, groups: int) -> np.ndarray:
     return np.sqrt((groups - 1) / groups * spread)
 
 
-Part = tuple[CellScores, CellStats, Values]
+Partials = dict[str, Partial]
 
 
 def estimates(
     units: Sequence[Units], draws: Sequence[np.ndarray], settings: ScoreSettings, metrics: Sequence[str] = METRICS
 ) -> tuple[list[Replicates], Replicates]:
     """The `metrics` of the replicates whose drawn units (per dataset, (replicates, units) indices) are `draws`,
-    with their left-out values: per dataset (in order), and overall (one stratum per dataset)."""
+    with their left-out values: per dataset (in order), and overall (one stratum per dataset).
+
+    A dataset's replicates are scored cell by cell; the overall numbers combine the datasets' sums
+    (`metric_partials`), so a stratum's left-out overall values take the other datasets' sums as they are.
+    """
     clamp = settings.clamp_negative
     needs = sums_needed(metrics)
-    full: list[Part] = []
-    left_out: list[Part] = []
+    full: list[Partials] = []
+    left_out: list[Partials] = []
     for unit, drawn in zip(units, draws, strict=True):
         for parts, (stats, scores) in zip((full, left_out), _drawn(unit, drawn, settings, needs), strict=True):
-            parts.append((scores, stats, metric_values(scores, stats, clamp, metrics)))
+            parts.append(metric_partials(scores, stats, clamp, metrics))
     groups = [_groups(drawn.shape[1]) for drawn in draws]
-    datasets = [Replicates(full[index][2], [(left_out[index][2], groups[index])]) for index in range(len(units))]
+    datasets = [
+        Replicates(metric_values(full[index]), [(metric_values(left_out[index]), groups[index])])
+        for index in range(len(units))
+    ]
     strata = []
     for index, count in enumerate(groups):
-        parts = [left_out[index] if other == index else _repeated(part, count) for other, part in enumerate(full)]
-        strata.append((overall_values(parts, clamp, metrics), count))
-    return datasets, Replicates(overall_values(full, clamp, metrics), strata)
-
-
-def _repeated(part: Part, times: int) -> Part:
-    """Every replicate row of a dataset's part `times` times in a row, next to another dataset's left-out groups."""
-
-    def repeat(values: np.ndarray) -> np.ndarray:
-        return np.repeat(values, times, axis=0)
-
-    scores, stats, values = part
-    return scores.map(repeat), stats.map(repeat), {metric: repeat(value) for metric, value in values.items()}
+        parts = [
+            left_out[index] if other == index else {name: partial.repeated(count) for name, partial in part.items()}
+            for other, part in enumerate(full)
+        ]
+        strata.append((overall_values(parts), count))
+    return datasets, Replicates(overall_values(full), strata)
 
 
 Scored = tuple[CellStats, CellScores]
@@ -349,8 +350,11 @@ def _drawn(units: Units, drawn: np.ndarray, settings: ScoreSettings, needs: tupl
     if units.scores is not None and drawn.shape[1] > 0:
         return _drawn_cells(units.stats, units.scores, drawn, settings)
     stats, without = _drawn_blocks(units.stats, drawn, needs)
-    excluded = units.excluded
-    return (stats, marked_scores(stats, settings, excluded)), (without, marked_scores(without, settings, excluded))
+    lean = set(needs) <= set(SPIKE_SUMS)  # the other sums are NaN: score only what reads these
+    return (
+        (stats, marked_scores(stats, settings, units.excluded, lean)),
+        (without, marked_scores(without, settings, units.excluded, lean)),
+    )
 
 
 def _drawn_blocks(units: CellStats, drawn: np.ndarray, needs: tuple[str, ...]) -> tuple[CellStats, CellStats]:
@@ -437,8 +441,9 @@ def _joined(pieces: Sequence[Replicates]) -> Replicates:
 
 def _chunk_size(units: Sequence[Units], resamples: int) -> int:
     """Replicates per chunk: each takes GROUPS + 1 rows of statistics, whose widest temporaries are float64
-    (blocks, cells) extremes in reduce_rows, or the fields and scores of the drawn cells."""
-    width = sum(
+    (blocks, cells) extremes in reduce_rows, or the fields and scores of the drawn cells. Datasets are drawn one
+    after the other, and only their sums (`metric_partials`) are kept, so the widest dataset bounds a chunk."""
+    width = max(
         2 * len(STAT_FIELDS) * unit.stats.n_cells if unit.scores is not None else unit.count * unit.stats.n_cells
         for unit in units
     )

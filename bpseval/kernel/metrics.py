@@ -36,6 +36,27 @@ PerCell = Callable[[CellScores, CellStats], np.ndarray]
 
 
 @dataclass(frozen=True)
+class Partial:
+    """A metric's sums over one dataset's cells, of shape (...): Σ numerator, Σ denominator over the cells that
+    take part, and whether a cell overflowed. A dataset's number is their ratio; over several datasets they
+    combine (`Metric.combined`) without going back to the cells, which a bootstrap's left-out replicates need."""
+
+    numerator: np.ndarray
+    denominator: np.ndarray
+    overflowed: np.ndarray
+
+    def value(self) -> np.ndarray:
+        """Σ numerator / Σ denominator, NaN where undefined."""
+        return _ratio(self.numerator, self.denominator, self.overflowed)
+
+    def repeated(self, times: int) -> Partial:
+        """Each replicate `times` times in a row (along the first axis)."""
+        return Partial(
+            *(np.repeat(values, times, axis=0) for values in (self.numerator, self.denominator, self.overflowed))
+        )
+
+
+@dataclass(frozen=True)
 class Metric:
     """One summary metric: which cells take part, their numerators and denominators, and how datasets combine.
 
@@ -77,34 +98,33 @@ class Metric:
                 denominator = np.where(takes_part, self.denominator(scores, stats), 0.0)
         return np.where(takes_part, value, 0.0), denominator, takes_part
 
+    def partial(self, scores: CellScores, stats: CellStats, clamp_negative: bool = False) -> Partial:
+        """The metric's sums over one dataset's cells, shape (...): its number, and what combines over datasets."""
+        numerator, denominator, _ = self.parts(scores, stats, clamp_negative)
+        return Partial(numerator.sum(axis=-1), denominator.sum(axis=-1), _overflowed(scores))
+
     def of_dataset(self, scores: CellScores, stats: CellStats, clamp_negative: bool = False) -> np.ndarray:
         """The dataset's number, shape (...): NaN when undefined (no cell takes part, or a cell overflowed)."""
-        numerator, denominator, _ = self.parts(scores, stats, clamp_negative)
-        return _ratio(numerator.sum(axis=-1), denominator.sum(axis=-1), _overflowed(scores))
+        return self.partial(scores, stats, clamp_negative).value()
 
-    def of_datasets(
-        self,
-        datasets: Sequence[Scored],
-        clamp_negative: bool = False,
-        values: Sequence[float | np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """The number over several datasets (the run's, or a group's across datasets), shape (...).
-
-        `values`: the datasets' own numbers when already known (`of_dataset` of each), for a mean.
-        """
-        if not datasets:
+    def combined(self, partials: Sequence[Partial]) -> np.ndarray:
+        """The number over several datasets from their `partial`s (the run's, a group's across datasets), shape
+        (...): a mean metric's is the mean of the datasets' defined numbers, a pooled one's the ratio of all sums;
+        NaN when undefined, or when any dataset has a cell that overflowed."""
+        if not partials:
             return np.asarray(np.nan)
-        overflowed = np.any([_overflowed(scores) for scores, _ in datasets], axis=0)
+        overflowed = np.any([partial.overflowed for partial in partials], axis=0)
         if self.aggregate == MEAN:
-            if values is None:
-                values = [self.of_dataset(scores, stats, clamp_negative) for scores, stats in datasets]
-            stacked = np.stack([np.asarray(value, dtype=np.float64) for value in values])
-            defined = ~np.isnan(stacked)
-            return _ratio(np.where(defined, stacked, 0.0).sum(axis=0), defined.sum(axis=0), overflowed)
-        sums = [self.parts(scores, stats, clamp_negative) for scores, stats in datasets]
-        numerator = np.sum([part[0].sum(axis=-1) for part in sums], axis=0)
-        denominator = np.sum([part[1].sum(axis=-1) for part in sums], axis=0)
+            values = np.stack([partial.value() for partial in partials])
+            defined = ~np.isnan(values)
+            return _ratio(np.where(defined, values, 0.0).sum(axis=0), defined.sum(axis=0), overflowed)
+        numerator = np.sum([partial.numerator for partial in partials], axis=0)
+        denominator = np.sum([partial.denominator for partial in partials], axis=0)
         return _ratio(numerator, denominator, overflowed)
+
+    def of_datasets(self, datasets: Sequence[Scored], clamp_negative: bool = False) -> np.ndarray:
+        """The number over several datasets' (..., cells) scores and statistics, shape (...)."""
+        return self.combined([self.partial(scores, stats, clamp_negative) for scores, stats in datasets])
 
     def contributions(
         self, datasets: Sequence[Scored], clamp_negative: bool = False

@@ -105,8 +105,9 @@ def _reduce_rows(stats: CellStats, counts: Any, fields: set[str]) -> CellStats:
 
     merged |= {name: extreme(getattr(stats, name), xp.min, math.inf) for name in LEAST_FIELDS if name in fields}
     merged |= {name: extreme(getattr(stats, name), xp.max, -math.inf) for name in GREATEST_FIELDS if name in fields}
+    unknown = xp.full(merged["weight"].shape, math.nan, dtype=xp.float64, device=on)
     for name in STAT_FIELDS:
-        merged.setdefault(name, xp.full(merged["weight"].shape, math.nan, dtype=xp.float64, device=on))
+        merged.setdefault(name, unknown)  # one array for every field not merged: it is only read
     return CellStats(**{name: merged[name] for name in STAT_FIELDS})
 
 
@@ -719,7 +720,11 @@ class CellScores:
         return CellScores(**{name: function(getattr(self, name)) for name in CellScores.__dataclass_fields__})
 
 
-def cell_scores(stats: CellStats) -> CellScores:
+STATUS_OF_CODE = np.array([OK, SILENT, UNCOVERED, OVERFLOW])
+"""The statuses `cell_scores` sets, by the small code it computes them as (a table lookup builds the text array)."""
+
+
+def cell_scores(stats: CellStats, spike_sums_only: bool = False) -> CellScores:
     """Every per-cell metric and the status (ok / silent / uncovered / overflow) of every cell.
 
     The sums can overflow only after many finite batches were added, so finiteness is checked
@@ -727,33 +732,50 @@ def cell_scores(stats: CellStats) -> CellScores:
     (every metric NaN), never an `ok` cell without a number. pseudo_r2 and corr need counts that
     are not all equal (and corr rates that are not all equal), decided exactly from the least and
     greatest value, never from a centred sum that rounding may leave just above 0.
+
+    Args:
+        stats: the sums, of any leading shape (cells, or (replicates, cells)).
+        spike_sums_only: score ll_gain, bps and the status only, from n_valid, weight, spikes and model_ll (a
+            bootstrap of bps merges only those); pseudo_r2, corr and the deviances are then NaN.
+
+    Returns:
+        The scores, of the shape of the sums.
     """
     covered = stats.n_valid > 0
     ok = covered & (stats.spikes > 0)
     spikes = np.where(ok, stats.spikes, 1.0)
     weight = np.where(ok, stats.weight, 1.0)
-    varied_counts = ok & (stats.count_min < stats.count_max)
-    varied_rates = stats.rate_min < stats.rate_max
     with np.errstate(all="ignore"):
-        null_ll = np.where(ok, spikes * np.log(spikes / weight) - spikes, 0.0)
-        ll_gain = np.where(covered, stats.model_ll - null_ll, np.nan)
+        log_rate = np.log(spikes / weight)
+        ll_gain = np.where(covered, stats.model_ll - np.where(ok, spikes * log_rate - spikes, 0.0), np.nan)
         bps = np.where(ok, ll_gain / (spikes * LN2), np.nan)
-        null_deviance = np.where(varied_counts, 2.0 * (stats.spike_log_spikes - spikes * np.log(spikes / weight)), 0.0)
-        null_deviance = np.where(covered, null_deviance, np.nan)
-        model_deviance = np.where(covered, 2.0 * (stats.spike_log_spikes - stats.model_ll - stats.spikes), np.nan)
-        explained = varied_counts & (null_deviance > 0)
-        pseudo_r2 = np.where(explained, 2.0 * ll_gain / np.where(explained, null_deviance, 1.0), np.nan)
-        correlated = varied_counts & varied_rates & (stats.rate_m2 > 0) & (stats.count_m2 > 0)
-        corr = np.where(
-            correlated, stats.co_m2 / np.sqrt(np.where(correlated, stats.rate_m2 * stats.count_m2, 1.0)), np.nan
-        )
-    corr = np.clip(corr, -1.0, 1.0)
+        others = () if spike_sums_only else _deviance_scores(stats, ok, covered, spikes, log_rate, ll_gain)
+    pseudo_r2, corr, null_deviance, model_deviance = others or (np.full(ll_gain.shape, np.nan) for _ in range(4))
     finite = np.isfinite(stats.weight) & np.isfinite(stats.spikes) & np.isfinite(ll_gain) & (np.isfinite(bps) | ~ok)
     overflow = covered & ~finite
-    for values in (ll_gain, bps, pseudo_r2, corr, null_deviance, model_deviance):
-        values[overflow] = np.nan
-    status = np.where(overflow, OVERFLOW, np.where(ok, OK, np.where(covered, SILENT, UNCOVERED)))
-    return CellScores(ll_gain, bps, status, pseudo_r2, corr, null_deviance, model_deviance)
+    if overflow.any():
+        for values in (ll_gain, bps, pseudo_r2, corr, null_deviance, model_deviance):
+            values[overflow] = np.nan
+    codes = np.where(overflow, 3, np.where(ok, 0, np.where(covered, 1, 2)).astype(np.int8))
+    return CellScores(ll_gain, bps, STATUS_OF_CODE[codes], pseudo_r2, corr, null_deviance, model_deviance)
+
+
+def _deviance_scores(
+    stats: CellStats, ok: np.ndarray, covered: np.ndarray, spikes: np.ndarray, log_rate: np.ndarray, ll_gain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """pseudo_r2, corr, D_null and D_model of `cell_scores` (before overflow is marked)."""
+    varied_counts = ok & (stats.count_min < stats.count_max)
+    varied_rates = stats.rate_min < stats.rate_max
+    null_deviance = np.where(varied_counts, 2.0 * (stats.spike_log_spikes - spikes * log_rate), 0.0)
+    null_deviance = np.where(covered, null_deviance, np.nan)
+    model_deviance = np.where(covered, 2.0 * (stats.spike_log_spikes - stats.model_ll - stats.spikes), np.nan)
+    explained = varied_counts & (null_deviance > 0)
+    pseudo_r2 = np.where(explained, 2.0 * ll_gain / np.where(explained, null_deviance, 1.0), np.nan)
+    correlated = varied_counts & varied_rates & (stats.rate_m2 > 0) & (stats.count_m2 > 0)
+    corr = np.where(
+        correlated, stats.co_m2 / np.sqrt(np.where(correlated, stats.rate_m2 * stats.count_m2, 1.0)), np.nan
+    )
+    return pseudo_r2, np.clip(corr, -1.0, 1.0), null_deviance, model_deviance
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:

@@ -22,7 +22,18 @@ from bpseval._sidefiles import DOCUMENT_BYTES, DOCUMENT_DEPTH, SideFileError, re
 from bpseval._version import __version__
 from bpseval.errors import BaselineError
 from bpseval.kernel.cellstats import STAT_FIELDS, CellStats
-from bpseval.kernel.stats import EXCLUDED, LOW, MIN_RATE, OK, OVERFLOW, STATUSES, CellScores, cell_scores
+from bpseval.kernel.stats import (
+    EXCLUDED,
+    LOW,
+    MIN_RATE,
+    OK,
+    OVERFLOW,
+    SILENT,
+    STATUSES,
+    UNCOVERED,
+    CellScores,
+    cell_scores,
+)
 from bpseval.kernel.sums import ImpossibleSumsError, checked_sums
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.scored import SUMMARY_METRICS, Overall, ScoredDataset, ScoredRun, ScoreSettings
@@ -155,6 +166,9 @@ _LEAVES: dict[str, tuple[Any, str]] = {
 _NEWER_METRICS = {"pseudo_r2?": "number or null", "pseudo_r2_pooled?": "number or null", "corr?": "correlation"}
 """Summary numbers added after the first baselines were written: checked when present, never required."""
 
+_STATUS_COUNTS = {status if status in (OK, SILENT, UNCOVERED) else f"{status}?": "count" for status in STATUSES}
+"""Cells per status: the statuses added after the first baselines (overflow, low, excluded) may be absent."""
+
 BASELINE_SCHEMA: dict[str, Any] = {
     "format?": "text",
     "format_version?": "count",
@@ -166,13 +180,14 @@ BASELINE_SCHEMA: dict[str, Any] = {
         "min_rate?": "number",
         "duplicate_rhat_rtol?": "number",
         "min_samples?": "count",
+        "exclude_cells?": "text",
     },
     "warnings?": "texts",
     "overall": {
         "bps": "number or null",
         "bps_pooled": "number or null",
         **_NEWER_METRICS,
-        "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
+        "cells": _STATUS_COUNTS,
         "datasets?": "count",
         "datasets_without_ok_cells?": "texts",
     },
@@ -184,7 +199,7 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "bps": "number or null",
             "bps_pooled": "number or null",
             **_NEWER_METRICS,
-            "cells": {"ok": "count", "silent": "count", "uncovered": "count", "overflow?": "count", "low?": "count"},
+            "cells": _STATUS_COUNTS,
             "identity?": "text",
         }
     ],

@@ -17,7 +17,7 @@ import numpy as np
 
 from bpseval.errors import ArgumentError
 from bpseval.kernel.cellstats import CellStats
-from bpseval.kernel.metrics import METRICS
+from bpseval.kernel.metrics import METRICS, Partial
 from bpseval.kernel.stats import EXCLUDED, LOW, MIN_RATE, OK, OVERFLOW, CellScores, cell_scores, status_counts
 from bpseval.run.dedup import RHAT_COPY_RTOL
 from bpseval.run.merge import MergedDataset, MergedRun
@@ -223,15 +223,19 @@ class ScoredRun:
 
 
 def marked_scores(
-    stats: CellStats, settings: ScoreSettings = DEFAULT_SETTINGS, excluded: np.ndarray | None = None
+    stats: CellStats,
+    settings: ScoreSettings = DEFAULT_SETTINGS,
+    excluded: np.ndarray | None = None,
+    spike_sums_only: bool = False,
 ) -> CellScores:
     """`cell_scores` with the settings applied, for statistics of any shape (cells, or (replicates, cells)).
 
     The one place where the settings change the scores: ok cells with fewer than `settings.min_samples`
     valid samples become `low`, which the means leave out and the pooled number keeps; the cells of
     `excluded` (a mask over the cells, from `settings.exclusions`) become `excluded`, in no number.
+    `spike_sums_only`: as `cell_scores` takes it.
     """
-    scores = cell_scores(stats)
+    scores = cell_scores(stats, spike_sums_only)
     if settings.min_samples > 1:
         low = (scores.status == OK) & (stats.n_valid < settings.min_samples)
         scores = scores.with_status(np.where(low, LOW, scores.status))
@@ -266,30 +270,29 @@ def score_dataset(
 def dataset_numbers(scores: CellScores, stats: CellStats, clamp_negative: bool = False) -> dict[str, Any]:
     """The summary numbers of a set of cells: every metric of `kernel.metrics.METRICS`, under `numbers`, and the
     cells per status, under `cells`. The one definition of a dataset's numbers, and of a group of its cells."""
-    numbers = metric_values(scores, stats, clamp_negative)
+    numbers = metric_values(metric_partials(scores, stats, clamp_negative))
     return {"numbers": {name: float(value) for name, value in numbers.items()}, "cells": status_counts(scores.status)}
 
 
-def metric_values(
+def metric_partials(
     scores: CellScores, stats: CellStats, clamp_negative: bool = False, names: Sequence[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Each metric `names` (all of `METRICS` when None) of one dataset's (..., cells) scores and statistics, as
-    (...) arrays: a dataset's numbers, or a bootstrap's replicates of them."""
-    return {name: METRICS[name].of_dataset(scores, stats, clamp_negative) for name in names or METRICS}
+) -> dict[str, Partial]:
+    """Each metric `names` (all of `METRICS` when None) of one dataset's (..., cells) scores and statistics, as its
+    sums over the cells (`kernel.metrics.Partial`, of shape (...)): a dataset's numbers, or a bootstrap's
+    replicates of them, and what combines over datasets (`overall_values`)."""
+    return {name: METRICS[name].partial(scores, stats, clamp_negative) for name in names or METRICS}
 
 
-def overall_values(
-    datasets: Sequence[tuple[CellScores, CellStats, Mapping[str, float | np.ndarray]]],
-    clamp_negative: bool = False,
-    names: Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Each metric `names` over several datasets, given per dataset its scores, statistics and `metric_values`: the
-    run's numbers, or a bootstrap's replicates of them."""
-    parts = [(scores, stats) for scores, stats, _ in datasets]
-    return {
-        name: METRICS[name].of_datasets(parts, clamp_negative, [values[name] for _, _, values in datasets])
-        for name in names or METRICS
-    }
+def metric_values(partials: Mapping[str, Partial]) -> dict[str, np.ndarray]:
+    """The numbers of one dataset's `metric_partials`, NaN where undefined."""
+    return {name: partial.value() for name, partial in partials.items()}
+
+
+def overall_values(datasets: Sequence[Mapping[str, Partial]]) -> dict[str, np.ndarray]:
+    """Each metric over several datasets from their `metric_partials`: the run's numbers, or a bootstrap's
+    replicates of them."""
+    names = list(datasets[0]) if datasets else list(METRICS)
+    return {name: METRICS[name].combined([partials[name] for partials in datasets]) for name in names}
 
 
 def select_cells(dataset: ScoredDataset, cells: np.ndarray, clamp_negative: bool = False) -> ScoredDataset:
@@ -344,8 +347,7 @@ def overall_of(datasets: Sequence[ScoredDataset], clamp_negative: bool = False) 
     """The overall numbers of `datasets` (all of a run's, or the ones two runs share): each metric of
     `kernel.metrics.METRICS` over them (a mean metric the mean of the datasets' numbers, a pooled one over every
     covered cell)."""
-    parts = [(dataset.scores, dataset.stats, dataset.numbers) for dataset in datasets]
-    numbers = overall_values(parts, clamp_negative)
+    numbers = overall_values([metric_partials(dataset.scores, dataset.stats, clamp_negative) for dataset in datasets])
     return Overall(
         numbers={name: float(value) for name, value in numbers.items()},
         datasets=sum(dataset.has_ok_cells for dataset in datasets),
