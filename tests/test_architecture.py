@@ -4,6 +4,7 @@ and `import bpseval` loads neither pandas, rich, matplotlib nor torch."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,26 @@ def test_one_structure_holds_the_sample_indices_seen():
     assert others == {}
     users = {module for module, path in modules().items() if "SeenSamples" in path.read_text()}
     assert {"bpseval.kernel.online", "bpseval.run.dedup", "bpseval.shard._stats_store"} <= users
+
+
+def test_every_thread_pool_is_ended_by_the_call_that_starts_it():
+    """ARCHITECTURE.md: threads have an owner that ends them. Every pool bpseval starts is a `with` block's, or is
+    shut down in the `finally` of the function that started it; no pool is kept in a module or a class."""
+    for module, path in modules().items():
+        source = path.read_text()
+        tree = ast.parse(source)
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = ast.get_source_segment(source, function) or ""
+            started = body.count("ThreadPoolExecutor(") + body.count("ProcessPoolExecutor(")
+            in_with = len(re.findall(r"with (Thread|Process)PoolExecutor\(", body))
+            shut = body.count(".shutdown(") if "finally:" in body else 0
+            assert started <= in_with + shut, f"{module}.{function.name} starts a pool nothing ends"
+        outside = [
+            node
+            for node in tree.body
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and "PoolExecutor(" in (ast.get_source_segment(source, node) or "")
+        ]
+        assert not outside, f"{module} starts a pool at import"
