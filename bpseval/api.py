@@ -129,7 +129,7 @@ def evaluate(
         >>> result.step, result.world_size, round(result.overall.bps, 6)
         (4, 2, 0.182477)
     """
-    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)  # checked before the merge
+    exclusions = load_exclusions(exclude_cells)  # checked before the merge
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples, exclusions=exclusions)
     table = grouping_table(cells, group_by)
     wanted = None if ci is None else IntervalSettings(ci, ci_over, ci_resamples, ci_seed)

@@ -678,7 +678,7 @@ def plan(
     """Predict, before training, each cell's valid samples under DistributedSampler. Exit 1 if a cell falls below."""
     with bad_input_exits():
         check_outputs({"--json": json_path}, inputs=[("mask file", masks), ("--exclude-cells", exclude_cells)])
-        exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+        exclusions = load_exclusions(exclude_cells)
         plans = {
             name: check_cell_coverage(
                 mask,

@@ -641,7 +641,7 @@ def compare_paths(
     """
     table = grouping_table(cells, group_by)
     blocks = settings.blocks if settings.significance is not None else None
-    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+    exclusions = load_exclusions(exclude_cells)
     new = load_run(run_dir, step, blocks, pass_over=False, exclusions=exclusions, **merge_options)  # latest if complete
     base = load_baseline(baseline, blocks, exclusions, **merge_options)
     if table is None or group_by is None:

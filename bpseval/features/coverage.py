@@ -176,6 +176,6 @@ def check_coverage(
         >>> report.datasets[["name", "cells", "below", "min_n_valid"]].values.tolist()
         [['session', 2, 2, 6]]
     """
-    settings = ScoreSettings(exclusions=None if exclude_cells is None else load_exclusions(exclude_cells))
+    settings = ScoreSettings(exclusions=load_exclusions(exclude_cells))
     merged = merge_run(run_dir, step, **merge_options)
     return coverage_report(score_run(merged, settings), min_samples, min_spikes)

@@ -151,16 +151,18 @@ def grouping_table(cells: str | os.PathLike[str] | None, group_by: str | None) -
 REASON_COLUMN = "reason"
 
 
-def load_exclusions(path: str | os.PathLike[str]) -> Exclusions:
+def load_exclusions(path: str | os.PathLike[str] | None) -> Exclusions | None:
     """The cells to leave out of every number (`--exclude-cells`): a cell table (`load_cell_table`) with the columns
     dataset, cell or cell_id, and an optional reason; ArgumentError naming the file and what is wrong otherwise.
 
     Args:
-        path: the CSV table.
+        path: the CSV table (None: no exclusions).
 
     Returns:
-        The exclusions, which `ScoreSettings(exclusions=...)` applies.
+        The exclusions, which `ScoreSettings(exclusions=...)` applies; None without a table.
     """
+    if path is None:
+        return None
     table = load_cell_table(path, "--exclude-cells")
     extra = [name for name in table.columns if name not in (DATASET_COLUMN, INDEX_COLUMN, ID_COLUMN, REASON_COLUMN)]
     if extra:

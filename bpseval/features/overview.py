@@ -56,7 +56,7 @@ def load_overview(
     The cells of the table `exclude_cells` are excluded, in the run and in the baseline.
     """
     table = grouping_table(cells, group_by)
-    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+    exclusions = load_exclusions(exclude_cells)
     catalog = RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))
     chosen = catalog.select(step, pass_over=pass_over).entry.step  # the step the one rule picks, or its error
     runs, steps = merge_steps(catalog, **merge_options)

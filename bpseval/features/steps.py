@@ -99,7 +99,7 @@ def evaluate_steps(
     Steps that cannot be scored are listed in the result (`incomplete`, `failed`), not raised:
     one bad step does not hide the good ones. The cells of the table `exclude_cells` are excluded in every step.
     """
-    exclusions = None if exclude_cells is None else load_exclusions(exclude_cells)
+    exclusions = load_exclusions(exclude_cells)
     settings = ScoreSettings(clamp_negative=clamp_negative, min_samples=min_samples, exclusions=exclusions)
     catalog = (
         run_dir if isinstance(run_dir, RunCatalog) else RunCatalog.scan(run_dir, jobs=merge_options.get("jobs", 1))

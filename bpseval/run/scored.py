@@ -239,9 +239,12 @@ def marked_scores(
     if settings.min_samples > 1:
         low = (scores.status == OK) & (stats.n_valid < settings.min_samples)
         scores = scores.with_status(np.where(low, LOW, scores.status))
-    if excluded is not None and excluded.any():
-        scores = scores.with_status(np.where(excluded, EXCLUDED, scores.status))
-    return scores
+    return scores if excluded is None else _marked_excluded(scores, excluded)
+
+
+def _marked_excluded(scores: CellScores, excluded: np.ndarray) -> CellScores:
+    """`scores` with the cells of the mask `excluded` marked `excluded`, whatever their status."""
+    return scores.with_status(np.where(excluded, EXCLUDED, scores.status)) if excluded.any() else scores
 
 
 def score_dataset(
@@ -439,7 +442,7 @@ def with_exclusions(scored: ScoredRun, exclusions: Exclusions) -> ScoredRun:
         if not excluded.any():
             datasets.append(dataset)
             continue
-        scores = dataset.scores.with_status(np.where(excluded, EXCLUDED, dataset.scores.status))
+        scores = _marked_excluded(dataset.scores, excluded)
         datasets.append(
             replace(dataset, scores=scores, **dataset_numbers(scores, dataset.stats, settings.clamp_negative))
         )
